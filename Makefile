@@ -1,0 +1,32 @@
+# Two commands for a fresh machine: `make run` and `make test`. Both build .venv first.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0
+MODEL ?=
+PROMPT ?= Why is the sky blue?
+
+.PHONY: setup run test bench clean
+
+$(VENV)/.done: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	# The pinned CPU torch first: an unpinned torch would pull a multi-GB CUDA build.
+	$(VPY) -m pip install -q $(TORCH_PIN)
+	$(VPY) -m pip install -q -e '.[test,hub,bench]'
+	touch $@
+
+setup: $(VENV)/.done
+
+run: setup
+	@if [ -z "$(MODEL)" ]; then echo "usage: make run MODEL=path/to/hf-folder [PROMPT='...']  (the built-in model arrives with the GGUF issue)"; exit 2; fi
+	$(VENV)/bin/slm run "$(MODEL)" "$(PROMPT)" --verbose
+
+test: setup
+	$(VPY) -m pytest tests
+
+bench: setup
+	$(VPY) benchmarks/decode.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,220 @@
+"""The Python API: load() a model, then chat(), generate(), logits().
+
+    llm = slmkit.load("./Phi-3.5-mini-instruct")
+    print(llm.chat([{"role": "user", "content": "hi"}], max_new_tokens=64).text)
+"""
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, overload
+
+import torch
+
+from .backends.base import Backend, SamplingOptions
+from .engine.stops import StopStrings
+from .errors import InvalidRequestError, ModelFileError, UnsupportedInputError
+
+DEFAULT_MAX_NEW_TOKENS = 512
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Timings:
+    prefill_s: float = 0.0  # prompt processing up to the first token
+    decode_s: float = 0.0  # every later token
+
+    def decode_tokens_per_s(self, completion_tokens: int) -> float:
+        return (completion_tokens - 1) / self.decode_s if completion_tokens > 1 and self.decode_s > 0 else 0.0
+
+    def prefill_tokens_per_s(self, prompt_tokens: int) -> float:
+        return prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (eos / stop string) or "length"
+    usage: Usage
+    timings: Timings = field(default_factory=Timings)
+
+
+@dataclass
+class GenerationChunk:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # set on the last chunk, which also carries usage and timings
+    usage: Usage | None = None
+    timings: Timings | None = None
+
+
+def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if not all(isinstance(s, str) for s in stops):
+        raise InvalidRequestError("must be a string or a list of strings", param="stop")
+    return [s for s in stops if s]
+
+
+class LLM:
+    """A loaded model behind one of the backends."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.tokenizer = backend.tokenizer
+        self.name = backend.name
+        self.context_length = backend.context_length
+
+    @property
+    def engine(self) -> Any:
+        """The native engine, for slmkit.Generator (native backend only)."""
+        engine = getattr(self.backend, "engine", None)
+        if engine is None:
+            raise InvalidRequestError(f"backend {type(self.backend).__name__} has no local engine", param="model")
+        return engine
+
+    # ------------------------------------------------------------------ prompts
+    def render(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> Any:
+        """The chat template applied to OpenAI-shaped messages: a Prompt (text, images)."""
+        from .engine.chat import render_prompt
+
+        tok = self.tokenizer
+        prompt = render_prompt(messages, tok.chat_template, bos_token=tok.bos_token, eos_token=tok.eos_token,
+                               add_generation_prompt=add_generation_prompt, model_type=self.backend.model_type,
+                               name_hint=self.name)
+        if prompt.images and not self.backend.supports_images:
+            raise UnsupportedInputError(f"model {self.name!r} ({self.backend.model_type}) is text-only and "
+                                        "cannot take image parts", param="messages")
+        return prompt
+
+    def _options(self, max_new_tokens: int | None, temperature: float | None, top_p: float | None,
+                 top_k: int | None, seed: int | None, ignore_eos: bool) -> SamplingOptions:
+        gen_cfg: Mapping[str, Any] = getattr(getattr(self.backend, "engine", None), "generation_config", {}) or {}
+        sampled = bool(gen_cfg.get("do_sample"))  # model defaults apply only where the caller is silent
+        return SamplingOptions(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature if temperature is not None else
+            (float(gen_cfg.get("temperature", 1.0)) if sampled else 0.0),
+            top_p=top_p if top_p is not None else (float(gen_cfg.get("top_p", 1.0)) if sampled else 1.0),
+            top_k=top_k if top_k is not None else (int(gen_cfg.get("top_k", 0)) if sampled else 0),
+            seed=seed, ignore_eos=ignore_eos,
+        )
+
+    # ------------------------------------------------------------------ generation
+    @overload
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[False] = False,
+             **kw: Any) -> GenerationResult: ...
+
+    @overload
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[True], **kw: Any) -> Iterator[GenerationChunk]: ...
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, **kw: Any) -> Any:
+        """Chat with the model's own template. Options as for generate()."""
+        prompt = self.render(messages)
+        ids = self.tokenizer.encode(prompt.text, add_special_tokens=False)  # the template holds any BOS
+        return self.generate(ids, stream=stream, **kw)
+
+    def generate(self, prompt: str | Sequence[int], *, stream: bool = False,
+                 max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS, temperature: float | None = None,
+                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None, ignore_eos: bool = False) -> Any:
+        """Complete a text prompt (tokenized with the model's BOS rule) or a list of token ids.
+
+        Stop strings add to the model's stop tokens; the returned text ends before the stop string.
+        """
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
+            ids = [int(i) for i in prompt]
+        else:
+            raise InvalidRequestError("must be a string or a list of token ids", param="prompt")
+        if not ids:
+            raise InvalidRequestError("is empty", param="prompt")
+        options = self._options(max_new_tokens, temperature, top_p, top_k, seed, ignore_eos)
+        chunks = self._stream(ids, options, _stop_list(stop))
+        if stream:
+            return chunks
+        text, out_ids, last = [], [], None
+        for c in chunks:
+            text.append(c.text)
+            out_ids.extend(c.token_ids)
+            last = c
+        assert last is not None and last.finish_reason and last.usage and last.timings
+        return GenerationResult("".join(text), out_ids, last.finish_reason, last.usage, last.timings)
+
+    def _stream(self, ids: list[int], options: SamplingOptions, stops: list[str]) -> Iterator[GenerationChunk]:
+        detok = self.tokenizer.create_stream()
+        matcher = StopStrings(stops)
+        steps = self.backend.stream_tokens(ids, options)  # validates before the first yield below
+        n, t0, t_first, reason = 0, time.perf_counter(), None, None
+        try:
+            for step in steps:
+                n += 1
+                if t_first is None:
+                    t_first = time.perf_counter()
+                text = matcher.feed(detok.decode(step.token_id))
+                reason = step.finish_reason
+                if matcher.stopped:
+                    reason = "stop"
+                if reason is None:
+                    yield GenerationChunk(text, [step.token_id])
+                    continue
+                if not matcher.stopped:
+                    text += matcher.feed(detok.flush()) + matcher.flush()
+                break
+        finally:
+            steps.close() if hasattr(steps, "close") else None
+        t_end = time.perf_counter()
+        timings = Timings((t_first or t_end) - t0, t_end - (t_first or t_end))
+        yield GenerationChunk(text if n else "", [step.token_id] if n else [], reason or "length",
+                              Usage(len(ids), n), timings)
+
+    def logits(self, ids: Sequence[int]) -> torch.Tensor:
+        """float32 logits [len(ids), vocab] of one full forward pass, no cache."""
+        return self.backend.logits(ids)
+
+    def __repr__(self) -> str:
+        return f"LLM({self.name!r}, backend={type(self.backend).__name__}, context={self.context_length})"
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """A local folder as is; an 'org/name' Hugging Face id through the local cache or a download."""
+    path = Path(model).expanduser()
+    if path.exists() or not _HUB_ID.match(str(model)):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ModelFileError(model, "not a local folder, and huggingface_hub is not installed to fetch it") from None
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+    try:
+        return Path(snapshot_download(str(model), allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo, gated: say so plainly
+        raise ModelFileError(model, f"not a local folder and could not be downloaded ({type(e).__name__}: {e})") from None
+
+
+def load(model: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
+         backend: str = "native") -> LLM:
+    """Load a model: a Hugging Face folder (config.json + *.safetensors + tokenizer files) or hub id."""
+    if backend != "native":
+        raise InvalidRequestError(f"unknown backend {backend!r} (available: native)", param="backend")
+    from .backends.native import NativeBackend
+
+    return LLM(NativeBackend.from_path(resolve_model_path(model), dtype=dtype, device=device))

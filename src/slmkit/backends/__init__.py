@@ -1,0 +1,1 @@
+"""Backends behind one interface (see base.Backend). Only `native` exists so far."""

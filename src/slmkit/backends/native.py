@@ -1,0 +1,42 @@
+"""The native PyTorch backend: our own engine and Generator."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from ..engine.engine import Engine
+from ..engine.generator import Generator, GeneratorParams
+from ..engine.loader import load_hf_folder
+from .base import SamplingOptions, TokenStep
+
+
+class NativeBackend:
+    supports_images = False
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.name = engine.name
+        self.model_type = engine.model_type
+        self.tokenizer = engine.tokenizer
+        self.context_length = engine.context_length
+
+    @classmethod
+    def from_path(cls, path: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu") -> "NativeBackend":
+        return cls(Engine(load_hf_folder(path, dtype=dtype, device=device)))
+
+    def stream_tokens(self, prompt_ids: Sequence[int], options: SamplingOptions) -> Iterator[TokenStep]:
+        params = GeneratorParams(
+            max_new_tokens=options.max_new_tokens, temperature=options.temperature, top_k=options.top_k,
+            top_p=options.top_p, seed=options.seed, stop_token_ids=tuple(options.stop_token_ids),
+            ignore_eos=options.ignore_eos,
+        )
+        gen = Generator(self.engine, params)
+        gen.append_tokens(list(prompt_ids))
+        while not gen.is_done():
+            gen.generate_next_token()
+            yield TokenStep(gen.get_next_tokens()[0], gen.finish_reasons[0])
+
+    def logits(self, ids: Sequence[int]) -> torch.Tensor:
+        return self.engine.logits(ids)

@@ -1,0 +1,169 @@
+"""`slm` command line: `slm run MODEL [PROMPT]` streams an answer or opens a chat REPL."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
+
+from .errors import SlmkitError
+
+HELP_REPL = """Commands:
+  /clear   forget the conversation so far
+  /bye     leave (Ctrl-D too)
+  \"\"\"      start and end a multi-line message
+  Ctrl-C   stop the current answer"""
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=512, help="most tokens to generate per answer (default 512)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's setting)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slm", description="Run small language models locally.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="answer a prompt, or chat interactively without one")
+    run.add_argument("model", help="model folder (config.json + *.safetensors + tokenizer) or hub id")
+    run.add_argument("prompt", nargs="?", help="the prompt; without it, an interactive chat (or stdin if piped)")
+    run.add_argument("--system", default=None, help="system message")
+    run.add_argument("--raw", action="store_true", help="plain completion of the prompt, no chat template")
+    run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    run.add_argument("--device", default="cpu")
+    run.add_argument("--verbose", "-v", action="store_true", help="print load time and tokens/s")
+    _add_sampling_args(run)
+    return parser
+
+
+def _stream_out(chunks: Iterator[Any], out: TextIO) -> Any:
+    """Print chunks as they come; return the last one (finish reason, usage, timings)."""
+    last = None
+    for chunk in chunks:
+        out.write(chunk.text)
+        out.flush()
+        last = chunk
+    return last
+
+
+def _report(last: Any, err: TextIO) -> None:
+    if last is None or last.usage is None:
+        return
+    u, t = last.usage, last.timings
+    err.write(f"\n[prompt {u.prompt_tokens} tok, {t.prefill_tokens_per_s(u.prompt_tokens):.1f} tok/s | "
+              f"output {u.completion_tokens} tok, {t.decode_tokens_per_s(u.completion_tokens):.2f} tok/s | "
+              f"finish: {last.finish_reason}]\n")
+
+
+def _read_message(read: Callable[[str], str]) -> str | None:
+    """One user message: a line, or a \"\"\"-fenced block. None at end of input."""
+    try:
+        line = read(">>> ")
+    except EOFError:
+        return None
+    if not line.lstrip().startswith('"""'):
+        return line
+    parts = [line.lstrip()[3:]]
+    while True:
+        if parts[-1].rstrip().endswith('"""') and (len(parts) > 1 or parts[0].strip() != ""):
+            parts[-1] = parts[-1].rstrip()[:-3]
+            return "\n".join(parts).strip("\n")
+        try:
+            parts.append(read("... "))
+        except EOFError:
+            return "\n".join(parts).strip("\n")
+
+
+def repl(llm: Any, gen_kw: dict, system: str | None, *, read: Callable[[str], str] = input,
+         out: TextIO = sys.stdout, err: TextIO = sys.stderr, verbose: bool = False) -> None:
+    """Interactive chat; history kept until /clear."""
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    base = len(history)
+    err.write("Chat with the model. /bye to leave, /clear to start over, /? for help.\n")
+    while True:
+        text = _read_message(read)
+        if text is None or text.strip() in ("/bye", "/exit", "/quit"):
+            out.write("\n" if text is None else "")
+            return
+        cmd = text.strip()
+        if cmd == "/clear":
+            del history[base:]
+            err.write("(conversation cleared)\n")
+            continue
+        if cmd in ("/?", "/help"):
+            err.write(HELP_REPL + "\n")
+            continue
+        if not cmd:
+            continue
+        history.append({"role": "user", "content": text})
+        answer: list[str] = []
+        last = None
+        try:
+            for chunk in llm.chat(history, stream=True, **gen_kw):
+                out.write(chunk.text)
+                out.flush()
+                answer.append(chunk.text)
+                last = chunk
+        except KeyboardInterrupt:
+            err.write("\n(stopped)")
+        except SlmkitError as e:  # e.g. the conversation outgrew the context: say so, keep the REPL
+            history.pop()
+            err.write(f"error: {e}\n")
+            continue
+        out.write("\n")
+        history.append({"role": "assistant", "content": "".join(answer)})
+        if verbose:
+            _report(last, err)
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from . import load
+
+    t0 = time.perf_counter()
+    llm = load(a.model, dtype=a.dtype, device=a.device)
+    if a.verbose:
+        sys.stderr.write(f"[loaded {llm.name} in {time.perf_counter() - t0:.2f} s, "
+                         f"{llm.engine.dtype if hasattr(llm.backend, 'engine') else ''}]\n")
+    gen_kw = dict(max_new_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                  seed=a.seed, stop=a.stop)
+    prompt = a.prompt
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    if prompt is None:
+        repl(llm, gen_kw, a.system, verbose=a.verbose)
+        return 0
+    if a.raw:
+        chunks = llm.generate(prompt, stream=True, **gen_kw)
+    else:
+        messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
+            {"role": "user", "content": prompt}]
+        chunks = llm.chat(messages, stream=True, **gen_kw)
+    last = _stream_out(chunks, sys.stdout)
+    sys.stdout.write("\n")
+    if a.verbose:
+        _report(last, sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import readline  # noqa: F401  (line editing and history in the REPL)
+    except ImportError:
+        pass
+    try:
+        return {"run": cmd_run}[args.command](args)
+    except SlmkitError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

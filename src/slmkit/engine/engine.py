@@ -1,0 +1,81 @@
+"""A loaded native model: forward passes, KV caches and the stop-token set. Generator drives it."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import ContextLengthError, InvalidRequestError
+from ..models.cache import KVCache
+from .loader import LoadedModel
+
+
+def _ids(value: object) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel):
+        self.model = loaded.model
+        self.args = loaded.args
+        self.tokenizer = loaded.tokenizer
+        self.dtype, self.device, self.name = loaded.dtype, loaded.device, loaded.name
+        self.generation_config = loaded.generation_config
+        self.model_type: str = loaded.args.model_type
+        self.context_length: int = loaded.args.max_position_embeddings
+        self.vocab_size: int = loaded.args.vocab_size
+        self.eos_token_ids: frozenset[int] = frozenset(self._stop_ids())
+
+    def _stop_ids(self) -> set[int]:
+        """generation_config eos ids + config eos + tokenizer eos + <|end|> (Phi's end of turn)."""
+        ids = set(_ids(self.generation_config.get("eos_token_id")) + _ids(self.args.eos_token_id))
+        tok = self.tokenizer
+        if tok.eos_token_id is not None:
+            ids.add(tok.eos_token_id)
+        for special in ("<|end|>", "<|endoftext|>", "<end_of_turn>"):
+            i = tok.token_to_id(special)
+            if i is not None:
+                ids.add(i)
+        return {i for i in ids if 0 <= i < self.vocab_size}
+
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        a = self.args
+        return KVCache(a.num_hidden_layers, batch_size, a.num_key_value_heads, a.head_dim, capacity,
+                       max_capacity=self.context_length, dtype=self.dtype, device=self.device)
+
+    def check_ids(self, ids: Sequence[int], what: str = "input_ids") -> torch.Tensor:
+        """Validate token ids (type, range) and return them as a [1, S] tensor."""
+        if not isinstance(ids, (list, tuple)) and not (isinstance(ids, torch.Tensor) and ids.dim() == 1):
+            raise InvalidRequestError("must be a list of token ids", param=what)
+        t = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids, dtype=torch.long)
+        if t.numel() == 0:
+            raise InvalidRequestError("must not be empty", param=what)
+        if int(t.min()) < 0 or int(t.max()) >= self.vocab_size:
+            bad = next(int(i) for i in t if not 0 <= int(i) < self.vocab_size)
+            raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", param=what)
+        return t.view(1, -1).to(self.device)
+
+    def rope_regime(self, total_len: int) -> str:
+        """The RoPE frequency set a pass over total_len tokens uses (cache entries must agree)."""
+        return self.model.rope.regime(total_len)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, cache: KVCache, *, last_only: bool = True) -> torch.Tensor:
+        """Run ids [B, S] after what the cache holds; returns float32 logits [B, S or 1, vocab]."""
+        total = cache.offset + ids.shape[1]
+        if total > self.context_length:
+            raise ContextLengthError(total, self.context_length)
+        cache.reserve(total)
+        return self.model(ids, cache, last_only=last_only).float()
+
+    @torch.inference_mode()
+    def logits(self, ids: Sequence[int]) -> torch.Tensor:
+        """Full forward without cache: float32 logits [len(ids), vocab]."""
+        t = self.check_ids(ids)
+        if t.shape[1] > self.context_length:
+            raise ContextLengthError(t.shape[1], self.context_length)
+        return self.model(t, None).float()[0]

@@ -1,0 +1,202 @@
+"""The step-by-step Generator, in the manner of ONNX Runtime GenAI.
+
+    gen = Generator(llm, GeneratorParams(max_length=256, temperature=0))
+    gen.append_tokens(ids)
+    while not gen.is_done():
+        gen.generate_next_token()
+        print(tok.stream_decode(gen.get_next_tokens()[0]), end="")
+
+The Generator keeps every row's token sequence; the KV cache holds a prefix of it. Whatever is
+not yet in the cache is fed on the next forward pass, computed lazily (a token is sampled, then
+fed when its logits are first needed). This also makes the LongRoPE crossover exact: when the
+sequence crosses original_max_position_embeddings the cache was built with the short factors,
+so it is dropped and the whole sequence re-prefilled with the long ones, as transformers does.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ContextLengthError, InvalidRequestError
+from ..models.cache import KVCache
+from .sampling import sample
+
+FINISH_STOP, FINISH_LENGTH = "stop", "length"
+
+
+@dataclass
+class GeneratorParams:
+    max_length: int | None = None  # prompt + generated tokens; default: the model's context length
+    max_new_tokens: int | None = None
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None
+    batch_size: int = 1
+    stop_token_ids: Sequence[int] = field(default_factory=tuple)  # added to the model's eos ids
+    ignore_eos: bool = False  # run to the length limit (benchmarks, parity tests)
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    def set_search_options(self, **options: object) -> None:
+        """ORT-GenAI style setter: set_search_options(max_length=..., temperature=..., do_sample=...)."""
+        for key, value in options.items():
+            if key == "do_sample":
+                if not value:
+                    self.temperature = 0.0
+                elif self.temperature <= 0:
+                    self.temperature = 1.0
+                continue
+            if not hasattr(self, key) or key.startswith("_"):
+                raise InvalidRequestError(f"unknown search option {key!r}", param=key)
+            setattr(self, key, value)
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(name: str, why: str) -> InvalidRequestError:
+            return InvalidRequestError(f"{why}, got {getattr(self, name)!r}", param=name)
+
+        for name in ("max_length", "max_new_tokens"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise bad(name, "must be a positive integer or None")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not 0 <= self.temperature <= 100:
+            raise bad("temperature", "must be a number in [0, 100]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", "must be an integer >= 0")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise bad("top_p", "must be a number in (0, 1]")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise bad("batch_size", "must be a positive integer")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise bad("seed", "must be an integer or None")
+
+
+class Generator:
+    def __init__(self, model: object, params: GeneratorParams | None = None):
+        engine = getattr(model, "engine", model)
+        if not hasattr(engine, "forward") or not hasattr(engine, "new_cache"):
+            raise InvalidRequestError("Generator needs a locally loaded (native) model", param="model")
+        self.engine = engine
+        self.params = params or GeneratorParams()
+        self.max_length = min(self.params.max_length or engine.context_length, engine.context_length)
+        self.eos = frozenset() if self.params.ignore_eos else \
+            engine.eos_token_ids | frozenset(int(i) for i in self.params.stop_token_ids)
+        self.rng: torch.Generator | None = None
+        if self.params.seed is not None:
+            self.rng = torch.Generator(device=engine.device).manual_seed(self.params.seed)
+        self.sequences: list[list[int]] = [[] for _ in range(self.params.batch_size)]
+        self.cache: KVCache | None = None
+        self.finish_reasons: list[str | None] = [None] * self.params.batch_size
+        self._logits: torch.Tensor | None = None  # [B, V] float32, logits for the next token
+        self._prompt_len = 0
+        self._next: list[int] = []
+
+    # ------------------------------------------------------------------ input
+    def append_tokens(self, tokens: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor) -> None:
+        """Append tokens to every row (a flat list for batch 1, or one equal-length list per row)."""
+        rows = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+        if rows and not isinstance(rows[0], (list, tuple)):
+            rows = [rows]
+        B = self.params.batch_size
+        if len(rows) != B:
+            raise InvalidRequestError(f"expected {B} rows of tokens for batch_size {B}, got {len(rows)}",
+                                      param="tokens")
+        if len({len(r) for r in rows}) != 1:
+            raise InvalidRequestError("rows of a batch must have the same length", param="tokens")
+        for r in rows:
+            self.engine.check_ids(r, "tokens")
+        new_len = len(self.sequences[0]) + len(rows[0])
+        if new_len > self.max_length:
+            raise ContextLengthError(new_len, self.max_length, "max_length")
+        for seq, r in zip(self.sequences, rows):
+            seq.extend(int(t) for t in r)
+        self._prompt_len = len(self.sequences[0])  # max_new_tokens counts from the last append
+        self.finish_reasons = [None] * B
+        self._logits = None
+        self._compute_logits()
+
+    # ------------------------------------------------------------------ stepping
+    def _compute_logits(self) -> torch.Tensor:
+        if self._logits is not None:
+            return self._logits
+        length = len(self.sequences[0])
+        if length == 0:
+            raise InvalidRequestError("append_tokens() must be called before generating", param="tokens")
+        if self.cache is None:
+            want = min(self.max_length, length + (self.params.max_new_tokens or self.max_length))
+            self.cache = self.engine.new_cache(self.params.batch_size, max(want, length))
+        regime = self.engine.rope_regime(length)
+        if self.cache.offset and self.cache.tag != regime:
+            self.cache.reset()  # keys were rotated with the other LongRoPE factor set: re-prefill
+        ids = torch.tensor([s[self.cache.offset:] for s in self.sequences], dtype=torch.long,
+                           device=self.engine.device)
+        self._logits = self.engine.forward(ids, self.cache)[:, -1]
+        return self._logits
+
+    def generate_next_token(self) -> None:
+        if self.is_done():
+            raise InvalidRequestError("generation is done; append tokens or rewind first", param="generator")
+        logits = self._compute_logits()
+        p = self.params
+        tokens = sample(logits, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, generator=self.rng)
+        self._next = [int(t) for t in tokens.tolist()]
+        for i, (seq, t) in enumerate(zip(self.sequences, self._next)):
+            if self.finish_reasons[i] is not None:  # finished rows keep step with the batch but stay put
+                self._next[i] = seq[-1]
+                seq.append(seq[-1])
+                continue
+            seq.append(t)
+            if t in self.eos:
+                self.finish_reasons[i] = FINISH_STOP
+        length = len(self.sequences[0])
+        new = length - self._prompt_len
+        if length >= self.max_length or (p.max_new_tokens is not None and new >= p.max_new_tokens):
+            self.finish_reasons = [f or FINISH_LENGTH for f in self.finish_reasons]
+        self._logits = None
+
+    def is_done(self) -> bool:
+        return all(f is not None for f in self.finish_reasons) and len(self.sequences[0]) > 0
+
+    # ------------------------------------------------------------------ inspection
+    def get_next_tokens(self) -> list[int]:
+        return list(self._next)
+
+    def get_sequence(self, index: int = 0) -> list[int]:
+        return list(self.sequences[index])
+
+    def get_logits(self) -> torch.Tensor:
+        """Logits [B, vocab] (float32) the next generate_next_token() samples from."""
+        return self._compute_logits().clone()
+
+    def set_logits(self, logits: torch.Tensor) -> None:
+        """Replace the logits the next generate_next_token() samples from."""
+        ref = self._compute_logits()
+        x = torch.as_tensor(logits, dtype=torch.float32, device=ref.device)
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        if tuple(x.shape) != tuple(ref.shape):
+            raise InvalidRequestError(f"expected shape {tuple(ref.shape)}, got {tuple(x.shape)}", param="logits")
+        self._logits = x
+
+    @property
+    def prompt_length(self) -> int:
+        return self._prompt_len
+
+    def rewind_to(self, length: int) -> None:
+        """Keep the first `length` tokens of every row; the cache keeps what it can reuse."""
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= len(self.sequences[0]):
+            raise InvalidRequestError(f"must be in [0, {len(self.sequences[0])}], got {length!r}", param="length")
+        for seq in self.sequences:
+            del seq[length:]
+        if self.cache is not None:
+            # keep at most length-1 cached tokens so the last kept token is re-fed for its logits
+            self.cache.trim(self.cache.offset - min(self.cache.offset, max(0, length - 1)))
+        self._prompt_len = min(self._prompt_len, length)
+        self._next = [s[-1] for s in self.sequences] if length else []
+        self.finish_reasons = [None] * self.params.batch_size
+        self._logits = None

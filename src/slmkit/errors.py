@@ -1,0 +1,59 @@
+"""Typed errors. Every failure a user can cause names the file, field, tensor or limit at fault."""
+from __future__ import annotations
+
+
+class SlmkitError(Exception):
+    """Base class of every error slmkit raises on purpose."""
+
+
+class ModelFileError(SlmkitError):
+    """A model file is missing, unreadable or corrupt. `path` names it."""
+
+    def __init__(self, path: object, message: str):
+        self.path = str(path)
+        super().__init__(f"{self.path}: {message}")
+
+
+class ConfigError(SlmkitError):
+    """A configuration value is missing or invalid. `field` names it."""
+
+    def __init__(self, field: str, message: str, *, path: object | None = None):
+        self.field = field
+        self.path = None if path is None else str(path)
+        where = f"{self.path}: " if self.path else ""
+        super().__init__(f"{where}field '{field}': {message}")
+
+
+class UnsupportedModelError(SlmkitError):
+    """The model_type (architecture) is not one slmkit implements."""
+
+
+class WeightError(SlmkitError):
+    """A tensor is missing, unexpected, or has the wrong shape or dtype. `tensor` names it."""
+
+    def __init__(self, tensor: str, message: str, *, path: object | None = None):
+        self.tensor = tensor
+        self.path = None if path is None else str(path)
+        where = f"{self.path}: " if self.path else ""
+        super().__init__(f"{where}tensor '{tensor}': {message}")
+
+
+class ContextLengthError(SlmkitError):
+    """A prompt (plus requested tokens) does not fit the context. `limit` is the bound."""
+
+    def __init__(self, length: int, limit: int, what: str = "context length"):
+        self.length = length
+        self.limit = limit
+        super().__init__(f"{length} tokens exceed the {what} of {limit} tokens")
+
+
+class InvalidRequestError(SlmkitError, ValueError):
+    """A request (messages, parameters) is malformed. `param` names the offending field."""
+
+    def __init__(self, message: str, *, param: str | None = None):
+        self.param = param
+        super().__init__(f"{param}: {message}" if param else message)
+
+
+class UnsupportedInputError(InvalidRequestError):
+    """The input kind (e.g. an image part) is not supported by this model."""

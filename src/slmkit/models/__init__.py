@@ -1,0 +1,23 @@
+"""One module per architecture, named after HF `model_type`; looked up, not registered."""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from ..errors import UnsupportedModelError
+
+# model_type values that share an implementation with another module
+MODEL_REMAPPING = {"phi3": "phi3"}
+SUPPORTED = ("phi3",)
+
+
+def get_model_module(model_type: object) -> ModuleType:
+    """The module (with ModelArgs, Model, sanitize) implementing `model_type`."""
+    if not isinstance(model_type, str) or not model_type:
+        raise UnsupportedModelError(f"config.json has no usable model_type ({model_type!r})")
+    name = MODEL_REMAPPING.get(model_type, model_type)
+    if name not in SUPPORTED:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported (supported: {', '.join(sorted(MODEL_REMAPPING))})"
+        )
+    return importlib.import_module(f"{__name__}.{name}")

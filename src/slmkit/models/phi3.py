@@ -1,0 +1,177 @@
+"""Phi-3 / Phi-3.5 dense decoder (HF `Phi3ForCausalLM`, model_type "phi3").
+
+Covers Phi-3-mini-4k/128k, Phi-3.5-mini, Phi-3-medium (GQA) and the language model of the
+vision models. HF weight names and fused layouts are kept (`qkv_proj` = [q|k|v] contiguous,
+`gate_up_proj` = [gate|up]) so loading is a plain `load_state_dict`.
+Facts: ../shared/specs/phi-family.md section 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .base import BaseArgs, require_float, require_int
+from .cache import KVCache
+from .layers import ACTIVATIONS, Linear, RMSNorm, attention
+from .rope import Rope, apply_rope, build_rope
+
+
+@dataclass
+class ModelArgs(BaseArgs):
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    vocab_size: int
+    model_type: str = "phi3"
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 4096
+    original_max_position_embeddings: int | None = None
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rope_parameters: dict | None = None  # transformers >= 5 writes this instead of rope_scaling
+    partial_rotary_factor: float = 1.0
+    rms_norm_eps: float = 1e-5
+    sliding_window: int | None = None
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    bos_token_id: Any = None
+    eos_token_id: Any = None
+    pad_token_id: Any = None
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+                     "max_position_embeddings"):
+            require_int(name, getattr(self, name))
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        require_int("num_key_value_heads", self.num_key_value_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError("num_key_value_heads", f"{self.num_key_value_heads} does not divide "
+                              f"num_attention_heads {self.num_attention_heads}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError("num_attention_heads", f"does not divide hidden_size {self.hidden_size}")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        require_int("head_dim", self.head_dim)
+        require_float("rms_norm_eps", self.rms_norm_eps)
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError("hidden_act", f"unsupported activation {self.hidden_act!r}")
+        if self.sliding_window is not None:
+            require_int("sliding_window", self.sliding_window)
+        scaling = self.rope_scaling or self.rope_parameters
+        if scaling is not None and not isinstance(scaling, dict):
+            raise ConfigError("rope_scaling", "must be an object or null")
+        if scaling:  # rope_parameters may carry theta / partial rotary itself
+            self.rope_theta = scaling.get("rope_theta", self.rope_theta)
+            self.partial_rotary_factor = scaling.get("partial_rotary_factor", self.partial_rotary_factor)
+        require_float("rope_theta", self.rope_theta)
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise ConfigError("partial_rotary_factor", f"must be in (0, 1], got {self.partial_rotary_factor}")
+        self.rope = build_rope(
+            head_dim=self.head_dim, theta=self.rope_theta, partial_rotary_factor=self.partial_rotary_factor,
+            scaling=scaling, max_position_embeddings=self.max_position_embeddings,
+            original_max_position_embeddings=self.original_max_position_embeddings,
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.splits = (q_size, kv_size, kv_size)
+        self.qkv_proj = Linear(args.hidden_size, q_size + 2 * kv_size, bias=False)
+        self.o_proj = Linear(q_size, args.hidden_size, bias=False)
+        self.window = args.sliding_window
+        self.scale = self.head_dim**-0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                layer: int, offset: int) -> torch.Tensor:
+        B, S, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
+        q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, D]
+        k = k.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
+        v = v.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        out = attention(q, k, v, offset=offset, window=self.window, scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_up_proj = Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.act = ACTIVATIONS[args.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # first half is the gate
+        return self.down_proj(up * self.act(gate))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, h, cos, sin, cache, layer, offset):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, layer, offset)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Phi3Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class Model(nn.Module):
+    """Phi3ForCausalLM. forward(input_ids [B, S], cache) -> logits [B, S or 1, vocab]."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Phi3Model(args)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    @property
+    def rope(self) -> Rope:
+        return self.args.rope
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False,
+                regime: str | None = None) -> torch.Tensor:
+        offset = cache.offset if cache is not None else 0
+        S = input_ids.shape[1]
+        h = self.model.embed_tokens(input_ids)
+        regime = regime or self.rope.regime(offset + S)
+        positions = torch.arange(offset, offset + S, device=input_ids.device)
+        cos, sin = self.rope.cos_sin(positions, regime, h.dtype)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, cos, sin, cache, i, offset)
+        if cache is not None:
+            cache.advance(S)
+            cache.tag = regime
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(self.model.norm(h))
+
+
+def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Map checkpoint names onto ours: drop stale rotary buffers, tie lm_head when configured."""
+    weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
+    if args.tie_word_embeddings and "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    return weights

@@ -1,0 +1,95 @@
+"""Rotary position embeddings: plain RoPE and Phi-3 LongRoPE ("longrope" == "su").
+
+cos/sin are computed in float32 from float32 positions x inv_freq, multiplied by the attention
+scaling (LongRoPE's mscale, in BOTH the short and the long regime) and only then cast to the
+activation dtype -- the order transformers uses, which parity depends on.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import ConfigError
+
+
+@dataclass
+class Rope:
+    rotary_dim: int  # leading dims of each head that rotate (partial rotary keeps the rest)
+    inv_freq: torch.Tensor  # [rotary_dim/2] float32, the short (or only) set
+    inv_freq_long: torch.Tensor | None = None  # LongRoPE long set, used past original_max
+    original_max: int | None = None
+    scale: float = 1.0  # multiplies cos and sin
+
+    def regime(self, total_len: int) -> str:
+        """Which frequency set a forward pass over `total_len` tokens uses."""
+        if self.inv_freq_long is None or self.original_max is None:
+            return "default"
+        return "long" if total_len > self.original_max else "short"
+
+    def cos_sin(self, positions: torch.Tensor, regime: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [S] int -> cos, sin: [S, rotary_dim]
+        inv = self.inv_freq_long if regime == "long" else self.inv_freq
+        freqs = positions.to(torch.float32)[:, None] * inv.to(positions.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, H, S, D]; cos, sin: [S, rd] with rd <= D (partial rotary leaves x[..., rd:] as is)
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot, rest = x[..., :rd], x[..., rd:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+
+
+def _factor_list(name: str, value: Any, n: int) -> torch.Tensor:
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in value
+    ):
+        raise ConfigError(f"rope_scaling.{name}", "must be a list of positive numbers")
+    if len(value) != n:
+        raise ConfigError(f"rope_scaling.{name}", f"must have rotary_dim/2 = {n} entries, got {len(value)}")
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def build_rope(
+    *,
+    head_dim: int,
+    theta: float,
+    partial_rotary_factor: float,
+    scaling: Mapping[str, Any] | None,
+    max_position_embeddings: int,
+    original_max_position_embeddings: int | None,
+) -> Rope:
+    """Rope from config values; `scaling` is config.json's rope_scaling (or rope_parameters)."""
+    rotary_dim = int(head_dim * partial_rotary_factor)
+    if rotary_dim < 2 or rotary_dim % 2:
+        raise ConfigError("partial_rotary_factor", f"gives an invalid rotary dim {rotary_dim} for head_dim {head_dim}")
+    exponent = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    base = theta**exponent
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind in (None, "default"):
+        return Rope(rotary_dim, 1.0 / base)
+    if kind not in ("longrope", "su", "yarn"):  # transformers maps legacy su/yarn to longrope for Phi-3
+        raise ConfigError("rope_scaling.type", f"unsupported rope scaling {kind!r} (supported: longrope, su)")
+    assert scaling is not None
+    n = rotary_dim // 2
+    short = _factor_list("short_factor", scaling.get("short_factor"), n)
+    long = _factor_list("long_factor", scaling.get("long_factor"), n)
+    orig = original_max_position_embeddings or scaling.get("original_max_position_embeddings")
+    if not isinstance(orig, int) or orig < 1:
+        raise ConfigError("original_max_position_embeddings", "is required for LongRoPE")
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        factor = scaling.get("factor") or max_position_embeddings / orig
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    return Rope(rotary_dim, 1.0 / (short * base), 1.0 / (long * base), orig, float(attention_factor))

@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny random-weight model folders, built once per test session."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers.tiny_models import PHI3_VARIANTS, make_phi3_folder
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def phi3_folders(tmp_path_factory):
+    """{variant: folder} for every tiny Phi-3 configuration, built lazily."""
+    built = {}
+
+    def get(variant: str):
+        if variant not in built:
+            built[variant] = make_phi3_folder(tmp_path_factory.mktemp(f"phi3-{variant}"), variant)
+        return built[variant]
+
+    return get
+
+
+@pytest.fixture(params=sorted(PHI3_VARIANTS))
+def phi3_variant(request):
+    return request.param
