@@ -1,0 +1,1 @@
+"""Inference engine: tokenizer, chat templates, model runners."""

@@ -1,0 +1,91 @@
+"""The Python API end to end on a tiny model: chat, generate, streaming, stop strings, errors."""
+from __future__ import annotations
+
+import pytest
+
+import slmkit
+from slmkit import InvalidRequestError, UnsupportedInputError
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    from tests.helpers.tiny_models import make_phi3_folder
+
+    return slmkit.load(make_phi3_folder(tmp_path_factory.mktemp("api"), "gqa"), dtype="float32")
+
+
+MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}]
+
+
+def test_chat_uses_template_and_counts_usage(llm):
+    out = llm.chat(MSGS, max_new_tokens=16, temperature=0, ignore_eos=True)
+    prompt_ids = llm.tokenizer.encode(llm.render(MSGS).text, add_special_tokens=False)
+    assert out.usage.prompt_tokens == len(prompt_ids) and out.usage.completion_tokens == 16
+    assert out.usage.total_tokens == len(prompt_ids) + 16
+    assert out.token_ids == llm.generate(prompt_ids, max_new_tokens=16, temperature=0, ignore_eos=True).token_ids
+    assert out.text == llm.tokenizer.decode(out.token_ids)
+
+
+def test_stream_concatenates_to_full_text(llm):
+    chunks = list(llm.chat(MSGS, stream=True, max_new_tokens=20, temperature=0, ignore_eos=True))
+    full = llm.chat(MSGS, max_new_tokens=20, temperature=0, ignore_eos=True)
+    assert "".join(c.text for c in chunks) == full.text
+    assert [t for c in chunks for t in c.token_ids] == full.token_ids
+    assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 20
+    assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+def test_stop_string_cuts_text(llm):
+    full = llm.generate("The sky", max_new_tokens=24, temperature=0, ignore_eos=True)
+    assert len(full.text) > 6
+    stop = full.text[3:6]
+    cut = llm.generate("The sky", max_new_tokens=24, temperature=0, ignore_eos=True, stop=[stop])
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.index(stop)]
+    streamed = "".join(c.text for c in llm.generate("The sky", stream=True, max_new_tokens=24, temperature=0,
+                                                    ignore_eos=True, stop=stop))
+    assert streamed == cut.text
+
+
+def test_model_stop_tokens_include_end_of_turn(llm):
+    tok = llm.tokenizer
+    assert tok.token_to_id("<|end|>") in llm.engine.eos_token_ids
+    assert tok.token_to_id("<|endoftext|>") in llm.engine.eos_token_ids
+
+
+def test_image_parts_rejected_by_text_model(llm):
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+    with pytest.raises(UnsupportedInputError):
+        llm.chat(msgs)
+
+
+def test_text_parts_accepted(llm):
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "Why is the sky "}, {"type": "text", "text": "blue?"}]}]
+    assert llm.render(msgs).text == llm.render([{"role": "user", "content": "Why is the sky blue?"}]).text
+
+
+def test_bad_requests(llm):
+    with pytest.raises(InvalidRequestError):
+        llm.chat([{"role": "wizard", "content": "x"}])
+    with pytest.raises(InvalidRequestError):
+        llm.generate("")
+    with pytest.raises(InvalidRequestError, match="stop"):
+        llm.generate("hi", stop=[3])
+
+
+def test_logits_shape(llm):
+    ids = llm.tokenizer.encode("hello world")
+    assert tuple(llm.logits(ids).shape) == (len(ids), llm.engine.vocab_size)
+
+
+def test_generator_from_llm_streams_text(llm):
+    ids = llm.tokenizer.encode("Why is the sky")
+    gen = slmkit.Generator(llm, slmkit.GeneratorParams(max_length=len(ids) + 12, temperature=0))
+    gen.append_tokens(ids)
+    llm.tokenizer.reset_stream()
+    pieces = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        pieces.append(llm.tokenizer.stream_decode(gen.get_next_tokens()[0]))
+    new = gen.get_sequence(0)[len(ids):]
+    assert "".join(pieces) == llm.tokenizer.decode(new)
