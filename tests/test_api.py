@@ -88,4 +88,6 @@ def test_generator_from_llm_streams_text(llm):
         gen.generate_next_token()
         pieces.append(llm.tokenizer.stream_decode(gen.get_next_tokens()[0]))
     new = gen.get_sequence(0)[len(ids):]
-    assert "".join(pieces) == llm.tokenizer.decode(new)
+    text = llm.tokenizer.decode(new)
+    # a random model may end on an incomplete byte-fallback character, which stays unprinted
+    assert "".join(pieces) == text.rstrip("\ufffd") and "\ufffd" not in "".join(pieces)[-1:]

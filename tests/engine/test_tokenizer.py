@@ -181,10 +181,13 @@ def test_stream_holds_byte_runs_and_default_stream(pairs):
     crab = [tok.token_to_id(f"<0x{b:02X}>") for b in "🦀".encode()]
     assert [tok.stream_decode(i) for i in crab[:3]] == ["", "", ""]
     tok.reset_stream()  # drops the partial character
-    assert [tok.stream_decode(i) for i in crab] == ["", "", "", ""]  # complete, but the run may go on
+    # a complete character comes out at once: a loop that never flushes still prints a final emoji
+    assert [tok.stream_decode(i) for i in crab] == ["", "", "", "🦀"]
+    assert tok.stream_decode(tok.token_to_id("<|end|>")) == ""
     ok = tok.encode("ok", add_special_tokens=False)
-    # the next piece releases the run; "▁ok" is " ok" mid-text (the leading space is stripped only at the start)
-    assert "".join(tok.stream_decode(i) for i in ok) == "🦀 ok" == tok.decode(crab + ok)
+    # "▁ok" is " ok" mid-text (the leading space is stripped only at the start)
+    assert "".join(tok.stream_decode(i) for i in ok) == " ok"
+    assert "🦀 ok" == tok.decode(crab + ok)
     tok.reset_stream()
     stream = tok.create_stream()
     assert [stream.decode(i) for i in crab[:2]] == ["", ""]
@@ -192,8 +195,9 @@ def test_stream_holds_byte_runs_and_default_stream(pairs):
 
 
 def test_stream_random_ids_property(pairs):
-    """Random pieces, special tokens and byte-fallback characters (possibly cut, so invalid):
-    chunks + flush == decode(ids); with whole characters, no chunk holds U+FFFD."""
+    """Random pieces, special tokens and byte-fallback characters: with whole characters,
+    chunks + flush == decode(ids) and no chunk holds U+FFFD; cut or random byte runs (invalid UTF-8)
+    never raise and match decode(ids) wherever decode itself is valid text."""
     tok, _ = pairs["phi3-vision", "tok"]
     pieces = [i for i in range(tok.vocab_size) if i not in tok.byte_piece_ids]
     rnd = random.Random(1)
@@ -208,12 +212,16 @@ def test_stream_random_ids_property(pairs):
         ids = ids[: len(ids) - cut] or ids
         for skip in (True, False):
             chunks = _stream(tok, ids, skip)
-            assert "".join(chunks) == tok.decode(ids, skip_special_tokens=skip), ids
-            assert cut or not any("\ufffd" in c for c in chunks), ids
+            if not cut:
+                assert "".join(chunks) == tok.decode(ids, skip_special_tokens=skip), ids
+                assert not any("\ufffd" in c for c in chunks), ids
     for _ in range(100):  # fully random ids: invalid byte runs anywhere
         ids = [rnd.randrange(tok.vocab_size) for _ in range(rnd.randint(1, 14))]
         for skip in (True, False):
-            assert "".join(_stream(tok, ids, skip)) == tok.decode(ids, skip_special_tokens=skip), ids
+            text = tok.decode(ids, skip_special_tokens=skip)
+            chunks = _stream(tok, ids, skip)
+            if "\ufffd" not in text:
+                assert "".join(chunks) == text, ids
 
 
 def test_stream_invalid_bytes_are_emitted_once_final(pairs):

@@ -82,11 +82,11 @@ class TokenizerStream:
     """Incremental detokenizer: emits only complete text (no U+FFFD from a partial UTF-8 byte sequence).
 
     Prefix/read-offset method: decode a small window of ids twice (without and with the new ids) and emit the new
-    suffix, holding it back while it ends in U+FFFD. Text is also held while the newest (non-skipped) id is a
-    byte-fallback piece ``<0xNN>``: the ByteFallback decoder turns a *whole* run of byte pieces into U+FFFDs when
-    any of its bytes is invalid (e.g. generation cut mid-character), so a run is final only once another piece
-    follows; this delays byte-fallback characters by one token. Windows decode with the same leading-space strip, so
-    for any ids the concatenation of every ``decode`` result plus ``flush()`` equals ``Tokenizer.decode(all_ids)``.
+    suffix, holding it back while it ends in U+FFFD (or, after a byte-fallback piece ``<0xNN>``, holds any U+FFFD:
+    the character is not complete yet). A complete character is emitted at once, so a loop without ``flush()``
+    (ORT GenAI style) prints the last emoji too. For valid UTF-8 output the concatenation of every ``decode`` result
+    plus ``flush()`` equals ``Tokenizer.decode(all_ids)``. Only invalid byte runs differ: the ByteFallback decoder
+    turns a whole run into U+FFFDs once any byte is invalid, after its valid characters were already emitted.
     """
 
     def __init__(self, tokenizer: "Tokenizer", skip_special_tokens: bool = True):
@@ -109,11 +109,11 @@ class TokenizerStream:
         """Add one id; return the text it completes (possibly "")."""
         token_id = int(token_id)
         self._ids.append(token_id)
-        if token_id in self._tok.byte_piece_ids or (self._skip and token_id in self._tok.special_ids):
-            return ""  # a byte run may still turn invalid; a skipped token adds no text and does not end a run
+        if self._skip and token_id in self._tok.special_ids:
+            return ""  # a skipped token adds no text and does not end a byte run
         text = self._pending()
-        if not text or text.endswith("\ufffd"):
-            return ""
+        if not text or text.endswith("\ufffd") or (token_id in self._tok.byte_piece_ids and "\ufffd" in text):
+            return ""  # an incomplete (or so far invalid) byte-fallback character waits for more bytes
         self._prefix, self._read = self._read, len(self._ids)
         if self._prefix > 64:  # keep the window small: drop ids no longer needed
             del self._ids[: self._prefix]
