@@ -20,15 +20,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, make_random_phi3, median, peak_rss_gb, print_table, run_child  # noqa: E402
 
-ENGINES = ["slmkit-bf16", "slmkit-fp32", "transformers-bf16", "transformers-fp32"]
+ENGINES = ["slmkit-bf16", "slmkit-bf16-plain", "slmkit-fp32", "transformers-bf16", "transformers-fp32"]
 
 
-def child_slmkit(folder: str, dtype: str, prompt: int, decode: int, reps: int) -> dict:
+def child_slmkit(folder: str, dtype: str, prompt: int, decode: int, reps: int, pack: bool = True) -> dict:
     import slmkit
     from slmkit import Generator, GeneratorParams
 
     t0 = time.perf_counter()
-    llm = slmkit.load(folder, dtype=dtype)
+    llm = slmkit.load(folder, dtype=dtype, pack=pack)
     load_s = time.perf_counter() - t0
     eng = llm.engine
     g = torch.Generator().manual_seed(0)
@@ -97,10 +97,13 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(2)
     if a.child:
-        name, dtype = a.engine.split("-")
+        name, dtype, *variant = a.engine.split("-")
         dtype = {"bf16": "bfloat16", "fp32": "float32"}[dtype]
-        fn = child_slmkit if name == "slmkit" else child_transformers
-        print(json.dumps(fn(a.folder, dtype, a.prompt, a.decode, a.reps)))
+        if name == "slmkit":  # "-plain": plain nn.Linear weights (pack=False), the pure-PyTorch path
+            r = child_slmkit(a.folder, dtype, a.prompt, a.decode, a.reps, pack=variant != ["plain"])
+        else:
+            r = child_transformers(a.folder, dtype, a.prompt, a.decode, a.reps)
+        print(json.dumps(r))
         return
     folder = Path(a.folder if not a.layers else f"{a.folder}-{a.layers}l")
     t = time.perf_counter()

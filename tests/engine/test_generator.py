@@ -141,3 +141,16 @@ def test_stop_strings_hold_back_partial_matches():
     assert s.feed("NDING") == "" and s.stopped
     s = StopStrings(["\n\n"])
     assert s.feed("a\n") == "a" and s.flush() == "\n"
+
+
+def test_cache_is_sized_by_request_and_grows(llm):
+    """No preallocation of the whole context: a long-context model must not allocate it all."""
+    gen = Generator(llm, GeneratorParams(ignore_eos=True))  # no max_new_tokens: starts small
+    gen.append_tokens(PROMPT)
+    assert gen.cache.capacity < llm.context_length
+    cap = gen.cache.capacity
+    while len(gen.get_sequence(0)) <= cap + 1:
+        gen.generate_next_token()
+    gen.get_logits()
+    assert gen.cache.capacity > cap
+    assert (gen.get_logits()[0] - llm.logits(gen.get_sequence(0))[-1]).abs().max() <= 1e-4

@@ -6,6 +6,7 @@ import torch
 
 import slmkit
 from slmkit import Generator, GeneratorParams
+from slmkit.engine.packing import packing_available
 
 ATOL = 1e-4
 
@@ -116,11 +117,15 @@ def test_bfloat16_runs_close_to_float32(phi3_folders):
     folder = phi3_folders("gqa")
     f32 = slmkit.load(folder, dtype="float32")
     bf16 = slmkit.load(folder, dtype="bfloat16")
-    assert bf16.engine.model.lm_head.weight.dtype == torch.bfloat16
+    plain = slmkit.load(folder, dtype="bfloat16", pack=False)  # the pure-PyTorch path
+    assert plain.engine.packed_linears == 0 and plain.engine.model.lm_head.weight.dtype == torch.bfloat16
+    if packing_available():
+        assert bf16.engine.packed_linears == 3 * 4 + 1  # 4 per layer + lm_head
     ids = ids_of(16, f32.engine.vocab_size, 7)
-    a, b = f32.logits(ids), bf16.logits(ids)
+    a, b, c = f32.logits(ids), bf16.logits(ids), plain.logits(ids)
     assert b.dtype == torch.float32
     assert (a - b).abs().max().item() < 0.1 * a.abs().max().item()
+    assert (c - b).abs().max().item() < 0.02 * a.abs().max().item()
     # the single-row GEMV decode path agrees with the batched path
     gen = Generator(bf16, GeneratorParams(max_new_tokens=4, ignore_eos=True))
     gen.append_tokens(ids)

@@ -23,8 +23,14 @@ class NativeBackend:
         self.context_length = engine.context_length
 
     @classmethod
-    def from_path(cls, path: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu") -> "NativeBackend":
-        return cls(Engine(load_hf_folder(path, dtype=dtype, device=device)))
+    def from_path(cls, path: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
+                  pack: bool = True) -> "NativeBackend":
+        path = Path(path)
+        if path.is_file():  # a single file: GGUF (validated by its reader, which names what is wrong)
+            from ..engine.gguf_load import load_gguf
+
+            return cls(Engine(load_gguf(path, dtype=dtype, device=device), pack=pack))
+        return cls(Engine(load_hf_folder(path, dtype=dtype, device=device), pack=pack))
 
     def stream_tokens(self, prompt_ids: Sequence[int], options: SamplingOptions) -> Iterator[TokenStep]:
         params = GeneratorParams(

@@ -8,6 +8,7 @@ import torch
 from ..errors import ContextLengthError, InvalidRequestError
 from ..models.cache import KVCache
 from .loader import LoadedModel
+from .packing import pack_linears
 
 
 def _ids(value: object) -> list[int]:
@@ -19,8 +20,10 @@ def _ids(value: object) -> list[int]:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, *, pack: bool = True):
         self.model = loaded.model
+        # bf16 on CPU: oneDNN-packed weights decode ~1.3x faster than F.linear (benchmarks/gemv.py)
+        self.packed_linears = pack_linears(self.model) if pack else 0
         self.args = loaded.args
         self.tokenizer = loaded.tokenizer
         self.dtype, self.device, self.name = loaded.dtype, loaded.device, loaded.name

@@ -127,8 +127,8 @@ class Generator:
         length = len(self.sequences[0])
         if length == 0:
             raise InvalidRequestError("append_tokens() must be called before generating", param="tokens")
-        if self.cache is None:
-            want = min(self.max_length, length + (self.params.max_new_tokens or self.max_length))
+        if self.cache is None:  # sized for this request; it doubles if a long run outgrows it
+            want = min(self.max_length, length + (self.params.max_new_tokens or 128))
             self.cache = self.engine.new_cache(self.params.batch_size, max(want, length))
         regime = self.engine.rope_regime(length)
         if self.cache.offset and self.cache.tag != regime:

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import ModelFileError, WeightError
 from ..models import get_model_module
+from .memory import FileMappings, release_pages
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -115,13 +116,17 @@ def build_model(module: Any, args: Any, weights: dict[str, torch.Tensor], dtype:
         raise WeightError(unexpected[0], f"not part of a {args.model_type} model ({len(unexpected)} unexpected)",
                           path=source)
     state = {}
+    maps = FileMappings()
     for name, ref in expected.items():
         t = weights[name]
         if tuple(t.shape) != tuple(ref.shape):
             raise WeightError(name, f"has shape {tuple(t.shape)}, config implies {tuple(ref.shape)}", path=source)
         if not (t.is_floating_point()):
             raise WeightError(name, f"has non-float dtype {t.dtype}", path=source)
-        state[name] = t.to(device=device, dtype=dtype)
+        keep32 = t.dim() == 1 and getattr(module, "NORMS_IN_FLOAT32", False)  # used in fp32 anyway
+        state[name] = t.to(device=device, dtype=torch.float32 if keep32 else dtype)
+        if state[name].data_ptr() != t.data_ptr() and sum(w is t for w in weights.values()) == 1:
+            release_pages(t, maps)  # converted copy made: let the mapped checkpoint pages go
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval().requires_grad_(False)
 
@@ -135,6 +140,7 @@ class LoadedModel:
     device: torch.device
     name: str
     generation_config: dict = field(default_factory=dict)
+    gguf: Any = None  # the open GGUFFile a model came from (its quantized blocks stay reachable)
 
 
 def load_hf_folder(path: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu") -> LoadedModel:

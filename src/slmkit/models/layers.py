@@ -1,4 +1,4 @@
-"""Building blocks shared by the architectures: norm, linear with a GEMV decode path, attention."""
+"""Building blocks shared by the architectures: RMSNorm, attention, activations."""
 from __future__ import annotations
 
 import torch
@@ -7,41 +7,25 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) in float32, cast back, then times weight (transformers' order).
+    """x * rsqrt(mean(x^2) + eps) in float32, then the weight, in transformers' order per family.
 
-    `offset` = 1.0 gives Gemma's (1 + weight) form, computed in float32 before the cast.
+    Llama/Phi: cast back to the input dtype, then times weight. Gemma (`fp32_weight=True`): times
+    (offset + weight) in float32, then cast; offset is 1 for HF checkpoints (weights stored as
+    w - 1) and 0 for llama.cpp's GGUF files, whose converter already added the 1.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6, offset: float = 0.0):
+    def __init__(self, dim: int, eps: float = 1e-6, *, offset: float = 0.0, fp32_weight: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps, self.offset = eps, offset
+        self.eps, self.offset, self.fp32_weight = eps, offset, fp32_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset:
+        if self.fp32_weight:
             return (h * (self.offset + self.weight.float())).to(dtype)
         return self.weight * h.to(dtype)
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose single-row bf16 CPU case runs as a 1-D GEMV.
-
-    Decode is bound by weight reads: `torch.mv` reads bf16 weights at ~26 GB/s here while
-    `F.linear` on a [1, K] input manages ~16 (../shared/specs/performance-anchors.md).
-    Quantization passes swap these modules out, so model code never branches on it.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if x.numel() == self.in_features and w.dtype == torch.bfloat16 and w.device.type == "cpu":
-            y = torch.mv(w, x.reshape(-1))
-            if self.bias is not None:
-                y = y + self.bias
-            return y.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, w, self.bias)
 
 
 def attention(

@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import ConfigError
 from .base import BaseArgs, require_float, require_int
 from .cache import KVCache
-from .layers import ACTIVATIONS, Linear, RMSNorm, attention
+from .layers import ACTIVATIONS, RMSNorm, attention
 from .rope import Rope, apply_rope, build_rope
 
 
@@ -86,8 +86,8 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.splits = (q_size, kv_size, kv_size)
-        self.qkv_proj = Linear(args.hidden_size, q_size + 2 * kv_size, bias=False)
-        self.o_proj = Linear(q_size, args.hidden_size, bias=False)
+        self.qkv_proj = nn.Linear(args.hidden_size, q_size + 2 * kv_size, bias=False)
+        self.o_proj = nn.Linear(q_size, args.hidden_size, bias=False)
         self.window = args.sliding_window
         self.scale = self.head_dim**-0.5
 
@@ -108,8 +108,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_up_proj = Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
-        self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
         self.act = ACTIVATIONS[args.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +145,7 @@ class Model(nn.Module):
         super().__init__()
         self.args = args
         self.model = Phi3Model(args)
-        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     @property
     def rope(self) -> Rope:
