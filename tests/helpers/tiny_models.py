@@ -58,3 +58,30 @@ def make_phi3_folder(folder: Path, variant: str = "gqa", *, tokenizer_variant: s
     (folder / "generation_config.json").write_text(json.dumps(gen))
     assert tok_cfg  # tokenizer_config.json written by the builder
     return folder
+
+
+GEMMA3_BASE: dict[str, Any] = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=32, max_position_embeddings=512, rms_norm_eps=1e-6, query_pre_attn_scalar=32, sliding_window=8,
+    layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+    tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh",
+)
+
+
+def make_gemma3_folder(folder: Path, *, seed: int = 0, **overrides: Any) -> Path:
+    """A random Gemma3ForCausalLM (model_type gemma3_text) built by transformers, with a real tokenizer."""
+    from tokenizers import Tokenizer as HFTok
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    build_phi_tokenizer(folder, "phi3-mini-april")  # any real tokenizer: parity is about the network
+    n_tok = HFTok.from_file(str(folder / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    cfg = dict(GEMMA3_BASE, vocab_size=(n_tok + 63) // 64 * 64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**cfg)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.3 if "norm" in name else 0.08)  # non-trivial norm weights test the (1 + w) form
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -7,8 +7,8 @@ from types import ModuleType
 from ..errors import UnsupportedModelError
 
 # model_type values that share an implementation with another module
-MODEL_REMAPPING = {"phi3": "phi3"}
-SUPPORTED = ("phi3",)
+MODEL_REMAPPING = {"phi3": "phi3", "gemma3_text": "gemma3"}
+SUPPORTED = ("phi3", "gemma3")
 
 
 def get_model_module(model_type: object) -> ModuleType:

@@ -79,8 +79,13 @@ def build_rope(
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind in (None, "default"):
         return Rope(rotary_dim, 1.0 / base)
+    if kind == "linear":  # position interpolation (Gemma 3 4B+ global layers): positions / factor
+        factor = (scaling or {}).get("factor")
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
+            raise ConfigError("rope_scaling.factor", f"must be a positive number, got {factor!r}")
+        return Rope(rotary_dim, 1.0 / base / float(factor))
     if kind not in ("longrope", "su", "yarn"):  # transformers maps legacy su/yarn to longrope for Phi-3
-        raise ConfigError("rope_scaling.type", f"unsupported rope scaling {kind!r} (supported: longrope, su)")
+        raise ConfigError("rope_scaling.type", f"unsupported rope scaling {kind!r} (supported: linear, longrope, su)")
     assert scaling is not None
     n = rotary_dim // 2
     short = _factor_list("short_factor", scaling.get("short_factor"), n)

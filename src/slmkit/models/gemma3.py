@@ -1,0 +1,195 @@
+"""Gemma 3 text decoder (HF `Gemma3ForCausalLM`, model_type "gemma3_text"; GGUF arch "gemma3").
+
+The built-in demo model (Gemma 3 270M) runs on this. Differences from Phi-3: embeddings scaled
+by sqrt(hidden), separate q/k/v with RMSNorm on q and k per head, pre- and post-norms around
+attention and MLP, GeGLU (tanh GELU), attention scale query_pre_attn_scalar**-0.5, interleaved
+sliding-window (local, rope base 10k) and global (rope base 1M) layers, tied embeddings.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .base import BaseArgs, require_float, require_int
+from .cache import KVCache
+from .layers import ACTIVATIONS, RMSNorm, attention
+from .rope import Rope, apply_rope, build_rope
+
+LAYER_TYPES = ("sliding_attention", "full_attention")
+NORMS_IN_FLOAT32 = True  # Gemma norms multiply in float32: keep (1 + w) exact, as llama.cpp does
+
+
+@dataclass
+class ModelArgs(BaseArgs):
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    vocab_size: int
+    model_type: str = "gemma3_text"
+    num_key_value_heads: int = 1
+    head_dim: int = 256
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-6
+    hidden_activation: str = "gelu_pytorch_tanh"
+    query_pre_attn_scalar: float = 256
+    sliding_window: int | None = 512
+    sliding_window_pattern: int = 6
+    layer_types: list | None = None
+    rope_theta: float = 1_000_000.0
+    rope_local_base_freq: float = 10_000.0
+    rope_scaling: dict | None = None
+    rope_parameters: dict | None = None  # transformers >= 5: {"full_attention": {...}, "sliding_attention": {...}}
+    final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
+    tie_word_embeddings: bool = True
+    norm_offset: float = 1.0  # 1 for HF weights (stored as w - 1); 0 for GGUF (converter added the 1)
+    bos_token_id: Any = 2
+    eos_token_id: Any = 1
+    pad_token_id: Any = 0
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            require_int(name, getattr(self, name))
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError("num_key_value_heads", f"{self.num_key_value_heads} does not divide "
+                              f"num_attention_heads {self.num_attention_heads}")
+        require_float("rms_norm_eps", self.rms_norm_eps)
+        require_float("query_pre_attn_scalar", self.query_pre_attn_scalar)
+        if self.hidden_activation not in ACTIVATIONS:
+            raise ConfigError("hidden_activation", f"unsupported activation {self.hidden_activation!r}")
+        if self.attn_logit_softcapping is not None:
+            raise ConfigError("attn_logit_softcapping", "attention logit soft-capping (Gemma 2) is not supported")
+        if self.layer_types is None:
+            require_int("sliding_window_pattern", self.sliding_window_pattern)
+            self.layer_types = ["sliding_attention" if (i + 1) % self.sliding_window_pattern else "full_attention"
+                                for i in range(self.num_hidden_layers)]
+        if len(self.layer_types) != self.num_hidden_layers or any(t not in LAYER_TYPES for t in self.layer_types):
+            raise ConfigError("layer_types", f"must list {self.num_hidden_layers} of {LAYER_TYPES}")
+        if self.sliding_window is not None:
+            require_int("sliding_window", self.sliding_window)
+        params = self.rope_parameters if isinstance(self.rope_parameters, dict) else {}
+        full = dict(params.get("full_attention") or {})
+        local = dict(params.get("sliding_attention") or {})
+        if self.rope_scaling:
+            full.update(self.rope_scaling)
+        full.setdefault("rope_theta", self.rope_theta)
+        local.setdefault("rope_theta", self.rope_local_base_freq)
+        common = dict(head_dim=self.head_dim, partial_rotary_factor=1.0,
+                      max_position_embeddings=self.max_position_embeddings, original_max_position_embeddings=None)
+        self.rope_global = build_rope(theta=require_float("rope_theta", full["rope_theta"]), scaling=full, **common)
+        self.rope_local = build_rope(theta=require_float("rope_local_base_freq", local["rope_theta"]), scaling=local,
+                                     **common)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_type: str):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        H = args.hidden_size
+        self.q_proj = nn.Linear(H, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, H, bias=False)
+        norm = dict(offset=args.norm_offset, fp32_weight=True)
+        self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps, **norm)
+        self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps, **norm)
+        self.sliding = layer_type == "sliding_attention"
+        self.window = args.sliding_window if self.sliding else None
+        self.scale = args.query_pre_attn_scalar**-0.5
+
+    def forward(self, x: torch.Tensor, rope: dict, cache: KVCache | None, layer: int, offset: int) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, S, self.n_heads, self.head_dim)).transpose(1, 2)  # [B, H, S, D]
+        k = self.k_norm(self.k_proj(x).view(B, S, self.n_kv, self.head_dim)).transpose(1, 2)  # [B, Hkv, S, D]
+        v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = rope["local" if self.sliding else "global"]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        out = attention(q, k, v, offset=offset, window=self.window, scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.act = ACTIVATIONS[args.hidden_activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_type: str):
+        super().__init__()
+        norm = dict(offset=args.norm_offset, fp32_weight=True)
+        H, eps = args.hidden_size, args.rms_norm_eps
+        self.input_layernorm = RMSNorm(H, eps, **norm)
+        self.self_attn = Attention(args, layer_type)
+        self.post_attention_layernorm = RMSNorm(H, eps, **norm)
+        self.pre_feedforward_layernorm = RMSNorm(H, eps, **norm)
+        self.mlp = MLP(args)
+        self.post_feedforward_layernorm = RMSNorm(H, eps, **norm)
+
+    def forward(self, h, rope, cache, layer, offset):
+        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), rope, cache, layer, offset))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+class Gemma3Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, t) for t in args.layer_types)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, offset=args.norm_offset, fp32_weight=True)
+
+
+class Model(nn.Module):
+    """Gemma3ForCausalLM. forward(input_ids [B, S], cache) -> logits [B, S or 1, vocab]."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Gemma3Model(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    @property
+    def rope(self) -> Rope:
+        return self.args.rope_global
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False,
+                regime: str | None = None) -> torch.Tensor:
+        offset = cache.offset if cache is not None else 0
+        S = input_ids.shape[1]
+        h = self.model.embed_tokens(input_ids)
+        h = h * torch.tensor(self.args.hidden_size**0.5, dtype=h.dtype)  # rounded to the dtype, as HF does
+        positions = torch.arange(offset, offset + S, device=input_ids.device)
+        rope = {"global": self.args.rope_global.cos_sin(positions, "default", h.dtype),
+                "local": self.args.rope_local.cos_sin(positions, "default", h.dtype)}
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, rope, cache, i, offset)
+        if cache is not None:
+            cache.advance(S)
+            cache.tag = "default"
+        if last_only:
+            h = h[:, -1:]
+        logits = self.lm_head(self.model.norm(h))
+        cap = self.args.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Tie lm_head to the embedding; drop the HF multimodal prefix of text-only weights."""
+    weights = {k.removeprefix("language_model."): v for k, v in weights.items()}
+    if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    return weights
