@@ -80,6 +80,13 @@ class LLM:
         self.context_length = backend.context_length
 
     @property
+    def prompt_style(self) -> str:
+        """"chat" where the model has a chat template (or is a Phi model), else "completion" (base models)."""
+        if self.tokenizer.chat_template or self.backend.model_type.startswith("phi"):
+            return "chat"
+        return "completion"
+
+    @property
     def engine(self) -> Any:
         """The native engine, for slmkit.Generator (native backend only)."""
         engine = getattr(self.backend, "engine", None)

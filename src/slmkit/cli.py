@@ -29,10 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slm", description="Run small language models locally.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="answer a prompt, or chat interactively without one")
-    run.add_argument("model", help="model folder (config.json + *.safetensors + tokenizer) or hub id")
-    run.add_argument("prompt", nargs="?", help="the prompt; without it, an interactive chat (or stdin if piped)")
+    run.add_argument("model", nargs="?", default="builtin",
+                     help="'builtin' (default: Gemma 3 270M base), a .gguf file, ollama:NAME, a Hugging Face "
+                          "folder (config.json + *.safetensors + tokenizer) or hub id")
+    run.add_argument("prompt", nargs="?", help="the prompt; without it, an interactive session (or stdin if piped)")
     run.add_argument("--system", default=None, help="system message")
-    run.add_argument("--raw", action="store_true", help="plain completion of the prompt, no chat template")
+    style = run.add_mutually_exclusive_group()
+    style.add_argument("--raw", action="store_true", help="plain completion of the prompt, no chat template "
+                       "(the default for base models without a chat template, like the built-in one)")
+    style.add_argument("--chat", action="store_true", help="use the chat template even for a base model")
     run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     run.add_argument("--device", default="cpu")
     run.add_argument("--verbose", "-v", action="store_true", help="print load time and tokens/s")
@@ -79,8 +84,8 @@ def _read_message(read: Callable[[str], str]) -> str | None:
 
 
 def repl(llm: Any, gen_kw: dict, system: str | None, *, read: Callable[[str], str] = input,
-         out: TextIO = sys.stdout, err: TextIO = sys.stderr, verbose: bool = False) -> None:
-    """Interactive chat; history kept until /clear."""
+         out: TextIO = sys.stdout, err: TextIO = sys.stderr, verbose: bool = False, raw: bool = False) -> None:
+    """Interactive chat; history kept until /clear. raw=True: each message is completed as plain text."""
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     base = len(history)
     err.write("Chat with the model. /bye to leave, /clear to start over, /? for help.\n")
@@ -103,7 +108,8 @@ def repl(llm: Any, gen_kw: dict, system: str | None, *, read: Callable[[str], st
         answer: list[str] = []
         last = None
         try:
-            for chunk in llm.chat(history, stream=True, **gen_kw):
+            chunks = llm.generate(text, stream=True, **gen_kw) if raw else llm.chat(history, stream=True, **gen_kw)
+            for chunk in chunks:
                 out.write(chunk.text)
                 out.flush()
                 answer.append(chunk.text)
@@ -133,10 +139,13 @@ def cmd_run(a: argparse.Namespace) -> int:
     prompt = a.prompt
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
+    raw = a.raw or (llm.prompt_style == "completion" and not a.chat)
     if prompt is None:
-        repl(llm, gen_kw, a.system, verbose=a.verbose)
+        if raw:
+            sys.stderr.write(f"[{llm.name} is a base model: each line you type is continued as text]\n")
+        repl(llm, gen_kw, a.system, verbose=a.verbose, raw=raw)
         return 0
-    if a.raw:
+    if raw:
         chunks = llm.generate(prompt, stream=True, **gen_kw)
     else:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [

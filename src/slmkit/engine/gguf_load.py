@@ -1,0 +1,136 @@
+"""Load a GGUF file (llama.cpp's format, as Microsoft and Ollama publish Phi-3) into our models.
+
+Metadata becomes the HF-style config of the architecture's ModelArgs; llama.cpp tensor names
+map onto HF names; quantized tensors are dequantized at load (exactly as ggml does) into the
+chosen dtype. The GGUFFile stays open on the result so quantized blocks remain available.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import ConfigError, UnsupportedModelError, WeightError
+from ..gguf import GGUFFile, open_gguf
+from ..gguf.tokenizer import tokenizer_from_gguf_metadata
+from ..models import get_model_module
+from .loader import LoadedModel, build_model, resolve_dtype
+
+# llama.cpp tensor names (per layer after "blk.N.") -> HF names (after "model.layers.N.")
+_LAYER_NAMES = {
+    "phi3": {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
+             "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"},
+    "gemma3": {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+               "attn_k_norm": "self_attn.k_norm", "post_attention_norm": "post_attention_layernorm",
+               "ffn_norm": "pre_feedforward_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj", "post_ffw_norm": "post_feedforward_layernorm"},
+}
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                 "output.weight": "lm_head.weight"}
+_SKIP = {"rope_factors_long.weight", "rope_factors_short.weight", "rope_freqs.weight"}
+_BLK = re.compile(r"^blk\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def hf_name(arch: str, name: str) -> str | None:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    m = _BLK.match(name)
+    if m and m.group(2) in _LAYER_NAMES[arch]:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[arch][m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def _get(meta: dict[str, Any], key: str, default: Any = ...) -> Any:
+    if key in meta:
+        return meta[key]
+    if default is ...:
+        raise ConfigError(key, "is required in the GGUF metadata but missing")
+    return default
+
+
+def _eos_ids(meta: dict[str, Any]) -> list[int]:
+    ids = [meta.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
+    return [int(i) for i in ids if isinstance(i, int)]
+
+
+def _phi3_config(f: GGUFFile) -> dict[str, Any]:
+    m, a = f.metadata, "phi3"
+    hidden, heads = _get(m, f"{a}.embedding_length"), _get(m, f"{a}.attention.head_count")
+    ctx = _get(m, f"{a}.context_length")
+    cfg: dict[str, Any] = dict(
+        model_type="phi3", hidden_size=hidden, num_hidden_layers=_get(m, f"{a}.block_count"),
+        num_attention_heads=heads, num_key_value_heads=_get(m, f"{a}.attention.head_count_kv", heads),
+        intermediate_size=_get(m, f"{a}.feed_forward_length"), max_position_embeddings=ctx,
+        rms_norm_eps=_get(m, f"{a}.attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=_get(m, f"{a}.rope.freq_base", 10000.0), sliding_window=m.get(f"{a}.attention.sliding_window"),
+        vocab_size=f.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in f.tensors else None,
+    )
+    head_dim = hidden // heads
+    rot = m.get(f"{a}.rope.dimension_count", head_dim)
+    cfg["partial_rotary_factor"] = rot / head_dim
+    if "rope_factors_long.weight" in f.tensors:  # LongRoPE: the factor lists travel as tensors
+        orig = _get(m, f"{a}.rope.scaling.original_context_length")
+        cfg["original_max_position_embeddings"] = orig
+        cfg["rope_scaling"] = {
+            "type": "longrope",
+            "long_factor": f.tensor("rope_factors_long.weight").tolist(),
+            "short_factor": f.tensor("rope_factors_short.weight").tolist(),
+            "attention_factor": m.get(f"{a}.rope.scaling.attn_factor"),
+        }
+    if cfg["sliding_window"] is not None and cfg["sliding_window"] >= ctx:
+        cfg["sliding_window"] = None  # a window as long as the context is no window
+    return cfg
+
+
+def _gemma3_config(f: GGUFFile) -> dict[str, Any]:
+    m, a = f.metadata, "gemma3"
+    head_dim = _get(m, f"{a}.attention.key_length", 256)
+    return dict(
+        model_type="gemma3", hidden_size=_get(m, f"{a}.embedding_length"), num_hidden_layers=_get(m, f"{a}.block_count"),
+        num_attention_heads=_get(m, f"{a}.attention.head_count"),
+        num_key_value_heads=_get(m, f"{a}.attention.head_count_kv", 1), head_dim=head_dim,
+        intermediate_size=_get(m, f"{a}.feed_forward_length"), max_position_embeddings=_get(m, f"{a}.context_length"),
+        rms_norm_eps=_get(m, f"{a}.attention.layer_norm_rms_epsilon", 1e-6),
+        rope_theta=_get(m, f"{a}.rope.freq_base", 1_000_000.0), rope_local_base_freq=10_000.0,  # llama.cpp's value
+        sliding_window=_get(m, f"{a}.attention.sliding_window", 512), sliding_window_pattern=6,
+        query_pre_attn_scalar=head_dim, tie_word_embeddings="output.weight" not in f.tensors,
+        norm_offset=0.0,  # the converter stored (1 + w)
+        final_logit_softcapping=m.get(f"{a}.final_logit_softcapping"),
+        vocab_size=f.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in f.tensors else None,
+    )
+
+
+_CONFIGS: dict[str, Callable[[GGUFFile], dict[str, Any]]] = {"phi3": _phi3_config, "gemma3": _gemma3_config}
+_MODULES = {"phi3": "phi3", "gemma3": "gemma3_text"}
+
+
+def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu") -> LoadedModel:
+    f = open_gguf(path)
+    arch = f.architecture
+    if arch not in _CONFIGS:
+        raise UnsupportedModelError(f"{f.path}: GGUF architecture {arch!r} is not supported "
+                                    f"(supported: {', '.join(sorted(_CONFIGS))})")
+    cfg = _CONFIGS[arch](f)
+    if cfg.get("vocab_size") is None:
+        raise WeightError("token_embd.weight", "missing from the GGUF file", path=f.path)
+    cfg["eos_token_id"] = _eos_ids(f.metadata) or None
+    module = get_model_module(_MODULES[arch])
+    args = module.ModelArgs.from_dict(cfg, path=f.path)
+    dev = torch.device(device)
+    dt = resolve_dtype(dtype, dev)
+    weights: dict[str, torch.Tensor] = {}
+    for name in f.tensors:
+        if name in _SKIP:
+            continue
+        target = hf_name(arch, name)
+        if target is None:
+            raise WeightError(name, f"is not a tensor of a GGUF {arch} model", path=f.path)
+        weights[target] = f.tensor(name, dtype=dt)
+    model = build_model(module, args, weights, dt, dev, f.path)
+    tokenizer = tokenizer_from_gguf_metadata(f.metadata)
+    gen_cfg = {"eos_token_id": cfg["eos_token_id"]} if cfg["eos_token_id"] else {}
+    name = str(f.metadata.get("general.name") or Path(path).stem)
+    return LoadedModel(model, args, tokenizer, dt, dev, name, gen_cfg, gguf=f)

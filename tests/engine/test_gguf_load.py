@@ -1,0 +1,120 @@
+"""GGUF models: tiny phi3 / gemma3 files written like llama.cpp's converter writes them, in several
+ggml types, give the logits of transformers running the same (dequantized) weights; llama.cpp agrees
+on the metadata; Ollama stores and the CLI reach them."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import slmkit
+from slmkit.cli import main
+from slmkit.gguf import open_gguf
+from tests.helpers.gguf_models import hf_to_gguf
+from tests.helpers.tiny_models import make_gemma3_folder
+
+QTYPES = ["F32", "F16", "Q8_0", "Q4_0", "Q5_1"]
+
+
+@pytest.fixture(scope="module")
+def gemma_folder(tmp_path_factory):
+    return make_gemma3_folder(tmp_path_factory.mktemp("g3"), num_hidden_layers=6, layer_types=None)
+
+
+def reference(folder, gguf_path):
+    """transformers' model of the folder, with the GGUF file's dequantized weights put in."""
+    from transformers import AutoModelForCausalLM
+
+    from slmkit.engine.gguf_load import hf_name
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    f = open_gguf(gguf_path)
+    state = model.state_dict()
+    for name in f.tensors:
+        target = hf_name(f.architecture, name)
+        if target is None:
+            continue
+        t = f.tensor(name)
+        state[target] = t - 1 if f.architecture == "gemma3" and target.endswith("norm.weight") else t
+        if target == "model.embed_tokens.weight" and "lm_head.weight" in state:
+            state["lm_head.weight"] = state[target] if "output.weight" not in f.tensors else state["lm_head.weight"]
+    model.load_state_dict(state)
+    return model
+
+
+def ids_of(n, vocab, seed=1):
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("kind", ["gqa", "longrope", "gemma3"])
+def test_gguf_logits_match_transformers_on_dequantized_weights(kind, qtype, phi3_folders, gemma_folder, tmp_path):
+    folder = gemma_folder if kind == "gemma3" else phi3_folders(kind)
+    path = hf_to_gguf(folder, tmp_path / f"{kind}-{qtype}.gguf", qtype)
+    llm = slmkit.load(path, dtype="float32")
+    ids = ids_of(40, llm.engine.vocab_size)  # 40 > LongRoPE original_max 32 and > Gemma's window 8
+    with torch.no_grad():
+        theirs = reference(folder, path)(torch.tensor([ids])).logits[0]
+    assert (llm.logits(ids) - theirs).abs().max().item() <= 1e-4
+    if qtype != "F32":  # the quantization really happened
+        types = {i.type_name for i in open_gguf(path).tensors.values()}
+        assert qtype in types
+
+
+def test_gguf_tokenizer_and_template_from_metadata(phi3_folders, tmp_path):
+    folder = phi3_folders("gqa")
+    path = hf_to_gguf(folder, tmp_path / "t.gguf")
+    hf, gg = slmkit.load(folder, dtype="float32"), slmkit.load(path, dtype="float32")
+    text = "Hello, can you call some tools for me? Grüße 你好 🦀"
+    assert gg.tokenizer.encode(text) == hf.tokenizer.encode(text)
+    assert gg.tokenizer.chat_template == hf.tokenizer.chat_template
+    assert gg.tokenizer.token_to_id("<|end|>") in gg.engine.eos_token_ids
+    msgs = [{"role": "user", "content": "Why is the sky blue?"}]
+    assert gg.chat(msgs, max_new_tokens=8, ignore_eos=True).token_ids == \
+        hf.chat(msgs, max_new_tokens=8, ignore_eos=True).token_ids
+
+
+@pytest.mark.parametrize("kind", ["gqa", "gemma3"])
+def test_llama_cpp_reads_our_converter_output_the_same_way(kind, phi3_folders, gemma_folder, tmp_path):
+    """llama.cpp on the same F32 file: the metadata means to it what it means to us."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    folder = gemma_folder if kind == "gemma3" else phi3_folders(kind)
+    path = hf_to_gguf(folder, tmp_path / f"{kind}.gguf")
+    llm = slmkit.load(path, dtype="float32")
+    ids = ids_of(24, llm.engine.vocab_size, seed=5)
+    ref = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, n_threads=2, verbose=False)
+    ref.eval(ids)
+    theirs = torch.tensor(np.array(ref.scores[: len(ids)]))
+    ours = llm.logits(ids)
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item() >= 0.95
+    assert (ours - theirs).abs().max().item() <= 0.02 * theirs.abs().max().item()
+
+
+def test_cli_runs_an_ollama_store_model(phi3_folders, tmp_path, monkeypatch, capsys):
+    blob = hf_to_gguf(phi3_folders("gqa"), tmp_path / "model.gguf", "Q8_0").read_bytes()
+    store = tmp_path / "ollama"
+    digest = hashlib.sha256(blob).hexdigest()
+    (store / "blobs").mkdir(parents=True)
+    (store / "blobs" / f"sha256-{digest}").write_bytes(blob)
+    manifest = store / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "latest"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"layers": [{"mediaType": "application/vnd.ollama.image.model",
+                                                "digest": f"sha256:{digest}"}]}))
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    rc = main(["run", "ollama:tiny", "Why is the sky blue?", "--max-tokens", "6", "--dtype", "float32"])
+    out, _ = capsys.readouterr()
+    llm = slmkit.load(store / "blobs" / f"sha256-{digest}", dtype="float32")
+    expected = llm.chat([{"role": "user", "content": "Why is the sky blue?"}], max_new_tokens=6).text
+    assert rc == 0 and out == expected + "\n"
+
+
+def test_unsupported_gguf_architecture(tmp_path):
+    from slmkit.errors import UnsupportedModelError
+    from tests.helpers.gguf_files import write_gguf
+
+    path = write_gguf(tmp_path / "x.gguf", "mamba", {}, {"w": (np.zeros((4, 32), np.float32), "F32")})
+    with pytest.raises(UnsupportedModelError, match="mamba"):
+        slmkit.load(path)

@@ -1,0 +1,135 @@
+"""Tiny HF folders written as GGUF files the way llama.cpp's converter writes them.
+
+Same metadata keys and tensor names as convert_hf_to_gguf.py for phi3 and gemma3 (fused
+attn_qkv / ffn_up for phi3, LongRoPE factors as tensors plus attn_factor; Gemma norms stored as
+1 + w), tokenizer metadata from the folder's tokenizer.json. 2-D weights in the chosen ggml type.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tests.helpers.gguf_files import write_gguf
+
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+def tokenizer_metadata(folder: Path, *, name: str, add_bos: bool = True, add_space_prefix: bool | None = None,
+                       vocab_size: int | None = None) -> dict:
+    """GGUF tokenizer metadata for a Llama-SPM tokenizer.json: score = -merge rank of a piece; specials
+    control, <unk> unknown, <|placeholder5|> user-defined; rows up to vocab_size padded as unused."""
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = dict(data["model"]["vocab"])
+    for t in data["added_tokens"]:
+        vocab[t["content"]] = t["id"]
+    tokens: list[str | None] = [None] * len(vocab)
+    for piece, i in vocab.items():
+        tokens[i] = piece
+    assert None not in tokens
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in data["model"]["merges"]]
+    rank = {a + b: r for r, (a, b) in enumerate(merges)}
+    added = {t["content"] for t in data["added_tokens"]}
+    scores, types = [], []
+    for i, t in enumerate(tokens):
+        if t == "<unk>":
+            kind, score = UNKNOWN, 0.0
+        elif t == "<|placeholder5|>":
+            kind, score = USER_DEFINED, 0.0
+        elif t in added:
+            kind, score = CONTROL, 0.0
+        elif t.startswith("<0x") and len(t) == 6:
+            kind, score = BYTE, 0.0
+        else:
+            kind, score = NORMAL, -float(rank.get(t, len(merges) + i))
+        types.append(kind)
+        scores.append(score)
+    for i in range(len(tokens), vocab_size or len(tokens)):  # padded embedding rows, as in Phi-3's 32064
+        tokens.append(f"<dummy{i}>")
+        scores.append(0.0)
+        types.append(UNUSED)
+    meta = {"general.name": name, "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": vocab["<|endoftext|>"],
+            "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.padding_token_id": vocab["<|endoftext|>"],
+            "tokenizer.ggml.add_bos_token": add_bos, "tokenizer.ggml.add_eos_token": False}
+    if add_space_prefix is not None:
+        meta["tokenizer.ggml.add_space_prefix"] = add_space_prefix
+    tc = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template")
+    if tc:
+        meta["tokenizer.chat_template"] = tc
+    return meta
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v.float() for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+_PHI3 = {"input_layernorm": "attn_norm", "self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output",
+         "post_attention_layernorm": "ffn_norm", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+_GEMMA3 = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+           "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+           "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "post_attention_norm",
+           "pre_feedforward_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+           "mlp.down_proj": "ffn_down", "post_feedforward_layernorm": "post_ffw_norm"}
+_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+
+
+def gguf_name(hf: str, table: dict[str, str]) -> str:
+    if hf in _GLOBAL:
+        return _GLOBAL[hf]
+    parts = hf.split(".")  # model.layers.N.<module...>.weight
+    return f"blk.{parts[2]}.{table['.'.join(parts[3:-1])]}.{parts[-1]}"
+
+
+def hf_to_gguf(folder: Path, out: Path, qtype: str = "F32") -> Path:
+    """Convert a tiny phi3 / gemma3_text HF folder to GGUF; 2-D weights stored as `qtype`."""
+    cfg = json.loads((folder / "config.json").read_text())
+    mt = cfg["model_type"]
+    W = _weights(folder)
+    tensors: dict[str, tuple[np.ndarray, str]] = {}
+    if mt == "phi3":
+        a, table = "phi3", _PHI3
+        H, nh = cfg["hidden_size"], cfg["num_attention_heads"]
+        hd = H // nh
+        meta = {f"{a}.context_length": cfg["max_position_embeddings"], f"{a}.embedding_length": H,
+                f"{a}.feed_forward_length": cfg["intermediate_size"], f"{a}.block_count": cfg["num_hidden_layers"],
+                f"{a}.attention.head_count": nh, f"{a}.attention.head_count_kv": cfg["num_key_value_heads"],
+                f"{a}.attention.layer_norm_rms_epsilon": cfg["rms_norm_eps"],
+                f"{a}.rope.dimension_count": int(cfg.get("partial_rotary_factor", 1.0) * hd),
+                f"{a}.rope.freq_base": cfg.get("rope_theta", 10000.0),
+                f"{a}.rope.scaling.original_context_length": cfg.get("original_max_position_embeddings")
+                or cfg["max_position_embeddings"]}
+        if cfg.get("sliding_window"):
+            meta[f"{a}.attention.sliding_window"] = cfg["sliding_window"]
+        rs = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+        if rs and rs.get("long_factor"):
+            orig = cfg["original_max_position_embeddings"]
+            scale = cfg["max_position_embeddings"] / orig
+            meta[f"{a}.rope.scaling.attn_factor"] = math.sqrt(1 + math.log(scale) / math.log(orig))
+            tensors["rope_factors_long.weight"] = (np.array(rs["long_factor"], np.float32), "F32")
+            tensors["rope_factors_short.weight"] = (np.array(rs["short_factor"], np.float32), "F32")
+    elif mt == "gemma3_text":
+        a, table = "gemma3", _GEMMA3
+        meta = {f"{a}.context_length": cfg["max_position_embeddings"], f"{a}.embedding_length": cfg["hidden_size"],
+                f"{a}.feed_forward_length": cfg["intermediate_size"], f"{a}.block_count": cfg["num_hidden_layers"],
+                f"{a}.attention.head_count": cfg["num_attention_heads"],
+                f"{a}.attention.head_count_kv": cfg["num_key_value_heads"],
+                f"{a}.attention.key_length": cfg["head_dim"], f"{a}.attention.value_length": cfg["head_dim"],
+                f"{a}.attention.layer_norm_rms_epsilon": cfg["rms_norm_eps"],
+                f"{a}.rope.freq_base": 1_000_000.0, f"{a}.attention.sliding_window": cfg["sliding_window"]}
+        W.pop("lm_head.weight", None)  # tied
+        W = {k: (v + 1 if k.endswith("norm.weight") else v) for k, v in W.items()}  # converter stores 1 + w
+    else:
+        raise ValueError(mt)
+    meta.update(tokenizer_metadata(folder, name=f"tiny {mt}", vocab_size=cfg["vocab_size"],
+                                   add_bos=mt != "phi3"))
+    for name, t in W.items():
+        tensors[gguf_name(name, table)] = (t.numpy(), qtype if t.dim() == 2 else "F32")
+    return write_gguf(out, a, meta, tensors)
