@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 MODEL ?= builtin
-PROMPT ?= The sky is blue because
+PROMPT ?= Once upon a time, in a small village by the sea,
 
 .PHONY: setup run test bench clean
 

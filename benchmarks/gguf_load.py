@@ -1,0 +1,165 @@
+"""Phi-3-mini-size GGUF files (random weights): load time, peak RSS, prefill and decode, slmkit vs llama.cpp.
+
+    .venv/bin/python benchmarks/gguf_load.py [--types F16,Q4_0,Q4_K_M] [--layers N]
+
+The F16 file is written from benchmarks/decode.py's random bf16 folder with the metadata and
+tensor names llama.cpp's converter uses (tests/helpers/gguf_models.py's mapping); Q4_0 and Q4_K_M
+come from llama.cpp's own quantizer (llama_cpp.llama_model_quantize). slmkit dequantizes at load
+and runs bf16 (the quantized kernels are the next issue); llama.cpp runs the quantized blocks.
+Prefill: 512-token prompt; decode: 128 greedy tokens after 64. One process per measurement.
+Prints a table, writes benchmarks/results/gguf_load.json. Run it on an otherwise idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT.parent))
+from common import machine, make_random_phi3, peak_rss_gb, print_table, run_child  # noqa: E402
+
+
+def make_f16_gguf(folder: Path, out: Path) -> Path:
+    if out.is_file():
+        return out
+    from safetensors import safe_open
+
+    from tests.helpers.gguf_files import write_gguf
+    from tests.helpers.gguf_models import _PHI3, gguf_name, tokenizer_metadata
+
+    cfg = json.loads((folder / "config.json").read_text())
+    a, H, nh = "phi3", cfg["hidden_size"], cfg["num_attention_heads"]
+    meta = {f"{a}.context_length": cfg["max_position_embeddings"], f"{a}.embedding_length": H,
+            f"{a}.feed_forward_length": cfg["intermediate_size"], f"{a}.block_count": cfg["num_hidden_layers"],
+            f"{a}.attention.head_count": nh, f"{a}.attention.head_count_kv": cfg["num_key_value_heads"],
+            f"{a}.attention.layer_norm_rms_epsilon": cfg["rms_norm_eps"], f"{a}.rope.dimension_count": H // nh,
+            f"{a}.rope.freq_base": cfg["rope_theta"], f"{a}.rope.scaling.original_context_length": 4096,
+            f"{a}.attention.sliding_window": cfg["sliding_window"], "general.file_type": 1}
+    meta |= tokenizer_metadata(folder, name="random phi3 mini", vocab_size=cfg["vocab_size"], add_bos=False)
+    tensors = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                t = st.get_tensor(k)
+                tensors[gguf_name(k, _PHI3)] = (t.to(torch.float16 if t.dim() == 2 else torch.float32).numpy(),
+                                               "F16" if t.dim() == 2 else "F32")
+    return write_gguf(out, a, meta, tensors)
+
+
+def quantize(f16: Path, qtype: str) -> Path:
+    import llama_cpp
+
+    out = f16.with_name(f16.name.replace("F16", qtype))
+    if out.is_file():
+        return out
+    ftype = {"Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+             "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}[qtype]
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize failed ({rc})")
+    return out
+
+
+def child(engine: str, path: str, prompt: int, decode: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 30000, (prompt,), generator=g).tolist()
+    if engine == "slmkit":
+        import slmkit
+        from slmkit import Generator, GeneratorParams
+
+        t0 = time.perf_counter()
+        llm = slmkit.load(path)
+        load_s = time.perf_counter() - t0
+        eng = llm.engine
+        t = time.perf_counter()
+        eng.forward(torch.tensor([ids]), eng.new_cache(1, prompt + 1))
+        prefill = prompt / (time.perf_counter() - t)
+        gen = Generator(llm, GeneratorParams(max_new_tokens=decode, ignore_eos=True))
+        gen.append_tokens(ids[:64])
+        gen.generate_next_token()
+        gen.get_logits()
+        t = time.perf_counter()
+        while not gen.is_done():
+            gen.generate_next_token()
+            if not gen.is_done():
+                gen.get_logits()
+        dec = (decode - 1) / (time.perf_counter() - t)
+        return {"load_s": load_s, "prefill_tok_s": prefill, "decode_tok_s": dec, "peak_rss_gb": peak_rss_gb(),
+                "runs_as": str(eng.dtype).removeprefix("torch.")}
+    import llama_cpp
+
+    t0 = time.perf_counter()
+    ref = llama_cpp.Llama(model_path=path, n_ctx=1024, n_batch=512, n_threads=2, verbose=False)
+    load_s = time.perf_counter() - t0
+    t = time.perf_counter()
+    ref.eval(ids)
+    prefill = prompt / (time.perf_counter() - t)
+    ref.reset()
+    ref.eval(ids[:64])
+    ref.eval([int(ref.scores[ref.n_tokens - 1].argmax())])  # first decode step, then start the clock
+    t = time.perf_counter()
+    for _ in range(decode - 1):  # greedy, one token per eval, as slmkit's loop above
+        ref.eval([int(ref.scores[ref.n_tokens - 1].argmax())])
+    dec = (decode - 1) / (time.perf_counter() - t)
+    return {"load_s": load_s, "prefill_tok_s": prefill, "decode_tok_s": dec, "peak_rss_gb": peak_rss_gb(),
+            "runs_as": "quantized blocks"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--engine", help=argparse.SUPPRESS)
+    ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--types", default="F16,Q4_0,Q4_K_M")
+    ap.add_argument("--folder", default="/tmp/slmkit-bench/phi3-mini-random")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=128)
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    if a.child:
+        print(json.dumps(child(a.engine, a.path, a.prompt, a.decode)))
+        return
+    folder = make_random_phi3(Path(a.folder if not a.layers else f"{a.folder}-{a.layers}l"), a.layers)
+    f16 = make_f16_gguf(folder, folder.parent / f"{folder.name}-F16.gguf")
+    rows = []
+    for qtype in a.types.split(","):
+        t = time.perf_counter()
+        path = f16 if qtype == "F16" else quantize(f16, qtype)
+        print(f"{path.name}: {path.stat().st_size / 1e9:.2f} GB (ready in {time.perf_counter() - t:.0f} s)", flush=True)
+        for engine in ("slmkit", "llama.cpp"):
+            r = run_child(Path(__file__), ["--engine", engine, "--path", str(path), "--prompt", str(a.prompt),
+                                           "--decode", str(a.decode)])
+            rows.append({"file": qtype, "engine": engine, **r})
+            print(f"  {engine}: {r}", flush=True)
+    print()
+    print_table(rows, [("file", "GGUF", ""), ("engine", "engine", ""), ("runs_as", "runs as", ""),
+                       ("load_s", "load s", ".2f"), ("peak_rss_gb", "peak RSS GB", ".2f"),
+                       ("prefill_tok_s", "prefill tok/s", ".1f"), ("decode_tok_s", "decode tok/s", ".2f")])
+    out = ROOT / "results" / "gguf_load.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "gguf_load", "machine": machine(), "layers": a.layers or 32,
+                               "rows": rows, "llama_cpp": _llama_version()}, indent=2))
+    print(f"\nwrote {out}")
+
+
+def _llama_version() -> str:
+    try:
+        import llama_cpp
+
+        return f"llama-cpp-python {llama_cpp.__version__} (built from source here, GGML_NATIVE, no AMX on this CPU)"
+    except ImportError:
+        return "absent"
+
+
+if __name__ == "__main__":
+    main()
