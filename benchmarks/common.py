@@ -72,7 +72,15 @@ def make_random_phi3(folder: Path, layers: int | None = None) -> Path:
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over from the
+    parent through fork/exec, so a child of a big parent would report the parent's peak."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024**2  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 def run_child(script: Path, args: list[str]) -> dict[str, Any]:

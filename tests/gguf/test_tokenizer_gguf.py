@@ -16,7 +16,6 @@ import pytest
 
 from slmkit.errors import ConfigError, UnsupportedModelError
 from slmkit.gguf.tokenizer import (
-    BYTE,
     CONTROL,
     NORMAL,
     UNKNOWN,
@@ -24,6 +23,7 @@ from slmkit.gguf.tokenizer import (
     spm_merges,
     tokenizer_from_gguf_metadata,
 )
+from tests.helpers.gguf_models import tokenizer_metadata
 from tests.helpers.tiny_tokenizer import build_phi_tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -119,42 +119,9 @@ TEXTS = [
 
 
 def phi_gguf_metadata(folder: Path, *, name: str, add_space_prefix: bool | None, add_bos: bool = True) -> dict:
-    """GGUF-style metadata for the tiny Phi-3 tokenizer: score = -merge rank of a piece (alphabet below every
-    merge, bytes and specials 0); <unk> unknown, <s>/</s> and the tags control, <|placeholder5|> user-defined."""
-    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-    vocab = dict(data["model"]["vocab"])
-    for t in data["added_tokens"]:
-        vocab[t["content"]] = t["id"]
-    tokens = [None] * len(vocab)
-    for piece, i in vocab.items():
-        tokens[i] = piece
-    assert None not in tokens
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in data["model"]["merges"]]
-    merge_rank = {a + b: r for r, (a, b) in enumerate(merges)}
-    added = {t["content"] for t in data["added_tokens"]}
-    scores, types = [], []
-    for i, t in enumerate(tokens):
-        if t == "<unk>":
-            kind, score = UNKNOWN, 0.0
-        elif t == "<|placeholder5|>":
-            kind, score = USER_DEFINED, 0.0
-        elif t in added:
-            kind, score = CONTROL, 0.0
-        elif t.startswith("<0x") and len(t) == 6:
-            kind, score = BYTE, 0.0
-        else:
-            kind, score = NORMAL, -float(merge_rank.get(t, len(merges) + i))
-        types.append(kind)
-        scores.append(score)
-    meta = {"general.architecture": "llama", "general.name": name, "tokenizer.ggml.model": "llama",
-            "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types,
-            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": vocab["<|endoftext|>"],
-            "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.padding_token_id": vocab["<|endoftext|>"],
-            "tokenizer.ggml.add_bos_token": add_bos, "tokenizer.ggml.add_eos_token": False,
-            "tokenizer.chat_template": "{{ messages }}"}
-    if add_space_prefix is not None:
-        meta["tokenizer.ggml.add_space_prefix"] = add_space_prefix
-    return meta
+    """GGUF-style metadata for the tiny Phi-3 tokenizer (tests/helpers/gguf_models.py), as a vocab-only llama file."""
+    meta = tokenizer_metadata(folder, name=name, add_bos=add_bos, add_space_prefix=add_space_prefix)
+    return {"general.architecture": "llama", **meta, "tokenizer.chat_template": "{{ messages }}"}
 
 
 # (general.name, add_space_prefix): the Phi-3 rstrip rule on/off, the space prefix on (explicit/absent)/off.

@@ -17,6 +17,7 @@ from ..gguf import GGUFFile, open_gguf
 from ..gguf.tokenizer import tokenizer_from_gguf_metadata
 from ..models import get_model_module
 from .loader import LoadedModel, build_model, resolve_dtype
+from .memory import FileMappings, release_pages
 
 # llama.cpp tensor names (per layer after "blk.N.") -> HF names (after "model.layers.N.")
 _LAYER_NAMES = {
@@ -122,13 +123,17 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
     dev = torch.device(device)
     dt = resolve_dtype(dtype, dev)
     weights: dict[str, torch.Tensor] = {}
+    maps = FileMappings()
     for name in f.tensors:
         if name in _SKIP:
             continue
         target = hf_name(arch, name)
         if target is None:
             raise WeightError(name, f"is not a tensor of a GGUF {arch} model", path=f.path)
-        weights[target] = f.tensor(name, dtype=dt)
+        weights[target] = t = f.tensor(name, dtype=dt)
+        raw = f.raw(name)
+        if t.data_ptr() != raw.data_ptr():  # a converted copy: the mapped file pages can go
+            release_pages(raw, maps)
     model = build_model(module, args, weights, dt, dev, f.path)
     tokenizer = tokenizer_from_gguf_metadata(f.metadata)
     gen_cfg = {"eos_token_id": cfg["eos_token_id"]} if cfg["eos_token_id"] else {}

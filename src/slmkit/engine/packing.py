@@ -59,14 +59,20 @@ def pack_linears(model: nn.Module) -> int:
         return PackedLinear(lin.in_features, lin.out_features, packed, bias)
 
     # oneDNN's reorder runs best single-threaded: one per core side by side (measured 2.1 vs 1.0 GB/s).
+    # Work in rounds of one module per worker and drop each original as soon as its packed copy is
+    # in place, so memory holds one copy of the weights plus a round, never two full copies.
     threads = torch.get_num_threads()
+    n = len(todo)
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(max_workers=max(1, threads)) as ex:
-            for (parent, name, lin), packed in zip(todo, ex.map(pack, [lin for _, _, lin in todo])):
-                setattr(parent, name, packed)
-                if lin.weight.data_ptr() not in keep:  # a tied embedding still reads these pages
-                    release_pages(lin.weight, maps)
+            while todo:
+                batch, todo = todo[:threads], todo[threads:]
+                for (parent, name, lin), packed in zip(batch, ex.map(pack, [lin for _, _, lin in batch])):
+                    setattr(parent, name, packed)
+                    if lin.weight.data_ptr() not in keep:  # a tied embedding still reads these pages
+                        release_pages(lin.weight, maps)
+                del batch, parent, lin, packed
     finally:
         torch.set_num_threads(threads)
-    return len(todo)
+    return n
