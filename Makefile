@@ -25,8 +25,10 @@ run: setup
 test: setup
 	$(VPY) -m pytest tests
 
-bench: setup
+bench: setup  # minutes: builds 7.6 GB of random weights; run it on an idle machine
+	$(VPY) benchmarks/gemv.py
 	$(VPY) benchmarks/decode.py
+	$(VPY) benchmarks/gguf_load.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -4,7 +4,6 @@ Every failure is a typed error naming the file, field or tensor at fault.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,22 +14,12 @@ from torch import nn
 
 from ..errors import ModelFileError, WeightError
 from ..models import get_model_module
+from .files import read_json
 from .memory import FileMappings, release_pages
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-
-
-def read_json(path: Path, *, required: bool = True) -> Any:
-    if not path.is_file():
-        if required:
-            raise ModelFileError(path, "file is missing")
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFileError(path, f"is not valid JSON ({e})") from None
 
 
 def cpu_has_fast_bf16() -> bool:

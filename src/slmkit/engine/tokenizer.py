@@ -16,31 +16,19 @@ What `from_folder` reproduces (checked against `transformers.AutoTokenizer` 5.24
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import tokenizers
 from tokenizers import AddedToken, decoders, pre_tokenizers
 
+from slmkit.engine.files import read_json
 from slmkit.errors import ConfigError, ModelFileError
 
 # config.json model types for which transformers 5 loads tokenizer.json as shipped even when tokenizer_config.json
 # says LlamaTokenizer (its MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS list, restricted to the families slmkit runs).
 _AS_SHIPPED_MODEL_TYPES = frozenset({"phi3", "phi3_v", "phimoe"})
 _FLAG_KEYS = ("single_word", "lstrip", "rstrip", "normalized", "special")
-
-
-def _read_json(path: Path, *, required: bool) -> Any:
-    """Parse a JSON file; ModelFileError naming it when missing (if required), unreadable or corrupt."""
-    if not path.is_file():
-        if required:
-            raise ModelFileError(path, "file not found")
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFileError(path, f"cannot parse JSON: {e}") from e
 
 
 def _token_str(value: Any) -> str | None:
@@ -183,9 +171,9 @@ class Tokenizer:
         """
         folder = Path(path)
         tk_path, cfg_path = folder / "tokenizer.json", folder / "tokenizer_config.json"
-        data = _read_json(tk_path, required=True)
-        cfg = _read_json(cfg_path, required=False) or {}
-        smap = _read_json(folder / "special_tokens_map.json", required=False) or {}
+        data = read_json(tk_path, required=True)
+        cfg = read_json(cfg_path, required=False) or {}
+        smap = read_json(folder / "special_tokens_map.json", required=False) or {}
         for p, obj in ((tk_path, data), (cfg_path, cfg), (folder / "special_tokens_map.json", smap)):
             if not isinstance(obj, dict):
                 raise ModelFileError(p, "expected a JSON object")
@@ -248,7 +236,7 @@ class Tokenizer:
 
 def _transformers_rebuilds_llama(data: dict, cfg: dict, folder: Path) -> bool:
     """Whether transformers 5 AutoTokenizer would load this folder as a rebuilt `LlamaTokenizer`."""
-    model_cfg = _read_json(folder / "config.json", required=False)
+    model_cfg = read_json(folder / "config.json", required=False)
     model_cfg = model_cfg if isinstance(model_cfg, dict) else {}
     declared = str(cfg.get("tokenizer_class") or model_cfg.get("tokenizer_class") or "").removesuffix("Fast")
     byte_level = _has_type(data.get("pre_tokenizer"), "ByteLevel") or _has_type(data.get("decoder"), "ByteLevel")
@@ -322,7 +310,7 @@ def _load_chat_template(folder: Path, cfg: dict) -> str | None:
             raise ModelFileError(jinja_path, f"cannot read: {e}") from e
     template = cfg.get("chat_template")
     if template is None:
-        stored = _read_json(folder / "chat_template.json", required=False)
+        stored = read_json(folder / "chat_template.json", required=False)
         template = stored.get("chat_template") if isinstance(stored, dict) else None
     if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
