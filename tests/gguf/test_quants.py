@@ -77,6 +77,27 @@ def test_chunked_path_matches_reference(type_name, monkeypatch):
     assert torch.equal(_ours(raw, type_name, shape), _reference(raw, type_name, shape))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("type_name", ALL_TYPES)
+def test_direct_low_precision_output_equals_rounding_the_float32_result(type_name, dtype, monkeypatch):
+    """dequantize(..., dtype) writes through a small float32 buffer: same values as float32 then cast."""
+    from slmkit.gguf import quants
+
+    monkeypatch.setattr(quants, "_CHUNK_ELEMENTS", 3 * block_sizes(type_name)[0])  # several ragged chunks
+    monkeypatch.setattr(quants, "_MIN_CHUNK_ELEMENTS", 1)
+    rng = np.random.default_rng(3)
+    shape = (7, 2 * block_sizes(type_name)[0])
+    if type_name in ("F32", "F16", "BF16"):
+        data = rng.standard_normal(shape).astype(np.float32)
+        raw = torch.from_numpy(quantize(data, type_name).view(np.uint8).reshape(-1).copy())
+    else:
+        raw = torch.from_numpy(random_blocks(type_name, shape, rng).reshape(-1).copy())
+    qt = {v: k for k, v in SUPPORTED_TYPES.items()}[type_name]
+    low = dequantize(raw, qt, shape, dtype)
+    assert low.dtype == dtype and low.shape == shape
+    assert torch.equal(low, dequantize(raw, qt, shape).to(dtype))
+
+
 def test_float_types_special_values():
     x = np.array([0.0, -0.0, 1.0, -2.5, 65504.0, 1e-7, np.inf, -np.inf] * 4, dtype=np.float32)
     for type_name in ("F32", "F16", "BF16"):

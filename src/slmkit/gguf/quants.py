@@ -260,11 +260,14 @@ def _as_dtype(flat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return flat.clone().view(dtype)
 
 
-def dequantize(raw: torch.Tensor, ggml_type: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Dequantise the bytes of one ggml tensor to float32 with torch shape ``shape``.
+def dequantize(raw: torch.Tensor, ggml_type: int, shape: tuple[int, ...],
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dequantise the bytes of one ggml tensor to ``dtype`` (values computed in float32, as ggml
+    does, then rounded once) with torch shape ``shape``.
 
     ``raw`` is a uint8 tensor holding exactly the tensor's bytes. For F32 the result may be a
-    view of ``raw``; every other type returns a new tensor.
+    view of ``raw``; every other type returns a new tensor. A non-float32 ``dtype`` is written
+    chunk by chunk through one small float32 buffer: no full-size float32 copy is ever made.
     """
     tid = int(ggml_type)
     if tid not in _TYPES:
@@ -286,20 +289,25 @@ def dequantize(raw: torch.Tensor, ggml_type: int, shape: tuple[int, ...]) -> tor
         )
 
     if tid == 0:
-        return _as_dtype(flat, _F32).view(shape)
-    if tid == 1:
-        return _as_dtype(flat, torch.float16).to(_F32).view(shape)
+        return _as_dtype(flat, _F32).to(dtype).view(shape)
+    if tid == 1:  # f16 -> f32 is exact, so one direct cast rounds the same way
+        return _as_dtype(flat, torch.float16).to(dtype).view(shape)
     if tid == 30:
         # bf16 -> f32 is exact (the bit pattern shifted left by 16), as in the reference.
-        return _as_dtype(flat, torch.bfloat16).to(_F32).view(shape)
+        return _as_dtype(flat, torch.bfloat16).to(dtype).view(shape)
 
     assert fn is not None
     n_blocks = expected // size
     blocks = flat.view(n_blocks, size)
-    out = torch.empty((n_blocks, block), dtype=_F32)
+    out = torch.empty((n_blocks, block), dtype=dtype)
     per_chunk = min(_CHUNK_ELEMENTS, max(_MIN_CHUNK_ELEMENTS, -(-n_blocks * block // _CHUNKS_PER_TENSOR)))
     step = max(1, per_chunk // block)
+    tmp = None if dtype == _F32 else torch.empty((min(step, n_blocks), block), dtype=_F32)
     for start in range(0, n_blocks, step):
         stop = min(n_blocks, start + step)
-        fn(blocks[start:stop], out[start:stop])
+        if tmp is None:
+            fn(blocks[start:stop], out[start:stop])
+        else:
+            fn(blocks[start:stop], tmp[: stop - start])
+            out[start:stop].copy_(tmp[: stop - start])
     return out.view(shape)

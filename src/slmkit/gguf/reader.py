@@ -242,8 +242,7 @@ class GGUFFile:
                 return raw.view(dtype).view(info.shape)
             except RuntimeError:  # misaligned for the dtype (alignment < element size)
                 return raw.clone().view(dtype).view(info.shape)
-        out = dequantize(raw, info.ggml_type, info.shape)
-        return out if dtype == torch.float32 else out.to(dtype)
+        return dequantize(raw, info.ggml_type, info.shape, dtype)
 
     def close(self) -> None:
         """Release this object's hold on the map. Tensors returned by raw()/tensor() stay valid:
