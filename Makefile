@@ -5,27 +5,34 @@ VPY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 MODEL ?= builtin
 PROMPT ?= Once upon a time, in a small village by the sea,
+export MODEL PROMPT  # reach the recipes as environment variables: quotes in a prompt stay intact
 
 .PHONY: setup run test bench clean
 
+# The runtime (what `make run` needs) and the test/bench extras (transformers, llama-cpp-python,
+# which builds llama.cpp from source) are separate steps, so `make run` needs no compiler.
 $(VENV)/.done: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	# The pinned CPU torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(VPY) -m pip install -q $(TORCH_PIN)
+	$(VPY) -m pip install -q -e '.[hub]'
+	touch $@
+
+$(VENV)/.test: $(VENV)/.done
 	$(VPY) -m pip install -q -e '.[test,hub,bench]'
 	touch $@
 
-setup: $(VENV)/.done
+setup: $(VENV)/.test
 
 # main job: an answer from the built-in model (Gemma 3 270M base, offline); MODEL= and PROMPT= to change
-run: setup
-	$(VENV)/bin/slm run "$(MODEL)" "$(PROMPT)" --max-tokens 64 --verbose
+run: $(VENV)/.done
+	$(VENV)/bin/slm run "$$MODEL" "$$PROMPT" --max-tokens 64 --verbose
 
-test: setup
+test: $(VENV)/.test
 	$(VPY) -m pytest tests
 
-bench: setup  # minutes: builds 7.6 GB of random weights; run it on an idle machine
+bench: $(VENV)/.test  # minutes: builds 7.6 GB of random weights; run it on an idle machine
 	$(VPY) benchmarks/gemv.py
 	$(VPY) benchmarks/decode.py
 	$(VPY) benchmarks/gguf_load.py

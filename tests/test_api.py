@@ -8,10 +8,15 @@ from slmkit import InvalidRequestError, UnsupportedInputError
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
+def folder(tmp_path_factory):
     from tests.helpers.tiny_models import make_phi3_folder
 
-    return slmkit.load(make_phi3_folder(tmp_path_factory.mktemp("api"), "gqa"), dtype="float32")
+    return make_phi3_folder(tmp_path_factory.mktemp("api"), "gqa")
+
+
+@pytest.fixture(scope="module")
+def llm(folder):
+    return slmkit.load(folder, dtype="float32")
 
 
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}]
@@ -91,3 +96,52 @@ def test_generator_from_llm_streams_text(llm):
     text = llm.tokenizer.decode(new)
     # a random model may end on an incomplete byte-fallback character, which stays unprinted
     assert "".join(pieces) == text.rstrip("\ufffd") and "\ufffd" not in "".join(pieces)[-1:]
+
+
+def test_completion_keeps_the_space_between_prompt_and_reply(llm):
+    """A SentencePiece word piece at the start of the reply keeps its leading space."""
+    ids = llm.tokenizer.encode("The quick brown fox jumps over the lazy dog. The dog")
+    out = llm.generate(ids, max_new_tokens=12, temperature=0, ignore_eos=True)
+    whole = llm.tokenizer.decode(ids + out.token_ids)
+    if "\ufffd" not in whole:
+        assert llm.tokenizer.decode(ids) + out.text == whole
+    space = llm.tokenizer.token_to_id("▁the")
+    x = llm.generate(ids, max_new_tokens=1, temperature=0, ignore_eos=True, stop=None)
+    stream = llm.tokenizer.create_stream()
+    stream.prime(ids)
+    assert stream.decode(space) == " the" and x.finish_reason == "length"
+
+
+@pytest.mark.parametrize("call, param", [
+    (lambda m: m.generate(["a"]), "prompt"),
+    (lambda m: m.generate([1.7, 5.2]), "prompt"),
+    (lambda m: m.generate([None]), "prompt"),
+    (lambda m: m.generate([2**70]), "prompt"),
+    (lambda m: m.generate("hi", stop=5), "stop"),
+    (lambda m: m.generate("hi", seed=2**70), "seed"),
+    (lambda m: m.generate("hi", temperature="hot"), "temperature"),
+    (lambda m: m.tokenizer.encode(5), "text"),
+    (lambda m: m.tokenizer.decode([-1]), "ids"),
+    (lambda m: m.tokenizer.create_stream().decode(1.5), "ids"),
+])
+def test_bad_input_is_a_typed_error_naming_the_parameter(llm, call, param):
+    with pytest.raises(InvalidRequestError) as e:
+        call(llm)
+    assert e.value.param == param
+
+
+def test_streaming_validates_at_the_call(llm):
+    with pytest.raises(InvalidRequestError):
+        llm.generate([llm.engine.vocab_size + 5], stream=True)
+
+
+@pytest.mark.parametrize("kw, param", [({"dtype": "int8"}, "dtype"), ({"device": "nope"}, "device"),
+                                       ({"device": "cuda:0"}, "device")])
+def test_bad_dtype_or_device(folder, kw, param):
+    import torch
+
+    if kw.get("device", "").startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(InvalidRequestError) as e:
+        slmkit.load(folder, **kw)
+    assert e.value.param == param

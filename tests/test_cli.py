@@ -69,3 +69,9 @@ def test_repl_ends_on_eof(folder):
         raise EOFError
 
     repl(llm, dict(max_new_tokens=2), None, read=read, out=io.StringIO(), err=io.StringIO())
+
+
+def test_options_may_follow_the_prompt(folder, capsys):
+    rc = main(["run", str(folder), "--raw", "The sky", "--max-tokens", "4", "--temperature", "0", "--dtype", "float32"])
+    out, _ = capsys.readouterr()
+    assert rc == 0 and out.strip()

@@ -64,10 +64,23 @@ class GenerationChunk:
 def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
     if stop is None:
         return []
+    if not isinstance(stop, (str, list, tuple)):
+        raise InvalidRequestError(f"must be a string or a list of strings, got {type(stop).__name__}", param="stop")
     stops = [stop] if isinstance(stop, str) else list(stop)
     if not all(isinstance(s, str) for s in stops):
         raise InvalidRequestError("must be a string or a list of strings", param="stop")
     return [s for s in stops if s]
+
+
+def _validated_first(chunks: Iterator[GenerationChunk]) -> Iterator[GenerationChunk]:
+    """Run a stream up to its first chunk now, so bad requests raise at the call, not at the first next()."""
+    first = next(chunks)
+
+    def rest() -> Iterator[GenerationChunk]:
+        yield first
+        yield from chunks
+
+    return rest()
 
 
 class LLM:
@@ -146,7 +159,12 @@ class LLM:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
-            ids = [int(i) for i in prompt]
+            ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+            vocab = self.backend.vocab_size
+            for i in ids:
+                if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab:
+                    raise InvalidRequestError(f"token ids must be integers in [0, {vocab}), got {i!r}",
+                                              param="prompt")
         else:
             raise InvalidRequestError("must be a string or a list of token ids", param="prompt")
         if not ids:
@@ -154,7 +172,7 @@ class LLM:
         options = self._options(max_new_tokens, temperature, top_p, top_k, seed, ignore_eos)
         chunks = self._stream(ids, options, _stop_list(stop))
         if stream:
-            return chunks
+            return _validated_first(chunks)
         text, out_ids, last = [], [], None
         for c in chunks:
             text.append(c.text)
@@ -166,13 +184,14 @@ class LLM:
     def _stream(self, ids: list[int], options: SamplingOptions, stops: list[str]) -> Iterator[GenerationChunk]:
         detok = self.tokenizer.create_stream()
         matcher = StopStrings(stops)
-        steps = self.backend.stream_tokens(ids, options)  # validates before the first yield below
+        steps = self.backend.stream_tokens(ids, options)
         n, t0, t_first, reason = 0, time.perf_counter(), None, None
         try:
             for step in steps:
                 n += 1
-                if t_first is None:
+                if t_first is None:  # the backend has checked the prompt by now
                     t_first = time.perf_counter()
+                    detok.prime(ids)  # decode the reply in the prompt's context: no lost leading space
                 text = matcher.feed(detok.decode(step.token_id))
                 reason = step.finish_reason
                 if matcher.stopped:

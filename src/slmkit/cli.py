@@ -45,6 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Options may come before or after the positionals (`slm run MODEL --temperature 0.7 "prompt"`):
+    argparse's intermixed parsing does that, but not through subparsers, so each subcommand's own
+    parser takes the words after its name."""
+    parser = build_parser()
+    if argv and not argv[0].startswith("-"):
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        if argv[0] in sub.choices:
+            args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
+            args.command = argv[0]
+            return args
+    return parser.parse_args(argv)
+
+
 def _stream_out(chunks: Iterator[Any], out: TextIO) -> Any:
     """Print chunks as they come; return the last one (finish reason, usage, timings)."""
     last = None
@@ -159,7 +173,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         import readline  # noqa: F401  (line editing and history in the REPL)
     except ImportError:

@@ -154,3 +154,56 @@ def test_cache_is_sized_by_request_and_grows(llm):
     gen.get_logits()
     assert gen.cache.capacity > cap
     assert (gen.get_logits()[0] - llm.logits(gen.get_sequence(0))[-1]).abs().max() <= 1e-4
+
+
+def test_prompt_filling_max_length_is_done_at_once(llm):
+    gen = Generator(llm, GeneratorParams(max_length=len(PROMPT), ignore_eos=True))
+    gen.append_tokens(PROMPT)
+    assert gen.is_done() and gen.finish_reasons == ["length"]
+    with pytest.raises(InvalidRequestError):
+        gen.generate_next_token()
+    full = Generator(llm, GeneratorParams(ignore_eos=True))
+    full.append_tokens([5] * llm.context_length)
+    assert full.is_done() and len(full.get_sequence(0)) == llm.context_length
+
+
+def test_generator_bad_inputs_are_typed(llm):
+    gen = Generator(llm, GeneratorParams(max_new_tokens=2))
+    for bad in ("hello", ["a"], [1.5], 7):
+        with pytest.raises(InvalidRequestError):
+            gen.append_tokens(bad)
+    gen.append_tokens(PROMPT)
+    with pytest.raises(InvalidRequestError, match="row index"):
+        gen.get_sequence(5)
+    with pytest.raises(InvalidRequestError, match="finite"):
+        gen.set_logits(torch.full_like(gen.get_logits(), float("-inf")))
+    with pytest.raises(InvalidRequestError, match="finite"):
+        gen.set_logits(torch.full_like(gen.get_logits(), float("nan")))
+    with pytest.raises(InvalidRequestError) as e:
+        GeneratorParams(stop_token_ids=["a"])
+    assert e.value.param == "stop_token_ids"
+
+
+def test_packing_leaves_other_threads_thread_count_alone():
+    import threading
+
+    from torch import nn
+
+    from slmkit.engine.packing import pack_linears, packing_available
+
+    if not packing_available():
+        pytest.skip("oneDNN packing unavailable")
+    before = torch.get_num_threads()
+    seen, go = {}, threading.Event()
+
+    def worker():
+        go.wait()
+        seen["threads"] = torch.get_num_threads()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 32)).to(torch.bfloat16)
+    assert pack_linears(model) == 2
+    go.set()
+    t.join()
+    assert seen["threads"] == before == torch.get_num_threads()

@@ -118,3 +118,20 @@ def test_unsupported_gguf_architecture(tmp_path):
     path = write_gguf(tmp_path / "x.gguf", "mamba", {}, {"w": (np.zeros((4, 32), np.float32), "F32")})
     with pytest.raises(UnsupportedModelError, match="mamba"):
         slmkit.load(path)
+
+
+@pytest.mark.parametrize("key, value", [("phi3.attention.head_count", 0), ("phi3.attention.head_count", "8"),
+                                        ("phi3.rope.dimension_count", "16"), ("phi3.context_length", -1),
+                                        ("phi3.rope.freq_base", "x")])
+def test_bad_gguf_metadata_is_a_config_error_naming_the_key(key, value, tmp_path):
+    from slmkit.errors import ConfigError
+    from tests.helpers.gguf_files import write_gguf
+
+    meta = {"phi3.context_length": 64, "phi3.embedding_length": 32, "phi3.feed_forward_length": 64,
+            "phi3.block_count": 1, "phi3.attention.head_count": 2, "phi3.rope.dimension_count": 16,
+            "phi3.rope.freq_base": 10000.0}
+    meta[key] = value
+    path = write_gguf(tmp_path / "bad.gguf", "phi3", meta, {"token_embd.weight": (np.zeros((64, 32), np.float32), "F32")})
+    with pytest.raises(ConfigError) as e:
+        slmkit.load(path)
+    assert e.value.field == key

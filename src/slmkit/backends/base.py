@@ -32,6 +32,7 @@ class Backend(Protocol):
     model_type: str
     tokenizer: Tokenizer
     context_length: int
+    vocab_size: int
     supports_images: bool
 
     def stream_tokens(self, prompt_ids: Sequence[int], options: SamplingOptions) -> Iterator[TokenStep]: ...

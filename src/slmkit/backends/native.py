@@ -21,6 +21,7 @@ class NativeBackend:
         self.model_type = engine.model_type
         self.tokenizer = engine.tokenizer
         self.context_length = engine.context_length
+        self.vocab_size = engine.vocab_size
 
     @classmethod
     def from_path(cls, path: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu",

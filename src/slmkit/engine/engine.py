@@ -53,15 +53,21 @@ class Engine:
 
     def check_ids(self, ids: Sequence[int], what: str = "input_ids") -> torch.Tensor:
         """Validate token ids (type, range) and return them as a [1, S] tensor."""
-        if not isinstance(ids, (list, tuple)) and not (isinstance(ids, torch.Tensor) and ids.dim() == 1):
-            raise InvalidRequestError("must be a list of token ids", param=what)
-        t = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids, dtype=torch.long)
-        if t.numel() == 0:
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex():
+                raise InvalidRequestError("must be a 1-D integer tensor of token ids", param=what)
+            ids = ids.tolist()
+        if not isinstance(ids, (list, tuple)):
+            raise InvalidRequestError(f"must be a list of token ids, got {type(ids).__name__}", param=what)
+        if not ids:
             raise InvalidRequestError("must not be empty", param=what)
-        if int(t.min()) < 0 or int(t.max()) >= self.vocab_size:
-            bad = next(int(i) for i in t if not 0 <= int(i) < self.vocab_size)
-            raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", param=what)
-        return t.view(1, -1).to(self.device)
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise InvalidRequestError(f"token ids must be integers, got {i!r}", param=what)
+            if not 0 <= i < self.vocab_size:
+                raise InvalidRequestError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})",
+                                          param=what)
+        return torch.tensor(ids, dtype=torch.long, device=self.device).view(1, -1)
 
     def rope_regime(self, total_len: int) -> str:
         """The RoPE frequency set a pass over total_len tokens uses (cache entries must agree)."""

@@ -72,8 +72,12 @@ class GeneratorParams:
             raise bad("top_p", "must be a number in (0, 1]")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise bad("batch_size", "must be a positive integer")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise bad("seed", "must be an integer or None")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**63):
+            raise bad("seed", "must be an integer in [0, 2**63) or None")
+        if not isinstance(self.stop_token_ids, (list, tuple, set, frozenset)) or any(
+                isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.stop_token_ids):
+            raise bad("stop_token_ids", "must be a list of non-negative integer token ids")
 
 
 class Generator:
@@ -85,10 +89,11 @@ class Generator:
         self.params = params or GeneratorParams()
         self.max_length = min(self.params.max_length or engine.context_length, engine.context_length)
         self.eos = frozenset() if self.params.ignore_eos else \
-            engine.eos_token_ids | frozenset(int(i) for i in self.params.stop_token_ids)
+            engine.eos_token_ids | frozenset(self.params.stop_token_ids)
         self.rng: torch.Generator | None = None
         if self.params.seed is not None:
             self.rng = torch.Generator(device=engine.device).manual_seed(self.params.seed)
+        engine.tokenizer.reset_stream()  # tokenizer.stream_decode follows this generation from here on
         self.sequences: list[list[int]] = [[] for _ in range(self.params.batch_size)]
         self.cache: KVCache | None = None
         self.finish_reasons: list[str | None] = [None] * self.params.batch_size
@@ -99,6 +104,9 @@ class Generator:
     # ------------------------------------------------------------------ input
     def append_tokens(self, tokens: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor) -> None:
         """Append tokens to every row (a flat list for batch 1, or one equal-length list per row)."""
+        if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (list, tuple, torch.Tensor)):
+            raise InvalidRequestError(f"must be a list of token ids (or one list per row), got {type(tokens).__name__}",
+                                      param="tokens")
         rows = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
         if rows and not isinstance(rows[0], (list, tuple)):
             rows = [rows]
@@ -116,7 +124,8 @@ class Generator:
         for seq, r in zip(self.sequences, rows):
             seq.extend(int(t) for t in r)
         self._prompt_len = len(self.sequences[0])  # max_new_tokens counts from the last append
-        self.finish_reasons = [None] * B
+        full = FINISH_LENGTH if new_len >= self.max_length else None  # no room for another token
+        self.finish_reasons = [full] * B
         self._logits = None
         self._compute_logits()
 
@@ -160,6 +169,7 @@ class Generator:
         self._logits = None
 
     def is_done(self) -> bool:
+        """True when every row stopped (eos / stop token) or reached max_length / max_new_tokens."""
         return all(f is not None for f in self.finish_reasons) and len(self.sequences[0]) > 0
 
     # ------------------------------------------------------------------ inspection
@@ -167,6 +177,9 @@ class Generator:
         return list(self._next)
 
     def get_sequence(self, index: int = 0) -> list[int]:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.sequences):
+            raise InvalidRequestError(f"must be a row index in [0, {len(self.sequences)}), got {index!r}",
+                                      param="index")
         return list(self.sequences[index])
 
     def get_logits(self) -> torch.Tensor:
@@ -181,6 +194,8 @@ class Generator:
             x = x.unsqueeze(0)
         if tuple(x.shape) != tuple(ref.shape):
             raise InvalidRequestError(f"expected shape {tuple(ref.shape)}, got {tuple(x.shape)}", param="logits")
+        if torch.isnan(x).any() or not torch.isfinite(x).any(dim=-1).all() or (x == float("inf")).any():
+            raise InvalidRequestError("each row needs a finite value and no NaN or +inf", param="logits")
         self._logits = x
 
     @property

@@ -16,7 +16,7 @@ from ..errors import ConfigError, UnsupportedModelError, WeightError
 from ..gguf import GGUFFile, open_gguf
 from ..gguf.tokenizer import tokenizer_from_gguf_metadata
 from ..models import get_model_module
-from .loader import LoadedModel, build_model, resolve_dtype
+from .loader import LoadedModel, build_model, parse_device, resolve_dtype
 from .memory import FileMappings, release_pages
 
 # llama.cpp tensor names (per layer after "blk.N.") -> HF names (after "model.layers.N.")
@@ -44,12 +44,18 @@ def hf_name(arch: str, name: str) -> str | None:
     return None
 
 
-def _get(meta: dict[str, Any], key: str, default: Any = ...) -> Any:
-    if key in meta:
-        return meta[key]
-    if default is ...:
-        raise ConfigError(key, "is required in the GGUF metadata but missing")
-    return default
+def _get(meta: dict[str, Any], key: str, default: Any = ..., kind: type = int) -> Any:
+    """A metadata value, checked: a positive integer (kind=int) or a number (kind=float)."""
+    if key not in meta or meta[key] is None:
+        if default is ...:
+            raise ConfigError(key, "is required in the GGUF metadata but missing")
+        return default
+    value = meta[key]
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(key, f"must be a positive integer, got {value!r}")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+        raise ConfigError(key, f"must be a positive number, got {value!r}")
+    return value
 
 
 def _eos_ids(meta: dict[str, Any]) -> list[int]:
@@ -65,12 +71,13 @@ def _phi3_config(f: GGUFFile) -> dict[str, Any]:
         model_type="phi3", hidden_size=hidden, num_hidden_layers=_get(m, f"{a}.block_count"),
         num_attention_heads=heads, num_key_value_heads=_get(m, f"{a}.attention.head_count_kv", heads),
         intermediate_size=_get(m, f"{a}.feed_forward_length"), max_position_embeddings=ctx,
-        rms_norm_eps=_get(m, f"{a}.attention.layer_norm_rms_epsilon", 1e-5),
-        rope_theta=_get(m, f"{a}.rope.freq_base", 10000.0), sliding_window=m.get(f"{a}.attention.sliding_window"),
+        rms_norm_eps=_get(m, f"{a}.attention.layer_norm_rms_epsilon", 1e-5, kind=float),
+        rope_theta=_get(m, f"{a}.rope.freq_base", 10000.0, kind=float),
+        sliding_window=_get(m, f"{a}.attention.sliding_window", None),
         vocab_size=f.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in f.tensors else None,
     )
     head_dim = hidden // heads
-    rot = m.get(f"{a}.rope.dimension_count", head_dim)
+    rot = _get(m, f"{a}.rope.dimension_count", head_dim)
     cfg["partial_rotary_factor"] = rot / head_dim
     if "rope_factors_long.weight" in f.tensors:  # LongRoPE: the factor lists travel as tensors
         orig = _get(m, f"{a}.rope.scaling.original_context_length")
@@ -79,7 +86,7 @@ def _phi3_config(f: GGUFFile) -> dict[str, Any]:
             "type": "longrope",
             "long_factor": f.tensor("rope_factors_long.weight").tolist(),
             "short_factor": f.tensor("rope_factors_short.weight").tolist(),
-            "attention_factor": m.get(f"{a}.rope.scaling.attn_factor"),
+            "attention_factor": _get(m, f"{a}.rope.scaling.attn_factor", None, kind=float),
         }
     if cfg["sliding_window"] is not None and cfg["sliding_window"] >= ctx:
         cfg["sliding_window"] = None  # a window as long as the context is no window
@@ -94,12 +101,12 @@ def _gemma3_config(f: GGUFFile) -> dict[str, Any]:
         num_attention_heads=_get(m, f"{a}.attention.head_count"),
         num_key_value_heads=_get(m, f"{a}.attention.head_count_kv", 1), head_dim=head_dim,
         intermediate_size=_get(m, f"{a}.feed_forward_length"), max_position_embeddings=_get(m, f"{a}.context_length"),
-        rms_norm_eps=_get(m, f"{a}.attention.layer_norm_rms_epsilon", 1e-6),
-        rope_theta=_get(m, f"{a}.rope.freq_base", 1_000_000.0), rope_local_base_freq=10_000.0,  # llama.cpp's value
+        rms_norm_eps=_get(m, f"{a}.attention.layer_norm_rms_epsilon", 1e-6, kind=float),
+        rope_theta=_get(m, f"{a}.rope.freq_base", 1_000_000.0, kind=float), rope_local_base_freq=10_000.0,  # llama.cpp's value
         sliding_window=_get(m, f"{a}.attention.sliding_window", 512), sliding_window_pattern=6,
         query_pre_attn_scalar=head_dim, tie_word_embeddings="output.weight" not in f.tensors,
         norm_offset=0.0,  # the converter stored (1 + w)
-        final_logit_softcapping=m.get(f"{a}.final_logit_softcapping"),
+        final_logit_softcapping=_get(m, f"{a}.final_logit_softcapping", None, kind=float),
         vocab_size=f.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in f.tensors else None,
     )
 
@@ -120,7 +127,7 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
     cfg["eos_token_id"] = _eos_ids(f.metadata) or None
     module = get_model_module(_MODULES[arch])
     args = module.ModelArgs.from_dict(cfg, path=f.path)
-    dev = torch.device(device)
+    dev = parse_device(device)
     dt = resolve_dtype(dtype, dev)
     weights: dict[str, torch.Tensor] = {}
     maps = FileMappings()

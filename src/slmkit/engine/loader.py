@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelFileError, WeightError
+from ..errors import InvalidRequestError, ModelFileError, WeightError
 from ..models import get_model_module
 from .files import read_json
 from .memory import FileMappings, release_pages
@@ -41,8 +41,22 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+        raise InvalidRequestError(f"must be one of auto, {', '.join(DTYPES)}; got {dtype!r}", param="dtype")
     return DTYPES[dtype]
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """A usable torch device, or InvalidRequestError naming what is wrong."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InvalidRequestError(f"not a device: {device!r} ({e})", param="device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError("CUDA was asked for but this torch build or machine has no CUDA device",
+                                  param="device")
+    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise InvalidRequestError(f"unsupported device type {dev.type!r}", param="device")
+    return dev
 
 
 def _weight_files(folder: Path) -> dict[str, list[str] | None]:
@@ -142,7 +156,7 @@ def load_hf_folder(path: str | Path, *, dtype: str | torch.dtype = "auto", devic
         raise ModelFileError(config_path, "must hold a JSON object")
     module = get_model_module(config.get("model_type"))
     args = module.ModelArgs.from_dict(config, path=config_path)
-    dev = torch.device(device)
+    dev = parse_device(device)
     dt = resolve_dtype(dtype, dev)
     model = build_model(module, args, load_safetensors(folder), dt, dev, folder)
     tokenizer = Tokenizer.from_folder(folder)

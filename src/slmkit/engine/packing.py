@@ -10,6 +10,7 @@ pure-PyTorch path, also tested), and model code never knows which it runs.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -59,20 +60,26 @@ def pack_linears(model: nn.Module) -> int:
         return PackedLinear(lin.in_features, lin.out_features, packed, bias)
 
     # oneDNN's reorder runs best single-threaded: one per core side by side (measured 2.1 vs 1.0 GB/s).
-    # Work in rounds of one module per worker and drop each original as soon as its packed copy is
-    # in place, so memory holds one copy of the weights plus a round, never two full copies.
+    # That needs torch's thread count at 1, a process-wide setting that threads started meanwhile
+    # would keep for life -- so only when this is the only Python thread; otherwise one at a time.
+    # Work in rounds and drop each original as soon as its packed copy is in place, so memory holds
+    # one copy of the weights plus a round, never two full copies.
     threads = torch.get_num_threads()
+    alone = threading.active_count() == 1
+    workers = threads if alone else 1
     n = len(todo)
-    torch.set_num_threads(1)
+    if alone:
+        torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(max_workers=max(1, threads)) as ex:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
             while todo:
-                batch, todo = todo[:threads], todo[threads:]
+                batch, todo = todo[:workers], todo[workers:]
                 for (parent, name, lin), packed in zip(batch, ex.map(pack, [lin for _, _, lin in batch])):
                     setattr(parent, name, packed)
                     if lin.weight.data_ptr() not in keep:  # a tied embedding still reads these pages
                         release_pages(lin.weight, maps)
                 del batch, parent, lin, packed
     finally:
-        torch.set_num_threads(threads)
+        if alone:
+            torch.set_num_threads(threads)
     return n

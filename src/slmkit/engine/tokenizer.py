@@ -23,7 +23,7 @@ import tokenizers
 from tokenizers import AddedToken, decoders, pre_tokenizers
 
 from slmkit.engine.files import read_json
-from slmkit.errors import ConfigError, ModelFileError
+from slmkit.errors import ConfigError, InvalidRequestError, ModelFileError
 
 # config.json model types for which transformers 5 loads tokenizer.json as shipped even when tokenizer_config.json
 # says LlamaTokenizer (its MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS list, restricted to the families slmkit runs).
@@ -93,9 +93,18 @@ class TokenizerStream:
         new_text = self._tok.decode(self._ids[self._prefix:], self._skip)
         return new_text[len(prefix_text):] if len(new_text) > len(prefix_text) else ""
 
+    def prime(self, ids: Sequence[int], keep: int = 8) -> None:
+        """Start after `ids` (e.g. the prompt) without emitting them: the first new token is decoded in
+        their context, so a SentencePiece word piece keeps its leading space ("▁and" -> " and")."""
+        self.reset()
+        tail = [int(i) for i in ids[-keep:]]
+        while tail and tail[0] in self._tok.byte_piece_ids:  # never start inside a byte-fallback run
+            tail.pop(0)
+        self._ids, self._prefix, self._read = tail, 0, len(tail)
+
     def decode(self, token_id: int) -> str:
         """Add one id; return the text it completes (possibly "")."""
-        token_id = int(token_id)
+        token_id = self._tok._check_id(token_id)
         self._ids.append(token_id)
         if self._skip and token_id in self._tok.special_ids:
             return ""  # a skipped token adds no text and does not end a byte run
@@ -198,8 +207,15 @@ class Tokenizer:
                    chat_template=_load_chat_template(folder, cfg), source=cfg_path)
 
     # -- encode / decode -------------------------------------------------------------------------------------------
+    def _check_id(self, token_id: object) -> int:
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < 2**32:
+            raise InvalidRequestError(f"token ids must be non-negative integers, got {token_id!r}", param="ids")
+        return token_id
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of text; with add_special_tokens, BOS/EOS are added per add_bos/add_eos."""
+        if not isinstance(text, str):
+            raise InvalidRequestError(f"must be a string, got {type(text).__name__}", param="text")
         ids = self._tk.encode(text, add_special_tokens=False).ids
         if add_special_tokens:
             if self.add_bos and self.bos_token_id is not None:
@@ -210,7 +226,7 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ids (ids outside the vocabulary, e.g. padded embedding rows, decode to nothing)."""
-        return self._tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        return self._tk.decode([self._check_id(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tk.token_to_id(token)

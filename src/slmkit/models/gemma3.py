@@ -61,7 +61,7 @@ class ModelArgs(BaseArgs):
                               f"num_attention_heads {self.num_attention_heads}")
         require_float("rms_norm_eps", self.rms_norm_eps)
         require_float("query_pre_attn_scalar", self.query_pre_attn_scalar)
-        if self.hidden_activation not in ACTIVATIONS:
+        if not isinstance(self.hidden_activation, str) or self.hidden_activation not in ACTIVATIONS:
             raise ConfigError("hidden_activation", f"unsupported activation {self.hidden_activation!r}")
         if self.attn_logit_softcapping is not None:
             raise ConfigError("attn_logit_softcapping", "attention logit soft-capping (Gemma 2) is not supported")
@@ -73,7 +73,14 @@ class ModelArgs(BaseArgs):
             raise ConfigError("layer_types", f"must list {self.num_hidden_layers} of {LAYER_TYPES}")
         if self.sliding_window is not None:
             require_int("sliding_window", self.sliding_window)
+        if self.final_logit_softcapping is not None:
+            require_float("final_logit_softcapping", self.final_logit_softcapping)
         params = self.rope_parameters if isinstance(self.rope_parameters, dict) else {}
+        for key in ("full_attention", "sliding_attention"):
+            if not isinstance(params.get(key) or {}, dict):
+                raise ConfigError(f"rope_parameters.{key}", "must be an object")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ConfigError("rope_scaling", "must be an object or null")
         full = dict(params.get("full_attention") or {})
         local = dict(params.get("sliding_attention") or {})
         if self.rope_scaling:

@@ -60,7 +60,7 @@ class ModelArgs(BaseArgs):
             self.head_dim = self.hidden_size // self.num_attention_heads
         require_int("head_dim", self.head_dim)
         require_float("rms_norm_eps", self.rms_norm_eps)
-        if self.hidden_act not in ACTIVATIONS:
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
             raise ConfigError("hidden_act", f"unsupported activation {self.hidden_act!r}")
         if self.sliding_window is not None:
             require_int("sliding_window", self.sliding_window)

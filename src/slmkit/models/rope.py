@@ -94,6 +94,10 @@ def build_rope(
     if not isinstance(orig, int) or orig < 1:
         raise ConfigError("original_max_position_embeddings", "is required for LongRoPE")
     attention_factor = scaling.get("attention_factor")
+    for key in ("attention_factor", "factor"):
+        v = scaling.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+            raise ConfigError(f"rope_scaling.{key}", f"must be a positive number, got {v!r}")
     if attention_factor is None:
         factor = scaling.get("factor") or max_position_embeddings / orig
         attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
