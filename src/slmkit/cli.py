@@ -17,7 +17,8 @@ HELP_REPL = """Commands:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=512, help="most tokens to generate per answer (default 512)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="most tokens to generate per answer (default 512 in chat, 128 for base-model completion)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's setting)")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
@@ -148,12 +149,13 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.verbose:
         sys.stderr.write(f"[loaded {llm.name} in {time.perf_counter() - t0:.2f} s, "
                          f"{llm.engine.dtype if hasattr(llm.backend, 'engine') else ''}]\n")
-    gen_kw = dict(max_new_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+    raw = a.raw or (llm.prompt_style == "completion" and not a.chat)
+    max_tokens = a.max_tokens if a.max_tokens is not None else (128 if raw else 512)  # base models rarely stop
+    gen_kw = dict(max_new_tokens=max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                   seed=a.seed, stop=a.stop)
     prompt = a.prompt
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
-    raw = a.raw or (llm.prompt_style == "completion" and not a.chat)
     if prompt is None:
         if raw:
             sys.stderr.write(f"[{llm.name} is a base model: each line you type is continued as text]\n")
