@@ -263,4 +263,12 @@ def load(model: str | Path = "builtin", *, dtype: str | torch.dtype = "auto", de
         raise InvalidRequestError(f"unknown backend {backend!r} (available: native)", param="backend")
     from .backends.native import NativeBackend
 
-    return LLM(NativeBackend.from_path(resolve_model_path(model), dtype=dtype, device=device, pack=pack))
+    path = resolve_model_path(model)
+    try:
+        return LLM(NativeBackend.from_path(path, dtype=dtype, device=device, pack=pack))
+    except ModelFileError:
+        if str(model) not in BUILTIN_ALIASES:
+            raise
+        from .builtin import builtin_model_path  # a cached copy damaged after it was verified: rebuild once
+
+        return LLM(NativeBackend.from_path(builtin_model_path(refresh=True), dtype=dtype, device=device, pack=pack))

@@ -135,3 +135,69 @@ def test_bad_gguf_metadata_is_a_config_error_naming_the_key(key, value, tmp_path
     with pytest.raises(ConfigError) as e:
         slmkit.load(path)
     assert e.value.field == key
+
+
+def _tiny_phi3_meta(**changes):
+    meta = {"phi3.context_length": 64, "phi3.embedding_length": 32, "phi3.feed_forward_length": 64,
+            "phi3.block_count": 1, "phi3.attention.head_count": 2, "phi3.rope.dimension_count": 16,
+            "phi3.rope.freq_base": 10000.0}
+    meta.update(changes)
+    return meta
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"phi3.block_count": 100000}, "phi3.block_count"),  # must fail at once, not build 100k layers
+    ({"phi3.attention.head_count": 256}, "phi3.attention.head_count"),
+    ({"tokenizer.ggml.eos_token_id": 10**6}, "tokenizer.ggml.eos_token_id"),
+])
+def test_inconsistent_gguf_metadata(changes, field, tmp_path):
+    import time
+
+    from slmkit.errors import ConfigError
+    from tests.helpers.gguf_files import write_gguf
+
+    path = write_gguf(tmp_path / "bad.gguf", "phi3", _tiny_phi3_meta(**changes),
+                      {"token_embd.weight": (np.zeros((64, 32), np.float32), "F32"),
+                       "blk.0.attn_norm.weight": (np.ones(32, np.float32), "F32")})
+    t = time.perf_counter()
+    with pytest.raises(ConfigError) as e:
+        slmkit.load(path)
+    assert e.value.field == field and time.perf_counter() - t < 5
+
+
+def test_gguf_shape_error_names_the_file_tensor(phi3_folders, tmp_path):
+    from slmkit.errors import WeightError
+    from tests.helpers.gguf_files import write_gguf
+    from tests.helpers.gguf_models import hf_to_gguf
+
+    good = open_gguf(hf_to_gguf(phi3_folders("gqa"), tmp_path / "good.gguf"))
+    tensors = {n: (good.tensor(n).numpy(), "F32") for n in good.tensors}
+    qkv = tensors["blk.0.attn_qkv.weight"][0]
+    tensors["blk.0.attn_qkv.weight"] = (qkv[:-32], "F32")
+    meta = {k: v for k, v in good.metadata.items() if not k.startswith("general.architecture")}
+    path = write_gguf(tmp_path / "cut.gguf", "phi3", meta, tensors)
+    with pytest.raises(WeightError) as e:
+        slmkit.load(path)
+    assert e.value.tensor == "blk.0.attn_qkv.weight"
+
+
+def test_gemma3_gguf_linear_rope_scaling_is_read(gemma_folder, tmp_path):
+    from tests.helpers.gguf_files import write_gguf
+    from tests.helpers.gguf_models import hf_to_gguf
+
+    src = open_gguf(hf_to_gguf(gemma_folder, tmp_path / "g.gguf"))
+    meta = {k: v for k, v in src.metadata.items() if k != "general.architecture"}
+    meta |= {"gemma3.rope.scaling.type": "linear", "gemma3.rope.scaling.factor": 8.0}
+    path = write_gguf(tmp_path / "g8.gguf", "gemma3", meta, {n: (src.tensor(n).numpy(), "F32") for n in src.tensors})
+    plain, scaled = slmkit.load(src.path, dtype="float32"), slmkit.load(path, dtype="float32")
+    rp, rs = plain.engine.args.rope_global, scaled.engine.args.rope_global
+    assert torch.allclose(rs.inv_freq * 8, rp.inv_freq)
+    assert torch.equal(scaled.engine.args.rope_local.inv_freq, plain.engine.args.rope_local.inv_freq)
+
+
+def test_missing_gguf_path_is_named_as_a_gguf_error(tmp_path):
+    from slmkit.errors import ModelFileError
+
+    with pytest.raises(ModelFileError, match="nope.gguf") as e:
+        slmkit.load(tmp_path / "nope.gguf")
+    assert "folder" not in str(e.value)

@@ -71,3 +71,29 @@ def test_symlinked_manifest_dir_cannot_escape(tmp_path):
         outside / "manifests" / "registry.ollama.ai" / "library")
     with pytest.raises(ModelFileError, match="outside"):
         resolve_ollama("phi3.5", store)
+
+
+def test_uppercase_digest_host_port_and_case_insensitive_names(tmp_path):
+    blob = make_store(tmp_path, name="Phi3")
+    hexd = blob.name.removeprefix("sha256-")
+    manifest = tmp_path / "manifests" / "registry.ollama.ai" / "library" / "Phi3" / "latest"
+    manifest.write_text(json.dumps({"layers": [{"mediaType": MEDIA, "digest": f"sha256:{hexd.upper()}"}]}))
+    assert resolve_ollama("phi3", tmp_path) == blob.resolve()
+    assert parse_name("localhost:5000/ns/model:v1") == ("localhost:5000", "ns", "model", "v1")
+
+
+def test_hostile_manifests(tmp_path):
+    make_store(tmp_path)
+    manifest = tmp_path / "manifests" / "registry.ollama.ai" / "library" / "phi3.5" / "latest"
+    manifest.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ModelFileError, match="manifest"):
+        resolve_ollama("phi3.5", tmp_path)
+    manifest.write_text(" " * (2 << 20))
+    with pytest.raises(ModelFileError, match="larger"):
+        resolve_ollama("phi3.5", tmp_path)
+
+
+def test_store_that_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ModelFileError, match="not a directory"):
+        resolve_ollama("phi3.5", tmp_path / "f")

@@ -27,7 +27,7 @@ class NativeBackend:
     def from_path(cls, path: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
                   pack: bool = True) -> "NativeBackend":
         path = Path(path)
-        if path.is_file():  # a single file: GGUF (validated by its reader, which names what is wrong)
+        if path.is_file() or path.suffix.lower() == ".gguf":  # GGUF: its reader names what is wrong
             from ..engine.gguf_load import load_gguf
 
             return cls(Engine(load_gguf(path, dtype=dtype, device=device), pack=pack))

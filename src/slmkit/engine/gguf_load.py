@@ -58,14 +58,35 @@ def _get(meta: dict[str, Any], key: str, default: Any = ..., kind: type = int) -
     return value
 
 
-def _eos_ids(meta: dict[str, Any]) -> list[int]:
-    ids = [meta.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
-    return [int(i) for i in ids if isinstance(i, int)]
+def _eos_ids(meta: dict[str, Any], vocab: int) -> list[int]:
+    out = []
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
+        i = meta.get(key)
+        if i is None:
+            continue
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab:
+            raise ConfigError(key, f"must be a token id in [0, {vocab}), got {i!r}")
+        out.append(i)
+    return out
+
+
+def _check_heads(hidden: int, heads: int, key: str) -> None:
+    if heads > hidden or hidden % heads:
+        raise ConfigError(key, f"{heads} heads do not divide the embedding length {hidden}")
+
+
+def _check_layers(f: GGUFFile, arch: str, n: int) -> None:
+    """block_count must match the blk.N tensors (a huge count would build a huge model first)."""
+    found = {int(m.group(1)) for name in f.tensors if (m := _BLK.match(name))}
+    if found != set(range(n)):
+        raise ConfigError(f"{arch}.block_count", f"says {n} layers but the file has tensors for "
+                          f"{len(found)} (blk.0..blk.{max(found) if found else -1})")
 
 
 def _phi3_config(f: GGUFFile) -> dict[str, Any]:
     m, a = f.metadata, "phi3"
     hidden, heads = _get(m, f"{a}.embedding_length"), _get(m, f"{a}.attention.head_count")
+    _check_heads(hidden, heads, f"{a}.attention.head_count")
     ctx = _get(m, f"{a}.context_length")
     cfg: dict[str, Any] = dict(
         model_type="phi3", hidden_size=hidden, num_hidden_layers=_get(m, f"{a}.block_count"),
@@ -96,15 +117,26 @@ def _phi3_config(f: GGUFFile) -> dict[str, Any]:
 def _gemma3_config(f: GGUFFile) -> dict[str, Any]:
     m, a = f.metadata, "gemma3"
     head_dim = _get(m, f"{a}.attention.key_length", 256)
+    hidden, heads, layers = (_get(m, f"{a}.embedding_length"), _get(m, f"{a}.attention.head_count"),
+                             _get(m, f"{a}.block_count"))
+    scaling = None
+    kind = m.get(f"{a}.rope.scaling.type")
+    if kind not in (None, "none"):  # llama.cpp writes linear x8 for Gemma 3 4B / 12B / 27B global layers
+        if kind != "linear":
+            raise ConfigError(f"{a}.rope.scaling.type", f"unsupported rope scaling {kind!r} (supported: linear)")
+        scaling = {"rope_type": "linear", "factor": _get(m, f"{a}.rope.scaling.factor", kind=float)}
+    # llama.cpp: attention scale 1/sqrt(head_dim), except 27B (62 layers): 1/sqrt(hidden / heads)
+    scalar = hidden // heads if layers == 62 else head_dim
     return dict(
-        model_type="gemma3", hidden_size=_get(m, f"{a}.embedding_length"), num_hidden_layers=_get(m, f"{a}.block_count"),
-        num_attention_heads=_get(m, f"{a}.attention.head_count"),
+        model_type="gemma3", hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=_get(m, f"{a}.attention.head_count_kv", 1), head_dim=head_dim,
-        intermediate_size=_get(m, f"{a}.feed_forward_length"), max_position_embeddings=_get(m, f"{a}.context_length"),
+        intermediate_size=_get(m, f"{a}.feed_forward_length"),
+        max_position_embeddings=_get(m, f"{a}.context_length"),
         rms_norm_eps=_get(m, f"{a}.attention.layer_norm_rms_epsilon", 1e-6, kind=float),
-        rope_theta=_get(m, f"{a}.rope.freq_base", 1_000_000.0, kind=float), rope_local_base_freq=10_000.0,  # llama.cpp's value
+        rope_theta=_get(m, f"{a}.rope.freq_base", 1_000_000.0, kind=float),
+        rope_local_base_freq=10_000.0, rope_scaling=scaling,  # llama.cpp's local base
         sliding_window=_get(m, f"{a}.attention.sliding_window", 512), sliding_window_pattern=6,
-        query_pre_attn_scalar=head_dim, tie_word_embeddings="output.weight" not in f.tensors,
+        query_pre_attn_scalar=scalar, tie_word_embeddings="output.weight" not in f.tensors,
         norm_offset=0.0,  # the converter stored (1 + w)
         final_logit_softcapping=_get(m, f"{a}.final_logit_softcapping", None, kind=float),
         vocab_size=f.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in f.tensors else None,
@@ -124,12 +156,14 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
     cfg = _CONFIGS[arch](f)
     if cfg.get("vocab_size") is None:
         raise WeightError("token_embd.weight", "missing from the GGUF file", path=f.path)
-    cfg["eos_token_id"] = _eos_ids(f.metadata) or None
+    _check_layers(f, arch, cfg["num_hidden_layers"])
+    cfg["eos_token_id"] = _eos_ids(f.metadata, cfg["vocab_size"]) or None
     module = get_model_module(_MODULES[arch])
     args = module.ModelArgs.from_dict(cfg, path=f.path)
     dev = parse_device(device)
     dt = resolve_dtype(dtype, dev)
     weights: dict[str, torch.Tensor] = {}
+    names: dict[str, str] = {}  # HF name -> the file's name, for error messages
     maps = FileMappings()
     for name in f.tensors:
         if name in _SKIP:
@@ -137,12 +171,20 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
         target = hf_name(arch, name)
         if target is None:
             raise WeightError(name, f"is not a tensor of a GGUF {arch} model", path=f.path)
+        names[target] = name
         weights[target] = t = f.tensor(name, dtype=dt)
         raw = f.raw(name)
         if t.data_ptr() != raw.data_ptr():  # a converted copy: the mapped file pages can go
             release_pages(raw, maps)
-    model = build_model(module, args, weights, dt, dev, f.path)
+    try:
+        model = build_model(module, args, weights, dt, dev, f.path)
+    except WeightError as e:  # name the tensor as the file does
+        msg = str(e).split(f"tensor '{e.tensor}': ", 1)[-1]
+        raise WeightError(names.get(e.tensor, e.tensor), msg, path=f.path) from None
     tokenizer = tokenizer_from_gguf_metadata(f.metadata)
+    if tokenizer.vocab_size > args.vocab_size:
+        raise ConfigError("tokenizer.ggml.tokens", f"lists {tokenizer.vocab_size} tokens but the embedding has "
+                          f"{args.vocab_size} rows")
     gen_cfg = {"eos_token_id": cfg["eos_token_id"]} if cfg["eos_token_id"] else {}
     name = str(f.metadata.get("general.name") or Path(path).stem)
     return LoadedModel(model, args, tokenizer, dt, dev, name, gen_cfg, gguf=f)

@@ -15,7 +15,9 @@ from pathlib import Path
 from ..errors import InvalidRequestError, ModelFileError
 
 _PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_DIGEST = re.compile(r"^sha256[:-]([0-9a-f]{64})$")
+_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}(:[0-9]{1,5})?$")  # registry, e.g. localhost:5000
+_DIGEST = re.compile(r"^sha256[:-]([0-9a-fA-F]{64})$")
+MAX_MANIFEST_BYTES = 1 << 20
 MODEL_MEDIA_TYPE = "application/vnd.ollama.image.model"
 
 
@@ -25,14 +27,16 @@ def store_root() -> Path:
 
 def parse_name(name: str) -> tuple[str, str, str, str]:
     """'phi3.5' / 'phi3.5:3.8b' / 'user/model:tag' / 'host/ns/model:tag' -> (registry, namespace, model, tag)."""
-    ref, _, tag = name.partition(":")
+    head, _, last = name.rpartition("/")  # the tag hangs off the last segment: host:port/ns/model:tag
+    model, _, tag = last.partition(":")
     tag = tag or "latest"
-    parts = ref.split("/")
+    parts = (head.split("/") if head else []) + [model]
     if len(parts) == 1:
         parts = ["registry.ollama.ai", "library", *parts]
     elif len(parts) == 2:
         parts = ["registry.ollama.ai", *parts]
-    if len(parts) != 3 or not all(_PART.match(p) for p in (*parts, tag)) or ".." in (*parts, tag):
+    if (len(parts) != 3 or not _HOST.match(parts[0]) or not all(_PART.match(p) for p in (*parts[1:], tag))
+            or ".." in (*parts, tag)):
         raise InvalidRequestError(f"not a valid Ollama model name: {name!r}", param="model")
     return parts[0], parts[1], parts[2], tag
 
@@ -44,17 +48,41 @@ def _inside(root: Path, path: Path) -> Path:
     return resolved
 
 
+def _find(base: Path, parts: list[str]) -> Path | None:
+    """base/parts..., matching each part exactly or else case-insensitively (Ollama compares names
+    case-insensitively but keeps their case on disk)."""
+    path = base
+    for part in parts:
+        exact = path / part
+        if exact.exists():
+            path = exact
+            continue
+        try:
+            match = next((p for p in path.iterdir() if p.name.lower() == part.lower()), None)
+        except OSError:
+            return None
+        if match is None:
+            return None
+        path = match
+    return path if path.is_file() else None
+
+
 def resolve_ollama(name: str, root: Path | None = None) -> Path:
     """Path of the GGUF blob for an Ollama model name."""
     root = root or store_root()
+    if not root.is_dir():
+        raise ModelFileError(root, "the Ollama store (OLLAMA_MODELS or ~/.ollama/models) is not a directory")
     registry, namespace, model, tag = parse_name(name)
-    manifest = _inside(root, root / "manifests" / registry / namespace / model / tag)
-    if not manifest.is_file():
-        raise ModelFileError(manifest, f"Ollama model {name!r} is not in the store {root} (no manifest)")
+    manifest = _find(root / "manifests", [registry, namespace, model, tag])
+    if manifest is None:
+        raise ModelFileError(root, f"Ollama model {name!r} is not in the store (no manifest)")
+    manifest = _inside(root, manifest)
+    if manifest.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ModelFileError(manifest, f"is larger than {MAX_MANIFEST_BYTES} bytes: not an Ollama manifest")
     try:
         data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFileError(manifest, f"is not a valid Ollama manifest ({e})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ModelFileError(manifest, f"is not a valid Ollama manifest ({type(e).__name__})") from None
     layers = data.get("layers") if isinstance(data, dict) else None
     if not isinstance(layers, list):
         raise ModelFileError(manifest, "has no 'layers' list")
@@ -65,7 +93,11 @@ def resolve_ollama(name: str, root: Path | None = None) -> Path:
     m = _DIGEST.match(str(digests[0]))
     if not m:
         raise ModelFileError(manifest, f"model layer digest {digests[0]!r} is not 'sha256:<64 hex>'")
-    blob = _inside(root, root / "blobs" / f"sha256-{m.group(1)}")
+    hexd = m.group(1)
+    blob = root / "blobs" / f"sha256-{hexd}"
+    if not blob.is_file():
+        blob = root / "blobs" / f"sha256-{hexd.lower()}"
+    blob = _inside(root, blob)
     if not blob.is_file():
         raise ModelFileError(blob, f"model blob of {name!r} is missing from the store")
     return blob

@@ -179,7 +179,9 @@ class _Parser:
             if count and int(arr.max()) > 1:
                 raise self.fail(key, "bool array items must be 0 or 1")
             arr = arr.astype(bool)
-        return arr.tolist()
+        # Small arrays become lists; big numeric ones stay numpy (a Python int/float per item costs
+        # ~10x the file's bytes, so a hostile array could exhaust memory). Both have .tolist().
+        return arr.tolist() if count <= 1 << 16 else arr
 
 
 class GGUFFile:
