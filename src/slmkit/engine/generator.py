@@ -198,10 +198,6 @@ class Generator:
             raise InvalidRequestError("each row needs a finite value and no NaN or +inf", param="logits")
         self._logits = x
 
-    @property
-    def prompt_length(self) -> int:
-        return self._prompt_len
-
     def rewind_to(self, length: int) -> None:
         """Keep the first `length` tokens of every row; the cache keeps what it can reuse."""
         if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= len(self.sequences[0]):

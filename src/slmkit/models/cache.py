@@ -73,7 +73,3 @@ class KVCache:
     def reset(self) -> None:
         self.offset = 0
         self.tag = None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)

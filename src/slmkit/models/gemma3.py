@@ -173,8 +173,8 @@ class Model(nn.Module):
     def rope(self) -> Rope:
         return self.args.rope_global
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False,
-                regime: str | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False
+                ) -> torch.Tensor:
         offset = cache.offset if cache is not None else 0
         S = input_ids.shape[1]
         h = self.model.embed_tokens(input_ids)

@@ -151,12 +151,12 @@ class Model(nn.Module):
     def rope(self) -> Rope:
         return self.args.rope
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False,
-                regime: str | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False
+                ) -> torch.Tensor:
         offset = cache.offset if cache is not None else 0
         S = input_ids.shape[1]
         h = self.model.embed_tokens(input_ids)
-        regime = regime or self.rope.regime(offset + S)
+        regime = self.rope.regime(offset + S)
         positions = torch.arange(offset, offset + S, device=input_ids.device)
         cos, sin = self.rope.cos_sin(positions, regime, h.dtype)
         for i, layer in enumerate(self.model.layers):
