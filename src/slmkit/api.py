@@ -15,6 +15,7 @@ from typing import Any, Literal, overload
 import torch
 
 from .backends.base import Backend, SamplingOptions
+from .engine.engine import validate_token_ids
 from .engine.stops import StopStrings
 from .errors import InvalidRequestError, ModelFileError, UnsupportedInputError
 
@@ -159,12 +160,7 @@ class LLM:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
-            ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
-            vocab = self.backend.vocab_size
-            for i in ids:
-                if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab:
-                    raise InvalidRequestError(f"token ids must be integers in [0, {vocab}), got {i!r}",
-                                              param="prompt")
+            ids = validate_token_ids(prompt, self.backend.vocab_size, "prompt")
         else:
             raise InvalidRequestError("must be a string or a list of token ids", param="prompt")
         if not ids:

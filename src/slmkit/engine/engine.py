@@ -19,6 +19,24 @@ def _ids(value: object) -> list[int]:
     return []
 
 
+def validate_token_ids(ids: object, vocab_size: int, param: str) -> list[int]:
+    """ids as a list of ints in [0, vocab_size), or InvalidRequestError naming `param` (floats are
+    refused, not truncated; a 1-D integer tensor is accepted)."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex():
+            raise InvalidRequestError("must be a 1-D integer tensor of token ids", param=param)
+        ids = ids.tolist()
+    if not isinstance(ids, (list, tuple)):
+        raise InvalidRequestError(f"must be a list of token ids, got {type(ids).__name__}", param=param)
+    if not ids:
+        raise InvalidRequestError("must not be empty", param=param)
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
+            raise InvalidRequestError(f"token ids must be integers in the vocabulary [0, {vocab_size}), got {i!r}",
+                                      param=param)
+    return list(ids)
+
+
 class Engine:
     def __init__(self, loaded: LoadedModel, *, pack: bool = True):
         self.model = loaded.model
@@ -53,21 +71,8 @@ class Engine:
 
     def check_ids(self, ids: Sequence[int], what: str = "input_ids") -> torch.Tensor:
         """Validate token ids (type, range) and return them as a [1, S] tensor."""
-        if isinstance(ids, torch.Tensor):
-            if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex():
-                raise InvalidRequestError("must be a 1-D integer tensor of token ids", param=what)
-            ids = ids.tolist()
-        if not isinstance(ids, (list, tuple)):
-            raise InvalidRequestError(f"must be a list of token ids, got {type(ids).__name__}", param=what)
-        if not ids:
-            raise InvalidRequestError("must not be empty", param=what)
-        for i in ids:
-            if isinstance(i, bool) or not isinstance(i, int):
-                raise InvalidRequestError(f"token ids must be integers, got {i!r}", param=what)
-            if not 0 <= i < self.vocab_size:
-                raise InvalidRequestError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})",
-                                          param=what)
-        return torch.tensor(ids, dtype=torch.long, device=self.device).view(1, -1)
+        return torch.tensor(validate_token_ids(ids, self.vocab_size, what), dtype=torch.long,
+                            device=self.device).view(1, -1)
 
     def rope_regime(self, total_len: int) -> str:
         """The RoPE frequency set a pass over total_len tokens uses (cache entries must agree)."""

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import ContextLengthError, InvalidRequestError
 from ..models.cache import KVCache
+from .engine import validate_token_ids
 from .sampling import sample
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
@@ -116,13 +117,12 @@ class Generator:
                                       param="tokens")
         if len({len(r) for r in rows}) != 1:
             raise InvalidRequestError("rows of a batch must have the same length", param="tokens")
-        for r in rows:
-            self.engine.check_ids(r, "tokens")
+        rows = [validate_token_ids(r, self.engine.vocab_size, "tokens") for r in rows]
         new_len = len(self.sequences[0]) + len(rows[0])
         if new_len > self.max_length:
             raise ContextLengthError(new_len, self.max_length, "max_length")
         for seq, r in zip(self.sequences, rows):
-            seq.extend(int(t) for t in r)
+            seq.extend(r)
         self._prompt_len = len(self.sequences[0])  # max_new_tokens counts from the last append
         full = FINISH_LENGTH if new_len >= self.max_length else None  # no room for another token
         self.finish_reasons = [full] * B
