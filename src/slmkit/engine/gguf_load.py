@@ -16,6 +16,7 @@ from ..errors import ConfigError, UnsupportedModelError, WeightError
 from ..gguf import GGUFFile, open_gguf
 from ..gguf.tokenizer import tokenizer_from_gguf_metadata
 from ..models import get_model_module
+from ..models.base import require_float, require_int
 from .loader import LoadedModel, build_model, parse_device, resolve_dtype
 from .memory import FileMappings, release_pages
 
@@ -50,12 +51,7 @@ def _get(meta: dict[str, Any], key: str, default: Any = ..., kind: type = int) -
         if default is ...:
             raise ConfigError(key, "is required in the GGUF metadata but missing")
         return default
-    value = meta[key]
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ConfigError(key, f"must be a positive integer, got {value!r}")
-    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
-        raise ConfigError(key, f"must be a positive number, got {value!r}")
-    return value
+    return require_int(key, meta[key]) if kind is int else require_float(key, meta[key])
 
 
 def _eos_ids(meta: dict[str, Any], vocab: int) -> list[int]:

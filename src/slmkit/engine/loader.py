@@ -5,6 +5,7 @@ Every failure is a typed error naming the file, field or tensor at fault.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,7 @@ def build_model(module: Any, args: Any, weights: dict[str, torch.Tensor], dtype:
                           path=source)
     state = {}
     maps = FileMappings()
+    uses = Counter(id(w) for w in weights.values())  # tied weights appear under two names
     for name, ref in expected.items():
         t = weights[name]
         if tuple(t.shape) != tuple(ref.shape):
@@ -128,7 +130,7 @@ def build_model(module: Any, args: Any, weights: dict[str, torch.Tensor], dtype:
             raise WeightError(name, f"has non-float dtype {t.dtype}", path=source)
         keep32 = t.dim() == 1 and getattr(module, "NORMS_IN_FLOAT32", False)  # used in fp32 anyway
         state[name] = t.to(device=device, dtype=torch.float32 if keep32 else dtype)
-        if state[name].data_ptr() != t.data_ptr() and sum(w is t for w in weights.values()) == 1:
+        if state[name].data_ptr() != t.data_ptr() and uses[id(t)] == 1:
             release_pages(t, maps)  # converted copy made: let the mapped checkpoint pages go
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval().requires_grad_(False)

@@ -38,6 +38,7 @@ def require_int(name: str, value: Any, *, minimum: int = 1) -> int:
 
 
 def require_float(name: str, value: Any, *, positive: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and value <= 0):
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value  # NaN
+            or (positive and not value > 0)):
         raise ConfigError(name, f"must be a {'positive ' if positive else ''}number, got {value!r}")
     return float(value)
