@@ -26,30 +26,10 @@ from common import machine, make_random_phi3, peak_rss_gb, print_table, run_chil
 
 
 def make_f16_gguf(folder: Path, out: Path) -> Path:
-    if out.is_file():
-        return out
-    from safetensors import safe_open
+    """The random folder as an F16 GGUF, with the keys and names llama.cpp's converter writes."""
+    from tests.helpers.gguf_models import hf_to_gguf
 
-    from tests.helpers.gguf_files import write_gguf
-    from tests.helpers.gguf_models import _PHI3, gguf_name, tokenizer_metadata
-
-    cfg = json.loads((folder / "config.json").read_text())
-    a, H, nh = "phi3", cfg["hidden_size"], cfg["num_attention_heads"]
-    meta = {f"{a}.context_length": cfg["max_position_embeddings"], f"{a}.embedding_length": H,
-            f"{a}.feed_forward_length": cfg["intermediate_size"], f"{a}.block_count": cfg["num_hidden_layers"],
-            f"{a}.attention.head_count": nh, f"{a}.attention.head_count_kv": cfg["num_key_value_heads"],
-            f"{a}.attention.layer_norm_rms_epsilon": cfg["rms_norm_eps"], f"{a}.rope.dimension_count": H // nh,
-            f"{a}.rope.freq_base": cfg["rope_theta"], f"{a}.rope.scaling.original_context_length": 4096,
-            f"{a}.attention.sliding_window": cfg["sliding_window"], "general.file_type": 1}
-    meta |= tokenizer_metadata(folder, name="random phi3 mini", vocab_size=cfg["vocab_size"], add_bos=False)
-    tensors = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                t = st.get_tensor(k)
-                tensors[gguf_name(k, _PHI3)] = (t.to(torch.float16 if t.dim() == 2 else torch.float32).numpy(),
-                                               "F16" if t.dim() == 2 else "F32")
-    return write_gguf(out, a, meta, tensors)
+    return out if out.is_file() else hf_to_gguf(folder, out, "F16")
 
 
 def quantize(f16: Path, qtype: str) -> Path:

@@ -64,10 +64,14 @@ def tokenizer_metadata(folder: Path, *, name: str, add_bos: bool = True, add_spa
     return meta
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _weights(folder: Path):
+    """(name, tensor) one at a time from the folder's safetensors (a 3.8B model must not sit in float32)."""
+    from safetensors import safe_open
 
-    return {k: v.float() for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                yield k, st.get_tensor(k)
 
 
 _PHI3 = {"input_layernorm": "attn_norm", "self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output",
@@ -124,12 +128,17 @@ def hf_to_gguf(folder: Path, out: Path, qtype: str = "F32") -> Path:
                 f"{a}.attention.key_length": cfg["head_dim"], f"{a}.attention.value_length": cfg["head_dim"],
                 f"{a}.attention.layer_norm_rms_epsilon": cfg["rms_norm_eps"],
                 f"{a}.rope.freq_base": 1_000_000.0, f"{a}.attention.sliding_window": cfg["sliding_window"]}
-        W.pop("lm_head.weight", None)  # tied
-        W = {k: (v + 1 if k.endswith("norm.weight") else v) for k, v in W.items()}  # converter stores 1 + w
     else:
         raise ValueError(mt)
     meta.update(tokenizer_metadata(folder, name=f"tiny {mt}", vocab_size=cfg["vocab_size"],
                                    add_bos=mt != "phi3"))
-    for name, t in W.items():
+    for name, t in W:
+        if mt == "gemma3_text" and name == "lm_head.weight":
+            continue  # tied to the embedding
+        t = t.float()
+        if mt == "gemma3_text" and name.endswith("norm.weight"):
+            t = t + 1  # the converter stores 1 + w
+        if t.dim() == 2 and qtype == "F16":
+            t = t.half()  # halve the memory of big conversions before write_gguf sees them
         tensors[gguf_name(name, table)] = (t.numpy(), qtype if t.dim() == 2 else "F32")
     return write_gguf(out, a, meta, tensors)
