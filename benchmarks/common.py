@@ -113,3 +113,38 @@ def print_table(rows: list[dict[str, Any]], cols: list[tuple[str, str, str]]) ->
         print(" | ".join(c.ljust(w) for c, w in zip(row, widths)))
         if j == 0:
             print("-+-".join("-" * w for w in widths))
+
+
+def slmkit_speed(model: str, *, prompt: int, decode: int, reps: int = 1, **load_kw: Any) -> dict[str, Any]:
+    """Load time, prefill tok/s (one pass over `prompt` random ids) and greedy decode tok/s (`decode`
+    tokens after a 64-token prompt, clock started after the first step), medians of `reps`."""
+    import time
+
+    import slmkit
+    from slmkit import Generator, GeneratorParams
+
+    t0 = time.perf_counter()
+    llm = slmkit.load(model, **load_kw)
+    load_s = time.perf_counter() - t0
+    eng = llm.engine
+    ids = torch.randint(100, 30000, (1, prompt), generator=torch.Generator().manual_seed(0))
+    eng.forward(ids[:, :8], eng.new_cache(1, 16))  # warm-up (page in weights, oneDNN kernels)
+    prefill, dec = [], []
+    for _ in range(reps):
+        cache = eng.new_cache(1, prompt + 1)
+        t = time.perf_counter()
+        eng.forward(ids, cache)
+        prefill.append(prompt / (time.perf_counter() - t))
+    for _ in range(reps):
+        gen = Generator(llm, GeneratorParams(max_new_tokens=decode, temperature=0, ignore_eos=True))
+        gen.append_tokens(ids[0, :64].tolist())
+        gen.generate_next_token()
+        gen.get_logits()
+        t = time.perf_counter()
+        while not gen.is_done():
+            gen.generate_next_token()
+            if not gen.is_done():
+                gen.get_logits()
+        dec.append((decode - 1) / (time.perf_counter() - t))
+    return {"load_s": load_s, "prefill_tok_s": median(prefill), "decode_tok_s": median(dec),
+            "peak_rss_gb": peak_rss_gb(), "runs_as": str(eng.dtype).removeprefix("torch.")}

@@ -18,41 +18,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, make_random_phi3, median, peak_rss_gb, print_table, run_child  # noqa: E402
+from common import machine, make_random_phi3, median, peak_rss_gb, print_table, run_child, slmkit_speed  # noqa: E402,E501
 
 ENGINES = ["slmkit-bf16", "slmkit-bf16-plain", "slmkit-fp32", "transformers-bf16", "transformers-fp32"]
 
 
 def child_slmkit(folder: str, dtype: str, prompt: int, decode: int, reps: int, pack: bool = True) -> dict:
-    import slmkit
-    from slmkit import Generator, GeneratorParams
-
-    t0 = time.perf_counter()
-    llm = slmkit.load(folder, dtype=dtype, pack=pack)
-    load_s = time.perf_counter() - t0
-    eng = llm.engine
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, 30000, (1, prompt), generator=g)
-    eng.forward(ids[:, :8], eng.new_cache(1, 16))  # warm-up (page in weights, oneDNN kernels)
-    prefill = []
-    for _ in range(reps):
-        cache = eng.new_cache(1, prompt + 1)
-        t = time.perf_counter()
-        eng.forward(ids, cache)
-        prefill.append(prompt / (time.perf_counter() - t))
-    dec = []
-    for _ in range(reps):
-        gen = Generator(llm, GeneratorParams(max_new_tokens=decode, temperature=0, ignore_eos=True))
-        gen.append_tokens(ids[0, :64].tolist())
-        gen.generate_next_token()
-        gen.get_logits()  # first decode step computed: start the clock after it
-        t = time.perf_counter()
-        while not gen.is_done():
-            gen.generate_next_token()
-            if not gen.is_done():
-                gen.get_logits()
-        dec.append((decode - 1) / (time.perf_counter() - t))
-    return {"load_s": load_s, "prefill_tok_s": median(prefill), "decode_tok_s": median(dec), "peak_rss_gb": peak_rss_gb()}
+    return slmkit_speed(folder, prompt=prompt, decode=decode, reps=reps, dtype=dtype, pack=pack)
 
 
 def child_transformers(folder: str, dtype: str, prompt: int, decode: int, reps: int) -> dict:

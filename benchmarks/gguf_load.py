@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
-from common import machine, make_random_phi3, peak_rss_gb, print_table, run_child  # noqa: E402
+from common import machine, make_random_phi3, peak_rss_gb, print_table, run_child, slmkit_speed  # noqa: E402,E501
 
 
 def make_f16_gguf(folder: Path, out: Path) -> Path:
@@ -50,33 +50,11 @@ def quantize(f16: Path, qtype: str) -> Path:
 
 
 def child(engine: str, path: str, prompt: int, decode: int) -> dict:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, 30000, (prompt,), generator=g).tolist()
     if engine == "slmkit":
-        import slmkit
-        from slmkit import Generator, GeneratorParams
-
-        t0 = time.perf_counter()
-        llm = slmkit.load(path)
-        load_s = time.perf_counter() - t0
-        eng = llm.engine
-        t = time.perf_counter()
-        eng.forward(torch.tensor([ids]), eng.new_cache(1, prompt + 1))
-        prefill = prompt / (time.perf_counter() - t)
-        gen = Generator(llm, GeneratorParams(max_new_tokens=decode, ignore_eos=True))
-        gen.append_tokens(ids[:64])
-        gen.generate_next_token()
-        gen.get_logits()
-        t = time.perf_counter()
-        while not gen.is_done():
-            gen.generate_next_token()
-            if not gen.is_done():
-                gen.get_logits()
-        dec = (decode - 1) / (time.perf_counter() - t)
-        return {"load_s": load_s, "prefill_tok_s": prefill, "decode_tok_s": dec, "peak_rss_gb": peak_rss_gb(),
-                "runs_as": str(eng.dtype).removeprefix("torch.")}
+        return slmkit_speed(path, prompt=prompt, decode=decode)
     import llama_cpp
 
+    ids = torch.randint(100, 30000, (prompt,), generator=torch.Generator().manual_seed(0)).tolist()  # as slmkit
     t0 = time.perf_counter()
     ref = llama_cpp.Llama(model_path=path, n_ctx=1024, n_batch=512, n_threads=2, verbose=False)
     load_s = time.perf_counter() - t0
@@ -91,7 +69,7 @@ def child(engine: str, path: str, prompt: int, decode: int) -> dict:
         ref.eval([int(ref.scores[ref.n_tokens - 1].argmax())])
     dec = (decode - 1) / (time.perf_counter() - t)
     return {"load_s": load_s, "prefill_tok_s": prefill, "decode_tok_s": dec, "peak_rss_gb": peak_rss_gb(),
-            "runs_as": "quantized blocks"}
+            "runs_as": "the file's own types"}
 
 
 def main() -> None:
