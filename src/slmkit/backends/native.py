@@ -17,6 +17,7 @@ class NativeBackend:
 
     def __init__(self, engine: Engine):
         self.engine = engine
+        self.path: Path | None = None  # where the model was loaded from
         self.name = engine.name
         self.model_type = engine.model_type
         self.tokenizer = engine.tokenizer
@@ -25,13 +26,17 @@ class NativeBackend:
 
     @classmethod
     def from_path(cls, path: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
-                  pack: bool = True) -> "NativeBackend":
+                  pack: bool = True, quant: str | None = None, group_size: int | None = None) -> "NativeBackend":
         path = Path(path)
+        q = dict(quant=quant, group_size=group_size)
         if path.is_file() or path.suffix.lower() == ".gguf":  # GGUF: its reader names what is wrong
             from ..engine.gguf_load import load_gguf
 
-            return cls(Engine(load_gguf(path, dtype=dtype, device=device), pack=pack))
-        return cls(Engine(load_hf_folder(path, dtype=dtype, device=device), pack=pack))
+            backend = cls(Engine(load_gguf(path, dtype=dtype, device=device, **q), pack=pack))
+        else:
+            backend = cls(Engine(load_hf_folder(path, dtype=dtype, device=device, **q), pack=pack))
+        backend.path = path
+        return backend
 
     def stream_tokens(self, prompt_ids: Sequence[int], options: SamplingOptions) -> Iterator[TokenStep]:
         params = GeneratorParams(

@@ -46,6 +46,7 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.dtype, self.device, self.name = loaded.dtype, loaded.device, loaded.name
         self.generation_config = loaded.generation_config
+        self.config = loaded.config
         self.gguf = loaded.gguf  # the open GGUF file (quantized blocks) for the quantization pass, if any
         self.model_type: str = loaded.args.model_type
         self.context_length: int = loaded.args.max_position_embeddings

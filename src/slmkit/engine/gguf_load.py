@@ -143,7 +143,19 @@ _CONFIGS: dict[str, Callable[[GGUFFile], dict[str, Any]]] = {"phi3": _phi3_confi
 _MODULES = {"phi3": "phi3", "gemma3": "gemma3_text"}
 
 
-def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu") -> LoadedModel:
+_FLOAT_TYPES = {0, 1, 30}  # F32, F16, BF16
+_LOW_BIT_TYPES = {2, 3, 10, 11, 12, 16, 17, 18, 19, 20, 21, 22, 23, 29, 34, 35, 39, 40, 41}  # <= 4-ish bits
+
+
+def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
+              quant: str | None = None, group_size: int | None = None) -> LoadedModel:
+    """quant: None / "auto" runs the file's quantized linear weights in their own format on CPU
+    (Q4_0/Q4_1/Q4_K -> int4, Q5_x/Q6_K/Q8_0 -> int8, losslessly; other types are dequantized and
+    re-quantized once), "none" dequantizes everything into `dtype`, "int8" / "int4" also
+    quantize the file's float linear weights."""
+    from ..quant.gguf_repack import repack
+    from ..quant.linear import apply_quant, quantize_model
+
     f = open_gguf(path)
     arch = f.architecture
     if arch not in _CONFIGS:
@@ -159,8 +171,12 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
     dev = parse_device(device)
     dt = resolve_dtype(dtype, dev)
     weights: dict[str, torch.Tensor] = {}
+    quantized: dict[str, Any] = {}
+    requant: dict[str, str] = {}  # linear weight -> the scheme its (non-repackable) blocks go to
     names: dict[str, str] = {}  # HF name -> the file's name, for error messages
     maps = FileMappings()
+    run_quantized = dev.type == "cpu" and quant != "none"
+    tied = "output.weight" not in f.tensors
     for name in f.tensors:
         if name in _SKIP:
             continue
@@ -168,19 +184,38 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
         if target is None:
             raise WeightError(name, f"is not a tensor of a GGUF {arch} model", path=f.path)
         names[target] = name
+        info = f.tensors[name]
+        if run_quantized and info.ggml_type not in _FLOAT_TYPES and len(info.shape) == 2:
+            linear = "lm_head.weight" if name == "token_embd.weight" and tied else (
+                None if name == "token_embd.weight" else target)
+            if linear is not None:
+                qw = repack(f.raw(name), info.ggml_type, info.shape)
+                names.setdefault(linear, name)
+                if qw is not None:
+                    quantized[linear] = qw
+                else:
+                    requant[linear] = "int4" if info.ggml_type in _LOW_BIT_TYPES else "int8"
+                if linear == target and qw is not None:
+                    continue
+                # the embedding itself (also the tied output's source) is dequantized below
         weights[target] = t = f.tensor(name, dtype=dt)
         raw = f.raw(name)
         if t.data_ptr() != raw.data_ptr():  # a converted copy: the mapped file pages can go
             release_pages(raw, maps)
     try:
-        model = build_model(module, args, weights, dt, dev, f.path)
+        model = build_model(module, args, weights, dt, dev, f.path, quantized=quantized)
     except WeightError as e:  # name the tensor as the file does
         msg = str(e).split(f"tensor '{e.tensor}': ", 1)[-1]
-        raise WeightError(names.get(e.tensor, e.tensor), msg, path=f.path) from None
+        raise WeightError(names.get(e.tensor.removesuffix(".qweight"), e.tensor), msg, path=f.path) from None
+    for scheme in ("int8", "int4"):
+        todo = {k.removesuffix(".weight") for k, v in requant.items() if v == scheme}
+        if todo:
+            quantize_model(model, scheme, None, skip=lambda n, todo=todo: n not in todo)
+    apply_quant(model, quant, group_size)
     tokenizer = tokenizer_from_gguf_metadata(f.metadata)
     if tokenizer.vocab_size > args.vocab_size:
         raise ConfigError("tokenizer.ggml.tokens", f"lists {tokenizer.vocab_size} tokens but the embedding has "
                           f"{args.vocab_size} rows")
     gen_cfg = {"eos_token_id": cfg["eos_token_id"]} if cfg["eos_token_id"] else {}
     name = str(f.metadata.get("general.name") or Path(path).stem)
-    return LoadedModel(model, args, tokenizer, dt, dev, name, gen_cfg, gguf=f)
+    return LoadedModel(model, args, tokenizer, dt, dev, name, gen_cfg, gguf=f, config=cfg)

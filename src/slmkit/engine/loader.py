@@ -106,12 +106,17 @@ def load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def build_model(module: Any, args: Any, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                device: torch.device, source: object) -> nn.Module:
-    """Construct on the meta device, check every tensor, then assign (no random init, no copy)."""
+                device: torch.device, source: object, quantized: dict[str, Any] | None = None) -> nn.Module:
+    """Construct on the meta device, check every tensor, then assign (no random init, no copy).
+    `quantized` maps linear weight names ("....weight") to QuantWeights: those modules become
+    QuantLinear (slmkit.quant) instead of taking a float tensor."""
     weights = module.sanitize(weights, args)
     with torch.device("meta"):
         model = module.Model(args)
-    expected = model.state_dict()
+    quant_state = _swap_quantized(model, quantized or {}, source) if quantized else {}
+    for name in quantized or {}:
+        weights.pop(name, None)  # a tied float copy (the embedding's) may have been added by sanitize
+    expected = {k: v for k, v in model.state_dict().items() if k not in quant_state}
     missing = [k for k in expected if k not in weights]
     if missing:
         raise WeightError(missing[0], f"missing from the checkpoint ({len(missing)} missing in all)", path=source)
@@ -132,8 +137,35 @@ def build_model(module: Any, args: Any, weights: dict[str, torch.Tensor], dtype:
         state[name] = t.to(device=device, dtype=torch.float32 if keep32 else dtype)
         if state[name].data_ptr() != t.data_ptr() and uses[id(t)] == 1:
             release_pages(t, maps)  # converted copy made: let the mapped checkpoint pages go
+    state.update(quant_state)
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval().requires_grad_(False)
+
+
+def _swap_quantized(model: nn.Module, quantized: dict[str, Any], source: object) -> dict[str, torch.Tensor]:
+    """Replace the (meta) nn.Linear of every quantized weight name; returns the new modules' state."""
+    from ..quant.linear import QuantLinear
+
+    state: dict[str, torch.Tensor] = {}
+    for name, qw in quantized.items():
+        path = name.removesuffix(".weight")
+        parent_name, _, attr = path.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name)
+        except AttributeError:
+            parent = None
+        lin = getattr(parent, attr, None) if parent is not None else None
+        if not isinstance(lin, nn.Linear):
+            raise WeightError(name, "is quantized but is not a linear layer's weight of this model", path=source)
+        if (qw.n, qw.k) != (lin.out_features, lin.in_features):
+            raise WeightError(name, f"has shape {(qw.n, qw.k)}, config implies {(lin.out_features, lin.in_features)}",
+                              path=source)
+        if lin.bias is not None:
+            raise WeightError(name, "quantized layers with a bias are not supported", path=source)
+        q = QuantLinear(qw)
+        setattr(parent, attr, q)
+        state.update({f"{path}.{k}": v for k, v in q.state_dict().items()})
+    return state
 
 
 @dataclass
@@ -146,9 +178,16 @@ class LoadedModel:
     name: str
     generation_config: dict = field(default_factory=dict)
     gguf: Any = None  # the open GGUFFile a model came from (its quantized blocks stay reachable)
+    config: dict = field(default_factory=dict)  # HF-style config (what `slm quantize` writes out)
 
 
-def load_hf_folder(path: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu") -> LoadedModel:
+def load_hf_folder(path: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
+                   quant: str | None = None, group_size: int | None = None) -> LoadedModel:
+    """quant "int8" / "int4" quantizes the float linear weights after load; a folder written by
+    `slm quantize` loads its quantized tensors as they are (memory-mapped, no re-quantization)."""
+    from ..quant.linear import apply_quant
+    from ..quant.store import is_quantized_config, split_quantized
+
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise ModelFileError(folder, "is not a model folder (no such directory)")
@@ -160,9 +199,13 @@ def load_hf_folder(path: str | Path, *, dtype: str | torch.dtype = "auto", devic
     args = module.ModelArgs.from_dict(config, path=config_path)
     dev = parse_device(device)
     dt = resolve_dtype(dtype, dev)
-    model = build_model(module, args, load_safetensors(folder), dt, dev, folder)
+    weights = load_safetensors(folder)
+    quantized = split_quantized(weights, folder) if is_quantized_config(config) else {}
+    model = build_model(module, args, weights, dt, dev, folder, quantized=quantized)
+    maps = FileMappings()
+    apply_quant(model, quant, group_size, release=lambda t: release_pages(t, maps))
     tokenizer = Tokenizer.from_folder(folder)
     gen_cfg = read_json(folder / "generation_config.json", required=False) or {}
     if not isinstance(gen_cfg, dict):
         raise ModelFileError(folder / "generation_config.json", "must hold a JSON object")
-    return LoadedModel(model, args, tokenizer, dt, dev, folder.resolve().name, gen_cfg)
+    return LoadedModel(model, args, tokenizer, dt, dev, folder.resolve().name, gen_cfg, config=config)

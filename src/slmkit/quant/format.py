@@ -1,0 +1,244 @@
+"""slmkit's quantized weight layout, quantizers from float, and the pure-PyTorch reference matmul.
+
+One layout serves int8 and int4, our own quantizers and GGUF blocks alike:
+
+    w[n, k] = scale[n, g] * (u[n, k] - zero) + min[n, g]        g = k // group
+
+- `u` is an unsigned code: 0..15 (int4) or 0..255 (int8); `zero` a per-tensor integer (8 for
+  Q4_0, 128 for symmetric int8, 32 for Q6_K, 0 for asymmetric schemes that carry `min`).
+- Rows come in tiles of 16 and K in chunks of 4, so that one 64-byte load is 16 rows x 4 codes:
+  what one AVX512-VNNI `vpdpbusd` consumes. int4 packs two chunks per 64 bytes (low nibbles:
+  k0..k0+3, high nibbles: k0+4..k0+7). N and K are padded with zeros to the tile and group.
+- scales / mins: [tiles, groups, 16] in float16 (where exact, e.g. Q4_0, Q8_0, our quantizers) or
+  float32 (exact products such as Q4_K's d * sub-scale).
+
+The reference matmul (`qmatmul_reference`) quantizes activations per group to int8 exactly as the
+compiled kernel does (scale = absmax / 127, round half to even), takes exact integer dot products
+per group, and combines them in float32: kernel and fallback agree to float rounding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TILE = 16
+GROUPS = (16, 32, 64, 128, 256)
+
+
+@dataclass
+class QuantWeight:
+    bits: int                    # 4 or 8
+    n: int                       # out features
+    k: int                       # in features
+    group: int
+    zero: int
+    qweight: torch.Tensor        # uint8 [tiles, kp // (8 if bits == 4 else 4), 64]
+    scales: torch.Tensor         # float16 / float32 [tiles, kp // group, 16]
+    mins: torch.Tensor | None    # same as scales, or None
+
+    @property
+    def kp(self) -> int:
+        return self.scales.shape[1] * self.group
+
+    @property
+    def tiles(self) -> int:
+        return self.scales.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        extra = 0 if self.mins is None else self.mins.nbytes
+        return self.qweight.nbytes + self.scales.nbytes + extra
+
+    def scheme(self) -> str:
+        return f"int{self.bits}" + ("" if self.mins is None else "-asym")
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {f"{prefix}.qweight": self.qweight, f"{prefix}.scales": self.scales}
+        if self.mins is not None:
+            out[f"{prefix}.mins"] = self.mins
+        return out
+
+
+def padded(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+# ----------------------------------------------------------------------------------- layout
+def pack_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """[np, kp] uint8 codes (np % 16 == 0, kp % 8 == 0) -> the tiled layout."""
+    np_, kp = u.shape
+    t = u.view(np_ // TILE, TILE, kp // 4, 4).permute(0, 2, 1, 3)        # [tiles, kp/4, 16, 4]
+    if bits == 8:
+        return t.reshape(np_ // TILE, kp // 4, 64).contiguous()
+    t = t.reshape(np_ // TILE, kp // 8, 2, 64)                            # chunk pairs
+    return (t[:, :, 0] | (t[:, :, 1] << 4)).contiguous()
+
+
+def unpack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """The tiled layout -> [np, kp] uint8 codes."""
+    tiles = q.shape[0]
+    if bits == 4:
+        q = torch.stack((q & 0x0F, q >> 4), dim=2)                        # [tiles, kp/8, 2, 64]
+    t = q.reshape(tiles, -1, TILE, 4)                                    # [tiles, kp/4, 16, 4]
+    return t.permute(0, 2, 1, 3).reshape(tiles * TILE, -1)
+
+
+def _tile_groups(x: torch.Tensor) -> torch.Tensor:
+    """[np, groups] -> [tiles, groups, 16]."""
+    return x.view(-1, TILE, x.shape[1]).transpose(1, 2).contiguous()
+
+
+def _untile_groups(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2).reshape(-1, x.shape[1])
+
+
+def from_codes(u: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, *, bits: int, group: int,
+               zero: int, n: int, k: int) -> QuantWeight:
+    """Build a QuantWeight from row-major codes [n, k] and per-group scales / mins [n, k // group]."""
+    if group not in GROUPS or group % (8 if bits == 4 else 4):
+        raise ValueError(f"group size {group} is not one of {GROUPS}")
+    np_, kp = padded(n, TILE), padded(k, group)
+    uu = torch.zeros(np_, kp, dtype=torch.uint8)
+    uu[:n, :k] = u
+    if zero and (n < np_ or k < kp):
+        uu[:n, k:] = zero  # padding must dequantize to 0 (its activations are 0 anyway)
+    sp = torch.zeros(np_, kp // group, dtype=scales.dtype)
+    sp[:n, : scales.shape[1]] = scales
+    mp = None
+    if mins is not None:
+        mp = torch.zeros(np_, kp // group, dtype=mins.dtype)
+        mp[:n, : mins.shape[1]] = mins
+        mp = _tile_groups(mp)
+    return QuantWeight(bits, n, k, group, zero, pack_codes(uu, bits), _tile_groups(sp), mp)
+
+
+def dequantize_weight(qw: QuantWeight, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> torch.Tensor:
+    """The float weight [n, k] (or a row range of it: rows must start and stop on tile borders
+    unless it is the end)."""
+    t0, t1 = 0, qw.tiles
+    if rows is not None:
+        t0, t1 = rows.start // TILE, padded(rows.stop, TILE) // TILE
+    u = unpack_codes(qw.qweight[t0:t1], qw.bits).float()
+    s = _untile_groups(qw.scales[t0:t1]).float().repeat_interleave(qw.group, dim=1)
+    w = (u - qw.zero) * s if qw.zero else u * s
+    if qw.mins is not None:
+        w = w + _untile_groups(qw.mins[t0:t1]).float().repeat_interleave(qw.group, dim=1)
+    r0 = t0 * TILE
+    r1 = qw.n if rows is None else rows.stop
+    return w[: r1 - r0, : qw.k].to(dtype)
+
+
+# ------------------------------------------------------------------------------ quantizers
+def _int8_codes(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    s = (g.abs().amax(dim=-1) / 127).to(torch.float16)
+    sf = s.float()
+    inv = torch.where(sf > 0, 1.0 / sf, torch.zeros_like(sf))
+    return (torch.round(g * inv[..., None]).clamp_(-127, 127) + 128).to(torch.uint8), s, None
+
+
+def _int4_fit(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """Codes for range [lo, hi], then the least-squares scale and min for those codes (float16)."""
+    s = ((hi - lo) / 15).clamp_min(1e-12)
+    u = torch.round((g - lo[..., None]) / s[..., None]).clamp_(0, 15)
+    # refit: minimise sum (s * u + m - w)^2 over s, m for the chosen codes
+    n = g.shape[-1]
+    su, sw = u.sum(-1), g.sum(-1)
+    suu, suw = (u * u).sum(-1), (u * g).sum(-1)
+    det = n * suu - su * su
+    ok = det > 0
+    s2 = torch.where(ok, (n * suw - su * sw) / torch.where(ok, det, 1), s)
+    m2 = torch.where(ok, (sw - s2 * su) / n, lo)
+    return s2.to(torch.float16), m2.to(torch.float16)
+
+
+def _int4_codes(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 with a search: the range [min, max] shrunk by a few clip ratios, each fit by
+    least squares; per group the candidate with the smallest squared error wins (round-to-nearest
+    over the full range loses ~1.5x more perplexity on Gemma 3 270M: benchmarks/quality.py)."""
+    lo0, hi0 = g.amin(dim=-1), g.amax(dim=-1)
+    best = None
+    for clip in (1.0, 0.95, 0.9, 0.85, 0.8):
+        s, m = _int4_fit(g, lo0 * clip, hi0 * clip)
+        sf, mf = s.float(), m.float()
+        inv = torch.where(sf > 0, 1.0 / sf, torch.zeros_like(sf))
+        u = torch.round((g - mf[..., None]) * inv[..., None]).clamp_(0, 15)
+        err = ((u * sf[..., None] + mf[..., None]) - g).square().sum(-1)
+        if best is None:
+            best = [err, u, s, m]
+        else:
+            better = err < best[0]
+            best[0] = torch.where(better, err, best[0])
+            best[1] = torch.where(better[..., None], u, best[1])
+            best[2] = torch.where(better, s, best[2])
+            best[3] = torch.where(better, m, best[3])
+    return best[1].to(torch.uint8), best[2], best[3]
+
+
+def quantize(w: torch.Tensor, bits: int, group: int, *, rows_per_chunk: int = 256) -> QuantWeight:
+    """Round-to-nearest weight-only quantization of a float [n, k] weight, per group of K:
+    int8: symmetric, scale = absmax / 127 (float16), codes q + 128;
+    int4: asymmetric, w ~ scale * u + min with u in 0..15 (scale and min in float16, searched).
+    Works through row chunks (fast in cache, bounded temporaries)."""
+    n, k = w.shape
+    ng = padded(k, group) // group
+    u = torch.empty(n, ng * group, dtype=torch.uint8)
+    s = torch.empty(n, ng, dtype=torch.float16)
+    m = torch.empty(n, ng, dtype=torch.float16) if bits == 4 else None
+    codes = _int8_codes if bits == 8 else _int4_codes
+    for r0 in range(0, n, rows_per_chunk):
+        r1 = min(n, r0 + rows_per_chunk)
+        chunk = w[r0:r1].float()
+        if k % group:  # pad the last group with a copy of its first value: the range stays the same
+            fill = chunk[:, k - k % group: k - k % group + 1].expand(-1, ng * group - k)
+            chunk = torch.cat([chunk, fill], dim=1)
+        cu, cs, cm = codes(chunk.view(r1 - r0, ng, group))
+        u[r0:r1], s[r0:r1] = cu.view(r1 - r0, -1), cs
+        if m is not None:
+            m[r0:r1] = cm
+    return from_codes(u[:, :k], s, m, bits=bits, group=group, zero=128 if bits == 8 else 0, n=n, k=k)
+
+
+# ------------------------------------------------------------------------ reference matmul
+def quantize_activations(x: torch.Tensor, group: int, kp: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] -> int8 codes [M, kp] as float32, scales [M, groups], code sums [M, groups]
+    (the compiled kernel computes exactly these)."""
+    xf = x.float()
+    if kp != xf.shape[1]:
+        xf = torch.nn.functional.pad(xf, (0, kp - xf.shape[1]))
+    g = xf.view(xf.shape[0], kp // group, group)
+    d = g.abs().amax(dim=-1) / 127
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(g * inv[..., None])
+    return q.view(xf.shape[0], kp), d, q.sum(dim=-1)
+
+
+def qmatmul_reference(x: torch.Tensor, qw: QuantWeight, *, chunk_bytes: int = 64 << 20) -> torch.Tensor:
+    """x [M, K] @ W.T -> float32 [M, N] with the compiled kernel's arithmetic in PyTorch ops: exact
+    integer dot products per group, then, group by group in order, acc += isum * (scale * dx) and
+    acc += min * (dx * xsum) as separately rounded float32 operations. So it matches the kernel bit
+    for bit. Works through row chunks whose temporaries stay under about chunk_bytes."""
+    m = x.shape[0]
+    q, d, qs = quantize_activations(x, qw.group, qw.kp)
+    ng = qw.kp // qw.group
+    qg = q.view(m, ng, qw.group).transpose(0, 1)                          # [ng, M, G]
+    dq = d * qs                                                           # [M, ng]
+    out = torch.empty(m, qw.n, dtype=torch.float32, device=x.device)
+    per_row = max(ng * m * 4 + qw.kp * 4, 1)
+    step = max(TILE, (chunk_bytes // per_row) // TILE * TILE)
+    for r0 in range(0, qw.n, step):
+        r1 = min(qw.n, r0 + step)
+        t0, t1 = r0 // TILE, padded(r1, TILE) // TILE
+        u = unpack_codes(qw.qweight[t0:t1], qw.bits).float()            # [rows, kp], exact integers
+        isum = torch.bmm(qg, u.view(-1, ng, qw.group).permute(1, 2, 0))  # [ng, M, rows], exact: < 2**24
+        if qw.zero:
+            isum -= qw.zero * qs.t()[:, :, None]
+        s = qw.scales[t0:t1].float().permute(1, 0, 2).reshape(ng, -1)    # [ng, rows]
+        mn = None if qw.mins is None else qw.mins[t0:t1].float().permute(1, 0, 2).reshape(ng, -1)
+        acc = torch.zeros(m, s.shape[1], dtype=torch.float32, device=x.device)
+        for g in range(ng):
+            acc += isum[g] * (s[g] * d[:, g:g + 1])
+            if mn is not None:
+                acc += mn[g] * dq[:, g:g + 1]
+        out[:, r0:r1] = acc[:, : r1 - r0]
+    return out

@@ -1,0 +1,160 @@
+"""Lossless conversion of GGUF quantized blocks into slmkit's `QuantWeight` layout.
+
+Each handled ggml type maps onto ``w = scale * (u - zero) + min`` with the codes taken verbatim
+and the scale / min products formed exactly as ggml forms them (f16 widened to f32, product in
+f32), so ``dequantize_weight(repack(...))`` equals ``slmkit.gguf.quants.dequantize`` bit for bit.
+The K-quants' ``d*sc*q - dmin*m`` becomes ``scale*u + min`` with ``min = -(dmin*m)``: IEEE
+subtraction *is* addition of the negation, so this is exact too. Types without such a mapping
+(float types, Q2_K, Q3_K, IQ*, ...) give None: the caller re-quantizes those from float.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+from slmkit.gguf.quants import GGML_QUANT_SIZES, _bits, _k_scale_min, _nibbles
+from slmkit.quant.format import TILE, QuantWeight, pack_codes, padded
+
+__all__ = ["REPACKABLE", "repack"]
+
+_U8, _F16, _F32 = torch.uint8, torch.float16, torch.float32
+_SH_0_4 = torch.tensor([0, 4], dtype=_U8)
+_SH_2BIT = torch.tensor([0, 2, 4, 6], dtype=_U8)
+_SH_BITS = torch.arange(8, dtype=_U8)
+
+# Decoded blocks: codes [nb, block] uint8, scales [nb, block // group], mins (same) or None.
+_Decoded = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+
+def _h(b: torch.Tensor, at: int) -> torch.Tensor:
+    """[nb, 1] float16 stored at byte ``at`` of every block (kept as f16: exact)."""
+    return b[:, at:at + 2].contiguous().view(_F16)
+
+
+def _q4_0(b: torch.Tensor) -> _Decoded:
+    return _nibbles(b[:, 2:18]), _h(b, 0), None
+
+
+def _q4_1(b: torch.Tensor) -> _Decoded:
+    return _nibbles(b[:, 4:20]), _h(b, 0), _h(b, 2)
+
+
+def _q5_0(b: torch.Tensor) -> _Decoded:
+    return _nibbles(b[:, 6:22]) | (_bits(b[:, 2:6]) << 4), _h(b, 0), None
+
+
+def _q5_1(b: torch.Tensor) -> _Decoded:
+    return _nibbles(b[:, 8:24]) | (_bits(b[:, 4:8]) << 4), _h(b, 0), _h(b, 2)
+
+
+def _q8_0(b: torch.Tensor) -> _Decoded:
+    return b[:, 2:34] ^ 0x80, _h(b, 0), None  # int8 q -> uint8 q + 128
+
+
+def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K: f32 sub-block scales d*sc and mins -(dmin*m), [nb, 8] each (ggml's products)."""
+    d, dmin = _h(b, 0).to(_F32), _h(b, 2).to(_F32)
+    sc, mn = _k_scale_min(b[:, 4:16])
+    return d * sc, (dmin * mn).neg_()
+
+
+def _q4_k(b: torch.Tensor) -> _Decoded:
+    n = b.shape[0]
+    u = (b[:, 16:144].reshape(n, 4, 1, 32) >> _SH_0_4.view(1, 1, 2, 1)) & 0x0F
+    return (u.reshape(n, 256), *_k_scales(b))
+
+
+def _q5_k(b: torch.Tensor) -> _Decoded:
+    n = b.shape[0]
+    ql = (b[:, 48:176].reshape(n, 4, 1, 32) >> _SH_0_4.view(1, 1, 2, 1)) & 0x0F
+    qh = (b[:, 16:48].reshape(n, 1, 1, 32) >> _SH_BITS.view(1, 1, 8, 1)) & 1
+    return ((ql.reshape(n, 256) | (qh.reshape(n, 256) << 4)), *_k_scales(b))
+
+
+def _q6_k(b: torch.Tensor) -> _Decoded:
+    n = b.shape[0]
+    ql = (b[:, 0:128].reshape(n, 2, 1, 64) >> _SH_0_4.view(1, 1, 2, 1)) & 0x0F
+    qh = (b[:, 128:192].reshape(n, 2, 1, 32) >> _SH_2BIT.view(1, 1, 4, 1)) & 3
+    scale = _h(b, 208).to(_F32) * b[:, 192:208].view(torch.int8).to(_F32)
+    return ql.reshape(n, 256) | (qh.reshape(n, 256) << 4), scale, None
+
+
+class _Spec(NamedTuple):
+    bits: int
+    group: int
+    zero: int
+    dtype: torch.dtype               # of scales / mins
+    has_min: bool
+    decode: Callable[[torch.Tensor], _Decoded]
+
+
+_SPECS: dict[int, _Spec] = {
+    2: _Spec(4, 32, 8, _F16, False, _q4_0),
+    3: _Spec(4, 32, 0, _F16, True, _q4_1),
+    6: _Spec(8, 32, 16, _F16, False, _q5_0),
+    7: _Spec(8, 32, 0, _F16, True, _q5_1),
+    8: _Spec(8, 32, 128, _F16, False, _q8_0),
+    12: _Spec(4, 32, 0, _F32, True, _q4_k),
+    13: _Spec(8, 32, 0, _F32, True, _q5_k),
+    14: _Spec(8, 16, 32, _F32, False, _q6_k),
+}
+
+REPACKABLE: frozenset[int] = frozenset(_SPECS)
+
+# Rough bytes of temporaries per weight element while decoding and packing one row chunk.
+_TEMP_BYTES_PER_ELEMENT = 8
+
+
+def _tile(x: torch.Tensor) -> torch.Tensor:
+    """[rows, groups] (rows % 16 == 0) -> [rows // 16, groups, 16] (format.py's scale layout)."""
+    return x.view(-1, TILE, x.shape[1]).transpose(1, 2)
+
+
+def repack(raw: torch.Tensor, ggml_type: int, shape: tuple[int, int], *,
+           chunk_bytes: int = 64 << 20) -> QuantWeight | None:
+    """The GGUF bytes of a 2-D weight of torch shape ``(n, k)`` as a QuantWeight, losslessly;
+    None for a type in no lossless mapping. Rows are decoded in chunks of about ``chunk_bytes``
+    of temporaries, written straight into the result's preallocated tiled tensors."""
+    spec = _SPECS.get(int(ggml_type))
+    if spec is None:
+        return None
+    if raw.dtype != _U8:
+        raise ValueError(f"raw tensor bytes must be uint8, got {raw.dtype}")
+    if len(shape) != 2:
+        raise ValueError(f"repack needs a 2-D weight, got shape {tuple(shape)}")
+    n, k = (int(s) for s in shape)
+    block, size = GGML_QUANT_SIZES[int(ggml_type)]
+    if n <= 0 or k <= 0 or k % block:
+        raise ValueError(f"shape {(n, k)}: K must be a positive multiple of the block size {block}")
+    row_bytes = k // block * size
+    flat = raw.reshape(-1)
+    if flat.numel() != n * row_bytes:
+        raise ValueError(f"shape {(n, k)} needs {n * row_bytes} bytes, got {flat.numel()}")
+    rows_raw = flat.view(n, row_bytes)
+
+    bits, group = spec.bits, spec.group
+    tiles, groups = padded(n, TILE) // TILE, k // group
+    qweight = torch.empty(tiles, k // (8 if bits == 4 else 4), 64, dtype=_U8)
+    scales = torch.empty(tiles, groups, TILE, dtype=spec.dtype)
+    mins = torch.empty(tiles, groups, TILE, dtype=spec.dtype) if spec.has_min else None
+
+    step = max(TILE, chunk_bytes // (_TEMP_BYTES_PER_ELEMENT * k) // TILE * TILE)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        rows, rp = r1 - r0, padded(r1 - r0, TILE)
+        u, s, m = spec.decode(rows_raw[r0:r1].contiguous().view(-1, size))
+        u, s = u.reshape(rows, k), s.reshape(rows, groups)
+        if rp != rows:  # padding rows: code 0, scale 0, min 0 (as format.from_codes pads)
+            u = torch.nn.functional.pad(u, (0, 0, 0, rp - rows))
+            s = torch.nn.functional.pad(s, (0, 0, 0, rp - rows))
+        t0, t1 = r0 // TILE, r0 // TILE + rp // TILE
+        qweight[t0:t1] = pack_codes(u, bits)
+        scales[t0:t1] = _tile(s)
+        if mins is not None:
+            assert m is not None
+            m = m.reshape(rows, groups)
+            if rp != rows:
+                m = torch.nn.functional.pad(m, (0, 0, 0, rp - rows))
+            mins[t0:t1] = _tile(m)
+    return QuantWeight(bits, n, k, group, spec.zero, qweight, scales, mins)

@@ -1,0 +1,127 @@
+"""The compiled quantized-matmul kernel (qgemm.cpp): build, load, call; None where unavailable.
+
+Built once with the machine's C++ compiler (at `make` time, or on first use) into the package
+folder when writable, else `$SLMKIT_HOME/kernels` / `~/.cache/slmkit/kernels`; the file name
+carries a hash of the source, so an edited kernel is rebuilt. Loaded through ctypes after torch,
+so it shares torch's OpenMP runtime. `SLMKIT_KERNEL=0` forces the pure-PyTorch path. Where the
+CPU lacks AVX512-VNNI, or no compiler works, `get_kernel()` returns None and callers fall back.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from .format import QuantWeight
+
+SOURCE = Path(__file__).with_name("qgemm.cpp")
+FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl",
+         "-mavx512vnni", "-mf16c", "-mfma", "-ffp-contract=off"]
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+build_error: str | None = None  # why the kernel is unavailable, for `slm` diagnostics
+
+
+def _lib_name() -> str:
+    h = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
+    return f"libslmqgemm-{h}.so"
+
+
+def _candidates() -> list[Path]:
+    home = os.environ.get("SLMKIT_HOME")
+    cache = Path(home) / "kernels" if home else Path.home() / ".cache" / "slmkit" / "kernels"
+    return [SOURCE.parent / _lib_name(), cache / _lib_name()]
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile qgemm.cpp (no-op when an up-to-date library exists); returns its path."""
+    for p in _candidates():
+        if p.is_file():
+            return p
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if not cxx:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    errors = []
+    for dest in _candidates():
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=dest.parent)
+            os.close(fd)
+        except OSError as e:
+            errors.append(f"{dest.parent}: {e}")
+            continue
+        cmd = [cxx, *FLAGS, str(SOURCE), "-o", tmp]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            os.unlink(tmp)
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+        os.replace(tmp, dest)  # atomic: a concurrent loader never sees half a file
+        if verbose:
+            print(f"built {dest}", file=sys.stderr)
+        return dest
+    raise RuntimeError("no writable folder for the kernel: " + "; ".join(errors))
+
+
+def get_kernel() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it on first use; None where it cannot run here."""
+    global _lib, _tried, build_error
+    if os.environ.get("SLMKIT_KERNEL", "1") in ("0", "off", "false"):
+        return None
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        try:
+            if platform.machine().lower() not in ("x86_64", "amd64"):
+                raise RuntimeError(f"the kernel is for x86-64 CPUs, not {platform.machine()}")
+            lib = ctypes.CDLL(str(build()))
+            if not lib.slm_supported():
+                raise RuntimeError("this CPU has no AVX512-VNNI")
+            lib.slm_qgemm.restype = ctypes.c_int
+            lib.slm_qgemm.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64,
+                                      ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int]
+            _lib = lib
+        except (OSError, RuntimeError) as e:
+            build_error = str(e)
+            _lib = None
+        _tried = True
+    return _lib
+
+
+def qmatmul_kernel(lib: ctypes.CDLL, x: torch.Tensor, qw: QuantWeight, out_dtype: torch.dtype) -> torch.Tensor:
+    """x [M, K] (float32 or bfloat16, CPU) @ W.T -> [M, N] in out_dtype (float32 or bfloat16)."""
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        x = x.float()
+    x = x.contiguous()
+    m = x.shape[0]
+    out = torch.empty(m, qw.n, dtype=out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32)
+    mins = qw.mins.data_ptr() if qw.mins is not None else None
+    rc = lib.slm_qgemm(x.data_ptr(), int(x.dtype == torch.bfloat16), m, qw.k, qw.k, qw.qweight.data_ptr(),
+                       qw.scales.data_ptr(), mins, int(qw.scales.dtype == torch.float16), qw.bits, qw.tiles, qw.kp,
+                       qw.group, qw.zero, qw.n, out.data_ptr(), int(out.dtype == torch.bfloat16), qw.n,
+                       torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"slm_qgemm failed with code {rc}")
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+if __name__ == "__main__":  # `python -m slmkit.quant.kernel`: build at install time
+    try:
+        print(build(verbose=True))
+    except RuntimeError as e:
+        print(f"slmkit: the quantized kernel was not built ({e}); the PyTorch fallback will be used",
+              file=sys.stderr)

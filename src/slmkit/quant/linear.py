@@ -1,0 +1,124 @@
+"""Weight-only quantization as a module swap (gpt-fast style): model code never branches on it.
+
+`quantize_model(model, "int4", group_size=32)` replaces every `nn.Linear` with a `QuantLinear`
+holding a QuantWeight; its forward runs the compiled VNNI kernel on CPU where it is available and
+the pure-PyTorch reference (same math) elsewhere. `use_kernel(False)` forces the fallback.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import InvalidRequestError
+from .format import GROUPS, QuantWeight, dequantize_weight, qmatmul_reference, quantize
+from .kernel import get_kernel, qmatmul_kernel
+
+SCHEMES = {"int8": 8, "int4": 4}
+DEFAULT_GROUP = {"int8": 32, "int4": 32}
+_kernel_enabled = True
+
+
+@contextlib.contextmanager
+def use_kernel(enabled: bool) -> Iterator[None]:
+    """Run QuantLinear through the compiled kernel (True, where available) or the PyTorch fallback."""
+    global _kernel_enabled
+    old, _kernel_enabled = _kernel_enabled, enabled
+    try:
+        yield
+    finally:
+        _kernel_enabled = old
+
+
+def kernel_active() -> bool:
+    return _kernel_enabled and get_kernel() is not None
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W.T (+ b) with W quantized; the tensors are buffers so state_dict() saves them."""
+
+    def __init__(self, qw: QuantWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.bits, self.group, self.zero = qw.bits, qw.group, qw.zero
+        self.in_features, self.out_features = qw.k, qw.n
+        self.register_buffer("qweight", qw.qweight)
+        self.register_buffer("scales", qw.scales)
+        self.register_buffer("mins", qw.mins)
+        self.register_buffer("bias", bias)
+
+    @property
+    def weight_q(self) -> QuantWeight:
+        return QuantWeight(self.bits, self.out_features, self.in_features, self.group, self.zero,
+                           self.qweight, self.scales, self.mins)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_weight(self.weight_q, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        lib = get_kernel() if _kernel_enabled and x.device.type == "cpu" else None
+        if lib is not None:
+            y = qmatmul_kernel(lib, x2, self.weight_q, x.dtype)
+        else:
+            y = qmatmul_reference(x2, self.weight_q).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        kind = "asym" if self.mins is not None else f"zero={self.zero}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}, "
+                f"group={self.group}, {kind}, scales={str(self.scales.dtype).removeprefix('torch.')}")
+
+
+def check_scheme(quant: str, group_size: int | None) -> tuple[int, int]:
+    """(bits, group) for a scheme name, or InvalidRequestError naming the bad parameter."""
+    if quant not in SCHEMES:
+        raise InvalidRequestError(f"must be one of {', '.join(SCHEMES)}; got {quant!r}", param="quant")
+    group = DEFAULT_GROUP[quant] if group_size is None else group_size
+    if isinstance(group, bool) or group not in GROUPS or group < 32:
+        raise InvalidRequestError(f"must be one of 32, 64, 128, 256; got {group_size!r}", param="group_size")
+    return SCHEMES[quant], group
+
+
+def quantize_model(model: nn.Module, quant: str, group_size: int | None = None,
+                   skip: Callable[[str], bool] | None = None,
+                   release: Callable[[torch.Tensor], None] | None = None) -> int:
+    """Swap every float nn.Linear of `model` (except names where skip(name) is true) for a
+    QuantLinear; returns how many. Each float weight is dropped as soon as its copy is made
+    (`release(weight)` is called for weights no other module shares, e.g. to unmap file pages)."""
+    bits, group = check_scheme(quant, group_size)
+    todo = [(f"{pname}.{name}" if pname else name, parent, name, child)
+            for pname, parent in model.named_modules() for name, child in parent.named_children()
+            if isinstance(child, nn.Linear) and child.weight.is_floating_point()]
+    shared = {p.data_ptr() for m in model.modules() if not isinstance(m, nn.Linear)
+              for p in m.parameters(recurse=False)}  # a tied embedding keeps reading its weight
+    n = 0
+    for full, parent, name, lin in todo:
+        if skip is not None and skip(full):
+            continue
+        bias = None if lin.bias is None else lin.bias.detach().clone()
+        q = quantize(lin.weight.detach().float() if lin.weight.dtype != torch.float32 else lin.weight.detach(),
+                     bits, group)
+        setattr(parent, name, QuantLinear(q, bias))
+        if release is not None and lin.weight.data_ptr() not in shared:
+            release(lin.weight)
+        n += 1
+    return n
+
+
+def apply_quant(model: nn.Module, quant: str | None, group_size: int | None = None,
+                release: Callable[[torch.Tensor], None] | None = None) -> int:
+    """The `load(quant=...)` pass over a model's remaining float linears. int4 keeps the output
+    projection (lm_head) at int8, as llama.cpp's Q4 files keep theirs at Q6_K: its errors go
+    straight into the logits."""
+    if quant in (None, "none", "auto"):
+        return 0
+    check_scheme(quant, group_size)
+    n = 0
+    if quant == "int4":
+        n += quantize_model(model, "int8", None, skip=lambda name: name != "lm_head", release=release)
+    return n + quantize_model(model, quant, group_size, release=release)

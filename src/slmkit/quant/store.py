@@ -1,0 +1,153 @@
+"""Quantized model folders: what `slm quantize` writes and the HF-folder loader reads back.
+
+A folder is a Hugging Face folder whose config.json carries
+    "quantization_config": {"quant_method": "slmkit", "format": 1, "quant": "int4", "group_size": 64}
+and whose model.safetensors holds float tensors under their usual names plus, for every
+quantized linear, `<module>.qweight`, `<module>.scales` and (asymmetric) `<module>.mins` in the
+tiled layout of format.py; the safetensors metadata key "slmkit.quant" maps each module to
+{bits, group, zero, n, k}. Loading memory-maps the file: no re-quantization, no copy.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ModelFileError, WeightError
+from .format import TILE, QuantWeight, padded
+from .linear import QuantLinear
+
+FORMAT = 1
+META_KEY = "slmkit.quant"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                    "chat_template.jinja", "chat_template.json", "tokenizer.model", "added_tokens.json")
+
+
+def is_quantized_config(config: dict) -> bool:
+    qc = config.get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") == "slmkit"
+
+
+def _layout(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, int]]]:
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, dict[str, int]] = {}
+    seen: dict[int, str] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            q = mod.weight_q
+            meta[name] = {"bits": q.bits, "group": q.group, "zero": q.zero, "n": q.n, "k": q.k}
+            tensors.update(q.tensors(name))
+            if mod.bias is not None:
+                tensors[f"{name}.bias"] = mod.bias
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            key = f"{name}.{pname}" if name else pname
+            if p.data_ptr() in seen:  # a tied weight: stored once, re-tied by the model's sanitize()
+                continue
+            seen[p.data_ptr()] = key
+            tensors[key] = p.detach()
+    return {k: v.contiguous() for k, v in tensors.items()}, meta
+
+
+def save_quantized(model: nn.Module, config: dict[str, Any], dst: str | Path, *, quant: str, group_size: int | None,
+                   source: str | Path | None = None, tokenizer: Any = None,
+                   generation_config: dict | None = None) -> Path:
+    """Write a quantized model folder at dst (which must not exist or be empty), atomically:
+    everything goes into a temporary sibling that is renamed into place at the end."""
+    from safetensors.torch import save_file
+
+    dst = Path(dst).expanduser()
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ModelFileError(dst, "already exists and is not an empty folder; choose another destination")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        tensors, meta = _layout(model)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={META_KEY: json.dumps(meta)})
+        cfg = {k: v for k, v in config.items() if k != "quantization_config"}
+        cfg["quantization_config"] = {"quant_method": "slmkit", "format": FORMAT, "quant": quant,
+                                      "group_size": group_size}
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        src = Path(source) if source is not None else None
+        if src is not None and src.is_dir():
+            for fname in _TOKENIZER_FILES:
+                if (src / fname).is_file():
+                    shutil.copy2(src / fname, tmp / fname)
+        elif tokenizer is not None:
+            _write_tokenizer(tokenizer, tmp, generation_config or {})
+        if dst.exists():
+            dst.rmdir()
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def _write_tokenizer(tok: Any, folder: Path, generation_config: dict) -> None:
+    """A tokenizer built from GGUF metadata, as tokenizer.json + tokenizer_config.json."""
+    tok.backend.save(str(folder / "tokenizer.json"))
+    cfg: dict[str, Any] = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "add_bos_token": tok.add_bos,
+                           "add_eos_token": tok.add_eos}
+    if tok.chat_template:
+        cfg["chat_template"] = tok.chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    if generation_config:
+        (folder / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
+
+
+def _int(meta: dict, key: str, where: str, path: Path) -> int:
+    v = meta.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ModelFileError(path, f"{META_KEY} entry {where!r}: {key!r} must be a non-negative integer, got {v!r}")
+    return v
+
+
+def split_quantized(weights: dict[str, torch.Tensor], folder: Path) -> dict[str, QuantWeight]:
+    """Take the quantized tensors out of `weights` (loaded from folder) as {"<module>.weight": QuantWeight}."""
+    from safetensors import safe_open
+
+    meta: dict[str, Any] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+        if raw:
+            try:
+                part = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise ModelFileError(path, f"metadata {META_KEY!r} is not valid JSON ({e})") from None
+            if not isinstance(part, dict):
+                raise ModelFileError(path, f"metadata {META_KEY!r} must be a JSON object")
+            meta.update({k: (v, path) for k, v in part.items()})
+    out: dict[str, QuantWeight] = {}
+    for name, (m, path) in meta.items():
+        if not isinstance(m, dict):
+            raise ModelFileError(path, f"{META_KEY} entry {name!r} must be an object")
+        bits, group, zero, n, k = (_int(m, key, name, path) for key in ("bits", "group", "zero", "n", "k"))
+        qw_t, sc_t = weights.pop(f"{name}.qweight", None), weights.pop(f"{name}.scales", None)
+        mins = weights.pop(f"{name}.mins", None)
+        if qw_t is None or sc_t is None:
+            raise WeightError(f"{name}.qweight", "listed as quantized but missing (with its scales)", path=folder)
+        if bits not in (4, 8) or group not in (16, 32, 64, 128, 256) or zero > (15 if bits == 4 else 255):
+            raise WeightError(f"{name}.qweight", f"unsupported scheme bits={bits} group={group} zero={zero}",
+                              path=folder)
+        tiles, kp = padded(n, TILE) // TILE, padded(k, group)
+        want = {"qweight": ((tiles, kp // (8 if bits == 4 else 4), 64), (torch.uint8,)),
+                "scales": ((tiles, kp // group, TILE), (torch.float16, torch.float32))}
+        if mins is not None:
+            want["mins"] = ((tiles, kp // group, TILE), (sc_t.dtype,))
+        for part, t in (("qweight", qw_t), ("scales", sc_t), ("mins", mins)):
+            if t is None:
+                continue
+            shape, dtypes = want[part]
+            if tuple(t.shape) != shape or t.dtype not in dtypes:
+                raise WeightError(f"{name}.{part}", f"has shape {tuple(t.shape)} {t.dtype}, expected {shape} "
+                                  f"{' or '.join(str(d) for d in dtypes)} for n={n} k={k}", path=folder)
+        out[f"{name}.weight"] = QuantWeight(bits, n, k, group, zero, qw_t, sc_t, mins)
+    return out

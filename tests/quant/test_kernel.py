@@ -1,0 +1,113 @@
+"""The int4 / int8 matmul: compiled kernel and PyTorch fallback against a float64 reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slmkit.quant.format import (dequantize_weight, from_codes, pack_codes, qmatmul_reference, quantize,
+                                 quantize_activations, unpack_codes)
+from slmkit.quant.kernel import get_kernel, qmatmul_kernel
+
+SHAPES = [  # (n, k, group, bits, m): odd K, N off the 16-row tile, every group size, decode and prefill M
+    (16, 32, 32, 4, 1), (40, 100, 32, 4, 1), (33, 257, 64, 4, 3), (100, 384, 128, 4, 5), (17, 512, 256, 4, 2),
+    (70, 96, 32, 8, 1), (64, 200, 64, 8, 7), (48, 130, 128, 8, 2), (50, 512, 128, 8, 9), (129, 64, 32, 4, 70),
+    (1, 33, 32, 8, 1), (8, 3072, 128, 4, 1),
+]
+
+
+def exact(x: torch.Tensor, qw) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 product of the int8-rounded activations and the dequantized weight, and its error scale
+    (|x_hat| @ |w|.T): float32 accumulation may differ from float64 by a small multiple of eps of it."""
+    q, d, _ = quantize_activations(x, qw.group, qw.kp)
+    m = x.shape[0]
+    xh = (q.view(m, -1, qw.group) * d[..., None]).view(m, -1)[:, : qw.k].double()
+    w = dequantize_weight(qw).double()
+    return xh @ w.t(), xh.abs() @ w.abs().t()
+
+
+def weights(n: int, k: int, group: int, bits: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return quantize(torch.randn(n, k, generator=g) * 0.05, bits, group), torch.randn(3, k, generator=g)
+
+
+@pytest.mark.parametrize("n,k,group,bits,m", SHAPES)
+def test_reference_matmul_equals_float64(n, k, group, bits, m):
+    qw, _ = weights(n, k, group, bits)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
+    want, scale = exact(x, qw)
+    got = qmatmul_reference(x, qw).double()
+    assert ((got - want).abs() <= 1e-5 * scale + 1e-7).all()
+
+
+@pytest.mark.parametrize("n,k,group,bits,m", SHAPES)
+@pytest.mark.parametrize("scales", ["float16", "float32", "mins"])
+def test_kernel_equals_float64_and_fallback(n, k, group, bits, m, scales):
+    lib = get_kernel()
+    if lib is None:
+        pytest.skip("the compiled kernel is unavailable on this machine")
+    g = torch.Generator().manual_seed(2)
+    u = torch.randint(0, 16 if bits == 4 else 256, (n, k), generator=g, dtype=torch.uint8)
+    ng = -(-k // group)
+    dt = torch.float32 if scales == "float32" else torch.float16
+    s = (torch.rand(n, ng, generator=g) * 0.02).to(dt)
+    mins = (torch.randn(n, ng, generator=g) * 0.05).to(dt) if scales == "mins" else None
+    qw = from_codes(u, s, mins, bits=bits, group=group, zero=0 if mins is not None else (8 if bits == 4 else 128),
+                    n=n, k=k)
+    x = torch.randn(m, k, generator=g)
+    want, scale = exact(x, qw)
+    got = qmatmul_kernel(lib, x, qw, torch.float32).double()
+    assert ((got - want).abs() <= 1e-5 * scale + 1e-7).all()
+    assert torch.equal(got, qmatmul_reference(x, qw).double())  # the same roundings in the same order
+
+
+def test_kernel_bfloat16_in_and_out_rounds_like_torch():
+    lib = get_kernel()
+    if lib is None:
+        pytest.skip("the compiled kernel is unavailable on this machine")
+    qw, x = weights(80, 320, 64, 4)
+    xb = x.bfloat16()
+    y32 = qmatmul_kernel(lib, xb, qw, torch.float32)
+    yb = qmatmul_kernel(lib, xb, qw, torch.bfloat16)
+    assert yb.dtype == torch.bfloat16 and torch.equal(yb, y32.bfloat16())
+    # bf16 input means the bf16 values: same as passing them widened to float32
+    assert torch.equal(y32, qmatmul_kernel(lib, xb.float(), qw, torch.float32))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_unpack_round_trip(bits):
+    u = torch.randint(0, 16 if bits == 4 else 256, (48, 64), dtype=torch.uint8)
+    assert torch.equal(unpack_codes(pack_codes(u, bits), bits), u)
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_int8_error_is_within_half_a_step(group):
+    w = torch.randn(37, 300) * 0.1
+    qw = quantize(w, 8, group)
+    err = (dequantize_weight(qw) - w).abs()
+    step = qw.scales.float().transpose(1, 2).reshape(-1, qw.scales.shape[1])[:37]
+    step = step.repeat_interleave(group, dim=1)[:, :300]
+    # half a step, plus the float16 rounding of the scale times the largest code
+    assert (err <= step * (0.5 + 127 * 2 ** -11)).all()
+    assert err.max() > 0  # it really quantized
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_search_beats_round_to_nearest(group):
+    w = torch.randn(64, 512) * 0.1
+    w[0, 5] = 2.0  # an outlier: clipping it pays off for the rest of its group
+    err = (dequantize_weight(quantize(w, 4, group)) - w).square().view(64, -1, group).sum(-1)
+    g = w.view(64, -1, group)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    s = (hi - lo) / 15
+    rtn = (((g - lo) / s).round().clamp(0, 15) * s + lo - g).square().sum(-1)
+    assert (err <= rtn * 1.01 + 1e-6).all()  # never (meaningfully) worse, group by group
+    assert err.sum() < 0.9 * rtn.sum()
+
+
+def test_zero_rows_and_groups_give_zero_output():
+    w = torch.zeros(20, 64)
+    w[3, :32] = 1.0
+    for bits in (4, 8):
+        qw = quantize(w, bits, 32)
+        y = qmatmul_reference(torch.ones(1, 64), qw)
+        assert torch.allclose(y[0], w.sum(dim=1), atol=1e-2)
