@@ -196,6 +196,7 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
                 else:
                     requant[linear] = "int4" if info.ggml_type in _LOW_BIT_TYPES else "int8"
                 if linear == target and qw is not None:
+                    release_pages(f.raw(name), maps)  # repacked: the mapped file pages can go
                     continue
                 # the embedding itself (also the tied output's source) is dequantized below
         weights[target] = t = f.tensor(name, dtype=dt)
