@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from slmkit.gguf.quants import GGML_QUANT_SIZES, _bits, _k_scale_min, _nibbles
+from slmkit.gguf.quants import GGML_QUANT_SIZES, _bits, _k_scale_min
 from slmkit.quant.format import TILE, QuantWeight, pack_codes, padded
 
 __all__ = ["REPACKABLE", "repack"]
@@ -25,6 +25,16 @@ _SH_BITS = torch.arange(8, dtype=_U8)
 
 # Decoded blocks: codes [nb, block] uint8, scales [nb, block // group], mins (same) or None.
 _Decoded = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+
+def _nibbles(x: torch.Tensor, run: int | None = None) -> torch.Tensor:
+    """[n, L] bytes -> [n, 2L] codes: per run of `run` bytes (default all L), the low nibbles then
+    the high nibbles (ggml's order). On int32 views: 4 bytes per element op."""
+    n, length = x.shape
+    run = run or length
+    xc = torch.empty(n, length, dtype=_U8).copy_(x)  # fresh, aligned, standard strides to reinterpret
+    xi = xc.view(torch.int32).view(n * (length // run), run // 4)
+    return torch.cat((xi & 0x0F0F0F0F, (xi >> 4) & 0x0F0F0F0F), dim=1).view(_U8).view(n, 2 * length)
 
 
 def _h(b: torch.Tensor, at: int) -> torch.Tensor:
@@ -60,21 +70,19 @@ def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _q4_k(b: torch.Tensor) -> _Decoded:
-    n = b.shape[0]
-    u = (b[:, 16:144].reshape(n, 4, 1, 32) >> _SH_0_4.view(1, 1, 2, 1)) & 0x0F
-    return (u.reshape(n, 256), *_k_scales(b))
+    return (_nibbles(b[:, 16:144], 32), *_k_scales(b))
 
 
 def _q5_k(b: torch.Tensor) -> _Decoded:
     n = b.shape[0]
-    ql = (b[:, 48:176].reshape(n, 4, 1, 32) >> _SH_0_4.view(1, 1, 2, 1)) & 0x0F
+    ql = _nibbles(b[:, 48:176], 32)
     qh = (b[:, 16:48].reshape(n, 1, 1, 32) >> _SH_BITS.view(1, 1, 8, 1)) & 1
-    return ((ql.reshape(n, 256) | (qh.reshape(n, 256) << 4)), *_k_scales(b))
+    return ((ql | (qh.reshape(n, 256) << 4)), *_k_scales(b))
 
 
 def _q6_k(b: torch.Tensor) -> _Decoded:
     n = b.shape[0]
-    ql = (b[:, 0:128].reshape(n, 2, 1, 64) >> _SH_0_4.view(1, 1, 2, 1)) & 0x0F
+    ql = _nibbles(b[:, 0:128], 64)
     qh = (b[:, 128:192].reshape(n, 2, 1, 32) >> _SH_2BIT.view(1, 1, 4, 1)) & 3
     scale = _h(b, 208).to(_F32) * b[:, 192:208].view(torch.int8).to(_F32)
     return ql.reshape(n, 256) | (qh.reshape(n, 256) << 4), scale, None
@@ -112,7 +120,7 @@ def _tile(x: torch.Tensor) -> torch.Tensor:
 
 
 def repack(raw: torch.Tensor, ggml_type: int, shape: tuple[int, int], *,
-           chunk_bytes: int = 64 << 20) -> QuantWeight | None:
+           chunk_bytes: int = 16 << 20) -> QuantWeight | None:
     """The GGUF bytes of a 2-D weight of torch shape ``(n, k)`` as a QuantWeight, losslessly;
     None for a type in no lossless mapping. Rows are decoded in chunks of about ``chunk_bytes``
     of temporaries, written straight into the result's preallocated tiled tensors."""

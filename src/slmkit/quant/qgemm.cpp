@@ -66,6 +66,12 @@ static void quant_row(const void* x, int x_bf16, int64_t K, int64_t KP, int64_t 
     }
 }
 
+static inline __m512i bcast4(const int8_t* p) {
+    int32_t a;
+    memcpy(&a, p, 4);
+    return _mm512_set1_epi32(a);
+}
+
 template <bool F16>
 static inline __m512 load16(const void* p, int64_t i) {
     if (F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i)));
@@ -90,30 +96,20 @@ static void micro(const uint8_t* qw, const void* sc, const void* mn, int64_t t0,
         const int64_t c0 = g * G / step, c1 = (g + 1) * G / step;
         for (int64_t c = c0; c < c1; ++c) {
             const int64_t k0 = c * step;
-            __m512i xa[MB], xb[MB];
-            for (int m = 0; m < MB; ++m) {
-                int32_t a;
-                memcpy(&a, xq + m * KP + k0, 4);
-                xa[m] = _mm512_set1_epi32(a);
-                if (BITS == 4) {
-                    memcpy(&a, xq + m * KP + k0 + 4, 4);
-                    xb[m] = _mm512_set1_epi32(a);
-                }
-            }
             for (int t = 0; t < T; ++t) {
                 const uint8_t* p = qw + (t0 + t) * tile_bytes + c * 64;
                 __m512i v = _mm512_loadu_si512((const void*)p);
                 if (BITS == 4) {
                     __m512i lo = _mm512_and_si512(v, low);
                     __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-                    for (int m = 0; m < MB; ++m) {
-                        is[t][m] = _mm512_dpbusd_epi32(is[t][m], lo, xa[m]);
-                        is2[t][m] = _mm512_dpbusd_epi32(is2[t][m], hi, xb[m]);
+                    for (int m = 0; m < MB; ++m) {  // activation broadcasts fold into the dpbusd operand
+                        is[t][m] = _mm512_dpbusd_epi32(is[t][m], lo, bcast4(xq + m * KP + k0));
+                        is2[t][m] = _mm512_dpbusd_epi32(is2[t][m], hi, bcast4(xq + m * KP + k0 + 4));
                     }
                 } else {
                     for (int m = 0; m < MB; ++m) {
-                        if (c & 1) is2[t][m] = _mm512_dpbusd_epi32(is2[t][m], v, xa[m]);
-                        else is[t][m] = _mm512_dpbusd_epi32(is[t][m], v, xa[m]);
+                        if (c & 1) is2[t][m] = _mm512_dpbusd_epi32(is2[t][m], v, bcast4(xq + m * KP + k0));
+                        else is[t][m] = _mm512_dpbusd_epi32(is[t][m], v, bcast4(xq + m * KP + k0));
                     }
                 }
             }
@@ -145,19 +141,23 @@ typedef void (*micro_fn)(const uint8_t*, const void*, const void*, int64_t, int6
 template <int BITS, bool F16, bool MINS>
 static micro_fn pick(int T, int MB) {
     if (T == 4) return micro<BITS, F16, MINS, 4, 1>;
-    if (T == 1) {
+    if (T == 2) {
         switch (MB) {
-            case 1: return micro<BITS, F16, MINS, 1, 1>;
-            case 2: return micro<BITS, F16, MINS, 1, 2>;
-            case 3: return micro<BITS, F16, MINS, 1, 3>;
-            default: return micro<BITS, F16, MINS, 1, 4>;
+            case 1: return micro<BITS, F16, MINS, 2, 1>;
+            case 2: return micro<BITS, F16, MINS, 2, 2>;
+            case 3: return micro<BITS, F16, MINS, 2, 3>;
+            default: return micro<BITS, F16, MINS, 2, 4>;
         }
     }
     switch (MB) {
-        case 1: return micro<BITS, F16, MINS, 2, 1>;
-        case 2: return micro<BITS, F16, MINS, 2, 2>;
-        case 3: return micro<BITS, F16, MINS, 2, 3>;
-        default: return micro<BITS, F16, MINS, 2, 4>;
+        case 1: return micro<BITS, F16, MINS, 1, 1>;
+        case 2: return micro<BITS, F16, MINS, 1, 2>;
+        case 3: return micro<BITS, F16, MINS, 1, 3>;
+        case 4: return micro<BITS, F16, MINS, 1, 4>;
+        case 5: return micro<BITS, F16, MINS, 1, 5>;
+        case 6: return micro<BITS, F16, MINS, 1, 6>;
+        case 7: return micro<BITS, F16, MINS, 1, 7>;
+        default: return micro<BITS, F16, MINS, 1, 8>;
     }
 }
 
@@ -190,21 +190,23 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
 
     // M chunks whose int8 activations stay in L2 while every row tile streams past them.
     int64_t mc = (256 << 10) / KP;
-    mc = mc < 4 ? 4 : mc / 4 * 4;
-    const int T = M == 1 ? 4 : 2;
+    // decode: 4 row tiles at once (independent chains); a few rows: 2 tiles x 4; prefill: 1 tile x 8
+    const int T = M == 1 ? 4 : (M < 8 ? 2 : 1);
+    const int MBX = T == 1 ? 8 : 4;
+    mc = mc < MBX ? MBX : mc / MBX * MBX;
     const int64_t blocks = (tiles + T - 1) / T;
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads)
     {
-        float tmp[4 * 64];
+        float tmp[8 * 64];
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; ++b) {
             const int64_t t0 = b * T;
             const int tt = (int)(tiles - t0 < T ? tiles - t0 : T);
             for (int64_t m0c = 0; m0c < M; m0c += mc) {
                 const int64_t m1c = m0c + mc < M ? m0c + mc : M;
-                for (int64_t m0 = m0c; m0 < m1c; m0 += 4) {
-                    const int mb = (int)(m1c - m0 < 4 ? m1c - m0 : 4);
+                for (int64_t m0 = m0c; m0 < m1c; m0 += MBX) {
+                    const int mb = (int)(m1c - m0 < MBX ? m1c - m0 : MBX);
                     for (int64_t ts = 0; ts < tt;) {
                         // a short block at the end of N goes one tile at a time
                         const int tcur = (tt == T) ? T : 1;
