@@ -111,3 +111,27 @@ def test_zero_rows_and_groups_give_zero_output():
         qw = quantize(w, bits, 32)
         y = qmatmul_reference(torch.ones(1, 64), qw)
         assert torch.allclose(y[0], w.sum(dim=1), atol=1e-2)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("m", [1, 3, 9])
+def test_kernel_runs_gguf_blocks_like_the_reference(type_name, m):
+    """Every scale kind: float16, float32-free two-level (uint8 / int8 x float32 per 256)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+
+    from slmkit.quant.gguf_repack import repack
+    from tests.helpers.gguf_files import random_blocks
+
+    shape = (40, 512)
+    raw = torch.from_numpy(np.ascontiguousarray(random_blocks(type_name, shape, np.random.default_rng(3)))
+                           .reshape(-1).copy())
+    qw = repack(raw, int(Q[type_name]), shape)
+    x = torch.randn(m, shape[1], generator=torch.Generator().manual_seed(4))
+    want, scale = exact(x, qw)
+    ref = qmatmul_reference(x, qw)
+    assert ((ref.double() - want).abs() <= 1e-5 * scale + 1e-6).all()
+    lib = get_kernel()
+    if lib is None:
+        pytest.skip("the compiled kernel is unavailable on this machine")
+    assert torch.equal(qmatmul_kernel(lib, x, qw, torch.float32), ref)

@@ -10,7 +10,9 @@ One layout serves int8 and int4, our own quantizers and GGUF blocks alike:
   what one AVX512-VNNI `vpdpbusd` consumes. int4 packs two chunks per 64 bytes (low nibbles:
   k0..k0+3, high nibbles: k0+4..k0+7). N and K are padded with zeros to the tile and group.
 - scales / mins: [tiles, groups, 16] in float16 (where exact, e.g. Q4_0, Q8_0, our quantizers) or
-  float32 (exact products such as Q4_K's d * sub-scale).
+  float32, or two-level as the K-quants store them: small integers per group (uint8, or int8 for
+  Q6_K's scales) times a float32 super-scale (super-min) per 256 inputs, `super_scales` /
+  `super_mins` [tiles, groups // per_super, 16]; the product is formed in float32 (exact).
 
 The reference matmul (`qmatmul_reference`) quantizes activations per group to int8 exactly as the
 compiled kernel does (scale = absmax / 127, round half to even), takes exact integer dot products
@@ -34,8 +36,30 @@ class QuantWeight:
     group: int
     zero: int
     qweight: torch.Tensor        # uint8 [tiles, kp // (8 if bits == 4 else 4), 64]
-    scales: torch.Tensor         # float16 / float32 [tiles, kp // group, 16]
-    mins: torch.Tensor | None    # same as scales, or None
+    scales: torch.Tensor         # float16 / float32 / uint8 / int8 [tiles, kp // group, 16]
+    mins: torch.Tensor | None    # same shape (float16 / float32 / uint8), or None
+    super_scales: torch.Tensor | None = None  # float32 [tiles, groups // per_super, 16] for integer scales
+    super_mins: torch.Tensor | None = None
+
+    @property
+    def scale_kind(self) -> int:
+        """The kernel's code: 0 float32, 1 float16, 2 uint8 x super, 3 int8 x super."""
+        return {torch.float32: 0, torch.float16: 1, torch.uint8: 2, torch.int8: 3}[self.scales.dtype]
+
+    @property
+    def per_super(self) -> int:
+        return 1 if self.super_scales is None else self.scales.shape[1] // self.super_scales.shape[1]
+
+    def effective(self, t0: int = 0, t1: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """float32 scales and mins [t1 - t0, groups, 16] of tiles t0:t1 (super x sub in float32)."""
+        sc = self.scales[t0:t1].float()
+        mn = None if self.mins is None else self.mins[t0:t1].float()
+        if self.super_scales is not None:
+            sc = sc * self.super_scales[t0:t1].repeat_interleave(self.per_super, dim=1)
+            if mn is not None:
+                assert self.super_mins is not None
+                mn = mn * self.super_mins[t0:t1].repeat_interleave(self.per_super, dim=1)
+        return sc, mn
 
     @property
     def kp(self) -> int:
@@ -47,16 +71,17 @@ class QuantWeight:
 
     @property
     def nbytes(self) -> int:
-        extra = 0 if self.mins is None else self.mins.nbytes
-        return self.qweight.nbytes + self.scales.nbytes + extra
+        parts = (self.qweight, self.scales, self.mins, self.super_scales, self.super_mins)
+        return sum(t.nbytes for t in parts if t is not None)
 
     def scheme(self) -> str:
         return f"int{self.bits}" + ("" if self.mins is None else "-asym")
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {f"{prefix}.qweight": self.qweight, f"{prefix}.scales": self.scales}
-        if self.mins is not None:
-            out[f"{prefix}.mins"] = self.mins
+        for name in ("mins", "super_scales", "super_mins"):
+            if getattr(self, name) is not None:
+                out[f"{prefix}.{name}"] = getattr(self, name)
         return out
 
 
@@ -121,10 +146,11 @@ def dequantize_weight(qw: QuantWeight, dtype: torch.dtype = torch.float32, rows:
     if rows is not None:
         t0, t1 = rows.start // TILE, padded(rows.stop, TILE) // TILE
     u = unpack_codes(qw.qweight[t0:t1], qw.bits).float()
-    s = _untile_groups(qw.scales[t0:t1]).float().repeat_interleave(qw.group, dim=1)
+    sc, mn = qw.effective(t0, t1)
+    s = _untile_groups(sc).repeat_interleave(qw.group, dim=1)
     w = (u - qw.zero) * s if qw.zero else u * s
-    if qw.mins is not None:
-        w = w + _untile_groups(qw.mins[t0:t1]).float().repeat_interleave(qw.group, dim=1)
+    if mn is not None:
+        w = w + _untile_groups(mn).repeat_interleave(qw.group, dim=1)
     r0 = t0 * TILE
     r1 = qw.n if rows is None else rows.stop
     return w[: r1 - r0, : qw.k].to(dtype)
@@ -234,8 +260,9 @@ def qmatmul_reference(x: torch.Tensor, qw: QuantWeight, *, chunk_bytes: int = 64
         isum = torch.bmm(qg, u.view(-1, ng, qw.group).permute(1, 2, 0))  # [ng, M, rows], exact: < 2**24
         if qw.zero:
             isum -= qw.zero * qs.t()[:, :, None]
-        s = qw.scales[t0:t1].float().permute(1, 0, 2).reshape(ng, -1)    # [ng, rows]
-        mn = None if qw.mins is None else qw.mins[t0:t1].float().permute(1, 0, 2).reshape(ng, -1)
+        sc, mc = qw.effective(t0, t1)
+        s = sc.permute(1, 0, 2).reshape(ng, -1)                           # [ng, rows]
+        mn = None if mc is None else mc.permute(1, 0, 2).reshape(ng, -1)
         acc = torch.zeros(m, s.shape[1], dtype=torch.float32, device=x.device)
         for g in range(ng):
             acc += isum[g] * (s[g] * d[:, g:g + 1])

@@ -23,8 +23,9 @@ _SH_0_4 = torch.tensor([0, 4], dtype=_U8)
 _SH_2BIT = torch.tensor([0, 2, 4, 6], dtype=_U8)
 _SH_BITS = torch.arange(8, dtype=_U8)
 
-# Decoded blocks: codes [nb, block] uint8, scales [nb, block // group], mins (same) or None.
-_Decoded = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+# Decoded blocks: codes [nb, block] uint8, scales [nb, block // group], mins (same) or None, and
+# for two-level (K-quant) types the float32 super-scale and super-min [nb, 1] (else None).
+_Decoded = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", "torch.Tensor | None"]
 
 
 def _nibbles(x: torch.Tensor, run: int | None = None) -> torch.Tensor:
@@ -43,69 +44,73 @@ def _h(b: torch.Tensor, at: int) -> torch.Tensor:
 
 
 def _q4_0(b: torch.Tensor) -> _Decoded:
-    return _nibbles(b[:, 2:18]), _h(b, 0), None
+    return _nibbles(b[:, 2:18]), _h(b, 0), None, None, None
 
 
 def _q4_1(b: torch.Tensor) -> _Decoded:
-    return _nibbles(b[:, 4:20]), _h(b, 0), _h(b, 2)
+    return _nibbles(b[:, 4:20]), _h(b, 0), _h(b, 2), None, None
 
 
 def _q5_0(b: torch.Tensor) -> _Decoded:
-    return _nibbles(b[:, 6:22]) | (_bits(b[:, 2:6]) << 4), _h(b, 0), None
+    return _nibbles(b[:, 6:22]) | (_bits(b[:, 2:6]) << 4), _h(b, 0), None, None, None
 
 
 def _q5_1(b: torch.Tensor) -> _Decoded:
-    return _nibbles(b[:, 8:24]) | (_bits(b[:, 4:8]) << 4), _h(b, 0), _h(b, 2)
+    return _nibbles(b[:, 8:24]) | (_bits(b[:, 4:8]) << 4), _h(b, 0), _h(b, 2), None, None
 
 
 def _q8_0(b: torch.Tensor) -> _Decoded:
-    return b[:, 2:34] ^ 0x80, _h(b, 0), None  # int8 q -> uint8 q + 128
+    return b[:, 2:34] ^ 0x80, _h(b, 0), None, None, None  # int8 q -> uint8 q + 128
 
 
-def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K / Q5_K: f32 sub-block scales d*sc and mins -(dmin*m), [nb, 8] each (ggml's products)."""
-    d, dmin = _h(b, 0).to(_F32), _h(b, 2).to(_F32)
+def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K two levels: 6-bit sub-scales and sub-mins [nb, 8] (uint8), super-scale d and
+    super-min -dmin [nb, 1] (float32). d * sc and (-dmin) * m in float32 are ggml's products
+    (negation is exact), so the kernel forms exactly ggml's scale and min."""
     sc, mn = _k_scale_min(b[:, 4:16])
-    return d * sc, (dmin * mn).neg_()
+    return sc.to(_U8), mn.to(_U8), _h(b, 0).to(_F32), _h(b, 2).to(_F32).neg_()
 
 
 def _q4_k(b: torch.Tensor) -> _Decoded:
-    return (_nibbles(b[:, 16:144], 32), *_k_scales(b))
+    sc, mn, d, dmin = _k_scales(b)
+    return _nibbles(b[:, 16:144], 32), sc, mn, d, dmin
 
 
 def _q5_k(b: torch.Tensor) -> _Decoded:
     n = b.shape[0]
     ql = _nibbles(b[:, 48:176], 32)
     qh = (b[:, 16:48].reshape(n, 1, 1, 32) >> _SH_BITS.view(1, 1, 8, 1)) & 1
-    return ((ql | (qh.reshape(n, 256) << 4)), *_k_scales(b))
+    sc, mn, d, dmin = _k_scales(b)
+    return ql | (qh.reshape(n, 256) << 4), sc, mn, d, dmin
 
 
 def _q6_k(b: torch.Tensor) -> _Decoded:
     n = b.shape[0]
     ql = _nibbles(b[:, 0:128], 64)
     qh = (b[:, 128:192].reshape(n, 2, 1, 32) >> _SH_2BIT.view(1, 1, 4, 1)) & 3
-    scale = _h(b, 208).to(_F32) * b[:, 192:208].view(torch.int8).to(_F32)
-    return ql.reshape(n, 256) | (qh.reshape(n, 256) << 4), scale, None
+    return ql.reshape(n, 256) | (qh.reshape(n, 256) << 4), b[:, 192:208].view(torch.int8), None, \
+        _h(b, 208).to(_F32), None
 
 
 class _Spec(NamedTuple):
     bits: int
     group: int
     zero: int
-    dtype: torch.dtype               # of scales / mins
+    dtype: torch.dtype               # of scales (mins: the same, or uint8 with integer scales)
     has_min: bool
+    per_super: int                   # groups per float32 super-scale (two-level types), else 0
     decode: Callable[[torch.Tensor], _Decoded]
 
 
 _SPECS: dict[int, _Spec] = {
-    2: _Spec(4, 32, 8, _F16, False, _q4_0),
-    3: _Spec(4, 32, 0, _F16, True, _q4_1),
-    6: _Spec(8, 32, 16, _F16, False, _q5_0),
-    7: _Spec(8, 32, 0, _F16, True, _q5_1),
-    8: _Spec(8, 32, 128, _F16, False, _q8_0),
-    12: _Spec(4, 32, 0, _F32, True, _q4_k),
-    13: _Spec(8, 32, 0, _F32, True, _q5_k),
-    14: _Spec(8, 16, 32, _F32, False, _q6_k),
+    2: _Spec(4, 32, 8, _F16, False, 0, _q4_0),
+    3: _Spec(4, 32, 0, _F16, True, 0, _q4_1),
+    6: _Spec(8, 32, 16, _F16, False, 0, _q5_0),
+    7: _Spec(8, 32, 0, _F16, True, 0, _q5_1),
+    8: _Spec(8, 32, 128, _F16, False, 0, _q8_0),
+    12: _Spec(4, 32, 0, _U8, True, 8, _q4_k),
+    13: _Spec(8, 32, 0, _U8, True, 8, _q5_k),
+    14: _Spec(8, 16, 32, torch.int8, False, 16, _q6_k),
 }
 
 REPACKABLE: frozenset[int] = frozenset(_SPECS)
@@ -145,24 +150,32 @@ def repack(raw: torch.Tensor, ggml_type: int, shape: tuple[int, int], *,
     tiles, groups = padded(n, TILE) // TILE, k // group
     qweight = torch.empty(tiles, k // (8 if bits == 4 else 4), 64, dtype=_U8)
     scales = torch.empty(tiles, groups, TILE, dtype=spec.dtype)
-    mins = torch.empty(tiles, groups, TILE, dtype=spec.dtype) if spec.has_min else None
+    mdt = _U8 if spec.per_super else spec.dtype
+    mins = torch.empty(tiles, groups, TILE, dtype=mdt) if spec.has_min else None
+    supers = groups // spec.per_super if spec.per_super else 0
+    s_sup = torch.empty(tiles, supers, TILE, dtype=_F32) if supers else None
+    m_sup = torch.empty(tiles, supers, TILE, dtype=_F32) if supers and spec.has_min else None
+
+    def put(dst: torch.Tensor | None, x: torch.Tensor | None, rows: int, rp: int, t0: int, t1: int) -> None:
+        if dst is None or x is None:
+            return
+        x = x.reshape(rows, -1)
+        if rp != rows:  # padding rows: code 0, scale 0, min 0 (as format.from_codes pads)
+            x = torch.nn.functional.pad(x, (0, 0, 0, rp - rows))
+        dst[t0:t1] = _tile(x)
 
     step = max(TILE, chunk_bytes // (_TEMP_BYTES_PER_ELEMENT * k) // TILE * TILE)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         rows, rp = r1 - r0, padded(r1 - r0, TILE)
-        u, s, m = spec.decode(rows_raw[r0:r1].contiguous().view(-1, size))
-        u, s = u.reshape(rows, k), s.reshape(rows, groups)
-        if rp != rows:  # padding rows: code 0, scale 0, min 0 (as format.from_codes pads)
+        u, s, m, ss, sm = spec.decode(rows_raw[r0:r1].contiguous().view(-1, size))
+        u = u.reshape(rows, k)
+        if rp != rows:
             u = torch.nn.functional.pad(u, (0, 0, 0, rp - rows))
-            s = torch.nn.functional.pad(s, (0, 0, 0, rp - rows))
         t0, t1 = r0 // TILE, r0 // TILE + rp // TILE
         qweight[t0:t1] = pack_codes(u, bits)
-        scales[t0:t1] = _tile(s)
-        if mins is not None:
-            assert m is not None
-            m = m.reshape(rows, groups)
-            if rp != rows:
-                m = torch.nn.functional.pad(m, (0, 0, 0, rp - rows))
-            mins[t0:t1] = _tile(m)
-    return QuantWeight(bits, n, k, group, spec.zero, qweight, scales, mins)
+        put(scales, s, rows, rp, t0, t1)
+        put(mins, m, rows, rp, t0, t1)
+        put(s_sup, ss, rows, rp, t0, t1)
+        put(m_sup, sm, rows, rp, t0, t1)
+    return QuantWeight(bits, n, k, group, spec.zero, qweight, scales, mins, s_sup, m_sup)

@@ -91,7 +91,8 @@ def get_kernel() -> ctypes.CDLL | None:
                 raise RuntimeError("this CPU has no AVX512-VNNI")
             lib.slm_qgemm.restype = ctypes.c_int
             lib.slm_qgemm.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64,
                                       ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int]
             _lib = lib
@@ -109,11 +110,13 @@ def qmatmul_kernel(lib: ctypes.CDLL, x: torch.Tensor, qw: QuantWeight, out_dtype
     x = x.contiguous()
     m = x.shape[0]
     out = torch.empty(m, qw.n, dtype=out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32)
-    mins = qw.mins.data_ptr() if qw.mins is not None else None
+    def ptr(t: torch.Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
     rc = lib.slm_qgemm(x.data_ptr(), int(x.dtype == torch.bfloat16), m, qw.k, qw.k, qw.qweight.data_ptr(),
-                       qw.scales.data_ptr(), mins, int(qw.scales.dtype == torch.float16), qw.bits, qw.tiles, qw.kp,
-                       qw.group, qw.zero, qw.n, out.data_ptr(), int(out.dtype == torch.bfloat16), qw.n,
-                       torch.get_num_threads())
+                       qw.scales.data_ptr(), ptr(qw.mins), qw.scale_kind, ptr(qw.super_scales), ptr(qw.super_mins),
+                       qw.per_super, qw.bits, qw.tiles, qw.kp, qw.group, qw.zero, qw.n, out.data_ptr(),
+                       int(out.dtype == torch.bfloat16), qw.n, torch.get_num_threads())
     if rc:
         raise RuntimeError(f"slm_qgemm failed with code {rc}")
     return out if out.dtype == out_dtype else out.to(out_dtype)

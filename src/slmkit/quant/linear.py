@@ -46,12 +46,14 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", qw.qweight)
         self.register_buffer("scales", qw.scales)
         self.register_buffer("mins", qw.mins)
+        self.register_buffer("super_scales", qw.super_scales)
+        self.register_buffer("super_mins", qw.super_mins)
         self.register_buffer("bias", bias)
 
     @property
     def weight_q(self) -> QuantWeight:
         return QuantWeight(self.bits, self.out_features, self.in_features, self.group, self.zero,
-                           self.qweight, self.scales, self.mins)
+                           self.qweight, self.scales, self.mins, self.super_scales, self.super_mins)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_weight(self.weight_q, dtype)
@@ -71,7 +73,8 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         kind = "asym" if self.mins is not None else f"zero={self.zero}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}, "
-                f"group={self.group}, {kind}, scales={str(self.scales.dtype).removeprefix('torch.')}")
+                f"group={self.group}, {kind}, scales={str(self.scales.dtype).removeprefix('torch.')}"
+                + ("" if self.super_scales is None else " x float32 per 256"))
 
 
 def check_scheme(quant: str, group_size: int | None) -> tuple[int, int]:

@@ -72,17 +72,36 @@ static inline __m512i bcast4(const int8_t* p) {
     return _mm512_set1_epi32(a);
 }
 
-template <bool F16>
-static inline __m512 load16(const void* p, int64_t i) {
-    if (F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i)));
+// Scale kinds: 0 float32, 1 float16, 2 uint8 x float32 super-scale, 3 int8 x float32 super-scale
+// (the K-quants' two levels: d per 256 inputs times a small integer per group, formed in float32).
+template <int SK>
+static inline __m512 load16(const void* p, const float* sup, int64_t i, int64_t si) {
+    if (SK == 1) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i)));
+    if (SK == 2 || SK == 3) {
+        __m128i b = _mm_loadu_si128((const __m128i*)((const uint8_t*)p + i));
+        __m512i w = SK == 2 ? _mm512_cvtepu8_epi32(b) : _mm512_cvtepi8_epi32(b);
+        return _mm512_mul_ps(_mm512_cvtepi32_ps(w), _mm512_loadu_ps(sup + si));
+    }
     return _mm512_loadu_ps((const float*)p + i);
 }
 
+struct QW {
+    const uint8_t* qw;
+    const void* sc;
+    const void* mn;
+    const float* ssc;  // super-scales / super-mins [tiles, groups / sbg, 16] for kinds 2, 3
+    const float* smn;
+    int64_t ng, G, KP, sbg;
+    int zero;
+};
+
 // T row tiles x MB activation rows, all groups of K.
-template <int BITS, bool F16, bool MINS, int T, int MB>
-static void micro(const uint8_t* qw, const void* sc, const void* mn, int64_t t0, int64_t ng, int64_t G,
-                  const int8_t* xq, int64_t KP, const float* dx, const int32_t* xs, int zero, float* out,
+template <int BITS, int SK, bool MINS, int T, int MB>
+static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, const int32_t* xs, float* out,
                   int64_t ldo) {
+    const uint8_t* qw = w.qw;
+    const int64_t ng = w.ng, G = w.G, KP = w.KP;
+    const int zero = w.zero;
     const int64_t tile_bytes = BITS == 4 ? KP * 8 : KP * 16;
     const int64_t step = BITS == 4 ? 8 : 4;  // k per 64-byte load
     const __m512i low = _mm512_set1_epi8(0x0F);
@@ -116,8 +135,9 @@ static void micro(const uint8_t* qw, const void* sc, const void* mn, int64_t t0,
         }
         for (int t = 0; t < T; ++t) {
             const int64_t si = ((t0 + t) * ng + g) * 16;
-            __m512 s = load16<F16>(sc, si);
-            __m512 mv = MINS ? load16<F16>(mn, si) : _mm512_setzero_ps();
+            const int64_t ssi = SK >= 2 ? ((t0 + t) * (ng / w.sbg) + g / w.sbg) * 16 : 0;
+            __m512 s = load16<SK>(w.sc, w.ssc, si, ssi);
+            __m512 mv = MINS ? load16<SK == 3 ? 2 : SK>(w.mn, w.smn, si, ssi) : _mm512_setzero_ps();
             for (int m = 0; m < MB; ++m) {
                 __m512i i = _mm512_add_epi32(is[t][m], is2[t][m]);
                 const float d = dx[m * ng + g];
@@ -135,48 +155,61 @@ static void micro(const uint8_t* qw, const void* sc, const void* mn, int64_t t0,
         for (int m = 0; m < MB; ++m) _mm512_storeu_ps(out + m * ldo + t * 16, acc[t][m]);
 }
 
-typedef void (*micro_fn)(const uint8_t*, const void*, const void*, int64_t, int64_t, int64_t, const int8_t*,
-                         int64_t, const float*, const int32_t*, int, float*, int64_t);
+typedef void (*micro_fn)(const QW&, int64_t, const int8_t*, const float*, const int32_t*, float*, int64_t);
 
-template <int BITS, bool F16, bool MINS>
+template <int BITS, int SK, bool MINS>
 static micro_fn pick(int T, int MB) {
-    if (T == 4) return micro<BITS, F16, MINS, 4, 1>;
+    if (T == 4) return micro<BITS, SK, MINS, 4, 1>;
     if (T == 2) {
         switch (MB) {
-            case 1: return micro<BITS, F16, MINS, 2, 1>;
-            case 2: return micro<BITS, F16, MINS, 2, 2>;
-            case 3: return micro<BITS, F16, MINS, 2, 3>;
-            default: return micro<BITS, F16, MINS, 2, 4>;
+            case 1: return micro<BITS, SK, MINS, 2, 1>;
+            case 2: return micro<BITS, SK, MINS, 2, 2>;
+            case 3: return micro<BITS, SK, MINS, 2, 3>;
+            default: return micro<BITS, SK, MINS, 2, 4>;
         }
     }
     switch (MB) {
-        case 1: return micro<BITS, F16, MINS, 1, 1>;
-        case 2: return micro<BITS, F16, MINS, 1, 2>;
-        case 3: return micro<BITS, F16, MINS, 1, 3>;
-        case 4: return micro<BITS, F16, MINS, 1, 4>;
-        case 5: return micro<BITS, F16, MINS, 1, 5>;
-        case 6: return micro<BITS, F16, MINS, 1, 6>;
-        case 7: return micro<BITS, F16, MINS, 1, 7>;
-        default: return micro<BITS, F16, MINS, 1, 8>;
+        case 1: return micro<BITS, SK, MINS, 1, 1>;
+        case 2: return micro<BITS, SK, MINS, 1, 2>;
+        case 3: return micro<BITS, SK, MINS, 1, 3>;
+        case 4: return micro<BITS, SK, MINS, 1, 4>;
+        case 5: return micro<BITS, SK, MINS, 1, 5>;
+        case 6: return micro<BITS, SK, MINS, 1, 6>;
+        case 7: return micro<BITS, SK, MINS, 1, 7>;
+        default: return micro<BITS, SK, MINS, 1, 8>;
     }
 }
 
-static micro_fn pick_all(int bits, int f16, int mins, int T, int MB) {
-    if (bits == 4) {
-        if (f16) return mins ? pick<4, true, true>(T, MB) : pick<4, true, false>(T, MB);
-        return mins ? pick<4, false, true>(T, MB) : pick<4, false, false>(T, MB);
+template <int BITS, int SK>
+static micro_fn pick_mins(int mins, int T, int MB) {
+    return mins ? pick<BITS, SK, true>(T, MB) : pick<BITS, SK, false>(T, MB);
+}
+
+template <int BITS>
+static micro_fn pick_kind(int kind, int mins, int T, int MB) {
+    switch (kind) {
+        case 0: return pick_mins<BITS, 0>(mins, T, MB);
+        case 1: return pick_mins<BITS, 1>(mins, T, MB);
+        case 2: return pick_mins<BITS, 2>(mins, T, MB);
+        default: return pick_mins<BITS, 3>(mins, T, MB);
     }
-    if (f16) return mins ? pick<8, true, true>(T, MB) : pick<8, true, false>(T, MB);
-    return mins ? pick<8, false, true>(T, MB) : pick<8, false, false>(T, MB);
+}
+
+static micro_fn pick_all(int bits, int kind, int mins, int T, int MB) {
+    return bits == 4 ? pick_kind<4>(kind, mins, T, MB) : pick_kind<8>(kind, mins, T, MB);
 }
 
 // x: [M, K] (row stride ldx elements) float32 or bf16.  out: [M, N] (row stride ldo) float32 or bf16.
 // Returns 0, or a negative code for bad arguments (the Python side checks them first).
 extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_t ldx, const uint8_t* qw,
-                         const void* scales, const void* mins, int scale_f16, int bits, int64_t tiles, int64_t KP,
-                         int64_t G, int zero, int64_t N, void* out, int out_bf16, int64_t ldo, int nthreads) {
+                         const void* scales, const void* mins, int scale_kind, const float* super_scales,
+                         const float* super_mins, int64_t sbg, int bits, int64_t tiles, int64_t KP, int64_t G,
+                         int zero, int64_t N, void* out, int out_bf16, int64_t ldo, int nthreads) {
     if (G <= 0 || G > 256 || G % 16 || KP % G || K > KP || N > tiles * 16 || (bits != 4 && bits != 8)) return -1;
+    if (scale_kind < 0 || scale_kind > 3) return -1;
+    if (scale_kind >= 2 && (sbg <= 0 || (KP / G) % sbg || !super_scales || (mins && !super_mins))) return -1;
     const int64_t ng = KP / G;
+    const QW w = {qw, scales, mins, super_scales, super_mins, ng, G, KP, sbg, zero};
     int8_t* xq = (int8_t*)aligned_alloc(64, (size_t)((M * KP + 63) / 64 * 64));
     float* dx = (float*)malloc(sizeof(float) * M * ng);
     int32_t* xs = (int32_t*)malloc(sizeof(int32_t) * M * ng);
@@ -210,9 +243,8 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
                     for (int64_t ts = 0; ts < tt;) {
                         // a short block at the end of N goes one tile at a time
                         const int tcur = (tt == T) ? T : 1;
-                        micro_fn f = pick_all(bits, scale_f16, mins != nullptr, tcur, mb);
-                        f(qw, scales, mins, t0 + ts, ng, G, xq + m0 * KP, KP, dx + m0 * ng, xs + m0 * ng, zero,
-                          tmp, 64);
+                        micro_fn f = pick_all(bits, scale_kind, mins != nullptr, tcur, mb);
+                        f(w, t0 + ts, xq + m0 * KP, dx + m0 * ng, xs + m0 * ng, tmp, 64);
                         for (int m = 0; m < mb; ++m) {
                             const int64_t r0 = (t0 + ts) * 16;
                             int64_t nr = N - r0 < tcur * 16 ? N - r0 : tcur * 16;

@@ -130,24 +130,38 @@ def split_quantized(weights: dict[str, torch.Tensor], folder: Path) -> dict[str,
         if not isinstance(m, dict):
             raise ModelFileError(path, f"{META_KEY} entry {name!r} must be an object")
         bits, group, zero, n, k = (_int(m, key, name, path) for key in ("bits", "group", "zero", "n", "k"))
-        qw_t, sc_t = weights.pop(f"{name}.qweight", None), weights.pop(f"{name}.scales", None)
-        mins = weights.pop(f"{name}.mins", None)
-        if qw_t is None or sc_t is None:
+        parts = {p: weights.pop(f"{name}.{p}", None) for p in ("qweight", "scales", "mins", "super_scales",
+                                                               "super_mins")}
+        if parts["qweight"] is None or parts["scales"] is None:
             raise WeightError(f"{name}.qweight", "listed as quantized but missing (with its scales)", path=folder)
         if bits not in (4, 8) or group not in (16, 32, 64, 128, 256) or zero > (15 if bits == 4 else 255):
             raise WeightError(f"{name}.qweight", f"unsupported scheme bits={bits} group={group} zero={zero}",
                               path=folder)
         tiles, kp = padded(n, TILE) // TILE, padded(k, group)
+        ng = kp // group
+        sc_dtype = parts["scales"].dtype
+        two_level = sc_dtype in (torch.uint8, torch.int8)
+        sup = parts["super_scales"]
+        n_sup = sup.shape[1] if two_level and sup is not None and sup.dim() == 3 and sup.shape[1] else 1
         want = {"qweight": ((tiles, kp // (8 if bits == 4 else 4), 64), (torch.uint8,)),
-                "scales": ((tiles, kp // group, TILE), (torch.float16, torch.float32))}
-        if mins is not None:
-            want["mins"] = ((tiles, kp // group, TILE), (sc_t.dtype,))
-        for part, t in (("qweight", qw_t), ("scales", sc_t), ("mins", mins)):
+                "scales": ((tiles, ng, TILE), (torch.float16, torch.float32, torch.uint8, torch.int8)),
+                "mins": ((tiles, ng, TILE), (torch.uint8,) if two_level else (sc_dtype,)),
+                "super_scales": ((tiles, n_sup, TILE), (torch.float32,)),
+                "super_mins": ((tiles, n_sup, TILE), (torch.float32,))}
+        needed = {"qweight", "scales"} | ({"super_scales"} if two_level else set())
+        if parts["mins"] is not None and two_level:
+            needed.add("super_mins")
+        for part, t in parts.items():
             if t is None:
+                if part in needed:
+                    raise WeightError(f"{name}.{part}", "missing", path=folder)
                 continue
+            if part.startswith("super") and not two_level:
+                raise WeightError(f"{name}.{part}", f"unexpected with {sc_dtype} scales", path=folder)
             shape, dtypes = want[part]
-            if tuple(t.shape) != shape or t.dtype not in dtypes:
+            if tuple(t.shape) != shape or t.dtype not in dtypes or (part == "super_scales" and ng % n_sup):
                 raise WeightError(f"{name}.{part}", f"has shape {tuple(t.shape)} {t.dtype}, expected {shape} "
                                   f"{' or '.join(str(d) for d in dtypes)} for n={n} k={k}", path=folder)
-        out[f"{name}.weight"] = QuantWeight(bits, n, k, group, zero, qw_t, sc_t, mins)
+        out[f"{name}.weight"] = QuantWeight(bits, n, k, group, zero, parts["qweight"], parts["scales"],
+                                            parts["mins"], parts["super_scales"], parts["super_mins"])
     return out
