@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
-from common import machine, make_random_phi3, peak_rss_gb, print_table, run_child, slmkit_speed  # noqa: E402,E501
+from common import machine, make_random_phi3, median, peak_rss_gb, print_table, run_child, slmkit_speed  # noqa: E402,E501
 
 
 def make_f16_gguf(folder: Path, out: Path) -> Path:
@@ -49,27 +49,32 @@ def quantize(f16: Path, qtype: str) -> Path:
     return out
 
 
-def child(engine: str, path: str, prompt: int, decode: int) -> dict:
+def child(engine: str, path: str, prompt: int, decode: int, reps: int = 1) -> dict:
+    """One engine on one file: load time, then the medians of `reps` prefill and decode runs."""
     if engine == "slmkit":
-        return slmkit_speed(path, prompt=prompt, decode=decode)
+        return slmkit_speed(path, prompt=prompt, decode=decode, reps=reps)
     import llama_cpp
 
     ids = torch.randint(100, 30000, (prompt,), generator=torch.Generator().manual_seed(0)).tolist()  # as slmkit
     t0 = time.perf_counter()
     ref = llama_cpp.Llama(model_path=path, n_ctx=1024, n_batch=512, n_threads=2, verbose=False)
     load_s = time.perf_counter() - t0
-    t = time.perf_counter()
-    ref.eval(ids)
-    prefill = prompt / (time.perf_counter() - t)
-    ref.reset()
-    ref.eval(ids[:64])
-    ref.eval([int(ref.scores[ref.n_tokens - 1].argmax())])  # first decode step, then start the clock
-    t = time.perf_counter()
-    for _ in range(decode - 1):  # greedy, one token per eval, as slmkit's loop above
-        ref.eval([int(ref.scores[ref.n_tokens - 1].argmax())])
-    dec = (decode - 1) / (time.perf_counter() - t)
-    return {"load_s": load_s, "prefill_tok_s": prefill, "decode_tok_s": dec, "peak_rss_gb": peak_rss_gb(),
-            "runs_as": "the file's own types"}
+    prefill, dec = [], []
+    for _ in range(reps):
+        ref.reset()
+        t = time.perf_counter()
+        ref.eval(ids)
+        prefill.append(prompt / (time.perf_counter() - t))
+    for _ in range(reps):
+        ref.reset()
+        ref.eval(ids[:64])
+        ref.eval([int(ref.scores[ref.n_tokens - 1].argmax())])  # first decode step, then start the clock
+        t = time.perf_counter()
+        for _ in range(decode - 1):  # greedy, one token per eval, as slmkit's loop
+            ref.eval([int(ref.scores[ref.n_tokens - 1].argmax())])
+        dec.append((decode - 1) / (time.perf_counter() - t))
+    return {"load_s": load_s, "prefill_tok_s": median(prefill), "decode_tok_s": median(dec),
+            "peak_rss_gb": peak_rss_gb(), "runs_as": "the file's own types"}
 
 
 def main() -> None:

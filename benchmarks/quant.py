@@ -5,7 +5,7 @@
 Rows: each GGUF file (made by llama.cpp's quantizer from benchmarks/gguf_load.py's F16 file) run by
 both engines, and slmkit's own int4 / int8 folders (`slm quantize` of the random bf16 folder).
 Columns: load s, peak RSS, prefill tok/s (512-token prompt), decode tok/s (128 greedy tokens after
-64), bytes of weights read per decoded token, the fraction of the read roofline that is, and our
+64; medians of 3 runs each), bytes of weights read per decoded token, the fraction of the read roofline that is, and our
 ratio to llama.cpp on the same file (or to llama.cpp's Q4_0 for our int4 rows, Q8_0 for int8).
 One process per measurement. Prints a table, writes results/quant.json. Run on an idle machine.
 """
@@ -61,15 +61,18 @@ def gguf_bytes_per_token(path: str) -> int:
                if len(t.shape) == 2 and (name != "token_embd.weight" or tied))
 
 
+REPS = 3  # medians of 3 prefill and 3 decode runs per engine: single runs here vary by +-15%
+
+
 def child(engine: str, path: str, prompt: int, decode: int) -> dict:
     if engine == "llama.cpp":
-        r = llama_child(engine, path, prompt, decode)
+        r = llama_child(engine, path, prompt, decode, REPS)
         r["bytes_per_token"] = gguf_bytes_per_token(path)
         return r
     import slmkit
     from slmkit.quant.linear import QuantLinear, kernel_active
 
-    r = slmkit_speed(path, prompt=prompt, decode=decode)
+    r = slmkit_speed(path, prompt=prompt, decode=decode, reps=REPS)
     llm = slmkit.load(path)  # again, only to describe it (pages are shared with the first load's cache)
     kinds = sorted({f"int{m.bits}" for m in llm.engine.model.modules() if isinstance(m, QuantLinear)})
     r["runs_as"] = "+".join(kinds) + (" (VNNI kernel)" if kernel_active() else " (fallback)")

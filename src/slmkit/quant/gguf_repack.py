@@ -60,7 +60,8 @@ def _q5_1(b: torch.Tensor) -> _Decoded:
 
 
 def _q8_0(b: torch.Tensor) -> _Decoded:
-    return b[:, 2:34] ^ 0x80, _h(b, 0), None, None, None  # int8 q -> uint8 q + 128
+    q = torch.empty(b.shape[0], 32, dtype=_U8).copy_(b[:, 2:34])  # int8 q -> uint8 q + 128, 4 bytes an op
+    return (q.view(torch.int32) ^ -0x7F7F7F80).view(_U8), _h(b, 0), None, None, None
 
 
 def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
