@@ -115,3 +115,40 @@ def apply_typical_p(logits: torch.Tensor, mass: float) -> torch.Tensor:
     last = (cum < mass).sum(dim=-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
     drop = sorted_shift > sorted_shift.gather(1, last)
     return logits.masked_fill(drop.scatter(1, order, drop), NEG_INF)
+
+
+def process(logits: torch.Tensor, params: object, sequences: Sequence[Sequence[int]], prompt_len: int,
+            eos_ids: Sequence[int]) -> torch.Tensor:
+    """The whole chain of a GeneratorParams-like `params` over logits [B, V] (before sampling).
+    sequences: every row's tokens so far; prompt_len: where the generated tokens start."""
+    p = params
+    x = logits
+    needs_ids = (p.repetition_penalty != 1.0 or p.no_repeat_ngram_size > 0 or p.presence_penalty != 0
+                 or p.frequency_penalty != 0 or p.scorers)
+    ids = torch.tensor(sequences, dtype=torch.long, device=x.device) if needs_ids else None
+    if p.repetition_penalty != 1.0:
+        window = ids[:, -p.repetition_window:] if p.repetition_window else ids
+        x = apply_repetition_penalty(x, window, p.repetition_penalty)
+    if p.presence_penalty != 0 or p.frequency_penalty != 0:
+        x = apply_presence_frequency(x, ids[:, prompt_len:], p.presence_penalty, p.frequency_penalty)
+    if p.logit_bias:
+        x = apply_logit_bias(x, p.logit_bias)
+    if p.no_repeat_ngram_size:
+        x = apply_no_repeat_ngram(x, ids, p.no_repeat_ngram_size)
+    produced = len(sequences[0]) - prompt_len
+    min_new = max(p.min_new_tokens, p.min_length - prompt_len)
+    if min_new > 0:
+        x = apply_min_new_tokens(x, produced, min_new, eos_ids)
+    for scorer in p.scorers:
+        x = scorer(ids, x)
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(logits.shape):
+            from ..errors import InvalidRequestError
+
+            raise InvalidRequestError(f"a scorer must return logits of shape {tuple(logits.shape)}", param="scorers")
+    if p.temperature <= 0:  # greedy: the warpers cannot change the argmax
+        return x
+    x = x / p.temperature
+    x = apply_top_k(x, p.top_k)
+    x = apply_top_p(x, p.top_p)
+    x = apply_min_p(x, p.min_p)
+    return apply_typical_p(x, p.typical_p)
