@@ -14,7 +14,7 @@ from typing import Any, Literal, overload
 
 import torch
 
-from .backends.base import Backend, SamplingOptions
+from .backends.base import EXTRA_OPTIONS, Backend, SamplingOptions
 from .engine.engine import validate_token_ids
 from .engine.stops import StopStrings
 from .errors import InvalidRequestError, ModelFileError, UnsupportedInputError
@@ -45,12 +45,23 @@ class Timings:
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token with the model's log-probability of it (before penalties and sampling
+    filters), and the most likely alternatives at that step when top_logprobs was asked for."""
+    token: str
+    token_id: int
+    logprob: float
+    top_logprobs: list["TokenLogprob"] = field(default_factory=list)
+
+
+@dataclass
 class GenerationResult:
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" (eos / stop string) or "length"
     usage: Usage
     timings: Timings = field(default_factory=Timings)
+    logprobs: list[TokenLogprob] | None = None  # one per token id, with logprobs=True / top_logprobs=N
 
 
 @dataclass
@@ -60,6 +71,7 @@ class GenerationChunk:
     finish_reason: str | None = None  # set on the last chunk, which also carries usage and timings
     usage: Usage | None = None
     timings: Timings | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
@@ -123,10 +135,22 @@ class LLM:
         return prompt
 
     def _options(self, max_new_tokens: int | None, temperature: float | None, top_p: float | None,
-                 top_k: int | None, seed: int | None, ignore_eos: bool) -> SamplingOptions:
+                 top_k: int | None, seed: int | None, ignore_eos: bool, extra: dict[str, Any]) -> SamplingOptions:
         gen_cfg: Mapping[str, Any] = getattr(getattr(self.backend, "engine", None), "generation_config", {}) or {}
         sampled = bool(gen_cfg.get("do_sample"))  # model defaults apply only where the caller is silent
-        return SamplingOptions(
+        for name in extra:
+            if name not in EXTRA_OPTIONS:
+                raise InvalidRequestError(f"unknown generation option {name!r} (known: max_new_tokens, temperature, "
+                                          f"top_p, top_k, seed, stop, ignore_eos, {', '.join(EXTRA_OPTIONS)})",
+                                          param=name)
+        extra = {k: v for k, v in extra.items() if v is not None}
+        if "logit_bias" in extra:
+            extra["logit_bias"] = self._logit_bias(extra["logit_bias"])
+        if "scorers" in extra and callable(extra["scorers"]):
+            extra["scorers"] = (extra["scorers"],)
+        if "logprobs" in extra and not isinstance(extra["logprobs"], bool):
+            raise InvalidRequestError(f"must be true or false, got {extra['logprobs']!r}", param="logprobs")
+        return SamplingOptions(**extra,
             max_new_tokens=max_new_tokens,
             temperature=temperature if temperature is not None else
             (float(gen_cfg.get("temperature", 1.0)) if sampled else 0.0),
@@ -134,6 +158,25 @@ class LLM:
             top_k=top_k if top_k is not None else (int(gen_cfg.get("top_k", 0)) if sampled else 0),
             seed=seed, ignore_eos=ignore_eos,
         )
+
+    def _logit_bias(self, bias: Any) -> dict[int, float]:
+        """{token id, "id" or text: bias}: a text key biases every token of its encoding (llama.cpp's rule)."""
+        if not isinstance(bias, Mapping):
+            raise InvalidRequestError(f"must map token ids or strings to numbers, got {type(bias).__name__}",
+                                      param="logit_bias")
+        out: dict[int, float] = {}
+        for key, value in bias.items():
+            if isinstance(key, bool) or not isinstance(key, (int, str)):
+                raise InvalidRequestError(f"keys must be token ids or strings, got {key!r}", param="logit_bias")
+            if isinstance(key, int) or key.strip().isdigit():
+                ids = [int(key)]
+            else:
+                ids = self.tokenizer.encode(key, add_special_tokens=False)
+                if not ids:
+                    raise InvalidRequestError(f"{key!r} encodes to no tokens", param="logit_bias")
+            for i in validate_token_ids(ids, self.backend.vocab_size, "logit_bias"):
+                out[i] = value
+        return out
 
     # ------------------------------------------------------------------ generation
     @overload
@@ -152,10 +195,14 @@ class LLM:
     def generate(self, prompt: str | Sequence[int], *, stream: bool = False,
                  max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None, ignore_eos: bool = False) -> Any:
+                 stop: str | Sequence[str] | None = None, ignore_eos: bool = False, **options: Any) -> Any:
         """Complete a text prompt (tokenized with the model's BOS rule) or a list of token ids.
 
         Stop strings add to the model's stop tokens; the returned text ends before the stop string.
+        More options (engine.processors has their exact semantics): min_p, typical_p,
+        repetition_penalty, repetition_window, presence_penalty, frequency_penalty,
+        no_repeat_ngram_size, logit_bias ({token id or text: bias}), min_new_tokens, scorers
+        (callables (input_ids, logits) -> logits), logprobs (bool), top_logprobs (0-20).
         """
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt, add_special_tokens=True)
@@ -165,17 +212,20 @@ class LLM:
             raise InvalidRequestError("must be a string or a list of token ids", param="prompt")
         if not ids:
             raise InvalidRequestError("is empty", param="prompt")
-        options = self._options(max_new_tokens, temperature, top_p, top_k, seed, ignore_eos)
-        chunks = self._stream(ids, options, _stop_list(stop))
+        opts = self._options(max_new_tokens, temperature, top_p, top_k, seed, ignore_eos, options)
+        chunks = self._stream(ids, opts, _stop_list(stop))
         if stream:
             return _validated_first(chunks)
         text, out_ids, last = [], [], None
+        lps: list[TokenLogprob] | None = [] if opts.logprobs or opts.top_logprobs else None
         for c in chunks:
             text.append(c.text)
             out_ids.extend(c.token_ids)
+            if lps is not None and c.logprobs:
+                lps.extend(c.logprobs)
             last = c
         assert last is not None and last.finish_reason and last.usage and last.timings
-        return GenerationResult("".join(text), out_ids, last.finish_reason, last.usage, last.timings)
+        return GenerationResult("".join(text), out_ids, last.finish_reason, last.usage, last.timings, lps)
 
     def _stream(self, ids: list[int], options: SamplingOptions, stops: list[str]) -> Iterator[GenerationChunk]:
         detok = self.tokenizer.create_stream()
@@ -189,11 +239,12 @@ class LLM:
                     t_first = time.perf_counter()
                     detok.prime(ids)  # decode the reply in the prompt's context: no lost leading space
                 text = matcher.feed(detok.decode(step.token_id))
+                lp = self._token_logprob(step)
                 reason = step.finish_reason
                 if matcher.stopped:
                     reason = "stop"
                 if reason is None:
-                    yield GenerationChunk(text, [step.token_id])
+                    yield GenerationChunk(text, [step.token_id], logprobs=lp)
                     continue
                 if not matcher.stopped:
                     text += matcher.feed(detok.flush()) + matcher.flush()
@@ -205,7 +256,18 @@ class LLM:
         t_end = time.perf_counter()
         timings = Timings((t_first or t_end) - t0, t_end - (t_first or t_end))
         yield GenerationChunk(text if n else "", [step.token_id] if n else [], reason or "length",
-                              Usage(len(ids), n), timings)
+                              Usage(len(ids), n), timings, self._token_logprob(step) if n else None)
+
+    def _token_logprob(self, step: Any) -> list[TokenLogprob] | None:
+        if step.logprob is None:
+            return None
+        tok = self.tokenizer
+
+        def piece(i: int) -> str:
+            return tok.decode([i], skip_special_tokens=False)
+
+        top = [TokenLogprob(piece(i), i, lp) for i, lp in (step.top_logprobs or [])]
+        return [TokenLogprob(piece(step.token_id), step.token_id, step.logprob, top)]
 
     def logits(self, ids: Sequence[int]) -> torch.Tensor:
         """float32 logits [len(ids), vocab] of one full forward pass, no cache."""

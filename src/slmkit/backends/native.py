@@ -9,7 +9,7 @@ import torch
 from ..engine.engine import Engine
 from ..engine.generator import Generator, GeneratorParams
 from ..engine.loader import load_hf_folder
-from .base import SamplingOptions, TokenStep
+from .base import EXTRA_OPTIONS, SamplingOptions, TokenStep
 
 
 class NativeBackend:
@@ -39,16 +39,22 @@ class NativeBackend:
         return backend
 
     def stream_tokens(self, prompt_ids: Sequence[int], options: SamplingOptions) -> Iterator[TokenStep]:
+        extra = {k: getattr(options, k) for k in EXTRA_OPTIONS if k != "logprobs"}
         params = GeneratorParams(
             max_new_tokens=options.max_new_tokens, temperature=options.temperature, top_k=options.top_k,
             top_p=options.top_p, seed=options.seed, stop_token_ids=tuple(options.stop_token_ids),
-            ignore_eos=options.ignore_eos,
+            ignore_eos=options.ignore_eos, **extra,
         )
         gen = Generator(self.engine, params)
         gen.append_tokens(list(prompt_ids))
+        want = options.logprobs or options.top_logprobs > 0
         while not gen.is_done():
             gen.generate_next_token()
-            yield TokenStep(gen.get_next_tokens()[0], gen.finish_reasons[0])
+            step = TokenStep(gen.get_next_tokens()[0], gen.finish_reasons[0])
+            if want:
+                _, step.logprob, top = gen.last_logprobs[0]
+                step.top_logprobs = top if options.top_logprobs else None
+            yield step
 
     def logits(self, ids: Sequence[int]) -> torch.Tensor:
         return self.engine.logits(ids)

@@ -22,7 +22,7 @@ import torch
 from ..errors import ContextLengthError, InvalidRequestError
 from ..models.cache import KVCache
 from .engine import validate_token_ids
-from .sampling import sample
+from .processors import Scorer, process
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
 
@@ -38,6 +38,18 @@ class GeneratorParams:
     batch_size: int = 1
     stop_token_ids: Sequence[int] = field(default_factory=tuple)  # added to the model's eos ids
     ignore_eos: bool = False  # run to the length limit (benchmarks, parity tests)
+    min_p: float = 0.0  # 0 = off
+    typical_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off (transformers / ORT GenAI semantics)
+    repetition_window: int = 0  # penalise the last N tokens only; 0 = the whole sequence
+    presence_penalty: float = 0.0  # OpenAI semantics, over the generated tokens
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    min_new_tokens: int = 0  # no end-of-sequence before this many new tokens
+    min_length: int = 0  # ... or before the sequence (prompt + new) is this long (ORT GenAI)
+    scorers: Sequence[Scorer] = field(default_factory=tuple)  # (input_ids [B, S], logits [B, V]) -> logits
+    top_logprobs: int = 0  # also report this many alternatives' log-probabilities per step (0-20)
 
     def __post_init__(self) -> None:
         self._validate()
@@ -76,6 +88,28 @@ class GeneratorParams:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < 2**63):
             raise bad("seed", "must be an integer in [0, 2**63) or None")
+        for name, lo, hi in (("min_p", 0.0, 1.0), ("typical_p", 0.0, 1.0), ("presence_penalty", -2.0, 2.0),
+                             ("frequency_penalty", -2.0, 2.0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi or v != v:
+                raise bad(name, f"must be a number in [{lo}, {hi}]")
+        if self.typical_p == 0:
+            raise bad("typical_p", "must be in (0, 1]")
+        v = self.repetition_penalty
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 100:
+            raise bad("repetition_penalty", "must be a number in (0, 100]")
+        for name, hi in (("repetition_window", None), ("no_repeat_ngram_size", None), ("min_new_tokens", None),
+                         ("min_length", None), ("top_logprobs", 20)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (hi is not None and v > hi):
+                raise bad(name, "must be an integer >= 0" + (f" and <= {hi}" if hi is not None else ""))
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or any(
+                    isinstance(k, bool) or not isinstance(k, int) or k < 0 or isinstance(b, bool)
+                    or not isinstance(b, (int, float)) or not -100 <= b <= 100 for k, b in self.logit_bias.items()):
+                raise bad("logit_bias", "must map token ids to numbers in [-100, 100]")
+        if not isinstance(self.scorers, (list, tuple)) or not all(callable(f) for f in self.scorers):
+            raise bad("scorers", "must be a list of callables (input_ids, logits) -> logits")
         if not isinstance(self.stop_token_ids, (list, tuple, set, frozenset)) or any(
                 isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.stop_token_ids):
             raise bad("stop_token_ids", "must be a list of non-negative integer token ids")
@@ -101,6 +135,7 @@ class Generator:
         self._logits: torch.Tensor | None = None  # [B, V] float32, logits for the next token
         self._prompt_len = 0
         self._next: list[int] = []
+        self.last_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []  # per row, last step
 
     # ------------------------------------------------------------------ input
     def append_tokens(self, tokens: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor) -> None:
@@ -152,8 +187,16 @@ class Generator:
             raise InvalidRequestError("generation is done; append tokens or rewind first", param="generator")
         logits = self._compute_logits()
         p = self.params
-        tokens = sample(logits, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, generator=self.rng)
+        if p.logit_bias and max(p.logit_bias) >= logits.shape[-1]:
+            raise InvalidRequestError(f"token id {max(p.logit_bias)} is outside the vocabulary "
+                                      f"[0, {logits.shape[-1]})", param="logit_bias")
+        x = process(logits, p, self.sequences, self._prompt_len, sorted(self.eos))
+        if p.temperature <= 0:
+            tokens = x.argmax(dim=-1)
+        else:
+            tokens = torch.multinomial(x.softmax(dim=-1), 1, generator=self.rng).squeeze(-1)
         self._next = [int(t) for t in tokens.tolist()]
+        self._record_logprobs(logits, tokens)
         for i, (seq, t) in enumerate(zip(self.sequences, self._next)):
             if self.finish_reasons[i] is not None:  # finished rows keep step with the batch but stay put
                 self._next[i] = seq[-1]
@@ -167,6 +210,17 @@ class Generator:
         if length >= self.max_length or (p.max_new_tokens is not None and new >= p.max_new_tokens):
             self.finish_reasons = [f or FINISH_LENGTH for f in self.finish_reasons]
         self._logits = None
+
+    def _record_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        """The model's log-probabilities (before penalties and warpers) of the chosen tokens, and of
+        the top_logprobs most likely ones, per row: self.last_logprobs."""
+        logp = logits.log_softmax(dim=-1)
+        chosen = logp.gather(1, tokens.view(-1, 1)).squeeze(1).tolist()
+        tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
+        if self.params.top_logprobs:
+            v, i = logp.topk(self.params.top_logprobs, dim=-1)
+            tops = [list(zip(ii, vv)) for ii, vv in zip(i.tolist(), v.tolist())]
+        self.last_logprobs = [(t, lp, top) for t, lp, top in zip(tokens.tolist(), chosen, tops)]
 
     def is_done(self) -> bool:
         """True when every row stopped (eos / stop token) or reached max_length / max_new_tokens."""
