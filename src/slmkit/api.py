@@ -202,7 +202,8 @@ class LLM:
         More options (engine.processors has their exact semantics): min_p, typical_p,
         repetition_penalty, repetition_window, presence_penalty, frequency_penalty,
         no_repeat_ngram_size, logit_bias ({token id or text: bias}), min_new_tokens, scorers
-        (callables (input_ids, logits) -> logits), logprobs (bool), top_logprobs (0-20).
+        (callables (input_ids, logits) -> logits), logprobs (bool), top_logprobs (0-20), and
+        structured output: json_schema, regex, grammar (Lark / GBNF) or response_format (OpenAI).
         """
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt, add_special_tokens=True)

@@ -32,11 +32,15 @@ class SamplingOptions:
     scorers: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = field(default_factory=tuple)
     logprobs: bool = False  # report the chosen token's log-probability per step
     top_logprobs: int = 0  # ... and this many alternatives (0-20)
+    json_schema: dict | str | None = None  # structured output: at most one of these four
+    regex: str | None = None
+    grammar: str | None = None
+    response_format: dict | None = None
 
 
 EXTRA_OPTIONS = ("min_p", "typical_p", "repetition_penalty", "repetition_window", "presence_penalty",
                  "frequency_penalty", "no_repeat_ngram_size", "logit_bias", "min_new_tokens", "scorers",
-                 "logprobs", "top_logprobs")
+                 "logprobs", "top_logprobs", "json_schema", "regex", "grammar", "response_format")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from ..errors import ContextLengthError, InvalidRequestError
 from ..models.cache import KVCache
 from .engine import validate_token_ids
 from .processors import Scorer, process
+from .structured import Constraint, grammar_for
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
 
@@ -50,6 +51,12 @@ class GeneratorParams:
     min_length: int = 0  # ... or before the sequence (prompt + new) is this long (ORT GenAI)
     scorers: Sequence[Scorer] = field(default_factory=tuple)  # (input_ids [B, S], logits [B, V]) -> logits
     top_logprobs: int = 0  # also report this many alternatives' log-probabilities per step (0-20)
+    # structured output (at most one): a JSON schema, a regex, a Lark / GBNF grammar, or OpenAI's
+    # response_format ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}})
+    json_schema: dict | str | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    response_format: dict | None = None
 
     def __post_init__(self) -> None:
         self._validate()
@@ -110,6 +117,10 @@ class GeneratorParams:
                 raise bad("logit_bias", "must map token ids to numbers in [-100, 100]")
         if not isinstance(self.scorers, (list, tuple)) or not all(callable(f) for f in self.scorers):
             raise bad("scorers", "must be a list of callables (input_ids, logits) -> logits")
+        self._grammar = grammar_for(json_schema=self.json_schema, regex=self.regex, grammar=self.grammar,
+                                    response_format=self.response_format)
+        if self._grammar is not None and self.batch_size != 1:
+            raise bad("batch_size", "structured output runs one sequence at a time")
         if not isinstance(self.stop_token_ids, (list, tuple, set, frozenset)) or any(
                 isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.stop_token_ids):
             raise bad("stop_token_ids", "must be a list of non-negative integer token ids")
@@ -136,6 +147,10 @@ class Generator:
         self._prompt_len = 0
         self._next: list[int] = []
         self.last_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []  # per row, last step
+        grammar = self.params._grammar
+        self.constraint = None if grammar is None else Constraint(
+            grammar[0], grammar[1], engine.tokenizer, engine.vocab_size, engine.eos_token_ids)
+        self._consumed: list[tuple[int, int]] = []  # (sequence position, token) the constraint has seen
 
     # ------------------------------------------------------------------ input
     def append_tokens(self, tokens: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor) -> None:
@@ -190,13 +205,17 @@ class Generator:
         if p.logit_bias and max(p.logit_bias) >= logits.shape[-1]:
             raise InvalidRequestError(f"token id {max(p.logit_bias)} is outside the vocabulary "
                                       f"[0, {logits.shape[-1]})", param="logit_bias")
-        x = process(logits, p, self.sequences, self._prompt_len, sorted(self.eos))
+        c = self.constraint
+        x = process(logits, p, self.sequences, self._prompt_len, sorted(self.eos), c.mask if c else None)
         if p.temperature <= 0:
             tokens = x.argmax(dim=-1)
         else:
             tokens = torch.multinomial(x.softmax(dim=-1), 1, generator=self.rng).squeeze(-1)
         self._next = [int(t) for t in tokens.tolist()]
         self._record_logprobs(logits, tokens)
+        if c is not None and self.finish_reasons[0] is None:
+            c.advance(self._next[0])
+            self._consumed.append((len(self.sequences[0]), self._next[0]))
         for i, (seq, t) in enumerate(zip(self.sequences, self._next)):
             if self.finish_reasons[i] is not None:  # finished rows keep step with the batch but stay put
                 self._next[i] = seq[-1]
@@ -256,6 +275,13 @@ class Generator:
         """Keep the first `length` tokens of every row; the cache keeps what it can reuse."""
         if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= len(self.sequences[0]):
             raise InvalidRequestError(f"must be in [0, {len(self.sequences[0])}], got {length!r}", param="length")
+        if self.constraint is not None:  # the grammar state steps back over the dropped generated tokens
+            kept = [(i, t) for i, t in self._consumed if i < length]
+            # llguidance keeps no undo entry for the end-of-sequence token that stopped it
+            drop = sum(1 for i, t in self._consumed if i >= length and t not in self.engine.eos_token_ids)
+            if drop:
+                self.constraint.matcher.rollback(drop)
+            self._consumed = kept
         for seq in self.sequences:
             del seq[length:]
         if self.cache is not None:

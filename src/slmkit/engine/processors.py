@@ -118,9 +118,11 @@ def apply_typical_p(logits: torch.Tensor, mass: float) -> torch.Tensor:
 
 
 def process(logits: torch.Tensor, params: object, sequences: Sequence[Sequence[int]], prompt_len: int,
-            eos_ids: Sequence[int]) -> torch.Tensor:
+            eos_ids: Sequence[int], mask: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """The whole chain of a GeneratorParams-like `params` over logits [B, V] (before sampling).
-    sequences: every row's tokens so far; prompt_len: where the generated tokens start."""
+    sequences: every row's tokens so far; prompt_len: where the generated tokens start; mask: a
+    grammar's token mask, applied after the scorers and before the warpers (so they never remove
+    every allowed token)."""
     p = params
     x = logits
     needs_ids = (p.repetition_penalty != 1.0 or p.no_repeat_ngram_size > 0 or p.presence_penalty != 0
@@ -145,6 +147,8 @@ def process(logits: torch.Tensor, params: object, sequences: Sequence[Sequence[i
             from ..errors import InvalidRequestError
 
             raise InvalidRequestError(f"a scorer must return logits of shape {tuple(logits.shape)}", param="scorers")
+    if mask is not None:
+        x = mask(x)
     if p.temperature <= 0:  # greedy: the warpers cannot change the argmax
         return x
     x = x / p.temperature
