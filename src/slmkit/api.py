@@ -195,7 +195,8 @@ class LLM:
     def generate(self, prompt: str | Sequence[int], *, stream: bool = False,
                  max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None, ignore_eos: bool = False, **options: Any) -> Any:
+                 stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
+                 _session: dict | None = None, **options: Any) -> Any:
         """Complete a text prompt (tokenized with the model's BOS rule) or a list of token ids.
 
         Stop strings add to the model's stop tokens; the returned text ends before the stop string.
@@ -214,7 +215,7 @@ class LLM:
         if not ids:
             raise InvalidRequestError("is empty", param="prompt")
         opts = self._options(max_new_tokens, temperature, top_p, top_k, seed, ignore_eos, options)
-        chunks = self._stream(ids, opts, _stop_list(stop))
+        chunks = self._stream(ids, opts, _stop_list(stop), _session)
         if stream:
             return _validated_first(chunks)
         text, out_ids, last = [], [], None
@@ -228,10 +229,12 @@ class LLM:
         assert last is not None and last.finish_reason and last.usage and last.timings
         return GenerationResult("".join(text), out_ids, last.finish_reason, last.usage, last.timings, lps)
 
-    def _stream(self, ids: list[int], options: SamplingOptions, stops: list[str]) -> Iterator[GenerationChunk]:
+    def _stream(self, ids: list[int], options: SamplingOptions, stops: list[str],
+                session: dict | None = None) -> Iterator[GenerationChunk]:
         detok = self.tokenizer.create_stream()
         matcher = StopStrings(stops)
-        steps = self.backend.stream_tokens(ids, options)
+        steps = self.backend.stream_tokens(ids, options, session) if session is not None else \
+            self.backend.stream_tokens(ids, options)
         n, t0, t_first, reason = 0, time.perf_counter(), None, None
         try:
             for step in steps:
@@ -269,6 +272,13 @@ class LLM:
 
         top = [TokenLogprob(piece(i), i, lp) for i, lp in (step.top_logprobs or [])]
         return [TokenLogprob(piece(step.token_id), step.token_id, step.logprob, top)]
+
+    def session(self, system: str | None = None, **defaults: Any) -> Any:
+        """A chat that keeps its KV cache between turns (slmkit.session.ChatSession): each send()
+        prefills only the tokens after the longest common prefix with the previous turn."""
+        from .session import ChatSession
+
+        return ChatSession(self, system, **defaults)
 
     def logits(self, ids: Sequence[int]) -> torch.Tensor:
         """float32 logits [len(ids), vocab] of one full forward pass, no cache."""

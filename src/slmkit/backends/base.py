@@ -59,6 +59,10 @@ class Backend(Protocol):
     vocab_size: int
     supports_images: bool
 
-    def stream_tokens(self, prompt_ids: Sequence[int], options: SamplingOptions) -> Iterator[TokenStep]: ...
+    def stream_tokens(self, prompt_ids: Sequence[int], options: SamplingOptions,
+                      session: dict | None = None) -> Iterator[TokenStep]:
+        """session: a dict the backend may keep state in between calls (the native backend keeps
+        its Generator and KV cache there); backends without such reuse ignore it."""
+        ...
 
     def logits(self, ids: Sequence[int]) -> torch.Tensor: ...

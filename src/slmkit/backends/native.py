@@ -38,15 +38,32 @@ class NativeBackend:
         backend.path = path
         return backend
 
-    def stream_tokens(self, prompt_ids: Sequence[int], options: SamplingOptions) -> Iterator[TokenStep]:
+    def stream_tokens(self, prompt_ids: Sequence[int], options: SamplingOptions,
+                      session: dict | None = None) -> Iterator[TokenStep]:
+        """Generate after prompt_ids. With a `session` dict the Generator (and its KV cache) lives on
+        in it between calls: a prompt that extends or edits the previous turn's tokens prefills only
+        what differs from the longest common prefix (session["prefilled"] says how many)."""
         extra = {k: getattr(options, k) for k in EXTRA_OPTIONS if k != "logprobs"}
         params = GeneratorParams(
             max_new_tokens=options.max_new_tokens, temperature=options.temperature, top_k=options.top_k,
             top_p=options.top_p, seed=options.seed, stop_token_ids=tuple(options.stop_token_ids),
             ignore_eos=options.ignore_eos, **extra,
         )
-        gen = Generator(self.engine, params)
-        gen.append_tokens(list(prompt_ids))
+        ids = list(prompt_ids)
+        gen = session.get("generator") if session is not None else None
+        if gen is None:
+            gen = Generator(self.engine, params)
+            gen.append_tokens(ids)
+            common = 0
+        else:
+            gen.configure(params)
+            seq = gen.sequences[0]
+            common = next((i for i, (a, b) in enumerate(zip(seq, ids)) if a != b), min(len(seq), len(ids)))
+            common = min(common, len(ids) - 1)  # at least one token to feed for the next logits
+            gen.rewind_to(common)
+            gen.append_tokens(ids[common:])
+        if session is not None:
+            session["generator"], session["prefilled"] = gen, len(ids) - common
         want = options.logprobs or options.top_logprobs > 0
         while not gen.is_done():
             gen.generate_next_token()

@@ -133,12 +133,7 @@ class Generator:
             raise InvalidRequestError("Generator needs a locally loaded (native) model", param="model")
         self.engine = engine
         self.params = params or GeneratorParams()
-        self.max_length = min(self.params.max_length or engine.context_length, engine.context_length)
-        self.eos = frozenset() if self.params.ignore_eos else \
-            engine.eos_token_ids | frozenset(self.params.stop_token_ids)
-        self.rng: torch.Generator | None = None
-        if self.params.seed is not None:
-            self.rng = torch.Generator(device=engine.device).manual_seed(self.params.seed)
+        self.configure()
         engine.tokenizer.reset_stream()  # tokenizer.stream_decode follows this generation from here on
         self.sequences: list[list[int]] = [[] for _ in range(self.params.batch_size)]
         self.cache: KVCache | None = None
@@ -147,7 +142,19 @@ class Generator:
         self._prompt_len = 0
         self._next: list[int] = []
         self.last_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []  # per row, last step
-        grammar = self.params._grammar
+
+    def configure(self, params: GeneratorParams | None = None) -> None:
+        """(Re)apply params: stop set, seeded RNG and grammar. The sequences and KV cache stay, so a
+        chat session can change options between turns."""
+        if params is not None:
+            if params.batch_size != self.params.batch_size:
+                raise InvalidRequestError("batch_size cannot change on a running generator", param="batch_size")
+            self.params = params
+        engine, p = self.engine, self.params
+        self.max_length = min(p.max_length or engine.context_length, engine.context_length)
+        self.eos = frozenset() if p.ignore_eos else engine.eos_token_ids | frozenset(p.stop_token_ids)
+        self.rng = None if p.seed is None else torch.Generator(device=engine.device).manual_seed(p.seed)
+        grammar = p._grammar
         self.constraint = None if grammar is None else Constraint(
             grammar[0], grammar[1], engine.tokenizer, engine.vocab_size, engine.eos_token_ids)
         self._consumed: list[tuple[int, int]] = []  # (sequence position, token) the constraint has seen

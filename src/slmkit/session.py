@@ -1,0 +1,70 @@
+"""Chat sessions that keep the KV cache across turns.
+
+    chat = llm.session(system="Be brief.", max_new_tokens=200)
+    print(chat.send("What is a GGUF file?").text)
+    for chunk in chat.send("And safetensors?", stream=True):
+        print(chunk.text, end="")
+    chat.rewind_to(1)            # keep only the first message; the cache keeps what still matches
+    chat.messages[1]["content"] = "an edited question"   # edits are fine too: the next send()
+                                                          # re-renders and reuses the common prefix
+
+Each send() renders the whole conversation with the model's template, as a stateless call would,
+so the tokens (and, greedy, the answers) are exactly those of re-sending the history; only the
+prefill differs: the tokens after the longest common prefix with the previous turn.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from .errors import InvalidRequestError
+
+
+class ChatSession:
+    def __init__(self, llm: Any, system: str | None = None, **defaults: Any):
+        self.llm = llm
+        self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+        self.defaults = defaults
+        self._state: dict[str, Any] = {}
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens of the conversation the session holds (prompt and answers so far)."""
+        gen = self._state.get("generator")
+        return len(gen.sequences[0]) if gen is not None else 0
+
+    @property
+    def last_prefill(self) -> int:
+        """How many tokens the last send() had to run through the model before generating."""
+        return int(self._state.get("prefilled", 0))
+
+    def rewind_to(self, n: int) -> None:
+        """Keep the first n messages (the next send() reuses the cache as far as it still matches)."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(self.messages):
+            raise InvalidRequestError(f"must be in [0, {len(self.messages)}], got {n!r}", param="n")
+        del self.messages[n:]
+
+    def send(self, content: Any, *, stream: bool = False, **options: Any) -> Any:
+        """Add a user message (a string or OpenAI content parts) and answer it; the answer joins
+        self.messages. Options as for LLM.generate, over the session's defaults."""
+        self.messages.append({"role": "user", "content": content})
+        try:
+            prompt = self.llm.render(self.messages)
+            ids = self.llm.tokenizer.encode(prompt.text, add_special_tokens=False)
+            out = self.llm.generate(ids, stream=stream, _session=self._state, **{**self.defaults, **options})
+        except BaseException:
+            self.messages.pop()
+            raise
+        if not stream:
+            self.messages.append({"role": "assistant", "content": out.text})
+            return out
+        return self._collect(out)
+
+    def _collect(self, chunks: Iterator[Any]) -> Iterator[Any]:
+        text: list[str] = []
+        try:
+            for chunk in chunks:
+                text.append(chunk.text)
+                yield chunk
+        finally:  # a stream stopped early still keeps what was said
+            self.messages.append({"role": "assistant", "content": "".join(text)})
