@@ -273,6 +273,21 @@ class LLM:
         top = [TokenLogprob(piece(i), i, lp) for i, lp in (step.top_logprobs or [])]
         return [TokenLogprob(piece(step.token_id), step.token_id, step.logprob, top)]
 
+    def beam_search(self, prompt: str | Sequence[int], *, num_beams: int = 4, max_new_tokens: int = 64,
+                    num_return_sequences: int = 1, length_penalty: float = 1.0,
+                    early_stopping: bool | str = False) -> list[Any]:
+        """Beam search (transformers' semantics): the best num_return_sequences beams, best first, as
+        engine.beam.Beam (token_ids, score, finish_reason) with .text added."""
+        from .engine.beam import beam_search
+
+        ids = self.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
+        beams = beam_search(self.engine, ids, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                            num_return_sequences=num_return_sequences, length_penalty=length_penalty,
+                            early_stopping=early_stopping)
+        for b in beams:
+            b.text = self.tokenizer.decode(b.token_ids)  # type: ignore[attr-defined]
+        return beams
+
     def session(self, system: str | None = None, **defaults: Any) -> Any:
         """A chat that keeps its KV cache between turns (slmkit.session.ChatSession): each send()
         prefills only the tokens after the longest common prefix with the previous turn."""

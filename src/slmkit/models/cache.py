@@ -70,6 +70,11 @@ class KVCache:
             self.tag = None
         return n
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i becomes what row rows[i] was (beam search follows its surviving beams)."""
+        for t in self.k + self.v:
+            t[:, :, : self.offset] = t[rows, :, : self.offset]
+
     def reset(self) -> None:
         self.offset = 0
         self.tag = None
