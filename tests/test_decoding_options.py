@@ -121,3 +121,15 @@ def test_bad_options_are_named(tiny, kw, param):
     assert e.value.param == param
     with pytest.raises(InvalidRequestError):
         llm.generate(PROMPT, max_new_tokens=2, stream=True, **kw)  # refused at the call, not mid-stream
+
+
+def test_n_samples_share_the_prompt_and_follow_their_seeds(tiny):
+    _, llm = tiny
+    outs = llm.generate(PROMPT, n=3, max_new_tokens=8, temperature=1.0, seed=5, ignore_eos=True)
+    assert len(outs) == 3 and len({tuple(o.token_ids) for o in outs}) > 1
+    for i, o in enumerate(outs):  # sample i is the seed + i sample
+        assert o.token_ids == llm.generate(PROMPT, max_new_tokens=8, temperature=1.0, seed=5 + i,
+                                           ignore_eos=True).token_ids
+    with pytest.raises(InvalidRequestError) as e:
+        llm.generate(PROMPT, n=0)
+    assert e.value.param == "n"

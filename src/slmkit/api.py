@@ -62,6 +62,7 @@ class GenerationResult:
     usage: Usage
     timings: Timings = field(default_factory=Timings)
     logprobs: list[TokenLogprob] | None = None  # one per token id, with logprobs=True / top_logprobs=N
+    tool_calls: list[Any] | None = None  # slmkit.tools.ToolCall list when the answer called a tool
 
 
 @dataclass
@@ -186,8 +187,25 @@ class LLM:
     @overload
     def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[True], **kw: Any) -> Iterator[GenerationChunk]: ...
 
-    def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, **kw: Any) -> Any:
-        """Chat with the model's own template. Options as for generate()."""
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, tools: Any = None,
+             tool_choice: Any = None, **kw: Any) -> Any:
+        """Chat with the model's own template. Options as for generate(). tools / tool_choice as in
+        OpenAI's API (slmkit.tools): a call comes back in result.tool_calls, finish_reason "tool_calls"."""
+        if tools is None and tool_choice is not None:
+            raise InvalidRequestError("needs tools", param="tool_choice")
+        if tools is not None:
+            from . import tools as tooling
+
+            if stream:
+                raise InvalidRequestError("streaming with tools is not supported yet; use stream=False",
+                                          param="stream")
+            messages, constraint = tooling.prepare(messages, tools, tool_choice)
+            result = self.generate(self.tokenizer.encode(self.render(messages).text, add_special_tokens=False),
+                                   **{**kw, **constraint})
+            calls = tooling.parse(result.text, tools, tool_choice)
+            if calls:
+                result.tool_calls, result.finish_reason = calls, "tool_calls"
+            return result
         prompt = self.render(messages)
         ids = self.tokenizer.encode(prompt.text, add_special_tokens=False)  # the template holds any BOS
         return self.generate(ids, stream=stream, **kw)
@@ -205,6 +223,8 @@ class LLM:
         no_repeat_ngram_size, logit_bias ({token id or text: bias}), min_new_tokens, scorers
         (callables (input_ids, logits) -> logits), logprobs (bool), top_logprobs (0-20), and
         structured output: json_schema, regex, grammar (Lark / GBNF) or response_format (OpenAI).
+        n=k returns a list of k results (independent samples; with a seed, sample i uses seed + i),
+        prefilling the prompt once.
         """
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt, add_special_tokens=True)
@@ -214,6 +234,16 @@ class LLM:
             raise InvalidRequestError("must be a string or a list of token ids", param="prompt")
         if not ids:
             raise InvalidRequestError("is empty", param="prompt")
+        n = options.pop("n", None)
+        if n is not None:  # n samples, one after another, sharing the prompt's KV cache
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
+                raise InvalidRequestError(f"must be an integer in [1, 64], got {n!r}", param="n")
+            if stream:
+                raise InvalidRequestError("streaming returns one sequence; use n with stream=False", param="stream")
+            state: dict = {} if _session is None else _session
+            return [self.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  top_k=top_k, seed=None if seed is None else seed + i, stop=stop,
+                                  ignore_eos=ignore_eos, _session=state, **options) for i in range(n)]
         opts = self._options(max_new_tokens, temperature, top_p, top_k, seed, ignore_eos, options)
         chunks = self._stream(ids, opts, _stop_list(stop), _session)
         if stream:

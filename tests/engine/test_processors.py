@@ -55,3 +55,12 @@ def test_every_filter_keeps_at_least_one_token():
     x = torch.tensor([[5.0, 5.0, -1.0], [0.0, -50.0, -50.0]])
     for out in (P.apply_top_p(x, 1e-9), P.apply_min_p(x, 1.0), P.apply_typical_p(x, 1e-9), P.apply_top_k(x, 1)):
         assert (~torch.isinf(out)).sum(-1).min() >= 1
+
+
+def test_chain_with_top_k_filters_only_the_survivors_but_equals_the_plain_chain():
+    from slmkit import GeneratorParams
+
+    x, ids = logits_and_ids(7, b=1)
+    p = GeneratorParams(temperature=0.8, top_k=9, top_p=0.8, min_p=0.1, typical_p=0.9)
+    plain = P.apply_typical_p(P.apply_min_p(P.apply_top_p(P.apply_top_k(x / 0.8, 9), 0.8), 0.1), 0.9)
+    assert same(P.process(x, p, ids.tolist(), 4, []), plain)

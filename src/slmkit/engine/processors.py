@@ -152,7 +152,12 @@ def process(logits: torch.Tensor, params: object, sequences: Sequence[Sequence[i
     if p.temperature <= 0:  # greedy: the warpers cannot change the argmax
         return x
     x = x / p.temperature
-    x = apply_top_k(x, p.top_k)
+    if 0 < p.top_k < x.shape[-1]:
+        # the later filters only see what top-k kept: run them on the k survivors (same result as on
+        # the -inf-filled row, without sorting the whole vocabulary)
+        vals, idx = torch.topk(x, p.top_k, dim=-1)
+        vals = apply_typical_p(apply_min_p(apply_top_p(vals, p.top_p), p.min_p), p.typical_p)
+        return torch.full_like(x, NEG_INF).scatter_(1, idx, vals)
     x = apply_top_p(x, p.top_p)
     x = apply_min_p(x, p.min_p)
     return apply_typical_p(x, p.typical_p)

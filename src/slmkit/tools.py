@@ -1,0 +1,120 @@
+"""OpenAI-style tool calling for models whose chat template has no tool support (Phi-3 / 3.5):
+the tools are described in the system message, the answer is constrained by a grammar so a call is
+always a valid JSON object {"name": ..., "arguments": {...}} matching that tool's parameter schema,
+and a call comes back as structured ToolCalls (finish_reason "tool_calls").
+
+tool_choice: "auto" (free text, or a call when the answer starts with "{"), "none" (free text),
+"required" (some call), or {"type": "function", "function": {"name": ...}} (that call).
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidRequestError
+
+INSTRUCTIONS = ("You can call tools. To call one, answer with only a JSON object of the form "
+                '{"name": <tool name>, "arguments": {<arguments>}} and nothing else. '
+                "Otherwise answer normally. The tools:\n")
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+    @property
+    def arguments_json(self) -> str:
+        return json.dumps(self.arguments, ensure_ascii=False)
+
+
+def _functions(tools: Any) -> list[dict[str, Any]]:
+    if not isinstance(tools, (list, tuple)) or not tools:
+        raise InvalidRequestError("must be a non-empty list of tools", param="tools")
+    out = []
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, Mapping) and t.get("type", "function") == "function" else None
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise InvalidRequestError("must be {'type': 'function', 'function': {'name': ..., 'parameters': "
+                                      "{...}}}", param=f"tools[{i}]")
+        params = fn.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(params, Mapping):
+            raise InvalidRequestError("parameters must be a JSON schema object", param=f"tools[{i}].function")
+        out.append({"name": fn["name"], "description": fn.get("description", ""), "parameters": dict(params)})
+    if len({f["name"] for f in out}) != len(out):
+        raise InvalidRequestError("tool names must be unique", param="tools")
+    return out
+
+
+def _call_schema(fns: list[dict[str, Any]]) -> dict[str, Any]:
+    options = [{"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
+                "required": ["name", "arguments"], "additionalProperties": False} for f in fns]
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def _as_text_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Assistant tool calls and tool results as plain text turns (templates without tool roles)."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m.get("role") == "assistant" and m.get("tool_calls"):
+            calls = []
+            for c in m["tool_calls"]:
+                fn = c.get("function", {}) if isinstance(c, Mapping) else {}
+                args = fn.get("arguments", {})
+                args = json.loads(args) if isinstance(args, str) and args.strip() else args
+                calls.append(json.dumps({"name": fn.get("name"), "arguments": args}, ensure_ascii=False))
+            m = {"role": "assistant", "content": ((m.get("content") or "") + "\n".join(calls)).strip()}
+        elif m.get("role") == "tool":
+            m = {"role": "user", "content": f"Tool result{' (' + m['name'] + ')' if m.get('name') else ''}: "
+                                            f"{m.get('content') or ''}"}
+        out.append(m)
+    return out
+
+
+def prepare(messages: Sequence[Mapping[str, Any]], tools: Any, tool_choice: Any) -> tuple[list[dict], dict]:
+    """(messages with the tools described, generation options constraining the answer)."""
+    fns = _functions(tools)
+    if tool_choice is None:
+        tool_choice = "auto"
+    if isinstance(tool_choice, Mapping):
+        name = (tool_choice.get("function") or {}).get("name") if tool_choice.get("type") == "function" else None
+        chosen = [f for f in fns if f["name"] == name]
+        if not chosen:
+            raise InvalidRequestError(f"names no tool of the request: {name!r}", param="tool_choice")
+        options = {"json_schema": _call_schema(chosen)}
+    elif tool_choice == "required":
+        options = {"json_schema": _call_schema(fns)}
+    elif tool_choice == "auto":
+        schema = json.dumps(_call_schema(fns))
+        options = {"grammar": f"start: call | text\ncall: %json {schema}\ntext: /[^{{][\\s\\S]*/\n"}
+    elif tool_choice == "none":
+        options = {}
+    else:
+        raise InvalidRequestError("must be 'auto', 'none', 'required' or {'type': 'function', 'function': "
+                                  "{'name': ...}}", param="tool_choice")
+    listing = "\n".join(json.dumps(f, ensure_ascii=False) for f in fns)
+    msgs = _as_text_messages(messages)
+    if msgs and msgs[0].get("role") == "system" and isinstance(msgs[0].get("content"), str):
+        msgs[0] = {"role": "system", "content": msgs[0]["content"] + "\n\n" + INSTRUCTIONS + listing}
+    else:
+        msgs.insert(0, {"role": "system", "content": INSTRUCTIONS + listing})
+    return msgs, options
+
+
+def parse(text: str, tools: Any, tool_choice: Any) -> list[ToolCall]:
+    """The tool call in a constrained answer ([] for a plain-text answer)."""
+    if tool_choice == "none" or not text.lstrip().startswith("{"):
+        return []
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return []  # cut short by the length limit: no call
+    names = {f["name"] for f in _functions(tools)}
+    if not isinstance(obj, dict) or obj.get("name") not in names or not isinstance(obj.get("arguments"), dict):
+        return []
+    return [ToolCall(f"call_{uuid.uuid4().hex[:24]}", obj["name"], obj["arguments"])]
