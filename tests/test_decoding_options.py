@@ -133,3 +133,34 @@ def test_n_samples_share_the_prompt_and_follow_their_seeds(tiny):
     with pytest.raises(InvalidRequestError) as e:
         llm.generate(PROMPT, n=0)
     assert e.value.param == "n"
+
+
+def forced(ids_to_emit: list[int]):
+    """A scorer that makes the model say exactly ids_to_emit (then anything)."""
+    state = {"i": 0}
+
+    def scorer(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        i = state["i"]
+        state["i"] += 1
+        if i >= len(ids_to_emit):
+            return logits
+        out = torch.full_like(logits, -1e9)
+        out[:, ids_to_emit[i]] = 0
+        return out
+
+    return scorer
+
+
+@pytest.mark.parametrize("text,stop,want", [
+    ("你好世界，再见", "世界", "你好"),  # CJK through byte-fallback pieces, the stop split across tokens
+    ("Hello world", "He", ""),  # a stop string inside the very first token
+    ("a### b", "###", "a"),
+])
+def test_stop_strings_split_across_tokens_and_in_the_first_token(tiny, text, stop, want):
+    _, llm = tiny
+    ids = llm.tokenizer.encode(text, add_special_tokens=False)
+    kw = dict(max_new_tokens=len(ids) + 2, temperature=0, ignore_eos=True, stop=stop)
+    out = llm.generate(PROMPT, scorers=[forced(ids)], **kw)
+    assert out.text == want and out.finish_reason == "stop"
+    streamed = "".join(c.text for c in llm.generate(PROMPT, stream=True, scorers=[forced(ids)], **kw))
+    assert streamed == want

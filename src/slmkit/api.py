@@ -305,7 +305,7 @@ class LLM:
 
     def beam_search(self, prompt: str | Sequence[int], *, num_beams: int = 4, max_new_tokens: int = 64,
                     num_return_sequences: int = 1, length_penalty: float = 1.0,
-                    early_stopping: bool | str = False) -> list[Any]:
+                    early_stopping: bool | str = False, **processors: Any) -> list[Any]:
         """Beam search (transformers' semantics): the best num_return_sequences beams, best first, as
         engine.beam.Beam (token_ids, score, finish_reason) with .text added."""
         from .engine.beam import beam_search
@@ -313,7 +313,7 @@ class LLM:
         ids = self.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
         beams = beam_search(self.engine, ids, num_beams=num_beams, max_new_tokens=max_new_tokens,
                             num_return_sequences=num_return_sequences, length_penalty=length_penalty,
-                            early_stopping=early_stopping)
+                            early_stopping=early_stopping, **processors)
         for b in beams:
             b.text = self.tokenizer.decode(b.token_ids)  # type: ignore[attr-defined]
         return beams

@@ -27,6 +27,8 @@ def hf_beams(folder, eos, **kw):
     dict(num_beams=4, num_return_sequences=2, length_penalty=0.7, max_new_tokens=12),
     dict(num_beams=3, num_return_sequences=3, length_penalty=1.5, max_new_tokens=10, early_stopping=True),
     dict(num_beams=2, num_return_sequences=1, length_penalty=1.0, max_new_tokens=8, early_stopping="never"),
+    dict(num_beams=4, num_return_sequences=2, length_penalty=1.0, max_new_tokens=12, repetition_penalty=1.3,
+         no_repeat_ngram_size=2),  # logits processors run on the beams' log-probabilities
 ])
 def test_beams_match_transformers(phi3_folders, kw):
     folder = phi3_folders("gqa")
