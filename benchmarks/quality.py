@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 import slmkit  # noqa: E402
 from benchmarks.common import print_table  # noqa: E402
 from tests.gguf.test_builtin_parity import TEXT  # noqa: E402
+from tests.helpers.gguf_models import dequantized_copy  # noqa: E402
 
 N = 512
 
@@ -27,28 +28,6 @@ N = 512
 def ppl(logits: torch.Tensor, ids: list[int]) -> float:
     logp = torch.log_softmax(logits[:-1].float(), dim=-1)
     return math.exp(-logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].mean().item())
-
-
-def f32_copy(src: Path, dst: Path) -> Path:
-    import gguf
-
-    from slmkit.gguf import open_gguf
-
-    reader = gguf.GGUFReader(str(src))
-    w = gguf.GGUFWriter(str(dst), arch="gemma3")
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
-    f = open_gguf(src)
-    for name in f.tensors:
-        w.add_tensor(name, f.tensor(name).numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
 
 
 def llama_quantize(src: Path, dst: Path, ftype: int) -> Path:
@@ -78,7 +57,7 @@ def main() -> None:
 
     builtin = builtin_model_path()
     tmp = Path(tempfile.mkdtemp(prefix="slmkit-quality-"))
-    f32 = f32_copy(builtin, tmp / "f32.gguf")
+    f32 = dequantized_copy(builtin, tmp / "f32.gguf")
     ref = slmkit.load(f32, dtype="float32")
     ids = ref.tokenizer.encode(TEXT)[:N]
     base = ppl(ref.logits(ids), ids)

@@ -71,26 +71,9 @@ def _ppl_and_top1(logits: np.ndarray, ids: list[int]) -> tuple[float, np.ndarray
 @pytest.fixture(scope="module")
 def builtin_f32(builtin, tmp_path_factory):
     """The built-in file with every tensor dequantized to F32 (same metadata)."""
-    import gguf
+    from tests.helpers.gguf_models import dequantized_copy
 
-    from slmkit.gguf import open_gguf
-
-    dst = tmp_path_factory.mktemp("f32") / "gemma-3-270m-f32.gguf"
-    reader = gguf.GGUFReader(str(builtin))
-    w = gguf.GGUFWriter(str(dst), arch="gemma3")
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
-    src = open_gguf(builtin)
-    for name in src.tensors:
-        w.add_tensor(name, src.tensor(name).numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
+    return dequantized_copy(builtin, tmp_path_factory.mktemp("f32") / "gemma-3-270m-f32.gguf")
 
 
 def compare(path) -> tuple[float, float, float]:

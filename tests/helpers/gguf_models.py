@@ -142,3 +142,27 @@ def hf_to_gguf(folder: Path, out: Path, qtype: str = "F32") -> Path:
             t = t.half()  # halve the memory of big conversions before write_gguf sees them
         tensors[gguf_name(name, table)] = (t.numpy(), qtype if t.dim() == 2 else "F32")
     return write_gguf(out, a, meta, tensors)
+
+
+def dequantized_copy(src: Path, dst: Path) -> Path:
+    """The GGUF file src with every tensor dequantized to F32 (same metadata), written to dst."""
+    import gguf
+
+    from slmkit.gguf import open_gguf
+
+    reader = gguf.GGUFReader(str(src))
+    arch = open_gguf(src).architecture
+    w = gguf.GGUFWriter(str(dst), arch=arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+    f = open_gguf(src)
+    for name in f.tensors:
+        w.add_tensor(name, f.tensor(name).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
