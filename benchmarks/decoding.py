@@ -92,11 +92,19 @@ def main() -> None:
     first = llm.tokenizer.token_to_id("{") or llm.tokenizer.encode("{", add_special_tokens=False)[-1]
     c.advance(first)
     rows.append({"what": f"JSON-schema mask (vocab {llm.engine.vocab_size})", "ms": per_call_ms(lambda: c.mask(tl))})
+    real = slmkit.load("builtin")  # a real 262k-token vocabulary (Gemma 3)
+    text, opt = grammar_for(json_schema=schema)
+    rc = Constraint(text, opt, real.tokenizer, real.engine.vocab_size, real.engine.eos_token_ids)
+    rc.advance(real.tokenizer.encode("{", add_special_tokens=False)[-1])
+    rl = torch.randn(1, real.engine.vocab_size)
+    rows.append({"what": f"JSON-schema mask (vocab {real.engine.vocab_size}, built-in Gemma 3)",
+                 "ms": per_call_ms(lambda: rc.mask(rl), reps=50)})
     small = torch.randn(1, llm.engine.vocab_size, generator=g) * 4
     p = chains["default sampling (T, top-k 40, top-p 0.9)"]
     rows.append({"what": f"default sampling, vocab {llm.engine.vocab_size} (the tiny model's)",
                  "ms": per_call_ms(lambda: process(small, p, [seq[0][:64]], 32, [2]))})
     steps = {"tiny Phi-3 (test model)": decode_step_ms(tiny, dtype="float32")}
+    steps["built-in Gemma 3 270M"] = decode_step_ms("builtin")
     if Path(a.phi3).is_dir():
         steps["Phi-3-mini int4 g32"] = decode_step_ms(a.phi3)
     for r in rows:
