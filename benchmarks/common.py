@@ -148,3 +148,12 @@ def slmkit_speed(model: str, *, prompt: int, decode: int, reps: int = 1, **load_
         dec.append((decode - 1) / (time.perf_counter() - t))
     return {"load_s": load_s, "prefill_tok_s": median(prefill), "decode_tok_s": median(dec),
             "peak_rss_gb": peak_rss_gb(), "runs_as": str(eng.dtype).removeprefix("torch.")}
+
+
+def save_results(name: str, **payload: Any) -> Path:
+    """benchmarks/results/<name>.json with the benchmark's name and this machine's facts."""
+    out = Path(__file__).resolve().parent / "results" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": name, "machine": machine(), **payload}, indent=2))
+    print(f"\nwrote {out}")
+    return out

@@ -12,7 +12,6 @@ results/decoding.json. Run on an idle machine.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
-from common import machine, print_table  # noqa: E402
+from common import print_table, save_results  # noqa: E402
 
 
 def per_call_ms(fn, reps: int = 200) -> float:
@@ -113,10 +112,7 @@ def main() -> None:
     cols = [("what", "per token", ""), ("ms", "ms", ".3f")] + [(f"% of {n} step", f"% of {n} step ({ms:.1f} ms)",
                                                                  ".1f") for n, ms in steps.items()]
     print_table(rows, cols)
-    out = ROOT / "results" / "decoding.json"
-    out.write_text(json.dumps({"benchmark": "decoding", "machine": machine(), "decode_step_ms": steps,
-                               "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    save_results("decoding", decode_step_ms=steps, rows=rows)
 
 
 if __name__ == "__main__":

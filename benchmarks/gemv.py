@@ -8,7 +8,6 @@ oneDNN-packed weights). Interleaved rounds, medians. Writes benchmarks/results/g
 """
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, print_table  # noqa: E402
+from common import print_table, save_results  # noqa: E402
 
 SHAPES = {"qkv_proj": (9216, 3072), "o_proj": (3072, 3072), "gate_up_proj": (16384, 3072),
           "down_proj": (3072, 8192), "lm_head": (32064, 3072)}
@@ -51,10 +50,7 @@ def main(rounds: int = 5, iters: int = 10) -> None:
                          "linear_only_tok_s": gbs * 1e9 / _phi3_bytes(dtype)})
     print_table(rows, [("dtype", "dtype", ""), ("method", "method", ""), ("read_gb_s", "read GB/s", ".1f"),
                        ("linear_only_tok_s", "Phi-3-mini linears tok/s", ".2f")])
-    out = Path(__file__).resolve().parent / "results" / "gemv.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "gemv", "machine": machine(), "rows": rows}, indent=2))
-    print(f"\nwrote {out}")
+    save_results("gemv", rows=rows)
 
 
 def _phi3_bytes(dtype: torch.dtype) -> int:

@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
-from common import machine, make_random_phi3, median, peak_rss_gb, print_table, run_child, slmkit_speed  # noqa: E402,E501
+from common import make_random_phi3, median, peak_rss_gb, print_table, run_child, save_results, slmkit_speed  # noqa: E402,E501
 
 
 def make_f16_gguf(folder: Path, out: Path) -> Path:
@@ -108,11 +108,7 @@ def main() -> None:
     print_table(rows, [("file", "GGUF", ""), ("engine", "engine", ""), ("runs_as", "runs as", ""),
                        ("load_s", "load s", ".2f"), ("peak_rss_gb", "peak RSS GB", ".2f"),
                        ("prefill_tok_s", "prefill tok/s", ".1f"), ("decode_tok_s", "decode tok/s", ".2f")])
-    out = ROOT / "results" / "gguf_load.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "gguf_load", "machine": machine(), "layers": a.layers or 32,
-                               "rows": rows, "llama_cpp": _llama_version()}, indent=2))
-    print(f"\nwrote {out}")
+    save_results("gguf_load", layers=a.layers or 32, rows=rows, llama_cpp=_llama_version())
 
 
 def _llama_version() -> str:

@@ -5,7 +5,6 @@ all made from the same float weights: the built-in Gemma 3 270M (real weights) d
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import tempfile
@@ -18,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import slmkit  # noqa: E402
-from benchmarks.common import print_table  # noqa: E402
+from benchmarks.common import print_table, save_results  # noqa: E402
 from tests.gguf.test_builtin_parity import TEXT  # noqa: E402
 from tests.helpers.gguf_models import dequantized_copy  # noqa: E402
 
@@ -80,10 +79,7 @@ def main() -> None:
         r["ppl"] = round(r["ppl"], 3)
     print_table(rows, [("weights", "weights", ""), ("engine", "engine", ""), ("ppl", "perplexity", ".3f"),
                        ("vs_float_pct", "vs float %", "+.2f")])
-    out = ROOT / "benchmarks" / "results" / "quality.json"
-    out.write_text(json.dumps({"model": "gemma3-270m (built-in) dequantized to F32", "tokens": N, "rows": rows},
-                              indent=2))
-    print(f"wrote {out}")
+    save_results("quality", model="gemma3-270m (built-in) dequantized to F32", tokens=N, rows=rows)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
-from common import machine, make_random_phi3, print_table, run_child, slmkit_speed  # noqa: E402
+from common import make_random_phi3, print_table, run_child, save_results, slmkit_speed  # noqa: E402
 from gguf_load import child as llama_child, make_f16_gguf, quantize  # noqa: E402
 
 
@@ -140,10 +140,7 @@ def main() -> None:
                        ("roofline", "of roofline", ".0%"), ("vs", "vs llama.cpp", ""),
                        ("decode_x", "decode x", ".2f"), ("prefill_x", "prefill x", ".2f"),
                        ("load_x", "load x", ".2f")])
-    out = ROOT / "results" / "quant.json"
-    out.write_text(json.dumps({"benchmark": "quant", "machine": machine(), "read_roofline_gbs": bw,
-                               "rows": rows}, indent=2))
-    print(f"\nwrote {out}")
+    save_results("quant", read_roofline_gbs=bw, rows=rows)
 
 
 if __name__ == "__main__":
