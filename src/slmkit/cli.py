@@ -1,5 +1,6 @@
 """`slm` command line: `slm run MODEL [PROMPT]` streams an answer or opens a chat REPL;
-`slm quantize SRC DST --quant int4` writes a quantized model folder."""
+`slm serve [MODEL ...]` serves OpenAI / Ollama APIs; `slm quantize SRC DST --quant int4` writes a
+quantized model folder."""
 from __future__ import annotations
 
 import argparse
@@ -45,6 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", "-v", action="store_true", help="print load time and tokens/s")
     _add_quant_args(run)
     _add_sampling_args(run)
+    srv = sub.add_parser("serve", help="serve models over OpenAI- and Ollama-compatible HTTP APIs")
+    srv.add_argument("models", nargs="*", default=["builtin"], help="models to load (default: builtin); "
+                     "NAME=PATH names one, else the file or folder name is its API name")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="required bearer key on every route (or $SLMKIT_API_KEY)")
+    srv.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503 + retry-after")
+    srv.add_argument("--cors", action="append", default=None, help="allowed CORS origin (repeatable; off by default)")
+    srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    _add_quant_args(srv)
     q = sub.add_parser("quantize", help="write a weight-only quantized copy of a model (a safetensors folder)")
     q.add_argument("src", help="a Hugging Face folder, .gguf file, hub id or 'builtin'")
     q.add_argument("dst", help="the folder to write (must not exist, or be empty)")
@@ -204,6 +215,36 @@ def _describe(llm: Any) -> str:
     return f"{str(engine.dtype).removeprefix('torch.')}, {n} quantized layers ({how})"
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from . import load
+
+    try:
+        import uvicorn
+
+        from .server.app import create_app
+    except ImportError:
+        sys.stderr.write("error: slm serve needs fastapi and uvicorn (pip install 'slmkit[serve]')\n")
+        return 1
+    models = {}
+    for spec in a.models:
+        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        name = name or (path if path in ("builtin", "gemma3-270m") or path.startswith("ollama:")
+                        else Path(path).name.removesuffix(".gguf"))
+        t0 = time.perf_counter()
+        models[name] = load(path, dtype=a.dtype, quant=a.quant, group_size=a.group_size)
+        sys.stderr.write(f"[{name}: {models[name].name} loaded in {time.perf_counter() - t0:.1f} s, "
+                         f"context {models[name].context_length} tokens]\n")
+    key = a.api_key or os.environ.get("SLMKIT_API_KEY")
+    app = create_app(models, api_key=key, max_queue=a.max_queue, cors_origins=a.cors)
+    sys.stderr.write(f"[serving {', '.join(models)} on http://{a.host}:{a.port}/v1 (OpenAI) and /api (Ollama)"
+                     f"{', API key required' if key else ''}]\n")
+    uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+    return 0
+
+
 def cmd_quantize(a: argparse.Namespace) -> int:
     from . import load
     from .backends.native import NativeBackend
@@ -227,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     try:
-        return {"run": cmd_run, "quantize": cmd_quantize}[args.command](args)
+        return {"run": cmd_run, "quantize": cmd_quantize, "serve": cmd_serve}[args.command](args)
     except SlmkitError as e:
         sys.stderr.write(f"error: {e}\n")
         return 1

@@ -1,0 +1,1 @@
+"""The HTTP server (`slm serve`): OpenAI- and Ollama-compatible routes (server/app.py)."""

@@ -1,0 +1,95 @@
+"""Ollama's API (/api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/version):
+request -> LLM options, results -> NDJSON lines with Ollama's timing fields (nanoseconds)."""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+from ..errors import InvalidRequestError
+
+VERSION = "0.12.0"  # the Ollama API level these routes follow
+_OPTION_NAMES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
+                 "num_predict": "max_new_tokens", "stop": "stop", "repeat_penalty": "repetition_penalty",
+                 "repeat_last_n": "repetition_window", "presence_penalty": "presence_penalty",
+                 "frequency_penalty": "frequency_penalty", "min_p": "min_p", "typical_p": "typical_p"}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def options(body: dict) -> dict[str, Any]:
+    opts = body.get("options") or {}
+    if not isinstance(opts, dict):
+        raise InvalidRequestError("must be an object", param="options")
+    out: dict[str, Any] = {}
+    for name, value in opts.items():
+        if name in _OPTION_NAMES and value is not None:
+            out[_OPTION_NAMES[name]] = value
+    if out.get("max_new_tokens") == -1:  # Ollama: -1 = until the context ends
+        out["max_new_tokens"] = None
+    fmt = body.get("format")
+    if fmt == "json":
+        out["response_format"] = {"type": "json_object"}
+    elif isinstance(fmt, dict):
+        out["json_schema"] = fmt
+    elif fmt not in (None, ""):
+        raise InvalidRequestError("must be 'json' or a JSON schema object", param="format")
+    return out
+
+
+def images_to_parts(msg: dict) -> dict:
+    """Ollama's `images` (base64 strings) as OpenAI image parts (a text-only model refuses them)."""
+    imgs = msg.get("images")
+    if not imgs:
+        return {k: v for k, v in msg.items() if k != "images"}
+    parts: list[dict] = [{"type": "text", "text": msg.get("content") or ""}]
+    parts += [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b}"}} for b in imgs]
+    return {"role": msg.get("role"), "content": parts}
+
+
+def line(obj: dict) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
+
+
+def final_fields(last: Any, t0: float, load_s: float = 0.0) -> dict:
+    u, t = last.usage, last.timings
+    return {"done": True, "done_reason": last.finish_reason, "total_duration": int((time.perf_counter() - t0) * 1e9),
+            "load_duration": int(load_s * 1e9), "prompt_eval_count": u.prompt_tokens,
+            "prompt_eval_duration": int(t.prefill_s * 1e9), "eval_count": u.completion_tokens,
+            "eval_duration": int(t.decode_s * 1e9)}
+
+
+def chat_lines(chunks: Iterator[Any], model: str, t0: float) -> Iterator[bytes]:
+    last = None
+    for c in chunks:
+        last = c
+        if c.text:
+            yield line({"model": model, "created_at": now(), "message": {"role": "assistant", "content": c.text},
+                        "done": False})
+    assert last is not None
+    yield line({"model": model, "created_at": now(), "message": {"role": "assistant", "content": ""},
+                **final_fields(last, t0)})
+
+
+def generate_lines(chunks: Iterator[Any], model: str, t0: float) -> Iterator[bytes]:
+    last = None
+    for c in chunks:
+        last = c
+        if c.text:
+            yield line({"model": model, "created_at": now(), "response": c.text, "done": False})
+    assert last is not None
+    yield line({"model": model, "created_at": now(), "response": "", **final_fields(last, t0)})
+
+
+def model_entry(name: str, llm: Any, size: int) -> dict:
+    engine = getattr(llm.backend, "engine", None)
+    params = sum(p.numel() for p in engine.model.parameters()) if engine is not None else 0
+    return {"name": name, "model": name, "modified_at": now(), "size": size, "digest": "",
+            "details": {"format": "gguf" if getattr(engine, "gguf", None) is not None else "safetensors",
+                        "family": llm.backend.model_type, "families": [llm.backend.model_type],
+                        "parameter_size": f"{params / 1e9:.1f}B" if params >= 1e8 else f"{params / 1e6:.0f}M",
+                        "quantization_level": str(getattr(engine, "dtype", ""))}}

@@ -1,0 +1,97 @@
+"""The request scheduler under the HTTP server: one worker thread owns the model and runs the
+queued requests; the asyncio side receives their chunks. Bounded queue (full -> QueueFull, which
+the server turns into 503 + retry-after); a request whose client went away is cancelled before its
+next token, so its KV cache is freed within one step.
+
+This first version runs one request at a time (FIFO). Continuous batching (requests joining a
+running batch step by step) replaces `_run` without changing this interface.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+_DONE = object()
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    work: Callable[[threading.Event], Iterator[Any]]  # yields chunks; should stop when the event is set
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class Scheduler:
+    def __init__(self, max_queue: int = 64):
+        self.max_queue = max_queue
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._waiting = 0
+        self._lock = threading.Lock()
+        self.running = 0
+        self.served = 0
+        self._thread = threading.Thread(target=self._worker, name="slmkit-scheduler", daemon=True)
+        self._thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+    def _worker(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            with self._lock:
+                self._waiting -= 1
+                self.running = 1
+            try:
+                if not job.cancelled.is_set():
+                    it = job.work(job.cancelled)
+                    try:
+                        for chunk in it:
+                            if job.cancelled.is_set():
+                                break
+                            job.loop.call_soon_threadsafe(job.out.put_nowait, chunk)
+                    finally:
+                        close = getattr(it, "close", None)
+                        if close is not None:  # a cancelled generation frees its KV cache now
+                            close()
+            except BaseException as e:  # delivered to the request's handler
+                job.loop.call_soon_threadsafe(job.out.put_nowait, e)
+            finally:
+                with self._lock:
+                    self.running = 0
+                    self.served += 1
+                job.loop.call_soon_threadsafe(job.out.put_nowait, _DONE)
+
+    async def stream(self, work: Callable[[threading.Event], Iterator[Any]]) -> AsyncIterator[Any]:
+        """Queue `work` and yield its chunks; exceptions it raises are re-raised here. Leaving the
+        iteration early (client gone) cancels the job."""
+        with self._lock:
+            if self._waiting >= self.max_queue:
+                raise QueueFull(f"{self._waiting} requests are waiting")
+            self._waiting += 1
+        job = Job(work, asyncio.get_running_loop(), asyncio.Queue())
+        self._jobs.put(job)
+        try:
+            while True:
+                item = await job.out.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            job.cancelled.set()

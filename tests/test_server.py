@@ -1,0 +1,154 @@
+"""`slm serve`'s app on a real socket, driven by the official openai and ollama clients and httpx."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+import slmkit
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from slmkit.server.app import create_app
+    from tests.helpers.tiny_models import make_phi3_folder
+
+    folder = make_phi3_folder(tmp_path_factory.mktemp("srv"), "gqa", max_position_embeddings=2048)
+    llm = slmkit.load(folder, dtype="float32")
+    app = create_app({"tiny": llm}, api_key=KEY, max_queue=4)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", llm
+    srv.should_exit = True
+    t.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0)
+
+
+MSGS = [{"role": "user", "content": "Say something."}]
+
+
+def test_chat_matches_the_python_api(client, server):
+    _, llm = server
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=12, temperature=0)
+    want = llm.chat(MSGS, max_new_tokens=12, temperature=0)
+    assert r.choices[0].message.content == want.text and r.choices[0].finish_reason == want.finish_reason
+    assert r.usage.completion_tokens == len(want.token_ids) and r.object == "chat.completion"
+
+
+def test_stream_equals_non_stream_and_reports_usage(client):
+    kw = dict(model="tiny", messages=MSGS, max_tokens=12, temperature=0)
+    whole = client.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices == [] and chunks[-1].usage
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+
+
+def test_n_logprobs_json_schema_and_tools(client):
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=6, temperature=1.0, seed=3, n=2,
+                                       logprobs=True, top_logprobs=2)
+    assert len(r.choices) == 2 and r.choices[1].index == 1
+    assert len(r.choices[0].logprobs.content[0].top_logprobs) == 2
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=40, temperature=0,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "x", "schema": schema}})
+    assert isinstance(json.loads(r.choices[0].message.content)["ok"], bool)
+    tool = {"type": "function", "function": {"name": "ping", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}}}
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=40, temperature=0, tools=[tool],
+                                       tool_choice="required")
+    call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "ping"
+    assert isinstance(json.loads(call.function.arguments)["n"], int)
+
+
+def test_completions_and_models(client):
+    r = client.completions.create(model="tiny", prompt="Once upon", max_tokens=5, temperature=0)
+    assert r.choices[0].text and r.object == "text_completion"
+    assert [m.id for m in client.models.list()] == ["tiny"] and client.models.retrieve("tiny").id == "tiny"
+
+
+def test_errors_are_openai_shaped_and_the_server_keeps_serving(client, server):
+    base, _ = server
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=MSGS)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=MSGS, top_p=0)
+    assert e.value.body["param"] == "top_p"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x " * 3000}])
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).models.list()
+    h = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(base + "/v1/chat/completions", content=b"{not json", headers=h)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body"
+    r = httpx.post(base + "/v1/chat/completions", json={"model": "tiny", "messages": "hi"}, headers=h)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.get(base + "/health").json()["status"] == "ok"  # no key needed for health
+    assert client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=2).choices
+
+
+def test_sse_is_strict_data_lines_only(server):
+    base, _ = server
+    with httpx.stream("POST", base + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "tiny", "messages": MSGS, "max_tokens": 4, "stream": True}) as r:
+        raw = b"".join(r.iter_bytes())
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = raw.split(b"\n\n")
+    assert events[-1] == b"" and events[-2] == b"data: [DONE]" and b"\r" not in raw
+    assert all(e.startswith(b"data: ") and b"\n" not in e for e in events[:-1])
+
+
+def test_disconnect_mid_stream_frees_the_worker(server, client):
+    base, _ = server
+    with httpx.stream("POST", base + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "tiny", "messages": MSGS, "max_tokens": 1500, "stream": True,
+                            "temperature": 0, "min_tokens": 1500}) as r:
+        next(r.iter_bytes())  # first event, then hang up
+    t = time.perf_counter()
+    assert client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=2).choices
+    assert time.perf_counter() - t < 20  # the abandoned 1500-token request did not run to its end
+
+
+def test_ollama_client(server):
+    ollama = pytest.importorskip("ollama")
+    base, llm = server
+    c = ollama.Client(host=base, headers={"Authorization": f"Bearer {KEY}"})
+    r = c.chat(model="tiny", messages=MSGS, options={"temperature": 0, "num_predict": 8})
+    assert r.message.content == llm.chat(MSGS, max_new_tokens=8, temperature=0).text
+    assert r.done and r.eval_count >= 1 and r.prompt_eval_count > 0
+    parts = list(c.chat(model="tiny", messages=MSGS, stream=True, options={"temperature": 0, "num_predict": 8}))
+    assert "".join(p.message.content for p in parts) == r.message.content and parts[-1].done
+    g = c.generate(model="tiny", prompt="Hello", options={"temperature": 0, "num_predict": 5})
+    assert g.done and isinstance(g.response, str)
+    assert [m.model for m in c.list().models] == ["tiny"]
+    assert c.show("tiny").details.family == "phi3"
