@@ -24,14 +24,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def serve(llm, **kw):
     from slmkit.server.app import create_app
-    from tests.helpers.tiny_models import make_phi3_folder
 
-    folder = make_phi3_folder(tmp_path_factory.mktemp("srv"), "gqa", max_position_embeddings=2048)
-    llm = slmkit.load(folder, dtype="float32")
-    app = create_app({"tiny": llm}, api_key=KEY, max_queue=4)
+    app = create_app({"tiny": llm}, api_key=KEY, **kw)
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     t = threading.Thread(target=srv.run, daemon=True)
@@ -40,7 +36,21 @@ def server(tmp_path_factory):
         if srv.started:
             break
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", llm
+    return f"http://127.0.0.1:{port}", srv, t
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from tests.helpers.tiny_models import make_phi3_folder
+
+    return make_phi3_folder(tmp_path_factory.mktemp("srv"), "gqa", max_position_embeddings=2048)
+
+
+@pytest.fixture(scope="module")
+def server(folder):
+    llm = slmkit.load(folder, dtype="float32")
+    base, srv, t = serve(llm, max_queue=4)
+    yield base, llm
     srv.should_exit = True
     t.join(timeout=10)
 
@@ -152,3 +162,32 @@ def test_ollama_client(server):
     assert g.done and isinstance(g.response, str)
     assert [m.model for m in c.list().models] == ["tiny"]
     assert c.show("tiny").details.family == "phi3"
+
+
+def test_sixteen_concurrent_streams_with_continuous_batching(folder):
+    llm = slmkit.load(folder, dtype="float32")
+    prompts = [[{"role": "user", "content": f"Request number {i}: " + "word " * (i % 5)}] for i in range(16)]
+    solo = [llm.chat(m, max_new_tokens=8 + i % 4, temperature=0).text for i, m in enumerate(prompts)]
+    llm.enable_batching(slots=8, context=512)
+    base, srv, t = serve(llm, max_queue=32, workers=8)
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
+        got: list = [None] * 16
+
+        def run(i: int) -> None:
+            chunks = client.chat.completions.create(model="tiny", messages=prompts[i], max_tokens=8 + i % 4,
+                                                    temperature=0, stream=True)
+            got[i] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=120)
+        assert got == solo  # none mixed, none lost
+        metrics = httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        assert "slmkit_batch_steps_total" in metrics
+        assert llm.backend.batch.steps < sum(8 + i % 4 for i in range(16))  # requests shared steps
+    finally:
+        srv.should_exit = True
+        t.join(timeout=10)

@@ -318,6 +318,21 @@ class LLM:
             b.text = self.tokenizer.decode(b.token_ids)  # type: ignore[attr-defined]
         return beams
 
+    def enable_batching(self, slots: int = 8, context: int | None = None) -> None:
+        """Serve concurrent generate()/chat() calls (from several threads, e.g. the server's) by
+        continuous batching in up to `slots` sequences of up to `context` tokens each; the KV
+        memory (slots x context) is allocated now. Native backend only."""
+        enable = getattr(self.backend, "enable_batching", None)
+        if enable is None:
+            raise InvalidRequestError(f"backend {type(self.backend).__name__} has no batching", param="backend")
+        for name, v in (("slots", slots), ("context", context)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise InvalidRequestError(f"must be a positive integer, got {v!r}", param=name)
+        try:
+            enable(slots, context)
+        except ValueError as e:
+            raise InvalidRequestError(str(e), param="backend") from None
+
     def session(self, system: str | None = None, **defaults: Any) -> Any:
         """A chat that keeps its KV cache between turns (slmkit.session.ChatSession): each send()
         prefills only the tokens after the longest common prefix with the previous turn."""

@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", default=None, help="required bearer key on every route (or $SLMKIT_API_KEY)")
     srv.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503 + retry-after")
     srv.add_argument("--cors", action="append", default=None, help="allowed CORS origin (repeatable; off by default)")
+    srv.add_argument("--slots", type=int, default=4, help="concurrent sequences per model, batched continuously "
+                     "(1 = one request at a time)")
+    srv.add_argument("--slot-context", type=int, default=None, help="tokens per slot (default: the model's "
+                     "context); the KV memory slots x context is allocated at start-up and printed")
     srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     _add_quant_args(srv)
     q = sub.add_parser("quantize", help="write a weight-only quantized copy of a model (a safetensors folder)")
@@ -235,10 +239,22 @@ def cmd_serve(a: argparse.Namespace) -> int:
                         else Path(path).name.removesuffix(".gguf"))
         t0 = time.perf_counter()
         models[name] = load(path, dtype=a.dtype, quant=a.quant, group_size=a.group_size)
-        sys.stderr.write(f"[{name}: {models[name].name} loaded in {time.perf_counter() - t0:.1f} s, "
-                         f"context {models[name].context_length} tokens]\n")
+        llm = models[name]
+        note = ""
+        if a.slots > 1:
+            try:
+                llm.enable_batching(a.slots, a.slot_context)
+                batch = llm.backend.batch
+                note = (f", {a.slots} slots x {batch.slot_context} tokens continuously batched "
+                        f"(KV {batch.cache.nbytes / 2**30:.2f} GiB)")
+            except SlmkitError as e:
+                note = f", one request at a time ({e})"
+        sys.stderr.write(f"[{name}: {llm.name} loaded in {time.perf_counter() - t0:.1f} s, "
+                         f"context {llm.context_length} tokens{note}]\n")
     key = a.api_key or os.environ.get("SLMKIT_API_KEY")
-    app = create_app(models, api_key=key, max_queue=a.max_queue, cors_origins=a.cors)
+    batching = all(getattr(m.backend, "batch", None) is not None for m in models.values())
+    app = create_app(models, api_key=key, max_queue=a.max_queue, cors_origins=a.cors,
+                     workers=a.slots if batching else 1)
     sys.stderr.write(f"[serving {', '.join(models)} on http://{a.host}:{a.port}/v1 (OpenAI) and /api (Ollama)"
                      f"{', API key required' if key else ''}]\n")
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning")

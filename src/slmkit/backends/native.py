@@ -18,6 +18,7 @@ class NativeBackend:
     def __init__(self, engine: Engine):
         self.engine = engine
         self.path: Path | None = None  # where the model was loaded from
+        self.batch = None  # a BatchEngine once enable_batching() ran: concurrent requests share steps
         self.name = engine.name
         self.model_type = engine.model_type
         self.tokenizer = engine.tokenizer
@@ -38,6 +39,12 @@ class NativeBackend:
         backend.path = path
         return backend
 
+    def enable_batching(self, slots: int = 8, slot_context: int | None = None) -> None:
+        """Serve concurrent stream_tokens() calls by continuous batching (engine/batching.py)."""
+        from ..engine.batching import BatchEngine
+
+        self.batch = BatchEngine(self.engine, slots=slots, slot_context=slot_context)
+
     def stream_tokens(self, prompt_ids: Sequence[int], options: SamplingOptions,
                       session: dict | None = None) -> Iterator[TokenStep]:
         """Generate after prompt_ids. With a `session` dict the Generator (and its KV cache) lives on
@@ -50,6 +57,14 @@ class NativeBackend:
             ignore_eos=options.ignore_eos, **extra,
         )
         ids = list(prompt_ids)
+        want = options.logprobs or options.top_logprobs > 0
+        if self.batch is not None and session is None:
+            for token, reason, lp in self.batch.submit(ids, params, want):
+                step = TokenStep(token, reason)
+                if lp is not None:
+                    step.logprob, step.top_logprobs = lp[1], (lp[2] if options.top_logprobs else None)
+                yield step
+            return
         gen = session.get("generator") if session is not None else None
         if gen is None:
             gen = Generator(self.engine, params)
@@ -64,7 +79,6 @@ class NativeBackend:
             gen.append_tokens(ids[common:])
         if session is not None:
             session["generator"], session["prefilled"] = gen, len(ids) - common
-        want = options.logprobs or options.top_logprobs > 0
         while not gen.is_done():
             gen.generate_next_token()
             step = TokenStep(gen.get_next_tokens()[0], gen.finish_reasons[0])

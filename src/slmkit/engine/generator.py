@@ -127,11 +127,14 @@ class GeneratorParams:
 
 
 class Generator:
-    def __init__(self, model: object, params: GeneratorParams | None = None):
+    def __init__(self, model: object, params: GeneratorParams | None = None, *, external_logits: bool = False):
+        """external_logits: never run the model; the caller sets each step's logits (set_logits),
+        as the continuous-batching engine does for many generators in one forward pass."""
         engine = getattr(model, "engine", model)
         if not hasattr(engine, "forward") or not hasattr(engine, "new_cache"):
             raise InvalidRequestError("Generator needs a locally loaded (native) model", param="model")
         self.engine = engine
+        self.external = external_logits
         self.params = params or GeneratorParams()
         self.configure()
         engine.tokenizer.reset_stream()  # tokenizer.stream_decode follows this generation from here on
@@ -184,12 +187,16 @@ class Generator:
         full = FINISH_LENGTH if new_len >= self.max_length else None  # no room for another token
         self.finish_reasons = [full] * B
         self._logits = None
-        self._compute_logits()
+        if not self.external:
+            self._compute_logits()
 
     # ------------------------------------------------------------------ stepping
     def _compute_logits(self) -> torch.Tensor:
         if self._logits is not None:
             return self._logits
+        if self.external:
+            raise InvalidRequestError("this generator's logits come from its caller: set_logits() first",
+                                      param="logits")
         length = len(self.sequences[0])
         if length == 0:
             raise InvalidRequestError("append_tokens() must be called before generating", param="tokens")

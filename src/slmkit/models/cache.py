@@ -62,6 +62,10 @@ class KVCache:
         """Called by the model once every layer has written its `n` new positions."""
         self.offset += n
 
+    def positions(self, n: int) -> torch.Tensor:
+        """[1, n]: the positions of the next n tokens (the same for every row)."""
+        return torch.arange(self.offset, self.offset + n, device=self.device)[None]
+
     def trim(self, n: int) -> int:
         """Drop the last `n` tokens; returns how many were dropped."""
         n = max(0, min(n, self.offset))
@@ -78,3 +82,66 @@ class KVCache:
     def reset(self) -> None:
         self.offset = 0
         self.tag = None
+
+
+class SlotCache:
+    """KV cache for continuous batching: up to `slots` sequences, each at its own length, in one
+    preallocated [slots, n_kv, capacity, head_dim] tensor per layer. The rows in use are packed at
+    the front (0..n-1), so a step's keys are a view; a leaving row's slot takes the last row."""
+
+    def __init__(self, n_layers: int, slots: int, n_kv_heads: int, head_dim: int, capacity: int, *,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        shape = (slots, n_kv_heads, capacity, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.slots, self.capacity, self.device = slots, capacity, torch.device(device)
+        self.lens = torch.zeros(slots, dtype=torch.long)
+        self.n = 0  # rows in use
+        self.offset = None  # tells the models: rows at different lengths
+        self.tag: object = "default"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.k + self.v)
+
+    def positions(self, n: int) -> torch.Tensor:
+        return (self.lens[: self.n, None] + torch.arange(n)).to(self.device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        S = k.shape[2]
+        pos = self.positions(S)
+        rows = torch.arange(self.n, device=self.device)[:, None].expand(-1, S)
+        self.k[layer][rows, :, pos] = k.transpose(1, 2)
+        self.v[layer][rows, :, pos] = v.transpose(1, 2)
+        end = int(self.lens[: self.n].max()) + S
+        return self.k[layer][: self.n, :, :end], self.v[layer][: self.n, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.lens[: self.n] += n
+
+    def add_row(self) -> int:
+        if self.n >= self.slots:
+            raise RuntimeError("no free slot")
+        self.lens[self.n] = 0
+        self.n += 1
+        return self.n - 1
+
+    def remove_row(self, i: int) -> None:
+        """Free row i: the last row moves into it (callers renumber that one)."""
+        last = self.n - 1
+        if i != last:
+            end = int(self.lens[last])
+            for t in self.k + self.v:
+                t[i, :, :end] = t[last, :, :end]
+            self.lens[i] = self.lens[last]
+        self.n -= 1
+
+    def row_cache(self, i: int) -> KVCache:
+        """Row i as a one-row KVCache over the same memory (prefill writes straight into the slot)."""
+        c = KVCache.__new__(KVCache)
+        c.n_layers, c.batch_size, c.n_kv_heads, c.head_dim = len(self.k), 1, self.k[0].shape[1], self.k[0].shape[3]
+        c.max_capacity = c.capacity = self.capacity
+        c.dtype, c.device = self.k[0].dtype, self.device
+        c.offset, c.tag = int(self.lens[i]), "default"
+        c.k, c.v = [t[i:i + 1] for t in self.k], [t[i:i + 1] for t in self.v]
+        return c

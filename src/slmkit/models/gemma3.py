@@ -110,7 +110,8 @@ class Attention(nn.Module):
         self.window = args.sliding_window if self.sliding else None
         self.scale = args.query_pre_attn_scalar**-0.5
 
-    def forward(self, x: torch.Tensor, rope: dict, cache: KVCache | None, layer: int, offset: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: dict, cache: KVCache | None, layer: int, offset: int | None,
+                qpos: torch.Tensor | None = None) -> torch.Tensor:
         B, S, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, S, self.n_heads, self.head_dim)).transpose(1, 2)  # [B, H, S, D]
         k = self.k_norm(self.k_proj(x).view(B, S, self.n_kv, self.head_dim)).transpose(1, 2)  # [B, Hkv, S, D]
@@ -119,7 +120,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        out = attention(q, k, v, offset=offset, window=self.window, scale=self.scale)
+        out = attention(q, k, v, offset=offset, window=self.window, scale=self.scale, qpos=qpos)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -147,8 +148,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(args)
         self.post_feedforward_layernorm = RMSNorm(H, eps, **norm)
 
-    def forward(self, h, rope, cache, layer, offset):
-        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), rope, cache, layer, offset))
+    def forward(self, h, rope, cache, layer, offset, qpos=None):
+        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), rope, cache, layer, offset,
+                                                             qpos))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
@@ -175,15 +177,16 @@ class Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False
                 ) -> torch.Tensor:
-        offset = cache.offset if cache is not None else 0
+        offset = cache.offset if cache is not None else 0  # None: rows at different lengths
         S = input_ids.shape[1]
         h = self.model.embed_tokens(input_ids)
         h = h * torch.tensor(self.args.hidden_size**0.5, dtype=h.dtype)  # rounded to the dtype, as HF does
-        positions = torch.arange(offset, offset + S, device=input_ids.device)
+        positions = cache.positions(S) if cache is not None else torch.arange(S, device=input_ids.device)[None]
         rope = {"global": self.args.rope_global.cos_sin(positions, "default", h.dtype),
                 "local": self.args.rope_local.cos_sin(positions, "default", h.dtype)}
+        qpos = positions if offset is None else None
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, rope, cache, i, offset)
+            h = layer(h, rope, cache, i, offset, qpos)
         if cache is not None:
             cache.advance(S)
             cache.tag = "default"

@@ -29,26 +29,35 @@ class RMSNorm(nn.Module):
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, offset: int, window: int | None, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, offset: int | None, window: int | None, scale: float,
+    qpos: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal (optionally sliding-window) attention of S new queries at positions offset.. .
 
     q: [B, H, S, D]; k, v: [B, Hkv, L, D] with L = offset + S -> [B, H, S, D].
     A query at position p sees keys j with j <= p and, with a window W, j > p - W.
+    Rows at different lengths (continuous batching): offset None and qpos [B, S], the query
+    positions per row; keys past a row's own length are masked.
     """
     S, L = q.shape[2], k.shape[2]
     windowed = window is not None and L > window
     mask, causal = None, False
-    if not windowed and S == 1:
+    if qpos is not None and offset is None:
+        kpos = torch.arange(L, device=q.device)
+        mask = kpos <= qpos[:, :, None]
+        if window is not None:
+            mask = mask & (kpos > qpos[:, :, None] - window)
+        mask = mask[:, None]  # [B, 1, S, L]
+    elif not windowed and S == 1:
         pass  # the single new token sees everything before it
     elif not windowed and offset == 0:
         causal = True
     else:
-        qpos = torch.arange(offset, offset + S, device=q.device)[:, None]
+        qp = torch.arange(offset, offset + S, device=q.device)[:, None]
         kpos = torch.arange(L, device=q.device)[None, :]
-        mask = kpos <= qpos
+        mask = kpos <= qp
         if window is not None:
-            mask = mask & (kpos > qpos - window)
+            mask = mask & (kpos > qp - window)
     gqa = k.shape[1] != q.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 

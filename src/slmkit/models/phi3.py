@@ -92,7 +92,7 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
-                layer: int, offset: int) -> torch.Tensor:
+                layer: int, offset: int | None, qpos: torch.Tensor | None = None) -> torch.Tensor:
         B, S, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
         q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, D]
@@ -101,7 +101,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        out = attention(q, k, v, offset=offset, window=self.window, scale=self.scale)
+        out = attention(q, k, v, offset=offset, window=self.window, scale=self.scale, qpos=qpos)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -125,8 +125,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, h, cos, sin, cache, layer, offset):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, layer, offset)
+    def forward(self, h, cos, sin, cache, layer, offset, qpos=None):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, layer, offset, qpos)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -153,14 +153,15 @@ class Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False
                 ) -> torch.Tensor:
-        offset = cache.offset if cache is not None else 0
+        offset = cache.offset if cache is not None else 0  # None: rows at different lengths
         S = input_ids.shape[1]
         h = self.model.embed_tokens(input_ids)
-        regime = self.rope.regime(offset + S)
-        positions = torch.arange(offset, offset + S, device=input_ids.device)
+        positions = cache.positions(S) if cache is not None else torch.arange(S, device=input_ids.device)[None]
+        regime = self.rope.regime(int(positions.max()) + 1)
         cos, sin = self.rope.cos_sin(positions, regime, h.dtype)
+        qpos = positions if offset is None else None
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, cache, i, offset)
+            h = layer(h, cos, sin, cache, i, offset, qpos)
         if cache is not None:
             cache.advance(S)
             cache.tag = regime

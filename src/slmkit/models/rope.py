@@ -30,9 +30,9 @@ class Rope:
         return "long" if total_len > self.original_max else "short"
 
     def cos_sin(self, positions: torch.Tensor, regime: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: [S] int -> cos, sin: [S, rotary_dim]
+        # positions: [..., S] int -> cos, sin: [..., S, rotary_dim] (a leading row dim: one position set per row)
         inv = self.inv_freq_long if regime == "long" else self.inv_freq
-        freqs = positions.to(torch.float32)[:, None] * inv.to(positions.device)[None, :]
+        freqs = positions.to(torch.float32)[..., None] * inv.to(positions.device)
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
@@ -43,7 +43,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, H, S, D]; cos, sin: [S, rd] with rd <= D (partial rotary leaves x[..., rd:] as is)
+    # x: [B, H, S, D]; cos, sin: [S, rd] or [B or 1, S, rd] with rd <= D (partial rotary leaves x[..., rd:])
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
     rd = cos.shape[-1]
     if rd == x.shape[-1]:
         return x * cos + rotate_half(x) * sin

@@ -23,11 +23,12 @@ from .scheduler import QueueFull, Scheduler
 
 
 def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue: int = 64,
-               cors_origins: list[str] | None = None) -> Any:
+               cors_origins: list[str] | None = None, workers: int = 1) -> Any:
+    """workers: requests run at once (use the models' batch slots when they batch continuously)."""
     if not models:
         raise ValueError("create_app needs at least one model")
     app = FastAPI(title="slmkit", version="0.1.0")
-    sched = Scheduler(max_queue)
+    sched = Scheduler(max_queue, workers)
     app.state.scheduler = sched
     default = next(iter(models))
     if cors_origins:
@@ -213,7 +214,21 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
     # ------------------------------------------------------------------ service
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "models": list(models), "queue_depth": sched.queue_depth}
+        return {"status": "ok", "models": list(models), "queue_depth": sched.queue_depth, "running": sched.running}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        lines = ["# TYPE slmkit_requests_total counter", f"slmkit_requests_total {sched.served}",
+                 "# TYPE slmkit_queue_depth gauge", f"slmkit_queue_depth {sched.queue_depth}",
+                 "# TYPE slmkit_running gauge", f"slmkit_running {sched.running}"]
+        for n, m in models.items():
+            batch = getattr(m.backend, "batch", None)
+            if batch is not None:
+                lines += [f'slmkit_batch_size{{model="{n}"}} {batch.active}',
+                          f'slmkit_batch_steps_total{{model="{n}"}} {batch.steps}',
+                          f'slmkit_kv_slots_used{{model="{n}"}} {batch.cache.n}',
+                          f'slmkit_kv_bytes{{model="{n}"}} {batch.cache.nbytes}']
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     @app.get("/")
     async def root() -> Response:

@@ -3,8 +3,9 @@ queued requests; the asyncio side receives their chunks. Bounded queue (full -> 
 the server turns into 503 + retry-after); a request whose client went away is cancelled before its
 next token, so its KV cache is freed within one step.
 
-This first version runs one request at a time (FIFO). Continuous batching (requests joining a
-running batch step by step) replaces `_run` without changing this interface.
+`workers` threads take jobs in FIFO order. With one worker requests run one at a time; with a
+model in continuous-batching mode (LLM.enable_batching) one worker per slot lets that many
+requests share each decode step.
 """
 from __future__ import annotations
 
@@ -31,22 +32,25 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, max_queue: int = 64):
+    def __init__(self, max_queue: int = 64, workers: int = 1):
         self.max_queue = max_queue
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._waiting = 0
         self._lock = threading.Lock()
         self.running = 0
         self.served = 0
-        self._thread = threading.Thread(target=self._worker, name="slmkit-scheduler", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._worker, name=f"slmkit-worker-{i}", daemon=True)
+                         for i in range(max(1, workers))]
+        for t in self._threads:
+            t.start()
 
     @property
     def queue_depth(self) -> int:
         return self._waiting
 
     def close(self) -> None:
-        self._jobs.put(None)
+        for _ in self._threads:
+            self._jobs.put(None)
 
     def _worker(self) -> None:
         while True:
@@ -55,7 +59,7 @@ class Scheduler:
                 return
             with self._lock:
                 self._waiting -= 1
-                self.running = 1
+                self.running += 1
             try:
                 if not job.cancelled.is_set():
                     it = job.work(job.cancelled)
@@ -72,7 +76,7 @@ class Scheduler:
                 job.loop.call_soon_threadsafe(job.out.put_nowait, e)
             finally:
                 with self._lock:
-                    self.running = 0
+                    self.running -= 1
                     self.served += 1
                 job.loop.call_soon_threadsafe(job.out.put_nowait, _DONE)
 

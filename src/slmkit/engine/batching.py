@@ -1,0 +1,136 @@
+"""Continuous batching: one thread owns the model and runs every active request's next token in
+one forward pass (weights are read once per step for all of them). New requests join at the next
+step (their prompt is prefilled into a free slot first), finished or cancelled ones leave at once,
+freeing their slot. Each request keeps its own Generator (options, processors, grammar, seed,
+stops) fed with its row of the batch's logits, so it decodes exactly as it would alone.
+
+Not yet: chunked prefill (a long prompt pauses the others while it prefills), models with
+LongRoPE (their rows would need per-row frequency sets; they run one request at a time).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models.cache import SlotCache
+from .generator import FINISH_LENGTH, Generator, GeneratorParams
+
+_END = object()
+
+
+@dataclass
+class _Request:
+    gen: Generator
+    prompt: list[int]
+    want_logprobs: bool
+    out: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class BatchEngine:
+    def __init__(self, engine, *, slots: int = 8, slot_context: int | None = None):
+        self.engine = engine
+        rope = engine.model.rope
+        if getattr(rope, "inv_freq_long", None) is not None:
+            raise ValueError("continuous batching does not support LongRoPE models yet")
+        a = engine.args
+        self.slot_context = min(slot_context or engine.context_length, engine.context_length)
+        self.cache = SlotCache(a.num_hidden_layers, slots, a.num_key_value_heads, a.head_dim, self.slot_context,
+                               dtype=engine.dtype, device=engine.device)
+        self.rows: list[_Request] = []
+        self.incoming: queue.Queue[_Request] = queue.Queue()
+        self.steps = 0
+        self._thread = threading.Thread(target=self._loop, name="slmkit-batch", daemon=True)
+        self._thread.start()
+
+    @property
+    def active(self) -> int:
+        return len(self.rows)
+
+    def submit(self, prompt: Sequence[int], params: GeneratorParams, want_logprobs: bool = False
+               ) -> Iterator[tuple[int, str | None, tuple | None]]:
+        """Queue a request; yields (token, finish_reason, logprob info) as the engine produces them.
+        Closing the iterator early cancels the request (its slot is freed before the next step)."""
+        gen = Generator(self.engine, params, external_logits=True)
+        gen.max_length = min(gen.max_length, self.slot_context)
+        gen.append_tokens(list(prompt))  # validates ids and length in the caller's thread
+        req = _Request(gen, list(prompt), want_logprobs)
+        self.incoming.put(req)
+        try:
+            while True:
+                item = req.out.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            req.cancelled.set()
+
+    # ------------------------------------------------------------------ the engine thread
+    @torch.inference_mode()
+    def _loop(self) -> None:
+        while True:
+            if not self.rows:
+                self._admit(self.incoming.get())  # idle: wait for work
+            while len(self.rows) < self.cache.slots:
+                try:
+                    self._admit(self.incoming.get_nowait())
+                except queue.Empty:
+                    break
+            self._drop_cancelled()
+            if not self.rows:
+                continue
+            ids = torch.tensor([[r.gen.get_next_tokens()[0]] for r in self.rows], device=self.engine.device)
+            logits = self.engine.model(ids, self.cache).float()[:, -1]  # the model advances the cache
+            self.steps += 1
+            for i in reversed(range(len(self.rows))):
+                self._step(i, logits[i:i + 1])
+
+    def _admit(self, req: _Request) -> None:
+        if req.cancelled.is_set():
+            req.out.put(_END)
+            return
+        row = self.cache.add_row()
+        self.rows.append(req)
+        try:
+            view = self.cache.row_cache(row)
+            logits = self.engine.model(torch.tensor([req.prompt], device=self.engine.device), view,
+                                       last_only=True).float()[:, -1]
+            self.cache.lens[row] = view.offset
+            self._step(row, logits)
+        except BaseException as e:  # a bad request fails alone
+            if row < len(self.rows) and self.rows[row] is req:
+                self._remove(row)
+            req.out.put(e)
+            req.out.put(_END)
+
+    def _step(self, i: int, logits: torch.Tensor) -> None:
+        req = self.rows[i]
+        gen = req.gen
+        gen._logits = logits
+        gen.generate_next_token()
+        token, reason = gen.get_next_tokens()[0], gen.finish_reasons[0]
+        if reason is None and int(self.cache.lens[i]) + 1 >= self.slot_context:
+            reason = FINISH_LENGTH  # the slot is full
+        lp = gen.last_logprobs[0] if req.want_logprobs else None
+        req.out.put((token, reason, lp))
+        if reason is not None:
+            req.out.put(_END)
+            self._remove(i)
+
+    def _drop_cancelled(self) -> None:
+        for i in reversed(range(len(self.rows))):
+            if self.rows[i].cancelled.is_set():
+                self.rows[i].out.put(_END)
+                self._remove(i)
+
+    def _remove(self, i: int) -> None:
+        self.cache.remove_row(i)
+        last = self.rows.pop()
+        if i < len(self.rows):
+            self.rows[i] = last

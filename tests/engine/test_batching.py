@@ -1,0 +1,51 @@
+"""Continuous batching: concurrent requests give exactly what each gives alone."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import slmkit
+from slmkit import InvalidRequestError
+
+
+@pytest.mark.parametrize("kind", ["phi3", "gemma3"])
+def test_sixteen_concurrent_requests_equal_their_solo_runs(phi3_folders, tmp_path, kind):
+    if kind == "phi3":
+        folder = phi3_folders("mha_sliding")  # a sliding window: per-row masks
+    else:
+        from tests.helpers.tiny_models import make_gemma3_folder
+
+        folder = make_gemma3_folder(tmp_path / "g3", num_hidden_layers=6, layer_types=None)
+    llm = slmkit.load(folder, dtype="float32")
+    reqs = [(list(range(5 + i, 12 + 2 * i)), dict(max_new_tokens=6 + i % 5, temperature=0.0 if i % 2 else 0.9,
+                                                  seed=i, ignore_eos=True)) for i in range(16)]
+    solo = [llm.generate(p, **kw).token_ids for p, kw in reqs]
+    llm.enable_batching(slots=6, context=128)
+    got: list = [None] * 16
+
+    def run(i: int) -> None:
+        p, kw = reqs[i]
+        got[i] = llm.generate(p, **kw).token_ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert got == solo
+    assert llm.backend.batch.steps < sum(len(s) for s in solo)  # steps were shared
+    assert llm.backend.batch.active == 0 and llm.backend.batch.cache.n == 0
+
+
+def test_cancelled_stream_frees_its_slot_and_limits_are_kept(phi3_folders):
+    llm = slmkit.load(phi3_folders("gqa"), dtype="float32")
+    llm.enable_batching(slots=2, context=64)
+    stream = llm.generate(list(range(5, 15)), stream=True, max_new_tokens=50, ignore_eos=True, temperature=0)
+    next(stream)
+    stream.close()
+    out = llm.generate(list(range(5, 15)), max_new_tokens=200, ignore_eos=True, temperature=0)
+    assert out.finish_reason == "length" and 10 + len(out.token_ids) <= 64  # the slot's context bounds it
+    assert llm.backend.batch.cache.n == 0
+    with pytest.raises(InvalidRequestError):
+        llm.enable_batching(slots=0)
