@@ -1,0 +1,117 @@
+"""`slm serve` under concurrent streaming users: aggregate generated tokens/s and time to first token.
+
+    .venv/bin/python benchmarks/serve.py [--model /tmp/slmkit-bench/phi3-mini-random-int4-g32]
+
+The server runs in this process on a real socket (continuous batching, 16 slots of 512 tokens);
+1, 4, 8 and 16 clients each stream a chat completion (different ~40-token prompts, 64 tokens,
+greedy) through httpx at the same time. The floor is the same server with one slot (requests one
+at a time, as Ollama serves a model by default). Prints a table, writes results/serve.json.
+Not yet beside llama.cpp's llama-server (building it from the vendored sources is the next step).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT.parent))
+from common import print_table, save_results  # noqa: E402
+
+TOKENS = 64
+
+
+def start(llm, workers: int):
+    import uvicorn
+
+    from slmkit.server.app import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app({"m": llm}, workers=workers, max_queue=64), host="127.0.0.1",
+                                        port=port, log_level="error"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    while not srv.started:
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", srv, t
+
+
+def one(base: str, i: int, out: list) -> None:
+    import httpx
+
+    body = {"model": "m", "max_tokens": TOKENS, "temperature": 0, "stream": True, "min_tokens": TOKENS,
+            "stream_options": {"include_usage": True}, "logprobs": True,  # an event for every token
+            "messages": [{"role": "user", "content": f"User {i} asks about topic {i * 7}: " + "tell me more " * 8}]}
+    t0 = time.perf_counter()
+    ttft, n = None, 0
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                n = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0].get("logprobs") and ttft is None:
+                ttft = time.perf_counter() - t0
+    out[i] = (ttft or 0.0, n, time.perf_counter() - t0)
+
+
+def run(base: str, users: int) -> dict:
+    out: list = [None] * users
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(base, i, out)) for i in range(users)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ttfts = sorted(o[0] for o in out)
+    return {"streams": users, "tokens": sum(o[1] for o in out), "wall_s": wall,
+            "aggregate_tok_s": sum(o[1] for o in out) / wall, "ttft_p50_s": statistics.median(ttfts),
+            "ttft_p95_s": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="/tmp/slmkit-bench/phi3-mini-random-int4-g32")
+    ap.add_argument("--slots", type=int, default=16)
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    import slmkit
+
+    rows = []
+    for mode, slots, users_list in (("one at a time", 1, (1, 4)), ("continuous batching", a.slots, (1, 4, 8, 16))):
+        llm = slmkit.load(a.model)
+        if slots > 1:
+            llm.enable_batching(slots=slots, context=512)
+        base, srv, t = start(llm, workers=slots)
+        run(base, 1)  # warm-up
+        for users in users_list:
+            r = run(base, users)
+            r["server"] = mode
+            rows.append(r)
+            print(r, flush=True)
+        srv.should_exit = True
+        t.join(timeout=30)
+        del llm
+    single = next(r["aggregate_tok_s"] for r in rows if r["server"] == "continuous batching" and r["streams"] == 1)
+    for r in rows:
+        r["x_single"] = r["aggregate_tok_s"] / single
+    print_table(rows, [("server", "server", ""), ("streams", "streams", ""), ("aggregate_tok_s", "tok/s", ".2f"),
+                       ("x_single", "x single stream", ".2f"), ("ttft_p50_s", "TTFT p50 s", ".2f"),
+                       ("ttft_p95_s", "TTFT p95 s", ".2f")])
+    save_results("serve", model=a.model, tokens_per_stream=TOKENS, rows=rows)
+
+
+if __name__ == "__main__":
+    main()
