@@ -4,8 +4,12 @@ step (their prompt is prefilled into a free slot first), finished or cancelled o
 freeing their slot. Each request keeps its own Generator (options, processors, grammar, seed,
 stops) fed with its row of the batch's logits, so it decodes exactly as it would alone.
 
-Not yet: chunked prefill (a long prompt pauses the others while it prefills), models with
-LongRoPE (their rows would need per-row frequency sets; they run one request at a time).
+Prefill is chunked: a joining request's prompt runs `prefill_chunk` tokens at a time (into a
+cache of its own, copied into its slot when done) between the others' decode steps, so a long
+prompt delays them by one chunk per step, not by the whole prompt.
+
+Not yet: models with LongRoPE (their rows would need per-row frequency sets; they run one
+request at a time).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models.cache import SlotCache
+from ..models.cache import KVCache, SlotCache
 from .generator import FINISH_LENGTH, Generator, GeneratorParams
 
 _END = object()
@@ -29,10 +33,11 @@ class _Request:
     want_logprobs: bool
     out: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    cache: KVCache | None = None  # the prompt's own cache while it prefills
 
 
 class BatchEngine:
-    def __init__(self, engine, *, slots: int = 8, slot_context: int | None = None):
+    def __init__(self, engine, *, slots: int = 8, slot_context: int | None = None, prefill_chunk: int = 128):
         self.engine = engine
         rope = engine.model.rope
         if getattr(rope, "inv_freq_long", None) is not None:
@@ -42,6 +47,8 @@ class BatchEngine:
         self.cache = SlotCache(a.num_hidden_layers, slots, a.num_key_value_heads, a.head_dim, self.slot_context,
                                dtype=engine.dtype, device=engine.device)
         self.rows: list[_Request] = []
+        self.pending: list[_Request] = []  # admitted, prefilling chunk by chunk
+        self.prefill_chunk = prefill_chunk
         self.incoming: queue.Queue[_Request] = queue.Queue()
         self.steps = 0
         self._thread = threading.Thread(target=self._loop, name="slmkit-batch", daemon=True)
@@ -75,37 +82,53 @@ class BatchEngine:
     @torch.inference_mode()
     def _loop(self) -> None:
         while True:
-            if not self.rows:
-                self._admit(self.incoming.get())  # idle: wait for work
-            while len(self.rows) < self.cache.slots:
+            if not self.rows and not self.pending:
+                self.pending.append(self.incoming.get())  # idle: wait for work
+            while len(self.rows) + len(self.pending) < self.cache.slots:
                 try:
-                    self._admit(self.incoming.get_nowait())
+                    self.pending.append(self.incoming.get_nowait())
                 except queue.Empty:
                     break
             self._drop_cancelled()
+            if self.pending:
+                self._prefill_chunk(self.pending[0])
             if not self.rows:
                 continue
             ids = torch.tensor([[r.gen.get_next_tokens()[0]] for r in self.rows], device=self.engine.device)
-            logits = self.engine.model(ids, self.cache).float()[:, -1]  # the model advances the cache
+            if len(self.rows) == 1:  # alone: the plain one-row path (no per-row masks or indexed writes)
+                view = self.cache.row_cache(0)
+                logits = self.engine.model(ids, view).float()[:, -1]
+                self.cache.lens[0] = view.offset
+            else:
+                logits = self.engine.model(ids, self.cache).float()[:, -1]  # the model advances the cache
             self.steps += 1
             for i in reversed(range(len(self.rows))):
                 self._step(i, logits[i:i + 1])
 
-    def _admit(self, req: _Request) -> None:
-        if req.cancelled.is_set():
-            req.out.put(_END)
-            return
-        row = self.cache.add_row()
-        self.rows.append(req)
+    def _prefill_chunk(self, req: _Request) -> None:
+        """The next chunk of a pending prompt; when it is all in, the request joins the batch."""
         try:
-            view = self.cache.row_cache(row)
-            logits = self.engine.model(torch.tensor([req.prompt], device=self.engine.device), view,
-                                       last_only=True).float()[:, -1]
-            self.cache.lens[row] = view.offset
+            if req.cache is None:
+                req.cache = self.engine.new_cache(1, len(req.prompt))
+            done = req.cache.offset
+            chunk = req.prompt[done: done + self.prefill_chunk]
+            logits = self.engine.forward(torch.tensor([chunk], device=self.engine.device), req.cache)[:, -1]
+            if req.cache.offset < len(req.prompt):
+                return
+            self.pending.remove(req)
+            row = self.cache.add_row()
+            self.rows.append(req)
+            n = req.cache.offset
+            for dst, src in zip(self.cache.k + self.cache.v, req.cache.k + req.cache.v):
+                dst[row, :, :n] = src[0, :, :n]
+            self.cache.lens[row] = n
+            req.cache = None
             self._step(row, logits)
         except BaseException as e:  # a bad request fails alone
-            if row < len(self.rows) and self.rows[row] is req:
-                self._remove(row)
+            if req in self.pending:
+                self.pending.remove(req)
+            elif req in self.rows:
+                self._remove(self.rows.index(req))
             req.out.put(e)
             req.out.put(_END)
 
@@ -128,6 +151,9 @@ class BatchEngine:
             if self.rows[i].cancelled.is_set():
                 self.rows[i].out.put(_END)
                 self._remove(i)
+        for req in [r for r in self.pending if r.cancelled.is_set()]:
+            self.pending.remove(req)
+            req.out.put(_END)
 
     def _remove(self, i: int) -> None:
         self.cache.remove_row(i)
