@@ -82,6 +82,17 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
     async def run(work: Any) -> list[Any]:
         return [item async for item in sched.stream(work)]
 
+    async def once(make: Any) -> Any:
+        """make() on a worker: one result."""
+        (out,) = await run(lambda cancelled: iter([make()]))
+        return out
+
+    async def streamed(make: Any, media: str = "text/event-stream") -> Any:
+        """make() -> an iterator of encoded events, run on a worker and streamed as it comes."""
+        agen = sched.stream(lambda cancelled: make())
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"} if media == "text/event-stream" else None
+        return StreamingResponse(await first_then(agen), media_type=media, headers=headers)
+
     async def first_then(agen: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """Surface errors raised before the first chunk as a normal error response (not mid-stream)."""
         first = await agen.__anext__()
@@ -119,12 +130,10 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
             if opts.get("n") or tools:
                 raise InvalidRequestError("streaming supports n=1 without tools for now", param="stream")
             include = bool((body.get("stream_options") or {}).get("include_usage"))
-            chunks = lambda: openai_api.chat_chunks(llm.chat(messages, stream=True, **opts), name, include)  # noqa: E731
-            agen = sched.stream(lambda cancelled: chunks())
-            return StreamingResponse(await first_then(agen), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return await streamed(lambda: openai_api.chat_chunks(llm.chat(messages, stream=True, **opts), name,
+                                                                 include))
         kw = {"tools": tools, "tool_choice": tool_choice} if tools is not None or tool_choice is not None else {}
-        (out,) = await run(lambda cancelled: iter([llm.chat(messages, **kw, **opts)]))
+        out = await once(lambda: llm.chat(messages, **kw, **opts))
         return openai_api.chat_completion(out if isinstance(out, list) else [out], name)
 
     @app.post("/v1/completions")
@@ -137,11 +146,9 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
         opts = openai_api.options(body)
         if body.get("stream"):
             include = bool((body.get("stream_options") or {}).get("include_usage"))
-            agen = sched.stream(lambda cancelled: openai_api.completion_chunks(
-                llm.generate(prompt, stream=True, **opts), name, include))
-            return StreamingResponse(await first_then(agen), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        (out,) = await run(lambda cancelled: iter([llm.generate(prompt, **opts)]))
+            return await streamed(lambda: openai_api.completion_chunks(llm.generate(prompt, stream=True, **opts),
+                                                                       name, include))
+        out = await once(lambda: llm.generate(prompt, **opts))
         return openai_api.text_completion(out if isinstance(out, list) else [out], name)
 
     # ------------------------------------------------------------------ Ollama
@@ -156,8 +163,7 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
         opts, t0 = ollama_api.options(body), time.perf_counter()
         lines = lambda: ollama_api.chat_lines(llm.chat(messages, stream=True, **opts), name, t0)  # noqa: E731
         if body.get("stream", True):
-            agen = sched.stream(lambda cancelled: lines())
-            return StreamingResponse(await first_then(agen), media_type="application/x-ndjson")
+            return await streamed(lines, "application/x-ndjson")
         parts = [json.loads(b) for b in await run(lambda cancelled: lines())]
         final = parts[-1]
         final["message"]["content"] = "".join(p["message"]["content"] for p in parts)
@@ -181,8 +187,7 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
             make = lambda: llm.chat(msgs, stream=True, **opts)  # noqa: E731
         lines = lambda: ollama_api.generate_lines(make(), name, t0)  # noqa: E731
         if body.get("stream", True):
-            agen = sched.stream(lambda cancelled: lines())
-            return StreamingResponse(await first_then(agen), media_type="application/x-ndjson")
+            return await streamed(lines, "application/x-ndjson")
         parts = [json.loads(b) for b in await run(lambda cancelled: lines())]
         final = parts[-1]
         final["response"] = "".join(p["response"] for p in parts)
