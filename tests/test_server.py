@@ -191,3 +191,30 @@ def test_sixteen_concurrent_streams_with_continuous_batching(folder):
     finally:
         srv.should_exit = True
         t.join(timeout=10)
+
+
+def test_slm_serve_command_starts_and_answers(folder):
+    import os
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {**os.environ, "SLMKIT_API_KEY": KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "slmkit.cli", "serve", f"tiny={folder}", "--port", str(port),
+                             "--slots", "2", "--dtype", "float32"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.25)
+        r = httpx.post(base + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": "tiny", "prompt": "Hello", "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        assert httpx.get(base + "/v1/models").status_code == 401  # the key from the environment is enforced
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=30)[1]
+    assert "2 slots x 2048 tokens continuously batched" in err and "API key required" in err

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--slots", type=int, default=4, help="concurrent sequences per model, batched continuously "
                      "(1 = one request at a time)")
     srv.add_argument("--slot-context", type=int, default=None, help="tokens per slot (default: the model's "
-                     "context); the KV memory slots x context is allocated at start-up and printed")
+                     "context, at most 4096); the KV memory slots x context is allocated at start-up and printed")
     srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     _add_quant_args(srv)
     q = sub.add_parser("quantize", help="write a weight-only quantized copy of a model (a safetensors folder)")
@@ -243,7 +243,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         note = ""
         if a.slots > 1:
             try:
-                llm.enable_batching(a.slots, a.slot_context)
+                llm.enable_batching(a.slots, a.slot_context or min(llm.context_length, 4096))
                 batch = llm.backend.batch
                 note = (f", {a.slots} slots x {batch.slot_context} tokens continuously batched "
                         f"(KV {batch.cache.nbytes / 2**30:.2f} GiB)")
