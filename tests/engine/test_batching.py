@@ -50,3 +50,23 @@ def test_cancelled_stream_frees_its_slot_and_limits_are_kept(phi3_folders):
     assert llm.backend.batch.cache.n == 0
     with pytest.raises(InvalidRequestError):
         llm.enable_batching(slots=0)
+
+
+def test_longrope_rows_cross_original_max_like_solo_runs(phi3_folders):
+    llm = slmkit.load(phi3_folders("longrope"), dtype="float32")  # original_max 32
+    reqs = [(list(range(5 + i, 5 + i + n)), dict(max_new_tokens=m, temperature=0, ignore_eos=True))
+            for i, (n, m) in enumerate([(20, 30), (28, 10), (40, 8), (10, 40), (31, 5), (33, 4)])]
+    solo = [llm.generate(p, **kw).token_ids for p, kw in reqs]
+    llm.enable_batching(slots=4, context=128)
+    llm.backend.batch.prefill_chunk = 8
+    got: list = [None] * len(reqs)
+
+    def run(i: int) -> None:
+        got[i] = llm.generate(reqs[i][0], **reqs[i][1]).token_ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert got == solo

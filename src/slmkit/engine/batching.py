@@ -8,8 +8,9 @@ Prefill is chunked: a joining request's prompt runs `prefill_chunk` tokens at a 
 cache of its own, copied into its slot when done) between the others' decode steps, so a long
 prompt delays them by one chunk per step, not by the whole prompt.
 
-Not yet: models with LongRoPE (their rows would need per-row frequency sets; they run one
-request at a time).
+LongRoPE (Phi-3 128k, Phi-3.5): each row takes the frequency set of its own length; a row that
+grows past original_max is re-prefilled in its slot with the long set (the Generator's rule), and
+a prompt already longer than that is prefilled in one piece.
 """
 from __future__ import annotations
 
@@ -40,8 +41,7 @@ class BatchEngine:
     def __init__(self, engine, *, slots: int = 8, slot_context: int | None = None, prefill_chunk: int = 128):
         self.engine = engine
         rope = engine.model.rope
-        if getattr(rope, "inv_freq_long", None) is not None:
-            raise ValueError("continuous batching does not support LongRoPE models yet")
+        self.original_max = rope.original_max if getattr(rope, "inv_freq_long", None) is not None else None
         a = engine.args
         self.slot_context = min(slot_context or engine.context_length, engine.context_length)
         self.cache = SlotCache(a.num_hidden_layers, slots, a.num_key_value_heads, a.head_dim, self.slot_context,
@@ -94,6 +94,8 @@ class BatchEngine:
                 self._prefill_chunk(self.pending[0])
             if not self.rows:
                 continue
+            if self.original_max is not None:
+                self._cross_long_rope()
             ids = torch.tensor([[r.gen.get_next_tokens()[0]] for r in self.rows], device=self.engine.device)
             if len(self.rows) == 1:  # alone: the plain one-row path (no per-row masks or indexed writes)
                 view = self.cache.row_cache(0)
@@ -111,7 +113,8 @@ class BatchEngine:
             if req.cache is None:
                 req.cache = self.engine.new_cache(1, len(req.prompt))
             done = req.cache.offset
-            chunk = req.prompt[done: done + self.prefill_chunk]
+            whole = self.original_max is not None and len(req.prompt) > self.original_max
+            chunk = req.prompt[done:] if whole else req.prompt[done: done + self.prefill_chunk]  # one frequency set
             logits = self.engine.forward(torch.tensor([chunk], device=self.engine.device), req.cache)[:, -1]
             if req.cache.offset < len(req.prompt):
                 return
@@ -131,6 +134,20 @@ class BatchEngine:
                 self._remove(self.rows.index(req))
             req.out.put(e)
             req.out.put(_END)
+
+    def _cross_long_rope(self) -> None:
+        """Rows whose pending token takes them past original_max: re-prefill the whole sequence
+        (with the long frequency set, as the Generator does) into the slot, then step them."""
+        for i in reversed(range(len(self.rows))):
+            if int(self.cache.lens[i]) != self.original_max:
+                continue
+            seq = self.rows[i].gen.sequences[0]  # the cached tokens and the pending one
+            tmp = self.engine.new_cache(1, len(seq))
+            logits = self.engine.forward(torch.tensor([seq], device=self.engine.device), tmp)[:, -1]
+            for dst, src in zip(self.cache.k + self.cache.v, tmp.k + tmp.v):
+                dst[i, :, : len(seq)] = src[0, :, : len(seq)]
+            self.cache.lens[i] = len(seq)
+            self._step(i, logits)
 
     def _step(self, i: int, logits: torch.Tensor) -> None:
         req = self.rows[i]
@@ -160,3 +177,4 @@ class BatchEngine:
         last = self.rows.pop()
         if i < len(self.rows):
             self.rows[i] = last
+

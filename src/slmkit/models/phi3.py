@@ -158,7 +158,10 @@ class Model(nn.Module):
         h = self.model.embed_tokens(input_ids)
         positions = cache.positions(S) if cache is not None else torch.arange(S, device=input_ids.device)[None]
         regime = self.rope.regime(int(positions.max()) + 1)
-        cos, sin = self.rope.cos_sin(positions, regime, h.dtype)
+        if offset is None:  # rows at their own lengths: a frequency set per row
+            cos, sin = self.rope.cos_sin_rows(positions, h.dtype)
+        else:
+            cos, sin = self.rope.cos_sin(positions, regime, h.dtype)
         qpos = positions if offset is None else None
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, cache, i, offset, qpos)

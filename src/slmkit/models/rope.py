@@ -37,6 +37,17 @@ class Rope:
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
 
+    def cos_sin_rows(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows at their own lengths (positions [B, S]): each row gets the frequency set of its own
+        total length (LongRoPE: long past original_max, as a one-row pass over that row would)."""
+        if self.inv_freq_long is None or self.original_max is None:
+            return self.cos_sin(positions, "default", dtype)
+        cs, ss = self.cos_sin(positions, "short", dtype)
+        cl, sl = self.cos_sin(positions, "long", dtype)
+        long = (positions[:, -1] + 1 > self.original_max)[:, None, None]
+        return torch.where(long, cl, cs), torch.where(long, sl, ss)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
