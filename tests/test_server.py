@@ -218,3 +218,39 @@ def test_slm_serve_command_starts_and_answers(folder):
         proc.terminate()
         err = proc.communicate(timeout=30)[1]
     assert "2 slots x 2048 tokens continuously batched" in err and "API key required" in err
+
+
+def test_stream_with_n_and_with_tools(client):
+    chunks = list(client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=5, temperature=1.0, seed=1,
+                                                 n=2, stream=True))
+    texts = {0: "", 1: ""}
+    for c in chunks:
+        for ch in c.choices:
+            texts[ch.index] += ch.delta.content or ""
+    whole = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=5, temperature=1.0, seed=1, n=2)
+    assert [texts[0], texts[1]] == [ch.message.content for ch in whole.choices]
+    tool = {"type": "function", "function": {"name": "ping", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}}}
+    chunks = list(client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=40, temperature=0,
+                                                 tools=[tool], tool_choice="required", stream=True))
+    calls = [tc for c in chunks for ch in c.choices for tc in (ch.delta.tool_calls or [])]
+    assert calls[0].function.name == "ping" and isinstance(json.loads(calls[0].function.arguments)["n"], int)
+    assert [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason] == ["tool_calls"]
+
+
+def test_azure_ai_inference_client(server):
+    inference = pytest.importorskip("azure.ai.inference")
+    from azure.ai.inference.models import SystemMessage, UserMessage
+    from azure.core.credentials import AzureKeyCredential
+
+    base, llm = server
+    c = inference.ChatCompletionsClient(endpoint=base + "/v1", credential=AzureKeyCredential(KEY))
+    msgs = [SystemMessage("Be brief."), UserMessage("Say something.")]
+    r = c.complete(messages=msgs, max_tokens=8, temperature=0, model="tiny")
+    want = llm.chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say something."}],
+                    max_new_tokens=8, temperature=0)
+    assert r.choices[0].message.content == want.text and r.usage.completion_tokens == len(want.token_ids)
+    streamed = "".join(u.choices[0].delta.content or "" for u in c.complete(messages=msgs, max_tokens=8,
+                                                                             temperature=0, model="tiny", stream=True)
+                       if u.choices)
+    assert streamed == want.text

@@ -126,13 +126,17 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
         messages = body.get("messages")
         opts = openai_api.options(body)
         tools, tool_choice = body.get("tools"), body.get("tool_choice")
+        kw = {"tools": tools, "tool_choice": tool_choice} if tools is not None or tool_choice is not None else {}
         if body.get("stream"):
-            if opts.get("n") or tools:
-                raise InvalidRequestError("streaming supports n=1 without tools for now", param="stream")
             include = bool((body.get("stream_options") or {}).get("include_usage"))
+            if opts.get("n") or kw:  # generated whole, then sent as chunks (a tool call must parse first)
+                def whole() -> Any:
+                    out = llm.chat(messages, **kw, **opts)
+                    return openai_api.chat_result_chunks(out if isinstance(out, list) else [out], name, include)
+
+                return await streamed(whole)
             return await streamed(lambda: openai_api.chat_chunks(llm.chat(messages, stream=True, **opts), name,
                                                                  include))
-        kw = {"tools": tools, "tool_choice": tool_choice} if tools is not None or tool_choice is not None else {}
         out = await once(lambda: llm.chat(messages, **kw, **opts))
         return openai_api.chat_completion(out if isinstance(out, list) else [out], name)
 

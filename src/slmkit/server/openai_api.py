@@ -128,6 +128,34 @@ def chat_chunks(chunks: Iterator[Any], model: str, include_usage: bool) -> Itera
     yield sse(b"[DONE]")
 
 
+def chat_result_chunks(results: list[Any], model: str, include_usage: bool) -> Iterator[bytes]:
+    """Finished results (n > 1, or with tools) as a chat.completion.chunk stream: per choice a role
+    delta, its content or its tool-call deltas, then its finish reason; usage; [DONE]."""
+    cid, created = new_id("chatcmpl"), int(time.time())
+
+    def event(i: int, delta: dict, finish: str | None = None, logprobs: Any = None) -> bytes:
+        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "system_fingerprint": "slmkit",
+                "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+        if include_usage:
+            body["usage"] = None
+        return sse(body)
+
+    for i, r in enumerate(results):
+        yield event(i, {"role": "assistant", "content": ""})
+        if r.tool_calls:
+            yield event(i, {"tool_calls": [{"index": j, "id": c.id, "type": "function",
+                                            "function": {"name": c.name, "arguments": c.arguments_json}}
+                                           for j, c in enumerate(r.tool_calls)]})
+        elif r.text:
+            yield event(i, {"content": r.text}, logprobs=_logprobs_json(r.logprobs))
+        yield event(i, {}, r.finish_reason)
+    if include_usage:
+        yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "system_fingerprint": "slmkit", "choices": [], "usage": usage_json(results)})
+    yield sse(b"[DONE]")
+
+
 def completion_chunks(chunks: Iterator[Any], model: str, include_usage: bool) -> Iterator[bytes]:
     cid, created = new_id("cmpl"), int(time.time())
     last = None
