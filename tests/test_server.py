@@ -254,3 +254,10 @@ def test_azure_ai_inference_client(server):
                                                                              temperature=0, model="tiny", stream=True)
                        if u.choices)
     assert streamed == want.text
+
+
+def test_chat_page_is_served_and_uses_the_api(server):
+    base, _ = server
+    r = httpx.get(base + "/")  # no key needed for the page; it sends the key it is given
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "/v1/chat/completions" in r.text and "stream: true" in r.text

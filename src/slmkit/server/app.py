@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import time
+from pathlib import Path
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -42,7 +43,7 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
 
     @app.middleware("http")
     async def auth(request: Request, call_next: Any) -> Any:
-        if api_key and request.url.path not in ("/health",):
+        if api_key and request.url.path not in ("/health", "/"):  # the page itself asks for the key
             given = request.headers.get("authorization", "")
             token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("api-key", "")
             if not hmac.compare_digest(token.encode(), api_key.encode()):
@@ -240,7 +241,9 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
         return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     @app.get("/")
-    async def root() -> Response:
-        return Response("slmkit is running\n", media_type="text/plain")
+    async def chat_page() -> Response:
+        """A small web chat over /v1/chat/completions (streams; the API key, if any, is typed in)."""
+        page = (Path(__file__).parent / "static" / "chat.html").read_text(encoding="utf-8")
+        return Response(page, media_type="text/html")
 
     return app
