@@ -5,8 +5,10 @@
 The server runs in this process on a real socket (continuous batching, 16 slots of 512 tokens);
 1, 4, 8 and 16 clients each stream a chat completion (different ~40-token prompts, 64 tokens,
 greedy) through httpx at the same time. The floor is the same server with one slot (requests one
-at a time, as Ollama serves a model by default). Prints a table, writes results/serve.json.
-Not yet beside llama.cpp's llama-server (building it from the vendored sources is the next step).
+at a time, as Ollama serves a model by default). With --llama-server (a llama-server binary,
+built with cmake from the llama.cpp sources vendored in the llama-cpp-python sdist) and --gguf,
+llama-server (-np 16, continuous batching, 2 threads) and slmkit both serve that GGUF file too.
+Prints a table, writes results/serve.json.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ def one(base: str, i: int, out: list) -> None:
     import httpx
 
     body = {"model": "m", "max_tokens": TOKENS, "temperature": 0, "stream": True, "min_tokens": TOKENS,
+            "ignore_eos": True,  # llama-server's name for running to max_tokens
             "stream_options": {"include_usage": True}, "logprobs": True,  # an event for every token
             "messages": [{"role": "user", "content": f"User {i} asks about topic {i * 7}: " + "tell me more " * 8}]}
     t0 = time.perf_counter()
@@ -61,8 +64,9 @@ def one(base: str, i: int, out: list) -> None:
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 n = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"] and chunk["choices"][0].get("logprobs") and ttft is None:
-                ttft = time.perf_counter() - t0
+            elif chunk.get("choices") and (chunk["choices"][0].get("logprobs") or
+                                           chunk["choices"][0].get("delta", {}).get("content")):
+                ttft = time.perf_counter() - t0 if ttft is None else ttft
     out[i] = (ttft or 0.0, n, time.perf_counter() - t0)
 
 
@@ -81,36 +85,74 @@ def run(base: str, users: int) -> dict:
             "ttft_p95_s": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))]}
 
 
+def llama_server(binary: str, gguf: str, slots: int):
+    import subprocess
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([binary, "-m", gguf, "-np", str(slots), "-c", str(512 * slots), "-t", "2", "-tb", "2",
+                             "--port", str(port), "--host", "127.0.0.1"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(base + "/health").status_code == 200:
+                return base, proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("llama-server did not start")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="/tmp/slmkit-bench/phi3-mini-random-int4-g32")
+    ap.add_argument("--gguf", default="/tmp/slmkit-bench/phi3-mini-random-Q4_0.gguf")
+    ap.add_argument("--llama-server", default=None, help="path of a llama-server binary")
     ap.add_argument("--slots", type=int, default=16)
     a = ap.parse_args()
     torch.set_num_threads(2)
     import slmkit
 
     rows = []
-    for mode, slots, users_list in (("one at a time", 1, (1, 4)), ("continuous batching", a.slots, (1, 4, 8, 16))):
-        llm = slmkit.load(a.model)
-        if slots > 1:
-            llm.enable_batching(slots=slots, context=512)
-        base, srv, t = start(llm, workers=slots)
+    runs = [("slmkit int4 folder, one at a time", a.model, 1, (1, 4)),
+            ("slmkit int4 folder, continuous batching", a.model, a.slots, (1, 4, 8, 16))]
+    if a.llama_server and Path(a.gguf).is_file():
+        runs += [("slmkit Q4_0 GGUF, continuous batching", a.gguf, a.slots, (1, 4, 8, 16)),
+                 ("llama-server Q4_0 GGUF, -np 16", None, a.slots, (1, 4, 8, 16))]
+    for mode, model, slots, users_list in runs:
+        proc = srv = t = llm = None
+        if model is None:
+            base, proc = llama_server(a.llama_server, a.gguf, slots)
+        else:
+            llm = slmkit.load(model)
+            if slots > 1:
+                llm.enable_batching(slots=slots, context=512)
+            base, srv, t = start(llm, workers=slots)
         run(base, 1)  # warm-up
         for users in users_list:
             r = run(base, users)
             r["server"] = mode
             rows.append(r)
             print(r, flush=True)
-        srv.should_exit = True
-        t.join(timeout=30)
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+        else:
+            srv.should_exit = True
+            t.join(timeout=30)
         del llm
-    single = next(r["aggregate_tok_s"] for r in rows if r["server"] == "continuous batching" and r["streams"] == 1)
+    singles = {r["server"]: r["aggregate_tok_s"] for r in rows if r["streams"] == 1}
     for r in rows:
-        r["x_single"] = r["aggregate_tok_s"] / single
+        r["x_single"] = r["aggregate_tok_s"] / singles[r["server"]]
     print_table(rows, [("server", "server", ""), ("streams", "streams", ""), ("aggregate_tok_s", "tok/s", ".2f"),
-                       ("x_single", "x single stream", ".2f"), ("ttft_p50_s", "TTFT p50 s", ".2f"),
+                       ("x_single", "x its single stream", ".2f"), ("ttft_p50_s", "TTFT p50 s", ".2f"),
                        ("ttft_p95_s", "TTFT p95 s", ".2f")])
-    save_results("serve", model=a.model, tokens_per_stream=TOKENS, rows=rows)
+    save_results("serve", model=a.model, gguf=a.gguf, tokens_per_stream=TOKENS, rows=rows)
 
 
 if __name__ == "__main__":
