@@ -38,6 +38,7 @@ bench: $(VENV)/.test  # minutes: builds 7.6 GB of random weights; run it on an i
 	$(VPY) benchmarks/gemv.py
 	$(VPY) benchmarks/decode.py
 	$(VPY) benchmarks/gguf_load.py
+	$(VPY) benchmarks/qgemv.py
 	$(VPY) benchmarks/quant.py
 	$(VPY) benchmarks/quality.py
 	$(VPY) benchmarks/decoding.py
