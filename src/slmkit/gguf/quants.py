@@ -56,10 +56,14 @@ def _f32(b: torch.Tensor, at: int) -> torch.Tensor:
     return b[:, at:at + 4].contiguous().view(_F32)
 
 
-def _nibbles(x: torch.Tensor) -> torch.Tensor:
-    """[n, k] bytes -> [n, 2k]: all low nibbles, then all high nibbles (ggml's order)."""
-    n, k = x.shape
-    return ((x.unsqueeze(1) >> _SH_0_4.view(1, 2, 1)) & 0x0F).reshape(n, 2 * k)
+def _nibbles(x: torch.Tensor, run: int | None = None) -> torch.Tensor:
+    """[n, L] bytes -> [n, 2L]: per run of `run` bytes (default all L), all low nibbles, then all
+    high nibbles (ggml's order). Works on int32 views, 4 bytes per element op (L, run % 4 == 0)."""
+    n, length = x.shape
+    run = run or length
+    xc = torch.empty(n, length, dtype=_U8).copy_(x)  # fresh, aligned, standard strides to reinterpret
+    xi = xc.view(torch.int32).view(n * (length // run), run // 4)
+    return torch.cat((xi & 0x0F0F0F0F, (xi >> 4) & 0x0F0F0F0F), dim=1).view(_U8).view(n, 2 * length)
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
@@ -144,9 +148,9 @@ def _q4_k(b: torch.Tensor, out: torch.Tensor) -> None:
     sc, mn = _k_scale_min(b[:, 4:16])
     dl = (d * sc).view(n, 8, 1)
     ml = (dmin * mn).view(n, 8, 1)
-    q = (b[:, 16:144].reshape(n, 4, 1, 32) >> _SH_0_4.view(1, 1, 2, 1)) & 0x0F
+    q = _nibbles(b[:, 16:144], 32)
     o = out.view(n, 8, 32)
-    torch.mul(dl, q.reshape(n, 8, 32).to(_F32), out=o)
+    torch.mul(dl, q.view(n, 8, 32).to(_F32), out=o)
     o.sub_(ml)
 
 
@@ -156,7 +160,7 @@ def _q5_k(b: torch.Tensor, out: torch.Tensor) -> None:
     sc, mn = _k_scale_min(b[:, 4:16])
     dl = (d * sc).view(n, 8, 1)
     ml = (dmin * mn).view(n, 8, 1)
-    ql = ((b[:, 48:176].reshape(n, 4, 1, 32) >> _SH_0_4.view(1, 1, 2, 1)) & 0x0F).reshape(n, 8, 32)
+    ql = _nibbles(b[:, 48:176], 32).view(n, 8, 32)
     qh = ((b[:, 16:48].reshape(n, 1, 1, 32) >> _SH_BITS.view(1, 1, 8, 1)) & 1).reshape(n, 8, 32)
     o = out.view(n, 8, 32)
     torch.mul(dl, (ql | (qh << 4)).to(_F32), out=o)
@@ -167,7 +171,7 @@ def _q6_k(b: torch.Tensor, out: torch.Tensor) -> None:
     n = b.shape[0]
     d = _f16(b, 208)
     dl = (d * b[:, 192:208].view(torch.int8).to(_F32)).view(n, 16, 1)
-    ql = ((b[:, 0:128].reshape(n, 2, 1, 64) >> _SH_0_4.view(1, 1, 2, 1)) & 0x0F).reshape(n, 8, 32)
+    ql = _nibbles(b[:, 0:128], 64).view(n, 8, 32)
     qh = ((b[:, 128:192].reshape(n, 2, 1, 32) >> _SH_2BIT.view(1, 1, 4, 1)) & 3).reshape(n, 8, 32)
     q = ((ql | (qh << 4)).view(torch.int8) - 32).to(_F32).view(n, 16, 16)
     torch.mul(dl, q, out=out.view(n, 16, 16))
@@ -192,7 +196,7 @@ def _iq4_xs(b: torch.Tensor, out: torch.Tensor) -> None:
     lo = ((b[:, 4:8].reshape(n, 4, 1) >> _SH_0_4.view(1, 1, 2)) & 0x0F).reshape(n, 8)
     scales = (lo | (hi << 4)).to(_F32).sub_(32)
     dl = (d * scales).view(n, 8, 1)
-    idx = ((b[:, 8:136].reshape(n, 8, 1, 16) >> _SH_0_4.view(1, 1, 2, 1)) & 0x0F).reshape(n, 8, 32)
+    idx = _nibbles(b[:, 8:136], 16).view(n, 8, 32)
     torch.mul(dl, _KVALUES_IQ4NL[idx.long()], out=out.view(n, 8, 32))
 
 

@@ -13,29 +13,18 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from slmkit.gguf.quants import GGML_QUANT_SIZES, _bits, _k_scale_min
-from slmkit.quant.format import TILE, QuantWeight, pack_codes, padded
+from slmkit.gguf.quants import GGML_QUANT_SIZES, _bits, _k_scale_min, _nibbles
+from slmkit.quant.format import TILE, QuantWeight, _tile_groups, pack_codes, padded
 
 __all__ = ["REPACKABLE", "repack"]
 
 _U8, _F16, _F32 = torch.uint8, torch.float16, torch.float32
-_SH_0_4 = torch.tensor([0, 4], dtype=_U8)
 _SH_2BIT = torch.tensor([0, 2, 4, 6], dtype=_U8)
 _SH_BITS = torch.arange(8, dtype=_U8)
 
 # Decoded blocks: codes [nb, block] uint8, scales [nb, block // group], mins (same) or None, and
 # for two-level (K-quant) types the float32 super-scale and super-min [nb, 1] (else None).
 _Decoded = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", "torch.Tensor | None"]
-
-
-def _nibbles(x: torch.Tensor, run: int | None = None) -> torch.Tensor:
-    """[n, L] bytes -> [n, 2L] codes: per run of `run` bytes (default all L), the low nibbles then
-    the high nibbles (ggml's order). On int32 views: 4 bytes per element op."""
-    n, length = x.shape
-    run = run or length
-    xc = torch.empty(n, length, dtype=_U8).copy_(x)  # fresh, aligned, standard strides to reinterpret
-    xi = xc.view(torch.int32).view(n * (length // run), run // 4)
-    return torch.cat((xi & 0x0F0F0F0F, (xi >> 4) & 0x0F0F0F0F), dim=1).view(_U8).view(n, 2 * length)
 
 
 def _h(b: torch.Tensor, at: int) -> torch.Tensor:
@@ -120,11 +109,6 @@ REPACKABLE: frozenset[int] = frozenset(_SPECS)
 _TEMP_BYTES_PER_ELEMENT = 8
 
 
-def _tile(x: torch.Tensor) -> torch.Tensor:
-    """[rows, groups] (rows % 16 == 0) -> [rows // 16, groups, 16] (format.py's scale layout)."""
-    return x.view(-1, TILE, x.shape[1]).transpose(1, 2)
-
-
 def repack(raw: torch.Tensor, ggml_type: int, shape: tuple[int, int], *,
            chunk_bytes: int = 16 << 20) -> QuantWeight | None:
     """The GGUF bytes of a 2-D weight of torch shape ``(n, k)`` as a QuantWeight, losslessly;
@@ -163,7 +147,7 @@ def repack(raw: torch.Tensor, ggml_type: int, shape: tuple[int, int], *,
         x = x.reshape(rows, -1)
         if rp != rows:  # padding rows: code 0, scale 0, min 0 (as format.from_codes pads)
             x = torch.nn.functional.pad(x, (0, 0, 0, rp - rows))
-        dst[t0:t1] = _tile(x)
+        dst[t0:t1] = _tile_groups(x)
 
     step = max(TILE, chunk_bytes // (_TEMP_BYTES_PER_ELEMENT * k) // TILE * TILE)
     for r0 in range(0, n, step):
