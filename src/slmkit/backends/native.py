@@ -59,12 +59,17 @@ class NativeBackend:
         ids = list(prompt_ids)
         want = options.logprobs or options.top_logprobs > 0
         if self.batch is not None and session is None:
-            for token, reason, lp in self.batch.submit(ids, params, want):
-                step = TokenStep(token, reason)
-                if lp is not None:
-                    step.logprob, step.top_logprobs = lp[1], (lp[2] if options.top_logprobs else None)
-                yield step
-            return
+            steps = self.batch.submit(ids, params, want)
+        else:
+            steps = self._generate(ids, params, session, want)
+        for token, reason, lp in steps:  # lp: (token, logprob, top alternatives) or None
+            step = TokenStep(token, reason)
+            if lp is not None:
+                step.logprob, step.top_logprobs = lp[1], (lp[2] if options.top_logprobs else None)
+            yield step
+
+    def _generate(self, ids: list[int], params: GeneratorParams, session: dict | None,
+                  want_logprobs: bool) -> Iterator[tuple]:
         gen = session.get("generator") if session is not None else None
         if gen is None:
             gen = Generator(self.engine, params)
@@ -81,11 +86,7 @@ class NativeBackend:
             session["generator"], session["prefilled"] = gen, len(ids) - common
         while not gen.is_done():
             gen.generate_next_token()
-            step = TokenStep(gen.get_next_tokens()[0], gen.finish_reasons[0])
-            if want:
-                _, step.logprob, top = gen.last_logprobs[0]
-                step.top_logprobs = top if options.top_logprobs else None
-            yield step
+            yield gen.get_next_tokens()[0], gen.finish_reasons[0], gen.last_logprobs[0] if want_logprobs else None
 
     def logits(self, ids: Sequence[int]) -> torch.Tensor:
         return self.engine.logits(ids)

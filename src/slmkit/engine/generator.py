@@ -23,6 +23,7 @@ from ..errors import ContextLengthError, InvalidRequestError
 from ..models.cache import KVCache
 from .engine import validate_token_ids
 from .processors import Scorer, process
+from .sampling import draw
 from .structured import Constraint, grammar_for
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
@@ -221,10 +222,7 @@ class Generator:
                                       f"[0, {logits.shape[-1]})", param="logit_bias")
         c = self.constraint
         x = process(logits, p, self.sequences, self._prompt_len, sorted(self.eos), c.mask if c else None)
-        if p.temperature <= 0:
-            tokens = x.argmax(dim=-1)
-        else:
-            tokens = torch.multinomial(x.softmax(dim=-1), 1, generator=self.rng).squeeze(-1)
+        tokens = draw(x, p.temperature, self.rng)
         self._next = [int(t) for t in tokens.tolist()]
         self._record_logprobs(logits, tokens)
         if c is not None and self.finish_reasons[0] is None:

@@ -84,6 +84,16 @@ class KVCache:
         self.tag = None
 
 
+def positions_of(cache: "KVCache | SlotCache | None", n: int, device: torch.device) -> tuple[torch.Tensor,
+                                                                                         torch.Tensor | None]:
+    """(positions [1 or B, n] of the next n tokens, per-row query positions for attention or None):
+    None when every row is at the same offset (KVCache, or no cache)."""
+    if cache is None:
+        return torch.arange(n, device=device)[None], None
+    pos = cache.positions(n)
+    return pos, (pos if cache.offset is None else None)
+
+
 class SlotCache:
     """KV cache for continuous batching: up to `slots` sequences, each at its own length, in one
     preallocated [slots, n_kv, capacity, head_dim] tensor per layer. The rows in use are packed at

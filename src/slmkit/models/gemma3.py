@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import BaseArgs, require_float, require_int
-from .cache import KVCache
+from .cache import KVCache, positions_of
 from .layers import ACTIVATIONS, RMSNorm, attention
 from .rope import Rope, apply_rope, build_rope
 
@@ -181,10 +181,9 @@ class Model(nn.Module):
         S = input_ids.shape[1]
         h = self.model.embed_tokens(input_ids)
         h = h * torch.tensor(self.args.hidden_size**0.5, dtype=h.dtype)  # rounded to the dtype, as HF does
-        positions = cache.positions(S) if cache is not None else torch.arange(S, device=input_ids.device)[None]
+        positions, qpos = positions_of(cache, S, input_ids.device)
         rope = {"global": self.args.rope_global.cos_sin(positions, "default", h.dtype),
                 "local": self.args.rope_local.cos_sin(positions, "default", h.dtype)}
-        qpos = positions if offset is None else None
         for i, layer in enumerate(self.model.layers):
             h = layer(h, rope, cache, i, offset, qpos)
         if cache is not None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import BaseArgs, require_float, require_int
-from .cache import KVCache
+from .cache import KVCache, positions_of
 from .layers import ACTIVATIONS, RMSNorm, attention
 from .rope import Rope, apply_rope, build_rope
 
@@ -156,13 +156,12 @@ class Model(nn.Module):
         offset = cache.offset if cache is not None else 0  # None: rows at different lengths
         S = input_ids.shape[1]
         h = self.model.embed_tokens(input_ids)
-        positions = cache.positions(S) if cache is not None else torch.arange(S, device=input_ids.device)[None]
+        positions, qpos = positions_of(cache, S, input_ids.device)
         regime = self.rope.regime(int(positions.max()) + 1)
         if offset is None:  # rows at their own lengths: a frequency set per row
             cos, sin = self.rope.cos_sin_rows(positions, h.dtype)
         else:
             cos, sin = self.rope.cos_sin(positions, regime, h.dtype)
-        qpos = positions if offset is None else None
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, cache, i, offset, qpos)
         if cache is not None:
