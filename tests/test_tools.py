@@ -79,9 +79,20 @@ def test_tool_results_render_into_the_conversation(llm):
     ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tool_choice": "auto"}, "tool_choice"), ({"tools": [WEATHER, WEATHER]}, "tools"),
-    ({"tools": [WEATHER], "stream": True}, "stream"),
+    ({"tools": [WEATHER], "stream": True, "n": 2}, "n"),
 ])
 def test_bad_tool_requests_are_named(llm, kw, param):
     with pytest.raises(InvalidRequestError) as e:
         llm.chat(MSGS, max_new_tokens=4, **kw)
     assert e.value.param == param
+
+
+def test_streamed_tool_call_ends_with_the_parsed_call(llm):
+    whole = llm.chat(MSGS, tools=[WEATHER], tool_choice="required", max_new_tokens=200, temperature=0)
+    chunks = list(llm.chat(MSGS, tools=[WEATHER], tool_choice="required", max_new_tokens=200, temperature=0,
+                           stream=True))
+    assert "".join(c.text for c in chunks) == whole.text
+    assert [c.tool_calls for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1].finish_reason == whole.finish_reason
+    assert whole.tool_calls and [(t.name, t.arguments) for t in chunks[-1].tool_calls or []] == \
+        [(t.name, t.arguments) for t in whole.tool_calls or []]

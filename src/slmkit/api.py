@@ -73,6 +73,7 @@ class GenerationChunk:
     usage: Usage | None = None
     timings: Timings | None = None
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[Any] | None = None  # on the last chunk of chat(stream=True, tools=...) that called a tool
 
 
 def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
@@ -95,6 +96,19 @@ def _validated_first(chunks: Iterator[GenerationChunk]) -> Iterator[GenerationCh
         yield from chunks
 
     return rest()
+
+
+def _with_tool_calls(chunks: Iterator[GenerationChunk], tools: Any, tool_choice: Any) -> Iterator[GenerationChunk]:
+    from . import tools as tooling
+
+    text = []
+    for c in chunks:
+        text.append(c.text)
+        if c.finish_reason is not None:
+            calls = tooling.parse("".join(text), tools, tool_choice)
+            if calls:
+                c.tool_calls, c.finish_reason = calls, "tool_calls"
+        yield c
 
 
 class LLM:
@@ -196,15 +210,17 @@ class LLM:
         if tools is not None:
             from . import tools as tooling
 
-            if stream:
-                raise InvalidRequestError("streaming with tools is not supported yet; use stream=False",
-                                          param="stream")
             messages, constraint = tooling.prepare(messages, tools, tool_choice)
-            result = self.generate(self.tokenizer.encode(self.render(messages).text, add_special_tokens=False),
-                                   **{**kw, **constraint})
-            calls = tooling.parse(result.text, tools, tool_choice)
-            if calls:
-                result.tool_calls, result.finish_reason = calls, "tool_calls"
+            ids = self.tokenizer.encode(self.render(messages).text, add_special_tokens=False)
+            if stream:  # text chunks as they come; the last one carries the parsed call
+                if kw.get("n") not in (None, 1):
+                    raise InvalidRequestError("streaming returns one sequence; use n with stream=False", param="n")
+                return _with_tool_calls(self.generate(ids, stream=True, **{**kw, **constraint}), tools, tool_choice)
+            result = self.generate(ids, **{**kw, **constraint})
+            for r in result if isinstance(result, list) else [result]:  # n > 1: a list
+                calls = tooling.parse(r.text, tools, tool_choice)
+                if calls:
+                    r.tool_calls, r.finish_reason = calls, "tool_calls"
             return result
         prompt = self.render(messages)
         ids = self.tokenizer.encode(prompt.text, add_special_tokens=False)  # the template holds any BOS
@@ -332,6 +348,12 @@ class LLM:
             enable(slots, context)
         except ValueError as e:
             raise InvalidRequestError(str(e), param="backend") from None
+
+    def close(self) -> None:
+        """Free the model: batching stops, and the weights go once no other reference holds them."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
 
     def session(self, system: str | None = None, **defaults: Any) -> Any:
         """A chat that keeps its KV cache between turns (slmkit.session.ChatSession): each send()

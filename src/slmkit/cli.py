@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "(1 = one request at a time)")
     srv.add_argument("--slot-context", type=int, default=None, help="tokens per slot (default: the model's "
                      "context, at most 4096); the KV memory slots x context is allocated at start-up and printed")
+    srv.add_argument("--keep-alive", default="-1", help="unload a model after this long idle (e.g. 5m, 30s; "
+                     "-1 = never, the default); a request reloads it. Ollama's keep_alive per request overrides it")
+    srv.add_argument("--max-loaded", type=int, default=None, help="models loaded at once; loading one more "
+                     "unloads the least recently used idle one")
+    srv.add_argument("--image-urls", action="store_true", help="fetch http(s) image URLs in requests (off by "
+                     "default: only data: URLs)")
+    srv.add_argument("--image-url-host", action="append", default=None, help="fetch image URLs from this host "
+                     "only (repeatable; implies --image-urls)")
     srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     _add_quant_args(srv)
     q = sub.add_parser("quantize", help="write a weight-only quantized copy of a model (a safetensors folder)")
@@ -232,31 +240,55 @@ def cmd_serve(a: argparse.Namespace) -> int:
     except ImportError:
         sys.stderr.write("error: slm serve needs fastapi and uvicorn (pip install 'slmkit[serve]')\n")
         return 1
+    from .server.registry import ModelSpec, parse_keep_alive
+
+    try:
+        keep_alive = parse_keep_alive(a.keep_alive, "--keep-alive")
+    except SlmkitError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+
+    def loader(name: str, path: str) -> Any:
+        def load_it() -> Any:
+            t0 = time.perf_counter()
+            llm = load(path, dtype=a.dtype, quant=a.quant, group_size=a.group_size)
+            note = ""
+            if a.slots > 1:
+                try:
+                    llm.enable_batching(a.slots, a.slot_context or min(llm.context_length, 4096))
+                    batch = llm.backend.batch
+                    note = (f", {a.slots} slots x {batch.slot_context} tokens continuously batched "
+                            f"(KV {batch.cache.nbytes / 2**30:.2f} GiB)")
+                except SlmkitError as e:
+                    note = f", one request at a time ({e})"
+            sys.stderr.write(f"[{name}: {llm.name} loaded in {time.perf_counter() - t0:.1f} s, "
+                             f"context {llm.context_length} tokens{note}]\n")
+            return llm
+        return load_it
+
     models = {}
     for spec in a.models:
         name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
         name = name or (path if path in ("builtin", "gemma3-270m") or path.startswith("ollama:")
                         else Path(path).name.removesuffix(".gguf"))
-        t0 = time.perf_counter()
-        models[name] = load(path, dtype=a.dtype, quant=a.quant, group_size=a.group_size)
-        llm = models[name]
-        note = ""
-        if a.slots > 1:
-            try:
-                llm.enable_batching(a.slots, a.slot_context or min(llm.context_length, 4096))
-                batch = llm.backend.batch
-                note = (f", {a.slots} slots x {batch.slot_context} tokens continuously batched "
-                        f"(KV {batch.cache.nbytes / 2**30:.2f} GiB)")
-            except SlmkitError as e:
-                note = f", one request at a time ({e})"
-        sys.stderr.write(f"[{name}: {llm.name} loaded in {time.perf_counter() - t0:.1f} s, "
-                         f"context {llm.context_length} tokens{note}]\n")
+        if name in models:
+            sys.stderr.write(f"error: two models are named {name!r}; name one NAME=PATH\n")
+            return 2
+        models[name] = ModelSpec(loader(name, path), slots=max(1, a.slots))
     key = a.api_key or os.environ.get("SLMKIT_API_KEY")
-    batching = all(getattr(m.backend, "batch", None) is not None for m in models.values())
-    app = create_app(models, api_key=key, max_queue=a.max_queue, cors_origins=a.cors,
-                     workers=a.slots if batching else 1)
+    hosts = a.image_url_host or []
+    from .server.registry import ModelUnavailable
+
+    try:
+        app = create_app(models, api_key=key, max_queue=a.max_queue, cors_origins=a.cors, keep_alive=keep_alive,
+                         max_loaded=a.max_loaded, image_urls=hosts if hosts else bool(a.image_urls))
+    except ModelUnavailable as e:
+        cause = e.__cause__
+        sys.stderr.write(f"error: {cause if isinstance(cause, SlmkitError) else e}\n")
+        return 1
+    forever = "kept loaded" if keep_alive is None else f"unloaded after {a.keep_alive} idle"
     sys.stderr.write(f"[serving {', '.join(models)} on http://{a.host}:{a.port}/v1 (OpenAI) and /api (Ollama)"
-                     f"{', API key required' if key else ''}]\n")
+                     f"{', API key required' if key else ''}; models {forever}]\n")
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
     return 0
 

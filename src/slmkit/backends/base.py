@@ -36,11 +36,11 @@ class SamplingOptions:
     regex: str | None = None
     grammar: str | None = None
     response_format: dict | None = None
-
+    max_length: int | None = None  # prompt + generated tokens (Ollama's num_ctx); default: the context
 
 EXTRA_OPTIONS = ("min_p", "typical_p", "repetition_penalty", "repetition_window", "presence_penalty",
                  "frequency_penalty", "no_repeat_ngram_size", "logit_bias", "min_new_tokens", "scorers",
-                 "logprobs", "top_logprobs", "json_schema", "regex", "grammar", "response_format")
+                 "logprobs", "top_logprobs", "json_schema", "regex", "grammar", "response_format", "max_length")
 
 
 @dataclass

@@ -19,6 +19,7 @@ class NativeBackend:
         self.engine = engine
         self.path: Path | None = None  # where the model was loaded from
         self.batch = None  # a BatchEngine once enable_batching() ran: concurrent requests share steps
+        self.tokens_generated = 0  # for the server's metrics
         self.name = engine.name
         self.model_type = engine.model_type
         self.tokenizer = engine.tokenizer
@@ -45,6 +46,13 @@ class NativeBackend:
 
         self.batch = BatchEngine(self.engine, slots=slots, slot_context=slot_context)
 
+    def close(self) -> None:
+        """Stop continuous batching (if on) and drop the engine, so its memory can be freed."""
+        if self.batch is not None:
+            self.batch.close()
+            self.batch = None
+        self.engine = None  # type: ignore[assignment]
+
     def stream_tokens(self, prompt_ids: Sequence[int], options: SamplingOptions,
                       session: dict | None = None) -> Iterator[TokenStep]:
         """Generate after prompt_ids. With a `session` dict the Generator (and its KV cache) lives on
@@ -63,6 +71,7 @@ class NativeBackend:
         else:
             steps = self._generate(ids, params, session, want)
         for token, reason, lp in steps:  # lp: (token, logprob, top alternatives) or None
+            self.tokens_generated += 1
             step = TokenStep(token, reason)
             if lp is not None:
                 step.logprob, step.top_logprobs = lp[1], (lp[2] if options.top_logprobs else None)

@@ -49,7 +49,7 @@ class BatchEngine:
         self.rows: list[_Request] = []
         self.pending: list[_Request] = []  # admitted, prefilling chunk by chunk
         self.prefill_chunk = prefill_chunk
-        self.incoming: queue.Queue[_Request] = queue.Queue()
+        self.incoming: queue.Queue[_Request | None] = queue.Queue()  # None: close
         self.steps = 0
         self._thread = threading.Thread(target=self._loop, name="slmkit-batch", daemon=True)
         self._thread.start()
@@ -79,16 +79,41 @@ class BatchEngine:
             req.cancelled.set()
 
     # ------------------------------------------------------------------ the engine thread
+    def close(self) -> None:
+        """Stop the engine thread: requests still running or queued end at once (their iterators
+        finish without a finish reason); the slots' memory goes with this object."""
+        self.incoming.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+
+    def _shutdown(self) -> None:
+        for req in self.rows + self.pending:
+            req.out.put(_END)
+        while True:
+            try:
+                req = self.incoming.get_nowait()
+            except queue.Empty:
+                break
+            if req is not None:
+                req.out.put(_END)
+        self.rows, self.pending = [], []
+
     @torch.inference_mode()
     def _loop(self) -> None:
         while True:
             if not self.rows and not self.pending:
-                self.pending.append(self.incoming.get())  # idle: wait for work
+                item = self.incoming.get()  # idle: wait for work
+                if item is None:
+                    return self._shutdown()
+                self.pending.append(item)
             while len(self.rows) + len(self.pending) < self.cache.slots:
                 try:
-                    self.pending.append(self.incoming.get_nowait())
+                    item = self.incoming.get_nowait()
                 except queue.Empty:
                     break
+                if item is None:
+                    return self._shutdown()
+                self.pending.append(item)
             self._drop_cancelled()
             if self.pending:
                 self._prefill_chunk(self.pending[0])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,19 +20,28 @@ from fastapi import FastAPI, Request  # FastAPI reads the handlers' annotations 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import ContextLengthError, InvalidRequestError, SlmkitError
-from . import ollama_api, openai_api
-from .scheduler import QueueFull, Scheduler
+from . import images, ollama_api, openai_api
+from .registry import ModelUnavailable, Registry, parse_keep_alive
+from .scheduler import QueueFull
 
 
 def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue: int = 64,
-               cors_origins: list[str] | None = None, workers: int = 1) -> Any:
-    """workers: requests run at once (use the models' batch slots when they batch continuously)."""
-    if not models:
-        raise ValueError("create_app needs at least one model")
-    app = FastAPI(title="slmkit", version="0.1.0")
-    sched = Scheduler(max_queue, workers)
-    app.state.scheduler = sched
-    default = next(iter(models))
+               cors_origins: list[str] | None = None, workers: int | None = None,
+               keep_alive: float | None = None, max_loaded: int | None = None,
+               image_urls: bool | list[str] = False) -> Any:
+    """models: name -> a loaded LLM (stays loaded) or a registry.ModelSpec (loaded now, unloaded
+    after keep_alive idle seconds, None = never, and reloaded on demand). workers: requests at
+    once for a loaded LLM (default: its batch slots, else 1). image_urls: fetch http(s) image
+    URLs (True, or a list of allowed hosts); data: URLs always work."""
+    registry = Registry(models, keep_alive=keep_alive, max_loaded=max_loaded, max_queue=max_queue, workers=workers)
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        yield
+        registry.close()
+
+    app = FastAPI(title="slmkit", version="0.1.0", lifespan=lifespan)
+    app.state.registry = registry
+    fetch_policy = app.state.image_policy = images.FetchPolicy(allow=image_urls)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -59,11 +69,30 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
             raise InvalidRequestError("the body must be a JSON object", param="body")
         return body
 
-    def model_of(body: dict) -> tuple[str, Any]:
-        name = body.get("model") or default
-        if name not in models:
-            raise LookupError(name)
-        return name, models[name]
+    def model_of(body: dict) -> str:
+        name = body.get("model")
+        if name is not None and not isinstance(name, str):
+            raise InvalidRequestError(f"must be a string, got {type(name).__name__}", param="model")
+        return registry.entry(name).name
+
+    def keep_alive_of(body: dict) -> Any:
+        return "default" if body.get("keep_alive") is None else parse_keep_alive(body["keep_alive"])
+
+    def using(name: str, keep_alive: Any, make: Any) -> Any:
+        """work for the model's scheduler: make(llm, load_s) -> an iterator, with the model held
+        (loaded first if needed) until the iterator ends or is closed."""
+        def work(cancelled: Any) -> Any:
+            llm, load_s = registry.acquire(name)
+            serial = registry.entry(name).serial if getattr(llm.backend, "batch", None) is None else None
+            try:
+                if serial is None:  # continuous batching: the workers share the engine's steps
+                    yield from make(llm, load_s)
+                else:  # one request at a time on this model
+                    with serial:
+                        yield from make(llm, load_s)
+            finally:
+                registry.release(name, keep_alive)
+        return work
 
     @app.exception_handler(SlmkitError)
     async def slmkit_error(request: Request, e: SlmkitError) -> JSONResponse:
@@ -73,24 +102,30 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
 
     @app.exception_handler(LookupError)
     async def unknown_model(request: Request, e: LookupError) -> JSONResponse:
-        return error(404, f"model {e.args[0]!r} is not loaded (loaded: {', '.join(models)})",
+        return error(404, f"model {e.args[0]!r} is not served here (served: {', '.join(registry.entries)})",
                      "invalid_request_error", "model", "model_not_found")
+
+    @app.exception_handler(ModelUnavailable)
+    async def unavailable(request: Request, e: ModelUnavailable) -> JSONResponse:
+        if e.busy:
+            return error(503, str(e), "server_error", code="overloaded", headers={"retry-after": "2"})
+        return error(500, str(e), "server_error", "model", "model_load_failed")
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, e: QueueFull) -> JSONResponse:
         return error(503, f"the server is busy: {e}", "server_error", code="overloaded", headers={"retry-after": "2"})
 
-    async def run(work: Any) -> list[Any]:
-        return [item async for item in sched.stream(work)]
+    async def run(name: str, work: Any) -> list[Any]:
+        return [item async for item in registry.entry(name).scheduler.stream(work)]
 
-    async def once(make: Any) -> Any:
-        """make() on a worker: one result."""
-        (out,) = await run(lambda cancelled: iter([make()]))
+    async def once(name: str, keep_alive: Any, make: Any) -> Any:
+        """make(llm) on one of the model's workers: one result."""
+        (out,) = await run(name, using(name, keep_alive, lambda llm, load_s: iter([make(llm)])))
         return out
 
-    async def streamed(make: Any, media: str = "text/event-stream") -> Any:
-        """make() -> an iterator of encoded events, run on a worker and streamed as it comes."""
-        agen = sched.stream(lambda cancelled: make())
+    async def streamed(name: str, keep_alive: Any, make: Any, media: str = "text/event-stream") -> Any:
+        """make(llm, load_s) -> an iterator of encoded events, run on a worker, streamed as it comes."""
+        agen = registry.entry(name).scheduler.stream(using(name, keep_alive, make))
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"} if media == "text/event-stream" else None
         return StreamingResponse(await first_then(agen), media_type=media, headers=headers)
 
@@ -109,113 +144,137 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
         return rest()
 
     # ------------------------------------------------------------------ OpenAI
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "slmkit"}
+
     @app.get("/v1/models")
     async def list_models() -> dict:
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "slmkit"}
-                                           for n in models]}
+        return {"object": "list", "data": [model_card(n) for n in registry.entries]}
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str) -> dict:
-        if name not in models:
-            raise LookupError(name)
-        return {"id": name, "object": "model", "created": 0, "owned_by": "slmkit"}
+        return model_card(registry.entry(name).name)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         body = await body_of(request)
-        name, llm = model_of(body)
-        messages = body.get("messages")
+        name, keep = model_of(body), keep_alive_of(body)
+        messages = await images.resolve(body.get("messages"), fetch_policy)
         opts = openai_api.options(body)
         tools, tool_choice = body.get("tools"), body.get("tool_choice")
         kw = {"tools": tools, "tool_choice": tool_choice} if tools is not None or tool_choice is not None else {}
         if body.get("stream"):
             include = bool((body.get("stream_options") or {}).get("include_usage"))
-            if opts.get("n") or kw:  # generated whole, then sent as chunks (a tool call must parse first)
-                def whole() -> Any:
-                    out = llm.chat(messages, **kw, **opts)
-                    return openai_api.chat_result_chunks(out if isinstance(out, list) else [out], name, include)
-
-                return await streamed(whole)
-            return await streamed(lambda: openai_api.chat_chunks(llm.chat(messages, stream=True, **opts), name,
-                                                                 include))
-        out = await once(lambda: llm.chat(messages, **kw, **opts))
+            return await streamed(name, keep, lambda llm, _: openai_api.chat_stream(llm, messages, kw, opts, name,
+                                                                                   include))
+        out = await once(name, keep, lambda llm: llm.chat(messages, **kw, **opts))
         return openai_api.chat_completion(out if isinstance(out, list) else [out], name)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         body = await body_of(request)
-        name, llm = model_of(body)
+        name, keep = model_of(body), keep_alive_of(body)
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             raise InvalidRequestError("must be a string", param="prompt")
         opts = openai_api.options(body)
         if body.get("stream"):
             include = bool((body.get("stream_options") or {}).get("include_usage"))
-            return await streamed(lambda: openai_api.completion_chunks(llm.generate(prompt, stream=True, **opts),
-                                                                       name, include))
-        out = await once(lambda: llm.generate(prompt, **opts))
+            return await streamed(name, keep, lambda llm, _: openai_api.completion_stream(llm, prompt, opts, name,
+                                                                                         include))
+        out = await once(name, keep, lambda llm: llm.generate(prompt, **opts))
         return openai_api.text_completion(out if isinstance(out, list) else [out], name)
 
     # ------------------------------------------------------------------ Ollama
+    async def ollama_reply(name: str, keep: Any, body: dict, lines: Any, field: str) -> Any:
+        if body.get("stream", True):
+            return await streamed(name, keep, lines, "application/x-ndjson")
+        parts = [json.loads(b) for b in await run(name, using(name, keep, lines))]
+        final = parts[-1]
+        if field == "message":
+            final["message"]["content"] = "".join(p["message"]["content"] for p in parts)
+        else:
+            final["response"] = "".join(p["response"] for p in parts)
+        return final
+
+    async def load_or_unload(name: str, keep: Any, field: str) -> dict:
+        """Ollama: a request with no prompt / messages loads the model; with keep_alive 0 it unloads it."""
+        empty = {"message": {"role": "assistant", "content": ""}} if field == "message" else {"response": ""}
+        if keep == 0:
+            registry.unload(name)
+            return {"model": name, "created_at": ollama_api.now(), **empty, "done": True, "done_reason": "unload"}
+        await once(name, keep, lambda llm: None)  # acquire and release on a worker: loads it if needed
+        return {"model": name, "created_at": ollama_api.now(), **empty, "done": True, "done_reason": "load"}
+
     @app.post("/api/chat")
     async def ollama_chat(request: Request) -> Any:
         body = await body_of(request)
-        name, llm = model_of(body)
+        name, keep = model_of(body), keep_alive_of(body)
         msgs = body.get("messages")
+        if msgs is None or msgs == []:
+            return await load_or_unload(name, keep, "message")
         if not isinstance(msgs, list):
             raise InvalidRequestError("must be a list of messages", param="messages")
-        messages = [ollama_api.images_to_parts(m) if isinstance(m, dict) else m for m in msgs]
+        messages = await images.resolve([ollama_api.images_to_parts(m) if isinstance(m, dict) else m for m in msgs],
+                                        fetch_policy)
         opts, t0 = ollama_api.options(body), time.perf_counter()
-        lines = lambda: ollama_api.chat_lines(llm.chat(messages, stream=True, **opts), name, t0)  # noqa: E731
-        if body.get("stream", True):
-            return await streamed(lines, "application/x-ndjson")
-        parts = [json.loads(b) for b in await run(lambda cancelled: lines())]
-        final = parts[-1]
-        final["message"]["content"] = "".join(p["message"]["content"] for p in parts)
-        return final
+        tools = body.get("tools")
+        kw = {"tools": tools} if tools else {}  # the ollama client sends [] for none
+        return await ollama_reply(name, keep, body, lambda llm, load_s: ollama_api.chat_lines(
+            llm.chat(messages, stream=True, **kw, **opts), name, t0, load_s, tools=bool(kw)), "message")
 
     @app.post("/api/generate")
     async def ollama_generate(request: Request) -> Any:
         body = await body_of(request)
-        name, llm = model_of(body)
+        name, keep = model_of(body), keep_alive_of(body)
         prompt, opts, t0 = body.get("prompt", ""), ollama_api.options(body), time.perf_counter()
         if not isinstance(prompt, str):
             raise InvalidRequestError("must be a string", param="prompt")
-        if not prompt:  # Ollama: an empty prompt just loads the model
-            return {"model": name, "created_at": ollama_api.now(), "response": "", "done": True, "done_reason": "load"}
-        if body.get("raw") or llm.prompt_style == "completion":
-            text = (body.get("system") + "\n" if body.get("system") else "") + prompt
-            make = lambda: llm.generate(text, stream=True, **opts)  # noqa: E731
-        else:
-            msgs = ([{"role": "system", "content": body["system"]}] if body.get("system") else []) + [
-                ollama_api.images_to_parts({"role": "user", "content": prompt, "images": body.get("images")})]
-            make = lambda: llm.chat(msgs, stream=True, **opts)  # noqa: E731
-        lines = lambda: ollama_api.generate_lines(make(), name, t0)  # noqa: E731
-        if body.get("stream", True):
-            return await streamed(lines, "application/x-ndjson")
-        parts = [json.loads(b) for b in await run(lambda cancelled: lines())]
-        final = parts[-1]
-        final["response"] = "".join(p["response"] for p in parts)
-        return final
+        if not prompt:  # Ollama: an empty prompt just loads (or, with keep_alive 0, unloads) the model
+            return await load_or_unload(name, keep, "response")
+        system = body.get("system")
+        if system is not None and not isinstance(system, str):
+            raise InvalidRequestError("must be a string", param="system")
+        user = await images.resolve([ollama_api.images_to_parts({"role": "user", "content": prompt,
+                                                                  "images": body.get("images")})], fetch_policy)
+
+        def make(llm: Any) -> Any:
+            if body.get("raw") or llm.prompt_style == "completion":
+                if user[0]["content"] != prompt:
+                    raise InvalidRequestError("images need a chat model (not raw completion)", param="images")
+                return llm.generate((system + "\n" if system else "") + prompt, stream=True, **opts)
+            return llm.chat(([{"role": "system", "content": system}] if system else []) + user, stream=True, **opts)
+
+        return await ollama_reply(name, keep, body, lambda llm, load_s: ollama_api.generate_lines(
+            make(llm), name, t0, load_s), "response")
+
+    def entry_json(e: Any) -> dict:
+        return ollama_api.model_entry(e.name, e.info)
 
     @app.get("/api/tags")
     async def tags() -> dict:
-        return {"models": [ollama_api.model_entry(n, m, 0) for n, m in models.items()]}
+        return {"models": [entry_json(e) for e in registry.entries.values()]}
 
     @app.get("/api/ps")
     async def ps() -> dict:
-        return {"models": [{**ollama_api.model_entry(n, m, 0), "expires_at": "9999-12-31T00:00:00Z", "size_vram": 0}
-                           for n, m in models.items()]}
+        out = []
+        for e in registry.loaded():
+            expires = "9999-12-31T23:59:59Z" if e.expires_at is None or e.active else ollama_api.iso(e.expires_at)
+            size = e.info.get("weight_bytes", 0) + e.info.get("kv_bytes", 0)
+            out.append({**entry_json(e), "size": size, "size_vram": 0, "expires_at": expires,
+                        "context_length": e.info.get("slot_context", 0)})
+        return {"models": out}
 
     @app.post("/api/show")
     async def show(request: Request) -> dict:
         body = await body_of(request)
-        name, llm = model_of({"model": body.get("model") or body.get("name")})
-        entry = ollama_api.model_entry(name, llm, 0)
-        return {"modelfile": f"FROM {name}\n", "parameters": "", "template": llm.tokenizer.chat_template or "",
-                "details": entry["details"], "model_info": {"general.architecture": llm.backend.model_type,
-                                                            "context_length": llm.context_length},
-                "capabilities": ["completion"], "modified_at": entry["modified_at"]}
+        e = registry.entry(model_of({"model": body.get("model") or body.get("name")}))
+        entry, info = entry_json(e), e.info
+        return {"modelfile": f"FROM {e.name}\n", "parameters": "", "template": info.get("template", ""),
+                "details": entry["details"], "model_info": {"general.architecture": info.get("model_type", ""),
+                                                            "general.parameter_count": info.get("params", 0),
+                                                            "context_length": info.get("context_length", 0)},
+                "capabilities": ["completion", "tools"], "modified_at": entry["modified_at"]}
 
     @app.get("/api/version")
     async def version() -> dict:
@@ -224,20 +283,26 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
     # ------------------------------------------------------------------ service
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "models": list(models), "queue_depth": sched.queue_depth, "running": sched.running}
+        es = registry.entries.values()
+        return {"status": "ok", "models": list(registry.entries), "loaded": [e.name for e in registry.loaded()],
+                "queue_depth": sum(e.scheduler.queue_depth for e in es), "running": sum(e.scheduler.running for e in es)}
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        lines = ["# TYPE slmkit_requests_total counter", f"slmkit_requests_total {sched.served}",
-                 "# TYPE slmkit_queue_depth gauge", f"slmkit_queue_depth {sched.queue_depth}",
-                 "# TYPE slmkit_running gauge", f"slmkit_running {sched.running}"]
-        for n, m in models.items():
-            batch = getattr(m.backend, "batch", None)
+        lines = ["# TYPE slmkit_requests_total counter", "# TYPE slmkit_queue_depth gauge",
+                 "# TYPE slmkit_running gauge", "# TYPE slmkit_model_loaded gauge", "# TYPE slmkit_model_loads_total counter",
+                 "# TYPE slmkit_generated_tokens_total counter", "# TYPE slmkit_batch_size gauge",
+                 "# TYPE slmkit_batch_steps_total counter", "# TYPE slmkit_kv_slots_used gauge",
+                 "# TYPE slmkit_kv_bytes gauge"]
+        for n, e in registry.entries.items():
+            sch, lab = e.scheduler, f'{{model="{n}"}}'
+            lines += [f"slmkit_requests_total{lab} {sch.served}", f"slmkit_queue_depth{lab} {sch.queue_depth}",
+                      f"slmkit_running{lab} {sch.running}", f"slmkit_model_loaded{lab} {int(e.loaded)}",
+                      f"slmkit_model_loads_total{lab} {e.loads}", f"slmkit_generated_tokens_total{lab} {e.tokens_generated}"]
+            batch = getattr(e.llm.backend, "batch", None) if e.llm is not None else None
             if batch is not None:
-                lines += [f'slmkit_batch_size{{model="{n}"}} {batch.active}',
-                          f'slmkit_batch_steps_total{{model="{n}"}} {batch.steps}',
-                          f'slmkit_kv_slots_used{{model="{n}"}} {batch.cache.n}',
-                          f'slmkit_kv_bytes{{model="{n}"}} {batch.cache.nbytes}']
+                lines += [f"slmkit_batch_size{lab} {batch.active}", f"slmkit_batch_steps_total{lab} {batch.steps}",
+                          f"slmkit_kv_slots_used{lab} {batch.cache.n}", f"slmkit_kv_bytes{lab} {batch.cache.nbytes}"]
         return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     @app.get("/")

@@ -31,6 +31,10 @@ def options(body: dict) -> dict[str, Any]:
             out[_OPTION_NAMES[name]] = value
     if out.get("max_new_tokens") == -1:  # Ollama: -1 = until the context ends
         out["max_new_tokens"] = None
+    if opts.get("num_ctx") is not None:  # this request's context (the served slot context is the cap)
+        from .openai_api import context_option
+
+        out["max_length"] = context_option(opts["num_ctx"], "options.num_ctx")
     fmt = body.get("format")
     if fmt == "json":
         out["response_format"] = {"type": "json_object"}
@@ -55,6 +59,10 @@ def line(obj: dict) -> bytes:
     return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
 
 
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
 def final_fields(last: Any, t0: float, load_s: float = 0.0) -> dict:
     u, t = last.usage, last.timings
     return {"done": True, "done_reason": last.finish_reason, "total_duration": int((time.perf_counter() - t0) * 1e9),
@@ -63,33 +71,49 @@ def final_fields(last: Any, t0: float, load_s: float = 0.0) -> dict:
             "eval_duration": int(t.decode_s * 1e9)}
 
 
-def chat_lines(chunks: Iterator[Any], model: str, t0: float) -> Iterator[bytes]:
-    last = None
+def chat_lines(chunks: Iterator[Any], model: str, t0: float, load_s: float = 0.0, tools: bool = False
+               ) -> Iterator[bytes]:
+    """NDJSON message chunks, then the final one with the timings. With tools, an answer that
+    starts with "{" (a call) is held back and sent as message.tool_calls when it parses."""
+    last, held, holding = None, "", tools
     for c in chunks:
         last = c
-        if c.text:
-            yield line({"model": model, "created_at": now(), "message": {"role": "assistant", "content": c.text},
+        text = c.text
+        if holding:
+            held += text
+            if not held.strip():
+                continue
+            if held.lstrip().startswith("{"):
+                continue
+            text, held, holding = held, "", False
+        if text:
+            yield line({"model": model, "created_at": now(), "message": {"role": "assistant", "content": text},
                         "done": False})
     assert last is not None
-    yield line({"model": model, "created_at": now(), "message": {"role": "assistant", "content": ""},
-                **final_fields(last, t0)})
+    message: dict[str, Any] = {"role": "assistant", "content": ""}
+    if last.tool_calls:
+        message["tool_calls"] = [{"function": {"name": c.name, "arguments": c.arguments}} for c in last.tool_calls]
+    elif held:
+        message["content"] = held
+    reason = "stop" if last.finish_reason == "tool_calls" else last.finish_reason
+    yield line({"model": model, "created_at": now(), "message": message,
+                **final_fields(last, t0, load_s), "done_reason": reason})
 
 
-def generate_lines(chunks: Iterator[Any], model: str, t0: float) -> Iterator[bytes]:
+def generate_lines(chunks: Iterator[Any], model: str, t0: float, load_s: float = 0.0) -> Iterator[bytes]:
     last = None
     for c in chunks:
         last = c
         if c.text:
             yield line({"model": model, "created_at": now(), "response": c.text, "done": False})
     assert last is not None
-    yield line({"model": model, "created_at": now(), "response": "", **final_fields(last, t0)})
+    yield line({"model": model, "created_at": now(), "response": "", **final_fields(last, t0, load_s)})
 
 
-def model_entry(name: str, llm: Any, size: int) -> dict:
-    engine = getattr(llm.backend, "engine", None)
-    params = sum(p.numel() for p in engine.model.parameters()) if engine is not None else 0
-    return {"name": name, "model": name, "modified_at": now(), "size": size, "digest": "",
-            "details": {"format": "gguf" if getattr(engine, "gguf", None) is not None else "safetensors",
-                        "family": llm.backend.model_type, "families": [llm.backend.model_type],
-                        "parameter_size": f"{params / 1e9:.1f}B" if params >= 1e8 else f"{params / 1e6:.0f}M",
-                        "quantization_level": str(getattr(engine, "dtype", ""))}}
+def model_entry(name: str, info: dict) -> dict:
+    params = info.get("params", 0)
+    size = f"{params / 1e9:.1f}B" if params >= 1e8 else f"{params / 1e6:.0f}M"
+    return {"name": name, "model": name, "modified_at": now(), "size": info.get("weight_bytes", 0), "digest": "",
+            "details": {"format": info.get("format", ""), "family": info.get("model_type", ""),
+                        "families": [info.get("model_type", "")], "parameter_size": size,
+                        "quantization_level": info.get("dtype", "")}}

@@ -3,6 +3,7 @@ chat.completion / chat.completion.chunk / text_completion JSON."""
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -49,7 +50,15 @@ def options(body: dict) -> dict[str, Any]:
     n = body.get("n")
     if n is not None and n != 1:
         out["n"] = n
+    if body.get("num_ctx") is not None:  # extra_body, as Ollama's option: this request's context
+        out["max_length"] = context_option(body["num_ctx"])
     return out
+
+
+def context_option(v: Any, param: str = "num_ctx") -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise InvalidRequestError(f"must be a positive integer, got {v!r}", param=param)
+    return v
 
 
 def new_id(prefix: str) -> str:
@@ -100,37 +109,76 @@ def sse(obj: Any) -> bytes:
     return b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj, ensure_ascii=False).encode()) + b"\n\n"
 
 
-def chat_chunks(chunks: Iterator[Any], model: str, include_usage: bool) -> Iterator[bytes]:
-    """GenerationChunks -> chat.completion.chunk SSE events, then [DONE]."""
-    cid, created = new_id("chatcmpl"), int(time.time())
-
-    def event(delta: dict, finish: str | None = None, logprobs: Any = None) -> bytes:
-        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "system_fingerprint": "slmkit",
-                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
-        if include_usage:
-            body["usage"] = None
-        return sse(body)
-
-    yield event({"role": "assistant", "content": ""})
-    last = None
-    for c in chunks:
-        if c.text or c.logprobs:
-            yield event({"content": c.text}, logprobs=_logprobs_json(c.logprobs))
-        last = c
-    assert last is not None
-    yield event({}, last.finish_reason)
-    if include_usage:
-        p, n = last.usage.prompt_tokens, last.usage.completion_tokens
-        yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "system_fingerprint": "slmkit", "choices": [],
-                   "usage": {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}})
-    yield sse(b"[DONE]")
+_CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
 
 
-def chat_result_chunks(results: list[Any], model: str, include_usage: bool) -> Iterator[bytes]:
-    """Finished results (n > 1, or with tools) as a chat.completion.chunk stream: per choice a role
-    delta, its content or its tool-call deltas, then its finish reason; usage; [DONE]."""
+class _ToolCallDeltas:
+    """Turns a tool-constrained answer's text, as it streams, into OpenAI deltas: plain content
+    when the answer is text, else a tool_calls delta with the id and name as soon as the name is
+    complete, then the arguments' JSON text piece by piece (the object's closing brace held back)."""
+
+    def __init__(self, enabled: bool):
+        self.mode = "wait" if enabled else "text"
+        self.text = ""
+        self.sent = 0  # characters of the arguments sent
+        self.head_end = -1
+        self.call_id = new_id("call")
+
+    def feed(self, piece: str) -> list[dict]:
+        self.text += piece
+        if self.mode == "text":
+            return [{"content": piece}] if piece else []
+        if self.mode == "wait":
+            stripped = self.text.lstrip()
+            if not stripped:
+                return []
+            if not stripped.startswith("{"):
+                self.mode = "text"
+                return [{"content": self.text}]
+            self.mode = "head"
+        out = []
+        if self.mode == "head":
+            m = _CALL_HEAD.match(self.text)
+            if m is None:
+                return []
+            self.mode, self.head_end = "args", m.end()
+            name = json.loads(f'"{m.group(1)}"')
+            out.append({"tool_calls": [{"index": 0, "id": self.call_id, "type": "function",
+                                        "function": {"name": name, "arguments": ""}}]})
+        args = self.text[self.head_end:].rstrip()
+        safe = len(args) - 1 if args.endswith("}") else len(args)  # may be the outer object's end
+        if safe > self.sent:
+            out.append({"tool_calls": [{"index": 0, "function": {"arguments": args[self.sent:safe]}}]})
+            self.sent = safe
+        return out
+
+    def finish(self, calls: list | None) -> list[dict]:
+        """The rest at the end: the arguments' tail, or the whole call if the head never matched
+        (the model wrote the fields in another order), or the held-back text if there is no call."""
+        if calls:
+            c = calls[0]
+            if self.mode != "args":
+                return [{"tool_calls": [{"index": 0, "id": c.id, "type": "function",
+                                         "function": {"name": c.name, "arguments": c.arguments_json}}]}]
+            args = self.text[self.head_end:].rstrip()
+            args = args[:-1].rstrip() if args.endswith("}") else args  # the outer object's brace
+            return [{"tool_calls": [{"index": 0, "function": {"arguments": args[self.sent:]}}]}] \
+                if len(args) > self.sent else []
+        if self.mode in ("wait", "head") and self.text:
+            return [{"content": self.text}]
+        return []
+
+
+def chat_stream(llm: Any, messages: Any, tool_kw: dict, opts: dict, model: str, include_usage: bool
+                ) -> Iterator[bytes]:
+    """chat.completion.chunk SSE events token by token, for every choice (n > 1: one after another,
+    sample i with seed + i), tool calls as deltas as they are generated; usage; [DONE]."""
+    opts = dict(opts)
+    n, seed = opts.pop("n", 1), opts.get("seed")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
+        raise InvalidRequestError(f"must be an integer in [1, 64], got {n!r}", param="n")
+    calling = bool(tool_kw) and tool_kw.get("tool_choice") != "none"
+    first = llm.chat(messages, stream=True, **tool_kw, **opts)  # raises a bad request before any event
     cid, created = new_id("chatcmpl"), int(time.time())
 
     def event(i: int, delta: dict, finish: str | None = None, logprobs: Any = None) -> bytes:
@@ -141,32 +189,57 @@ def chat_result_chunks(results: list[Any], model: str, include_usage: bool) -> I
             body["usage"] = None
         return sse(body)
 
-    for i, r in enumerate(results):
+    prompt_tokens = completion_tokens = 0
+    for i in range(n):
+        chunks = first if i == 0 else llm.chat(messages, stream=True, **tool_kw,
+                                               **{**opts, "seed": None if seed is None else seed + i})
+        deltas = _ToolCallDeltas(calling)
         yield event(i, {"role": "assistant", "content": ""})
-        if r.tool_calls:
-            yield event(i, {"tool_calls": [{"index": j, "id": c.id, "type": "function",
-                                            "function": {"name": c.name, "arguments": c.arguments_json}}
-                                           for j, c in enumerate(r.tool_calls)]})
-        elif r.text:
-            yield event(i, {"content": r.text}, logprobs=_logprobs_json(r.logprobs))
-        yield event(i, {}, r.finish_reason)
+        last = None
+        for c in chunks:
+            last = c
+            out = deltas.feed(c.text)
+            lp = _logprobs_json(c.logprobs)
+            for j, d in enumerate(out):
+                yield event(i, d, logprobs=lp if j == 0 and "content" in d else None)
+            if not out and lp and deltas.mode != "args":
+                yield event(i, {"content": ""}, logprobs=lp)
+        assert last is not None
+        for d in deltas.finish(last.tool_calls):
+            yield event(i, d)
+        yield event(i, {}, last.finish_reason)
+        prompt_tokens = last.usage.prompt_tokens
+        completion_tokens += last.usage.completion_tokens
     if include_usage:
         yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "system_fingerprint": "slmkit", "choices": [], "usage": usage_json(results)})
+                   "system_fingerprint": "slmkit", "choices": [],
+                   "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                             "total_tokens": prompt_tokens + completion_tokens}})
     yield sse(b"[DONE]")
 
 
-def completion_chunks(chunks: Iterator[Any], model: str, include_usage: bool) -> Iterator[bytes]:
+def completion_stream(llm: Any, prompt: str, opts: dict, model: str, include_usage: bool) -> Iterator[bytes]:
+    """text_completion SSE events token by token for every choice (n > 1: one after another)."""
+    opts = dict(opts)
+    n, seed = opts.pop("n", 1), opts.get("seed")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
+        raise InvalidRequestError(f"must be an integer in [1, 64], got {n!r}", param="n")
+    first = llm.generate(prompt, stream=True, **opts)
     cid, created = new_id("cmpl"), int(time.time())
-    last = None
-    for c in chunks:
-        last = c
-        yield sse({"id": cid, "object": "text_completion", "created": created, "model": model,
-                   "choices": [{"index": 0, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}]})
-    if include_usage and last is not None:
-        p, n = last.usage.prompt_tokens, last.usage.completion_tokens
+    p = c_tokens = 0
+    for i in range(n):
+        chunks = first if i == 0 else llm.generate(prompt, stream=True,
+                                                   **{**opts, "seed": None if seed is None else seed + i})
+        last = None
+        for c in chunks:
+            last = c
+            yield sse({"id": cid, "object": "text_completion", "created": created, "model": model,
+                       "choices": [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}]})
+        assert last is not None
+        p, c_tokens = last.usage.prompt_tokens, c_tokens + last.usage.completion_tokens
+    if include_usage:
         yield sse({"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [],
-                   "usage": {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}})
+                   "usage": {"prompt_tokens": p, "completion_tokens": c_tokens, "total_tokens": p + c_tokens}})
     yield sse(b"[DONE]")
 
 

@@ -25,9 +25,13 @@ def free_port() -> int:
 
 
 def serve(llm, **kw):
+    return serve_models({"tiny": llm}, api_key=KEY, **kw)
+
+
+def serve_models(models, api_key="k", **kw):
     from slmkit.server.app import create_app
 
-    app = create_app({"tiny": llm}, api_key=KEY, **kw)
+    app = create_app(models, api_key=api_key, **kw)
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     t = threading.Thread(target=srv.run, daemon=True)
@@ -234,7 +238,11 @@ def test_stream_with_n_and_with_tools(client):
     chunks = list(client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=40, temperature=0,
                                                  tools=[tool], tool_choice="required", stream=True))
     calls = [tc for c in chunks for ch in c.choices for tc in (ch.delta.tool_calls or [])]
-    assert calls[0].function.name == "ping" and isinstance(json.loads(calls[0].function.arguments)["n"], int)
+    # streamed as OpenAI does: id and name first, then the arguments' JSON text in pieces
+    assert calls[0].id.startswith("call") and calls[0].function.name == "ping" and calls[0].function.arguments == ""
+    assert len(calls) >= 2 and all(tc.index == 0 and tc.id is None for tc in calls[1:])
+    args = "".join(tc.function.arguments for tc in calls)
+    assert isinstance(json.loads(args)["n"], int)
     assert [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason] == ["tool_calls"]
 
 
@@ -261,3 +269,76 @@ def test_chat_page_is_served_and_uses_the_api(server):
     r = httpx.get(base + "/")  # no key needed for the page; it sends the key it is given
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "/v1/chat/completions" in r.text and "stream: true" in r.text
+
+
+TOOL = {"type": "function", "function": {"name": "ping", "description": "Ping a host n times", "parameters": {
+    "type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                      "host": {"type": "string", "enum": ["alpha", "beta\"}"]}},
+    "required": ["n", "host"], "additionalProperties": False}}}
+
+
+def test_streamed_tool_call_equals_the_whole_answer(client):
+    whole = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=60, temperature=0,
+                                           tools=[TOOL], tool_choice="required")
+    (call,) = whole.choices[0].message.tool_calls
+    chunks = list(client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=60, temperature=0,
+                                                 tools=[TOOL], tool_choice="required", stream=True))
+    deltas = [tc for c in chunks for ch in c.choices for tc in (ch.delta.tool_calls or [])]
+    assert deltas[0].function.name == call.function.name
+    assert json.loads("".join(d.function.arguments for d in deltas)) == json.loads(call.function.arguments)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # tool_choice "none": plain content deltas, no tool calls
+    chunks = list(client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=6, temperature=0,
+                                                 tools=[TOOL], tool_choice="none", stream=True))
+    assert not any(ch.delta.tool_calls for c in chunks for ch in c.choices)
+
+
+def test_tool_call_deltas_from_text_pieces():
+    from slmkit.server.openai_api import _ToolCallDeltas
+    from slmkit.tools import ToolCall
+
+    text = '{"name": "ping", "arguments": {"n": 3, "host": "a\\"b}"}}'
+    d = _ToolCallDeltas(True)
+    out = [x for i in range(0, len(text), 3) for x in d.feed(text[i:i + 3])]
+    out += d.finish([ToolCall("call_1", "ping", {"n": 3, "host": 'a"b}'})])
+    assert out[0]["tool_calls"][0]["function"] == {"name": "ping", "arguments": ""}
+    args = "".join(x["tool_calls"][0]["function"]["arguments"] for x in out)
+    assert json.loads(args) == {"n": 3, "host": 'a"b}'}
+    plain = _ToolCallDeltas(True)
+    got = plain.feed("  ") + plain.feed("Hello") + plain.feed(" there") + plain.finish(None)
+    assert "".join(x["content"] for x in got) == "  Hello there"
+    odd = _ToolCallDeltas(True)  # fields in another order: the call comes whole at the end
+    got = odd.feed('{"arguments": {}, "name": "ping"}') + odd.finish([ToolCall("c", "ping", {})])
+    assert got == [{"tool_calls": [{"index": 0, "id": "c", "type": "function",
+                                    "function": {"name": "ping", "arguments": "{}"}}]}]
+
+
+def test_ollama_tool_call_and_streamed_completions_with_n(server, client):
+    ollama = pytest.importorskip("ollama")
+    base, llm = server
+    c = ollama.Client(host=base, headers={"Authorization": f"Bearer {KEY}"})
+    # Ollama has no tool_choice: "auto", as the Python API gives it for the tool as the client sends it
+    from ollama._types import Tool
+
+    sent = Tool.model_validate(TOOL).model_dump(exclude_none=True)  # the client drops min/max
+    want = llm.chat(MSGS, tools=[sent], tool_choice="auto", temperature=0, max_new_tokens=60)
+    r = c.chat(model="tiny", messages=MSGS, tools=[TOOL], options={"temperature": 0, "num_predict": 60})
+    if want.tool_calls:
+        assert [(t.function.name, dict(t.function.arguments)) for t in r.message.tool_calls] == \
+            [(t.name, t.arguments) for t in want.tool_calls]
+    else:
+        assert r.message.content == want.text and not r.message.tool_calls
+    forced = llm.chat(MSGS, tools=[TOOL], tool_choice="required", temperature=0, max_new_tokens=60)
+    history = MSGS + [{"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "ping", "arguments": forced.tool_calls[0].arguments}}]},
+        {"role": "tool", "content": "pong"}]
+    r = c.chat(model="tiny", messages=history, tools=[TOOL], options={"temperature": 0, "num_predict": 5})
+    assert r.done  # a conversation with an earlier call and its result is accepted
+    chunks = list(client.completions.create(model="tiny", prompt="Hello", max_tokens=4, temperature=1.0, seed=3,
+                                            n=2, stream=True))
+    texts = {0: "", 1: ""}
+    for ch in chunks:
+        for x in ch.choices:
+            texts[x.index] += x.text
+    whole = client.completions.create(model="tiny", prompt="Hello", max_tokens=4, temperature=1.0, seed=3, n=2)
+    assert [texts[0], texts[1]] == [x.text for x in whole.choices]

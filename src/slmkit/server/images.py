@@ -1,0 +1,138 @@
+"""Image parts of a request, checked before any model sees them: data: URLs are decoded, http(s)
+URLs fetched (only when the server allows it: off by default, or a list of hosts) with a byte
+limit and a timeout, and every image must open with Pillow within a pixel limit. Fetched images
+become data: URLs, so nothing past this point touches the network. Errors name the part:
+InvalidRequestError(param="messages[0].content[1].image_url")."""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..errors import InvalidRequestError
+
+MAX_BYTES = 20 * 2**20  # per image, as OpenAI's limit
+MAX_PIXELS = 50_000_000  # decompression bombs
+FETCH_TIMEOUT_S = 10.0
+
+
+@dataclass
+class FetchPolicy:
+    allow: bool | Sequence[str] = False  # True: any http(s) host; a list: those hosts only
+    max_bytes: int = MAX_BYTES
+    timeout_s: float = FETCH_TIMEOUT_S
+    max_pixels: int = MAX_PIXELS
+    hosts: set[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.hosts = set() if isinstance(self.allow, bool) else {h.lower() for h in self.allow}
+
+    def allows(self, host: str) -> bool:
+        return self.allow is True or host.lower() in self.hosts
+
+
+def _bad(message: str, param: str) -> InvalidRequestError:
+    return InvalidRequestError(message, param=param)
+
+
+def check_image(data: bytes, param: str, max_pixels: int = MAX_PIXELS) -> tuple[str, int, int]:
+    """(format, width, height) of encoded image bytes, or a named error."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise _bad("image input needs Pillow on the server (pip install 'slmkit[serve]')", param) from None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise _bad(f"the image is {w}x{h} pixels, over the limit of {max_pixels}", param)
+            im.load()  # decodes: a truncated or corrupt file fails here
+            return str(im.format or "").lower(), w, h
+    except InvalidRequestError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise _bad(f"is not a readable image ({type(e).__name__}: {e})", param) from None
+
+
+def decode_data_url(url: str, param: str, max_bytes: int = MAX_BYTES) -> bytes:
+    head, sep, payload = url.partition(",")
+    if not sep or not head.startswith("data:"):
+        raise _bad("a data: URL needs the form data:image/png;base64,<data>", param)
+    if not head.endswith(";base64"):
+        raise _bad("only base64 data: URLs are supported", param)
+    if len(payload) * 3 // 4 > max_bytes:
+        raise _bad(f"the image is over the limit of {max_bytes} bytes", param)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise _bad(f"the data: URL is not valid base64 ({e})", param) from None
+
+
+async def fetch(url: str, param: str, policy: FetchPolicy) -> tuple[bytes, str]:
+    """The bytes and content type at an http(s) URL, within the policy's limits."""
+    import httpx
+
+    host = urlsplit(url).hostname or ""
+    if not policy.allows(host):
+        why = ("fetching image URLs is off on this server (start it with --image-urls, or send the image as a "
+               "data: URL)") if policy.allow is False else f"host {host!r} is not in the server's --image-urls list"
+        raise _bad(why, param)
+    try:
+        async with httpx.AsyncClient(timeout=policy.timeout_s, follow_redirects=False) as client:
+            async with client.stream("GET", url) as r:
+                if r.status_code != 200:
+                    raise _bad(f"fetching the image failed: HTTP {r.status_code} from {host}", param)
+                declared = r.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > policy.max_bytes:
+                    raise _bad(f"the image is {declared} bytes, over the limit of {policy.max_bytes}", param)
+                data = bytearray()
+                async for piece in r.aiter_bytes():
+                    data += piece
+                    if len(data) > policy.max_bytes:
+                        raise _bad(f"the image is over the limit of {policy.max_bytes} bytes", param)
+                return bytes(data), r.headers.get("content-type", "")
+    except httpx.TimeoutException:
+        raise _bad(f"fetching the image timed out after {policy.timeout_s:g} s", param) from None
+    except httpx.HTTPError as e:
+        raise _bad(f"fetching the image failed ({type(e).__name__}: {e})", param) from None
+
+
+async def resolve(messages: Any, policy: FetchPolicy) -> Any:
+    """messages with every image part checked (and fetched ones as data: URLs); anything that is not
+    a list of messages is returned as it is, for the chat template's own checks to name."""
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(content, list):
+            out.append(m)
+            continue
+        parts = []
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "image_url"):
+                parts.append(part)
+                continue
+            param = f"messages[{i}].content[{j}].image_url"
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str) or not url:
+                raise _bad("an image_url part needs a non-empty string 'image_url.url'", param)
+            scheme = urlsplit(url).scheme.lower()
+            if scheme == "data":
+                data = decode_data_url(url, param, policy.max_bytes)
+            elif scheme in ("http", "https"):
+                data, _ = await fetch(url, param, policy)
+            else:
+                raise _bad(f"image URLs must be data: or http(s): URLs, got {scheme or 'no'} scheme", param)
+            fmt, _, _ = check_image(data, param, policy.max_pixels)
+            if scheme != "data":
+                url = f"data:image/{fmt or 'png'};base64,{base64.b64encode(data).decode()}"
+            detail = image.get("detail") if isinstance(image, dict) else None
+            parts.append({"type": "image_url", "image_url": {"url": url, **({"detail": detail} if detail else {})}})
+        out.append({**m, "content": parts})
+    return out
