@@ -342,3 +342,34 @@ def test_ollama_tool_call_and_streamed_completions_with_n(server, client):
             texts[x.index] += x.text
     whole = client.completions.create(model="tiny", prompt="Hello", max_tokens=4, temperature=1.0, seed=3, n=2)
     assert [texts[0], texts[1]] == [x.text for x in whole.choices]
+
+
+def test_slm_serve_two_models_with_keep_alive(folder):
+    import subprocess
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "slmkit.cli", "serve", f"a={folder}", f"b={folder}", "--port",
+                             str(port), "--slots", "1", "--dtype", "float32", "--keep-alive", "1s"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.25)
+        for _ in range(40):  # both unload after 1 s idle
+            if not httpx.get(base + "/api/ps").json()["models"]:
+                break
+            time.sleep(0.25)
+        assert httpx.get(base + "/api/ps").json()["models"] == []
+        r = httpx.post(base + "/api/generate", json={"model": "b", "prompt": "Hello", "stream": False,
+                                                     "options": {"num_predict": 2}})
+        assert r.status_code == 200 and r.json()["load_duration"] > 0  # reloaded by the request
+        assert httpx.get(base + "/openapi.json").json()["paths"].keys() >= {"/v1/chat/completions", "/api/chat"}
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=30)[1]
+    assert err.count("[a: ") == 1 and err.count("[b: ") == 2 and "unloaded after 1s idle" in err
