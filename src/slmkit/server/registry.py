@@ -213,8 +213,9 @@ class Registry:
                         raise ModelUnavailable(f"{len(loaded)} models are loaded (--max-loaded {self.max_loaded}) "
                                                "and all are busy", busy=True)
                     with idle[0].lock:
-                        self._unload(idle[0])
-                    loaded.remove(idle[0])
+                        if idle[0].active == 0:  # still idle now that we hold it
+                            self._unload(idle[0])
+                    loaded = [x for x in self.loaded() if x is not e]
             try:
                 e.llm = e.loader()
             except Exception as err:  # noqa: BLE001 -- any loader failure is reported as such
