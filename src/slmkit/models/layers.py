@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quant.kernel import decode_attention
+
 
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps) in float32, then the weight, in transformers' order per family.
@@ -40,6 +42,10 @@ def attention(
     positions per row; keys past a row's own length are masked.
     """
     S, L = q.shape[2], k.shape[2]
+    if S == 1 and (qpos is not None and offset is None or offset == L - 1):
+        out = decode_attention(q, k, v, qpos=qpos if offset is None else None, window=window, scale=scale)
+        if out is not None:  # the compiled kernel (one query per row, any strides); else SDPA below
+            return out
     windowed = window is not None and L > window
     mask, causal = None, False
     if qpos is not None and offset is None:

@@ -13,6 +13,7 @@
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 extern "C" int slm_supported(void) {
@@ -266,4 +267,167 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
     free(dx);
     free(xs);
     return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention: one new query per row, y[b, h] = softmax(scale * q[b, h] . K[b, h/G, j]) V,
+// over the keys j in [start_b, qpos_b] with start_b = max(0, qpos_b - window + 1) (window 0: none).
+// q [B, H, D] (row / head strides given, last dim contiguous), K and V of any strides (elements; last
+// dim contiguous), all of one dtype (0 float32, 1 bfloat16, 2 float16); out [B, H, D] contiguous in
+// that dtype. Everything in float32: scores, max-subtracted softmax, the weighted V sum, divided by
+// the sum at the end. One task per (row, kv head) handles its G query heads, so K and V are read once.
+
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+
+template <int DT>
+static inline __m512 ld16(const void* p, int64_t i, __mmask16 m) {
+    if (DT == DT_F32) return _mm512_maskz_loadu_ps(m, (const float*)p + i);
+    __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t*)p + i);
+    if (DT == DT_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// exp(x) for x <= 0 (max-subtracted scores): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2],
+// degree-6 minimax-ish polynomial (Cephes expf), about 1 ulp; below -87 -> 0.
+static inline __m512 exp512(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.3f);
+    __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_max_ps(x, lo);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    __m512 r2 = _mm512_mul_ps(r, r);
+    p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_maskz_mov_ps((__mmask16)~under, _mm512_scalef_ps(p, n));
+}
+
+template <int DT>
+static void attn_task(const void* q, const void* k, const void* v, void* out, int64_t G, int64_t D, int64_t n,
+                      int64_t kst, int64_t vst, int64_t qsh, float scale, float* s, float* acc, float* qf) {
+    const size_t es = DT == DT_F32 ? 4 : 2;
+    const int64_t nc = (D + 15) / 16;
+    const __mmask16 tail = (D % 16) ? (__mmask16)((1u << (D % 16)) - 1) : (__mmask16)0xffff;
+    // queries in float32, zero padded to nc * 16
+    for (int64_t g = 0; g < G; ++g)
+        for (int64_t c = 0; c < nc; ++c)
+            _mm512_storeu_ps(qf + g * nc * 16 + c * 16,
+                             ld16<DT>((const char*)q + g * qsh * es, c * 16, c == nc - 1 ? tail : 0xffff));
+    // scores s[g * n + j] = scale * q_g . k_j
+    for (int64_t j = 0; j < n; ++j) {
+        const char* kj = (const char*)k + j * kst * es;
+        for (int64_t g = 0; g < G; ++g) {
+            const float* qg = qf + g * nc * 16;
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+            int64_t c = 0;
+            for (; c + 1 < nc; c += 2) {
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16), ld16<DT>(kj, c * 16, 0xffff), a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16 + 16),
+                                     ld16<DT>(kj, c * 16 + 16, c + 1 == nc - 1 ? tail : 0xffff), a1);
+            }
+            if (c < nc) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16), ld16<DT>(kj, c * 16, tail), a0);
+            s[g * n + j] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
+        }
+    }
+    // softmax numerators, and their sums
+    float sum[64];
+    for (int64_t g = 0; g < G; ++g) {
+        float* sg = s + g * n;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        int64_t j = 0;
+        for (; j + 16 <= n; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sg + j));
+        float m = _mm512_reduce_max_ps(mx);
+        for (; j < n; ++j) m = sg[j] > m ? sg[j] : m;
+        const __m512 vm = _mm512_set1_ps(m);
+        __m512 tot = _mm512_setzero_ps();
+        for (j = 0; j < n; j += 16) {
+            __mmask16 mk = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+            __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sg + j), vm));
+            e = _mm512_maskz_mov_ps(mk, e);
+            tot = _mm512_add_ps(tot, e);
+            _mm512_mask_storeu_ps(sg + j, mk, e);
+        }
+        sum[g] = _mm512_reduce_add_ps(tot);
+    }
+    // acc_g = sum_j p_gj v_j
+    memset(acc, 0, sizeof(float) * G * nc * 16);
+    for (int64_t j = 0; j < n; ++j) {
+        const char* vj = (const char*)v + j * vst * es;
+        for (int64_t c = 0; c < nc; ++c) {
+            const __m512 vv = ld16<DT>(vj, c * 16, c == nc - 1 ? tail : 0xffff);
+            for (int64_t g = 0; g < G; ++g) {
+                float* a = acc + (g * nc + c) * 16;
+                _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(s[g * n + j]), vv, _mm512_loadu_ps(a)));
+            }
+        }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+        const float inv = 1.f / sum[g];
+        float* a = acc + g * nc * 16;
+        for (int64_t d = 0; d < D; ++d) {
+            const float y = a[d] * inv;
+            if (DT == DT_F32) ((float*)out)[g * D + d] = y;
+            else if (DT == DT_BF16) ((uint16_t*)out)[g * D + d] = f32_to_bf16(y);
+            else ((uint16_t*)out)[g * D + d] = _cvtss_sh(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        }
+    }
+}
+
+// q: [B, H, D] with strides (qsb, qsh, 1); k, v: base pointers, strides (row, kv head, position, 1);
+// L: keys in the view (positions 0..L-1); qpos: [B] (stride qps) query positions, or NULL for L - 1
+// in every row. Returns 0, or a negative code for bad arguments (the Python side checks them first).
+extern "C" int slm_decode_attn(int dtype, int64_t B, int64_t H, int64_t Hkv, int64_t D, const void* q, int64_t qsb,
+                               int64_t qsh, const void* k, int64_t ksb, int64_t ksh, int64_t kst, const void* v,
+                               int64_t vsb, int64_t vsh, int64_t vst, int64_t L, const int64_t* qpos, int64_t qps,
+                               int64_t window, float scale, void* out, int nthreads) {
+    if (B < 1 || Hkv < 1 || H % Hkv || D < 1 || L < 1 || dtype < 0 || dtype > 2) return -1;
+    const int64_t G = H / Hkv;
+    if (G > 64) return -1;
+    int64_t nmax = 0;
+    for (int64_t b = 0; b < B; ++b) {
+        const int64_t p = qpos ? qpos[b * qps] : L - 1;
+        if (p < 0 || p >= L) return -1;
+        const int64_t st = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+        if (p + 1 - st > nmax) nmax = p + 1 - st;
+    }
+    const int64_t nc = (D + 15) / 16;
+    const size_t es = dtype == DT_F32 ? 4 : 2;
+    const int64_t tasks = B * Hkv;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > tasks) nthreads = (int)tasks;
+    int err = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float* buf = (float*)malloc(sizeof(float) * (G * nmax + 2 * G * nc * 16 + 16));
+        if (!buf) {
+#pragma omp atomic write
+            err = -2;
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tasks; ++t) {
+            if (!buf) continue;
+            const int64_t b = t / Hkv, hk = t % Hkv;
+            const int64_t p = qpos ? qpos[b * qps] : L - 1;
+            const int64_t st = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+            const void* qb = (const char*)q + (b * qsb + hk * G * qsh) * es;
+            const void* kb = (const char*)k + (b * ksb + hk * ksh + st * kst) * es;
+            const void* vb = (const char*)v + (b * vsb + hk * vsh + st * vst) * es;
+            void* ob = (char*)out + ((b * H + hk * G) * D) * es;
+            float* s = buf;
+            float* acc = buf + G * nmax;
+            float* qf = acc + G * nc * 16;
+            const int64_t n = p + 1 - st;
+            if (dtype == DT_F32) attn_task<DT_F32>(qb, kb, vb, ob, G, D, n, kst, vst, qsh, scale, s, acc, qf);
+            else if (dtype == DT_BF16) attn_task<DT_BF16>(qb, kb, vb, ob, G, D, n, kst, vst, qsh, scale, s, acc, qf);
+            else attn_task<DT_F16>(qb, kb, vb, ob, G, D, n, kst, vst, qsh, scale, s, acc, qf);
+        }
+        free(buf);
+    }
+    return err;
 }

@@ -1,0 +1,100 @@
+"""The compiled decode attention (one query per row) against SDPA with the mask, in float64."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slmkit.models.layers import attention
+from slmkit.quant import kernel
+from slmkit.quant.kernel import decode_attention, get_kernel
+
+pytestmark = pytest.mark.skipif(get_kernel() is None, reason="the compiled kernel is unavailable on this machine")
+
+
+def reference(q, k, v, qpos, window, scale):
+    """float64 SDPA over the visible keys of each row: j <= qpos and j > qpos - window."""
+    L = k.shape[2]
+    kpos = torch.arange(L)
+    mask = kpos <= qpos[:, :, None]
+    if window is not None:
+        mask = mask & (kpos > qpos[:, :, None] - window)
+    G = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
+    return F.scaled_dot_product_attention(q.double(), k, v, attn_mask=mask[:, None], scale=scale)
+
+
+def slot_views(B, Hkv, D, lens, dtype, slots=11, cap=None, seed=0):
+    """k, v: views [:B, :, :max(lens)] of a bigger [slots, Hkv, cap, D] slot cache, like SlotCache's."""
+    g = torch.Generator().manual_seed(seed)
+    L = max(lens)
+    cap = cap or L + 7
+    kc = torch.randn(slots, Hkv, cap, D, generator=g).to(dtype)
+    vc = torch.randn(slots, Hkv, cap, D, generator=g).to(dtype)
+    return kc[:B, :, :L], vc[:B, :, :L]
+
+
+CASES = [  # (B, H, Hkv, D)
+    (1, 4, 4, 64), (2, 8, 4, 96), (3, 8, 2, 128), (5, 4, 1, 256), (8, 32, 32, 96), (9, 4, 2, 64), (4, 6, 3, 16),
+]
+
+
+@pytest.mark.parametrize("B,H,Hkv,D", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("window", [None, 1, 5, 1000])
+def test_kernel_equals_float64_sdpa(B, H, Hkv, D, dtype, window):
+    lens = [1 + (7 * b + 3) % 40 for b in range(B)]
+    lens[0] = 1  # one key
+    k, v = slot_views(B, Hkv, D, lens, dtype, seed=B * D)
+    assert not k.is_contiguous() or B == 1
+    q = torch.randn(B, 1, H, D, generator=torch.Generator().manual_seed(3)).to(dtype).transpose(1, 2)
+    qpos = torch.tensor(lens)[:, None] - 1
+    scale = D**-0.5
+    got = decode_attention(q, k, v, qpos=qpos, window=window, scale=scale)
+    assert got is not None and got.shape == (B, H, 1, D) and got.dtype == dtype
+    want = reference(q, k, v, qpos, window, scale)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=2e-6)
+    else:  # the float32 result, rounded once to the output dtype
+        ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+        assert ((got.double() - want).abs() <= ulp * want.abs() + 1e-5).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_offset_path_sees_every_key_or_the_window(dtype):
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 8, 1, 64, generator=g).to(dtype)
+    k, v = (torch.randn(3, 2, 30, 64, generator=g).to(dtype) for _ in range(2))
+    for window in (None, 7, 30, 31):
+        got = decode_attention(q, k, v, qpos=None, window=window, scale=0.3)
+        want = reference(q, k, v, torch.full((3, 1), 29), window, 0.3)
+        tol = 2e-6 if dtype == torch.float32 else 2.0**-8
+        assert ((got.double() - want).abs() <= tol * want.abs() + 1e-5).all()
+
+
+def test_attention_routes_decode_to_the_kernel_and_matches_sdpa(monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(4, 8, 1, 32, generator=g)
+    kc, vc = torch.randn(6, 4, 20, 32, generator=g), torch.randn(6, 4, 20, 32, generator=g)
+    k, v = kc[:4, :, :12], vc[:4, :, :12]
+    qpos = torch.tensor([[3], [11], [0], [7]])
+    for window in (None, 4):
+        on = attention(q, k, v, offset=None, window=window, scale=0.2, qpos=qpos)
+        single = attention(q[:1], k[:1, :, :4], v[:1, :, :4], offset=3, window=window, scale=0.2)
+        monkeypatch.setattr(kernel, "decode_attention_enabled", False)
+        off = attention(q, k, v, offset=None, window=window, scale=0.2, qpos=qpos)
+        single_off = attention(q[:1], k[:1, :, :4], v[:1, :, :4], offset=3, window=window, scale=0.2)
+        monkeypatch.setattr(kernel, "decode_attention_enabled", True)
+        torch.testing.assert_close(on, off, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(single, single_off, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(single, on[:1])
+
+
+def test_unsupported_inputs_fall_back():
+    q = torch.randn(2, 4, 1, 32)
+    k = v = torch.randn(2, 4, 9, 32)
+    assert decode_attention(q.double(), k.double(), v.double(), qpos=None, window=None, scale=1.0) is None
+    assert decode_attention(q, k.bfloat16(), v, qpos=None, window=None, scale=1.0) is None  # mixed dtypes
+    assert decode_attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, qpos=None, window=None, scale=1.0) is None
+    assert decode_attention(torch.randn(2, 4, 2, 32), k, v, qpos=None, window=None, scale=1.0) is None  # S=2
+    assert decode_attention(q, k, v, qpos=torch.tensor([[3], [9]]), window=None, scale=1.0) is None  # qpos >= L
