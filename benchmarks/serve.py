@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/serve.py [--model /tmp/slmkit-bench/phi3-mini-random-int4-g32]
 
-The server runs in this process on a real socket (continuous batching, 16 slots of 512 tokens);
+The server runs in this process on a real socket (continuous batching, 16 slots of 512 tokens;
+by default it serves the same Q4_0 GGUF as llama-server);
 1, 4, 8 and 16 clients each stream a chat completion (different ~40-token prompts, 64 tokens,
 greedy) through httpx at the same time. The floor is the same server with one slot (requests one
 at a time, as Ollama serves a model by default). With --llama-server (a llama-server binary,
@@ -110,7 +111,8 @@ def llama_server(binary: str, gguf: str, slots: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="/tmp/slmkit-bench/phi3-mini-random-int4-g32")
+    ap.add_argument("--model", default="/tmp/slmkit-bench/phi3-mini-random-Q4_0.gguf",
+                    help="what slmkit serves (default: the same Q4_0 GGUF as llama-server)")
     ap.add_argument("--gguf", default="/tmp/slmkit-bench/phi3-mini-random-Q4_0.gguf")
     ap.add_argument("--llama-server", default=None, help="path of a llama-server binary")
     ap.add_argument("--slots", type=int, default=16)
@@ -119,11 +121,11 @@ def main() -> None:
     import slmkit
 
     rows = []
-    runs = [("slmkit int4 folder, one at a time", a.model, 1, (1, 4)),
-            ("slmkit int4 folder, continuous batching", a.model, a.slots, (1, 4, 8, 16))]
+    what = Path(a.model).name
+    runs = [(f"slmkit {what}, one at a time (Ollama-style floor)", a.model, 1, (1, 4)),
+            (f"slmkit {what}, continuous batching", a.model, a.slots, (1, 4, 8, 16))]
     if a.llama_server and Path(a.gguf).is_file():
-        runs += [("slmkit Q4_0 GGUF, continuous batching", a.gguf, a.slots, (1, 4, 8, 16)),
-                 ("llama-server Q4_0 GGUF, -np 16", None, a.slots, (1, 4, 8, 16))]
+        runs += [(f"llama-server {Path(a.gguf).name}, -np {a.slots}", None, a.slots, (1, 4, 8, 16))]
     for mode, model, slots, users_list in runs:
         proc = srv = t = llm = None
         if model is None:
