@@ -70,3 +70,55 @@ def test_longrope_rows_cross_original_max_like_solo_runs(phi3_folders):
     for t in threads:
         t.join(timeout=120)
     assert got == solo
+
+
+@pytest.mark.parametrize("variant", ["gqa", "longrope"])
+def test_finished_requests_leave_a_prompt_cache(phi3_folders, variant):
+    """A prompt that starts like a finished request's tokens (a follow-up turn, a shared system
+    prompt, the same prompt again) starts from that request's keys/values: same tokens as alone."""
+    llm = slmkit.load(phi3_folders(variant), dtype="float32")  # longrope: original_max 32
+    first = list(range(5, 25))
+    kw = dict(max_new_tokens=6, temperature=0, ignore_eos=True)
+    a = llm.generate(first, **kw).token_ids
+    follow = first + a + [7, 8, 9]  # the conversation so far and a new turn
+    other = list(range(40, 52))
+    longer = first + a + list(range(60, 75))  # 41 tokens: past original_max for longrope
+    solo = [llm.generate(p, **kw).token_ids for p in (first, follow, other, first, longer)]
+    llm.enable_batching(slots=3, context=128)
+    batch = llm.backend.batch
+    assert llm.generate(first, **kw).token_ids == solo[0] and batch.reused_tokens == 0
+    assert llm.generate(follow, **kw).token_ids == solo[1]
+    left = len(first) + len(a) - 1  # the keys the first request left (its last token was never fed)
+    assert batch.reused_tokens == left
+    assert llm.generate(other, **kw).token_ids == solo[2] and batch.reused_tokens == left
+    assert llm.generate(first, **kw).token_ids == solo[3]  # the same prompt: all but its last token
+    assert batch.reused_tokens == left + len(first) - 1  # from follow's row, kept while "other" ran
+    before = batch.reused_tokens
+    assert llm.generate(longer, **kw).token_ids == solo[4]
+    if variant == "longrope":
+        assert batch.reused_tokens == before  # keys from the short frequency set are not reused past it
+    else:
+        assert batch.reused_tokens > before
+
+
+def test_concurrent_requests_sharing_a_system_prompt_equal_their_solo_runs(phi3_folders):
+    llm = slmkit.load(phi3_folders("gqa"), dtype="float32")
+    system = list(range(5, 30))
+    reqs = [(system + list(range(40 + i, 43 + i + i % 4)), dict(max_new_tokens=3 + i % 5, temperature=0.0,
+                                                               ignore_eos=True)) for i in range(12)]
+    solo = [llm.generate(p, **kw).token_ids for p, kw in reqs]
+    llm.enable_batching(slots=4, context=96)
+    llm.backend.batch.prefill_chunk = 8
+    got: list = [None] * 12
+
+    def run(i: int) -> None:
+        got[i] = llm.generate(reqs[i][0], **reqs[i][1]).token_ids
+
+    for wave in (range(0, 6), range(6, 12)):  # the second wave finds the first's rows kept
+        threads = [threading.Thread(target=run, args=(i,)) for i in wave]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert got == solo
+    assert llm.backend.batch.reused_tokens >= 6 * len(system)

@@ -75,6 +75,23 @@ def test_chat_matches_the_python_api(client, server):
     assert r.usage.completion_tokens == len(want.token_ids) and r.object == "chat.completion"
 
 
+def test_a_repeated_conversation_prefix_comes_from_the_prompt_cache(client, server):
+    base, _ = server
+    metric = 'slmkit_prompt_cache_tokens_total{model="tiny"} '
+
+    def reused() -> int:
+        text = httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        return int(next(line for line in text.splitlines() if line.startswith(metric)).split()[-1])
+
+    first = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=4, temperature=0)
+    before = reused()
+    turn = MSGS + [{"role": "assistant", "content": first.choices[0].message.content},
+                   {"role": "user", "content": "And then?"}]
+    second = client.chat.completions.create(model="tiny", messages=turn, max_tokens=4, temperature=0)
+    assert reused() - before >= first.usage.prompt_tokens - 1  # the first turn's keys were reused
+    assert second.choices[0].message.content == server[1].chat(turn, max_new_tokens=4, temperature=0).text
+
+
 def test_stream_equals_non_stream_and_reports_usage(client):
     kw = dict(model="tiny", messages=MSGS, max_tokens=12, temperature=0)
     whole = client.chat.completions.create(**kw).choices[0].message.content

@@ -20,6 +20,9 @@ class NativeBackend:
         self.path: Path | None = None  # where the model was loaded from
         self.batch = None  # a BatchEngine once enable_batching() ran: concurrent requests share steps
         self.tokens_generated = 0  # for the server's metrics
+        self.prompt_cache = False  # keep the last request's KV for the next prompt (servers; one at a time)
+        self._prompt_state: dict = {}
+        self.reused_tokens = 0  # prompt tokens taken from that cache (or the batch's kept slots)
         self.name = engine.name
         self.model_type = engine.model_type
         self.tokenizer = engine.tokenizer
@@ -51,6 +54,7 @@ class NativeBackend:
         if self.batch is not None:
             self.batch.close()
             self.batch = None
+        self._prompt_state.clear()
         self.engine = None  # type: ignore[assignment]
 
     def stream_tokens(self, prompt_ids: Sequence[int], options: SamplingOptions,
@@ -68,6 +72,8 @@ class NativeBackend:
         want = options.logprobs or options.top_logprobs > 0
         if self.batch is not None and session is None:
             steps = self.batch.submit(ids, params, want)
+        elif self.prompt_cache and session is None:
+            steps = self._cached(ids, params, want)
         else:
             steps = self._generate(ids, params, session, want)
         for token, reason, lp in steps:  # lp: (token, logprob, top alternatives) or None
@@ -76,6 +82,23 @@ class NativeBackend:
             if lp is not None:
                 step.logprob, step.top_logprobs = lp[1], (lp[2] if options.top_logprobs else None)
             yield step
+
+    def _cached(self, ids: list[int], params: GeneratorParams, want_logprobs: bool) -> Iterator[tuple]:
+        """One request at a time with a prompt cache: the previous request's Generator (and KV
+        cache) serves as a session, so a prompt sharing its start prefills only the rest."""
+        state, finished = self._prompt_state, False
+        try:
+            first = True
+            for step in self._generate(ids, params, state, want_logprobs):
+                if first:  # the keys the prefill found in place (not what the session rule skipped)
+                    self.reused_tokens += state["generator"].cached_at_prefill
+                    first = False
+                finished = step[1] is not None
+                yield step
+        except BaseException:
+            if not finished:
+                state.clear()  # a failed or abandoned request leaves no half-state behind
+            raise
 
     def _generate(self, ids: list[int], params: GeneratorParams, session: dict | None,
                   want_logprobs: bool) -> Iterator[tuple]:

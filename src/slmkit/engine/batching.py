@@ -51,6 +51,7 @@ class BatchEngine:
         self.prefill_chunk = prefill_chunk
         self.incoming: queue.Queue[_Request | None] = queue.Queue()  # None: close
         self.steps = 0
+        self.reused_tokens = 0  # prompt tokens taken from a finished request's slot, not prefilled
         self._thread = threading.Thread(target=self._loop, name="slmkit-batch", daemon=True)
         self._thread.start()
 
@@ -137,6 +138,7 @@ class BatchEngine:
         try:
             if req.cache is None:
                 req.cache = self.engine.new_cache(1, len(req.prompt))
+                self._reuse_prefix(req)
             done = req.cache.offset
             whole = self.original_max is not None and len(req.prompt) > self.original_max
             chunk = req.prompt[done:] if whole else req.prompt[done: done + self.prefill_chunk]  # one frequency set
@@ -159,6 +161,17 @@ class BatchEngine:
                 self._remove(self.rows.index(req))
             req.out.put(e)
             req.out.put(_END)
+
+    def _reuse_prefix(self, req: _Request) -> None:
+        """Start from the keys/values a finished request left in a free slot, when its tokens
+        begin this prompt (a follow-up turn of a chat, a shared system prompt, a retry)."""
+        if self.original_max is not None and len(req.prompt) > self.original_max:
+            return  # prefilled in one piece with the long frequency set
+        row, n = self.cache.prefix(req.prompt)
+        n = min(n, len(req.prompt) - 1)  # the last prompt token is fed again for its logits
+        if n > 0:
+            self.cache.copy_prefix(row, n, req.cache)
+            self.reused_tokens += n
 
     def _cross_long_rope(self) -> None:
         """Rows whose pending token takes them past original_max: re-prefill the whole sequence
@@ -186,7 +199,7 @@ class BatchEngine:
         req.out.put((token, reason, lp))
         if reason is not None:
             req.out.put(_END)
-            self._remove(i)
+            self._remove(i, keep=True)
 
     def _drop_cancelled(self) -> None:
         for i in reversed(range(len(self.rows))):
@@ -197,8 +210,13 @@ class BatchEngine:
             self.pending.remove(req)
             req.out.put(_END)
 
-    def _remove(self, i: int) -> None:
-        self.cache.remove_row(i)
+    def _remove(self, i: int, keep: bool = False) -> None:
+        kept = None
+        if keep:  # the tokens whose keys/values the row holds, when valid for reuse
+            n = int(self.cache.lens[i])
+            if self.original_max is None or n <= self.original_max:
+                kept = self.rows[i].gen.sequences[0][:n]
+        self.cache.remove_row(i, kept)
         last = self.rows.pop()
         if i < len(self.rows):
             self.rows[i] = last

@@ -141,6 +141,7 @@ class Generator:
         engine.tokenizer.reset_stream()  # tokenizer.stream_decode follows this generation from here on
         self.sequences: list[list[int]] = [[] for _ in range(self.params.batch_size)]
         self.cache: KVCache | None = None
+        self.cached_at_prefill = 0  # keys reused by the last prefill (a session's common prefix)
         self.finish_reasons: list[str | None] = [None] * self.params.batch_size
         self._logits: torch.Tensor | None = None  # [B, V] float32, logits for the next token
         self._prompt_len = 0
@@ -207,6 +208,7 @@ class Generator:
         regime = self.engine.rope_regime(length)
         if self.cache.offset and self.cache.tag != regime:
             self.cache.reset()  # keys were rotated with the other LongRoPE factor set: re-prefill
+        self.cached_at_prefill = self.cache.offset  # tokens whose keys were already there
         ids = torch.tensor([s[self.cache.offset:] for s in self.sequences], dtype=torch.long,
                            device=self.engine.device)
         self._logits = self.engine.forward(ids, self.cache)[:, -1]

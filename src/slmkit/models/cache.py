@@ -109,6 +109,11 @@ class SlotCache:
         self.n = 0  # rows in use
         self.offset = None  # tells the models: rows at different lengths
         self.tag: object = "default"
+        # rows n.. keep what finished requests left: the token ids whose keys/values they still
+        # hold, for a later prompt that starts the same way (a prompt cache across requests)
+        self.kept: list[list[int] | None] = [None] * slots
+        self._kept_at = [0] * slots  # when (a counter), for add_row to overwrite the oldest
+        self._clock = 0
 
     @property
     def nbytes(self) -> int:
@@ -130,21 +135,64 @@ class SlotCache:
         self.lens[: self.n] += n
 
     def add_row(self) -> int:
+        """Take a free row (row n). What it kept moves to the free row that kept nothing or the
+        oldest thing, so the most recently kept prefixes survive."""
         if self.n >= self.slots:
             raise RuntimeError("no free slot")
-        self.lens[self.n] = 0
+        n = self.n
+        if self.kept[n]:
+            victim = min(range(n, self.slots), key=lambda r: (self.kept[r] is not None, self._kept_at[r]))
+            if victim != n:
+                end = len(self.kept[n])
+                for t in self.k + self.v:
+                    t[victim, :, :end] = t[n, :, :end]
+                self.kept[victim], self._kept_at[victim] = self.kept[n], self._kept_at[n]
+        self.lens[n] = 0
+        self.kept[n] = None
         self.n += 1
-        return self.n - 1
+        return n
 
-    def remove_row(self, i: int) -> None:
-        """Free row i: the last row moves into it (callers renumber that one)."""
+    def remove_row(self, i: int, keep: list[int] | None = None) -> None:
+        """Free row i: the last row moves into it (callers renumber that one). With `keep` (the
+        token ids of row i's first len(keep) positions) row i's keys/values are kept, swapped to
+        the first free row, for prefix(); else they are dropped."""
         last = self.n - 1
         if i != last:
-            end = int(self.lens[last])
+            end, mine = int(self.lens[last]), int(self.lens[i])
             for t in self.k + self.v:
+                saved = t[i, :, :mine].clone() if keep else None
                 t[i, :, :end] = t[last, :, :end]
+                if saved is not None:
+                    t[last, :, :mine] = saved
             self.lens[i] = self.lens[last]
+        self.kept[last] = list(keep) if keep else None
+        self._clock += 1
+        self._kept_at[last] = self._clock
         self.n -= 1
+
+    def prefix(self, prompt: list[int]) -> tuple[int, int]:
+        """(row, n): the free row whose kept tokens share the longest prefix with `prompt`, and
+        that prefix's length (0 when none does)."""
+        best, best_n = -1, 0
+        for row in range(self.n, self.slots):
+            kept = self.kept[row]
+            if not kept:
+                continue
+            n = 0
+            for a, b in zip(kept, prompt):
+                if a != b:
+                    break
+                n += 1
+            if n > best_n:
+                best, best_n = row, n
+        return best, best_n
+
+    def copy_prefix(self, row: int, n: int, dst: KVCache) -> None:
+        """The first n positions of free row `row` into a one-row KVCache (which then holds n)."""
+        dst.reserve(n)
+        for src, d in zip(self.k + self.v, dst.k + dst.v):
+            d[0, :, :n] = src[row, :, :n]
+        dst.offset = n
 
     def row_cache(self, i: int) -> KVCache:
         """Row i as a one-row KVCache over the same memory (prefill writes straight into the slot)."""

@@ -291,14 +291,15 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
     async def metrics() -> Response:
         lines = ["# TYPE slmkit_requests_total counter", "# TYPE slmkit_queue_depth gauge",
                  "# TYPE slmkit_running gauge", "# TYPE slmkit_model_loaded gauge", "# TYPE slmkit_model_loads_total counter",
-                 "# TYPE slmkit_generated_tokens_total counter", "# TYPE slmkit_batch_size gauge",
+                 "# TYPE slmkit_generated_tokens_total counter", "# TYPE slmkit_prompt_cache_tokens_total counter", "# TYPE slmkit_batch_size gauge",
                  "# TYPE slmkit_batch_steps_total counter", "# TYPE slmkit_kv_slots_used gauge",
                  "# TYPE slmkit_kv_bytes gauge"]
         for n, e in registry.entries.items():
             sch, lab = e.scheduler, f'{{model="{n}"}}'
             lines += [f"slmkit_requests_total{lab} {sch.served}", f"slmkit_queue_depth{lab} {sch.queue_depth}",
                       f"slmkit_running{lab} {sch.running}", f"slmkit_model_loaded{lab} {int(e.loaded)}",
-                      f"slmkit_model_loads_total{lab} {e.loads}", f"slmkit_generated_tokens_total{lab} {e.tokens_generated}"]
+                      f"slmkit_model_loads_total{lab} {e.loads}", f"slmkit_generated_tokens_total{lab} {e.tokens_generated}",
+                      f"slmkit_prompt_cache_tokens_total{lab} {e.reused_tokens}"]
             batch = getattr(e.llm.backend, "batch", None) if e.llm is not None else None
             if batch is not None:
                 lines += [f"slmkit_batch_size{lab} {batch.active}", f"slmkit_batch_steps_total{lab} {batch.steps}",
