@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "-1 = never, the default); a request reloads it. Ollama's keep_alive per request overrides it")
     srv.add_argument("--max-loaded", type=int, default=None, help="models loaded at once; loading one more "
                      "unloads the least recently used idle one")
-    srv.add_argument("--image-urls", action="store_true", help="fetch http(s) image URLs in requests (off by "
-                     "default: only data: URLs)")
+    srv.add_argument("--image-urls", action="store_true", help="fetch http(s) image URLs from remote hosts "
+                     "(off by default: data: URLs and this machine's URLs only)")
     srv.add_argument("--image-url-host", action="append", default=None, help="fetch image URLs from this host "
                      "only (repeatable; implies --image-urls)")
     srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])

@@ -1,8 +1,9 @@
 """Image parts of a request, checked before any model sees them: data: URLs are decoded, http(s)
-URLs fetched (only when the server allows it: off by default, or a list of hosts) with a byte
+URLs fetched (remote hosts only when the server allows it: all, or a list of hosts) with a byte
 limit and a timeout, and every image must open with Pillow within a pixel limit. Fetched images
 become data: URLs, so nothing past this point touches the network. Errors name the part:
-InvalidRequestError(param="messages[0].content[1].image_url")."""
+InvalidRequestError(param="messages[0].content[1].image_url"). URLs on this machine (localhost,
+127.0.0.0/8, ::1) are always fetched; remote hosts only when allowed."""
 from __future__ import annotations
 
 import base64
@@ -32,7 +33,19 @@ class FetchPolicy:
         self.hosts = set() if isinstance(self.allow, bool) else {h.lower() for h in self.allow}
 
     def allows(self, host: str) -> bool:
-        return self.allow is True or host.lower() in self.hosts
+        """Loopback hosts always (this machine); remote ones only when the server allows them."""
+        return self.allow is True or host.lower() in self.hosts or _loopback(host)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _bad(message: str, param: str) -> InvalidRequestError:
@@ -78,8 +91,8 @@ async def fetch(url: str, param: str, policy: FetchPolicy) -> tuple[bytes, str]:
 
     host = urlsplit(url).hostname or ""
     if not policy.allows(host):
-        why = ("fetching image URLs is off on this server (start it with --image-urls, or send the image as a "
-               "data: URL)") if policy.allow is False else f"host {host!r} is not in the server's --image-urls list"
+        why = ("fetching image URLs from remote hosts is off on this server (start it with --image-urls, or "
+               "send the image as a data: URL)") if policy.allow is False else f"host {host!r} is not in the server's --image-urls list"
         raise _bad(why, param)
     try:
         async with httpx.AsyncClient(timeout=policy.timeout_s, follow_redirects=False) as client:
