@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/serve.py [--model /tmp/slmkit-bench/phi3-mini-random-int4-g32]
 
-The server runs in this process on a real socket (continuous batching, 16 slots of 512 tokens;
+`slm serve` runs in its own process, as users run it (continuous batching, 16 slots of 512 tokens;
 by default it serves the same Q4_0 GGUF as llama-server);
 1, 4, 8 and 16 clients each stream a chat completion (different ~40-token prompts, 64 tokens,
 greedy) through httpx at the same time. The floor is the same server with one slot (requests one
@@ -22,7 +22,6 @@ import threading
 import time
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
@@ -32,21 +31,28 @@ from common import print_table, save_results  # noqa: E402
 TOKENS = 64
 
 
-def start(llm, workers: int):
-    import uvicorn
+def start(model: str, slots: int):
+    """`slm serve` in its own process, as users run it (clients here do not share its GIL)."""
+    import subprocess
 
-    from slmkit.server.app import create_app
+    import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app({"m": llm}, workers=workers, max_queue=64), host="127.0.0.1",
-                                        port=port, log_level="error"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    while not srv.started:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", srv, t
+    proc = subprocess.Popen([sys.executable, "-m", "slmkit.cli", "serve", f"m={model}", "--port", str(port),
+                             "--slots", str(slots), "--slot-context", "512", "--max-queue", "64"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(1200):
+        try:
+            if httpx.get(base + "/health").status_code == 200:
+                return base, proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("slm serve did not start")
 
 
 def one(base: str, i: int, out: list) -> None:
@@ -117,8 +123,6 @@ def main() -> None:
     ap.add_argument("--llama-server", default=None, help="path of a llama-server binary")
     ap.add_argument("--slots", type=int, default=16)
     a = ap.parse_args()
-    torch.set_num_threads(2)
-    import slmkit
 
     rows = []
     what = Path(a.model).name
@@ -127,27 +131,18 @@ def main() -> None:
     if a.llama_server and Path(a.gguf).is_file():
         runs += [(f"llama-server {Path(a.gguf).name}, -np {a.slots}", None, a.slots, (1, 4, 8, 16))]
     for mode, model, slots, users_list in runs:
-        proc = srv = t = llm = None
         if model is None:
             base, proc = llama_server(a.llama_server, a.gguf, slots)
         else:
-            llm = slmkit.load(model)
-            if slots > 1:
-                llm.enable_batching(slots=slots, context=512)
-            base, srv, t = start(llm, workers=slots)
+            base, proc = start(model, slots)
         run(base, 1)  # warm-up
         for users in users_list:
             r = run(base, users)
             r["server"] = mode
             rows.append(r)
             print(r, flush=True)
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=30)
-        else:
-            srv.should_exit = True
-            t.join(timeout=30)
-        del llm
+        proc.terminate()
+        proc.wait(timeout=30)
     singles = {r["server"]: r["aggregate_tok_s"] for r in rows if r["streams"] == 1}
     for r in rows:
         r["x_single"] = r["aggregate_tok_s"] / singles[r["server"]]
