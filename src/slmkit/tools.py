@@ -59,14 +59,18 @@ def _call_schema(fns: list[dict[str, Any]]) -> dict[str, Any]:
 def _as_text_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Assistant tool calls and tool results as plain text turns (templates without tool roles)."""
     out = []
-    for m in messages:
+    for i, m in enumerate(messages):
         m = dict(m)
         if m.get("role") == "assistant" and m.get("tool_calls"):
             calls = []
-            for c in m["tool_calls"]:
+            for j, c in enumerate(m["tool_calls"]):
                 fn = c.get("function", {}) if isinstance(c, Mapping) else {}
                 args = fn.get("arguments", {})
-                args = json.loads(args) if isinstance(args, str) and args.strip() else args
+                try:
+                    args = json.loads(args) if isinstance(args, str) and args.strip() else args
+                except json.JSONDecodeError as e:
+                    raise InvalidRequestError(f"is not valid JSON ({e})",
+                                              param=f"messages[{i}].tool_calls[{j}].function.arguments") from None
                 calls.append(json.dumps({"name": fn.get("name"), "arguments": args}, ensure_ascii=False))
             m = {"role": "assistant", "content": ((m.get("content") or "") + "\n".join(calls)).strip()}
         elif m.get("role") == "tool":

@@ -390,3 +390,51 @@ def test_slm_serve_two_models_with_keep_alive(folder):
         proc.terminate()
         err = proc.communicate(timeout=30)[1]
     assert err.count("[a: ") == 1 and err.count("[b: ") == 2 and "unloaded after 1s idle" in err
+
+
+def test_more_bad_input_gets_named_errors(server):
+    base, _ = server
+    h = {"Authorization": f"Bearer {KEY}"}
+
+    def post(path, body):
+        return httpx.post(base + path, headers=h, json=body, timeout=30)
+
+    r = post("/v1/chat/completions", {"model": "tiny", "messages": MSGS, "stream": True, "stream_options": "x"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
+    history = MSGS + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "ping", "arguments": "{bad"}}]}]
+    r = post("/v1/chat/completions", {"model": "tiny", "messages": history, "tools": [TOOL]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[1].tool_calls[0].function.arguments"
+    r = post("/api/generate", {"model": "tiny", "prompt": "", "keep_alive": 0})  # given loaded: it stays
+    assert r.status_code == 400 and r.json()["error"]["param"] == "keep_alive"
+    r = post("/api/generate", {"model": "tiny", "prompt": "Hi", "options": {"num_predict": "many"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "options.num_predict"
+    r = post("/api/generate", {"model": "tiny", "prompt": "Hi", "stream": False,
+                               "options": {"num_predict": -2, "num_ctx": 40}})
+    assert r.status_code == 200 and r.json()["done_reason"] == "length"  # -2: until the context is full
+    r = post("/v1/chat/completions", {"model": "nope", "messages": MSGS})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert httpx.get(base + "/health").status_code == 200
+
+
+def test_an_error_mid_stream_uses_the_stream_framing(server, monkeypatch):
+    base, llm = server
+    real = llm.backend.stream_tokens
+
+    def failing(*a, **kw):
+        for i, step in enumerate(real(*a, **kw)):
+            if i == 2:
+                raise RuntimeError("the engine broke")
+            yield step
+
+    monkeypatch.setattr(llm.backend, "stream_tokens", failing)
+    h = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "tiny", "messages": MSGS, "options": {"num_predict": 8, "temperature": 0}}
+    lines = httpx.post(base + "/api/chat", headers=h, json=body, timeout=30).text.strip().splitlines()
+    assert json.loads(lines[-1]) == {"error": "the engine broke"}  # Ollama's NDJSON error line
+    events = httpx.post(base + "/v1/chat/completions", headers=h, timeout=30,
+                        json={"model": "tiny", "messages": MSGS, "max_tokens": 8, "stream": True}).text
+    last = json.loads(events.strip().split("\n\n")[-1].removeprefix("data: "))
+    assert last["error"]["type"] == "server_error" and "the engine broke" in last["error"]["message"]
+    r = httpx.post(base + "/v1/chat/completions", headers=h, json={"model": "tiny", "messages": MSGS, "max_tokens": 8})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"  # JSON, not a text page

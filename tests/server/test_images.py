@@ -2,6 +2,7 @@
 time and pixel limits; every failure is a 400 naming the part, and the server keeps serving."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import threading
@@ -11,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import slmkit
+from slmkit.errors import InvalidRequestError
 
 pytest.importorskip("fastapi")
 PIL = pytest.importorskip("PIL")
@@ -29,7 +31,21 @@ def png(w: int = 8, h: int = 6) -> bytes:
 
 
 class Files(BaseHTTPRequestHandler):
+    seen: list = []
+
     def do_GET(self):  # noqa: N802
+        Files.seen.append(self.path)
+        if self.path == "/drip.png":  # a byte every 0.4 s: each read is quick, the whole is not
+            self.send_response(200)
+            self.end_headers()
+            try:
+                for b in png():
+                    self.wfile.write(bytes([b]))
+                    self.wfile.flush()
+                    time.sleep(0.4)
+            except OSError:  # the client gave up, as it should
+                pass
+            return
         if self.path == "/ok.png":
             body = png()
         elif self.path == "/big.png":
@@ -61,16 +77,14 @@ def files():
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
+def server(tmp_path_factory):
     from tests.helpers.tiny_models import make_phi3_folder
 
     llm = slmkit.load(make_phi3_folder(tmp_path_factory.mktemp("img"), "gqa"), dtype="float32")
-    closed = serve_models({"tiny": llm})  # image URLs off (the default)
-    opened = serve_models({"tiny": llm}, image_urls=["127.0.0.1"])
-    yield closed[0], opened[0], opened[1].config.app.state.image_policy
-    for _, srv, t in (closed, opened):
-        srv.should_exit = True
-        t.join(timeout=10)
+    base, srv, t = serve_models({"tiny": llm})
+    yield base
+    srv.should_exit = True
+    t.join(timeout=10)
 
 
 def ask(base: str, url: str) -> httpx.Response:
@@ -80,60 +94,87 @@ def ask(base: str, url: str) -> httpx.Response:
                       json={"model": "tiny", "messages": msgs, "max_tokens": 3})
 
 
-def error_of(r: httpx.Response) -> dict:
-    assert r.status_code == 400, r.text
-    return r.json()["error"]
-
-
-def test_a_valid_image_reaches_the_model_which_names_its_limit(servers):
-    closed = servers[0]
-    client = openai.OpenAI(base_url=closed + "/v1", api_key="k", max_retries=0)
+def test_a_text_only_model_refuses_images_before_fetching_them(server, files):
+    client = openai.OpenAI(base_url=server + "/v1", api_key="k", max_retries=0)
     url = "data:image/png;base64," + base64.b64encode(png()).decode()
-    with pytest.raises(openai.BadRequestError) as e:  # the image decoded fine; this model is text-only
+    with pytest.raises(openai.BadRequestError) as e:  # the official client, an image part
         client.chat.completions.create(model="tiny", max_tokens=3, messages=[{"role": "user", "content": [
             {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}]}])
-    assert "text-only" in e.value.body["message"]
+    assert "text-only" in e.value.body["message"] and e.value.body["param"] == "messages"
+    Files.seen.clear()
+    r = ask(server, files + "/ok.png")
+    assert r.status_code == 400 and "text-only" in r.json()["error"]["message"]
+    assert Files.seen == []  # nothing was fetched for a model that cannot use it
+    ollama = pytest.importorskip("ollama")
+    c = ollama.Client(host=server, headers={"Authorization": "Bearer k"})
+    with pytest.raises(ollama.ResponseError) as e:
+        c.chat(model="tiny", messages=[{"role": "user", "content": "hi", "images": [png()]}])
+    assert e.value.status_code == 400 and "text-only" in str(e.value)
+    assert httpx.get(server + "/health").status_code == 200
 
 
-@pytest.mark.parametrize("url,words,param", [
-    ("data:image/png;base64," + base64.b64encode(b"garbage bytes").decode(), "not a readable image", "content[1]"),
-    ("data:image/png;base64," + base64.b64encode(png()[:40]).decode(), "not a readable image", "content[1]"),
-    ("data:image/png;base64,@@@", "not valid base64", "content[1]"),
-    ("data:image/png,rawdata", "only base64", "content[1]"),
-    ("file:///etc/passwd", "data: or http(s)", "content[1]"),
-    ("http://example.com/x.png", "remote hosts is off on this server", "content[1]"),
-    ("http://127.0.0.1:9/x.png", "fetching the image failed (ConnectError", "content[1]"),
+def resolve(url: str, policy=None):
+    from slmkit.server import images
+
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                         {"type": "image_url", "image_url": {"url": url}}]}]
+    return asyncio.run(images.resolve(msgs, policy or images.FetchPolicy()))
+
+
+def named_error(url: str, policy=None) -> str:
+    with pytest.raises(InvalidRequestError) as e:
+        resolve(url, policy)
+    assert e.value.param == "messages[0].content[1].image_url"
+    return str(e.value)
+
+
+@pytest.mark.parametrize("url,words", [
+    ("data:image/png;base64," + base64.b64encode(b"garbage bytes").decode(), "not a readable image"),
+    ("data:image/png;base64," + base64.b64encode(png()[:40]).decode(), "not a readable image"),
+    ("data:image/png;base64,@@@", "not valid base64"),
+    ("data:image/png,rawdata", "only base64"),
+    ("file:///etc/passwd", "data: or http(s)"),
+    ("http://example.com/x.png", "remote hosts is off on this server"),
+    ("http://127.0.0.1:9/x.png", "fetching the image failed (ConnectError"),
+    ("http://[::1", "not a valid URL"),
+    ("http://localhost:99999/x.png", "fetching the image failed"),
+    ("http://localhost/\x00", "fetching the image failed"),
 ])
-def test_bad_images_are_named_400s(servers, url, words, param):
-    closed = servers[0]
-    err = error_of(ask(closed, url))
-    assert words in err["message"] and err["param"] == f"messages[0].{param}.image_url"
-    assert ask(closed, "data:image/png;base64," + base64.b64encode(png()).decode()).status_code == 400
-    assert httpx.get(closed + "/health").status_code == 200
+def test_bad_images_are_named_errors(url, words):
+    assert words in named_error(url)
 
 
-def test_fetching_is_limited_by_host_status_size_and_time(servers, files, monkeypatch):
-    opened = servers[1]
-    assert "text-only" in error_of(ask(opened, files + "/ok.png"))["message"]  # fetched and decoded
-    assert "HTTP 404" in error_of(ask(opened, files + "/missing.png"))["message"]
-    assert "not a readable image" in error_of(ask(opened, files + "/text"))["message"]
-    assert "not in the server's --image-urls list" in error_of(ask(opened, "http://example.org/x.png"))["message"]
-    closed = servers[0]  # this machine's URLs are fetched even where remote ones are off
-    assert "text-only" in error_of(ask(closed, files.replace("127.0.0.1", "localhost") + "/ok.png"))["message"]
-    policy = opened_policy(servers)
-    monkeypatch.setattr(policy, "max_bytes", 1000)
-    monkeypatch.setattr(policy, "timeout_s", 1.0)
-    assert "over the limit of 1000 bytes" in error_of(ask(opened, files + "/big.png"))["message"]
-    assert "timed out after 1 s" in error_of(ask(opened, files + "/slow.png"))["message"]
-    assert "text-only" in error_of(ask(opened, files + "/ok.png"))["message"]  # still serving
+def test_good_images_become_checked_data_urls(files):
+    from slmkit.server import images
+
+    data = "data:image/png;base64," + base64.b64encode(png()).decode()
+    assert resolve(data)[0]["content"][1]["image_url"]["url"] == data
+    fetched = resolve(files + "/ok.png")[0]["content"][1]["image_url"]["url"]  # this machine: allowed
+    assert base64.b64decode(fetched.split(",", 1)[1]) == png()
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"
+    assert "not a readable image" in named_error("data:image/png;base64," + base64.b64encode(eps).decode())
+    many = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data}}] * 17}]
+    with pytest.raises(InvalidRequestError, match="at most 16 images"):
+        asyncio.run(images.resolve(many, images.FetchPolicy()))
+    assert images.has_images(many) and not images.has_images([{"role": "user", "content": "hi"}])
 
 
-def opened_policy(servers):
-    return servers[2]
+def test_fetching_is_limited_by_host_status_size_and_time(files):
+    from slmkit.server import images
+
+    listed = images.FetchPolicy(allow=["127.0.0.1"])
+    assert "not in the server's --image-urls list" in named_error("http://example.org/x.png", listed)
+    assert "HTTP 404" in named_error(files + "/missing.png", listed)
+    assert "not a readable image" in named_error(files + "/text", listed)
+    small = images.FetchPolicy(max_bytes=1000, timeout_s=1.0)
+    assert "over the limit of 1000 bytes" in named_error(files + "/big.png", small)
+    t0 = time.perf_counter()
+    assert "timed out after 1 s" in named_error(files + "/drip.png", small)  # the whole fetch, not each read
+    assert time.perf_counter() - t0 < 3
+    assert "timed out after 1 s" in named_error(files + "/slow.png", small)
 
 
-def test_pixel_limit(servers):
-    from slmkit.errors import InvalidRequestError
+def test_pixel_limit():
     from slmkit.server.images import check_image
 
     with pytest.raises(InvalidRequestError, match="over the limit of 100"):

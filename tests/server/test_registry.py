@@ -22,12 +22,12 @@ from tests.server.test_app import serve_models  # noqa: E402
 
 @pytest.mark.parametrize("value,seconds", [(300, 300.0), (0, 0.0), (-1, None), ("5m", 300.0), ("1h30m", 5400.0),
                                            ("10s", 10.0), ("250ms", 0.25), ("-1", None), ("-5m", None), ("0", 0.0),
-                                           ("2.5", 2.5), (1.5, 1.5)])
+                                           ("2.5", 2.5), (1.5, 1.5), ("99999999h", None), (1e12, None)])
 def test_parse_keep_alive(value, seconds):
     assert parse_keep_alive(value) == seconds
 
 
-@pytest.mark.parametrize("value", ["5 minutes", "m", "", "5x", True, None, [1]])
+@pytest.mark.parametrize("value", ["5 minutes", "m", "", "5x", True, None, [1], float("inf"), float("nan"), "nan"])
 def test_parse_keep_alive_rejects(value):
     with pytest.raises(InvalidRequestError) as e:
         parse_keep_alive(value)

@@ -8,6 +8,7 @@ Requests go through the Scheduler (server/scheduler.py). Errors are OpenAI-shape
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -19,9 +20,9 @@ from typing import Any
 from fastapi import FastAPI, Request  # FastAPI reads the handlers' annotations from module globals
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..errors import ContextLengthError, InvalidRequestError, SlmkitError
+from ..errors import ContextLengthError, InvalidRequestError, SlmkitError, UnsupportedInputError
 from . import images, ollama_api, openai_api
-from .registry import ModelUnavailable, Registry, parse_keep_alive
+from .registry import ModelUnavailable, Registry, UnknownModel, parse_keep_alive
 from .scheduler import QueueFull
 
 
@@ -75,6 +76,20 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
             raise InvalidRequestError(f"must be a string, got {type(name).__name__}", param="model")
         return registry.entry(name).name
 
+    def include_usage(body: dict) -> bool:
+        so = body.get("stream_options")
+        if so is not None and not isinstance(so, dict):
+            raise InvalidRequestError("must be an object like {\"include_usage\": true}", param="stream_options")
+        return bool((so or {}).get("include_usage"))
+
+    async def images_checked(name: str, messages: Any) -> Any:
+        """Image parts decoded and checked, but only for a model that takes images: a text-only
+        one refuses them before anything is fetched."""
+        if images.has_images(messages) and registry.entry(name).info.get("images") is False:
+            raise UnsupportedInputError(f"model {name!r} is text-only and cannot take image parts",
+                                        param="messages")
+        return await images.resolve(messages, fetch_policy)
+
     def keep_alive_of(body: dict) -> Any:
         return "default" if body.get("keep_alive") is None else parse_keep_alive(body["keep_alive"])
 
@@ -100,8 +115,12 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
         code = "context_length_exceeded" if isinstance(e, ContextLengthError) else None
         return error(400, str(e), "invalid_request_error", param, code)
 
-    @app.exception_handler(LookupError)
-    async def unknown_model(request: Request, e: LookupError) -> JSONResponse:
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception) -> JSONResponse:
+        return error(500, f"internal error: {type(e).__name__}: {e}", "server_error", code="internal_error")
+
+    @app.exception_handler(UnknownModel)
+    async def unknown_model(request: Request, e: UnknownModel) -> JSONResponse:
         return error(404, f"model {e.args[0]!r} is not served here (served: {', '.join(registry.entries)})",
                      "invalid_request_error", "model", "model_not_found")
 
@@ -127,9 +146,9 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
         """make(llm, load_s) -> an iterator of encoded events, run on a worker, streamed as it comes."""
         agen = registry.entry(name).scheduler.stream(using(name, keep_alive, make))
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"} if media == "text/event-stream" else None
-        return StreamingResponse(await first_then(agen), media_type=media, headers=headers)
+        return StreamingResponse(await first_then(agen, media), media_type=media, headers=headers)
 
-    async def first_then(agen: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async def first_then(agen: AsyncIterator[bytes], media: str) -> AsyncIterator[bytes]:
         """Surface errors raised before the first chunk as a normal error response (not mid-stream)."""
         first = await agen.__anext__()
 
@@ -138,8 +157,12 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
             try:
                 async for b in agen:
                     yield b
-            except SlmkitError as e:  # mid-stream: an SSE error event, then close
-                yield openai_api.sse(openai_api.error_body(str(e), "invalid_request_error"))
+            except Exception as e:  # noqa: BLE001 -- mid-stream: an error event in the stream's framing, then close
+                kind = "invalid_request_error" if isinstance(e, SlmkitError) else "server_error"
+                if media == "text/event-stream":
+                    yield openai_api.sse(openai_api.error_body(str(e), kind))
+                else:  # Ollama's NDJSON: {"error": "..."} on a line
+                    yield ollama_api.line({"error": str(e)})
 
         return rest()
 
@@ -159,12 +182,12 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
     async def chat_completions(request: Request) -> Any:
         body = await body_of(request)
         name, keep = model_of(body), keep_alive_of(body)
-        messages = await images.resolve(body.get("messages"), fetch_policy)
+        messages = await images_checked(name, body.get("messages"))
         opts = openai_api.options(body)
         tools, tool_choice = body.get("tools"), body.get("tool_choice")
         kw = {"tools": tools, "tool_choice": tool_choice} if tools is not None or tool_choice is not None else {}
         if body.get("stream"):
-            include = bool((body.get("stream_options") or {}).get("include_usage"))
+            include = include_usage(body)
             return await streamed(name, keep, lambda llm, _: openai_api.chat_stream(llm, messages, kw, opts, name,
                                                                                    include))
         out = await once(name, keep, lambda llm: llm.chat(messages, **kw, **opts))
@@ -179,7 +202,7 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
             raise InvalidRequestError("must be a string", param="prompt")
         opts = openai_api.options(body)
         if body.get("stream"):
-            include = bool((body.get("stream_options") or {}).get("include_usage"))
+            include = include_usage(body)
             return await streamed(name, keep, lambda llm, _: openai_api.completion_stream(llm, prompt, opts, name,
                                                                                          include))
         out = await once(name, keep, lambda llm: llm.generate(prompt, **opts))
@@ -201,7 +224,9 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
         """Ollama: a request with no prompt / messages loads the model; with keep_alive 0 it unloads it."""
         empty = {"message": {"role": "assistant", "content": ""}} if field == "message" else {"response": ""}
         if keep == 0:
-            registry.unload(name)
+            if not await asyncio.to_thread(registry.unload, name):
+                raise InvalidRequestError(f"model {name!r} was loaded by the program that serves it and cannot be "
+                                          "unloaded", param="keep_alive")
             return {"model": name, "created_at": ollama_api.now(), **empty, "done": True, "done_reason": "unload"}
         await once(name, keep, lambda llm: None)  # acquire and release on a worker: loads it if needed
         return {"model": name, "created_at": ollama_api.now(), **empty, "done": True, "done_reason": "load"}
@@ -215,8 +240,8 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
             return await load_or_unload(name, keep, "message")
         if not isinstance(msgs, list):
             raise InvalidRequestError("must be a list of messages", param="messages")
-        messages = await images.resolve([ollama_api.images_to_parts(m) if isinstance(m, dict) else m for m in msgs],
-                                        fetch_policy)
+        messages = await images_checked(name, [ollama_api.images_to_parts(m) if isinstance(m, dict) else m
+                                                for m in msgs])
         opts, t0 = ollama_api.options(body), time.perf_counter()
         tools = body.get("tools")
         kw = {"tools": tools} if tools else {}  # the ollama client sends [] for none
@@ -235,8 +260,8 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
         system = body.get("system")
         if system is not None and not isinstance(system, str):
             raise InvalidRequestError("must be a string", param="system")
-        user = await images.resolve([ollama_api.images_to_parts({"role": "user", "content": prompt,
-                                                                  "images": body.get("images")})], fetch_policy)
+        user = await images_checked(name, [ollama_api.images_to_parts({"role": "user", "content": prompt,
+                                                                        "images": body.get("images")})])
 
         def make(llm: Any) -> Any:
             if body.get("raw") or llm.prompt_style == "completion":
@@ -300,7 +325,8 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
                       f"slmkit_running{lab} {sch.running}", f"slmkit_model_loaded{lab} {int(e.loaded)}",
                       f"slmkit_model_loads_total{lab} {e.loads}", f"slmkit_generated_tokens_total{lab} {e.tokens_generated}",
                       f"slmkit_prompt_cache_tokens_total{lab} {e.reused_tokens}"]
-            batch = getattr(e.llm.backend, "batch", None) if e.llm is not None else None
+            llm = e.llm  # once: an unload may clear it meanwhile
+            batch = getattr(llm.backend, "batch", None) if llm is not None else None
             if batch is not None:
                 lines += [f"slmkit_batch_size{lab} {batch.active}", f"slmkit_batch_steps_total{lab} {batch.steps}",
                           f"slmkit_kv_slots_used{lab} {batch.cache.n}", f"slmkit_kv_bytes{lab} {batch.cache.nbytes}"]

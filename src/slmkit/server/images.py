@@ -18,7 +18,10 @@ from ..errors import InvalidRequestError
 
 MAX_BYTES = 20 * 2**20  # per image, as OpenAI's limit
 MAX_PIXELS = 50_000_000  # decompression bombs
-FETCH_TIMEOUT_S = 10.0
+FETCH_TIMEOUT_S = 10.0  # per URL, the whole fetch
+MAX_IMAGES = 16  # per request
+MAX_TOTAL_BYTES = 64 * 2**20  # per request
+FORMATS = ["PNG", "JPEG", "GIF", "WEBP", "BMP"]  # what Pillow may decode (no EPS / Ghostscript)
 
 
 @dataclass
@@ -27,6 +30,8 @@ class FetchPolicy:
     max_bytes: int = MAX_BYTES
     timeout_s: float = FETCH_TIMEOUT_S
     max_pixels: int = MAX_PIXELS
+    max_images: int = MAX_IMAGES
+    max_total_bytes: int = MAX_TOTAL_BYTES
     hosts: set[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -59,7 +64,7 @@ def check_image(data: bytes, param: str, max_pixels: int = MAX_PIXELS) -> tuple[
     except ImportError:
         raise _bad("image input needs Pillow on the server (pip install 'slmkit[serve]')", param) from None
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
             w, h = im.size
             if w * h > max_pixels:
                 raise _bad(f"the image is {w}x{h} pixels, over the limit of {max_pixels}", param)
@@ -86,10 +91,23 @@ def decode_data_url(url: str, param: str, max_bytes: int = MAX_BYTES) -> bytes:
 
 
 async def fetch(url: str, param: str, policy: FetchPolicy) -> tuple[bytes, str]:
-    """The bytes and content type at an http(s) URL, within the policy's limits."""
+    """The bytes and content type at an http(s) URL, within the policy's limits (the timeout
+    bounds the whole fetch, not each read)."""
+    import asyncio
+
+    try:
+        return await asyncio.wait_for(_fetch(url, param, policy), policy.timeout_s)
+    except asyncio.TimeoutError:
+        raise _bad(f"fetching the image timed out after {policy.timeout_s:g} s", param) from None
+
+
+async def _fetch(url: str, param: str, policy: FetchPolicy) -> tuple[bytes, str]:
     import httpx
 
-    host = urlsplit(url).hostname or ""
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError as e:
+        raise _bad(f"is not a valid URL ({e})", param) from None
     if not policy.allows(host):
         why = ("fetching image URLs from remote hosts is off on this server (start it with --image-urls, or "
                "send the image as a data: URL)") if policy.allow is False else f"host {host!r} is not in the server's --image-urls list"
@@ -108,18 +126,28 @@ async def fetch(url: str, param: str, policy: FetchPolicy) -> tuple[bytes, str]:
                     if len(data) > policy.max_bytes:
                         raise _bad(f"the image is over the limit of {policy.max_bytes} bytes", param)
                 return bytes(data), r.headers.get("content-type", "")
+    except InvalidRequestError:
+        raise
     except httpx.TimeoutException:
         raise _bad(f"fetching the image timed out after {policy.timeout_s:g} s", param) from None
-    except httpx.HTTPError as e:
+    except Exception as e:  # noqa: BLE001 -- bad URLs (httpx.InvalidURL), refused connections, TLS, ...
         raise _bad(f"fetching the image failed ({type(e).__name__}: {e})", param) from None
+
+
+def has_images(messages: Any) -> bool:
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and isinstance(m.get("content"), list)
+        and any(isinstance(p, dict) and p.get("type") == "image_url" for p in m["content"]) for m in messages)
 
 
 async def resolve(messages: Any, policy: FetchPolicy) -> Any:
     """messages with every image part checked (and fetched ones as data: URLs); anything that is not
     a list of messages is returned as it is, for the chat template's own checks to name."""
+    import asyncio
+
     if not isinstance(messages, list):
         return messages
-    out = []
+    out, count, total = [], 0, 0
     for i, m in enumerate(messages):
         content = m.get("content") if isinstance(m, dict) else None
         if not isinstance(content, list):
@@ -135,14 +163,20 @@ async def resolve(messages: Any, policy: FetchPolicy) -> Any:
             url = image.get("url") if isinstance(image, dict) else image
             if not isinstance(url, str) or not url:
                 raise _bad("an image_url part needs a non-empty string 'image_url.url'", param)
-            scheme = urlsplit(url).scheme.lower()
+            count += 1
+            if count > policy.max_images:
+                raise _bad(f"a request may have at most {policy.max_images} images", param)
+            scheme = url.split(":", 1)[0].lower() if ":" in url else ""
             if scheme == "data":
-                data = decode_data_url(url, param, policy.max_bytes)
+                data = await asyncio.to_thread(decode_data_url, url, param, policy.max_bytes)
             elif scheme in ("http", "https"):
                 data, _ = await fetch(url, param, policy)
             else:
                 raise _bad(f"image URLs must be data: or http(s): URLs, got {scheme or 'no'} scheme", param)
-            fmt, _, _ = check_image(data, param, policy.max_pixels)
+            total += len(data)
+            if total > policy.max_total_bytes:
+                raise _bad(f"the request's images are over {policy.max_total_bytes} bytes in all", param)
+            fmt, _, _ = await asyncio.to_thread(check_image, data, param, policy.max_pixels)
             if scheme != "data":
                 url = f"data:image/{fmt or 'png'};base64,{base64.b64encode(data).decode()}"
             detail = image.get("detail") if isinstance(image, dict) else None

@@ -29,7 +29,11 @@ def options(body: dict) -> dict[str, Any]:
     for name, value in opts.items():
         if name in _OPTION_NAMES and value is not None:
             out[_OPTION_NAMES[name]] = value
-    if out.get("max_new_tokens") == -1:  # Ollama: -1 = until the context ends
+    n = out.get("max_new_tokens")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < -2 or n == 0):
+        raise InvalidRequestError(f"must be a positive integer, or -1 / -2 for no limit, got {n!r}",
+                                  param="options.num_predict")
+    if n in (-1, -2):  # Ollama: -1 = until the context ends, -2 = fill the context
         out["max_new_tokens"] = None
     if opts.get("num_ctx") is not None:  # this request's context (the served slot context is the cap)
         from .openai_api import context_option
@@ -60,7 +64,10 @@ def line(obj: dict) -> bytes:
 
 
 def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+    try:
+        return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError):
+        return "9999-12-31T23:59:59Z"
 
 
 def final_fields(last: Any, t0: float, load_s: float = 0.0) -> dict:

@@ -22,6 +22,11 @@ from ..errors import InvalidRequestError
 from .scheduler import Scheduler
 
 FOREVER = None  # keep_alive value: never unload
+FOREVER_AFTER_S = 1e9  # longer keep-alives (31 years) mean forever
+
+
+class UnknownModel(LookupError):
+    """No model of that name is served here."""
 
 
 class ModelUnavailable(Exception):
@@ -48,7 +53,9 @@ def parse_keep_alive(value: Any, param: str = "keep_alive") -> float | None:
     if isinstance(value, bool) or value is None:
         raise InvalidRequestError(f"must be a duration like '5m' or a number of seconds, got {value!r}", param=param)
     if isinstance(value, (int, float)):
-        return None if value < 0 else float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise InvalidRequestError(f"must be a finite number of seconds, got {value!r}", param=param)
+        return None if value < 0 or value > FOREVER_AFTER_S else float(value)
     if not isinstance(value, str):
         raise InvalidRequestError(f"must be a duration like '5m' or a number of seconds, got {value!r}", param=param)
     text = value.strip()
@@ -62,7 +69,9 @@ def parse_keep_alive(value: Any, param: str = "keep_alive") -> float | None:
             raise InvalidRequestError(f"is not a duration (use e.g. '5m', '30s', '1h', -1 or 0): {value!r}",
                                       param=param) from None
         seconds = sum(float(n) * _UNITS[u] for n, u in parts)
-    return None if sign < 0 and seconds > 0 else seconds
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise InvalidRequestError(f"must be a finite duration, got {value!r}", param=param)
+    return None if sign < 0 and seconds > 0 or seconds > FOREVER_AFTER_S else seconds
 
 
 class Entry:
@@ -89,7 +98,8 @@ class Entry:
 
     @property
     def tokens_generated(self) -> int:
-        now = getattr(self.llm.backend, "tokens_generated", 0) if self.llm is not None else 0
+        llm = self.llm
+        now = getattr(llm.backend, "tokens_generated", 0) if llm is not None else 0
         return self._tokens_before + now
 
     @property
@@ -102,9 +112,10 @@ class Entry:
     @property
     def reused_tokens(self) -> int:
         """Prompt tokens served from the prompt cache (kept slots / the last request's KV)."""
-        if self.llm is None:
+        llm = self.llm
+        if llm is None:
             return self._reused_before
-        b = self.llm.backend
+        b = llm.backend
         batch = getattr(b, "batch", None)
         return self._reused_before + getattr(b, "reused_tokens", 0) + (batch.reused_tokens if batch else 0)
 
@@ -128,6 +139,7 @@ class Entry:
             "dtype": str(getattr(engine, "dtype", "")).removeprefix("torch."),
             "weight_bytes": weight_bytes, "kv_bytes": batch.cache.nbytes if batch is not None else 0,
             "slot_context": batch.slot_context if batch is not None else llm.context_length,
+            "images": bool(getattr(llm.backend, "supports_images", False)),
         }
 
 
@@ -164,7 +176,7 @@ class Registry:
     def entry(self, name: str | None) -> Entry:
         e = self.entries.get(name or self.default)
         if e is None:
-            raise LookupError(name)
+            raise UnknownModel(name)
         return e
 
     def loaded(self) -> list[Entry]:
@@ -189,6 +201,8 @@ class Registry:
         with e.lock:
             e.active -= 1
             e.last_used = time.time()
+            if keep_alive != "default" and keep_alive != 0:
+                e.unload_requested = False  # Ollama: the last request's keep_alive wins
             e._expire(e.default_keep_alive if keep_alive == "default" or e.loader is None else keep_alive)
             if e.active == 0 and (e.unload_requested or e.expires_at is not None and e.expires_at <= time.time()):
                 self._unload(e)

@@ -23,6 +23,16 @@ class QueueFull(Exception):
     pass
 
 
+def _deliver(job: "Job", item: Any) -> bool:
+    """Hand an item to the request's event loop; False if that loop is gone (the job is dropped)."""
+    try:
+        job.loop.call_soon_threadsafe(job.out.put_nowait, item)
+        return True
+    except RuntimeError:  # the loop closed (server shut down): drop the job, keep the worker
+        job.cancelled.set()
+        return False
+
+
 @dataclass
 class Job:
     work: Callable[[threading.Event], Iterator[Any]]  # yields chunks; should stop when the event is set
@@ -67,18 +77,19 @@ class Scheduler:
                         for chunk in it:
                             if job.cancelled.is_set():
                                 break
-                            job.loop.call_soon_threadsafe(job.out.put_nowait, chunk)
+                            if not _deliver(job, chunk):
+                                break
                     finally:
                         close = getattr(it, "close", None)
                         if close is not None:  # a cancelled generation frees its KV cache now
                             close()
             except BaseException as e:  # delivered to the request's handler
-                job.loop.call_soon_threadsafe(job.out.put_nowait, e)
+                _deliver(job, e)
             finally:
                 with self._lock:
                     self.running -= 1
                     self.served += 1
-                job.loop.call_soon_threadsafe(job.out.put_nowait, _DONE)
+                _deliver(job, _DONE)
 
     async def stream(self, work: Callable[[threading.Event], Iterator[Any]]) -> AsyncIterator[Any]:
         """Queue `work` and yield its chunks; exceptions it raises are re-raised here. Leaving the
