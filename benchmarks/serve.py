@@ -55,13 +55,13 @@ def start(model: str, slots: int):
     raise RuntimeError("slm serve did not start")
 
 
-def one(base: str, i: int, out: list) -> None:
+def one(base: str, i: int, out: list, tag: str) -> None:
     import httpx
 
     body = {"model": "m", "max_tokens": TOKENS, "temperature": 0, "stream": True, "min_tokens": TOKENS,
             "ignore_eos": True,  # llama-server's name for running to max_tokens
             "stream_options": {"include_usage": True}, "logprobs": True,  # an event for every token
-            "messages": [{"role": "user", "content": f"User {i} asks about topic {i * 7}: " + "tell me more " * 8}]}
+            "messages": [{"role": "user", "content": f"{tag}: user {i} asks about topic {i * 7}: " + "tell me more " * 8}]}
     t0 = time.perf_counter()
     ttft, n = None, 0
     with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=600) as r:
@@ -77,10 +77,12 @@ def one(base: str, i: int, out: list) -> None:
     out[i] = (ttft or 0.0, n, time.perf_counter() - t0)
 
 
-def run(base: str, users: int) -> dict:
+def run(base: str, users: int, tag: str) -> dict:
+    """`users` streams at once; `tag` makes every prompt new to the server (no prompt-cache hits
+    beyond the chat template's shared start), for slmkit and llama-server alike."""
     out: list = [None] * users
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=one, args=(base, i, out)) for i in range(users)]
+    threads = [threading.Thread(target=one, args=(base, i, out, tag)) for i in range(users)]
     for t in threads:
         t.start()
     for t in threads:
@@ -135,9 +137,9 @@ def main() -> None:
             base, proc = llama_server(a.llama_server, a.gguf, slots)
         else:
             base, proc = start(model, slots)
-        run(base, 1)  # warm-up
+        run(base, 1, "Warm-up")
         for users in users_list:
-            r = run(base, users)
+            r = run(base, users, f"Run of {users}")
             r["server"] = mode
             rows.append(r)
             print(r, flush=True)
