@@ -122,9 +122,9 @@ static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, co
                 if (BITS == 4) {
                     __m512i lo = _mm512_and_si512(v, low);
                     __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-                    for (int m = 0; m < MB; ++m) {  // activation broadcasts fold into the dpbusd operand
+                    for (int m = 0; m < MB; ++m) {  // one accumulator per row: fewer registers, no spills
                         is[t][m] = _mm512_dpbusd_epi32(is[t][m], lo, bcast4(xq + m * KP + k0));
-                        is2[t][m] = _mm512_dpbusd_epi32(is2[t][m], hi, bcast4(xq + m * KP + k0 + 4));
+                        is[t][m] = _mm512_dpbusd_epi32(is[t][m], hi, bcast4(xq + m * KP + k0 + 4));
                     }
                 } else {
                     for (int m = 0; m < MB; ++m) {
