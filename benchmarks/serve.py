@@ -31,8 +31,8 @@ from common import print_table, save_results  # noqa: E402
 TOKENS = 64
 
 
-def start(model: str, slots: int):
-    """`slm serve` in its own process, as users run it (clients here do not share its GIL)."""
+def launch(cmd: list[str], what: str) -> tuple[str, object]:
+    """Run a server command (its port appended as --port P) and wait until /health answers."""
     import subprocess
 
     import httpx
@@ -40,9 +40,7 @@ def start(model: str, slots: int):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "slmkit.cli", "serve", f"m={model}", "--port", str(port),
-                             "--slots", str(slots), "--slot-context", "512", "--max-queue", "64"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd + ["--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     for _ in range(1200):
         try:
@@ -52,7 +50,13 @@ def start(model: str, slots: int):
             pass
         time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("slm serve did not start")
+    raise RuntimeError(f"{what} did not start")
+
+
+def start(model: str, slots: int):
+    """`slm serve` in its own process, as users run it (clients here do not share its GIL)."""
+    return launch([sys.executable, "-m", "slmkit.cli", "serve", f"m={model}", "--slots", str(slots),
+                   "--slot-context", "512", "--max-queue", "64"], "slm serve")
 
 
 def one(base: str, i: int, out: list, tag: str) -> None:
@@ -95,26 +99,8 @@ def run(base: str, users: int, tag: str) -> dict:
 
 
 def llama_server(binary: str, gguf: str, slots: int):
-    import subprocess
-
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([binary, "-m", gguf, "-np", str(slots), "-c", str(512 * slots), "-t", "2", "-tb", "2",
-                             "--port", str(port), "--host", "127.0.0.1"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(base + "/health").status_code == 200:
-                return base, proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("llama-server did not start")
+    return launch([binary, "-m", gguf, "-np", str(slots), "-c", str(512 * slots), "-t", "2", "-tb", "2",
+                   "--host", "127.0.0.1"], "llama-server")
 
 
 def main() -> None:

@@ -18,6 +18,15 @@ httpx = pytest.importorskip("httpx")
 KEY = "test-key"
 
 
+def wait_healthy(base: str) -> None:
+    for _ in range(240):
+        try:
+            if httpx.get(base + "/health").status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.25)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -225,12 +234,7 @@ def test_slm_serve_command_starts_and_answers(folder):
                              "--slots", "2", "--dtype", "float32"], env=env, stderr=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        for _ in range(240):
-            try:
-                if httpx.get(base + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.25)
+        wait_healthy(base)
         r = httpx.post(base + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
                        json={"model": "tiny", "prompt": "Hello", "max_tokens": 3, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
@@ -371,12 +375,7 @@ def test_slm_serve_two_models_with_keep_alive(folder):
                             stderr=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        for _ in range(240):
-            try:
-                if httpx.get(base + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.25)
+        wait_healthy(base)
         for _ in range(40):  # both unload after 1 s idle
             if not httpx.get(base + "/api/ps").json()["models"]:
                 break
