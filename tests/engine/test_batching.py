@@ -122,3 +122,30 @@ def test_concurrent_requests_sharing_a_system_prompt_equal_their_solo_runs(phi3_
             t.join(timeout=120)
     assert got == solo
     assert llm.backend.batch.reused_tokens >= 6 * len(system)
+
+
+def test_a_burst_of_short_prompts_joins_in_one_step(phi3_folders):
+    from slmkit.engine.batching import BatchEngine
+    from slmkit.engine.generator import GeneratorParams
+
+    llm = slmkit.load(phi3_folders("gqa"), dtype="float32")
+    prompts = [list(range(5 + i, 15 + i)) for i in range(4)]  # 10 tokens each: 40 fit one 64-token chunk
+    solo = [llm.generate(p, max_new_tokens=5, temperature=0, ignore_eos=True).token_ids for p in prompts]
+    batch = BatchEngine(llm.engine, slots=4, slot_context=64, prefill_chunk=64, start=False)
+    got: list = [None] * 4
+
+    def run(i: int) -> None:
+        params = GeneratorParams(max_new_tokens=5, temperature=0.0, ignore_eos=True)
+        got[i] = [t for t, _, _ in batch.submit(prompts[i], params)]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    while batch.incoming.qsize() < 4:  # all four wait before the engine runs
+        threading.Event().wait(0.01)
+    batch.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert got == solo
+    assert batch.steps == 4  # all joined (each with its first token) in one step, then 4 shared steps
+    batch.close()

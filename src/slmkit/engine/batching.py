@@ -4,9 +4,10 @@ step (their prompt is prefilled into a free slot first), finished or cancelled o
 freeing their slot. Each request keeps its own Generator (options, processors, grammar, seed,
 stops) fed with its row of the batch's logits, so it decodes exactly as it would alone.
 
-Prefill is chunked: a joining request's prompt runs `prefill_chunk` tokens at a time (into a
-cache of its own, copied into its slot when done) between the others' decode steps, so a long
-prompt delays them by one chunk per step, not by the whole prompt.
+Prefill is chunked: joining requests' prompts run `prefill_chunk` tokens per step in all (a long
+prompt a chunk at a time, several short ones in one step; each into a cache of its own, copied into
+its slot when done) between the others' decode steps, so a long prompt delays them by one chunk
+per step, not by the whole prompt, and a burst of short prompts joins in few steps.
 
 LongRoPE (Phi-3 128k, Phi-3.5): each row takes the frequency set of its own length; a row that
 grows past original_max is re-prefilled in its slot with the long set (the Generator's rule), and
@@ -38,7 +39,8 @@ class _Request:
 
 
 class BatchEngine:
-    def __init__(self, engine, *, slots: int = 8, slot_context: int | None = None, prefill_chunk: int = 128):
+    def __init__(self, engine, *, slots: int = 8, slot_context: int | None = None, prefill_chunk: int = 128,
+                 start: bool = True):
         self.engine = engine
         rope = engine.model.rope
         self.original_max = rope.original_max if getattr(rope, "inv_freq_long", None) is not None else None
@@ -53,6 +55,11 @@ class BatchEngine:
         self.steps = 0
         self.reused_tokens = 0  # prompt tokens taken from a finished request's slot, not prefilled
         self._thread = threading.Thread(target=self._loop, name="slmkit-batch", daemon=True)
+        if start:
+            self._thread.start()
+
+    def start(self) -> None:
+        """Start the engine thread (for BatchEngine(start=False): requests may queue first)."""
         self._thread.start()
 
     @property
@@ -116,8 +123,12 @@ class BatchEngine:
                     return self._shutdown()
                 self.pending.append(item)
             self._drop_cancelled()
-            if self.pending:
-                self._prefill_chunk(self.pending[0])
+            budget = self.prefill_chunk  # prompt tokens per step, filled from several short prompts
+            while self.pending and budget > 0:
+                req = self.pending[0]
+                budget -= self._prefill_chunk(req, budget)
+                if req in self.pending:  # it took the whole budget
+                    break
             if not self.rows:
                 continue
             if self.original_max is not None:
@@ -133,18 +144,20 @@ class BatchEngine:
             for i in reversed(range(len(self.rows))):
                 self._step(i, logits[i:i + 1])
 
-    def _prefill_chunk(self, req: _Request) -> None:
-        """The next chunk of a pending prompt; when it is all in, the request joins the batch."""
+    def _prefill_chunk(self, req: _Request, budget: int) -> int:
+        """The next chunk (at most `budget` tokens) of a pending prompt; when it is all in, the
+        request joins the batch and its first token goes out. Returns the tokens it ran."""
+        chunk: list[int] = []
         try:
             if req.cache is None:
                 req.cache = self.engine.new_cache(1, len(req.prompt))
                 self._reuse_prefix(req)
             done = req.cache.offset
             whole = self.original_max is not None and len(req.prompt) > self.original_max
-            chunk = req.prompt[done:] if whole else req.prompt[done: done + self.prefill_chunk]  # one frequency set
+            chunk = req.prompt[done:] if whole else req.prompt[done: done + budget]  # one frequency set
             logits = self.engine.forward(torch.tensor([chunk], device=self.engine.device), req.cache)[:, -1]
             if req.cache.offset < len(req.prompt):
-                return
+                return len(chunk)
             self.pending.remove(req)
             row = self.cache.add_row()
             self.rows.append(req)
@@ -161,6 +174,7 @@ class BatchEngine:
                 self._remove(self.rows.index(req))
             req.out.put(e)
             req.out.put(_END)
+        return max(1, len(chunk))
 
     def _reuse_prefix(self, req: _Request) -> None:
         """Start from the keys/values a finished request left in a free slot, when its tokens
