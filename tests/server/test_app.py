@@ -411,6 +411,12 @@ def test_more_bad_input_gets_named_errors(server):
     r = post("/api/generate", {"model": "tiny", "prompt": "Hi", "stream": False,
                                "options": {"num_predict": -2, "num_ctx": 40}})
     assert r.status_code == 200 and r.json()["done_reason"] == "length"  # -2: until the context is full
+    for path, body in (("/v1/chat/completions", {"model": "tiny", "messages": MSGS, "max_tokens": 2, "seed": -1}),
+                       ("/api/chat", {"model": "tiny", "messages": MSGS, "stream": False,
+                                      "options": {"num_predict": 2, "seed": -1}})):
+        assert post(path, body).status_code == 200  # a negative seed means a random one (llama.cpp, Ollama)
+    r = post("/api/chat", {"model": "tiny:latest", "messages": MSGS, "stream": False, "options": {"num_predict": 2}})
+    assert r.status_code == 200 and r.json()["model"] == "tiny"  # Ollama's default tag names the same model
     r = post("/v1/chat/completions", {"model": "nope", "messages": MSGS})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     assert httpx.get(base + "/health").status_code == 200

@@ -29,6 +29,9 @@ def options(body: dict) -> dict[str, Any]:
     for name, value in opts.items():
         if name in _OPTION_NAMES and value is not None:
             out[_OPTION_NAMES[name]] = value
+    seed = out.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool) and seed < 0:
+        del out["seed"]  # Ollama: -1 means a random seed
     n = out.get("max_new_tokens")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < -2 or n == 0):
         raise InvalidRequestError(f"must be a positive integer, or -1 / -2 for no limit, got {n!r}",

@@ -30,6 +30,9 @@ def options(body: dict) -> dict[str, Any]:
     for name in _SAME:
         if body.get(name) is not None:
             out["min_new_tokens" if name == "min_tokens" else name] = body[name]
+    seed = out.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool) and seed < 0:
+        del out["seed"]  # llama.cpp / Ollama: a negative seed means a random one
     mt = body.get("max_completion_tokens", body.get("max_tokens"))
     if mt is not None:
         if isinstance(mt, bool) or not isinstance(mt, int) or mt < 1:

@@ -175,6 +175,8 @@ class Registry:
 
     def entry(self, name: str | None) -> Entry:
         e = self.entries.get(name or self.default)
+        if e is None and name and name.endswith(":latest"):  # Ollama clients add the default tag
+            e = self.entries.get(name.removesuffix(":latest"))
         if e is None:
             raise UnknownModel(name)
         return e
