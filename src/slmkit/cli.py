@@ -240,6 +240,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     except ImportError:
         sys.stderr.write("error: slm serve needs fastapi and uvicorn (pip install 'slmkit[serve]')\n")
         return 1
+    from .errors import MemoryPlanError
     from .server.registry import ModelSpec, parse_keep_alive
 
     try:
@@ -259,6 +260,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                     batch = llm.backend.batch
                     note = (f", {a.slots} slots x {batch.slot_context} tokens continuously batched "
                             f"(KV {batch.cache.nbytes / 2**30:.2f} GiB)")
+                except MemoryPlanError:
+                    raise  # the asked-for plan does not fit: say so rather than serve something else
                 except SlmkitError as e:
                     note = f", one request at a time ({e})"
             sys.stderr.write(f"[{name}: {llm.name} loaded in {time.perf_counter() - t0:.1f} s, "

@@ -57,3 +57,12 @@ class InvalidRequestError(SlmkitError, ValueError):
 
 class UnsupportedInputError(InvalidRequestError):
     """The input kind (e.g. an image part) is not supported by this model."""
+
+
+class MemoryPlanError(SlmkitError):
+    """A planned allocation (e.g. the KV cache of continuous batching) does not fit the memory
+    available. `needed` and `available` are in bytes."""
+
+    def __init__(self, message: str, *, needed: int, available: int):
+        self.needed, self.available = needed, available
+        super().__init__(message)

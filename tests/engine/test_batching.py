@@ -149,3 +149,22 @@ def test_a_burst_of_short_prompts_joins_in_one_step(phi3_folders):
     assert got == solo
     assert batch.steps == 4  # all joined (each with its first token) in one step, then 4 shared steps
     batch.close()
+
+
+def test_a_kv_plan_that_does_not_fit_is_refused_with_what_fits(phi3_folders, monkeypatch):
+    from slmkit.engine import memory
+    from slmkit.errors import MemoryPlanError
+
+    llm = slmkit.load(phi3_folders("gqa"), dtype="float32")
+    a = llm.engine.args
+    per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * 4
+    monkeypatch.setattr(memory, "available_bytes", lambda: 512 * 2**20 + per_token * 4 * 100)
+    with pytest.raises(MemoryPlanError) as e:
+        llm.enable_batching(slots=4, context=256)
+    assert "4 slots x 256 tokens" in str(e.value) and "4 slots fit 100 tokens each" in str(e.value)
+    assert llm.backend.batch is None
+    llm.enable_batching(slots=4, context=100)  # what it said fits, fits
+    assert llm.backend.batch.cache.nbytes == per_token * 4 * 100
+    monkeypatch.setattr(memory, "available_bytes", lambda: None)  # unknown: no check
+    llm.enable_batching(slots=2, context=64)
+    assert llm.backend.batch.cache.slots == 2

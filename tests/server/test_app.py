@@ -443,3 +443,16 @@ def test_an_error_mid_stream_uses_the_stream_framing(server, monkeypatch):
     assert last["error"]["type"] == "server_error" and "the engine broke" in last["error"]["message"]
     r = httpx.post(base + "/v1/chat/completions", headers=h, json={"model": "tiny", "messages": MSGS, "max_tokens": 8})
     assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"  # JSON, not a text page
+
+
+def test_slm_serve_refuses_a_kv_plan_that_does_not_fit(folder, monkeypatch, capsys):
+    from slmkit import cli
+    from slmkit.engine import memory
+
+    import uvicorn
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 512 * 2**20 + 1024)  # 1 KiB over the headroom
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("served a plan that does not fit"))
+    assert cli.main(["serve", f"tiny={folder}", "--slots", "8", "--slot-context", "2048"]) == 1
+    err = capsys.readouterr().err
+    assert "error: the KV cache for 8 slots x 2048 tokens needs" in err and "lower --slots" in err

@@ -47,7 +47,10 @@ class NativeBackend:
         """Serve concurrent stream_tokens() calls by continuous batching (engine/batching.py)."""
         from ..engine.batching import BatchEngine
 
-        self.batch = BatchEngine(self.engine, slots=slots, slot_context=slot_context)
+        batch = BatchEngine(self.engine, slots=slots, slot_context=slot_context)  # raises if it cannot fit
+        if self.batch is not None:
+            self.batch.close()  # the new plan replaces the old one
+        self.batch = batch
 
     def close(self) -> None:
         """Stop continuous batching (if on) and drop the engine, so its memory can be freed."""

@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import MemoryPlanError
 from ..models.cache import KVCache, SlotCache
 from .generator import FINISH_LENGTH, Generator, GeneratorParams
 
 _END = object()
+KV_HEADROOM_BYTES = 512 * 2**20  # left free for activations, the tokenizer, the server
 
 
 @dataclass
@@ -46,8 +48,11 @@ class BatchEngine:
         self.original_max = rope.original_max if getattr(rope, "inv_freq_long", None) is not None else None
         a = engine.args
         self.slot_context = min(slot_context or engine.context_length, engine.context_length)
+        self._check_memory(slots)
         self.cache = SlotCache(a.num_hidden_layers, slots, a.num_key_value_heads, a.head_dim, self.slot_context,
                                dtype=engine.dtype, device=engine.device)
+        for t in self.cache.k + self.cache.v:  # commit the pages now: the plan is real memory, not a promise
+            t.zero_()
         self.rows: list[_Request] = []
         self.pending: list[_Request] = []  # admitted, prefilling chunk by chunk
         self.prefill_chunk = prefill_chunk
@@ -87,6 +92,28 @@ class BatchEngine:
             req.cancelled.set()
 
     # ------------------------------------------------------------------ the engine thread
+    def _check_memory(self, slots: int) -> None:
+        """The KV plan (slots x slot_context) must fit the memory left, with room to run: a clear
+        error naming what fits, not an out-of-memory kill under load."""
+        from .memory import available_bytes
+
+        a, e = self.engine.args, self.engine
+        if torch.device(e.device).type != "cpu":
+            return
+        per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * e.dtype.itemsize
+        need = per_token * slots * self.slot_context
+        avail = available_bytes()
+        if avail is None:
+            return
+        room = avail - KV_HEADROOM_BYTES
+        if need > room:
+            fits = max(0, room) // (per_token * slots)
+            raise MemoryPlanError(
+                f"the KV cache for {slots} slots x {self.slot_context} tokens needs {need / 2**30:.2f} GiB, but "
+                f"{avail / 2**30:.2f} GiB of memory is available (keeping {KV_HEADROOM_BYTES / 2**30:.1f} GiB free); "
+                + (f"{slots} slots fit {fits} tokens each: lower --slot-context or --slots" if fits >= 16
+                   else "lower --slots"), needed=need, available=avail)
+
     def close(self) -> None:
         """Stop the engine thread: requests still running or queued end at once (their iterators
         finish without a finish reason); the slots' memory goes with this object."""

@@ -51,3 +51,34 @@ def release_pages(t: torch.Tensor, maps: FileMappings) -> None:
     lo, hi = (start + page - 1) // page * page, end // page * page
     if hi > lo and maps.contains(start, end):
         ctypes.CDLL(None).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED)
+
+
+def available_bytes() -> int | None:
+    """Memory this process can still take: MemAvailable, capped by a cgroup (container) limit;
+    None where neither can be read."""
+    found: list[int] = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            found.append(max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    if not found:
+        try:
+            import psutil
+
+            found.append(int(psutil.virtual_memory().available))
+        except ImportError:
+            return None
+    return min(found)
