@@ -83,6 +83,22 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
+def child_parser(types: str) -> Any:
+    """The arguments the engine-vs-engine benchmarks share: GGUF types to build, the random model's
+    folder, prompt and decode lengths, and the hidden --child/--engine/--path of one measured run."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--engine", help=argparse.SUPPRESS)
+    ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--types", default=types)
+    ap.add_argument("--folder", default="/tmp/slmkit-bench/phi3-mini-random")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=128)
+    return ap
+
+
 def run_child(script: Path, args: list[str]) -> dict[str, Any]:
     """Run one measurement in a fresh process (honest load time and peak RSS); it prints one JSON line."""
     proc = subprocess.run([sys.executable, str(script), "--child", *args], capture_output=True, text=True)

@@ -11,7 +11,6 @@ Prints a table, writes benchmarks/results/gguf_load.json. Run it on an otherwise
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -22,7 +21,8 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
-from common import make_random_phi3, median, peak_rss_gb, print_table, run_child, save_results, slmkit_speed  # noqa: E402,E501
+from common import (  # noqa: E402
+    child_parser, make_random_phi3, median, peak_rss_gb, print_table, run_child, save_results, slmkit_speed)
 
 
 def make_f16_gguf(folder: Path, out: Path) -> Path:
@@ -78,15 +78,8 @@ def child(engine: str, path: str, prompt: int, decode: int, reps: int = 1) -> di
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--engine", help=argparse.SUPPRESS)
-    ap.add_argument("--path", help=argparse.SUPPRESS)
-    ap.add_argument("--types", default="F16,Q4_0,Q4_K_M")
-    ap.add_argument("--folder", default="/tmp/slmkit-bench/phi3-mini-random")
+    ap = child_parser("F16,Q4_0,Q4_K_M")
     ap.add_argument("--layers", type=int, default=None)
-    ap.add_argument("--prompt", type=int, default=512)
-    ap.add_argument("--decode", type=int, default=128)
     a = ap.parse_args()
     torch.set_num_threads(2)
     if a.child:

@@ -11,7 +11,6 @@ One process per measurement. Prints a table, writes results/quant.json. Run on a
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -22,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
-from common import make_random_phi3, print_table, run_child, save_results, slmkit_speed  # noqa: E402
+from common import child_parser, make_random_phi3, print_table, run_child, save_results, slmkit_speed  # noqa: E402
 from gguf_load import child as llama_child, make_f16_gguf, quantize  # noqa: E402
 
 
@@ -92,15 +91,8 @@ def ensure_folder(src: Path, quant: str, group: int) -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--engine", help=argparse.SUPPRESS)
-    ap.add_argument("--path", help=argparse.SUPPRESS)
-    ap.add_argument("--types", default="Q8_0,Q4_0,Q4_K_M")
+    ap = child_parser("Q8_0,Q4_0,Q4_K_M")
     ap.add_argument("--ours", default="int4:32,int4:128,int8:32")
-    ap.add_argument("--folder", default="/tmp/slmkit-bench/phi3-mini-random")
-    ap.add_argument("--prompt", type=int, default=512)
-    ap.add_argument("--decode", type=int, default=128)
     a = ap.parse_args()
     torch.set_num_threads(2)
     if a.child:
