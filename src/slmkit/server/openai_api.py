@@ -174,8 +174,8 @@ class _ToolCallDeltas:
 
 def chat_stream(llm: Any, messages: Any, tool_kw: dict, opts: dict, model: str, include_usage: bool
                 ) -> Iterator[bytes]:
-    """chat.completion.chunk SSE events token by token, for every choice (n > 1: one after another,
-    sample i with seed + i), tool calls as deltas as they are generated; usage; [DONE]."""
+    """chat.completion.chunk SSE events token by token, for every choice (n > 1: sample i with seed +
+    i, all at once under continuous batching), tool calls as deltas as they are generated; usage; [DONE]."""
     opts = dict(opts)
     n, seed = opts.pop("n", 1), opts.get("seed")
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
@@ -192,10 +192,9 @@ def chat_stream(llm: Any, messages: Any, tool_kw: dict, opts: dict, model: str, 
             body["usage"] = None
         return sse(body)
 
-    prompt_tokens = completion_tokens = 0
-    for i in range(n):
-        chunks = first if i == 0 else llm.chat(messages, stream=True, **tool_kw,
-                                               **{**opts, "seed": None if seed is None else seed + i})
+    usage = [0, 0]  # prompt tokens, completion tokens of all choices
+
+    def choice(i: int, chunks: Iterator[Any]) -> Iterator[bytes]:
         deltas = _ToolCallDeltas(calling)
         yield event(i, {"role": "assistant", "content": ""})
         last = None
@@ -211,38 +210,64 @@ def chat_stream(llm: Any, messages: Any, tool_kw: dict, opts: dict, model: str, 
         for d in deltas.finish(last.tool_calls):
             yield event(i, d)
         yield event(i, {}, last.finish_reason)
-        prompt_tokens = last.usage.prompt_tokens
-        completion_tokens += last.usage.completion_tokens
+        usage[0], usage[1] = last.usage.prompt_tokens, usage[1] + last.usage.completion_tokens
+
+    yield from _choices(llm, n, first, lambda i: llm.chat(messages, stream=True, **tool_kw, **{
+        **opts, "seed": None if seed is None else seed + i}), choice)
     if include_usage:
         yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                    "system_fingerprint": "slmkit", "choices": [],
-                   "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                             "total_tokens": prompt_tokens + completion_tokens}})
+                   "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1],
+                             "total_tokens": usage[0] + usage[1]}})
     yield sse(b"[DONE]")
 
 
+def _choices(llm: Any, n: int, first: Iterator[Any], start: Any, choice: Any) -> Iterator[bytes]:
+    """The events of n choices: with continuous batching all n run at once (their tokens come from
+    the same steps) and their events interleave; otherwise one choice after another."""
+    if n > 1 and getattr(llm.backend, "batch", None) is not None:
+        gens = [choice(0, first)] + [choice(i, start(i)) for i in range(1, n)]
+        active = list(gens)
+        try:
+            while active:
+                for g in list(active):
+                    try:
+                        yield next(g)
+                    except StopIteration:
+                        active.remove(g)
+        finally:
+            for g in gens:  # a client gone: every choice's request is cancelled now
+                g.close()
+        return
+    for i in range(n):
+        yield from choice(i, first if i == 0 else start(i))
+
+
 def completion_stream(llm: Any, prompt: str, opts: dict, model: str, include_usage: bool) -> Iterator[bytes]:
-    """text_completion SSE events token by token for every choice (n > 1: one after another)."""
+    """text_completion SSE events token by token for every choice (n > 1: as for chat_stream)."""
     opts = dict(opts)
     n, seed = opts.pop("n", 1), opts.get("seed")
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
         raise InvalidRequestError(f"must be an integer in [1, 64], got {n!r}", param="n")
     first = llm.generate(prompt, stream=True, **opts)
     cid, created = new_id("cmpl"), int(time.time())
-    p = c_tokens = 0
-    for i in range(n):
-        chunks = first if i == 0 else llm.generate(prompt, stream=True,
-                                                   **{**opts, "seed": None if seed is None else seed + i})
+    usage = [0, 0]
+
+    def choice(i: int, chunks: Iterator[Any]) -> Iterator[bytes]:
         last = None
         for c in chunks:
             last = c
             yield sse({"id": cid, "object": "text_completion", "created": created, "model": model,
                        "choices": [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}]})
         assert last is not None
-        p, c_tokens = last.usage.prompt_tokens, c_tokens + last.usage.completion_tokens
+        usage[0], usage[1] = last.usage.prompt_tokens, usage[1] + last.usage.completion_tokens
+
+    yield from _choices(llm, n, first, lambda i: llm.generate(prompt, stream=True, **{
+        **opts, "seed": None if seed is None else seed + i}), choice)
     if include_usage:
         yield sse({"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [],
-                   "usage": {"prompt_tokens": p, "completion_tokens": c_tokens, "total_tokens": p + c_tokens}})
+                   "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1],
+                             "total_tokens": usage[0] + usage[1]}})
     yield sse(b"[DONE]")
 
 
