@@ -52,20 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", default=None, help="required bearer key on every route (or $SLMKIT_API_KEY)")
-    srv.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503 + retry-after")
+    srv.add_argument("--max-queue", type=_positive, default=64, help="waiting requests before 503 + retry-after")
     srv.add_argument("--cors", action="append", default=None, help="allowed CORS origin (repeatable; off by default)")
-    srv.add_argument("--slots", type=int, default=4, help="concurrent sequences per model, batched continuously "
+    srv.add_argument("--slots", type=_positive, default=4, help="concurrent sequences per model, batched continuously "
                      "(1 = one request at a time)")
-    srv.add_argument("--slot-context", type=int, default=None, help="tokens per slot (default: the model's "
+    srv.add_argument("--slot-context", type=_positive, default=None, help="tokens per slot (default: the model's "
                      "context, at most 4096); the KV memory slots x context is allocated at start-up and printed")
     srv.add_argument("--keep-alive", default="-1", help="unload a model after this long idle (e.g. 5m, 30s; "
                      "-1 = never, the default); a request reloads it. Ollama's keep_alive per request overrides it")
-    srv.add_argument("--max-loaded", type=int, default=None, help="models loaded at once; loading one more "
+    srv.add_argument("--max-loaded", type=_positive, default=None, help="models loaded at once; loading one more "
                      "unloads the least recently used idle one")
     srv.add_argument("--image-urls", action="store_true", help="fetch http(s) image URLs from remote hosts "
                      "(off by default: data: URLs and this machine's URLs only)")
-    srv.add_argument("--image-url-host", action="append", default=None, help="fetch image URLs from this host "
-                     "only (repeatable; implies --image-urls)")
+    srv.add_argument("--image-url-host", action="append", default=None, help="fetch image URLs from this remote "
+                     "host too (repeatable; the only remote hosts allowed)")
     srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     _add_quant_args(srv)
     q = sub.add_parser("quantize", help="write a weight-only quantized copy of a model (a safetensors folder)")
@@ -73,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dst", help="the folder to write (must not exist, or be empty)")
     _add_quant_args(q, required=True)
     return parser
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1 (a named usage error otherwise)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
 
 
 def _add_quant_args(p: argparse.ArgumentParser, required: bool = False) -> None:

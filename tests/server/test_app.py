@@ -467,3 +467,13 @@ def test_slm_serve_refuses_a_kv_plan_that_does_not_fit(folder, monkeypatch, caps
     assert cli.main(["serve", f"tiny={folder}", "--slots", "8", "--slot-context", "2048"]) == 1
     err = capsys.readouterr().err
     assert "error: the KV cache for 8 slots x 2048 tokens needs" in err and "lower --slots" in err
+
+
+@pytest.mark.parametrize("flag,value", [("--max-loaded", "0"), ("--slots", "0"), ("--max-queue", "-1"),
+                                        ("--slot-context", "many")])
+def test_slm_serve_names_a_bad_number(flag, value, capsys):
+    from slmkit import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", flag, value])
+    assert e.value.code == 2 and f"argument {flag}: must be a positive integer" in capsys.readouterr().err

@@ -151,6 +151,8 @@ class Registry:
         loaded-LLM entry (default: its batch slots, else 1)."""
         if not models:
             raise ValueError("the server needs at least one model")
+        if max_loaded is not None and max_loaded < 1:
+            raise ValueError(f"max_loaded must be at least 1, got {max_loaded}")
         self.max_loaded = max_loaded
         self.entries: dict[str, Entry] = {}
         self._lock = threading.Lock()  # loading / unloading one model at a time
