@@ -76,6 +76,13 @@ class GenerationChunk:
     tool_calls: list[Any] | None = None  # on the last chunk of chat(stream=True, tools=...) that called a tool
 
 
+def check_n(n: Any) -> int:
+    """The number of choices a request asks for (1-64), or a named error."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
+        raise InvalidRequestError(f"must be an integer in [1, 64], got {n!r}", param="n")
+    return n
+
+
 def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
     if stop is None:
         return []
@@ -252,8 +259,7 @@ class LLM:
             raise InvalidRequestError("is empty", param="prompt")
         n = options.pop("n", None)
         if n is not None:  # n samples, one after another, sharing the prompt's KV cache
-            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
-                raise InvalidRequestError(f"must be an integer in [1, 64], got {n!r}", param="n")
+            check_n(n)
             if stream:
                 raise InvalidRequestError("streaming returns one sequence; use n with stream=False", param="stream")
             state: dict = {} if _session is None else _session

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..errors import InvalidRequestError
+from .openai_api import context_option, random_if_negative
 
 VERSION = "0.12.0"  # the Ollama API level these routes follow
 _OPTION_NAMES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
@@ -29,9 +30,7 @@ def options(body: dict) -> dict[str, Any]:
     for name, value in opts.items():
         if name in _OPTION_NAMES and value is not None:
             out[_OPTION_NAMES[name]] = value
-    seed = out.get("seed")
-    if isinstance(seed, int) and not isinstance(seed, bool) and seed < 0:
-        del out["seed"]  # Ollama: -1 means a random seed
+    random_if_negative(out)
     n = out.get("max_new_tokens")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < -2 or n == 0):
         raise InvalidRequestError(f"must be a positive integer, or -1 / -2 for no limit, got {n!r}",
@@ -39,8 +38,6 @@ def options(body: dict) -> dict[str, Any]:
     if n in (-1, -2):  # Ollama: -1 = until the context ends, -2 = fill the context
         out["max_new_tokens"] = None
     if opts.get("num_ctx") is not None:  # this request's context (the served slot context is the cap)
-        from .openai_api import context_option
-
         out["max_length"] = context_option(opts["num_ctx"], "options.num_ctx")
     fmt = body.get("format")
     if fmt == "json":

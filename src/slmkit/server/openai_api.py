@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+from ..api import check_n
 from ..errors import InvalidRequestError
 
 # request fields -> generate() options (extra_body fields arrive at the top level too; unknown
@@ -30,9 +31,7 @@ def options(body: dict) -> dict[str, Any]:
     for name in _SAME:
         if body.get(name) is not None:
             out["min_new_tokens" if name == "min_tokens" else name] = body[name]
-    seed = out.get("seed")
-    if isinstance(seed, int) and not isinstance(seed, bool) and seed < 0:
-        del out["seed"]  # llama.cpp / Ollama: a negative seed means a random one
+    random_if_negative(out)
     mt = body.get("max_completion_tokens", body.get("max_tokens"))
     if mt is not None:
         if isinstance(mt, bool) or not isinstance(mt, int) or mt < 1:
@@ -58,6 +57,13 @@ def options(body: dict) -> dict[str, Any]:
     return out
 
 
+def random_if_negative(out: dict[str, Any]) -> None:
+    """llama.cpp and Ollama clients send seed -1 for a random seed: no seed."""
+    seed = out.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool) and seed < 0:
+        del out["seed"]
+
+
 def context_option(v: Any, param: str = "num_ctx") -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise InvalidRequestError(f"must be a positive integer, got {v!r}", param=param)
@@ -79,9 +85,18 @@ def _logprobs_json(lps: Any) -> dict | None:
 
 
 def usage_json(results: list[Any]) -> dict:
+    """OpenAI usage of n choices (results or last chunks): the prompt once, every choice's tokens."""
     p = results[0].usage.prompt_tokens
     c = sum(r.usage.completion_tokens for r in results)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _per_choice(opts: dict) -> list[dict]:
+    """The options of each of the request's n choices: choice i samples with seed + i, as
+    LLM.generate(n=...) does."""
+    opts = dict(opts)
+    n, seed = check_n(opts.pop("n", 1)), opts.get("seed")
+    return [{**opts, "seed": None if seed is None else seed + i} for i in range(n)]
 
 
 def chat_completion(results: list[Any], model: str) -> dict:
@@ -176,12 +191,10 @@ def chat_stream(llm: Any, messages: Any, tool_kw: dict, opts: dict, model: str, 
                 ) -> Iterator[bytes]:
     """chat.completion.chunk SSE events token by token, for every choice (n > 1: sample i with seed +
     i, all at once under continuous batching), tool calls as deltas as they are generated; usage; [DONE]."""
-    opts = dict(opts)
-    n, seed = opts.pop("n", 1), opts.get("seed")
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
-        raise InvalidRequestError(f"must be an integer in [1, 64], got {n!r}", param="n")
+    per = _per_choice(opts)
     calling = bool(tool_kw) and tool_kw.get("tool_choice") != "none"
-    first = llm.chat(messages, stream=True, **tool_kw, **opts)  # raises a bad request before any event
+    start = lambda o: llm.chat(messages, stream=True, **tool_kw, **o)  # noqa: E731
+    first = start(per[0])  # raises a bad request before any event
     cid, created = new_id("chatcmpl"), int(time.time())
 
     def event(i: int, delta: dict, finish: str | None = None, logprobs: Any = None) -> bytes:
@@ -191,8 +204,6 @@ def chat_stream(llm: Any, messages: Any, tool_kw: dict, opts: dict, model: str, 
         if include_usage:
             body["usage"] = None
         return sse(body)
-
-    usage = [0, 0]  # prompt tokens, completion tokens of all choices
 
     def choice(i: int, chunks: Iterator[Any]) -> Iterator[bytes]:
         deltas = _ToolCallDeltas(calling)
@@ -210,48 +221,21 @@ def chat_stream(llm: Any, messages: Any, tool_kw: dict, opts: dict, model: str, 
         for d in deltas.finish(last.tool_calls):
             yield event(i, d)
         yield event(i, {}, last.finish_reason)
-        usage[0], usage[1] = last.usage.prompt_tokens, usage[1] + last.usage.completion_tokens
+        return last
 
-    yield from _choices(llm, n, first, lambda i: llm.chat(messages, stream=True, **tool_kw, **{
-        **opts, "seed": None if seed is None else seed + i}), choice)
+    lasts = yield from _choices(llm, per, first, start, choice)
     if include_usage:
         yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "system_fingerprint": "slmkit", "choices": [],
-                   "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1],
-                             "total_tokens": usage[0] + usage[1]}})
+                   "system_fingerprint": "slmkit", "choices": [], "usage": usage_json(lasts)})
     yield sse(b"[DONE]")
-
-
-def _choices(llm: Any, n: int, first: Iterator[Any], start: Any, choice: Any) -> Iterator[bytes]:
-    """The events of n choices: with continuous batching all n run at once (their tokens come from
-    the same steps) and their events interleave; otherwise one choice after another."""
-    if n > 1 and getattr(llm.backend, "batch", None) is not None:
-        gens = [choice(0, first)] + [choice(i, start(i)) for i in range(1, n)]
-        active = list(gens)
-        try:
-            while active:
-                for g in list(active):
-                    try:
-                        yield next(g)
-                    except StopIteration:
-                        active.remove(g)
-        finally:
-            for g in gens:  # a client gone: every choice's request is cancelled now
-                g.close()
-        return
-    for i in range(n):
-        yield from choice(i, first if i == 0 else start(i))
 
 
 def completion_stream(llm: Any, prompt: str, opts: dict, model: str, include_usage: bool) -> Iterator[bytes]:
     """text_completion SSE events token by token for every choice (n > 1: as for chat_stream)."""
-    opts = dict(opts)
-    n, seed = opts.pop("n", 1), opts.get("seed")
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
-        raise InvalidRequestError(f"must be an integer in [1, 64], got {n!r}", param="n")
-    first = llm.generate(prompt, stream=True, **opts)
+    per = _per_choice(opts)
+    start = lambda o: llm.generate(prompt, stream=True, **o)  # noqa: E731
+    first = start(per[0])
     cid, created = new_id("cmpl"), int(time.time())
-    usage = [0, 0]
 
     def choice(i: int, chunks: Iterator[Any]) -> Iterator[bytes]:
         last = None
@@ -260,15 +244,39 @@ def completion_stream(llm: Any, prompt: str, opts: dict, model: str, include_usa
             yield sse({"id": cid, "object": "text_completion", "created": created, "model": model,
                        "choices": [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}]})
         assert last is not None
-        usage[0], usage[1] = last.usage.prompt_tokens, usage[1] + last.usage.completion_tokens
+        return last
 
-    yield from _choices(llm, n, first, lambda i: llm.generate(prompt, stream=True, **{
-        **opts, "seed": None if seed is None else seed + i}), choice)
+    lasts = yield from _choices(llm, per, first, start, choice)
     if include_usage:
         yield sse({"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [],
-                   "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1],
-                             "total_tokens": usage[0] + usage[1]}})
+                   "usage": usage_json(lasts)})
     yield sse(b"[DONE]")
+
+
+def _choices(llm: Any, per: list[dict], first: Iterator[Any], start: Any, choice: Any) -> Any:
+    """Yield the events of every choice; return each choice's last chunk (for usage). With
+    continuous batching all choices run at once (their tokens come from the same steps) and their
+    events interleave; otherwise one choice after another."""
+    if len(per) > 1 and getattr(llm.backend, "batch", None) is not None:
+        gens = [choice(0, first)] + [choice(i, start(o)) for i, o in enumerate(per) if i]
+        lasts: list[Any] = [None] * len(gens)
+        active = list(range(len(gens)))
+        try:
+            while active:
+                for i in list(active):
+                    try:
+                        yield next(gens[i])
+                    except StopIteration as done:
+                        lasts[i] = done.value
+                        active.remove(i)
+        finally:
+            for g in gens:  # a client gone: every choice's request is cancelled now
+                g.close()
+        return lasts
+    lasts = []
+    for i, o in enumerate(per):
+        lasts.append((yield from choice(i, first if i == 0 else start(o))))
+    return lasts
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
