@@ -188,10 +188,7 @@ class BatchEngine:
             self.pending.remove(req)
             row = self.cache.add_row()
             self.rows.append(req)
-            n = req.cache.offset
-            for dst, src in zip(self.cache.k + self.cache.v, req.cache.k + req.cache.v):
-                dst[row, :, :n] = src[0, :, :n]
-            self.cache.lens[row] = n
+            self.cache.load_row(row, req.cache, req.cache.offset)
             req.cache = None
             self._step(row, logits)
         except BaseException as e:  # a bad request fails alone
@@ -223,9 +220,7 @@ class BatchEngine:
             seq = self.rows[i].gen.sequences[0]  # the cached tokens and the pending one
             tmp = self.engine.new_cache(1, len(seq))
             logits = self.engine.forward(torch.tensor([seq], device=self.engine.device), tmp)[:, -1]
-            for dst, src in zip(self.cache.k + self.cache.v, tmp.k + tmp.v):
-                dst[i, :, : len(seq)] = src[0, :, : len(seq)]
-            self.cache.lens[i] = len(seq)
+            self.cache.load_row(i, tmp, len(seq))
             self._step(i, logits)
 
     def _step(self, i: int, logits: torch.Tensor) -> None:

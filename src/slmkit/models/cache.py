@@ -194,6 +194,12 @@ class SlotCache:
             d[0, :, :n] = src[row, :, :n]
         dst.offset = n
 
+    def load_row(self, i: int, src: KVCache, n: int) -> None:
+        """Row i holds the first n positions of a one-row KVCache (a prompt prefilled on its own)."""
+        for d, t in zip(self.k + self.v, src.k + src.v):
+            d[i, :, :n] = t[0, :, :n]
+        self.lens[i] = n
+
     def row_cache(self, i: int) -> KVCache:
         """Row i as a one-row KVCache over the same memory (prefill writes straight into the slot)."""
         c = KVCache.__new__(KVCache)
