@@ -128,9 +128,14 @@ class Entry:
         """What /api/tags and /api/show tell about the model, kept after it unloads."""
         llm = self.llm
         engine = getattr(llm.backend, "engine", None)
-        params = sum(p.numel() for p in engine.model.parameters()) if engine is not None else 0
-        weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters()) if engine else 0
-        weight_bytes += sum(b.numel() * b.element_size() for b in engine.model.buffers()) if engine else 0
+        params = weight_bytes = 0
+        if engine is not None:  # quantized linears hold their weights as buffers: count those as n x k
+            for m in engine.model.modules():
+                if hasattr(m, "qweight"):
+                    params += m.in_features * m.out_features
+            for t in list(engine.model.parameters()) + list(engine.model.buffers()):
+                weight_bytes += t.numel() * t.element_size()
+            params += sum(p.numel() for p in engine.model.parameters())
         batch = getattr(llm.backend, "batch", None)
         self.info = {
             "model_type": llm.backend.model_type, "context_length": llm.context_length, "params": params,
