@@ -173,3 +173,14 @@ def test_num_ctx_caps_the_request(folders):
     finally:
         srv.should_exit = True
         t.join(timeout=10)
+
+
+def test_parameter_count_includes_quantized_linears(folders):
+    counts = []
+    for quant in (None, "int8"):
+        reg = Registry({"m": slmkit.load(folders["gemma"], dtype="float32", quant=quant)})  # tied embeddings
+        counts.append(reg.entry("m").info["params"])
+        reg.close()
+    model = slmkit.load(folders["gemma"], dtype="float32").engine.model  # the tied head counts once
+    once = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("lm_head"))
+    assert counts[0] == counts[1] == once and model.model.embed_tokens.weight.numel() < once

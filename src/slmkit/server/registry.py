@@ -130,12 +130,15 @@ class Entry:
         engine = getattr(llm.backend, "engine", None)
         params = weight_bytes = 0
         if engine is not None:  # quantized linears hold their weights as buffers: count those as n x k
-            for m in engine.model.modules():
+            tied = getattr(engine.args, "tie_word_embeddings", False)  # then lm_head is the embedding again
+            for name, m in engine.model.named_modules():
+                if tied and name == "lm_head":
+                    continue
                 if hasattr(m, "qweight"):
                     params += m.in_features * m.out_features
+                params += sum(p.numel() for p in m.parameters(recurse=False))
             for t in list(engine.model.parameters()) + list(engine.model.buffers()):
                 weight_bytes += t.numel() * t.element_size()
-            params += sum(p.numel() for p in engine.model.parameters())
         batch = getattr(llm.backend, "batch", None)
         self.info = {
             "model_type": llm.backend.model_type, "context_length": llm.context_length, "params": params,
