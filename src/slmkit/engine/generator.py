@@ -27,13 +27,16 @@ from .sampling import draw
 from .structured import Constraint, grammar_for
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
+# A temperature below this is greedy decoding (vLLM's rule, its _SAMPLING_EPS): dividing logits by
+# 1e-45 overflows float32 to inf and the softmax to NaN, and the limit of sampling is argmax anyway.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
 class GeneratorParams:
     max_length: int | None = None  # prompt + generated tokens; default: the model's context length
     max_new_tokens: int | None = None
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 = greedy (so is anything below GREEDY_BELOW)
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int | None = None
@@ -87,6 +90,8 @@ class GeneratorParams:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
                 or not 0 <= self.temperature <= 100:
             raise bad("temperature", "must be a number in [0, 100]")
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise bad("top_k", "must be an integer >= 0")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
