@@ -66,3 +66,13 @@ class MemoryPlanError(SlmkitError):
     def __init__(self, message: str, *, needed: int, available: int):
         self.needed, self.available = needed, available
         super().__init__(message)
+
+
+class EngineError(SlmkitError):
+    """The engine failed while running a request, for a reason that is not the request's input
+    (a fault in a shared batch step, or an engine thread that stopped). `dead` is True when the
+    engine cannot run anything any more: every later request gets this error at once."""
+
+    def __init__(self, message: str, *, dead: bool = False):
+        self.dead = dead
+        super().__init__(message)

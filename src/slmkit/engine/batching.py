@@ -12,6 +12,11 @@ per step, not by the whole prompt, and a burst of short prompts joins in few ste
 LongRoPE (Phi-3 128k, Phi-3.5): each row takes the frequency set of its own length; a row that
 grows past original_max is re-prefilled in its slot with the long set (the Generator's rule), and
 a prompt already longer than that is prefilled in one piece.
+
+Faults stay as small as they can: an error in one row's sampling, grammar or prefill ends that
+request alone (its iterator raises it); an error in a shared forward pass ends the rows of that
+step; the engine goes on. Should the thread stop anyway, it first marks itself dead (`dead`,
+which the server's /health reports) and fails every queued request, and later ones fail at once.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import MemoryPlanError
+from ..errors import EngineError, MemoryPlanError, SlmkitError
 from ..models.cache import KVCache, SlotCache
 from .generator import FINISH_LENGTH, Generator, GeneratorParams
 
@@ -59,6 +64,8 @@ class BatchEngine:
         self.incoming: queue.Queue[_Request | None] = queue.Queue()  # None: close
         self.steps = 0
         self.reused_tokens = 0  # prompt tokens taken from a finished request's slot, not prefilled
+        self.dead: str | None = None  # why the engine thread stopped, once it has
+        self._life = threading.Lock()  # orders "queue a request" against "die and fail the queue"
         self._thread = threading.Thread(target=self._loop, name="slmkit-batch", daemon=True)
         if start:
             self._thread.start()
@@ -71,6 +78,11 @@ class BatchEngine:
     def active(self) -> int:
         return len(self.rows)
 
+    @property
+    def alive(self) -> bool:
+        """False once the engine thread has stopped for a fault (not after close())."""
+        return self.dead is None
+
     def submit(self, prompt: Sequence[int], params: GeneratorParams, want_logprobs: bool = False
                ) -> Iterator[tuple[int, str | None, tuple | None]]:
         """Queue a request; yields (token, finish_reason, logprob info) as the engine produces them.
@@ -79,7 +91,11 @@ class BatchEngine:
         gen.max_length = min(gen.max_length, self.slot_context)
         gen.append_tokens(list(prompt))  # validates ids and length in the caller's thread
         req = _Request(gen, list(prompt), want_logprobs)
-        self.incoming.put(req)
+        with self._life:  # a request queued here is either failed by _die or run, never left waiting
+            if self.dead is not None:
+                raise EngineError(f"the batch engine has stopped ({self.dead}); restart the server or "
+                                  "reload the model", dead=True)
+            self.incoming.put(req)
         try:
             while True:
                 item = req.out.get()
@@ -133,8 +149,43 @@ class BatchEngine:
                 req.out.put(_END)
         self.rows, self.pending = [], []
 
-    @torch.inference_mode()
     def _loop(self) -> None:
+        while True:
+            try:
+                return self._run()  # returns on close()
+            except Exception as e:  # noqa: BLE001
+                # a fault in a shared step (the batch's forward pass) is no one row's: the rows of
+                # that step end with it and the engine goes on; with no row to end it would only repeat
+                if not self.rows:
+                    return self._die(e)
+                try:
+                    for i in reversed(range(len(self.rows))):
+                        self._fail(i, e)
+                except BaseException as again:  # noqa: BLE001 -- the engine's own state is broken
+                    return self._die(again)
+            except BaseException as e:  # noqa: BLE001 -- whatever stops the thread must not strand requests
+                return self._die(e)
+
+    def _die(self, e: BaseException) -> None:
+        """The thread cannot go on: say so (alive, /health) and fail every request it holds or
+        that is queued, so none waits forever."""
+        with self._life:
+            self.dead = f"{type(e).__name__}: {e}"
+            waiting = self.rows + self.pending
+            while True:
+                try:
+                    item = self.incoming.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    waiting.append(item)
+            self.rows, self.pending = [], []
+        for req in waiting:  # one error object per request: each is raised in its own thread
+            req.out.put(EngineError(f"the batch engine stopped ({self.dead})", dead=True))
+            req.out.put(_END)
+
+    @torch.inference_mode()
+    def _run(self) -> None:
         while True:
             if not self.rows and not self.pending:
                 item = self.incoming.get()  # idle: wait for work
@@ -191,13 +242,13 @@ class BatchEngine:
             self.cache.load_row(row, req.cache, req.cache.offset)
             req.cache = None
             self._step(row, logits)
-        except BaseException as e:  # a bad request fails alone
+        except Exception as e:  # noqa: BLE001 -- a bad request fails alone
             if req in self.pending:
                 self.pending.remove(req)
+                req.out.put(_error_for(e))
+                req.out.put(_END)
             elif req in self.rows:
-                self._remove(self.rows.index(req))
-            req.out.put(e)
-            req.out.put(_END)
+                self._fail(self.rows.index(req), e)
         return max(1, len(chunk))
 
     def _reuse_prefix(self, req: _Request) -> None:
@@ -227,7 +278,10 @@ class BatchEngine:
         req = self.rows[i]
         gen = req.gen
         gen._logits = logits
-        gen.generate_next_token()
+        try:  # this row's processors, grammar and draw: whatever fails there ends this request only
+            gen.generate_next_token()
+        except Exception as e:  # noqa: BLE001
+            return self._fail(i, e)
         token, reason = gen.get_next_tokens()[0], gen.finish_reasons[0]
         if reason is None and int(self.cache.lens[i]) + 1 >= self.slot_context:
             reason = FINISH_LENGTH  # the slot is full
@@ -236,6 +290,14 @@ class BatchEngine:
         if reason is not None:
             req.out.put(_END)
             self._remove(i, keep=True)
+
+    def _fail(self, i: int, e: BaseException) -> None:
+        """End row i with an error: its request raises it, its slot is freed (its keys are not
+        kept: the row may be half-way through a step)."""
+        req = self.rows[i]
+        self._remove(i)
+        req.out.put(_error_for(e))
+        req.out.put(_END)
 
     def _drop_cancelled(self) -> None:
         for i in reversed(range(len(self.rows))):
@@ -257,3 +319,13 @@ class BatchEngine:
         if i < len(self.rows):
             self.rows[i] = last
 
+
+
+def _error_for(e: BaseException) -> SlmkitError:
+    """What a failed request raises: a typed error as it is (a grammar dead end, a bad option),
+    anything else as an EngineError that names it."""
+    if isinstance(e, SlmkitError):
+        return e
+    err = EngineError(f"the request failed in the batch engine: {type(e).__name__}: {e}")
+    err.__cause__ = e
+    return err
