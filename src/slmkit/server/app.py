@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import FastAPI, Request  # FastAPI reads the handlers' annotations from module globals
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..errors import ContextLengthError, InvalidRequestError, SlmkitError, UnsupportedInputError
+from ..errors import ContextLengthError, EngineError, InvalidRequestError, SlmkitError, UnsupportedInputError
 from . import images, ollama_api, openai_api
 from .registry import ModelUnavailable, Registry, UnknownModel, parse_keep_alive
 from .scheduler import QueueFull
@@ -306,11 +306,23 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
         return {"version": ollama_api.VERSION}
 
     # ------------------------------------------------------------------ service
+    @app.exception_handler(EngineError)
+    async def engine_error(request: Request, e: EngineError) -> JSONResponse:
+        """The engine's fault, not the request's: a server error, 503 once the engine is dead."""
+        if e.dead:
+            return error(503, str(e), "server_error", code="engine_dead", headers={"retry-after": "10"})
+        return error(500, str(e), "server_error", code="internal_error")
+
     @app.get("/health")
-    async def health() -> dict:
+    async def health() -> Any:
         es = registry.entries.values()
-        return {"status": "ok", "models": list(registry.entries), "loaded": [e.name for e in registry.loaded()],
+        body = {"status": "ok", "models": list(registry.entries), "loaded": [e.name for e in registry.loaded()],
                 "queue_depth": sum(e.scheduler.queue_depth for e in es), "running": sum(e.scheduler.running for e in es)}
+        dead = {e.name: why for e in es if (why := e.engine_dead) is not None}
+        if dead:  # a model whose engine stopped fails every request: not healthy, whatever else runs
+            body.update(status="unhealthy", dead_engines=dead)
+            return JSONResponse(body, status_code=503)
+        return body
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -106,6 +106,14 @@ class Entry:
     def loaded(self) -> bool:
         return self.llm is not None
 
+    @property
+    def engine_dead(self) -> str | None:
+        """Why the model's continuous-batching engine stopped, if it has (it then fails every
+        request, and /health says so)."""
+        llm = self.llm  # once: an unload may clear it meanwhile
+        batch = getattr(llm.backend, "batch", None) if llm is not None else None
+        return getattr(batch, "dead", None)
+
     def _expire(self, keep_alive: float | None) -> None:
         self.expires_at = None if keep_alive is FOREVER else time.time() + keep_alive
 
