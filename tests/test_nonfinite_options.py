@@ -65,3 +65,30 @@ def test_finite_choice_keeps_finite_rows_as_they_are():
     assert y[0].tolist() == [1.0, -INF, 3.0] and y[1].tolist() == [-INF, 2.0, -INF]
     assert y[2].tolist() == [0.0, -INF, 0.0]  # the +inf tokens share the probability
     assert draw(x, 0).tolist() == [2, 1, 0]
+
+
+def test_extreme_options_on_extreme_logits_give_a_token_or_a_typed_error():
+    """A seeded fuzz of the processor chain and the draw: any mix of the options' extremes over
+    logits with huge values, inf and NaN yields a valid, non-NaN token or InvalidRequestError."""
+    import random
+
+    from slmkit.engine.processors import process
+
+    rnd, V = random.Random(0), 50
+    for it in range(1000):
+        p = GeneratorParams(
+            temperature=rnd.choice([0, 1e-45, 1e-6, 1e-5, 0.3, 1, 100]),
+            repetition_penalty=rnd.choice([1.0, 1e-45, 1e-30, 0.5, 100]), top_k=rnd.choice([0, 1, 5]),
+            top_p=rnd.choice([1.0, 0.5, 1e-9]), min_p=rnd.choice([0, 0.5, 1.0]), typical_p=rnd.choice([1.0, 0.5, 1e-9]),
+            presence_penalty=rnd.choice([0, -2, 2]), frequency_penalty=rnd.choice([0, -2, 2]),
+            no_repeat_ngram_size=rnd.choice([0, 1, 2]), logit_bias=rnd.choice([None, {1: 100, 2: -100}, {3: 100.0}]),
+            min_new_tokens=rnd.choice([0, 5]))
+        x = torch.randn(1, V) * rnd.choice([1, 1e3, 1e30, 3e38])
+        for _ in range(rnd.randrange(3)):
+            x[0, rnd.randrange(V)] = rnd.choice([INF, -INF, NAN])
+        seq = [[rnd.randrange(V) for _ in range(rnd.randrange(1, 12))]]
+        try:
+            token = int(draw(process(x, p, seq, 1, [0]), p.temperature, torch.Generator().manual_seed(it)))
+        except InvalidRequestError:
+            continue
+        assert 0 <= token < V and not bool(torch.isnan(x[0, token]))
