@@ -74,7 +74,7 @@ def test_a_row_that_fails_on_its_second_token_ends_alone(llm):
     assert isinstance(err, EngineError) and not err.dead and "the scorer broke" in str(err)
     assert good_out == {"value": solo}  # decoded beside the failing row, exactly as alone
     batch = llm.backend.batch
-    assert batch.alive
+    assert batch.alive and batch.active == 0 and batch.cache.n == 0  # both slots freed
     assert in_thread(good) == {"value": solo}  # and the engine goes on
 
 
@@ -108,7 +108,7 @@ def test_a_failing_batch_step_ends_its_rows_and_the_engine_goes_on(llm, monkeypa
     assert failed and all(isinstance(o.get("error"), EngineError) for o in outs)
     assert "out of memory in the batch step" in str(outs[0]["error"])
     batch = llm.backend.batch
-    assert batch.alive
+    assert batch.alive and batch.active == 0 and batch.cache.n == 0
     monkeypatch.setattr(model, "forward", real)
     assert in_thread(lambda: llm.generate(GOOD[0], **GOOD[1]).token_ids) == {"value": solo}
 

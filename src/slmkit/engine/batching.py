@@ -286,10 +286,11 @@ class BatchEngine:
         if reason is None and int(self.cache.lens[i]) + 1 >= self.slot_context:
             reason = FINISH_LENGTH  # the slot is full
         lp = gen.last_logprobs[0] if req.want_logprobs else None
+        if reason is not None:  # freed before the last token goes out: whoever has it finds the slot free
+            self._remove(i, keep=True)
         req.out.put((token, reason, lp))
         if reason is not None:
             req.out.put(_END)
-            self._remove(i, keep=True)
 
     def _fail(self, i: int, e: BaseException) -> None:
         """End row i with an error: its request raises it, its slot is freed (its keys are not
