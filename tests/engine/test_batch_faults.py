@@ -66,9 +66,9 @@ def test_a_row_that_fails_on_its_second_token_ends_alone(llm):
             raise RuntimeError("the scorer broke")
         return logits
 
-    bad = lambda: llm.generate([7, 8, 9], max_new_tokens=12, temperature=0.8, seed=1,  # noqa: E731
+    bad = lambda: llm.generate([7, 8, 9], max_new_tokens=12, temperature=0.8, seed=1,
                                scorers=[breaks_on_second_token])
-    good = lambda: llm.generate(GOOD[0], **GOOD[1]).token_ids  # noqa: E731
+    good = lambda: llm.generate(GOOD[0], **GOOD[1]).token_ids
     bad_out, good_out = queued_then_started(llm, [bad, good])
     err = bad_out["error"]
     assert isinstance(err, EngineError) and not err.dead and "the scorer broke" in str(err)
@@ -82,8 +82,8 @@ def test_a_typed_error_in_one_row_reaches_its_caller_as_it_is(llm):
     def nothing_left(ids, logits):  # every token ruled out: no token can be chosen
         return logits - float("inf")
 
-    bad = lambda: llm.generate([7, 8, 9], max_new_tokens=4, temperature=0, scorers=[nothing_left])  # noqa: E731
-    good = lambda: llm.generate(GOOD[0], **GOOD[1]).token_ids  # noqa: E731
+    bad = lambda: llm.generate([7, 8, 9], max_new_tokens=4, temperature=0, scorers=[nothing_left])
+    good = lambda: llm.generate(GOOD[0], **GOOD[1]).token_ids
     solo = good()
     bad_out, good_out = queued_then_started(llm, [bad, good])
     assert isinstance(bad_out["error"], InvalidRequestError)

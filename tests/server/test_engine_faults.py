@@ -13,7 +13,7 @@ import slmkit
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from tests.server.test_app import KEY, serve  # noqa: E402
+from tests.server.test_app import KEY, serve
 
 H = {"Authorization": f"Bearer {KEY}"}
 HANG_S = 120  # a request still unanswered by then hangs (the bug); not a speed limit
@@ -66,7 +66,7 @@ def test_the_issues_nan_request_does_not_stop_the_server(server):
 def test_a_request_failing_mid_stream_gets_an_error_event_and_the_others_go_on(server, monkeypatch):
     from slmkit.engine.generator import Generator
 
-    base, llm = server
+    base, _ = server
     real = Generator.generate_next_token
 
     def fails_for_seed_666_at_token_3(self):  # one request's row fails inside the engine
