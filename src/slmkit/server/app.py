@@ -21,10 +21,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request  # FastAPI reads the handlers' annotations from module globals
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from ..errors import ContextLengthError, InvalidRequestError, SlmkitError, UnsupportedInputError
 from . import images, ollama_api, openai_api, schemas
-from .body import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY, BodyLimit, BodyTimeout, BodyTooLarge, parse_json_off_loop
+from .body import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY, BodyLimit, BodyTimeout, BodyTooLarge, flag,
+                   parse_json_off_loop)
 from .registry import ModelUnavailable, Registry, UnknownModel, parse_keep_alive
 from .scheduler import QueueFull
 
@@ -83,14 +85,6 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
     async def body_of(request: Request) -> dict:
         return await parse_json_off_loop(await request.body())
 
-    def flag(body: dict, name: str, default: bool = False) -> bool:
-        v = body.get(name)
-        if v is None:
-            return default
-        if not isinstance(v, bool):
-            raise InvalidRequestError(f"must be true or false, got {type(v).__name__}", param=name)
-        return v
-
     def model_of(body: dict) -> str:
         name = body.get("model")
         if name is not None and not isinstance(name, str):
@@ -147,6 +141,10 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
     @app.exception_handler(BodyTimeout)
     async def too_slow(request: Request, e: BodyTimeout) -> JSONResponse:
         return body_refused(408, str(e))
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request: Request, e: ClientDisconnect) -> Response:
+        return Response(status_code=400)  # the client left while sending its body: nobody reads this
 
     @app.exception_handler(UnknownModel)
     async def unknown_model(request: Request, e: UnknownModel) -> JSONResponse:

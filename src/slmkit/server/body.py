@@ -88,8 +88,10 @@ def check_value(value: Any, where: str = "") -> None:
         if isinstance(v, str):
             check_text(v, path or "body")
         elif isinstance(v, (dict, list)):
-            if depth >= MAX_DEPTH:
-                raise InvalidRequestError(f"is nested more than {MAX_DEPTH} levels deep", param=path or "body")
+            if depth >= MAX_DEPTH:  # the error names the top-level field, the message where it got too deep
+                field = path.split(".")[0].split("[")[0]
+                raise InvalidRequestError(f"is nested more than {MAX_DEPTH} levels deep (at {path[:200]}...)",
+                                          param=field or "body")
             if isinstance(v, dict):
                 for k, item in v.items():
                     check_text(k, path or "body")  # a key: the object's path
@@ -120,3 +122,13 @@ async def parse_json_off_loop(raw: bytes) -> dict:
     if len(raw) > _THREAD_ABOVE:
         return await asyncio.to_thread(parse_json, raw)
     return parse_json(raw)
+
+
+def flag(body: dict, name: str, default: bool = False) -> bool:
+    """A true / false field of a request (null or absent: the default)."""
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise InvalidRequestError(f"must be true or false, got {type(v).__name__}", param=name)
+    return v
