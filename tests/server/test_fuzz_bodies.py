@@ -94,7 +94,11 @@ def test_every_route_survives_its_schema_fuzzed(server):
             path, schema = routes[i % len(routes)]
             raw = fuzz.body(schema)
             what = f"seed {SEED}, example {i}: POST {path} {raw[:3000]!r}"
-            check(client.post(base + path, content=raw), what)
+            try:
+                r = client.post(base + path, content=raw)
+            except httpx.HTTPError as e:  # a hang (the engine stopped) or a dropped connection: name the body
+                pytest.fail(f"{what}\n-> no answer: {e!r}")
+            check(r, what)
             assert not escaped, f"{what}\n-> an untyped error escaped the model's API: {escaped[0]!r}"
         assert client.get(base + "/health").json()["status"] == "ok"
         r = client.post(base + "/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 3})
