@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 
 import pytest
 
@@ -232,8 +233,6 @@ def test_a_connection_that_never_finishes_its_headers_is_closed(server):
 
 
 def test_a_request_whose_headers_are_in_may_take_longer_than_the_header_timeout(server):
-    import time
-
     body = json.dumps({"model": "tiny", "prompt": "Hi", "max_tokens": 1}).encode()
     with socket.create_connection(("127.0.0.1", _port(server)), timeout=30) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
@@ -298,3 +297,27 @@ def test_slm_serve_says_when_it_cannot_listen_before_loading(capsys, monkeypatch
         assert cli.main(["serve", "--port", str(port)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot listen on 127.0.0.1:{port}: ") and "in use" in err
+
+
+def test_tokenizing_a_long_text_lets_other_threads_run(llm):
+    """A long prompt tokenizes on a worker thread without holding the GIL, so the server's event
+    loop (here: the main thread) keeps running meanwhile; tokenizers' encode() holds it throughout."""
+    text = "hello world, this is a test. " * 40_000  # ~1.2 M characters: a second or so of tokenizing
+    state = {"running": False, "done": False}
+
+    def tokenize():
+        state["running"] = True
+        state["ids"] = llm.tokenizer.encode(text)
+        state["done"] = True
+
+    t = threading.Thread(target=tokenize)
+    t.start()
+    steps = 0
+    while not state["done"]:
+        if state["running"]:
+            steps += 1  # the main thread ran Python while the tokenizer worked
+        time.sleep(0)
+    t.join()
+    assert steps > 100, steps  # holding the GIL allows a handful at the edges of the call
+    want = llm.tokenizer.backend.encode(text, add_special_tokens=False).ids
+    assert state["ids"][len(state["ids"]) - len(want):] == want  # the ids tokenizers' encode() gives
