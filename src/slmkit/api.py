@@ -15,9 +15,10 @@ from typing import Any, Literal, overload
 import torch
 
 from .backends.base import EXTRA_OPTIONS, Backend, SamplingOptions
+from .engine.chat import check_text
 from .engine.engine import validate_token_ids
 from .engine.stops import StopStrings
-from .errors import InvalidRequestError, ModelFileError, UnsupportedInputError
+from .errors import ContextLengthError, InvalidRequestError, ModelFileError, UnsupportedInputError
 
 DEFAULT_MAX_NEW_TOKENS = 512
 
@@ -83,6 +84,17 @@ def check_n(n: Any) -> int:
     return n
 
 
+def check_seed(seed: Any, param: str = "seed") -> int:
+    """A sampling seed: an integer in [0, 2**63), or a named error (before seed + i is computed
+    for the i-th of n choices)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise InvalidRequestError(f"must be an integer in [0, 2**63), got {seed!r}"[:200], param=param)
+    return seed
+
+
+_DIGITS = re.compile(r"\s*[0-9]+\s*")  # a token id as a string: ASCII digits ("²".isdigit() is true)
+
+
 def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
     if stop is None:
         return []
@@ -126,6 +138,7 @@ class LLM:
         self.tokenizer = backend.tokenizer
         self.name = backend.name
         self.context_length = backend.context_length
+        self._max_token_chars: int | None = None
 
     @property
     def prompt_style(self) -> str:
@@ -190,10 +203,13 @@ class LLM:
         for key, value in bias.items():
             if isinstance(key, bool) or not isinstance(key, (int, str)):
                 raise InvalidRequestError(f"keys must be token ids or strings, got {key!r}", param="logit_bias")
-            if isinstance(key, int) or key.strip().isdigit():
+            if isinstance(key, str) and _DIGITS.fullmatch(key) and len(key.strip()) > 18:
+                raise InvalidRequestError(f"token id {key.strip()[:20]}... is outside the vocabulary "
+                                          f"[0, {self.backend.vocab_size})", param="logit_bias")
+            if isinstance(key, int) or _DIGITS.fullmatch(key):
                 ids = [int(key)]
             else:
-                ids = self.tokenizer.encode(key, add_special_tokens=False)
+                ids = self.tokenizer.encode(check_text(key, "logit_bias"), add_special_tokens=False)
                 if not ids:
                     raise InvalidRequestError(f"{key!r} encodes to no tokens", param="logit_bias")
             for i in validate_token_ids(ids, self.backend.vocab_size, "logit_bias"):
@@ -216,9 +232,11 @@ class LLM:
             raise InvalidRequestError("needs tools", param="tool_choice")
         if tools is not None:
             from . import tools as tooling
+            from .engine.chat import normalize_messages
 
-            messages, constraint = tooling.prepare(messages, tools, tool_choice)
-            ids = self.tokenizer.encode(self.render(messages).text, add_special_tokens=False)
+            # the messages are checked first: the tools' rewrite of them assumes well-formed ones
+            messages, constraint = tooling.prepare(normalize_messages(messages), tools, tool_choice)
+            ids = self._encode(self.render(messages).text, "messages", add_special_tokens=False)
             if stream:  # text chunks as they come; the last one carries the parsed call
                 if kw.get("n") not in (None, 1):
                     raise InvalidRequestError("streaming returns one sequence; use n with stream=False", param="n")
@@ -230,8 +248,31 @@ class LLM:
                     r.tool_calls, r.finish_reason = calls, "tool_calls"
             return result
         prompt = self.render(messages)
-        ids = self.tokenizer.encode(prompt.text, add_special_tokens=False)  # the template holds any BOS
+        ids = self._encode(prompt.text, "messages", add_special_tokens=False)  # the template holds any BOS
         return self.generate(ids, stream=stream, **kw)
+
+    def _encode(self, text: str, param: str, add_special_tokens: bool) -> list[int]:
+        """Token ids of a prompt's text, checked first: valid Unicode, and not so long that it cannot
+        fit the context whatever it tokenizes to (no token is longer than the vocabulary's longest
+        piece), so a text of megabytes is refused without tokenizing it."""
+        check_text(text, param)
+        limit = self._context_limit()
+        least = len(text) // (_SHRINK * self._longest_token())  # tokens the text has at the least
+        if least > limit:
+            raise ContextLengthError(least, limit, "context length", at_least=True)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def _context_limit(self) -> int:
+        batch = getattr(self.backend, "batch", None)
+        return batch.slot_context if batch is not None else self.context_length
+
+    def _longest_token(self) -> int:
+        """Characters of the vocabulary's longest token (special ones included), once per model."""
+        if self._max_token_chars is None:
+            backend = getattr(self.tokenizer, "backend", None)
+            vocab = backend.get_vocab(with_added_tokens=True) if backend is not None else {}
+            self._max_token_chars = max(map(len, vocab), default=0) or 64
+        return self._max_token_chars
 
     def generate(self, prompt: str | Sequence[int], *, stream: bool = False,
                  max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS, temperature: float | None = None,
@@ -250,7 +291,7 @@ class LLM:
         prefilling the prompt once.
         """
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+            ids = self._encode(prompt, "prompt", add_special_tokens=True)
         elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
             ids = validate_token_ids(prompt, self.backend.vocab_size, "prompt")
         else:
@@ -258,6 +299,8 @@ class LLM:
         if not ids:
             raise InvalidRequestError("is empty", param="prompt")
         n = options.pop("n", None)
+        if seed is not None:
+            check_seed(seed)
         if n is not None:  # n samples, one after another, sharing the prompt's KV cache
             check_n(n)
             if stream:
@@ -375,6 +418,10 @@ class LLM:
     def __repr__(self) -> str:
         return f"LLM({self.name!r}, backend={type(self.backend).__name__}, context={self.context_length})"
 
+
+# normalizers may shorten a text before it is split into tokens (NFC composes up to 3 code
+# points into 1): the character bound leaves that much room
+_SHRINK = 4
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="serve models over OpenAI- and Ollama-compatible HTTP APIs")
     srv.add_argument("models", nargs="*", default=["builtin"], help="models to load (default: builtin); "
                      "NAME=PATH names one, else the file or folder name is its API name")
-    srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--host", type=_host, default="127.0.0.1",
+                     help="bind address (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=_port, default=8000, help="TCP port, 1-65535 (default 8000)")
     srv.add_argument("--api-key", default=None, help="required bearer key on every route (or $SLMKIT_API_KEY)")
     srv.add_argument("--max-queue", type=_positive, default=64, help="waiting requests before 503 + retry-after")
     srv.add_argument("--cors", action="append", default=None, help="allowed CORS origin (repeatable; off by default)")
@@ -66,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "(off by default: data: URLs and this machine's URLs only)")
     srv.add_argument("--image-url-host", action="append", default=None, help="fetch image URLs from this remote "
                      "host too (repeatable; the only remote hosts allowed)")
+    srv.add_argument("--max-body", type=_size, default=16 * 2**20, help="largest request body, in bytes or with a "
+                     "K/M/G suffix (powers of 1024; default 16M); larger ones get 413")
+    srv.add_argument("--header-timeout", type=_seconds, default=10.0, help="seconds a connection has to send its "
+                     "request headers (default 10); slower ones are closed")
     srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     _add_quant_args(srv)
     q = sub.add_parser("quantize", help="write a weight-only quantized copy of a model (a safetensors folder)")
@@ -83,6 +88,54 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port 1-65535 (0, "any free port", would serve on a port nobody is told)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number 1-65535, got {text!r}") from None
+    if not 1 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 1-65535, got {v}")
+    return v
+
+
+def _host(text: str) -> str:
+    """argparse type: an address this machine can bind (an IP address, or a name that resolves)."""
+    import socket
+
+    try:
+        socket.getaddrinfo(text, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"not an address to listen on: {text!r} ({e})") from None
+    return text
+
+
+_UNITS = {"": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
+          "G": 2**30, "GB": 2**30, "GIB": 2**30}
+
+
+def _size(text: str) -> int:
+    """argparse type: a positive byte count, e.g. 1048576, 512K, 16M, 1G."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else ""
+    if m is None or unit not in _UNITS or float(m.group(1)) * _UNITS[unit] < 1:
+        raise argparse.ArgumentTypeError(f"must be a size like 16M, 512K or a byte count, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a positive, finite number of seconds."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
     return v
 
 
@@ -260,6 +313,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
         sys.stderr.write(f"error: {e}\n")
         return 2
 
+    problem = _cannot_listen(a.host, a.port)
+    if problem:  # before minutes of loading models
+        sys.stderr.write(f"error: cannot listen on {a.host}:{a.port}: {problem}\n")
+        return 1
+
     def loader(name: str, path: str) -> Any:
         def load_it() -> Any:
             t0 = time.perf_counter()
@@ -295,7 +353,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     try:
         app = create_app(models, api_key=key, max_queue=a.max_queue, cors_origins=a.cors, keep_alive=keep_alive,
-                         max_loaded=a.max_loaded, image_urls=hosts if hosts else bool(a.image_urls))
+                         max_loaded=a.max_loaded, image_urls=hosts if hosts else bool(a.image_urls),
+                         max_body=a.max_body)
     except ModelUnavailable as e:
         cause = e.__cause__
         sys.stderr.write(f"error: {cause if isinstance(cause, SlmkitError) else e}\n")
@@ -303,8 +362,25 @@ def cmd_serve(a: argparse.Namespace) -> int:
     forever = "kept loaded" if keep_alive is None else f"unloaded after {a.keep_alive} idle"
     sys.stderr.write(f"[serving {', '.join(models)} on http://{a.host}:{a.port}/v1 (OpenAI) and /api (Ollama)"
                      f"{', API key required' if key else ''}; models {forever}]\n")
-    uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+    from .server.protocol import uvicorn_options
+
+    uvicorn.run(app, host=a.host, port=a.port, log_level="warning", **uvicorn_options(a.header_timeout))
     return 0
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why uvicorn could not bind host:port (in use, not this machine's address, ...), or None."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind(addr)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 def cmd_quantize(a: argparse.Namespace) -> int:

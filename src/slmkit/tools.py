@@ -56,6 +56,13 @@ def _call_schema(fns: list[dict[str, Any]]) -> dict[str, Any]:
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
+def _text_of(content: Any) -> str:
+    """A message's text: the string, or the text parts of a list of parts."""
+    if isinstance(content, (list, tuple)):
+        return "".join(p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type") == "text")
+    return content or ""
+
+
 def _as_text_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Assistant tool calls and tool results as plain text turns (templates without tool roles)."""
     out = []
@@ -64,15 +71,18 @@ def _as_text_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
         if m.get("role") == "assistant" and m.get("tool_calls"):
             calls = []
             for j, c in enumerate(m["tool_calls"]):
-                fn = c.get("function", {}) if isinstance(c, Mapping) else {}
+                fn = c.get("function") if isinstance(c, Mapping) else None
+                if not isinstance(fn, Mapping):
+                    raise InvalidRequestError("must be {'function': {'name': ..., 'arguments': ...}}",
+                                              param=f"messages[{i}].tool_calls[{j}]")
                 args = fn.get("arguments", {})
                 try:
                     args = json.loads(args) if isinstance(args, str) and args.strip() else args
-                except json.JSONDecodeError as e:
-                    raise InvalidRequestError(f"is not valid JSON ({e})",
+                    calls.append(json.dumps({"name": fn.get("name"), "arguments": args}, ensure_ascii=False))
+                except (ValueError, RecursionError) as e:  # bad JSON, too deep, or too many digits
+                    raise InvalidRequestError(f"is not valid JSON ({type(e).__name__}: {str(e)[:200]})",
                                               param=f"messages[{i}].tool_calls[{j}].function.arguments") from None
-                calls.append(json.dumps({"name": fn.get("name"), "arguments": args}, ensure_ascii=False))
-            m = {"role": "assistant", "content": ((m.get("content") or "") + "\n".join(calls)).strip()}
+            m = {"role": "assistant", "content": (_text_of(m.get("content")) + "\n".join(calls)).strip()}
         elif m.get("role") == "tool":
             m = {"role": "user", "content": f"Tool result{' (' + m['name'] + ')' if m.get('name') else ''}: "
                                             f"{m.get('content') or ''}"}
@@ -86,7 +96,8 @@ def prepare(messages: Sequence[Mapping[str, Any]], tools: Any, tool_choice: Any)
     if tool_choice is None:
         tool_choice = "auto"
     if isinstance(tool_choice, Mapping):
-        name = (tool_choice.get("function") or {}).get("name") if tool_choice.get("type") == "function" else None
+        fn = tool_choice.get("function") if tool_choice.get("type") == "function" else None
+        name = fn.get("name") if isinstance(fn, Mapping) else None
         chosen = [f for f in fns if f["name"] == name]
         if not chosen:
             raise InvalidRequestError(f"names no tool of the request: {name!r}", param="tool_choice")
@@ -116,8 +127,8 @@ def parse(text: str, tools: Any, tool_choice: Any) -> list[ToolCall]:
         return []
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError:
-        return []  # cut short by the length limit: no call
+    except (ValueError, RecursionError):  # cut short by the length limit (or beyond what json reads): no call
+        return []
     names = {f["name"] for f in _functions(tools)}
     if not isinstance(obj, dict) or obj.get("name") not in names or not isinstance(obj.get("arguments"), dict):
         return []

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
 import pytest
 
 import slmkit
+from tests.helpers.serving import free_port, start_server
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -27,12 +27,6 @@ def wait_healthy(base: str) -> None:
             time.sleep(0.25)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve(llm, **kw):
     return serve_models({"tiny": llm}, api_key=KEY, **kw)
 
@@ -40,16 +34,7 @@ def serve(llm, **kw):
 def serve_models(models, api_key="k", **kw):
     from slmkit.server.app import create_app
 
-    app = create_app(models, api_key=api_key, **kw)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", srv, t
+    return start_server(create_app(models, api_key=api_key, **kw))
 
 
 @pytest.fixture(scope="module")

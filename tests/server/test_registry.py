@@ -167,8 +167,8 @@ def test_num_ctx_caps_the_request(folders):
         with pytest.raises(openai.BadRequestError) as e:
             oa.chat.completions.create(model="phi", messages=msgs, max_tokens=4, extra_body={"num_ctx": 16})
         assert e.value.body["code"] == "context_length_exceeded"
-        r = oa.chat.completions.create(model="phi", messages=[{"role": "user", "content": "hi"}], max_tokens=500,
-                                       temperature=0, extra_body={"num_ctx": 40, "min_tokens": 500})
+        r = oa.chat.completions.create(model="phi", messages=[{"role": "user", "content": "hi"}], max_tokens=200,
+                                       temperature=0, extra_body={"num_ctx": 40, "min_tokens": 200})
         assert r.choices[0].finish_reason == "length" and r.usage.total_tokens == 40
     finally:
         srv.should_exit = True

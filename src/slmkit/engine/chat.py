@@ -90,6 +90,18 @@ def _bad(message: str, param: str) -> InvalidRequestError:
     return InvalidRequestError(message, param=param)
 
 
+def check_text(text: str, param: str) -> str:
+    """text, if it can be encoded as UTF-8 (the tokenizer's input); a lone surrogate such as
+    "\\ud800", which Python strings (and JSON escapes) allow, cannot."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise _bad(f"holds a lone surrogate ({text[e.start]!r} at character {e.start}), which is not valid "
+                       "Unicode text", param) from None
+    return text
+
+
 def _check_part(part: Any, where: str) -> None:
     if not isinstance(part, Mapping):
         raise _bad("each content part must be an object", where)
@@ -97,6 +109,7 @@ def _check_part(part: Any, where: str) -> None:
     if kind == "text":
         if not isinstance(part.get("text"), str):
             raise _bad("a text part needs a string 'text'", f"{where}.text")
+        check_text(part["text"], f"{where}.text")
     elif kind == "image_url":
         image = part.get("image_url")
         url = image.get("url") if isinstance(image, Mapping) else image
@@ -127,7 +140,9 @@ def normalize_messages(messages: Sequence[Mapping]) -> list[dict]:
         elif isinstance(content, (list, tuple)):
             for j, part in enumerate(content):
                 _check_part(part, f"{where}.content[{j}]")
-        elif not isinstance(content, str):
+        elif isinstance(content, str):
+            check_text(content, f"{where}.content")
+        else:
             raise _bad("must be a string or a list of content parts", f"{where}.content")
         for key, kind in (("name", str), ("tool_call_id", str), ("tool_calls", (list, tuple))):
             if msg.get(key) is not None and not isinstance(msg[key], kind):

@@ -29,6 +29,7 @@ from slmkit.errors import ConfigError, InvalidRequestError, ModelFileError
 # says LlamaTokenizer (its MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS list, restricted to the families slmkit runs).
 _AS_SHIPPED_MODEL_TYPES = frozenset({"phi3", "phi3_v", "phimoe"})
 _FLAG_KEYS = ("single_word", "lstrip", "rstrip", "normalized", "special")
+_LONG_TEXT = 16384  # characters: longer texts tokenize without holding the GIL
 
 
 def _token_str(value: Any) -> str | None:
@@ -216,7 +217,10 @@ class Tokenizer:
         """Token ids of text; with add_special_tokens, BOS/EOS are added per add_bos/add_eos."""
         if not isinstance(text, str):
             raise InvalidRequestError(f"must be a string, got {type(text).__name__}", param="text")
-        ids = self._tk.encode(text, add_special_tokens=False).ids
+        if len(text) > _LONG_TEXT:  # encode_batch releases the GIL (encode holds it): other threads, the
+            ids = self._tk.encode_batch([text], add_special_tokens=False)[0].ids  # server's loop, run meanwhile
+        else:
+            ids = self._tk.encode(text, add_special_tokens=False).ids
         if add_special_tokens:
             if self.add_bos and self.bos_token_id is not None:
                 ids.insert(0, self.bos_token_id)

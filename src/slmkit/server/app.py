@@ -4,7 +4,9 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Requests go through the Scheduler (server/scheduler.py). Errors are OpenAI-shaped
-({"error": {message, type, param, code}}) on every route, with retry-after on 503.
+({"error": {message, type, param, code}}) on every route, with retry-after on 503. Bodies are
+bounded (server/body.py: size 413, arrival time 408, JSON depth and valid Unicode 400) before a
+route reads them; every POST route's body schema is in the OpenAPI document (server/schemas.py).
 """
 from __future__ import annotations
 
@@ -19,9 +21,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request  # FastAPI reads the handlers' annotations from module globals
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from ..errors import ContextLengthError, EngineError, InvalidRequestError, SlmkitError, UnsupportedInputError
-from . import images, ollama_api, openai_api
+from . import images, ollama_api, openai_api, schemas
+from .body import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY, BodyLimit, BodyTimeout, BodyTooLarge, flag,
+                   parse_json_off_loop)
 from .registry import ModelUnavailable, Registry, UnknownModel, parse_keep_alive
 from .scheduler import QueueFull
 
@@ -29,11 +34,13 @@ from .scheduler import QueueFull
 def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue: int = 64,
                cors_origins: list[str] | None = None, workers: int | None = None,
                keep_alive: float | None = None, max_loaded: int | None = None,
-               image_urls: bool | list[str] = False) -> Any:
+               image_urls: bool | list[str] = False, max_body: int = DEFAULT_MAX_BODY,
+               body_timeout: float = DEFAULT_BODY_TIMEOUT_S) -> Any:
     """models: name -> a loaded LLM (stays loaded) or a registry.ModelSpec (loaded now, unloaded
     after keep_alive idle seconds, None = never, and reloaded on demand). workers: requests at
     once for a loaded LLM (default: its batch slots, else 1). image_urls: fetch http(s) image
-    URLs (True, or a list of allowed hosts); data: URLs always work."""
+    URLs (True, or a list of allowed hosts); data: URLs always work. max_body: bytes a request
+    body may have (413 beyond); body_timeout: seconds between two pieces of a body (408 beyond)."""
     registry = Registry(models, keep_alive=keep_alive, max_loaded=max_loaded, max_queue=max_queue, workers=workers)
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -43,14 +50,21 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
     app = FastAPI(title="slmkit", version="0.1.0", lifespan=lifespan)
     app.state.registry = registry
     fetch_policy = app.state.image_policy = images.FetchPolicy(allow=image_urls)
-    if cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
-        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
 
     def error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
               headers: dict | None = None) -> JSONResponse:
+        if len(message) > 2000:  # a message quoting a huge value need not send it back whole
+            message = message[:2000] + "..."
         return JSONResponse(openai_api.error_body(message, type_, param, code), status_code=status, headers=headers)
+
+    def body_refused(status: int, message: str) -> JSONResponse:
+        """413 / 408 for a body: the connection closes after it (the rest of the body is not read)."""
+        code = "request_too_large" if status == 413 else "request_timeout"
+        return error(status, message, "invalid_request_error", "body", code, headers={"connection": "close"})
+
+    # inside auth (added first), so a BodyTooLarge raised while a route reads reaches the app's
+    # handler as itself, not wrapped in the auth middleware's task group
+    app.add_middleware(BodyLimit, max_bytes=max_body, timeout_s=body_timeout, refuse=body_refused)
 
     @app.middleware("http")
     async def auth(request: Request, call_next: Any) -> Any:
@@ -61,14 +75,15 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
                 return error(401, "missing or wrong API key", "authentication_error", code="invalid_api_key")
         return await call_next(request)
 
+    # outermost last: CORS answers a browser's preflight before auth, and puts its headers on every
+    # answer (a 401 or 413 too, which a cross-origin page can then read)
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
+
     async def body_of(request: Request) -> dict:
-        try:
-            body = json.loads(await request.body() or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InvalidRequestError(f"the body is not valid JSON ({e})", param="body") from None
-        if not isinstance(body, dict):
-            raise InvalidRequestError("the body must be a JSON object", param="body")
-        return body
+        return await parse_json_off_loop(await request.body())
 
     def model_of(body: dict) -> str:
         name = body.get("model")
@@ -119,6 +134,18 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
     async def internal(request: Request, e: Exception) -> JSONResponse:
         return error(500, f"internal error: {type(e).__name__}: {e}", "server_error", code="internal_error")
 
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(request: Request, e: BodyTooLarge) -> JSONResponse:
+        return body_refused(413, str(e))
+
+    @app.exception_handler(BodyTimeout)
+    async def too_slow(request: Request, e: BodyTimeout) -> JSONResponse:
+        return body_refused(408, str(e))
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request: Request, e: ClientDisconnect) -> Response:
+        return Response(status_code=400)  # the client left while sending its body: nobody reads this
+
     @app.exception_handler(UnknownModel)
     async def unknown_model(request: Request, e: UnknownModel) -> JSONResponse:
         return error(404, f"model {e.args[0]!r} is not served here (served: {', '.join(registry.entries)})",
@@ -158,7 +185,7 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
                 async for b in agen:
                     yield b
             except Exception as e:  # noqa: BLE001 -- mid-stream: an error event in the stream's framing, then close
-                kind = "invalid_request_error" if isinstance(e, SlmkitError) else "server_error"
+                kind = "invalid_request_error" if isinstance(e, SlmkitError) and not isinstance(e, EngineError) else "server_error"
                 if media == "text/event-stream":
                     yield openai_api.sse(openai_api.error_body(str(e), kind))
                 else:  # Ollama's NDJSON: {"error": "..."} on a line
@@ -178,7 +205,7 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
     async def get_model(name: str) -> dict:
         return model_card(registry.entry(name).name)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=schemas.body(schemas.CHAT_COMPLETIONS))
     async def chat_completions(request: Request) -> Any:
         body = await body_of(request)
         name, keep = model_of(body), keep_alive_of(body)
@@ -186,14 +213,15 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
         opts = openai_api.options(body)
         tools, tool_choice = body.get("tools"), body.get("tool_choice")
         kw = {"tools": tools, "tool_choice": tool_choice} if tools is not None or tool_choice is not None else {}
-        if body.get("stream"):
+        capped = openai_api.capped
+        if flag(body, "stream"):
             include = include_usage(body)
-            return await streamed(name, keep, lambda llm, _: openai_api.chat_stream(llm, messages, kw, opts, name,
-                                                                                   include))
-        out = await once(name, keep, lambda llm: llm.chat(messages, **kw, **opts))
+            return await streamed(name, keep, lambda llm, _: openai_api.chat_stream(
+                llm, messages, kw, capped(llm, opts), name, include))
+        out = await once(name, keep, lambda llm: llm.chat(messages, **kw, **capped(llm, opts)))
         return openai_api.chat_completion(out if isinstance(out, list) else [out], name)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=schemas.body(schemas.COMPLETIONS))
     async def completions(request: Request) -> Any:
         body = await body_of(request)
         name, keep = model_of(body), keep_alive_of(body)
@@ -201,16 +229,17 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
         if not isinstance(prompt, str):
             raise InvalidRequestError("must be a string", param="prompt")
         opts = openai_api.options(body)
-        if body.get("stream"):
+        capped = openai_api.capped
+        if flag(body, "stream"):
             include = include_usage(body)
-            return await streamed(name, keep, lambda llm, _: openai_api.completion_stream(llm, prompt, opts, name,
-                                                                                         include))
-        out = await once(name, keep, lambda llm: llm.generate(prompt, **opts))
+            return await streamed(name, keep, lambda llm, _: openai_api.completion_stream(
+                llm, prompt, capped(llm, opts), name, include))
+        out = await once(name, keep, lambda llm: llm.generate(prompt, **capped(llm, opts)))
         return openai_api.text_completion(out if isinstance(out, list) else [out], name)
 
     # ------------------------------------------------------------------ Ollama
     async def ollama_reply(name: str, keep: Any, body: dict, lines: Any, field: str) -> Any:
-        if body.get("stream", True):
+        if flag(body, "stream", True):
             return await streamed(name, keep, lines, "application/x-ndjson")
         parts = [json.loads(b) for b in await run(name, using(name, keep, lines))]
         final = parts[-1]
@@ -231,7 +260,7 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
         await once(name, keep, lambda llm: None)  # acquire and release on a worker: loads it if needed
         return {"model": name, "created_at": ollama_api.now(), **empty, "done": True, "done_reason": "load"}
 
-    @app.post("/api/chat")
+    @app.post("/api/chat", openapi_extra=schemas.body(schemas.OLLAMA_CHAT))
     async def ollama_chat(request: Request) -> Any:
         body = await body_of(request)
         name, keep = model_of(body), keep_alive_of(body)
@@ -240,19 +269,19 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
             return await load_or_unload(name, keep, "message")
         if not isinstance(msgs, list):
             raise InvalidRequestError("must be a list of messages", param="messages")
-        messages = await images_checked(name, [ollama_api.images_to_parts(m) if isinstance(m, dict) else m
-                                                for m in msgs])
+        messages = await images_checked(name, [ollama_api.images_to_parts(m, f"messages[{i}].images")
+                                                if isinstance(m, dict) else m for i, m in enumerate(msgs)])
         opts, t0 = ollama_api.options(body), time.perf_counter()
         tools = body.get("tools")
         kw = {"tools": tools} if tools else {}  # the ollama client sends [] for none
         return await ollama_reply(name, keep, body, lambda llm, load_s: ollama_api.chat_lines(
             llm.chat(messages, stream=True, **kw, **opts), name, t0, load_s, tools=bool(kw)), "message")
 
-    @app.post("/api/generate")
+    @app.post("/api/generate", openapi_extra=schemas.body(schemas.OLLAMA_GENERATE))
     async def ollama_generate(request: Request) -> Any:
         body = await body_of(request)
         name, keep = model_of(body), keep_alive_of(body)
-        prompt, opts, t0 = body.get("prompt", ""), ollama_api.options(body), time.perf_counter()
+        prompt, opts, t0 = body.get("prompt") or "", ollama_api.options(body), time.perf_counter()
         if not isinstance(prompt, str):
             raise InvalidRequestError("must be a string", param="prompt")
         if not prompt:  # Ollama: an empty prompt just loads (or, with keep_alive 0, unloads) the model
@@ -261,10 +290,11 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
         if system is not None and not isinstance(system, str):
             raise InvalidRequestError("must be a string", param="system")
         user = await images_checked(name, [ollama_api.images_to_parts({"role": "user", "content": prompt,
-                                                                        "images": body.get("images")})])
+                                                                        "images": body.get("images")}, "images")])
+        raw = flag(body, "raw")
 
         def make(llm: Any) -> Any:
-            if body.get("raw") or llm.prompt_style == "completion":
+            if raw or llm.prompt_style == "completion":
                 if user[0]["content"] != prompt:
                     raise InvalidRequestError("images need a chat model (not raw completion)", param="images")
                 return llm.generate((system + "\n" if system else "") + prompt, stream=True, **opts)
@@ -290,7 +320,7 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
                         "context_length": e.info.get("slot_context", 0)})
         return {"models": out}
 
-    @app.post("/api/show")
+    @app.post("/api/show", openapi_extra=schemas.body(schemas.OLLAMA_SHOW))
     async def show(request: Request) -> dict:
         body = await body_of(request)
         e = registry.entry(model_of({"model": body.get("model") or body.get("name")}))

@@ -30,7 +30,7 @@ def options(body: dict) -> dict[str, Any]:
     for name, value in opts.items():
         if name in _OPTION_NAMES and value is not None:
             out[_OPTION_NAMES[name]] = value
-    random_if_negative(out)
+    random_if_negative(out, "options.seed")
     n = out.get("max_new_tokens")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < -2 or n == 0):
         raise InvalidRequestError(f"must be a positive integer, or -1 / -2 for no limit, got {n!r}",
@@ -49,9 +49,11 @@ def options(body: dict) -> dict[str, Any]:
     return out
 
 
-def images_to_parts(msg: dict) -> dict:
+def images_to_parts(msg: dict, param: str = "images") -> dict:
     """Ollama's `images` (base64 strings) as OpenAI image parts (a text-only model refuses them)."""
     imgs = msg.get("images")
+    if imgs is not None and (not isinstance(imgs, list) or not all(isinstance(b, str) for b in imgs)):
+        raise InvalidRequestError("must be a list of base64-encoded images (strings)", param=param)
     if not imgs:
         return {k: v for k, v in msg.items() if k != "images"}
     parts: list[dict] = [{"type": "text", "text": msg.get("content") or ""}]

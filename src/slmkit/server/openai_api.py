@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from ..api import check_n
+from ..api import check_n, check_seed
 from ..errors import InvalidRequestError
 
 # request fields -> generate() options (extra_body fields arrive at the top level too; unknown
@@ -57,11 +57,32 @@ def options(body: dict) -> dict[str, Any]:
     return out
 
 
-def random_if_negative(out: dict[str, Any]) -> None:
-    """llama.cpp and Ollama clients send seed -1 for a random seed: no seed."""
+def random_if_negative(out: dict[str, Any], param: str = "seed") -> None:
+    """llama.cpp and Ollama clients send seed -1 for a random seed: no seed. Any other seed must
+    be an integer now (choice i of n uses seed + i)."""
     seed = out.get("seed")
+    if seed is None:
+        return
     if isinstance(seed, int) and not isinstance(seed, bool) and seed < 0:
         del out["seed"]
+    else:
+        check_seed(seed, param)
+
+
+def capped(llm: Any, opts: dict) -> dict:
+    """opts, with max_tokens checked against the context a request can have on this model (its
+    batch slot's, or the model's): OpenAI refuses a max_tokens its model cannot hold rather than
+    silently generating fewer. (A smaller num_ctx, Ollama's option, still ends the answer where
+    its context is full, as Ollama does.)"""
+    mt = opts.get("max_new_tokens")
+    if mt is None:
+        return opts
+    batch = getattr(llm.backend, "batch", None)
+    limit = batch.slot_context if batch is not None else llm.context_length
+    what = "a request's context on this server" if batch is not None else "the model's context"
+    if mt > limit:
+        raise InvalidRequestError(f"is {mt}, more than the {limit} tokens of {what}", param="max_tokens")
+    return opts
 
 
 def context_option(v: Any, param: str = "num_ctx") -> int:
