@@ -1,20 +1,71 @@
 """Small file helpers shared by the loaders."""
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
 from ..errors import ModelFileError
 
 
+def shown(path: object, limit: int = 120) -> str:
+    """A path as error messages show it: a name of thousands of characters is cut, with its length."""
+    text = str(path)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def path_error(path: object, err: OSError | ValueError) -> ModelFileError:
+    """The error for a path the OS refuses to look at (the name itself, permissions, loops)."""
+    if isinstance(err, ValueError):  # os.stat and open refuse an embedded NUL byte with ValueError
+        return ModelFileError(shown(path), "the name contains a NUL byte")
+    why = {errno.ENAMETOOLONG: f"the name is too long for this system ({len(str(path))} characters)",
+           errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+           errno.ELOOP: "too many levels of symbolic links"}.get(err.errno or 0)
+    return ModelFileError(shown(path), why or f"cannot be read ({err.strerror or err})")
+
+
+def stat_path(path: Path) -> os.stat_result | None:
+    """os.stat of path (following links); None where nothing is there; ModelFileError where the OS
+    refuses the name (too long, NUL byte, permission) instead of an OSError from deep inside."""
+    try:
+        return path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as e:
+        raise path_error(path, e) from None
+
+
+def is_regular_file(path: Path) -> bool:
+    """True for a regular file. Not for a FIFO or device, which would block or stream on open."""
+    st = stat_path(path)
+    return st is not None and stat.S_ISREG(st.st_mode)
+
+
+def parse_json(text: str | bytes, source: object) -> Any:
+    """json.loads, with every way a text can fail (syntax, nesting deeper than the parser's stack,
+    integers past Python's 4300-digit conversion limit) a ModelFileError naming source."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ModelFileError(source, "is not usable JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError and the int digit limit are ValueErrors
+        raise ModelFileError(source, f"is not valid JSON ({e})") from None
+
+
 def read_json(path: Path, *, required: bool = True) -> Any:
     """Parse a JSON file; ModelFileError naming it when missing (if required), unreadable or corrupt."""
-    if not path.is_file():
+    if not is_regular_file(path):
         if required:
-            raise ModelFileError(path, "file is missing")
+            st = stat_path(path)
+            raise ModelFileError(path, "file is missing" if st is None else "is not a regular file")
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
         raise ModelFileError(path, f"is not valid JSON ({e})") from None
+    except OSError as e:
+        raise ModelFileError(path, f"cannot be read ({e.strerror or e})") from None
+    return parse_json(text, path)
