@@ -308,8 +308,11 @@ def _parse(path: Path, buf: Any, size: int) -> tuple[int, int, dict[str, Any], d
     alignment = DEFAULT_ALIGNMENT
     if "general.alignment" in metadata:
         a = metadata["general.alignment"]
-        if not isinstance(a, int) or isinstance(a, bool) or a <= 0 or a & (a - 1):
-            raise p.fail("general.alignment", f"must be a positive power of two, got {a!r}")
+        # The GGUF spec asks for a multiple of 8, llama.cpp for a power of two: both, so every tensor
+        # starts 8-byte aligned (alignment 1 put a Q8_0 tensor's f16 scales at odd addresses).
+        if not isinstance(a, int) or isinstance(a, bool) or a < 8 or a & (a - 1):
+            raise p.fail("general.alignment",
+                         f"must be a power of two and a multiple of 8 (8, 16, 32, ...), got {a!r}")
         alignment = a
     arch = metadata.get("general.architecture")
     if not isinstance(arch, str) or not arch:
