@@ -12,9 +12,21 @@ from ..errors import ModelFileError
 
 
 def shown(path: object, limit: int = 120) -> str:
-    """A path as error messages show it: a name of thousands of characters is cut, with its length."""
+    """A path as error messages show it, on one line: control characters (a NUL, a newline) escaped,
+    a name of thousands of characters cut, with its length."""
     text = str(path)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+    if not text.isprintable():
+        text = repr(text)[1:-1]
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(str(path))} characters)"
+
+
+def expand_user(path: str | Path) -> Path:
+    """Path(path).expanduser(), except that "~name" of an unknown user stays as written (and is then
+    not found) instead of raising RuntimeError."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
 
 
 def path_error(path: object, err: OSError | ValueError) -> ModelFileError:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import ConfigError, InvalidRequestError, ModelFileError, WeightError
 from ..models import get_model_module
-from .files import read_json, stat_path
+from .files import expand_user, read_json, stat_path
 from .memory import FileMappings, release_pages
 from .tokenizer import Tokenizer
 
@@ -190,7 +190,7 @@ def load_hf_folder(path: str | Path, *, dtype: str | torch.dtype = "auto", devic
     from ..quant.linear import apply_quant
     from ..quant.store import is_quantized_config, split_quantized
 
-    folder = Path(path).expanduser()
+    folder = expand_user(path)
     st = stat_path(folder)
     if st is None or not stat.S_ISDIR(st.st_mode):
         raise ModelFileError(folder, "is not a model folder (no such directory)")

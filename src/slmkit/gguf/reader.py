@@ -385,13 +385,16 @@ def open_gguf(path: str | Path) -> GGUFFile:
     """Open and fully validate a GGUF file's header; tensor data stays memory-mapped."""
     path = Path(path)
     try:
+        if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+            # a FIFO would block open() until something writes to it; a device has no fixed size
+            raise ModelFileError(path, "is not a regular file (a FIFO, socket or device), expected a GGUF file")
         f = open(path, "rb")
     except FileNotFoundError:
         raise ModelFileError(path, "GGUF file not found") from None
     except IsADirectoryError:
         raise ModelFileError(path, "is a directory, expected a GGUF file") from None
-    except OSError as e:
-        raise ModelFileError(path, f"cannot open GGUF file: {e.strerror or e}") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+        raise ModelFileError(path, f"cannot open GGUF file: {e.strerror if isinstance(e, OSError) else e}") from None
     with f:
         try:
             size = os.fstat(f.fileno()).st_size
