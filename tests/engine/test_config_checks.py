@@ -106,6 +106,20 @@ def test_unparseable_json_names_the_file(phi, name, text):
     assert e.path.endswith(name) and "JSON" in str(e)
 
 
+@pytest.mark.parametrize("name,key", [("tokenizer_config.json", "eos_token"), ("config.json", "model_type"),
+                                      ("tokenizer_config.json", "chat_template")])
+def test_lone_surrogate_in_json_names_the_file(phi, name, key):
+    edit(phi, name, **{key: "\ud800"})  # JSON allows the escape; encoding it raised UnicodeEncodeError
+    e = load_error(phi, ModelFileError)
+    assert e.path.endswith(name) and "surrogate" in str(e)
+
+
+def test_surrogate_pairs_are_text(phi):
+    edit(phi, "tokenizer_config.json", chat_template="🦀{{ messages[0]['content'] }}")  # written as a pair
+    assert "\\ud83e\\udd80" in (phi / "tokenizer_config.json").read_text()
+    assert slmkit.load(phi).render([{"role": "user", "content": "hi"}]).text == "🦀hi"
+
+
 @pytest.mark.parametrize("where", ["top", "rope_parameters"])
 def test_partial_rotary_factor_null(phi, where):
     if where == "top":
@@ -138,7 +152,7 @@ def test_layer_types_not_a_list(gemma):
 # --------------------------------------------------------------------- generation_config.json
 @pytest.mark.parametrize("changes,field", [
     ({"do_sample": True, "temperature": "hot"}, "temperature"), ({"top_p": 2}, "top_p"), ({"top_k": -1}, "top_k"),
-    ({"do_sample": "yes"}, "do_sample"), ({"eos_token_id": "x"}, "eos_token_id")])
+    ({"do_sample": "yes"}, "do_sample"), ({"eos_token_id": "x"}, "eos_token_id"), ({"top_p": 10**60}, "top_p")])
 def test_bad_generation_config_fails_at_load(phi, changes, field):
     edit(phi, "generation_config.json", **changes)  # loaded, then broke every generate
     e = load_error(phi)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -56,15 +57,42 @@ def is_regular_file(path: Path) -> bool:
     return st is not None and stat.S_ISREG(st.st_mode)
 
 
-def parse_json(text: str | bytes, source: object) -> Any:
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def parse_json(text: str, source: object) -> Any:
     """json.loads, with every way a text can fail (syntax, nesting deeper than the parser's stack,
-    integers past Python's 4300-digit conversion limit) a ModelFileError naming source."""
+    integers past Python's 4300-digit conversion limit, a lone surrogate escape such as "\\ud800",
+    which JSON allows but no text is) a ModelFileError naming source."""
     try:
-        return json.loads(text)
+        obj = json.loads(text)
     except RecursionError:
         raise ModelFileError(source, "is not usable JSON (nested too deeply)") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError and the int digit limit are ValueErrors
         raise ModelFileError(source, f"is not valid JSON ({e})") from None
+    if _SURROGATE_ESCAPE.search(text) and (bad := _lone_surrogate(obj)) is not None:
+        # surrogate pairs (an escaped emoji) are fine; a lone one cannot be encoded, and the
+        # tokenizer or the template would fail on it later with a UnicodeEncodeError
+        raise ModelFileError(source, f"holds a string with a lone UTF-16 surrogate: {ascii(bad)[:80]}")
+    return obj
+
+
+def _lone_surrogate(obj: Any) -> str | None:
+    """The first string (key or value) of a parsed JSON document that is not valid Unicode text."""
+    stack = [obj]
+    while stack:  # iterative: the document may be nested as deep as the parser allows
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+            stack.extend(item.keys())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return item
+    return None
 
 
 def read_json(path: Path, *, required: bool = True) -> Any:

@@ -255,8 +255,8 @@ def check_generation_config(cfg: Any, source: object) -> dict:
         raise ModelFileError(source, "must hold a JSON object")
     cfg = {k: v for k, v in cfg.items() if v is not None}
 
-    def number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    def number(v: Any) -> bool:  # (an int is finite: math.isfinite would overflow on a huge one)
+        return not isinstance(v, bool) and (isinstance(v, int) or (isinstance(v, float) and math.isfinite(v)))
 
     rules = {"do_sample": (lambda v: isinstance(v, bool), "must be true or false"),
              "temperature": (lambda v: number(v) and 0 <= v <= 100, "must be a number in [0, 100]"),
