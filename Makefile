@@ -7,7 +7,7 @@ MODEL ?= builtin
 PROMPT ?= Once upon a time, in a small village by the sea,
 export MODEL PROMPT  # reach the recipes as environment variables: quotes in a prompt stay intact
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test fuzz bench clean
 
 # The runtime (what `make run` needs) and the test/bench extras (transformers, llama-cpp-python,
 # which builds llama.cpp from source) are separate steps, so `make run` needs no compiler.
@@ -33,6 +33,12 @@ run: $(VENV)/.done
 
 test: $(VENV)/.test
 	$(VPY) -m pytest tests
+
+# the fuzz tests with more inputs each (the suite runs them with a few thousand); SLMKIT_FUZZ_EXAMPLES= to change
+SLMKIT_FUZZ_EXAMPLES ?= 20000
+export SLMKIT_FUZZ_EXAMPLES
+fuzz: $(VENV)/.test
+	$(VPY) -m pytest -m fuzz tests
 
 bench: $(VENV)/.test  # minutes: builds 7.6 GB of random weights; run it on an idle machine
 	$(VPY) benchmarks/gemv.py
