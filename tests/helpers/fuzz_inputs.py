@@ -141,6 +141,8 @@ CONFIG_FIELDS = ["model_type", "hidden_size", "intermediate_size", "num_hidden_l
                  "quantization_config"]
 GENERATION_FIELDS = ["do_sample", "temperature", "top_p", "top_k", "eos_token_id", "bos_token_id",
                      "max_new_tokens", "repetition_penalty"]
+TOKENIZER_JSON_FIELDS = ["model", "normalizer", "pre_tokenizer", "post_processor", "decoder", "added_tokens",
+                         "truncation", "padding"]
 TOKENIZER_FIELDS = ["chat_template", "bos_token", "eos_token", "add_bos_token", "add_eos_token",
                     "added_tokens_decoder", "additional_special_tokens", "legacy", "model_max_length"]
 BROKEN_TEMPLATES = [
@@ -240,7 +242,7 @@ def mutate_folder_file(name: str, data: bytes, rng: random.Random) -> tuple[byte
     if name == "model.safetensors":
         return _safetensors_edit(data, rng) if rng.random() < 0.7 else _text_noise(data, rng)
     fields = {"config.json": CONFIG_FIELDS, "generation_config.json": GENERATION_FIELDS,
-              "tokenizer_config.json": TOKENIZER_FIELDS}.get(name)
+              "tokenizer_config.json": TOKENIZER_FIELDS, "tokenizer.json": TOKENIZER_JSON_FIELDS}.get(name)
     if name == "tokenizer_config.json" and rng.random() < 0.4:
         obj = json.loads(data)
         obj["chat_template"] = rng.choice(BROKEN_TEMPLATES)

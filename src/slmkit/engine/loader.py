@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import ConfigError, InvalidRequestError, ModelFileError, WeightError
 from ..models import get_model_module
+from ..models.base import short_repr
 from .files import expand_user, read_json, stat_path
 from .memory import FileMappings, release_pages
 from .tokenizer import Tokenizer
@@ -219,7 +220,7 @@ def load_hf_folder(path: str | Path, *, dtype: str | torch.dtype = "auto", devic
 # Sizes a config gives that a model is built from; each is at most some dimension of some weight.
 SIZE_FIELDS = ("hidden_size", "intermediate_size", "vocab_size", "head_dim", "num_attention_heads",
                "num_key_value_heads")
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # HF names: model.layers.N. (language_model.model.layers.N.)
+_LAYER = re.compile(r"^(?:language_model\.)?model\.layers\.(\d+)\.")  # HF names, as the models' sanitize() takes them
 
 
 def check_config_sizes(config: Mapping[str, Any], shapes: Mapping[str, Sequence[int]], source: object, *,
@@ -266,7 +267,7 @@ def check_generation_config(cfg: Any, source: object) -> dict:
              "eos_token_id": (lambda v: _token_ids(v), "must be a token id or a list of token ids")}
     for key, (ok, why) in rules.items():
         if key in cfg and not ok(cfg[key]):
-            raise ConfigError(key, f"{why}, got {cfg[key]!r}", path=source)
+            raise ConfigError(key, f"{why}, got {short_repr(cfg[key])}", path=source)
     return cfg
 
 

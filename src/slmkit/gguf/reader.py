@@ -394,7 +394,8 @@ def open_gguf(path: str | Path) -> GGUFFile:
     except IsADirectoryError:
         raise ModelFileError(path, "is a directory, expected a GGUF file") from None
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
-        raise ModelFileError(path, f"cannot open GGUF file: {e.strerror if isinstance(e, OSError) else e}") from None
+        why = e.strerror if isinstance(e, OSError) else e
+        raise ModelFileError(path, f"cannot open GGUF file: {why}") from None
     with f:
         try:
             size = os.fstat(f.fileno()).st_size

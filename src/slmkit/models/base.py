@@ -32,14 +32,14 @@ class BaseArgs:
             raise
 
 
-MAX_POSITIONS = 2**31  # positions beyond this are not representable in the RoPE tables' float32 anyway
+MAX_POSITIONS = 2**31  # no model has a context near this; a larger one only overflows arithmetic later
 
 
 def require_int(name: str, value: Any, *, minimum: int = 1, maximum: int | None = None) -> int:
     if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
             or (maximum is not None and value > maximum)):
         bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
-        raise ConfigError(name, f"must be an integer {bound}, got {_short(value)}")
+        raise ConfigError(name, f"must be an integer {bound}, got {short_repr(value)}")
     return value
 
 
@@ -48,17 +48,17 @@ def require_float(name: str, value: Any, *, positive: bool = True) -> float:
     (which would raise OverflowError later) are ConfigErrors naming the field."""
     kind = f"a finite {'positive ' if positive else ''}number"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(name, f"must be {kind}, got {_short(value)}")
+        raise ConfigError(name, f"must be {kind}, got {short_repr(value)}")
     try:
         f = float(value)
     except OverflowError:
-        raise ConfigError(name, f"must be {kind}, got {_short(value)}") from None
+        raise ConfigError(name, f"must be {kind}, got {short_repr(value)}") from None
     if not math.isfinite(f) or (positive and not f > 0):
-        raise ConfigError(name, f"must be {kind}, got {value!r}")
+        raise ConfigError(name, f"must be {kind}, got {short_repr(value)}")
     return f
 
 
-def _short(value: Any) -> str:
+def short_repr(value: Any) -> str:
     """repr for a message, cut; an int too long to print (Python's 4300-digit limit) by its size."""
     if isinstance(value, int) and value.bit_length() > 256:
         return f"an integer of {value.bit_length()} bits"

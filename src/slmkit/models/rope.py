@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import ConfigError
-from .base import require_float
+from .base import require_float, short_repr
 
 
 @dataclass
@@ -104,7 +104,7 @@ def build_rope(
     orig = original_max_position_embeddings or scaling.get("original_max_position_embeddings")
     if isinstance(orig, bool) or not isinstance(orig, int) or orig < 2:  # its log divides the attention factor
         raise ConfigError("original_max_position_embeddings", f"is required for LongRoPE, an integer >= 2; "
-                          f"got {orig!r}")
+                          f"got {short_repr(orig)}")
     attention_factor = scaling.get("attention_factor")
     for key in ("attention_factor", "factor"):
         if scaling.get(key) is not None:
