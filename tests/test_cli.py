@@ -1,13 +1,19 @@
 """`slm run`: one-shot streaming, stdin prompts, the REPL (history, /clear, multi-line, /bye), errors."""
 from __future__ import annotations
 
+import errno
 import io
+import os
 import re
+import shutil
+import threading
+from pathlib import Path
 
 import pytest
 
 import slmkit
 from slmkit.cli import main, repl
+from slmkit.errors import ModelFileError
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +81,84 @@ def test_options_may_follow_the_prompt(folder, capsys):
     rc = main(["run", str(folder), "--raw", "The sky", "--max-tokens", "4", "--temperature", "0", "--dtype", "float32"])
     out, _ = capsys.readouterr()
     assert rc == 0 and out.strip()
+
+
+def _model_argument(kind, tmp_path):
+    """A model argument the OS or the loaders cannot use, of the given kind."""
+    if kind == "long":
+        return "m" * 5000  # OSError: file name too long, raised by Path.exists()
+    if kind == "nul":
+        return "model\x00name"  # ValueError: embedded null byte
+    if kind == "unknown-user":
+        return "~no_such_user_slmkit/model"  # RuntimeError from expanduser
+    if kind in ("fifo", "fifo.gguf"):
+        os.mkfifo(tmp_path / kind)  # open() for reading would wait for a writer forever
+        return str(tmp_path / kind)
+    if kind == "device":
+        return os.devnull
+    (tmp_path / "empty").mkdir()  # a folder without config.json
+    return str(tmp_path / "empty")
+
+
+def _unblock(path):
+    """Give a reader stuck in open() on a FIFO its end of file (only the old code got stuck)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass  # no reader is waiting: nothing to release
+
+
+KINDS = ["long", "nul", "unknown-user", "fifo", "fifo.gguf", "device", "no-config"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_unusable_model_argument_is_one_error_line(kind, command, tmp_path, capsys):
+    name = _model_argument(kind, tmp_path)
+    argv = [command, name, "hi"] if command == "run" else [command, name]
+    result = []
+    worker = threading.Thread(target=lambda: result.append(main(argv)), daemon=True)
+    worker.start()
+    worker.join(120)  # a hang detector, not a speed limit: the old code never returned for a FIFO
+    if worker.is_alive():
+        _unblock(name)
+        worker.join(10)
+    _, err = capsys.readouterr()
+    assert result == [1], f"no exit status (hung?): {err[-300:]}"
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert len(err) < 600  # a 5000-character name is cut in the message
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unusable_model_argument_is_a_model_file_error(kind, tmp_path):
+    name = _model_argument(kind, tmp_path)
+    raised = []
+
+    def load():
+        try:
+            slmkit.load(name)
+        except Exception as e:  # noqa: BLE001 -- the type is what is tested
+            raised.append(e)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(120)  # a hang detector, as above
+    if worker.is_alive():
+        _unblock(name)
+    assert len(raised) == 1 and isinstance(raised[0], ModelFileError), raised
+
+
+def test_unreadable_model_folder(folder, tmp_path, capsys, monkeypatch):
+    """Permission denied (simulated: the tests may run as root, who reads everything)."""
+    path = shutil.copytree(folder, tmp_path / "m")
+    real_stat = Path.stat
+
+    def stat(self, *a, **kw):
+        if self == path:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_stat(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    assert main(["run", str(path), "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "permission denied" in err

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import re
+import stat
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 from .backends.base import EXTRA_OPTIONS, Backend, SamplingOptions
 from .engine.chat import check_text
 from .engine.engine import validate_token_ids
+from .engine.files import expand_user, shown, stat_path
 from .engine.stops import StopStrings
 from .errors import ContextLengthError, InvalidRequestError, ModelFileError, UnsupportedInputError
 
@@ -438,8 +440,13 @@ def resolve_model_path(model: str | Path) -> Path:
         from .engine.ollama_store import resolve_ollama
 
         return resolve_ollama(spec.removeprefix("ollama:"))
-    path = Path(model).expanduser()
-    if path.exists() or not _HUB_ID.match(spec):
+    path = expand_user(model)
+    st = stat_path(path)  # a name the OS refuses (too long, NUL byte, permission) is named as such
+    if st is not None:
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):  # a FIFO would block the reader
+            raise ModelFileError(shown(path), "is neither a model file nor a folder (a FIFO, socket or device)")
+        return path
+    if not _HUB_ID.match(spec):
         return path
     try:
         from huggingface_hub import snapshot_download
@@ -449,7 +456,9 @@ def resolve_model_path(model: str | Path) -> Path:
     try:
         return Path(snapshot_download(spec, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, gated: say so plainly
-        raise ModelFileError(model, f"not a local folder and could not be downloaded ({type(e).__name__}: {e})") from None
+        why = " ".join(str(e).split())  # hub errors span lines; the CLI prints one
+        raise ModelFileError(shown(model), f"not a local folder and could not be downloaded ({type(e).__name__}: "
+                             f"{why})") from None
 
 
 BUILTIN_ALIASES = ("builtin", "gemma3-270m")

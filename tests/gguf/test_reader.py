@@ -319,11 +319,20 @@ def test_bool_out_of_range(bad):
     expect_error(path, "tiny.use_parallel_residual", "0 or 1")
 
 
-@pytest.mark.parametrize("alignment", [0, 48, 3])
+@pytest.mark.parametrize("alignment", [0, 48, 3, 1, 2, 4])
 def test_alignment_not_power_of_two(bad, alignment):
     path, layout = bad
     patch_u32(path, layout.kv["general.alignment"].value, alignment)
-    expect_error(path, "general.alignment", "power of two")
+    expect_error(path, "general.alignment", "power of two and a multiple of 8")
+
+
+def test_alignment_one_is_refused_before_a_misaligned_tensor(tmp_path):
+    """The GGUF spec wants a multiple of 8: with alignment 1 a Q8_0 tensor lands at an odd offset and
+    its f16 scales could not be viewed (an untyped RuntimeError at load)."""
+    rng = np.random.default_rng(2)
+    tensors = {"a": (rng.standard_normal((3,)).astype(np.float32), "F32"),
+               "b": (rng.standard_normal((2, 32)).astype(np.float32), "Q8_0")}
+    expect_error(write_gguf(tmp_path / "a1.gguf", "tiny", {}, tensors, alignment=1), "general.alignment", "got 1")
 
 
 def test_missing_architecture(bad):

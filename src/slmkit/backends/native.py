@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..engine.engine import Engine
+from ..engine.files import is_regular_file
 from ..engine.generator import Generator, GeneratorParams
 from ..engine.loader import load_hf_folder
 from .base import EXTRA_OPTIONS, SamplingOptions, TokenStep
@@ -34,7 +35,7 @@ class NativeBackend:
                   pack: bool = True, quant: str | None = None, group_size: int | None = None) -> "NativeBackend":
         path = Path(path)
         q = dict(quant=quant, group_size=group_size)
-        if path.is_file() or path.suffix.lower() == ".gguf":  # GGUF: its reader names what is wrong
+        if is_regular_file(path) or path.suffix.lower() == ".gguf":  # GGUF: its reader names what is wrong
             from ..engine.gguf_load import load_gguf
 
             backend = cls(Engine(load_gguf(path, dtype=dtype, device=device, **q), pack=pack))

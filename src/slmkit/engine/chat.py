@@ -224,7 +224,8 @@ def render_prompt(messages: Sequence[Mapping], template: str | None, *, bos_toke
         text = _compile(template).render(**variables)
     except jinja2.TemplateError as e:
         raise InvalidRequestError(f"the chat template failed: {e}", param="chat_template") from e
-    except (TypeError, ValueError, KeyError, IndexError) as e:
-        raise InvalidRequestError(f"the chat template cannot render these messages: {e}",
+    except Exception as e:  # a template is code from the model's files: any error it raises (1/0, a
+        # recursive macro) is that template failing on these messages, never a crash of the caller
+        raise InvalidRequestError(f"the chat template cannot render these messages ({type(e).__name__}: {e})",
                                   param="chat_template") from e
     return Prompt(text=text, images=images)

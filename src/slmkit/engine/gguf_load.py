@@ -17,7 +17,7 @@ from ..gguf import GGUFFile, open_gguf
 from ..gguf.tokenizer import tokenizer_from_gguf_metadata
 from ..models import get_model_module
 from ..models.base import require_float, require_int
-from .loader import LoadedModel, build_model, parse_device, resolve_dtype
+from .loader import LoadedModel, build_model, check_chat_template, check_config_sizes, parse_device, resolve_dtype
 from .memory import FileMappings, release_pages
 
 # llama.cpp tensor names (per layer after "blk.N.") -> HF names (after "model.layers.N.")
@@ -71,12 +71,18 @@ def _check_heads(hidden: int, heads: int, key: str) -> None:
         raise ConfigError(key, f"{heads} heads do not divide the embedding length {hidden}")
 
 
-def _check_layers(f: GGUFFile, arch: str, n: int) -> None:
-    """block_count must match the blk.N tensors (a huge count would build a huge model first)."""
-    found = {int(m.group(1)) for name in f.tensors if (m := _BLK.match(name))}
-    if found != set(range(n)):
-        raise ConfigError(f"{arch}.block_count", f"says {n} layers but the file has tensors for "
-                          f"{len(found)} (blk.0..blk.{max(found) if found else -1})")
+# config field -> the metadata key it comes from (for errors naming what the file says)
+_KEYS = {"hidden_size": "embedding_length", "num_hidden_layers": "block_count",
+         "num_attention_heads": "attention.head_count", "num_key_value_heads": "attention.head_count_kv",
+         "intermediate_size": "feed_forward_length", "head_dim": "attention.key_length"}
+
+
+def _check_sizes(f: GGUFFile, arch: str, cfg: dict[str, Any]) -> None:
+    """block_count must match the blk.N tensors and every size must fit the tensor infos, before a
+    model (or a RoPE table) is built from them: block_count 10**8 once built a 10**8-entry set first."""
+    layers = {int(m.group(1)) for name in f.tensors if (m := _BLK.match(name))}
+    shapes = {name: info.shape for name, info in f.tensors.items()}
+    check_config_sizes(cfg, shapes, f.path, layers=layers, keys={k: f"{arch}.{v}" for k, v in _KEYS.items()})
 
 
 def _phi3_config(f: GGUFFile) -> dict[str, Any]:
@@ -95,6 +101,8 @@ def _phi3_config(f: GGUFFile) -> dict[str, Any]:
     )
     head_dim = hidden // heads
     rot = _get(m, f"{a}.rope.dimension_count", head_dim)
+    if rot > head_dim:
+        raise ConfigError(f"{a}.rope.dimension_count", f"{rot} is more than the head dimension {head_dim}")
     cfg["partial_rotary_factor"] = rot / head_dim
     if "rope_factors_long.weight" in f.tensors:  # LongRoPE: the factor lists travel as tensors
         orig = _get(m, f"{a}.rope.scaling.original_context_length")
@@ -164,7 +172,7 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
     cfg = _CONFIGS[arch](f)
     if cfg.get("vocab_size") is None:
         raise WeightError("token_embd.weight", "missing from the GGUF file", path=f.path)
-    _check_layers(f, arch, cfg["num_hidden_layers"])
+    _check_sizes(f, arch, cfg)
     cfg["eos_token_id"] = _eos_ids(f.metadata, cfg["vocab_size"]) or None
     module = get_model_module(_MODULES[arch])
     args = module.ModelArgs.from_dict(cfg, path=f.path)
@@ -214,6 +222,7 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
             quantize_model(model, scheme, None, skip=lambda n, todo=todo: n not in todo)
     apply_quant(model, quant, group_size)
     tokenizer = tokenizer_from_gguf_metadata(f.metadata)
+    check_chat_template(tokenizer, "tokenizer.chat_template", f.path)
     if tokenizer.vocab_size > args.vocab_size:
         raise ConfigError("tokenizer.ggml.tokens", f"lists {tokenizer.vocab_size} tokens but the embedding has "
                           f"{args.vocab_size} rows")

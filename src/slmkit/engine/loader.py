@@ -4,18 +4,21 @@ Every failure is a typed error naming the file, field or tensor at fault.
 """
 from __future__ import annotations
 
+import math
 import re
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from ..errors import InvalidRequestError, ModelFileError, WeightError
+from ..errors import ConfigError, InvalidRequestError, ModelFileError, WeightError
 from ..models import get_model_module
-from .files import read_json
+from ..models.base import short_repr
+from .files import expand_user, read_json, stat_path
 from .memory import FileMappings, release_pages
 from .tokenizer import Tokenizer
 
@@ -188,24 +191,103 @@ def load_hf_folder(path: str | Path, *, dtype: str | torch.dtype = "auto", devic
     from ..quant.linear import apply_quant
     from ..quant.store import is_quantized_config, split_quantized
 
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
+    folder = expand_user(path)
+    st = stat_path(folder)
+    if st is None or not stat.S_ISDIR(st.st_mode):
         raise ModelFileError(folder, "is not a model folder (no such directory)")
     config_path = folder / "config.json"
     config = read_json(config_path)
     if not isinstance(config, dict):
         raise ModelFileError(config_path, "must hold a JSON object")
     module = get_model_module(config.get("model_type"))
-    args = module.ModelArgs.from_dict(config, path=config_path)
     dev = parse_device(device)
     dt = resolve_dtype(dtype, dev)
-    weights = load_safetensors(folder)
+    weights = load_safetensors(folder)  # memory-mapped: only the headers are read here
     quantized = split_quantized(weights, folder) if is_quantized_config(config) else {}
+    shapes = {k: tuple(v.shape) for k, v in weights.items()} | {k: (q.n, q.k) for k, q in quantized.items()}
+    check_config_sizes(config, shapes, config_path)  # before ModelArgs builds anything from those sizes
+    args = module.ModelArgs.from_dict(config, path=config_path)
     model = build_model(module, args, weights, dt, dev, folder, quantized=quantized)
     maps = FileMappings()
     apply_quant(model, quant, group_size, release=lambda t: release_pages(t, maps))
     tokenizer = Tokenizer.from_folder(folder)
-    gen_cfg = read_json(folder / "generation_config.json", required=False) or {}
-    if not isinstance(gen_cfg, dict):
-        raise ModelFileError(folder / "generation_config.json", "must hold a JSON object")
+    check_chat_template(tokenizer, "chat_template", folder)
+    gen_path = folder / "generation_config.json"
+    gen_cfg = check_generation_config(read_json(gen_path, required=False) or {}, gen_path)
     return LoadedModel(model, args, tokenizer, dt, dev, folder.resolve().name, gen_cfg, config=config)
+
+
+# Sizes a config gives that a model is built from; each is at most some dimension of some weight.
+SIZE_FIELDS = ("hidden_size", "intermediate_size", "vocab_size", "head_dim", "num_attention_heads",
+               "num_key_value_heads")
+_LAYER = re.compile(r"^(?:language_model\.)?model\.layers\.(\d+)\.")  # HF names, as the models' sanitize() takes them
+
+
+def check_config_sizes(config: Mapping[str, Any], shapes: Mapping[str, Sequence[int]], source: object, *,
+                       layers: set[int] | None = None, keys: Mapping[str, str] | None = None) -> None:
+    """Check the counts and sizes of a config against the tensors actually present, before anything
+    is allocated from them: ModelArgs computes RoPE tables from head_dim (2**31 would take 8 GiB) and
+    the model gets num_hidden_layers layers (10**5 took minutes and GBs to fail). Exact shapes are
+    checked later (build_model); here each size must fit some tensor dimension and the layer count
+    must equal the layers the weights hold. `layers`: the layer indices found (default: from HF
+    names); `keys` renames fields for errors (a GGUF file's metadata keys)."""
+    keys = keys or {}
+    largest = max((int(d) for s in shapes.values() for d in s), default=0)
+    for name in SIZE_FIELDS:
+        v = config.get(name)
+        if isinstance(v, int) and not isinstance(v, bool) and v > largest:
+            raise ConfigError(keys.get(name, name), f"is {v}, larger than every dimension of the weights (largest "
+                              f"{largest}): the config does not match the checkpoint", path=source)
+    n = config.get("num_hidden_layers")
+    if isinstance(n, int) and not isinstance(n, bool):
+        if layers is None:
+            layers = {int(m.group(1)) for k in shapes if (m := _LAYER.search(k))}
+        if len(layers) != n or (layers and max(layers) != n - 1):
+            held = f"layers {min(layers)}..{max(layers)}" if layers else "no layers"
+            raise ConfigError(keys.get("num_hidden_layers", "num_hidden_layers"),
+                              f"says {n} layers but the weights hold {len(layers)} ({held})", path=source)
+
+
+def check_generation_config(cfg: Any, source: object) -> dict:
+    """generation_config.json's sampling defaults, checked at load: they apply to every request that
+    leaves them out, so a bad one ("temperature": "hot") would break each of them instead. Keys set to
+    null are dropped (as if absent)."""
+    if not isinstance(cfg, dict):
+        raise ModelFileError(source, "must hold a JSON object")
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+
+    def number(v: Any) -> bool:  # (an int is finite: math.isfinite would overflow on a huge one)
+        return not isinstance(v, bool) and (isinstance(v, int) or (isinstance(v, float) and math.isfinite(v)))
+
+    rules = {"do_sample": (lambda v: isinstance(v, bool), "must be true or false"),
+             "temperature": (lambda v: number(v) and 0 <= v <= 100, "must be a number in [0, 100]"),
+             "top_p": (lambda v: number(v) and 0 < v <= 1, "must be a number in (0, 1]"),
+             "top_k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                       "must be an integer >= 0"),
+             "eos_token_id": (lambda v: _token_ids(v), "must be a token id or a list of token ids")}
+    for key, (ok, why) in rules.items():
+        if key in cfg and not ok(cfg[key]):
+            raise ConfigError(key, f"{why}, got {short_repr(cfg[key])}", path=source)
+    return cfg
+
+
+def _token_ids(v: Any) -> bool:
+    ids = v if isinstance(v, list) else [v]
+    return all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+
+
+def check_chat_template(tokenizer: Tokenizer, field: str, source: object) -> None:
+    """Render a one-message conversation with the model's chat template now, so a template that
+    cannot work (a syntax error, a division by zero) fails the load naming itself, rather than every
+    chat request later. Models without a template use a built-in one and are not checked."""
+    from .chat import render_prompt
+
+    if tokenizer.chat_template is None:
+        return
+    try:
+        render_prompt([{"role": "user", "content": "Hello"}], tokenizer.chat_template,
+                      bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+    except InvalidRequestError as e:
+        why = e.__cause__ if e.__cause__ is not None else e
+        raise ConfigError(field, f"the chat template cannot render a one-message conversation "
+                          f"({type(why).__name__}: {why})", path=source) from None

@@ -308,8 +308,11 @@ def _parse(path: Path, buf: Any, size: int) -> tuple[int, int, dict[str, Any], d
     alignment = DEFAULT_ALIGNMENT
     if "general.alignment" in metadata:
         a = metadata["general.alignment"]
-        if not isinstance(a, int) or isinstance(a, bool) or a <= 0 or a & (a - 1):
-            raise p.fail("general.alignment", f"must be a positive power of two, got {a!r}")
+        # The GGUF spec asks for a multiple of 8, llama.cpp for a power of two: both, so every tensor
+        # starts 8-byte aligned (alignment 1 put a Q8_0 tensor's f16 scales at odd addresses).
+        if not isinstance(a, int) or isinstance(a, bool) or a < 8 or a & (a - 1):
+            raise p.fail("general.alignment",
+                         f"must be a power of two and a multiple of 8 (8, 16, 32, ...), got {a!r}")
         alignment = a
     arch = metadata.get("general.architecture")
     if not isinstance(arch, str) or not arch:
@@ -382,13 +385,17 @@ def open_gguf(path: str | Path) -> GGUFFile:
     """Open and fully validate a GGUF file's header; tensor data stays memory-mapped."""
     path = Path(path)
     try:
+        if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+            # a FIFO would block open() until something writes to it; a device has no fixed size
+            raise ModelFileError(path, "is not a regular file (a FIFO, socket or device), expected a GGUF file")
         f = open(path, "rb")
     except FileNotFoundError:
         raise ModelFileError(path, "GGUF file not found") from None
     except IsADirectoryError:
         raise ModelFileError(path, "is a directory, expected a GGUF file") from None
-    except OSError as e:
-        raise ModelFileError(path, f"cannot open GGUF file: {e.strerror or e}") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+        why = e.strerror if isinstance(e, OSError) else e
+        raise ModelFileError(path, f"cannot open GGUF file: {why}") from None
     with f:
         try:
             size = os.fstat(f.fileno()).st_size

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from typing import Any, Mapping, TypeVar
 
 from ..errors import ConfigError
@@ -31,14 +32,35 @@ class BaseArgs:
             raise
 
 
-def require_int(name: str, value: Any, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(name, f"must be an integer >= {minimum}, got {value!r}")
+MAX_POSITIONS = 2**31  # no model has a context near this; a larger one only overflows arithmetic later
+
+
+def require_int(name: str, value: Any, *, minimum: int = 1, maximum: int | None = None) -> int:
+    if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
+            or (maximum is not None and value > maximum)):
+        bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+        raise ConfigError(name, f"must be an integer {bound}, got {short_repr(value)}")
     return value
 
 
 def require_float(name: str, value: Any, *, positive: bool = True) -> float:
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value  # NaN
-            or (positive and not value > 0)):
-        raise ConfigError(name, f"must be a {'positive ' if positive else ''}number, got {value!r}")
-    return float(value)
+    """A finite number (positive unless told): NaN, infinities and integers too large for a float
+    (which would raise OverflowError later) are ConfigErrors naming the field."""
+    kind = f"a finite {'positive ' if positive else ''}number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(name, f"must be {kind}, got {short_repr(value)}")
+    try:
+        f = float(value)
+    except OverflowError:
+        raise ConfigError(name, f"must be {kind}, got {short_repr(value)}") from None
+    if not math.isfinite(f) or (positive and not f > 0):
+        raise ConfigError(name, f"must be {kind}, got {short_repr(value)}")
+    return f
+
+
+def short_repr(value: Any) -> str:
+    """repr for a message, cut; an int too long to print (Python's 4300-digit limit) by its size."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:80]}... ({type(value).__name__})"

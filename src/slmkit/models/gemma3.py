@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import BaseArgs, require_float, require_int
+from .base import MAX_POSITIONS, BaseArgs, require_float, require_int
 from .cache import KVCache, positions_of
 from .layers import ACTIVATIONS, RMSNorm, attention
 from .rope import Rope, apply_rope, build_rope
@@ -54,8 +54,9 @@ class ModelArgs(BaseArgs):
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
-                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+                     "num_key_value_heads", "head_dim"):
             require_int(name, getattr(self, name))
+        require_int("max_position_embeddings", self.max_position_embeddings, maximum=MAX_POSITIONS)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError("num_key_value_heads", f"{self.num_key_value_heads} does not divide "
                               f"num_attention_heads {self.num_attention_heads}")
@@ -69,7 +70,8 @@ class ModelArgs(BaseArgs):
             require_int("sliding_window_pattern", self.sliding_window_pattern)
             self.layer_types = ["sliding_attention" if (i + 1) % self.sliding_window_pattern else "full_attention"
                                 for i in range(self.num_hidden_layers)]
-        if len(self.layer_types) != self.num_hidden_layers or any(t not in LAYER_TYPES for t in self.layer_types):
+        if (not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers
+                or any(t not in LAYER_TYPES for t in self.layer_types)):
             raise ConfigError("layer_types", f"must list {self.num_hidden_layers} of {LAYER_TYPES}")
         if self.sliding_window is not None:
             require_int("sliding_window", self.sliding_window)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import BaseArgs, require_float, require_int
+from .base import MAX_POSITIONS, BaseArgs, require_float, require_int
 from .cache import KVCache, positions_of
 from .layers import ACTIVATIONS, RMSNorm, attention
 from .rope import Rope, apply_rope, build_rope
@@ -45,9 +45,12 @@ class ModelArgs(BaseArgs):
     pad_token_id: Any = None
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
-                     "max_position_embeddings"):
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
             require_int(name, getattr(self, name))
+        require_int("max_position_embeddings", self.max_position_embeddings, maximum=MAX_POSITIONS)
+        if self.original_max_position_embeddings is not None:
+            require_int("original_max_position_embeddings", self.original_max_position_embeddings,
+                        maximum=MAX_POSITIONS)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         require_int("num_key_value_heads", self.num_key_value_heads)
@@ -71,7 +74,7 @@ class ModelArgs(BaseArgs):
             self.rope_theta = scaling.get("rope_theta", self.rope_theta)
             self.partial_rotary_factor = scaling.get("partial_rotary_factor", self.partial_rotary_factor)
         require_float("rope_theta", self.rope_theta)
-        if not 0 < self.partial_rotary_factor <= 1:
+        if not 0 < require_float("partial_rotary_factor", self.partial_rotary_factor) <= 1:
             raise ConfigError("partial_rotary_factor", f"must be in (0, 1], got {self.partial_rotary_factor}")
         self.rope = build_rope(
             head_dim=self.head_dim, theta=self.rope_theta, partial_rotary_factor=self.partial_rotary_factor,

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import ConfigError
+from .base import require_float, short_repr
 
 
 @dataclass
@@ -65,13 +66,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def _factor_list(name: str, value: Any, n: int) -> torch.Tensor:
-    if not isinstance(value, (list, tuple)) or not all(
-        isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in value
-    ):
+    if not isinstance(value, (list, tuple)):
         raise ConfigError(f"rope_scaling.{name}", "must be a list of positive numbers")
     if len(value) != n:
         raise ConfigError(f"rope_scaling.{name}", f"must have rotary_dim/2 = {n} entries, got {len(value)}")
-    return torch.tensor(value, dtype=torch.float32)
+    return torch.tensor([require_float(f"rope_scaling.{name}[{i}]", f) for i, f in enumerate(value)],
+                        dtype=torch.float32)
 
 
 def build_rope(
@@ -93,10 +93,8 @@ def build_rope(
     if kind in (None, "default"):
         return Rope(rotary_dim, 1.0 / base)
     if kind == "linear":  # position interpolation (Gemma 3 4B+ global layers): positions / factor
-        factor = (scaling or {}).get("factor")
-        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
-            raise ConfigError("rope_scaling.factor", f"must be a positive number, got {factor!r}")
-        return Rope(rotary_dim, 1.0 / base / float(factor))
+        factor = require_float("rope_scaling.factor", (scaling or {}).get("factor"))
+        return Rope(rotary_dim, 1.0 / base / factor)
     if kind not in ("longrope", "su", "yarn"):  # transformers maps legacy su/yarn to longrope for Phi-3
         raise ConfigError("rope_scaling.type", f"unsupported rope scaling {kind!r} (supported: linear, longrope, su)")
     assert scaling is not None
@@ -104,13 +102,13 @@ def build_rope(
     short = _factor_list("short_factor", scaling.get("short_factor"), n)
     long = _factor_list("long_factor", scaling.get("long_factor"), n)
     orig = original_max_position_embeddings or scaling.get("original_max_position_embeddings")
-    if not isinstance(orig, int) or orig < 1:
-        raise ConfigError("original_max_position_embeddings", "is required for LongRoPE")
+    if isinstance(orig, bool) or not isinstance(orig, int) or orig < 2:  # its log divides the attention factor
+        raise ConfigError("original_max_position_embeddings", f"is required for LongRoPE, an integer >= 2; "
+                          f"got {short_repr(orig)}")
     attention_factor = scaling.get("attention_factor")
     for key in ("attention_factor", "factor"):
-        v = scaling.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
-            raise ConfigError(f"rope_scaling.{key}", f"must be a positive number, got {v!r}")
+        if scaling.get(key) is not None:
+            require_float(f"rope_scaling.{key}", scaling[key])
     if attention_factor is None:
         factor = scaling.get("factor") or max_position_embeddings / orig
         attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine.files import parse_json
 from ..errors import ModelFileError, WeightError
 from .format import TILE, QuantWeight, padded
 from .linear import QuantLinear
@@ -115,13 +116,13 @@ def split_quantized(weights: dict[str, torch.Tensor], folder: Path) -> dict[str,
 
     meta: dict[str, Any] = {}
     for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(META_KEY)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get(META_KEY)
+        except Exception as e:  # noqa: BLE001 -- safetensors' errors are untyped: a file not in the index
+            raise ModelFileError(path, f"corrupt or unreadable safetensors file ({e})") from None
         if raw:
-            try:
-                part = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise ModelFileError(path, f"metadata {META_KEY!r} is not valid JSON ({e})") from None
+            part = parse_json(raw, f"{path} (metadata {META_KEY!r})")
             if not isinstance(part, dict):
                 raise ModelFileError(path, f"metadata {META_KEY!r} must be a JSON object")
             meta.update({k: (v, path) for k, v in part.items()})
