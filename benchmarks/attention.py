@@ -42,7 +42,7 @@ def best_ms(fn, layers, reps):
 
 def main() -> None:
     from slmkit.models import layers as L_
-    from slmkit.quant import kernel
+    from slmkit.kernels import qgemm as kernel
 
     torch.set_num_threads(torch.get_num_threads())
     if kernel.get_kernel() is None:

@@ -46,7 +46,7 @@ def best_s(fn, reps: int) -> float:
 
 def main() -> None:
     from slmkit.quant.format import QuantWeight
-    from slmkit.quant.kernel import get_kernel, qmatmul_kernel
+    from slmkit.kernels.qgemm import get_kernel, qmatmul_kernel
 
     torch.set_num_threads(2)
     lib = get_kernel()

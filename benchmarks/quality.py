@@ -52,7 +52,7 @@ def llama_ppl(path: Path, ids: list[int]) -> float:
 def main() -> None:
     import llama_cpp
 
-    from slmkit.builtin import builtin_model_path
+    from slmkit.sources.builtin import builtin_model_path
 
     builtin = builtin_model_path()
     tmp = Path(tempfile.mkdtemp(prefix="slmkit-quality-"))

@@ -6,7 +6,7 @@ import os
 import pytest
 
 import slmkit
-from slmkit.builtin import builtin_model_path
+from slmkit.sources.builtin import builtin_model_path
 from slmkit.errors import ModelFileError
 
 

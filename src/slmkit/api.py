@@ -16,10 +16,10 @@ from typing import Any, Literal, overload
 import torch
 
 from .backends.base import EXTRA_OPTIONS, Backend, SamplingOptions
-from .engine.chat import check_text
+from .text.chat import check_text
 from .engine.engine import validate_token_ids
-from .engine.files import expand_user, shown, stat_path
-from .engine.stops import StopStrings
+from .loading.files import expand_user, shown, stat_path
+from .text.stops import StopStrings
 from .errors import ContextLengthError, InvalidRequestError, ModelFileError, UnsupportedInputError
 
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -160,7 +160,7 @@ class LLM:
     # ------------------------------------------------------------------ prompts
     def render(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> Any:
         """The chat template applied to OpenAI-shaped messages: a Prompt (text, images)."""
-        from .engine.chat import render_prompt
+        from .text.chat import render_prompt
 
         tok = self.tokenizer
         prompt = render_prompt(messages, tok.chat_template, bos_token=tok.bos_token, eos_token=tok.eos_token,
@@ -234,7 +234,7 @@ class LLM:
             raise InvalidRequestError("needs tools", param="tool_choice")
         if tools is not None:
             from . import tools as tooling
-            from .engine.chat import normalize_messages
+            from .text.chat import normalize_messages
 
             # the messages are checked first: the tools' rewrite of them assumes well-formed ones
             messages, constraint = tooling.prepare(normalize_messages(messages), tools, tool_choice)
@@ -433,11 +433,11 @@ def resolve_model_path(model: str | Path) -> Path:
     'org/name' Hugging Face id (through the local cache or a download)."""
     spec = str(model)
     if spec in BUILTIN_ALIASES:
-        from .builtin import builtin_model_path
+        from .sources.builtin import builtin_model_path
 
         return builtin_model_path()
     if spec.startswith("ollama:"):
-        from .engine.ollama_store import resolve_ollama
+        from .sources.ollama import resolve_ollama
 
         return resolve_ollama(spec.removeprefix("ollama:"))
     path = expand_user(model)
@@ -494,6 +494,6 @@ def load(model: str | Path = "builtin", *, dtype: str | torch.dtype = "auto", de
     except ModelFileError:
         if str(model) not in BUILTIN_ALIASES:
             raise
-        from .builtin import builtin_model_path  # a cached copy damaged after it was verified: rebuild once
+        from .sources.builtin import builtin_model_path  # a cached copy damaged after it was verified: rebuild once
 
         return LLM(NativeBackend.from_path(builtin_model_path(refresh=True), **opts))

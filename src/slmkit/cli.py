@@ -285,7 +285,7 @@ def _describe(llm: Any) -> str:
     n = sum(isinstance(m, QuantLinear) for m in engine.model.modules())
     if not n:
         return str(engine.dtype).removeprefix("torch.")
-    from .quant import kernel
+    from .kernels import qgemm as kernel
 
     how = "VNNI kernel" if kernel_active() else f"PyTorch fallback: {kernel.build_error or 'kernel disabled'}"
     return f"{str(engine.dtype).removeprefix('torch.')}, {n} quantized layers ({how})"

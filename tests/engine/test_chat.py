@@ -5,9 +5,9 @@ import warnings
 
 import pytest
 
-from slmkit.engine import chat
-from slmkit.engine.chat import ImagePart, fallback_template, normalize_messages, render_prompt
-from slmkit.engine.tokenizer import Tokenizer
+from slmkit.text import chat
+from slmkit.text.chat import ImagePart, fallback_template, normalize_messages, render_prompt
+from slmkit.text.tokenizer import Tokenizer
 from slmkit.errors import InvalidRequestError
 from tests.helpers.tiny_tokenizer import TEMPLATES, VARIANTS, build_phi_tokenizer, write_model_config
 

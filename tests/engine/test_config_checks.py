@@ -12,7 +12,7 @@ import tracemalloc
 import pytest
 
 import slmkit
-from slmkit.engine.chat import render_prompt
+from slmkit.text.chat import render_prompt
 from slmkit.errors import ConfigError, InvalidRequestError, ModelFileError
 from tests.helpers.gguf_files import copy_file, gguf_layout, patch_bytes, patch_u32
 from tests.helpers.gguf_models import hf_to_gguf

@@ -7,7 +7,7 @@ import torch
 import slmkit
 from slmkit import ContextLengthError, Generator, GeneratorParams, InvalidRequestError
 from slmkit.engine.sampling import apply_top_k, apply_top_p, sample
-from slmkit.engine.stops import StopStrings
+from slmkit.text.stops import StopStrings
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +189,7 @@ def test_packing_leaves_other_threads_thread_count_alone():
 
     from torch import nn
 
-    from slmkit.engine.packing import pack_linears, packing_available
+    from slmkit.loading.packing import pack_linears, packing_available
 
     if not packing_available():
         pytest.skip("oneDNN packing unavailable")

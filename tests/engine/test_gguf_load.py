@@ -28,7 +28,7 @@ def reference(folder, gguf_path):
     """transformers' model of the folder, with the GGUF file's dequantized weights put in."""
     from transformers import AutoModelForCausalLM
 
-    from slmkit.engine.gguf_load import hf_name
+    from slmkit.loading.gguf import hf_name
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
     f = open_gguf(gguf_path)

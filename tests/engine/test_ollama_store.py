@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from slmkit.engine.ollama_store import parse_name, resolve_ollama
+from slmkit.sources.ollama import parse_name, resolve_ollama
 from slmkit.errors import InvalidRequestError, ModelFileError
 
 MEDIA = "application/vnd.ollama.image.model"

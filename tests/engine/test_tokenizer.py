@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from slmkit.engine.tokenizer import Tokenizer
+from slmkit.text.tokenizer import Tokenizer
 from slmkit.errors import ConfigError, ModelFileError
 from tests.helpers.tiny_tokenizer import VARIANTS, build_phi_tokenizer, phi_special_ids, write_model_config
 

@@ -56,7 +56,7 @@ N = 512
 
 @pytest.fixture(scope="module")
 def builtin():
-    from slmkit.builtin import builtin_model_path
+    from slmkit.sources.builtin import builtin_model_path
 
     return builtin_model_path()
 

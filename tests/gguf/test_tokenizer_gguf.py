@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from slmkit.errors import ConfigError, UnsupportedModelError
-from slmkit.gguf.tokenizer import (
+from slmkit.text.gguf_tokenizer import (
     CONTROL,
     NORMAL,
     UNKNOWN,

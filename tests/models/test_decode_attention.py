@@ -6,7 +6,7 @@ import torch
 
 import slmkit
 from slmkit.models import layers
-from slmkit.quant import kernel
+from slmkit.kernels import qgemm as kernel
 from tests.helpers.tiny_models import make_gemma3_folder
 
 pytestmark = pytest.mark.skipif(kernel.get_kernel() is None, reason="the compiled kernel is unavailable here")

@@ -6,7 +6,7 @@ import torch
 
 import slmkit
 from slmkit import Generator, GeneratorParams
-from slmkit.engine.packing import packing_available
+from slmkit.loading.packing import packing_available
 
 ATOL = 1e-4
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from slmkit.models.layers import attention
-from slmkit.quant import kernel
-from slmkit.quant.kernel import decode_attention, get_kernel
+from slmkit.kernels import qgemm as kernel
+from slmkit.kernels.qgemm import decode_attention, get_kernel
 
 pytestmark = pytest.mark.skipif(get_kernel() is None, reason="the compiled kernel is unavailable on this machine")
 

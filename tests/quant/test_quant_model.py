@@ -9,7 +9,7 @@ import torch
 import slmkit
 from slmkit.cli import main
 from slmkit.errors import InvalidRequestError, ModelFileError, WeightError
-from slmkit.quant.kernel import get_kernel
+from slmkit.kernels.qgemm import get_kernel
 from slmkit.quant.linear import QuantLinear, use_kernel
 from tests.helpers.gguf_models import hf_to_gguf
 

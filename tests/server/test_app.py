@@ -443,7 +443,7 @@ def test_an_error_mid_stream_uses_the_stream_framing(server, monkeypatch):
 
 def test_slm_serve_refuses_a_kv_plan_that_does_not_fit(folder, monkeypatch, capsys):
     from slmkit import cli
-    from slmkit.engine import memory
+    from slmkit.loading import memory
 
     import uvicorn
 

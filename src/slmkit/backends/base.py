@@ -7,7 +7,7 @@ from typing import Protocol
 
 import torch
 
-from ..engine.tokenizer import Tokenizer
+from ..text.tokenizer import Tokenizer
 
 
 @dataclass

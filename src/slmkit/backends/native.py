@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from ..engine.engine import Engine
-from ..engine.files import is_regular_file
+from ..loading.files import is_regular_file
 from ..engine.generator import Generator, GeneratorParams
-from ..engine.loader import load_hf_folder
+from ..loading.hf import load_hf_folder
 from .base import EXTRA_OPTIONS, SamplingOptions, TokenStep
 
 
@@ -36,7 +36,7 @@ class NativeBackend:
         path = Path(path)
         q = dict(quant=quant, group_size=group_size)
         if is_regular_file(path) or path.suffix.lower() == ".gguf":  # GGUF: its reader names what is wrong
-            from ..engine.gguf_load import load_gguf
+            from ..loading.gguf import load_gguf
 
             backend = cls(Engine(load_gguf(path, dtype=dtype, device=device, **q), pack=pack))
         else:

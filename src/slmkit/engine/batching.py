@@ -111,7 +111,7 @@ class BatchEngine:
     def _check_memory(self, slots: int) -> None:
         """The KV plan (slots x slot_context) must fit the memory left, with room to run: a clear
         error naming what fits, not an out-of-memory kill under load."""
-        from .memory import available_bytes
+        from ..loading.memory import available_bytes
 
         a, e = self.engine.args, self.engine
         if torch.device(e.device).type != "cpu":

@@ -7,8 +7,8 @@ import torch
 
 from ..errors import ContextLengthError, InvalidRequestError
 from ..models.cache import KVCache
-from .loader import LoadedModel
-from .packing import pack_linears
+from ..loading.hf import LoadedModel
+from ..loading.packing import pack_linears
 
 
 def _ids(value: object) -> list[int]:

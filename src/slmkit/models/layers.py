@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.kernel import decode_attention
+from ..kernels.qgemm import decode_attention
 
 
 class RMSNorm(nn.Module):

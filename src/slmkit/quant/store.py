@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.files import parse_json
+from ..loading.files import parse_json
 from ..errors import ModelFileError, WeightError
 from .format import TILE, QuantWeight, padded
 from .linear import QuantLinear

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .format import QuantWeight
+from ..quant.format import QuantWeight
 
 SOURCE = Path(__file__).with_name("qgemm.cpp")
 FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl",
@@ -166,7 +166,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, qpos:
     return out.transpose(1, 2)
 
 
-if __name__ == "__main__":  # `python -m slmkit.quant.kernel`: build at install time
+if __name__ == "__main__":  # `python -m slmkit.kernels.qgemm`: build at install time
     try:
         print(build(verbose=True))
     except RuntimeError as e:

@@ -20,7 +20,7 @@ from ..models import get_model_module
 from ..models.base import short_repr
 from .files import expand_user, read_json, stat_path
 from .memory import FileMappings, release_pages
-from .tokenizer import Tokenizer
+from ..text.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -280,7 +280,7 @@ def check_chat_template(tokenizer: Tokenizer, field: str, source: object) -> Non
     """Render a one-message conversation with the model's chat template now, so a template that
     cannot work (a syntax error, a division by zero) fails the load naming itself, rather than every
     chat request later. Models without a template use a built-in one and are not checked."""
-    from .chat import render_prompt
+    from ..text.chat import render_prompt
 
     if tokenizer.chat_template is None:
         return

@@ -1,7 +1,7 @@
 """Tokenizer from GGUF metadata that reproduces llama.cpp's tokenization (its `llama-vocab.cpp`).
 
 ``tokenizer_from_gguf_metadata(meta)`` takes the GGUF key/value metadata as plain Python values (lists or numpy
-arrays for arrays) and returns a `slmkit.engine.tokenizer.Tokenizer` over a `tokenizers.Tokenizer`.
+arrays for arrays) and returns a `slmkit.text.tokenizer.Tokenizer` over a `tokenizers.Tokenizer`.
 
 ``tokenizer.ggml.model == "llama"`` (SentencePiece BPE: Llama 2, Phi-3, Gemma 3). llama.cpp's SPM tokenizer splits
 out every control/user-defined/unknown token found in the text (longest token first), prefixes a raw-text fragment
@@ -37,7 +37,7 @@ import numpy as np
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
-from slmkit.engine.tokenizer import Tokenizer
+from slmkit.text.tokenizer import Tokenizer
 from slmkit.errors import ConfigError, UnsupportedModelError
 
 # tokenizer.ggml.token_type values (llama.cpp `llama_token_type`)

@@ -14,10 +14,10 @@ import torch
 
 from ..errors import ConfigError, UnsupportedModelError, WeightError
 from ..gguf import GGUFFile, open_gguf
-from ..gguf.tokenizer import tokenizer_from_gguf_metadata
+from ..text.gguf_tokenizer import tokenizer_from_gguf_metadata
 from ..models import get_model_module
 from ..models.base import require_float, require_int
-from .loader import LoadedModel, build_model, check_chat_template, check_config_sizes, parse_device, resolve_dtype
+from .hf import LoadedModel, build_model, check_chat_template, check_config_sizes, parse_device, resolve_dtype
 from .memory import FileMappings, release_pages
 
 # llama.cpp tensor names (per layer after "blk.N.") -> HF names (after "model.layers.N.")

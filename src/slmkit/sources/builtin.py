@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import ModelFileError
+from ..errors import ModelFileError
 
 BUILTIN_NAME = "gemma3-270m"
 PROMPT_STYLE = "completion"  # a base model: `slm run` completes text instead of chatting

@@ -22,7 +22,7 @@ from typing import Any, Literal, Sequence
 import tokenizers
 from tokenizers import AddedToken, decoders, pre_tokenizers
 
-from slmkit.engine.files import read_json
+from slmkit.loading.files import read_json
 from slmkit.errors import ConfigError, InvalidRequestError, ModelFileError
 
 # config.json model types for which transformers 5 loads tokenizer.json as shipped even when tokenizer_config.json

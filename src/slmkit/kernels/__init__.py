@@ -1,0 +1,1 @@
+"""The compiled kernels (qgemm.cpp): build, load and call, with PyTorch fallbacks."""

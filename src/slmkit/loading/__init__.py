@@ -1,0 +1,1 @@
+"""Building a model from files: Hugging Face folders, GGUF, packing, memory mapping."""

@@ -1,0 +1,1 @@
+"""Where models come from: the built-in model, the Ollama store, the Hugging Face hub."""
