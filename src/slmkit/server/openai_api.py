@@ -1,5 +1,5 @@
-"""OpenAI wire format (../shared/specs/cloud-endpoints.md §A6): requests -> LLM options, results ->
-chat.completion / chat.completion.chunk / text_completion JSON."""
+"""OpenAI wire format (the OpenAI API reference, platform.openai.com/docs/api-reference): requests ->
+LLM options, results -> chat.completion / chat.completion.chunk / text_completion JSON."""
 from __future__ import annotations
 
 import json
