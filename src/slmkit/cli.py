@@ -304,7 +304,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     except ImportError:
         sys.stderr.write("error: slm serve needs fastapi and uvicorn (pip install 'slmkit[serve]')\n")
         return 1
-    from .errors import MemoryPlanError
+    from .errors import MemoryPlanError, ModelUnavailableError
     from .server.registry import ModelSpec, parse_keep_alive
 
     try:
@@ -349,13 +349,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
         models[name] = ModelSpec(loader(name, path), slots=max(1, a.slots))
     key = a.api_key or os.environ.get("SLMKIT_API_KEY")
     hosts = a.image_url_host or []
-    from .server.registry import ModelUnavailable
-
     try:
         app = create_app(models, api_key=key, max_queue=a.max_queue, cors_origins=a.cors, keep_alive=keep_alive,
                          max_loaded=a.max_loaded, image_urls=hosts if hosts else bool(a.image_urls),
                          max_body=a.max_body)
-    except ModelUnavailable as e:
+    except ModelUnavailableError as e:
         cause = e.__cause__
         sys.stderr.write(f"error: {cause if isinstance(cause, SlmkitError) else e}\n")
         return 1

@@ -76,3 +76,29 @@ class EngineError(SlmkitError):
     def __init__(self, message: str, *, dead: bool = False):
         self.dead = dead
         super().__init__(message)
+
+
+class ModelNotFoundError(SlmkitError, LookupError):
+    """No model of that name is served here. `name` is the name asked for, `served` the names
+    that are (a server answers 404 model_not_found)."""
+
+    def __init__(self, name: str | None, served: list[str] | tuple[str, ...] = ()):
+        self.name, self.served = name, list(served)
+        super().__init__(f"model {name!r} is not served here (served: {', '.join(self.served)})")
+
+
+class ModelUnavailableError(SlmkitError):
+    """A model could not be loaded: its loader failed (the cause is chained), or every loaded
+    model is busy and none can make room (`busy`: try again later)."""
+
+    def __init__(self, message: str, *, busy: bool = False):
+        self.busy = busy
+        super().__init__(message)
+
+
+class ServerBusyError(SlmkitError):
+    """The server's queue for a model is full (`waiting` requests): try again later."""
+
+    def __init__(self, waiting: int):
+        self.waiting = waiting
+        super().__init__(f"{waiting} requests are waiting")

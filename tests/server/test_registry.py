@@ -9,8 +9,8 @@ import weakref
 import pytest
 
 import slmkit
-from slmkit.errors import InvalidRequestError
-from slmkit.server.registry import ModelSpec, ModelUnavailable, Registry, parse_keep_alive
+from slmkit.errors import InvalidRequestError, ModelUnavailableError
+from slmkit.server.registry import ModelSpec, Registry, parse_keep_alive
 
 pytest.importorskip("fastapi")
 ollama = pytest.importorskip("ollama")
@@ -102,7 +102,7 @@ def test_max_loaded_unloads_the_least_recently_used_idle_model(folders):
                    max_loaded=1, preload=False)
     try:
         reg.acquire("phi")
-        with pytest.raises(ModelUnavailable) as e:  # phi is busy: gemma cannot evict it
+        with pytest.raises(ModelUnavailableError) as e:  # phi is busy: gemma cannot evict it
             reg.acquire("gemma")
         assert e.value.busy
         reg.release("phi")
@@ -117,7 +117,7 @@ def test_a_failing_loader_is_a_named_error():
     def broken():
         raise FileNotFoundError("no such folder: /nowhere")
 
-    with pytest.raises(ModelUnavailable, match="'x' failed to load: no such folder"):
+    with pytest.raises(ModelUnavailableError, match="'x' failed to load: no such folder"):
         Registry({"x": ModelSpec(broken)})
 
 

@@ -29,9 +29,10 @@ import torch
 
 from ..errors import EngineError, MemoryPlanError, SlmkitError
 from ..models.cache import KVCache, SlotCache
+from ..streams import END as _END
+from ..streams import Stream
 from .generator import FINISH_LENGTH, Generator, GeneratorParams
 
-_END = object()
 KV_HEADROOM_BYTES = 512 * 2**20  # left free for activations, the tokenizer, the server
 
 
@@ -40,7 +41,7 @@ class _Request:
     gen: Generator
     prompt: list[int]
     want_logprobs: bool
-    out: queue.Queue = field(default_factory=queue.Queue)
+    out: Stream = field(default_factory=Stream)
     cancelled: threading.Event = field(default_factory=threading.Event)
     cache: KVCache | None = None  # the prompt's own cache while it prefills
 
@@ -97,13 +98,7 @@ class BatchEngine:
                                   "reload the model", dead=True)
             self.incoming.put(req)
         try:
-            while True:
-                item = req.out.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            yield from req.out
         finally:
             req.cancelled.set()
 

@@ -1,5 +1,5 @@
-"""OpenAI wire format (../shared/specs/cloud-endpoints.md §A6): requests -> LLM options, results ->
-chat.completion / chat.completion.chunk / text_completion JSON."""
+"""OpenAI wire format (the OpenAI API reference, platform.openai.com/docs/api-reference): requests ->
+LLM options, results -> chat.completion / chat.completion.chunk / text_completion JSON."""
 from __future__ import annotations
 
 import json
@@ -105,9 +105,10 @@ def _logprobs_json(lps: Any) -> dict | None:
     return {"content": [{**entry(lp), "top_logprobs": [entry(t) for t in lp.top_logprobs]} for lp in lps]}
 
 
-def usage_json(results: list[Any]) -> dict:
-    """OpenAI usage of n choices (results or last chunks): the prompt once, every choice's tokens."""
-    p = results[0].usage.prompt_tokens
+def usage_json(results: list[Any], per_prompt: int | None = None) -> dict:
+    """OpenAI usage of n choices (results or last chunks): the prompt once, every choice's tokens.
+    With several prompts (per_prompt choices each, in order), each prompt once."""
+    p = sum(r.usage.prompt_tokens for r in results[::per_prompt or len(results)])
     c = sum(r.usage.completion_tokens for r in results)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
@@ -134,12 +135,14 @@ def chat_completion(results: list[Any], model: str) -> dict:
             "system_fingerprint": "slmkit", "choices": choices, "usage": usage_json(results)}
 
 
-def text_completion(results: list[Any], model: str) -> dict:
+def text_completion(groups: list[list[Any]], model: str) -> dict:
+    """The choices of each prompt (n each), numbered as OpenAI does: prompt_index * n + i."""
+    results = [r for g in groups for r in g]
     return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": "slmkit",
             "choices": [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
                         for i, r in enumerate(results)],
-            "usage": usage_json(results)}
+            "usage": usage_json(results, len(groups[0]))}
 
 
 def sse(obj: Any) -> bytes:
@@ -251,10 +254,13 @@ def chat_stream(llm: Any, messages: Any, tool_kw: dict, opts: dict, model: str, 
     yield sse(b"[DONE]")
 
 
-def completion_stream(llm: Any, prompt: str, opts: dict, model: str, include_usage: bool) -> Iterator[bytes]:
-    """text_completion SSE events token by token for every choice (n > 1: as for chat_stream)."""
-    per = _per_choice(opts)
-    start = lambda o: llm.generate(prompt, stream=True, **o)  # noqa: E731
+def completion_stream(llm: Any, prompts: list[Any], opts: dict, model: str, include_usage: bool
+                      ) -> Iterator[bytes]:
+    """text_completion SSE events token by token for every choice of every prompt (n > 1: as for
+    chat_stream), choice i of prompt k numbered k * n + i as OpenAI does."""
+    n = len(_per_choice(opts))
+    per = [(prompt, o) for prompt in prompts for o in _per_choice(opts)]
+    start = lambda po: llm.generate(po[0], stream=True, **po[1])  # noqa: E731
     first = start(per[0])
     cid, created = new_id("cmpl"), int(time.time())
 
@@ -270,11 +276,11 @@ def completion_stream(llm: Any, prompt: str, opts: dict, model: str, include_usa
     lasts = yield from _choices(llm, per, first, start, choice)
     if include_usage:
         yield sse({"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [],
-                   "usage": usage_json(lasts)})
+                   "usage": usage_json(lasts, n)})
     yield sse(b"[DONE]")
 
 
-def _choices(llm: Any, per: list[dict], first: Iterator[Any], start: Any, choice: Any) -> Any:
+def _choices(llm: Any, per: list[Any], first: Iterator[Any], start: Any, choice: Any) -> Any:
     """Yield the events of every choice; return each choice's last chunk (for usage). With
     continuous batching all choices run at once (their tokens come from the same steps) and their
     events interleave; otherwise one choice after another."""

@@ -18,23 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import InvalidRequestError
+from ..errors import ConfigError, InvalidRequestError, ModelNotFoundError, ModelUnavailableError
 from .scheduler import Scheduler
 
 FOREVER = None  # keep_alive value: never unload
 FOREVER_AFTER_S = 1e9  # longer keep-alives (31 years) mean forever
-
-
-class UnknownModel(LookupError):
-    """No model of that name is served here."""
-
-
-class ModelUnavailable(Exception):
-    """A model could not be loaded (its loader failed, or max_loaded models are all busy)."""
-
-    def __init__(self, message: str, busy: bool = False):
-        super().__init__(message)
-        self.busy = busy
 
 
 @dataclass
@@ -166,9 +154,9 @@ class Registry:
         unloaded after keep_alive seconds idle, None = never). workers: requests at once for a
         loaded-LLM entry (default: its batch slots, else 1)."""
         if not models:
-            raise ValueError("the server needs at least one model")
+            raise ConfigError("models", "the server needs at least one model")
         if max_loaded is not None and max_loaded < 1:
-            raise ValueError(f"max_loaded must be at least 1, got {max_loaded}")
+            raise ConfigError("max_loaded", f"must be at least 1, got {max_loaded}")
         self.max_loaded = max_loaded
         self.entries: dict[str, Entry] = {}
         self._lock = threading.Lock()  # loading / unloading one model at a time
@@ -196,7 +184,7 @@ class Registry:
         if e is None and name and name.endswith(":latest"):  # Ollama clients add the default tag
             e = self.entries.get(name.removesuffix(":latest"))
         if e is None:
-            raise UnknownModel(name)
+            raise ModelNotFoundError(name, list(self.entries))
         return e
 
     def loaded(self) -> list[Entry]:
@@ -252,7 +240,7 @@ class Registry:
     # ------------------------------------------------------------------ internals
     def _load(self, e: Entry) -> None:
         if e.loader is None:
-            raise ModelUnavailable(f"model {e.name!r} was unloaded and has no loader")
+            raise ModelUnavailableError(f"model {e.name!r} was unloaded and has no loader")
         with self._lock:
             if self.max_loaded is not None:
                 loaded = [x for x in self.loaded() if x is not e]
@@ -260,8 +248,8 @@ class Registry:
                     idle = sorted((x for x in loaded if x.active == 0 and x.loader is not None),
                                   key=lambda x: x.last_used)
                     if not idle:
-                        raise ModelUnavailable(f"{len(loaded)} models are loaded (--max-loaded {self.max_loaded}) "
-                                               "and all are busy", busy=True)
+                        raise ModelUnavailableError(f"{len(loaded)} models are loaded (--max-loaded {self.max_loaded}) "
+                                                    "and all are busy", busy=True)
                     with idle[0].lock:
                         if idle[0].active == 0:  # still idle now that we hold it
                             self._unload(idle[0])
@@ -269,7 +257,7 @@ class Registry:
             try:
                 e.llm = e.loader()
             except Exception as err:  # noqa: BLE001 -- any loader failure is reported as such
-                raise ModelUnavailable(f"model {e.name!r} failed to load: {err}") from err
+                raise ModelUnavailableError(f"model {e.name!r} failed to load: {err}") from err
             e.loads += 1
             e._ready()
             e._describe()

@@ -1,6 +1,6 @@
 """The request scheduler under the HTTP server: one worker thread owns the model and runs the
-queued requests; the asyncio side receives their chunks. Bounded queue (full -> QueueFull, which
-the server turns into 503 + retry-after); a request whose client went away is cancelled before its
+queued requests; the asyncio side receives their chunks. Bounded queue (full -> ServerBusyError,
+which the server turns into 503 + retry-after); a request whose client went away is cancelled before its
 next token, so its KV cache is freed within one step.
 
 `workers` threads take jobs in FIFO order. With one worker requests run one at a time; with a
@@ -16,17 +16,14 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-_DONE = object()
-
-
-class QueueFull(Exception):
-    pass
+from ..errors import ServerBusyError
+from ..streams import END, Stream
 
 
 def _deliver(job: "Job", item: Any) -> bool:
     """Hand an item to the request's event loop; False if that loop is gone (the job is dropped)."""
     try:
-        job.loop.call_soon_threadsafe(job.out.put_nowait, item)
+        job.out.put(item)
         return True
     except RuntimeError:  # the loop closed (server shut down): drop the job, keep the worker
         job.cancelled.set()
@@ -36,8 +33,7 @@ def _deliver(job: "Job", item: Any) -> bool:
 @dataclass
 class Job:
     work: Callable[[threading.Event], Iterator[Any]]  # yields chunks; should stop when the event is set
-    loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue
+    out: Stream  # to the request's event loop
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -89,24 +85,19 @@ class Scheduler:
                 with self._lock:
                     self.running -= 1
                     self.served += 1
-                _deliver(job, _DONE)
+                _deliver(job, END)
 
     async def stream(self, work: Callable[[threading.Event], Iterator[Any]]) -> AsyncIterator[Any]:
         """Queue `work` and yield its chunks; exceptions it raises are re-raised here. Leaving the
         iteration early (client gone) cancels the job."""
         with self._lock:
             if self._waiting >= self.max_queue:
-                raise QueueFull(f"{self._waiting} requests are waiting")
+                raise ServerBusyError(self._waiting)
             self._waiting += 1
-        job = Job(work, asyncio.get_running_loop(), asyncio.Queue())
+        job = Job(work, Stream(asyncio.get_running_loop()))
         self._jobs.put(job)
         try:
-            while True:
-                item = await job.out.get()
-                if item is _DONE:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in job.out:
                 yield item
         finally:
             job.cancelled.set()

@@ -70,7 +70,11 @@ CHAT_COMPLETIONS = {"type": "object", "required": ["messages"], "properties": {
     **_OPENAI_SAMPLING, "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
     "tools": {"type": "array", "minItems": 1, "items": _TOOL}, "tool_choice": _TOOL_CHOICE}}
 
-COMPLETIONS = {"type": "object", "required": ["prompt"], "properties": {**_OPENAI_SAMPLING, "prompt": _STR}}
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+_PROMPT = {"anyOf": [_STR, {"type": "array", "minItems": 1, "items": _STR}, _TOKEN_IDS,
+                     {"type": "array", "minItems": 1, "items": _TOKEN_IDS}],
+           "description": "a string, a list of strings, a list of token ids, or a list of token-id lists"}
+COMPLETIONS = {"type": "object", "required": ["prompt"], "properties": {**_OPENAI_SAMPLING, "prompt": _PROMPT}}
 
 _OLLAMA_OPTIONS = {"type": "object", "properties": {
     "temperature": {"type": "number", "minimum": 0, "maximum": 100},

@@ -1,0 +1,48 @@
+"""One hand-over of results from a worker thread to their consumer: the producer puts items, an
+exception (raised at the consumer, in its own thread or task), and END; the consumer iterates and
+stops at END. The batch engine (to a request's thread) and the server's scheduler (to a request's
+asyncio task) both use it. A leaf module: it imports nothing of slmkit, so any layer may use it."""
+from __future__ import annotations
+
+import asyncio
+import queue
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+END = object()  # the last item of every stream
+
+
+class Stream:
+    """Items from producer threads to one consumer. Without a loop the consumer iterates in a
+    thread (`for item in stream`, blocking); with one it is a task of that event loop (`async for
+    item in stream`), and put() hands each item over with call_soon_threadsafe, raising
+    RuntimeError once that loop is closed."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
+        self._loop = loop
+        self._q: Any = queue.Queue() if loop is None else asyncio.Queue()
+
+    def put(self, item: Any) -> None:
+        """An item, an exception to raise at the consumer, or END."""
+        if self._loop is None:
+            self._q.put(item)
+        else:
+            self._loop.call_soon_threadsafe(self._q.put_nowait, item)
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self._q.get()
+            if item is END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        while True:
+            item = await self._q.get()
+            if item is END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
