@@ -113,7 +113,7 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
         (loaded first if needed) until the iterator ends or is closed."""
         def work(cancelled: Any) -> Any:
             llm, load_s = registry.acquire(name)
-            serial = registry.entry(name).serial if getattr(llm.backend, "batch", None) is None else None
+            serial = registry.entry(name).serial if not llm.stats().batching else None
             try:
                 if serial is None:  # continuous batching: the workers share the engine's steps
                     yield from make(llm, load_s)
@@ -218,7 +218,7 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
             include = include_usage(body)
             return await streamed(name, keep, lambda llm, _: openai_api.chat_stream(
                 llm, messages, kw, capped(llm, opts), name, include))
-        out = await once(name, keep, lambda llm: llm.chat(messages, **kw, **capped(llm, opts)))
+        out = await once(name, keep, lambda llm: llm.chat(messages, options=capped(llm, opts), **kw))
         return openai_api.chat_completion(out if isinstance(out, list) else [out], name)
 
     @app.post("/v1/completions", openapi_extra=schemas.body(schemas.COMPLETIONS))
@@ -234,7 +234,7 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
             include = include_usage(body)
             return await streamed(name, keep, lambda llm, _: openai_api.completion_stream(
                 llm, prompt, capped(llm, opts), name, include))
-        out = await once(name, keep, lambda llm: llm.generate(prompt, **capped(llm, opts)))
+        out = await once(name, keep, lambda llm: llm.generate(prompt, capped(llm, opts)))
         return openai_api.text_completion(out if isinstance(out, list) else [out], name)
 
     # ------------------------------------------------------------------ Ollama
@@ -275,7 +275,7 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
         tools = body.get("tools")
         kw = {"tools": tools} if tools else {}  # the ollama client sends [] for none
         return await ollama_reply(name, keep, body, lambda llm, load_s: ollama_api.chat_lines(
-            llm.chat(messages, stream=True, **kw, **opts), name, t0, load_s, tools=bool(kw)), "message")
+            llm.chat(messages, stream=True, options=opts, **kw), name, t0, load_s, tools=bool(kw)), "message")
 
     @app.post("/api/generate", openapi_extra=schemas.body(schemas.OLLAMA_GENERATE))
     async def ollama_generate(request: Request) -> Any:
@@ -297,8 +297,8 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
             if raw or llm.prompt_style == "completion":
                 if user[0]["content"] != prompt:
                     raise InvalidRequestError("images need a chat model (not raw completion)", param="images")
-                return llm.generate((system + "\n" if system else "") + prompt, stream=True, **opts)
-            return llm.chat(([{"role": "system", "content": system}] if system else []) + user, stream=True, **opts)
+                return llm.generate((system + "\n" if system else "") + prompt, opts, stream=True)
+            return llm.chat(([{"role": "system", "content": system}] if system else []) + user, stream=True, options=opts)
 
         return await ollama_reply(name, keep, body, lambda llm, load_s: ollama_api.generate_lines(
             make(llm), name, t0, load_s), "response")
@@ -368,10 +368,10 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
                       f"slmkit_model_loads_total{lab} {e.loads}", f"slmkit_generated_tokens_total{lab} {e.tokens_generated}",
                       f"slmkit_prompt_cache_tokens_total{lab} {e.reused_tokens}"]
             llm = e.llm  # once: an unload may clear it meanwhile
-            batch = getattr(llm.backend, "batch", None) if llm is not None else None
-            if batch is not None:
-                lines += [f"slmkit_batch_size{lab} {batch.active}", f"slmkit_batch_steps_total{lab} {batch.steps}",
-                          f"slmkit_kv_slots_used{lab} {batch.cache.n}", f"slmkit_kv_bytes{lab} {batch.cache.nbytes}"]
+            st = llm.stats() if llm is not None else None
+            if st is not None and st.batching:
+                lines += [f"slmkit_batch_size{lab} {st.batch_size}", f"slmkit_batch_steps_total{lab} {st.batch_steps}",
+                          f"slmkit_kv_slots_used{lab} {st.kv_slots_used}", f"slmkit_kv_bytes{lab} {st.kv_bytes}"]
         return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     @app.get("/")
