@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .checks import check_int, check_number, shown
@@ -181,7 +181,7 @@ def _check_logit_bias(bias: Any) -> None:
 def renamed(error: InvalidRequestError, names: Mapping[str, str]) -> InvalidRequestError:
     """The same error naming the request's own field (max_tokens, options.num_predict) instead of
     the option it maps to."""
-    if error.param not in names:
+    if error.param is None or error.param not in names:
         return error
     message = str(error).removeprefix(f"{error.param}: ")
     return type(error)(message, param=names[error.param])

@@ -92,9 +92,14 @@ class Session:
 
 
 class TokenizerLike(Protocol):
-    chat_template: str | None
-    bos_token: str | None
-    eos_token: str | None
+    @property
+    def chat_template(self) -> str | None: ...
+
+    @property
+    def bos_token(self) -> str | None: ...
+
+    @property
+    def eos_token(self) -> str | None: ...
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
@@ -106,12 +111,26 @@ class TokenizerLike(Protocol):
 
 
 class Backend(Protocol):
-    name: str
-    model_type: str
-    tokenizer: TokenizerLike
-    context_length: int
-    vocab_size: int
-    capabilities: Capabilities
+    # read-only to callers (properties, so that a backend may hold them as plain attributes)
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def model_type(self) -> str: ...
+
+    @property
+    def tokenizer(self) -> TokenizerLike: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids are in [0, vocab_size)."""
+        ...
+
+    @property
+    def capabilities(self) -> Capabilities: ...
 
     def stream_tokens(self, prompt_ids: Sequence[int], options: GenerationOptions,
                       session: Session | None = None) -> Iterator[TokenStep]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,6 +15,9 @@ from ..loading.files import is_regular_file
 from ..loading.hf import load_hf_folder
 from ..options import GenerationOptions
 from .base import BackendStats, Capabilities, ModelDescription, SearchResult, Session, TokenStep
+
+if TYPE_CHECKING:
+    from ..engine.batching import BatchEngine
 
 _OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationOptions))
 
@@ -46,7 +49,7 @@ class NativeBackend:
     def __init__(self, engine: Engine):
         self.engine = engine
         self.path: Path | None = None  # where the model was loaded from
-        self.batch = None  # a BatchEngine once enable_batching() ran: concurrent requests share steps
+        self.batch: BatchEngine | None = None  # a BatchEngine once enable_batching() ran: concurrent requests share steps
         self.tokens_generated = 0  # for the server's metrics
         self.prompt_cache = False  # keep the last request's KV for the next prompt (servers; one at a time)
         self._prompt_state = NativeSession()

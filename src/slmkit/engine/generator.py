@@ -21,7 +21,7 @@ import torch
 
 from ..checks import check_int
 from ..errors import ContextLengthError, InvalidRequestError
-from ..options import GREEDY_BELOW, GenerationOptions
+from ..options import GenerationOptions
 from ..models.cache import KVCache
 from .engine import validate_token_ids
 from .processors import LogitsChain
