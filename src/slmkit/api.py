@@ -15,14 +15,17 @@ from typing import Any, Literal, overload
 
 import torch
 
-from .backends.base import EXTRA_OPTIONS, Backend, SamplingOptions
-from .text.chat import check_text
+from .backends.base import Backend, BackendStats, Capabilities, ModelDescription, SearchResult, Session
+from .checks import check_int
 from .engine.engine import validate_token_ids
-from .loading.files import expand_user, shown, stat_path
-from .text.stops import StopStrings
 from .errors import ContextLengthError, InvalidRequestError, ModelFileError, UnsupportedInputError
+from .loading.files import expand_user, shown, stat_path
+from .options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
+from .text.chat import check_text
+from .text.stops import StopStrings
 
-DEFAULT_MAX_NEW_TOKENS = 512
+__all__ = ["LLM", "load", "quantize", "GenerationOptions", "GenerationResult", "GenerationChunk", "TokenLogprob",
+           "Usage", "Timings", "DEFAULT_MAX_NEW_TOKENS", "check_text"]
 
 
 @dataclass
@@ -66,6 +69,7 @@ class GenerationResult:
     timings: Timings = field(default_factory=Timings)
     logprobs: list[TokenLogprob] | None = None  # one per token id, with logprobs=True / top_logprobs=N
     tool_calls: list[Any] | None = None  # slmkit.tools.ToolCall list when the answer called a tool
+    score: float | None = None  # a beam's length-normalised log-probability (num_beams > 1)
 
 
 @dataclass
@@ -79,33 +83,7 @@ class GenerationChunk:
     tool_calls: list[Any] | None = None  # on the last chunk of chat(stream=True, tools=...) that called a tool
 
 
-def check_n(n: Any) -> int:
-    """The number of choices a request asks for (1-64), or a named error."""
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
-        raise InvalidRequestError(f"must be an integer in [1, 64], got {n!r}", param="n")
-    return n
-
-
-def check_seed(seed: Any, param: str = "seed") -> int:
-    """A sampling seed: an integer in [0, 2**63), or a named error (before seed + i is computed
-    for the i-th of n choices)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise InvalidRequestError(f"must be an integer in [0, 2**63), got {seed!r}"[:200], param=param)
-    return seed
-
-
 _DIGITS = re.compile(r"\s*[0-9]+\s*")  # a token id as a string: ASCII digits ("²".isdigit() is true)
-
-
-def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
-    if stop is None:
-        return []
-    if not isinstance(stop, (str, list, tuple)):
-        raise InvalidRequestError(f"must be a string or a list of strings, got {type(stop).__name__}", param="stop")
-    stops = [stop] if isinstance(stop, str) else list(stop)
-    if not all(isinstance(s, str) for s in stops):
-        raise InvalidRequestError("must be a string or a list of strings", param="stop")
-    return [s for s in stops if s]
 
 
 def _validated_first(chunks: Iterator[GenerationChunk]) -> Iterator[GenerationChunk]:
@@ -143,6 +121,23 @@ class LLM:
         self._max_token_chars: int | None = None
 
     @property
+    def capabilities(self) -> Capabilities:
+        return self.backend.capabilities
+
+    def describe(self) -> ModelDescription:
+        """The model: parameter count, weight bytes, format, dtype, quantization, context, template."""
+        return self.backend.describe()
+
+    def stats(self) -> BackendStats:
+        """Counters: tokens generated, prompt tokens reused, the batch's state, whether it is healthy."""
+        return self.backend.stats()
+
+    def _refuse_unless(self, capable: bool, what: str, param: str) -> None:
+        if not capable:
+            raise InvalidRequestError(f"backend {type(self.backend).__name__} ({self.name!r}) has no {what}",
+                                      param=param)
+
+    @property
     def prompt_style(self) -> str:
         """"chat" where the model has a chat template (or is a Phi model), else "completion" (base models)."""
         if self.tokenizer.chat_template or self.backend.model_type.startswith("phi"):
@@ -152,10 +147,11 @@ class LLM:
     @property
     def engine(self) -> Any:
         """The native engine, for slmkit.Generator (native backend only)."""
-        engine = getattr(self.backend, "engine", None)
-        if engine is None:
+        from .backends.native import NativeBackend
+
+        if not isinstance(self.backend, NativeBackend) or self.backend.engine is None:
             raise InvalidRequestError(f"backend {type(self.backend).__name__} has no local engine", param="model")
-        return engine
+        return self.backend.engine
 
     # ------------------------------------------------------------------ prompts
     def render(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> Any:
@@ -166,45 +162,16 @@ class LLM:
         prompt = render_prompt(messages, tok.chat_template, bos_token=tok.bos_token, eos_token=tok.eos_token,
                                add_generation_prompt=add_generation_prompt, model_type=self.backend.model_type,
                                name_hint=self.name)
-        if prompt.images and not self.backend.supports_images:
+        if prompt.images and not self.backend.capabilities.images:
             raise UnsupportedInputError(f"model {self.name!r} ({self.backend.model_type}) is text-only and "
                                         "cannot take image parts", param="messages")
         return prompt
 
-    def _options(self, max_new_tokens: int | None, temperature: float | None, top_p: float | None,
-                 top_k: int | None, seed: int | None, ignore_eos: bool, extra: dict[str, Any]) -> SamplingOptions:
-        gen_cfg: Mapping[str, Any] = getattr(getattr(self.backend, "engine", None), "generation_config", {}) or {}
-        sampled = bool(gen_cfg.get("do_sample"))  # model defaults apply only where the caller is silent
-        for name in extra:
-            if name not in EXTRA_OPTIONS:
-                raise InvalidRequestError(f"unknown generation option {name!r} (known: max_new_tokens, temperature, "
-                                          f"top_p, top_k, seed, stop, ignore_eos, {', '.join(EXTRA_OPTIONS)})",
-                                          param=name)
-        extra = {k: v for k, v in extra.items() if v is not None}
-        if "logit_bias" in extra:
-            extra["logit_bias"] = self._logit_bias(extra["logit_bias"])
-        if "scorers" in extra and callable(extra["scorers"]):
-            extra["scorers"] = (extra["scorers"],)
-        if "logprobs" in extra and not isinstance(extra["logprobs"], bool):
-            raise InvalidRequestError(f"must be true or false, got {extra['logprobs']!r}", param="logprobs")
-        return SamplingOptions(**extra,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature if temperature is not None else
-            (float(gen_cfg.get("temperature", 1.0)) if sampled else 0.0),
-            top_p=top_p if top_p is not None else (float(gen_cfg.get("top_p", 1.0)) if sampled else 1.0),
-            top_k=top_k if top_k is not None else (int(gen_cfg.get("top_k", 0)) if sampled else 0),
-            seed=seed, ignore_eos=ignore_eos,
-        )
-
-    def _logit_bias(self, bias: Any) -> dict[int, float]:
-        """{token id, "id" or text: bias}: a text key biases every token of its encoding (llama.cpp's rule)."""
-        if not isinstance(bias, Mapping):
-            raise InvalidRequestError(f"must map token ids or strings to numbers, got {type(bias).__name__}",
-                                      param="logit_bias")
+    def _logit_bias(self, bias: Mapping[Any, float]) -> dict[int, float]:
+        """{token id, "id" or text: bias} (types and values checked by GenerationOptions) as token
+        ids of this model: a text key biases every token of its encoding (llama.cpp's rule)."""
         out: dict[int, float] = {}
         for key, value in bias.items():
-            if isinstance(key, bool) or not isinstance(key, (int, str)):
-                raise InvalidRequestError(f"keys must be token ids or strings, got {key!r}", param="logit_bias")
             if isinstance(key, str) and _DIGITS.fullmatch(key) and len(key.strip()) > 18:
                 raise InvalidRequestError(f"token id {key.strip()[:20]}... is outside the vocabulary "
                                           f"[0, {self.backend.vocab_size})", param="logit_bias")
@@ -265,8 +232,7 @@ class LLM:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def _context_limit(self) -> int:
-        batch = getattr(self.backend, "batch", None)
-        return batch.slot_context if batch is not None else self.context_length
+        return self.backend.stats().request_context or self.context_length
 
     def _longest_token(self) -> int:
         """Characters of the vocabulary's longest token (special ones included), once per model."""
@@ -276,22 +242,35 @@ class LLM:
             self._max_token_chars = max(map(len, vocab), default=0) or 64
         return self._max_token_chars
 
-    def generate(self, prompt: str | Sequence[int], *, stream: bool = False,
-                 max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS, temperature: float | None = None,
-                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
-                 _session: dict | None = None, **options: Any) -> Any:
+    def generate(self, prompt: str | Sequence[int], options: GenerationOptions | None = None, *,
+                 stream: bool = False, session: Session | None = None, **kw: Any) -> Any:
         """Complete a text prompt (tokenized with the model's BOS rule) or a list of token ids.
 
-        Stop strings add to the model's stop tokens; the returned text ends before the stop string.
-        More options (engine.processors has their exact semantics): min_p, typical_p,
-        repetition_penalty, repetition_window, presence_penalty, frequency_penalty,
-        no_repeat_ngram_size, logit_bias ({token id or text: bias}), min_new_tokens, scorers
-        (callables (input_ids, logits) -> logits), logprobs (bool), top_logprobs (0-20), and
-        structured output: json_schema, regex, grammar (Lark / GBNF) or response_format (OpenAI).
+        options: a GenerationOptions; keyword arguments (its field names: max_new_tokens,
+        temperature, top_p, top_k, seed, stop, ...) override it. slmkit.options has every knob;
+        engine.processors their exact semantics. Stop strings add to the model's stop tokens; the
+        returned text ends before the stop string. logit_bias keys may be token ids or texts.
         n=k returns a list of k results (independent samples; with a seed, sample i uses seed + i),
-        prefilling the prompt once.
+        prefilling the prompt once. num_beams > 1 runs beam search instead (transformers'
+        semantics, deterministic: the sampling knobs do not apply) and returns a list of the
+        num_return_sequences best beams, best first, as GenerationResults with .score set.
+        session: from backend.new_session() (ChatSession uses it) to reuse the previous call's KV.
         """
+        ids = self._prompt_ids(prompt)
+        opts = (options or GenerationOptions()).update(**kw)
+        if opts.num_beams > 1:
+            return self._beam_results(ids, opts, stream)
+        if kw.get("n") is None and opts.n == 1:
+            return self._one(ids, opts, stream, session)
+        if stream:  # n samples, one after another, sharing the prompt's KV cache
+            raise InvalidRequestError("streaming returns one sequence; use n with stream=False", param="stream")
+        if session is None and self.backend.capabilities.sessions:
+            session = self.backend.new_session()
+        seed = opts.seed
+        return [self._one(ids, opts.replace(n=1, seed=None if seed is None else seed + i), False, session)
+                for i in range(opts.n)]
+
+    def _prompt_ids(self, prompt: Any) -> list[int]:
         if isinstance(prompt, str):
             ids = self._encode(prompt, "prompt", add_special_tokens=True)
         elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
@@ -300,23 +279,27 @@ class LLM:
             raise InvalidRequestError("must be a string or a list of token ids", param="prompt")
         if not ids:
             raise InvalidRequestError("is empty", param="prompt")
-        n = options.pop("n", None)
-        if seed is not None:
-            check_seed(seed)
-        if n is not None:  # n samples, one after another, sharing the prompt's KV cache
-            check_n(n)
-            if stream:
-                raise InvalidRequestError("streaming returns one sequence; use n with stream=False", param="stream")
-            state: dict = {} if _session is None else _session
-            return [self.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                  top_k=top_k, seed=None if seed is None else seed + i, stop=stop,
-                                  ignore_eos=ignore_eos, _session=state, **options) for i in range(n)]
-        opts = self._options(max_new_tokens, temperature, top_p, top_k, seed, ignore_eos, options)
-        chunks = self._stream(ids, opts, _stop_list(stop), _session)
+        return ids
+
+    def _for_backend(self, opts: GenerationOptions) -> GenerationOptions:
+        """opts with text logit_bias keys as this model's token ids, after checking the backend can
+        do what they ask."""
+        caps = self.backend.capabilities
+        if opts.structured:
+            self._refuse_unless(caps.structured_output, "structured output", "response_format")
+        if opts.wants_logprobs:
+            self._refuse_unless(caps.logprobs, "log-probabilities", "logprobs")
+        if opts.logit_bias:
+            opts = opts.replace(logit_bias=self._logit_bias(opts.logit_bias))
+        return opts
+
+    def _one(self, ids: list[int], opts: GenerationOptions, stream: bool, session: Session | None) -> Any:
+        opts = self._for_backend(opts)
+        chunks = self._stream(ids, opts, session)
         if stream:
             return _validated_first(chunks)
         text, out_ids, last = [], [], None
-        lps: list[TokenLogprob] | None = [] if opts.logprobs or opts.top_logprobs else None
+        lps: list[TokenLogprob] | None = [] if opts.wants_logprobs else None
         for c in chunks:
             text.append(c.text)
             out_ids.extend(c.token_ids)
@@ -326,10 +309,10 @@ class LLM:
         assert last is not None and last.finish_reason and last.usage and last.timings
         return GenerationResult("".join(text), out_ids, last.finish_reason, last.usage, last.timings, lps)
 
-    def _stream(self, ids: list[int], options: SamplingOptions, stops: list[str],
-                session: dict | None = None) -> Iterator[GenerationChunk]:
+    def _stream(self, ids: list[int], options: GenerationOptions,
+                session: Session | None = None) -> Iterator[GenerationChunk]:
         detok = self.tokenizer.create_stream()
-        matcher = StopStrings(stops)
+        matcher = StopStrings(list(options.stop))
         steps = self.backend.stream_tokens(ids, options, session) if session is not None else \
             self.backend.stream_tokens(ids, options)
         n, t0, t_first, reason = 0, time.perf_counter(), None, None
@@ -372,39 +355,53 @@ class LLM:
 
     def beam_search(self, prompt: str | Sequence[int], *, num_beams: int = 4, max_new_tokens: int = 64,
                     num_return_sequences: int = 1, length_penalty: float = 1.0,
-                    early_stopping: bool | str = False, **processors: Any) -> list[Any]:
+                    early_stopping: bool | str = False, **processors: Any) -> list[SearchResult]:
         """Beam search (transformers' semantics): the best num_return_sequences beams, best first, as
-        engine.beam.Beam (token_ids, score, finish_reason) with .text added."""
-        from .engine.beam import beam_search
-
-        ids = self.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
-        beams = beam_search(self.engine, ids, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                            num_return_sequences=num_return_sequences, length_penalty=length_penalty,
-                            early_stopping=early_stopping, **processors)
+        backends.base.SearchResult (token_ids, score, finish_reason) with .text added.
+        generate(prompt, num_beams=...) runs the same search and returns GenerationResults."""
+        opts = GenerationOptions.from_kwargs(num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                             num_return_sequences=num_return_sequences,
+                                             length_penalty=length_penalty, early_stopping=early_stopping,
+                                             **processors)
+        beams = self._search(self._prompt_ids(prompt), opts)
         for b in beams:
             b.text = self.tokenizer.decode(b.token_ids)  # type: ignore[attr-defined]
         return beams
 
+    def _search(self, ids: list[int], opts: GenerationOptions) -> list[SearchResult]:
+        self._refuse_unless(self.backend.capabilities.beam_search, "beam search", "num_beams")
+        for name, given in (("stop", opts.stop), ("n", opts.n > 1), ("logprobs", opts.wants_logprobs),
+                            ("response_format", opts.structured)):
+            if given:  # each would change what a beam is; refused rather than ignored
+                raise InvalidRequestError("is not supported with num_beams > 1", param=name)
+        return self.backend.beam_search(ids, self._for_backend(opts))
+
+    def _beam_results(self, ids: list[int], opts: GenerationOptions, stream: bool) -> list[GenerationResult]:
+        if stream:
+            raise InvalidRequestError("beam search returns whole sequences; use num_beams with stream=False",
+                                      param="stream")
+        t0 = time.perf_counter()
+        beams = self._search(ids, opts)
+        timings = Timings(decode_s=time.perf_counter() - t0)
+        return [GenerationResult(self.tokenizer.decode(b.token_ids), b.token_ids, b.finish_reason,
+                                 Usage(len(ids), len(b.token_ids)), timings, score=b.score) for b in beams]
+
     def enable_batching(self, slots: int = 8, context: int | None = None) -> None:
         """Serve concurrent generate()/chat() calls (from several threads, e.g. the server's) by
         continuous batching in up to `slots` sequences of up to `context` tokens each; the KV
-        memory (slots x context) is allocated now. Native backend only."""
-        enable = getattr(self.backend, "enable_batching", None)
-        if enable is None:
-            raise InvalidRequestError(f"backend {type(self.backend).__name__} has no batching", param="backend")
-        for name, v in (("slots", slots), ("context", context)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise InvalidRequestError(f"must be a positive integer, got {v!r}", param=name)
+        memory (slots x context) is allocated now. Backends with capabilities.batching only."""
+        self._refuse_unless(self.backend.capabilities.batching, "batching", "backend")
+        check_int(slots, "slots", lo=1, what="a positive integer")
+        if context is not None:
+            check_int(context, "context", lo=1, what="a positive integer")
         try:
-            enable(slots, context)
+            self.backend.enable_batching(slots, context)
         except ValueError as e:
             raise InvalidRequestError(str(e), param="backend") from None
 
     def close(self) -> None:
         """Free the model: batching stops, and the weights go once no other reference holds them."""
-        close = getattr(self.backend, "close", None)
-        if close is not None:
-            close()
+        self.backend.close()
 
     def session(self, system: str | None = None, **defaults: Any) -> Any:
         """A chat that keeps its KV cache between turns (slmkit.session.ChatSession): each send()
@@ -415,6 +412,7 @@ class LLM:
 
     def logits(self, ids: Sequence[int]) -> torch.Tensor:
         """float32 logits [len(ids), vocab] of one full forward pass, no cache."""
+        self._refuse_unless(self.backend.capabilities.logits, "logits", "logits")
         return self.backend.logits(ids)
 
     def __repr__(self) -> str:
@@ -497,3 +495,18 @@ def load(model: str | Path = "builtin", *, dtype: str | torch.dtype = "auto", de
         from .sources.builtin import builtin_model_path  # a cached copy damaged after it was verified: rebuild once
 
         return LLM(NativeBackend.from_path(builtin_model_path(refresh=True), **opts))
+
+
+def quantize(src: str | Path, dst: str | Path, *, quant: str, group_size: int | None = None) -> tuple[Path, LLM]:
+    """Load src with its float linear weights quantized (quant "int8" / "int4") and write them as a
+    safetensors folder dst (quant/store.py's format, loadable by load()). Returns (dst, the LLM)."""
+    from .backends.native import NativeBackend
+    from .quant.store import save_quantized
+
+    llm = load(src, quant=quant, group_size=group_size, pack=False)
+    assert isinstance(llm.backend, NativeBackend)  # load() makes native backends only
+    engine = llm.engine
+    out = save_quantized(engine.model, engine.config, dst, quant=quant, group_size=group_size,
+                         source=llm.backend.path, tokenizer=engine.tokenizer,
+                         generation_config=engine.generation_config)
+    return out, llm

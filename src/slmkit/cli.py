@@ -10,6 +10,9 @@ from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from .errors import SlmkitError
+from .options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
+
+BASE_MODEL_MAX_NEW_TOKENS = 128  # a base model's completion rarely stops by itself: a shorter default
 
 HELP_REPL = """Commands:
   /clear   forget the conversation so far
@@ -20,12 +23,21 @@ HELP_REPL = """Commands:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=None,
-                   help="most tokens to generate per answer (default 512 in chat, 128 for base-model completion)")
+                   help=f"most tokens to generate per answer (default {DEFAULT_MAX_NEW_TOKENS} in chat, "
+                        f"{BASE_MODEL_MAX_NEW_TOKENS} for base-model completion)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's setting)")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def generation_options(a: argparse.Namespace, raw: bool) -> GenerationOptions:
+    """The sampling flags as GenerationOptions (raw: plain completion, with its shorter default)."""
+    default = BASE_MODEL_MAX_NEW_TOKENS if raw else DEFAULT_MAX_NEW_TOKENS
+    return GenerationOptions.from_kwargs(max_new_tokens=a.max_tokens if a.max_tokens is not None else default,
+                                         temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
+                                         stop=a.stop)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,9 +212,11 @@ def _read_message(read: Callable[[str], str]) -> str | None:
             return "\n".join(parts).strip("\n")
 
 
-def repl(llm: Any, gen_kw: dict, system: str | None, *, read: Callable[[str], str] = input,
+def repl(llm: Any, options: GenerationOptions | dict, system: str | None, *, read: Callable[[str], str] = input,
          out: TextIO = sys.stdout, err: TextIO = sys.stderr, verbose: bool = False, raw: bool = False) -> None:
-    """Interactive chat; history kept until /clear. raw=True: each message is completed as plain text."""
+    """Interactive chat; history kept until /clear. raw=True: each message is completed as plain text.
+    options: GenerationOptions, or generate()'s keyword arguments."""
+    opts = options if isinstance(options, GenerationOptions) else GenerationOptions.from_kwargs(**options)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     base = len(history)
     err.write("Chat with the model. /bye to leave, /clear to start over, /? for help.\n")
@@ -225,7 +239,7 @@ def repl(llm: Any, gen_kw: dict, system: str | None, *, read: Callable[[str], st
         answer: list[str] = []
         last = None
         try:
-            chunks = llm.generate(text, stream=True, **gen_kw) if raw else llm.chat(history, stream=True, **gen_kw)
+            chunks = llm.generate(text, opts, stream=True) if raw else llm.chat(history, stream=True, options=opts)
             for chunk in chunks:
                 out.write(chunk.text)
                 out.flush()
@@ -244,30 +258,28 @@ def repl(llm: Any, gen_kw: dict, system: str | None, *, read: Callable[[str], st
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from . import load
+    from .api import load
 
     t0 = time.perf_counter()
     llm = load(a.model, dtype=a.dtype, device=a.device, quant=a.quant, group_size=a.group_size)
     if a.verbose:
         sys.stderr.write(f"[loaded {llm.name} in {time.perf_counter() - t0:.2f} s, {_describe(llm)}]\n")
     raw = a.raw or (llm.prompt_style == "completion" and not a.chat)
-    max_tokens = a.max_tokens if a.max_tokens is not None else (128 if raw else 512)  # base models rarely stop
-    gen_kw = dict(max_new_tokens=max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                  seed=a.seed, stop=a.stop)
+    opts = generation_options(a, raw)
     prompt = a.prompt
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
     if prompt is None:
         if raw:
             sys.stderr.write(f"[{llm.name} is a base model: each line you type is continued as text]\n")
-        repl(llm, gen_kw, a.system, verbose=a.verbose, raw=raw)
+        repl(llm, opts, a.system, verbose=a.verbose, raw=raw)
         return 0
     if raw:
-        chunks = llm.generate(prompt, stream=True, **gen_kw)
+        chunks = llm.generate(prompt, opts, stream=True)
     else:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
             {"role": "user", "content": prompt}]
-        chunks = llm.chat(messages, stream=True, **gen_kw)
+        chunks = llm.chat(messages, stream=True, options=opts)
     last = _stream_out(chunks, sys.stdout)
     sys.stdout.write("\n")
     if a.verbose:
@@ -277,25 +289,15 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def _describe(llm: Any) -> str:
     """dtype, and how the quantized layers run: the VNNI kernel or the PyTorch fallback."""
-    engine = getattr(llm, "engine", None)
-    if engine is None:
-        return ""
-    from .quant.linear import QuantLinear, kernel_active
-
-    n = sum(isinstance(m, QuantLinear) for m in engine.model.modules())
-    if not n:
-        return str(engine.dtype).removeprefix("torch.")
-    from .kernels import qgemm as kernel
-
-    how = "VNNI kernel" if kernel_active() else f"PyTorch fallback: {kernel.build_error or 'kernel disabled'}"
-    return f"{str(engine.dtype).removeprefix('torch.')}, {n} quantized layers ({how})"
+    d = llm.describe()
+    return f"{d.dtype}, {d.quantization}" if d.quantization else d.dtype
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from . import load
+    from .api import load
 
     try:
         import uvicorn
@@ -326,9 +328,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
             if a.slots > 1:
                 try:
                     llm.enable_batching(a.slots, a.slot_context or min(llm.context_length, 4096))
-                    batch = llm.backend.batch
-                    note = (f", {a.slots} slots x {batch.slot_context} tokens continuously batched "
-                            f"(KV {batch.cache.nbytes / 2**30:.2f} GiB)")
+                    st = llm.stats()
+                    note = (f", {a.slots} slots x {st.request_context} tokens continuously batched "
+                            f"(KV {st.kv_bytes / 2**30:.2f} GiB)")
                 except MemoryPlanError:
                     raise  # the asked-for plan does not fit: say so rather than serve something else
                 except SlmkitError as e:
@@ -382,16 +384,10 @@ def _cannot_listen(host: str, port: int) -> str | None:
 
 
 def cmd_quantize(a: argparse.Namespace) -> int:
-    from . import load
-    from .backends.native import NativeBackend
-    from .quant.store import save_quantized
+    from .api import quantize
 
     t0 = time.perf_counter()
-    llm = load(a.src, quant=a.quant, group_size=a.group_size, pack=False)
-    engine = llm.engine
-    src = llm.backend.path if isinstance(llm.backend, NativeBackend) else None
-    out = save_quantized(engine.model, engine.config, a.dst, quant=a.quant, group_size=a.group_size, source=src,
-                         tokenizer=engine.tokenizer, generation_config=engine.generation_config)
+    out, llm = quantize(a.src, a.dst, quant=a.quant, group_size=a.group_size)
     size = sum(p.stat().st_size for p in out.iterdir()) / 1e9
     sys.stderr.write(f"wrote {out} ({size:.2f} GB, {_describe(llm)}) in {time.perf_counter() - t0:.1f} s\n")
     return 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from .errors import InvalidRequestError
+from .checks import check_int
 
 
 class ChatSession:
@@ -25,23 +25,22 @@ class ChatSession:
         self.llm = llm
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         self.defaults = defaults
-        self._state: dict[str, Any] = {}
+        # the backend's state of this conversation (None: the backend keeps none, each turn prefills all)
+        self._state = llm.backend.new_session() if llm.backend.capabilities.sessions else None
 
     @property
     def cached_tokens(self) -> int:
         """Tokens of the conversation the session holds (prompt and answers so far)."""
-        gen = self._state.get("generator")
-        return len(gen.sequences[0]) if gen is not None else 0
+        return self._state.cached_tokens if self._state is not None else 0
 
     @property
     def last_prefill(self) -> int:
         """How many tokens the last send() had to run through the model before generating."""
-        return int(self._state.get("prefilled", 0))
+        return self._state.last_prefill if self._state is not None else 0
 
     def rewind_to(self, n: int) -> None:
         """Keep the first n messages (the next send() reuses the cache as far as it still matches)."""
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(self.messages):
-            raise InvalidRequestError(f"must be in [0, {len(self.messages)}], got {n!r}", param="n")
+        check_int(n, "n", lo=0, hi=len(self.messages), what=f"an integer in [0, {len(self.messages)}]")
         del self.messages[n:]
 
     def send(self, content: Any, *, stream: bool = False, **options: Any) -> Any:
@@ -51,7 +50,7 @@ class ChatSession:
         try:
             prompt = self.llm.render(self.messages)
             ids = self.llm.tokenizer.encode(prompt.text, add_special_tokens=False)
-            out = self.llm.generate(ids, stream=stream, _session=self._state, **{**self.defaults, **options})
+            out = self.llm.generate(ids, stream=stream, session=self._state, **{**self.defaults, **options})
         except BaseException:
             self.messages.pop()
             raise

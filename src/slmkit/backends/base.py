@@ -1,46 +1,63 @@
-"""The interface every backend implements: token ids in, token ids out."""
+"""The boundary between the API / server / CLI and whatever runs a model: token ids in, token ids
+out, with what the backend can do declared (Capabilities) rather than probed.
+
+A backend need not have logits, a KV cache or batching (a cloud API has none of them): it says so
+in `capabilities`, and LLM refuses the corresponding calls with a typed error. What it must have is
+a tokenizer-like object (TokenizerLike: encode, decode, a streaming detokenizer, the chat
+template) so that prompts can be rendered and answers decoded."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-import torch
-
-from ..text.tokenizer import Tokenizer
+from ..options import GenerationOptions
 
 
-@dataclass
-class SamplingOptions:
-    max_new_tokens: int | None = 512
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_token_ids: Sequence[int] = field(default_factory=tuple)
-    ignore_eos: bool = False
-    # the rest of the decoding knobs, named and defaulted as in engine.generator.GeneratorParams
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    repetition_penalty: float = 1.0
-    repetition_window: int = 0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    no_repeat_ngram_size: int = 0
-    logit_bias: dict[int, float] | None = None
-    min_new_tokens: int = 0
-    scorers: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = field(default_factory=tuple)
-    logprobs: bool = False  # report the chosen token's log-probability per step
-    top_logprobs: int = 0  # ... and this many alternatives (0-20)
-    json_schema: dict | str | None = None  # structured output: at most one of these four
-    regex: str | None = None
-    grammar: str | None = None
-    response_format: dict | None = None
-    max_length: int | None = None  # prompt + generated tokens (Ollama's num_ctx); default: the context
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend offers. Callers check these instead of looking for attributes."""
+    images: bool = False  # image parts in messages
+    audio: bool = False  # audio parts in messages
+    logits: bool = False  # logits(ids): full-vocabulary scores
+    batching: bool = False  # enable_batching(): concurrent requests share steps
+    prompt_cache: bool = False  # enable_prompt_cache(): a prompt sharing the last one's start reuses its KV
+    sessions: bool = False  # new_session(): a conversation keeps its KV cache between turns
+    beam_search: bool = False  # beam_search(ids, options)
+    structured_output: bool = False  # json_schema / regex / grammar / response_format
+    logprobs: bool = False  # TokenStep.logprob / top_logprobs when the options ask
 
-EXTRA_OPTIONS = ("min_p", "typical_p", "repetition_penalty", "repetition_window", "presence_penalty",
-                 "frequency_penalty", "no_repeat_ngram_size", "logit_bias", "min_new_tokens", "scorers",
-                 "logprobs", "top_logprobs", "json_schema", "regex", "grammar", "response_format", "max_length")
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What a backend tells about its model (Ollama's /api/show and /api/tags, `slm run -v`)."""
+    model_type: str  # the architecture ("phi3", "gemma3", ...)
+    context_length: int
+    parameters: int = 0  # quantized weights count as the n x k values they stand for
+    weight_bytes: int = 0  # memory the weights take (as stored: packed, quantized)
+    format: str = ""  # "safetensors", "gguf", or a remote API's name
+    dtype: str = ""  # the compute dtype ("float32", "bfloat16")
+    quantization: str = ""  # e.g. "int4 (24 layers, VNNI kernel)"; "" for float weights
+    chat_template: str = ""
+
+
+@dataclass(frozen=True)
+class BackendStats:
+    """A snapshot of a backend's counters (/metrics, /health)."""
+    tokens_generated: int = 0
+    reused_prompt_tokens: int = 0  # prompt tokens taken from a prompt cache instead of prefilled
+    batching: bool = False  # continuous batching is on
+    slots: int = 1  # requests that can run at once
+    request_context: int = 0  # tokens one request can have (a batch slot's, or the model's context)
+    batch_size: int = 0  # requests in the batch now
+    batch_steps: int = 0  # forward passes the batch engine ran
+    kv_slots_used: int = 0
+    kv_bytes: int = 0  # memory of the batch's KV cache
+    dead: str | None = None  # why the engine stopped for good (then every request fails), else None
+
+    @property
+    def healthy(self) -> bool:
+        return self.dead is None
 
 
 @dataclass
@@ -51,18 +68,93 @@ class TokenStep:
     top_logprobs: list[tuple[int, float]] | None = None  # the most likely ids and their log-probabilities
 
 
-class Backend(Protocol):
-    name: str
-    model_type: str
-    tokenizer: Tokenizer
-    context_length: int
-    vocab_size: int
-    supports_images: bool
+@dataclass
+class SearchResult:
+    """One returned sequence of a beam search, best first."""
+    token_ids: list[int]  # generated tokens (ending with the end-of-sequence token when it stopped)
+    score: float  # sum of log-probabilities / len(token_ids) ** length_penalty
+    finish_reason: str  # "stop" or "length"
 
-    def stream_tokens(self, prompt_ids: Sequence[int], options: SamplingOptions,
-                      session: dict | None = None) -> Iterator[TokenStep]:
-        """session: a dict the backend may keep state in between calls (the native backend keeps
-        its Generator and KV cache there); backends without such reuse ignore it."""
+
+class Session:
+    """A conversation's state that a backend keeps between calls (its KV cache, for the native
+    one). Made by Backend.new_session(); opaque to callers beyond these two counts."""
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens of the conversation the backend holds (prompt and answers so far)."""
+        return 0
+
+    @property
+    def last_prefill(self) -> int:
+        """How many tokens the last call had to run through the model before generating."""
+        return 0
+
+
+class TokenizerLike(Protocol):
+    @property
+    def chat_template(self) -> str | None: ...
+
+    @property
+    def bos_token(self) -> str | None: ...
+
+    @property
+    def eos_token(self) -> str | None: ...
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+    def create_stream(self) -> Any:
+        """A streaming detokenizer: prime(prompt_ids), decode(token_id) -> text, flush() -> text."""
         ...
 
-    def logits(self, ids: Sequence[int]) -> torch.Tensor: ...
+
+class Backend(Protocol):
+    # read-only to callers (properties, so that a backend may hold them as plain attributes)
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def model_type(self) -> str: ...
+
+    @property
+    def tokenizer(self) -> TokenizerLike: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids are in [0, vocab_size)."""
+        ...
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    def stream_tokens(self, prompt_ids: Sequence[int], options: GenerationOptions,
+                      session: Session | None = None) -> Iterator[TokenStep]:
+        """Generate after prompt_ids with validated options (temperature / top_p / top_k None:
+        the model's defaults). With a session (from new_session()) the backend may reuse what it
+        kept from the session's previous call."""
+        ...
+
+    def new_session(self) -> Session: ...
+
+    def logits(self, ids: Sequence[int]) -> Any:
+        """float32 logits [len(ids), vocab] (capabilities.logits)."""
+        ...
+
+    def beam_search(self, prompt_ids: Sequence[int], options: GenerationOptions) -> list[SearchResult]:
+        """options.num_return_sequences best beams, best first (capabilities.beam_search)."""
+        ...
+
+    def enable_batching(self, slots: int, context: int | None) -> None: ...
+
+    def enable_prompt_cache(self, on: bool = True) -> None: ...
+
+    def describe(self) -> ModelDescription: ...
+
+    def stats(self) -> BackendStats: ...
+
+    def close(self) -> None: ...

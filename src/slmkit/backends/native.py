@@ -1,28 +1,58 @@
 """The native PyTorch backend: our own engine and Generator."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..engine.engine import Engine
-from ..loading.files import is_regular_file
 from ..engine.generator import Generator, GeneratorParams
+from ..errors import InvalidRequestError
+from ..loading.files import is_regular_file
 from ..loading.hf import load_hf_folder
-from .base import EXTRA_OPTIONS, SamplingOptions, TokenStep
+from ..options import GenerationOptions
+from .base import BackendStats, Capabilities, ModelDescription, SearchResult, Session, TokenStep
+
+if TYPE_CHECKING:
+    from ..engine.batching import BatchEngine
+
+_OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationOptions))
+
+
+class NativeSession(Session):
+    """The native backend's conversation state: the Generator, whose sequence and KV cache the
+    next call reuses as far as its prompt matches."""
+
+    def __init__(self) -> None:
+        self.generator: Generator | None = None
+        self.prefilled = 0
+
+    @property
+    def cached_tokens(self) -> int:
+        return len(self.generator.sequences[0]) if self.generator is not None else 0
+
+    @property
+    def last_prefill(self) -> int:
+        return self.prefilled
+
+    def clear(self) -> None:
+        self.generator, self.prefilled = None, 0
 
 
 class NativeBackend:
-    supports_images = False
+    capabilities = Capabilities(logits=True, batching=True, prompt_cache=True, sessions=True, beam_search=True,
+                                structured_output=True, logprobs=True)
 
     def __init__(self, engine: Engine):
         self.engine = engine
         self.path: Path | None = None  # where the model was loaded from
-        self.batch = None  # a BatchEngine once enable_batching() ran: concurrent requests share steps
+        self.batch: BatchEngine | None = None  # a BatchEngine once enable_batching() ran: concurrent requests share steps
         self.tokens_generated = 0  # for the server's metrics
         self.prompt_cache = False  # keep the last request's KV for the next prompt (servers; one at a time)
-        self._prompt_state: dict = {}
+        self._prompt_state = NativeSession()
         self.reused_tokens = 0  # prompt tokens taken from that cache (or the batch's kept slots)
         self.name = engine.name
         self.model_type = engine.model_type
@@ -44,14 +74,20 @@ class NativeBackend:
         backend.path = path
         return backend
 
-    def enable_batching(self, slots: int = 8, slot_context: int | None = None) -> None:
+    # ------------------------------------------------------------------ configuration
+    def enable_batching(self, slots: int = 8, context: int | None = None) -> None:
         """Serve concurrent stream_tokens() calls by continuous batching (engine/batching.py)."""
         from ..engine.batching import BatchEngine
 
-        batch = BatchEngine(self.engine, slots=slots, slot_context=slot_context)  # raises if it cannot fit
+        batch = BatchEngine(self.engine, slots=slots, slot_context=context)  # raises if it cannot fit
         if self.batch is not None:
             self.batch.close()  # the new plan replaces the old one
         self.batch = batch
+
+    def enable_prompt_cache(self, on: bool = True) -> None:
+        self.prompt_cache = bool(on)
+        if not on:
+            self._prompt_state.clear()
 
     def close(self) -> None:
         """Stop continuous batching (if on) and drop the engine, so its memory can be freed."""
@@ -61,19 +97,67 @@ class NativeBackend:
         self._prompt_state.clear()
         self.engine = None  # type: ignore[assignment]
 
-    def stream_tokens(self, prompt_ids: Sequence[int], options: SamplingOptions,
-                      session: dict | None = None) -> Iterator[TokenStep]:
-        """Generate after prompt_ids. With a `session` dict the Generator (and its KV cache) lives on
-        in it between calls: a prompt that extends or edits the previous turn's tokens prefills only
-        what differs from the longest common prefix (session["prefilled"] says how many)."""
-        extra = {k: getattr(options, k) for k in EXTRA_OPTIONS if k != "logprobs"}
-        params = GeneratorParams(
-            max_new_tokens=options.max_new_tokens, temperature=options.temperature, top_k=options.top_k,
-            top_p=options.top_p, seed=options.seed, stop_token_ids=tuple(options.stop_token_ids),
-            ignore_eos=options.ignore_eos, **extra,
-        )
+    def new_session(self) -> NativeSession:
+        return NativeSession()
+
+    # ------------------------------------------------------------------ what it is, how it runs
+    def describe(self) -> ModelDescription:
+        from ..quant.linear import QuantLinear, kernel_active
+
+        engine, params, weight_bytes, quantized = self.engine, 0, 0, 0
+        tied = getattr(engine.args, "tie_word_embeddings", False)  # then lm_head is the embedding again
+        for name, m in engine.model.named_modules():
+            if tied and name == "lm_head":
+                continue
+            if hasattr(m, "qweight"):  # quantized linears hold their weights as buffers: count n x k
+                params += m.in_features * m.out_features
+            quantized += isinstance(m, QuantLinear)
+            params += sum(p.numel() for p in m.parameters(recurse=False))
+        for t in list(engine.model.parameters()) + list(engine.model.buffers()):
+            weight_bytes += t.numel() * t.element_size()
+        quantization = ""
+        if quantized:
+            from ..kernels import qgemm
+
+            how = "VNNI kernel" if kernel_active() else f"PyTorch fallback: {qgemm.build_error or 'kernel disabled'}"
+            quantization = f"{quantized} quantized layers ({how})"
+        return ModelDescription(
+            model_type=self.model_type, context_length=self.context_length, parameters=params,
+            weight_bytes=weight_bytes, format="gguf" if getattr(engine, "gguf", None) is not None else "safetensors",
+            dtype=str(engine.dtype).removeprefix("torch."), quantization=quantization,
+            chat_template=self.tokenizer.chat_template or "")
+
+    def stats(self) -> BackendStats:
+        batch = self.batch  # once: close() may clear it meanwhile
+        if batch is None:
+            return BackendStats(self.tokens_generated, self.reused_tokens, request_context=self.context_length)
+        return BackendStats(self.tokens_generated, self.reused_tokens + batch.reused_tokens, batching=True,
+                            slots=batch.cache.slots, request_context=batch.slot_context, batch_size=batch.active,
+                            batch_steps=batch.steps, kv_slots_used=batch.cache.n, kv_bytes=batch.cache.nbytes,
+                            dead=batch.dead)
+
+    # ------------------------------------------------------------------ generation
+    def params(self, options: GenerationOptions) -> GeneratorParams:
+        """The engine's GeneratorParams for a request: the model's generation_config fills
+        temperature / top_p / top_k where the request left them unset (only if it samples)."""
+        cfg = self.engine.generation_config or {}
+        sampled = bool(cfg.get("do_sample"))
+        given = {k: getattr(options, k) for k in _OPTION_FIELDS}
+        for name, off, cast in (("temperature", 0.0, float), ("top_p", 1.0, float), ("top_k", 0, int)):
+            if given[name] is None:
+                given[name] = cast(cfg.get(name, 1.0 if name != "top_k" else 0)) if sampled else off
+        return GeneratorParams(**given)
+
+    def stream_tokens(self, prompt_ids: Sequence[int], options: GenerationOptions,
+                      session: Session | None = None) -> Iterator[TokenStep]:
+        """Generate after prompt_ids. With a session the Generator (and its KV cache) lives on in it
+        between calls: a prompt that extends or edits the previous turn's tokens prefills only what
+        differs from the longest common prefix (session.last_prefill says how many)."""
+        if session is not None and not isinstance(session, NativeSession):
+            raise InvalidRequestError("a session of another backend", param="session")
+        params = self.params(options)
         ids = list(prompt_ids)
-        want = options.logprobs or options.top_logprobs > 0
+        want = options.wants_logprobs
         if self.batch is not None and session is None:
             steps = self.batch.submit(ids, params, want)
         elif self.prompt_cache and session is None:
@@ -95,7 +179,8 @@ class NativeBackend:
             first = True
             for step in self._generate(ids, params, state, want_logprobs):
                 if first:  # the keys the prefill found in place (not what the session rule skipped)
-                    self.reused_tokens += state["generator"].cached_at_prefill
+                    assert state.generator is not None
+                    self.reused_tokens += state.generator.cached_at_prefill
                     first = False
                 finished = step[1] is not None
                 yield step
@@ -104,9 +189,9 @@ class NativeBackend:
                 state.clear()  # a failed or abandoned request leaves no half-state behind
             raise
 
-    def _generate(self, ids: list[int], params: GeneratorParams, session: dict | None,
+    def _generate(self, ids: list[int], params: GeneratorParams, session: NativeSession | None,
                   want_logprobs: bool) -> Iterator[tuple]:
-        gen = session.get("generator") if session is not None else None
+        gen = session.generator if session is not None else None
         if gen is None:
             gen = Generator(self.engine, params)
             gen.append_tokens(ids)
@@ -119,10 +204,27 @@ class NativeBackend:
             gen.rewind_to(common)
             gen.append_tokens(ids[common:])
         if session is not None:
-            session["generator"], session["prefilled"] = gen, len(ids) - common
+            session.generator, session.prefilled = gen, len(ids) - common
         while not gen.is_done():
             gen.generate_next_token()
             yield gen.get_next_tokens()[0], gen.finish_reasons[0], gen.last_logprobs[0] if want_logprobs else None
 
-    def logits(self, ids: Sequence[int]) -> torch.Tensor:
+    def beam_search(self, prompt_ids: Sequence[int], options: GenerationOptions) -> list[SearchResult]:
+        """Beam search (engine/beam.py, transformers' semantics) with the options' logits
+        processors; the sampling knobs do not apply (the search is deterministic)."""
+        from ..engine.beam import beam_search
+
+        params = self.params(options.update(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0,
+                                            num_beams=1, num_return_sequences=1))
+        room = min(options.max_length or self.context_length, self.context_length) - len(prompt_ids)
+        max_new = min(options.max_new_tokens or room, max(room, 1))  # beam_search names a prompt that fills it
+        eos = () if options.ignore_eos else sorted(self.engine.eos_token_ids | frozenset(options.stop_token_ids))
+        beams = beam_search(self.engine, prompt_ids, num_beams=options.num_beams, max_new_tokens=max_new,
+                            num_return_sequences=options.num_return_sequences,
+                            length_penalty=options.length_penalty, early_stopping=options.early_stopping,
+                            eos_ids=eos, params=params)
+        self.tokens_generated += sum(len(b.token_ids) for b in beams)
+        return [SearchResult(b.token_ids, b.score, b.finish_reason) for b in beams]
+
+    def logits(self, ids: Sequence[int]) -> Any:
         return self.engine.logits(ids)

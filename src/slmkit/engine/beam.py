@@ -41,15 +41,18 @@ def _check(num_beams: object, num_return_sequences: object, length_penalty: obje
 def beam_search(engine, prompt: Sequence[int], *, num_beams: int = 4, max_new_tokens: int = 64,
                 num_return_sequences: int = 1, length_penalty: float = 1.0,
                 early_stopping: bool | str = False, eos_ids: Sequence[int] | None = None,
-                **processors: object) -> list[Beam]:
+                params: object | None = None, **processors: object) -> list[Beam]:
     """processors: GeneratorParams options applied to each step's log-probabilities, as transformers
     applies its logits processors in beam search (repetition_penalty, no_repeat_ngram_size,
-    logit_bias, min_new_tokens, scorers, ...; sampling filters do not apply)."""
+    logit_bias, min_new_tokens, scorers, ...; sampling filters do not apply); or params: a
+    greedy GeneratorParams holding them."""
     _check(num_beams, num_return_sequences, length_penalty, early_stopping, max_new_tokens)
     from .generator import GeneratorParams
-    from .processors import process
+    from .processors import LogitsChain
 
-    params = GeneratorParams(temperature=0, **processors) if processors else None
+    if processors:
+        params = GeneratorParams(temperature=0, **processors)
+    chain = LogitsChain(params) if params is not None else None  # built once for the whole search
     prompt = validate_token_ids(prompt, engine.vocab_size, "prompt")
     eos = sorted(engine.eos_token_ids if eos_ids is None else eos_ids)
     B, P = num_beams, len(prompt)
@@ -72,8 +75,8 @@ def beam_search(engine, prompt: Sequence[int], *, num_beams: int = 4, max_new_to
     while True:
         V = logits.shape[-1]
         logp = torch.log_softmax(logits.float(), dim=-1)
-        if params is not None:
-            logp = process(logp, params, running.tolist(), P, eos)
+        if chain is not None:
+            logp = chain(logp, running.tolist(), P, eos)
         acc = (logp + run_scores[:, None]).view(-1)
         top_lp, top_i = torch.topk(acc, K)
         beam, tok = top_i // V, top_i % V

@@ -15,58 +15,38 @@ so it is dropped and the whole sequence re-prefilled with the long ones, as tran
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
 import torch
 
+from ..checks import check_int
 from ..errors import ContextLengthError, InvalidRequestError
+from ..options import GenerationOptions
 from ..models.cache import KVCache
 from .engine import validate_token_ids
-from .processors import Scorer, process
-from .sampling import draw
+from .processors import LogitsChain
+from .sampling import make_sampler
 from .structured import Constraint, grammar_for
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
-# A temperature below this is greedy decoding (vLLM's rule, its _SAMPLING_EPS): dividing logits by
-# 1e-45 overflows float32 to inf and the softmax to NaN, and the limit of sampling is argmax anyway.
-GREEDY_BELOW = 1e-5
 
 
 @dataclass
-class GeneratorParams:
-    max_length: int | None = None  # prompt + generated tokens; default: the model's context length
+class GeneratorParams(GenerationOptions):
+    """GenerationOptions for the step-by-step Generator, with ONNX Runtime GenAI's defaults: no
+    max_new_tokens (the limit is max_length, default the context), greedy unless told otherwise,
+    and batch_size rows decoded together. Stop strings and n are LLM.generate's: the Generator
+    works on token ids only. num_beams > 1 is accepted here (set_search_options) but runs through
+    LLM.generate: the Generator itself refuses it."""
     max_new_tokens: int | None = None
     temperature: float = 0.0  # 0 = greedy (so is anything below GREEDY_BELOW)
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
-    seed: int | None = None
     batch_size: int = 1
-    stop_token_ids: Sequence[int] = field(default_factory=tuple)  # added to the model's eos ids
-    ignore_eos: bool = False  # run to the length limit (benchmarks, parity tests)
-    min_p: float = 0.0  # 0 = off
-    typical_p: float = 1.0  # 1 = off
-    repetition_penalty: float = 1.0  # 1 = off (transformers / ORT GenAI semantics)
-    repetition_window: int = 0  # penalise the last N tokens only; 0 = the whole sequence
-    presence_penalty: float = 0.0  # OpenAI semantics, over the generated tokens
-    frequency_penalty: float = 0.0
-    no_repeat_ngram_size: int = 0
-    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
-    min_new_tokens: int = 0  # no end-of-sequence before this many new tokens
-    min_length: int = 0  # ... or before the sequence (prompt + new) is this long (ORT GenAI)
-    scorers: Sequence[Scorer] = field(default_factory=tuple)  # (input_ids [B, S], logits [B, V]) -> logits
-    top_logprobs: int = 0  # also report this many alternatives' log-probabilities per step (0-20)
-    # structured output (at most one): a JSON schema, a regex, a Lark / GBNF grammar, or OpenAI's
-    # response_format ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}})
-    json_schema: dict | str | None = None
-    regex: str | None = None
-    grammar: str | None = None
-    response_format: dict | None = None
-
-    def __post_init__(self) -> None:
-        self._validate()
 
     def set_search_options(self, **options: object) -> None:
-        """ORT-GenAI style setter: set_search_options(max_length=..., temperature=..., do_sample=...)."""
+        """ORT-GenAI style setter: set_search_options(max_length=..., temperature=..., do_sample=...,
+        num_beams=...)."""
         for key, value in options.items():
             if key == "do_sample":
                 if not value:
@@ -74,62 +54,31 @@ class GeneratorParams:
                 elif self.temperature <= 0:
                     self.temperature = 1.0
                 continue
-            if not hasattr(self, key) or key.startswith("_"):
+            if key not in _FIELDS:
                 raise InvalidRequestError(f"unknown search option {key!r}", param=key)
             setattr(self, key, value)
-        self._validate()
+        self.validate()
 
-    def _validate(self) -> None:
-        def bad(name: str, why: str) -> InvalidRequestError:
-            return InvalidRequestError(f"{why}, got {getattr(self, name)!r}", param=name)
-
-        for name in ("max_length", "max_new_tokens"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise bad(name, "must be a positive integer or None")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not 0 <= self.temperature <= 100:
-            raise bad("temperature", "must be a number in [0, 100]")
-        if self.temperature < GREEDY_BELOW:
-            self.temperature = 0.0
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise bad("top_k", "must be an integer >= 0")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise bad("top_p", "must be a number in (0, 1]")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise bad("batch_size", "must be a positive integer")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not 0 <= self.seed < 2**63):
-            raise bad("seed", "must be an integer in [0, 2**63) or None")
-        for name, lo, hi in (("min_p", 0.0, 1.0), ("typical_p", 0.0, 1.0), ("presence_penalty", -2.0, 2.0),
-                             ("frequency_penalty", -2.0, 2.0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi or v != v:
-                raise bad(name, f"must be a number in [{lo}, {hi}]")
-        if self.typical_p == 0:
-            raise bad("typical_p", "must be in (0, 1]")
-        v = self.repetition_penalty
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 100:
-            raise bad("repetition_penalty", "must be a number in (0, 100]")
-        for name, hi in (("repetition_window", None), ("no_repeat_ngram_size", None), ("min_new_tokens", None),
-                         ("min_length", None), ("top_logprobs", 20)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (hi is not None and v > hi):
-                raise bad(name, "must be an integer >= 0" + (f" and <= {hi}" if hi is not None else ""))
-        if self.logit_bias is not None:
-            if not isinstance(self.logit_bias, dict) or any(
-                    isinstance(k, bool) or not isinstance(k, int) or k < 0 or isinstance(b, bool)
-                    or not isinstance(b, (int, float)) or not -100 <= b <= 100 for k, b in self.logit_bias.items()):
-                raise bad("logit_bias", "must map token ids to numbers in [-100, 100]")
-        if not isinstance(self.scorers, (list, tuple)) or not all(callable(f) for f in self.scorers):
-            raise bad("scorers", "must be a list of callables (input_ids, logits) -> logits")
+    def validate(self) -> None:
+        """GenerationOptions' checks, then what the engine needs on top: concrete sampling
+        numbers, token-id keys in logit_bias, a compiled grammar."""
+        for name, off in (("temperature", 0.0), ("top_k", 0), ("top_p", 1.0)):
+            if getattr(self, name) is None:
+                setattr(self, name, off)
+        super().validate()
+        check_int(self.batch_size, "batch_size", lo=1, what="a positive integer")
+        if self.logit_bias is not None and any(isinstance(k, str) for k in self.logit_bias):
+            raise InvalidRequestError("must map token ids (integers) to numbers", param="logit_bias")
         self._grammar = grammar_for(json_schema=self.json_schema, regex=self.regex, grammar=self.grammar,
                                     response_format=self.response_format)
         if self._grammar is not None and self.batch_size != 1:
-            raise bad("batch_size", "structured output runs one sequence at a time")
-        if not isinstance(self.stop_token_ids, (list, tuple, set, frozenset)) or any(
-                isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.stop_token_ids):
-            raise bad("stop_token_ids", "must be a list of non-negative integer token ids")
+            raise InvalidRequestError(f"structured output runs one sequence at a time, got {self.batch_size!r}",
+                                      param="batch_size")
+
+    _validate = validate  # the name the engine's callers used
+
+
+_FIELDS = frozenset(f.name for f in fields(GeneratorParams))
 
 
 class Generator:
@@ -161,9 +110,14 @@ class Generator:
                 raise InvalidRequestError("batch_size cannot change on a running generator", param="batch_size")
             self.params = params
         engine, p = self.engine, self.params
+        if p.num_beams > 1:  # beams need num_beams rows and reordered caches: engine/beam.py runs them
+            raise InvalidRequestError(f"is {p.num_beams}: the step-by-step Generator does not run beam search; "
+                                      "use LLM.generate(ids, num_beams=...)", param="num_beams")
         self.max_length = min(p.max_length or engine.context_length, engine.context_length)
         self.eos = frozenset() if p.ignore_eos else engine.eos_token_ids | frozenset(p.stop_token_ids)
         self.rng = None if p.seed is None else torch.Generator(device=engine.device).manual_seed(p.seed)
+        self.chain = LogitsChain(p)  # the processors and warpers, built once per request
+        self.sampler = make_sampler(p.temperature)
         grammar = p._grammar
         self.constraint = None if grammar is None else Constraint(
             grammar[0], grammar[1], engine.tokenizer, engine.vocab_size, engine.eos_token_ids)
@@ -228,8 +182,8 @@ class Generator:
             raise InvalidRequestError(f"token id {max(p.logit_bias)} is outside the vocabulary "
                                       f"[0, {logits.shape[-1]})", param="logit_bias")
         c = self.constraint
-        x = process(logits, p, self.sequences, self._prompt_len, sorted(self.eos), c.mask if c else None)
-        tokens = draw(x, p.temperature, self.rng)
+        x = self.chain(logits, self.sequences, self._prompt_len, sorted(self.eos), c.mask if c else None)
+        tokens = self.sampler(x, self.rng)
         self._next = [int(t) for t in tokens.tolist()]
         self._record_logprobs(logits, tokens)
         if c is not None and self.finish_reasons[0] is None:

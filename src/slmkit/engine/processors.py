@@ -117,47 +117,101 @@ def apply_typical_p(logits: torch.Tensor, mass: float) -> torch.Tensor:
     return logits.masked_fill(drop.scatter(1, order, drop), NEG_INF)
 
 
-def process(logits: torch.Tensor, params: object, sequences: Sequence[Sequence[int]], prompt_len: int,
-            eos_ids: Sequence[int], mask: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """The whole chain of a GeneratorParams-like `params` over logits [B, V] (before sampling).
-    sequences: every row's tokens so far; prompt_len: where the generated tokens start; mask: a
-    grammar's token mask, applied after the scorers and before the warpers (so they never remove
-    every allowed token)."""
-    p = params
-    x = logits
-    needs_ids = (p.repetition_penalty != 1.0 or p.no_repeat_ngram_size > 0 or p.presence_penalty != 0
-                 or p.frequency_penalty != 0 or p.scorers)
-    ids = torch.tensor(sequences, dtype=torch.long, device=x.device) if needs_ids else None
-    if p.repetition_penalty != 1.0:
-        window = ids[:, -p.repetition_window:] if p.repetition_window else ids
-        x = apply_repetition_penalty(x, window, p.repetition_penalty)
-    if p.presence_penalty != 0 or p.frequency_penalty != 0:
-        x = apply_presence_frequency(x, ids[:, prompt_len:], p.presence_penalty, p.frequency_penalty)
-    if p.logit_bias:
-        x = apply_logit_bias(x, p.logit_bias)
-    if p.no_repeat_ngram_size:
-        x = apply_no_repeat_ngram(x, ids, p.no_repeat_ngram_size)
-    produced = len(sequences[0]) - prompt_len
-    min_new = max(p.min_new_tokens, p.min_length - prompt_len)
-    if min_new > 0:
-        x = apply_min_new_tokens(x, produced, min_new, eos_ids)
-    for scorer in p.scorers:
-        x = scorer(ids, x)
-        if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(logits.shape):
+Processor = Callable[[torch.Tensor, "StepContext"], torch.Tensor]
+
+
+class StepContext:
+    """What a step's processors may read: every row's tokens (as a tensor only if one needs it),
+    where the generated tokens start, and the end-of-sequence ids."""
+    __slots__ = ("sequences", "prompt_len", "eos_ids", "ids")
+
+    def __init__(self, sequences: Sequence[Sequence[int]], prompt_len: int, eos_ids: Sequence[int],
+                 ids: torch.Tensor | None):
+        self.sequences, self.prompt_len, self.eos_ids, self.ids = sequences, prompt_len, eos_ids, ids
+
+
+def _scorer_step(scorer: Scorer) -> Processor:
+    def step(x: torch.Tensor, c: StepContext) -> torch.Tensor:
+        y = scorer(c.ids, x)
+        if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(x.shape):
             from ..errors import InvalidRequestError
 
-            raise InvalidRequestError(f"a scorer must return logits of shape {tuple(logits.shape)}", param="scorers")
-    if mask is not None:
-        x = mask(x)
-    if p.temperature <= 0:  # greedy: the warpers cannot change the argmax
-        return x
-    x = x / p.temperature
-    if 0 < p.top_k < x.shape[-1]:
-        # the later filters only see what top-k kept: run them on the k survivors (same result as on
-        # the -inf-filled row, without sorting the whole vocabulary)
-        vals, idx = torch.topk(x, p.top_k, dim=-1)
-        vals = apply_typical_p(apply_min_p(apply_top_p(vals, p.top_p), p.min_p), p.typical_p)
-        return torch.full_like(x, NEG_INF).scatter_(1, idx, vals)
-    x = apply_top_p(x, p.top_p)
-    x = apply_min_p(x, p.min_p)
-    return apply_typical_p(x, p.typical_p)
+            raise InvalidRequestError(f"a scorer must return logits of shape {tuple(x.shape)}", param="scorers")
+        return y
+    return step
+
+
+def make_logits_processors(p: object) -> tuple[list[Processor], bool]:
+    """The processors a GeneratorParams-like `p` asks for, in order (penalties, logit_bias, no-repeat
+    n-grams, min_new_tokens, scorers), built once per request as mlx-lm's make_logits_processors;
+    and whether they need the token ids as a tensor."""
+    steps: list[Processor] = []
+    rp, window = p.repetition_penalty, p.repetition_window
+    if rp != 1.0:
+        steps.append(lambda x, c: apply_repetition_penalty(x, c.ids[:, -window:] if window else c.ids, rp))
+    pres, freq = p.presence_penalty, p.frequency_penalty
+    if pres != 0 or freq != 0:
+        steps.append(lambda x, c: apply_presence_frequency(x, c.ids[:, c.prompt_len:], pres, freq))
+    bias = dict(p.logit_bias) if p.logit_bias else None
+    if bias:
+        steps.append(lambda x, c: apply_logit_bias(x, bias))
+    ngram = p.no_repeat_ngram_size
+    if ngram:
+        steps.append(lambda x, c: apply_no_repeat_ngram(x, c.ids, ngram))
+    min_new_tokens, min_length = p.min_new_tokens, p.min_length
+    if min_new_tokens > 0 or min_length > 0:
+        def min_new(x: torch.Tensor, c: StepContext) -> torch.Tensor:
+            need = max(min_new_tokens, min_length - c.prompt_len)
+            return apply_min_new_tokens(x, len(c.sequences[0]) - c.prompt_len, need, c.eos_ids) if need > 0 else x
+        steps.append(min_new)
+    steps += [_scorer_step(f) for f in p.scorers]
+    needs_ids = rp != 1.0 or bool(ngram) or pres != 0 or freq != 0 or bool(p.scorers)
+    return steps, needs_ids
+
+
+def make_warpers(p: object) -> Callable[[torch.Tensor], torch.Tensor]:
+    """temperature, top_k, top_p, min_p, typical_p (transformers' order), built once per request;
+    greedy (temperature 0) needs none: they cannot change the argmax."""
+    t, k, top_p, min_p, typical = p.temperature, p.top_k, p.top_p, p.min_p, p.typical_p
+    if t <= 0:
+        return lambda x: x
+
+    def warp(x: torch.Tensor) -> torch.Tensor:
+        x = x / t
+        if 0 < k < x.shape[-1]:
+            # the later filters only see what top-k kept: run them on the k survivors (same result as
+            # on the -inf-filled row, without sorting the whole vocabulary)
+            vals, idx = torch.topk(x, k, dim=-1)
+            vals = apply_typical_p(apply_min_p(apply_top_p(vals, top_p), min_p), typical)
+            return torch.full_like(x, NEG_INF).scatter_(1, idx, vals)
+        return apply_typical_p(apply_min_p(apply_top_p(x, top_p), min_p), typical)
+    return warp
+
+
+class LogitsChain:
+    """The whole chain of one request over logits [B, V] (before sampling), built once from its
+    params: processors, then a grammar's token mask (after the scorers and before the warpers, so
+    they never remove every allowed token), then the warpers."""
+
+    def __init__(self, params: object):
+        self.steps, self.needs_ids = make_logits_processors(params)
+        self.warp = make_warpers(params)
+
+    def __call__(self, logits: torch.Tensor, sequences: Sequence[Sequence[int]], prompt_len: int,
+                 eos_ids: Sequence[int], mask: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        x = logits
+        if self.steps:
+            ids = torch.tensor(sequences, dtype=torch.long, device=x.device) if self.needs_ids else None
+            ctx = StepContext(sequences, prompt_len, eos_ids, ids)
+            for step in self.steps:
+                x = step(x, ctx)
+        if mask is not None:
+            x = mask(x)
+        return self.warp(x)
+
+
+def process(logits: torch.Tensor, params: object, sequences: Sequence[Sequence[int]], prompt_len: int,
+            eos_ids: Sequence[int], mask: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The chain of a GeneratorParams-like `params` over logits [B, V], built for this one call
+    (a Generator builds its LogitsChain once per request instead)."""
+    return LogitsChain(params)(logits, sequences, prompt_len, eos_ids, mask)

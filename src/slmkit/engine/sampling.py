@@ -1,12 +1,14 @@
 """Sampling from float32 logits [B, V] (temperature 0 means argmax); the filters live in processors.py."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..errors import InvalidRequestError
 from .processors import apply_top_k, apply_top_p
 
-__all__ = ["apply_top_k", "apply_top_p", "draw", "finite_choice", "greedy", "sample"]
+__all__ = ["apply_top_k", "apply_top_p", "draw", "finite_choice", "greedy", "make_sampler", "sample"]
 
 
 def finite_choice(logits: torch.Tensor) -> torch.Tensor:
@@ -38,6 +40,15 @@ def draw(logits: torch.Tensor, temperature: float, generator: torch.Generator | 
     if temperature <= 0:
         return greedy(logits)
     return torch.multinomial(finite_choice(logits).softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def make_sampler(temperature: float) -> Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]:
+    """The draw of one request, chosen once (mlx-lm's make_sampler): argmax at temperature 0, else a
+    draw from the processed logits' softmax."""
+    if temperature <= 0:
+        return lambda logits, generator=None: greedy(logits)
+    return lambda logits, generator=None: torch.multinomial(finite_choice(logits).softmax(dim=-1), 1,
+                                                            generator=generator).squeeze(-1)
 
 
 def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,

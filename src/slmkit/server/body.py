@@ -9,7 +9,7 @@ import asyncio
 import json
 from typing import Any
 
-from ..text.chat import check_text
+from ..api import check_text
 from ..errors import InvalidRequestError
 
 DEFAULT_MAX_BODY = 16 * 2**20

@@ -42,7 +42,7 @@ class Runner:
 
         def work(cancelled: Any) -> Any:
             llm, load_s = registry.acquire(name)
-            serial = registry.entry(name).serial if getattr(llm.backend, "batch", None) is None else None
+            serial = registry.entry(name).serial if not llm.stats().batching else None
             try:
                 if serial is None:  # continuous batching: the workers share the engine's steps
                     yield from make(llm, load_s)

@@ -9,20 +9,24 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..errors import InvalidRequestError
-from .openai_api import context_option, random_if_negative
+from ..options import GenerationOptions, options_from
+from .openai_api import random_if_negative
 
 VERSION = "0.12.0"  # the Ollama API level these routes follow
 _OPTION_NAMES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
                  "num_predict": "max_new_tokens", "stop": "stop", "repeat_penalty": "repetition_penalty",
                  "repeat_last_n": "repetition_window", "presence_penalty": "presence_penalty",
-                 "frequency_penalty": "frequency_penalty", "min_p": "min_p", "typical_p": "typical_p"}
+                 "frequency_penalty": "frequency_penalty", "min_p": "min_p", "typical_p": "typical_p",
+                 "num_ctx": "max_length"}
+_FIELD_OF = {option: f"options.{name}" for name, option in _OPTION_NAMES.items()}
 
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def options(body: dict) -> dict[str, Any]:
+def options(body: dict) -> GenerationOptions:
+    """The GenerationOptions of an Ollama request body (errors name the body's field)."""
     opts = body.get("options") or {}
     if not isinstance(opts, dict):
         raise InvalidRequestError("must be an object", param="options")
@@ -30,15 +34,14 @@ def options(body: dict) -> dict[str, Any]:
     for name, value in opts.items():
         if name in _OPTION_NAMES and value is not None:
             out[_OPTION_NAMES[name]] = value
-    random_if_negative(out, "options.seed")
+    random_if_negative(out)
     n = out.get("max_new_tokens")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < -2 or n == 0):
         raise InvalidRequestError(f"must be a positive integer, or -1 / -2 for no limit, got {n!r}",
                                   param="options.num_predict")
     if n in (-1, -2):  # Ollama: -1 = until the context ends, -2 = fill the context
         out["max_new_tokens"] = None
-    if opts.get("num_ctx") is not None:  # this request's context (the served slot context is the cap)
-        out["max_length"] = context_option(opts["num_ctx"], "options.num_ctx")
+    # num_ctx (max_length): this request's context (the served slot context is the cap)
     fmt = body.get("format")
     if fmt == "json":
         out["response_format"] = {"type": "json_object"}
@@ -46,7 +49,7 @@ def options(body: dict) -> dict[str, Any]:
         out["json_schema"] = fmt
     elif fmt not in (None, ""):
         raise InvalidRequestError("must be 'json' or a JSON schema object", param="format")
-    return out
+    return options_from(out, {**_FIELD_OF, "json_schema": "format", "response_format": "format"})
 
 
 def images_to_parts(msg: dict, param: str = "images") -> dict:

@@ -1,5 +1,5 @@
-"""OpenAI wire format (the OpenAI API reference, platform.openai.com/docs/api-reference): requests ->
-LLM options, results -> chat.completion / chat.completion.chunk / text_completion JSON."""
+"""OpenAI wire format (https://platform.openai.com/docs/api-reference/chat): requests ->
+GenerationOptions, results -> chat.completion / chat.completion.chunk / text_completion JSON."""
 from __future__ import annotations
 
 import json
@@ -9,13 +9,14 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from ..api import check_n, check_seed
 from ..errors import InvalidRequestError
+from ..options import GenerationOptions, options_from
 
-# request fields -> generate() options (extra_body fields arrive at the top level too; unknown
-# fields are ignored, as the checklist advises for a toolkit server)
+# request fields -> GenerationOptions (extra_body fields arrive at the top level too; unknown
+# fields are ignored, as OpenAI-compatible servers such as vLLM do)
 _SAME = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
          "typical_p", "repetition_penalty", "min_tokens", "response_format", "top_logprobs")
+_FIELD_OF = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "max_length": "num_ctx"}
 
 
 def _typed(body: dict, name: str, kinds: tuple, what: str) -> Any:
@@ -25,8 +26,8 @@ def _typed(body: dict, name: str, kinds: tuple, what: str) -> Any:
     return v
 
 
-def options(body: dict) -> dict[str, Any]:
-    """generate()/chat() keyword options for an OpenAI request body."""
+def options(body: dict) -> GenerationOptions:
+    """The GenerationOptions of an OpenAI request body (errors name the body's field)."""
     out: dict[str, Any] = {}
     for name in _SAME:
         if body.get(name) is not None:
@@ -34,8 +35,6 @@ def options(body: dict) -> dict[str, Any]:
     random_if_negative(out)
     mt = body.get("max_completion_tokens", body.get("max_tokens"))
     if mt is not None:
-        if isinstance(mt, bool) or not isinstance(mt, int) or mt < 1:
-            raise InvalidRequestError(f"must be a positive integer, got {mt!r}", param="max_tokens")
         out["max_new_tokens"] = mt
     stop = body.get("stop")
     if stop is not None:
@@ -49,46 +48,35 @@ def options(body: dict) -> dict[str, Any]:
         out["logprobs"] = True
     elif body.get("top_logprobs"):
         raise InvalidRequestError("needs logprobs: true", param="top_logprobs")
-    n = body.get("n")
-    if n is not None and n != 1:
-        out["n"] = n
+    if body.get("n") is not None:
+        out["n"] = body["n"]
     if body.get("num_ctx") is not None:  # extra_body, as Ollama's option: this request's context
-        out["max_length"] = context_option(body["num_ctx"])
-    return out
+        out["max_length"] = body["num_ctx"]
+    return options_from(out, _FIELD_OF)
 
 
-def random_if_negative(out: dict[str, Any], param: str = "seed") -> None:
-    """llama.cpp and Ollama clients send seed -1 for a random seed: no seed. Any other seed must
-    be an integer now (choice i of n uses seed + i)."""
+def random_if_negative(out: dict[str, Any]) -> None:
+    """llama.cpp and Ollama clients send seed -1 for a random seed: no seed. Any other seed is
+    checked with the other options (choice i of n uses seed + i)."""
     seed = out.get("seed")
-    if seed is None:
-        return
     if isinstance(seed, int) and not isinstance(seed, bool) and seed < 0:
         del out["seed"]
-    else:
-        check_seed(seed, param)
 
 
-def capped(llm: Any, opts: dict) -> dict:
+def capped(llm: Any, opts: GenerationOptions) -> GenerationOptions:
     """opts, with max_tokens checked against the context a request can have on this model (its
     batch slot's, or the model's): OpenAI refuses a max_tokens its model cannot hold rather than
     silently generating fewer. (A smaller num_ctx, Ollama's option, still ends the answer where
     its context is full, as Ollama does.)"""
-    mt = opts.get("max_new_tokens")
+    mt = opts.max_new_tokens
     if mt is None:
         return opts
-    batch = getattr(llm.backend, "batch", None)
-    limit = batch.slot_context if batch is not None else llm.context_length
-    what = "a request's context on this server" if batch is not None else "the model's context"
+    stats = llm.stats()
+    limit = stats.request_context or llm.context_length
+    what = "a request's context on this server" if stats.batching else "the model's context"
     if mt > limit:
         raise InvalidRequestError(f"is {mt}, more than the {limit} tokens of {what}", param="max_tokens")
     return opts
-
-
-def context_option(v: Any, param: str = "num_ctx") -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise InvalidRequestError(f"must be a positive integer, got {v!r}", param=param)
-    return v
 
 
 def new_id(prefix: str) -> str:
@@ -113,12 +101,11 @@ def usage_json(results: list[Any], per_prompt: int | None = None) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def _per_choice(opts: dict) -> list[dict]:
+def _per_choice(opts: GenerationOptions) -> list[GenerationOptions]:
     """The options of each of the request's n choices: choice i samples with seed + i, as
     LLM.generate(n=...) does."""
-    opts = dict(opts)
-    n, seed = check_n(opts.pop("n", 1)), opts.get("seed")
-    return [{**opts, "seed": None if seed is None else seed + i} for i in range(n)]
+    seed = opts.seed
+    return [opts.replace(n=1, seed=None if seed is None else seed + i) for i in range(opts.n)]
 
 
 def chat_completion(results: list[Any], model: str) -> dict:
@@ -211,13 +198,13 @@ class _ToolCallDeltas:
         return []
 
 
-def chat_stream(llm: Any, messages: Any, tool_kw: dict, opts: dict, model: str, include_usage: bool
+def chat_stream(llm: Any, messages: Any, tool_kw: dict, opts: GenerationOptions, model: str, include_usage: bool
                 ) -> Iterator[bytes]:
     """chat.completion.chunk SSE events token by token, for every choice (n > 1: sample i with seed +
     i, all at once under continuous batching), tool calls as deltas as they are generated; usage; [DONE]."""
     per = _per_choice(opts)
     calling = bool(tool_kw) and tool_kw.get("tool_choice") != "none"
-    start = lambda o: llm.chat(messages, stream=True, **tool_kw, **o)  # noqa: E731
+    start = lambda o: llm.chat(messages, stream=True, options=o, **tool_kw)  # noqa: E731
     first = start(per[0])  # raises a bad request before any event
     cid, created = new_id("chatcmpl"), int(time.time())
 
@@ -254,13 +241,13 @@ def chat_stream(llm: Any, messages: Any, tool_kw: dict, opts: dict, model: str, 
     yield sse(b"[DONE]")
 
 
-def completion_stream(llm: Any, prompts: list[Any], opts: dict, model: str, include_usage: bool
+def completion_stream(llm: Any, prompts: list[Any], opts: GenerationOptions, model: str, include_usage: bool
                       ) -> Iterator[bytes]:
     """text_completion SSE events token by token for every choice of every prompt (n > 1: as for
     chat_stream), choice i of prompt k numbered k * n + i as OpenAI does."""
     n = len(_per_choice(opts))
     per = [(prompt, o) for prompt in prompts for o in _per_choice(opts)]
-    start = lambda po: llm.generate(po[0], stream=True, **po[1])  # noqa: E731
+    start = lambda po: llm.generate(po[0], po[1], stream=True)  # noqa: E731
     first = start(per[0])
     cid, created = new_id("cmpl"), int(time.time())
 
@@ -284,7 +271,7 @@ def _choices(llm: Any, per: list[Any], first: Iterator[Any], start: Any, choice:
     """Yield the events of every choice; return each choice's last chunk (for usage). With
     continuous batching all choices run at once (their tokens come from the same steps) and their
     events interleave; otherwise one choice after another."""
-    if len(per) > 1 and getattr(llm.backend, "batch", None) is not None:
+    if len(per) > 1 and llm.stats().batching:
         gens = [choice(0, first)] + [choice(i, start(o)) for i, o in enumerate(per) if i]
         lasts: list[Any] = [None] * len(gens)
         active = list(range(len(gens)))

@@ -87,7 +87,7 @@ class Entry:
     @property
     def tokens_generated(self) -> int:
         llm = self.llm
-        now = getattr(llm.backend, "tokens_generated", 0) if llm is not None else 0
+        now = llm.stats().tokens_generated if llm is not None else 0
         return self._tokens_before + now
 
     @property
@@ -99,8 +99,7 @@ class Entry:
         """Why the model's continuous-batching engine stopped, if it has (it then fails every
         request, and /health says so)."""
         llm = self.llm  # once: an unload may clear it meanwhile
-        batch = getattr(llm.backend, "batch", None) if llm is not None else None
-        return getattr(batch, "dead", None)
+        return llm.stats().dead if llm is not None else None
 
     def _expire(self, keep_alive: float | None) -> None:
         self.expires_at = None if keep_alive is FOREVER else time.time() + keep_alive
@@ -109,41 +108,22 @@ class Entry:
     def reused_tokens(self) -> int:
         """Prompt tokens served from the prompt cache (kept slots / the last request's KV)."""
         llm = self.llm
-        if llm is None:
-            return self._reused_before
-        b = llm.backend
-        batch = getattr(b, "batch", None)
-        return self._reused_before + getattr(b, "reused_tokens", 0) + (batch.reused_tokens if batch else 0)
+        return self._reused_before + (llm.stats().reused_prompt_tokens if llm is not None else 0)
 
     def _ready(self) -> None:
         """Server settings on a freshly loaded model: a prompt cache across requests."""
-        if hasattr(self.llm.backend, "prompt_cache"):
-            self.llm.backend.prompt_cache = True
+        if self.llm.capabilities.prompt_cache:
+            self.llm.backend.enable_prompt_cache(True)
 
     def _describe(self) -> None:
         """What /api/tags and /api/show tell about the model, kept after it unloads."""
         llm = self.llm
-        engine = getattr(llm.backend, "engine", None)
-        params = weight_bytes = 0
-        if engine is not None:  # quantized linears hold their weights as buffers: count those as n x k
-            tied = getattr(engine.args, "tie_word_embeddings", False)  # then lm_head is the embedding again
-            for name, m in engine.model.named_modules():
-                if tied and name == "lm_head":
-                    continue
-                if hasattr(m, "qweight"):
-                    params += m.in_features * m.out_features
-                params += sum(p.numel() for p in m.parameters(recurse=False))
-            for t in list(engine.model.parameters()) + list(engine.model.buffers()):
-                weight_bytes += t.numel() * t.element_size()
-        batch = getattr(llm.backend, "batch", None)
+        d, st = llm.describe(), llm.stats()
         self.info = {
-            "model_type": llm.backend.model_type, "context_length": llm.context_length, "params": params,
-            "template": llm.tokenizer.chat_template or "", "prompt_style": llm.prompt_style,
-            "format": "gguf" if getattr(engine, "gguf", None) is not None else "safetensors",
-            "dtype": str(getattr(engine, "dtype", "")).removeprefix("torch."),
-            "weight_bytes": weight_bytes, "kv_bytes": batch.cache.nbytes if batch is not None else 0,
-            "slot_context": batch.slot_context if batch is not None else llm.context_length,
-            "images": bool(getattr(llm.backend, "supports_images", False)),
+            "model_type": d.model_type, "context_length": d.context_length, "params": d.parameters,
+            "template": d.chat_template, "prompt_style": llm.prompt_style, "format": d.format, "dtype": d.dtype,
+            "weight_bytes": d.weight_bytes, "kv_bytes": st.kv_bytes,
+            "slot_context": st.request_context or d.context_length, "images": llm.capabilities.images,
         }
 
 
@@ -164,8 +144,8 @@ class Registry:
             if isinstance(m, ModelSpec):
                 self.entries[name] = Entry(name, m.load, m.slots, keep_alive, max_queue)
             else:
-                batch = getattr(m.backend, "batch", None)
-                slots = workers or (batch.cache.slots if batch is not None else 1)
+                st = m.stats()
+                slots = workers or (st.slots if st.batching else 1)
                 self.entries[name] = Entry(name, None, slots, keep_alive, max_queue, llm=m)
         if preload:
             for e in self.entries.values():

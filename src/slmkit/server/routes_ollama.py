@@ -48,7 +48,7 @@ def router(parser: Parser, runner: Runner) -> APIRouter:
             return await load_or_unload(p, "message")
         messages, kw, opts = p.messages, p.tools, p.options
         return await reply(p, lambda llm, load_s: ollama_api.chat_lines(
-            llm.chat(messages, stream=True, **kw, **opts), p.model, p.started, load_s, tools=bool(kw)), "message")
+            llm.chat(messages, stream=True, options=opts, **kw), p.model, p.started, load_s, tools=bool(kw)), "message")
 
     @r.post("/api/generate", openapi_extra=schemas.body(schemas.OLLAMA_GENERATE))
     async def ollama_generate(request: Request) -> Any:
@@ -61,8 +61,9 @@ def router(parser: Parser, runner: Runner) -> APIRouter:
             if p.raw or llm.prompt_style == "completion":
                 if user[0]["content"] != prompt:
                     raise InvalidRequestError("images need a chat model (not raw completion)", param="images")
-                return llm.generate((system + "\n" if system else "") + prompt, stream=True, **opts)
-            return llm.chat(([{"role": "system", "content": system}] if system else []) + user, stream=True, **opts)
+                return llm.generate((system + "\n" if system else "") + prompt, opts, stream=True)
+            return llm.chat(([{"role": "system", "content": system}] if system else []) + user, stream=True,
+                            options=opts)
 
         return await reply(p, lambda llm, load_s: ollama_api.generate_lines(
             make(llm), p.model, p.started, load_s), "response")

@@ -34,7 +34,7 @@ def router(parser: Parser, runner: Runner) -> APIRouter:
         if p.stream:
             return await runner.streamed(name, p.keep_alive, lambda llm, _: openai_api.chat_stream(
                 llm, messages, kw, capped(llm, opts), name, p.include_usage))
-        out = await runner.once(name, p.keep_alive, lambda llm: llm.chat(messages, **kw, **capped(llm, opts)))
+        out = await runner.once(name, p.keep_alive, lambda llm: llm.chat(messages, options=capped(llm, opts), **kw))
         return openai_api.chat_completion(out if isinstance(out, list) else [out], name)
 
     @r.post("/v1/completions", openapi_extra=schemas.body(schemas.COMPLETIONS))
@@ -50,7 +50,7 @@ def router(parser: Parser, runner: Runner) -> APIRouter:
 
         def make(llm: Any) -> list[list[Any]]:  # each prompt's choices
             check_token_ids(llm, prompts)
-            outs = [llm.generate(prompt, **capped(llm, opts)) for prompt in prompts]
+            outs = [llm.generate(prompt, capped(llm, opts)) for prompt in prompts]
             return [out if isinstance(out, list) else [out] for out in outs]
 
         return openai_api.text_completion(await runner.once(name, p.keep_alive, make), name)

@@ -27,10 +27,10 @@ def metrics_text(registry: Registry) -> str:
                   f"slmkit_generated_tokens_total{lab} {e.tokens_generated}",
                   f"slmkit_prompt_cache_tokens_total{lab} {e.reused_tokens}"]
         llm = e.llm  # once: an unload may clear it meanwhile
-        batch = getattr(llm.backend, "batch", None) if llm is not None else None
-        if batch is not None:
-            lines += [f"slmkit_batch_size{lab} {batch.active}", f"slmkit_batch_steps_total{lab} {batch.steps}",
-                      f"slmkit_kv_slots_used{lab} {batch.cache.n}", f"slmkit_kv_bytes{lab} {batch.cache.nbytes}"]
+        st = llm.stats() if llm is not None else None
+        if st is not None and st.batching:
+            lines += [f"slmkit_batch_size{lab} {st.batch_size}", f"slmkit_batch_steps_total{lab} {st.batch_steps}",
+                      f"slmkit_kv_slots_used{lab} {st.kv_slots_used}", f"slmkit_kv_bytes{lab} {st.kv_bytes}"]
     return "\n".join(lines) + "\n"
 
 
