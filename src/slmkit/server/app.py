@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request  # FastAPI reads the handlers' annotations 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
+from .. import __version__
 from ..errors import ContextLengthError, EngineError, InvalidRequestError, SlmkitError, UnsupportedInputError
 from . import images, ollama_api, openai_api, schemas
 from .body import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY, BodyLimit, BodyTimeout, BodyTooLarge, flag,
@@ -47,7 +48,7 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
         yield
         registry.close()
 
-    app = FastAPI(title="slmkit", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="slmkit", version=__version__, lifespan=lifespan)
     app.state.registry = registry
     fetch_policy = app.state.image_policy = images.FetchPolicy(allow=image_urls)
 
