@@ -278,14 +278,25 @@ class Generator:
         """Logits [B, vocab] (float32) the next generate_next_token() samples from."""
         return self._compute_logits().clone()
 
-    def set_logits(self, logits: torch.Tensor) -> None:
-        """Replace the logits the next generate_next_token() samples from."""
-        ref = self._compute_logits()
-        x = torch.as_tensor(logits, dtype=torch.float32, device=ref.device)
+    def set_logits(self, logits: torch.Tensor, *, validate: bool = True) -> None:
+        """Replace the logits the next generate_next_token() samples from ([B, vocab], or [vocab]
+        for one row). For an external_logits generator this is how each step's logits arrive.
+        validate=False takes float32 [B, vocab] logits as they are, without scanning them for
+        NaN / inf: for a caller's own forward pass of the model (the batch engine's), checked no
+        more than the Generator checks its own."""
+        if not validate:
+            self._logits = logits
+            return
+        if self.external and self._logits is None:
+            shape, device = (self.params.batch_size, self.engine.vocab_size), torch.device(self.engine.device)
+        else:
+            ref = self._compute_logits()
+            shape, device = tuple(ref.shape), ref.device
+        x = torch.as_tensor(logits, dtype=torch.float32, device=device)
         if x.dim() == 1:
             x = x.unsqueeze(0)
-        if tuple(x.shape) != tuple(ref.shape):
-            raise InvalidRequestError(f"expected shape {tuple(ref.shape)}, got {tuple(x.shape)}", param="logits")
+        if tuple(x.shape) != shape:
+            raise InvalidRequestError(f"expected shape {shape}, got {tuple(x.shape)}", param="logits")
         if torch.isnan(x).any() or not torch.isfinite(x).any(dim=-1).all() or (x == float("inf")).any():
             raise InvalidRequestError("each row needs a finite value and no NaN or +inf", param="logits")
         self._logits = x
