@@ -8,16 +8,19 @@ sliding-window (local, rope base 10k) and global (rope base 1M) layers, tied emb
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import MAX_POSITIONS, BaseArgs, require_float, require_int
+from .base import MAX_POSITIONS, BaseArgs, gguf_value, require_float, require_int
 from .cache import KVCache, positions_of
 from .layers import ACTIVATIONS, RMSNorm, attention
 from .rope import Rope, apply_rope, build_rope
+
+if TYPE_CHECKING:
+    from ..gguf import GGUFFile
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 NORMS_IN_FLOAT32 = True  # Gemma norms multiply in float32: keep (1 + w) exact, as llama.cpp does
@@ -196,6 +199,45 @@ class Model(nn.Module):
         logits = self.lm_head(self.model.norm(h))
         cap = self.args.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+# ---------------------------------------------------------------- GGUF (llama.cpp's names and keys)
+# per-layer tensor names after "blk.N." -> HF names after "model.layers.N."
+GGUF_LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+                    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+                    "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+                    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+                    "post_ffw_norm": "post_feedforward_layernorm"}
+
+
+def gguf_config(f: GGUFFile) -> dict[str, Any]:
+    """The HF-style config of a GGUF gemma3 file (vocab_size comes from the embedding tensor)."""
+    m, a = f.metadata, "gemma3"
+    head_dim = gguf_value(m, f"{a}.attention.key_length", 256)
+    hidden, heads, layers = (gguf_value(m, f"{a}.embedding_length"), gguf_value(m, f"{a}.attention.head_count"),
+                             gguf_value(m, f"{a}.block_count"))
+    scaling = None
+    kind = m.get(f"{a}.rope.scaling.type")
+    if kind not in (None, "none"):  # llama.cpp writes linear x8 for Gemma 3 4B / 12B / 27B global layers
+        if kind != "linear":
+            raise ConfigError(f"{a}.rope.scaling.type", f"unsupported rope scaling {kind!r} (supported: linear)")
+        scaling = {"rope_type": "linear", "factor": gguf_value(m, f"{a}.rope.scaling.factor", kind=float)}
+    # llama.cpp: attention scale 1/sqrt(head_dim), except 27B (62 layers): 1/sqrt(hidden / heads)
+    scalar = hidden // heads if layers == 62 else head_dim
+    return dict(
+        model_type="gemma3", hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=gguf_value(m, f"{a}.attention.head_count_kv", 1), head_dim=head_dim,
+        intermediate_size=gguf_value(m, f"{a}.feed_forward_length"),
+        max_position_embeddings=gguf_value(m, f"{a}.context_length"),
+        rms_norm_eps=gguf_value(m, f"{a}.attention.layer_norm_rms_epsilon", 1e-6, kind=float),
+        rope_theta=gguf_value(m, f"{a}.rope.freq_base", 1_000_000.0, kind=float),
+        rope_local_base_freq=10_000.0, rope_scaling=scaling,  # llama.cpp's local base
+        sliding_window=gguf_value(m, f"{a}.attention.sliding_window", 512), sliding_window_pattern=6,
+        query_pre_attn_scalar=scalar, tie_word_embeddings="output.weight" not in f.tensors,
+        norm_offset=0.0,  # the converter stored (1 + w)
+        final_logit_softcapping=gguf_value(m, f"{a}.final_logit_softcapping", None, kind=float),
+    )
 
 
 def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:

@@ -8,16 +8,19 @@ Facts: ../shared/specs/phi-family.md section 1.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import MAX_POSITIONS, BaseArgs, require_float, require_int
+from .base import MAX_POSITIONS, BaseArgs, gguf_value, require_float, require_int
 from .cache import KVCache, positions_of
 from .layers import ACTIVATIONS, RMSNorm, attention
 from .rope import Rope, apply_rope, build_rope
+
+if TYPE_CHECKING:
+    from ..gguf import GGUFFile
 
 
 @dataclass
@@ -173,6 +176,46 @@ class Model(nn.Module):
         if last_only:
             h = h[:, -1:]
         return self.lm_head(self.model.norm(h))
+
+
+# ---------------------------------------------------------------- GGUF (llama.cpp's names and keys)
+# per-layer tensor names after "blk.N." -> HF names after "model.layers.N."
+GGUF_LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj",
+                    "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+                    "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def gguf_config(f: GGUFFile) -> dict[str, Any]:
+    """The HF-style config of a GGUF phi3 file (vocab_size comes from the embedding tensor)."""
+    m, a = f.metadata, "phi3"
+    hidden, heads = gguf_value(m, f"{a}.embedding_length"), gguf_value(m, f"{a}.attention.head_count")
+    if heads > hidden or hidden % heads:
+        raise ConfigError(f"{a}.attention.head_count", f"{heads} heads do not divide the embedding length {hidden}")
+    ctx = gguf_value(m, f"{a}.context_length")
+    cfg: dict[str, Any] = dict(
+        model_type="phi3", hidden_size=hidden, num_hidden_layers=gguf_value(m, f"{a}.block_count"),
+        num_attention_heads=heads, num_key_value_heads=gguf_value(m, f"{a}.attention.head_count_kv", heads),
+        intermediate_size=gguf_value(m, f"{a}.feed_forward_length"), max_position_embeddings=ctx,
+        rms_norm_eps=gguf_value(m, f"{a}.attention.layer_norm_rms_epsilon", 1e-5, kind=float),
+        rope_theta=gguf_value(m, f"{a}.rope.freq_base", 10000.0, kind=float),
+        sliding_window=gguf_value(m, f"{a}.attention.sliding_window", None),
+    )
+    head_dim = hidden // heads
+    rot = gguf_value(m, f"{a}.rope.dimension_count", head_dim)
+    if rot > head_dim:
+        raise ConfigError(f"{a}.rope.dimension_count", f"{rot} is more than the head dimension {head_dim}")
+    cfg["partial_rotary_factor"] = rot / head_dim
+    if "rope_factors_long.weight" in f.tensors:  # LongRoPE: the factor lists travel as tensors
+        cfg["original_max_position_embeddings"] = gguf_value(m, f"{a}.rope.scaling.original_context_length")
+        cfg["rope_scaling"] = {
+            "type": "longrope",
+            "long_factor": f.tensor("rope_factors_long.weight").tolist(),
+            "short_factor": f.tensor("rope_factors_short.weight").tolist(),
+            "attention_factor": gguf_value(m, f"{a}.rope.scaling.attn_factor", None, kind=float),
+        }
+    if cfg["sliding_window"] is not None and cfg["sliding_window"] >= ctx:
+        cfg["sliding_window"] = None  # a window as long as the context is no window
+    return cfg
 
 
 def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
