@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import MAX_POSITIONS, BaseArgs, gguf_value, require_float, require_int
-from .cache import KVCache, positions_of
+from .cache import KVCache, Step
 from .layers import ACTIVATIONS, RMSNorm, attention
 from .rope import Rope, apply_rope, build_rope
 
@@ -100,8 +100,9 @@ class ModelArgs(BaseArgs):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer_type: str):
+    def __init__(self, args: ModelArgs, layer_type: str, layer: int):
         super().__init__()
+        self.layer = layer  # its index in the cache
         self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
         H = args.hidden_size
         self.q_proj = nn.Linear(H, self.n_heads * self.head_dim, bias=False)
@@ -115,17 +116,16 @@ class Attention(nn.Module):
         self.window = args.sliding_window if self.sliding else None
         self.scale = args.query_pre_attn_scalar**-0.5
 
-    def forward(self, x: torch.Tensor, rope: dict, cache: KVCache | None, layer: int, offset: int | None,
-                qpos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: dict, step: Step) -> torch.Tensor:
         B, S, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, S, self.n_heads, self.head_dim)).transpose(1, 2)  # [B, H, S, D]
         k = self.k_norm(self.k_proj(x).view(B, S, self.n_kv, self.head_dim)).transpose(1, 2)  # [B, Hkv, S, D]
         v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = rope["local" if self.sliding else "global"]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        out = attention(q, k, v, offset=offset, window=self.window, scale=self.scale, qpos=qpos)
+        if step.cache is not None:
+            k, v = step.cache.update(self.layer, k, v)
+        out = attention(q, k, v, step.span, window=self.window, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -142,20 +142,19 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer_type: str):
+    def __init__(self, args: ModelArgs, layer_type: str, layer: int):
         super().__init__()
         norm = dict(offset=args.norm_offset, fp32_weight=True)
         H, eps = args.hidden_size, args.rms_norm_eps
         self.input_layernorm = RMSNorm(H, eps, **norm)
-        self.self_attn = Attention(args, layer_type)
+        self.self_attn = Attention(args, layer_type, layer)
         self.post_attention_layernorm = RMSNorm(H, eps, **norm)
         self.pre_feedforward_layernorm = RMSNorm(H, eps, **norm)
         self.mlp = MLP(args)
         self.post_feedforward_layernorm = RMSNorm(H, eps, **norm)
 
-    def forward(self, h, rope, cache, layer, offset, qpos=None):
-        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), rope, cache, layer, offset,
-                                                             qpos))
+    def forward(self, h: torch.Tensor, rope: dict, step: Step) -> torch.Tensor:
+        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), rope, step))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
@@ -163,7 +162,7 @@ class Gemma3Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, t) for t in args.layer_types)
+        self.layers = nn.ModuleList(DecoderLayer(args, t, i) for i, t in enumerate(args.layer_types))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, offset=args.norm_offset, fp32_weight=True)
 
 
@@ -182,15 +181,15 @@ class Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False
                 ) -> torch.Tensor:
-        offset = cache.offset if cache is not None else 0  # None: rows at different lengths
         S = input_ids.shape[1]
         h = self.model.embed_tokens(input_ids)
         h = h * torch.tensor(self.args.hidden_size**0.5, dtype=h.dtype)  # rounded to the dtype, as HF does
-        positions, qpos = positions_of(cache, S, input_ids.device)
+        step = Step.of(cache, S, input_ids.device)
+        positions = step.span.positions
         rope = {"global": self.args.rope_global.cos_sin(positions, "default", h.dtype),
                 "local": self.args.rope_local.cos_sin(positions, "default", h.dtype)}
-        for i, layer in enumerate(self.model.layers):
-            h = layer(h, rope, cache, i, offset, qpos)
+        for layer in self.model.layers:
+            h = layer(h, rope, step)
         if cache is not None:
             cache.advance(S)
             cache.tag = "default"

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import MAX_POSITIONS, BaseArgs, gguf_value, require_float, require_int
-from .cache import KVCache, positions_of
+from .cache import KVCache, Ragged, Step
 from .layers import ACTIVATIONS, RMSNorm, attention
 from .rope import Rope, apply_rope, build_rope
 
@@ -87,8 +87,9 @@ class ModelArgs(BaseArgs):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
+        self.layer = layer  # its index in the cache
         self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.splits = (q_size, kv_size, kv_size)
@@ -97,17 +98,17 @@ class Attention(nn.Module):
         self.window = args.sliding_window
         self.scale = self.head_dim**-0.5
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
-                layer: int, offset: int | None, qpos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: Step) -> torch.Tensor:
         B, S, _ = x.shape
+        cos, sin = rope
         q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
         q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, D]
         k = k.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
         v = v.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        out = attention(q, k, v, offset=offset, window=self.window, scale=self.scale, qpos=qpos)
+        if step.cache is not None:
+            k, v = step.cache.update(self.layer, k, v)
+        out = attention(q, k, v, step.span, window=self.window, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -124,15 +125,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Attention(args)
+        self.self_attn = Attention(args, layer)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, h, cos, sin, cache, layer, offset, qpos=None):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, layer, offset, qpos)
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: Step) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), rope, step)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -140,7 +141,7 @@ class Phi3Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
@@ -159,17 +160,17 @@ class Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False
                 ) -> torch.Tensor:
-        offset = cache.offset if cache is not None else 0  # None: rows at different lengths
         S = input_ids.shape[1]
         h = self.model.embed_tokens(input_ids)
-        positions, qpos = positions_of(cache, S, input_ids.device)
+        step = Step.of(cache, S, input_ids.device)
+        positions = step.span.positions
         regime = self.rope.regime(int(positions.max()) + 1)
-        if offset is None:  # rows at their own lengths: a frequency set per row
-            cos, sin = self.rope.cos_sin_rows(positions, h.dtype)
+        if isinstance(step.span, Ragged):  # rows at their own lengths: a frequency set per row
+            rope = self.rope.cos_sin_rows(positions, h.dtype)
         else:
-            cos, sin = self.rope.cos_sin(positions, regime, h.dtype)
-        for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, cache, i, offset, qpos)
+            rope = self.rope.cos_sin(positions, regime, h.dtype)
+        for layer in self.model.layers:
+            h = layer(h, rope, step)
         if cache is not None:
             cache.advance(S)
             cache.tag = regime
