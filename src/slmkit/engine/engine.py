@@ -5,6 +5,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..checks import check_int
 from ..errors import ContextLengthError, InvalidRequestError
 from ..models.cache import KVCache, SlotCache
 from ..loading.hf import LoadedModel
@@ -30,11 +31,8 @@ def validate_token_ids(ids: object, vocab_size: int, param: str) -> list[int]:
         raise InvalidRequestError(f"must be a list of token ids, got {type(ids).__name__}", param=param)
     if not ids:
         raise InvalidRequestError("must not be empty", param=param)
-    for i in ids:
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
-            raise InvalidRequestError(f"token ids must be integers in the vocabulary [0, {vocab_size}), got {i!r}",
-                                      param=param)
-    return list(ids)
+    what = f"token ids: integers in the vocabulary [0, {vocab_size})"
+    return [check_int(i, param, lo=0, hi=vocab_size - 1, what=what) for i in ids]
 
 
 class Engine:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..checks import check_int
 from ..errors import ContextLengthError, InvalidRequestError
 from ..models.cache import KVCache
 from .engine import validate_token_ids
@@ -269,9 +270,8 @@ class Generator:
         return list(self._next)
 
     def get_sequence(self, index: int = 0) -> list[int]:
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.sequences):
-            raise InvalidRequestError(f"must be a row index in [0, {len(self.sequences)}), got {index!r}",
-                                      param="index")
+        check_int(index, "index", lo=0, hi=len(self.sequences) - 1,
+                  what=f"a row index in [0, {len(self.sequences)})")
         return list(self.sequences[index])
 
     def get_logits(self) -> torch.Tensor:
@@ -303,8 +303,7 @@ class Generator:
 
     def rewind_to(self, length: int) -> None:
         """Keep the first `length` tokens of every row; the cache keeps what it can reuse."""
-        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= len(self.sequences[0]):
-            raise InvalidRequestError(f"must be in [0, {len(self.sequences[0])}], got {length!r}", param="length")
+        check_int(length, "length", lo=0, hi=len(self.sequences[0]))
         if self.constraint is not None:  # the grammar state steps back over the dropped generated tokens
             kept = [(i, t) for i, t in self._consumed if i < length]
             # llguidance keeps no undo entry for the end-of-sequence token that stopped it
