@@ -3,7 +3,7 @@
 Covers Phi-3-mini-4k/128k, Phi-3.5-mini, Phi-3-medium (GQA) and the language model of the
 vision models. HF weight names and fused layouts are kept (`qkv_proj` = [q|k|v] contiguous,
 `gate_up_proj` = [gate|up]) so loading is a plain `load_state_dict`.
-Facts: ../shared/specs/phi-family.md section 1.
+Reference: transformers/models/phi3/modeling_phi3.py and the models' config.json on the Hugging Face Hub.
 """
 from __future__ import annotations
 
