@@ -42,6 +42,7 @@ def best_ms(fn, layers, reps):
 
 def main() -> None:
     from slmkit.models import layers as L_
+    from slmkit.models.cache import Ragged
     from slmkit.kernels import qgemm as kernel
 
     torch.set_num_threads(torch.get_num_threads())
@@ -66,7 +67,7 @@ def main() -> None:
             def sdpa(q, k, v):
                 kernel.decode_attention_enabled = False
                 try:
-                    return L_.attention(q, k, v, offset=None, window=None, scale=scale, qpos=qpos)
+                    return L_.attention(q, k, v, Ragged(qpos), window=None, scale=scale)
                 finally:
                     kernel.decode_attention_enabled = True
 

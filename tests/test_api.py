@@ -145,3 +145,26 @@ def test_bad_dtype_or_device(folder, kw, param):
     with pytest.raises(InvalidRequestError) as e:
         slmkit.load(folder, **kw)
     assert e.value.param == param
+
+
+def test_check_images_is_the_one_text_only_refusal(llm):
+    from slmkit.api import check_images
+
+    check_images("m", True)
+    check_images("m", None)  # not known yet (a model not loaded): not refused here
+    with pytest.raises(UnsupportedInputError, match=r"'m' \(phi3\) is text-only") as e:
+        check_images("m", False, model_type="phi3")
+    assert e.value.param == "messages"
+    parts = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]
+    with pytest.raises(UnsupportedInputError, match="text-only") as e:
+        llm.render(parts)
+    assert e.value.param == "messages"
+
+
+def test_one_version_string(llm):
+    from importlib.metadata import version
+
+    from slmkit.server.app import create_app
+
+    assert slmkit.__version__ == version("slmkit")
+    assert create_app({"m": llm}).version == slmkit.__version__

@@ -86,6 +86,16 @@ class GenerationChunk:
 _DIGITS = re.compile(r"\s*[0-9]+\s*")  # a token id as a string: ASCII digits ("²".isdigit() is true)
 
 
+def check_images(name: str, takes_images: bool | None, *, model_type: str | None = None,
+                 param: str = "messages") -> None:
+    """The one refusal of image parts for a text-only model (takes_images False; None: not known
+    yet, so not refused). Called where images were found: LLM.render, and the server before it
+    fetches any image for a model it has not loaded."""
+    if takes_images is False:
+        kind = f" ({model_type})" if model_type else ""
+        raise UnsupportedInputError(f"model {name!r}{kind} is text-only and cannot take image parts", param=param)
+
+
 def _validated_first(chunks: Iterator[GenerationChunk]) -> Iterator[GenerationChunk]:
     """Run a stream up to its first chunk now, so bad requests raise at the call, not at the first next()."""
     first = next(chunks)
@@ -162,9 +172,8 @@ class LLM:
         prompt = render_prompt(messages, tok.chat_template, bos_token=tok.bos_token, eos_token=tok.eos_token,
                                add_generation_prompt=add_generation_prompt, model_type=self.backend.model_type,
                                name_hint=self.name)
-        if prompt.images and not self.backend.capabilities.images:
-            raise UnsupportedInputError(f"model {self.name!r} ({self.backend.model_type}) is text-only and "
-                                        "cannot take image parts", param="messages")
+        if prompt.images:
+            check_images(self.name, self.backend.capabilities.images, model_type=self.backend.model_type)
         return prompt
 
     def _logit_bias(self, bias: Mapping[Any, float]) -> dict[int, float]:

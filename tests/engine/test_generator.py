@@ -53,6 +53,35 @@ def test_set_logits_steers_next_token(llm):
         gen.set_logits(torch.zeros(3))
 
 
+def test_an_external_logits_generator_takes_its_logits_through_set_logits(llm):
+    """The batch engine's way in: a generator that never runs the model gets each step's logits
+    from set_logits (it once wrote the private _logits, as set_logits refused before the first)."""
+    gen = Generator(llm, GeneratorParams(max_new_tokens=2, ignore_eos=True), external_logits=True)
+    gen.append_tokens(PROMPT)
+    with pytest.raises(InvalidRequestError, match="shape"):
+        gen.set_logits(torch.zeros(3))
+    with pytest.raises(InvalidRequestError, match="NaN"):
+        gen.set_logits(torch.full((llm.engine.vocab_size,), float("nan")))
+    for want in (7, 99):
+        forced = torch.full((llm.engine.vocab_size,), -1e9)
+        forced[want] = 0
+        gen.set_logits(forced)
+        gen.generate_next_token()
+        assert gen.get_next_tokens() == [want]
+    assert gen.get_sequence(0) == PROMPT + [7, 99] and gen.is_done()
+
+
+def test_rope_crossover_is_one_rule(phi3_folders):
+    """Engine.rope_switches (the batch engine's test) and the regime tag (the Generator's) agree:
+    long past original_max, and only for LongRoPE."""
+    long = slmkit.load(phi3_folders("longrope"), dtype="float32").engine  # original_max 32
+    assert long.rope_crossover == 32
+    assert [long.rope_switches(n) for n in (1, 32, 33)] == [False, False, True]
+    assert [long.rope_regime(n) for n in (32, 33)] == ["short", "long"]
+    plain = slmkit.load(phi3_folders("gqa"), dtype="float32").engine
+    assert plain.rope_crossover is None and not plain.rope_switches(10**6)
+
+
 def test_rewind_then_regenerate_is_identical(llm):
     gen = Generator(llm, GeneratorParams(max_new_tokens=8, ignore_eos=True))
     gen.append_tokens(PROMPT)

@@ -201,3 +201,19 @@ def test_missing_gguf_path_is_named_as_a_gguf_error(tmp_path):
     with pytest.raises(ModelFileError, match="nope.gguf") as e:
         slmkit.load(tmp_path / "nope.gguf")
     assert "folder" not in str(e.value)
+
+
+def test_each_gguf_architecture_is_described_by_its_model_file():
+    """Adding an architecture = its model file (config, weights, GGUF names and keys) + a registry
+    line: the loader holds no per-architecture table."""
+    from pathlib import Path
+
+    import slmkit.loading.gguf as loader
+    from slmkit.models import GGUF_ARCHITECTURES, get_model_module
+
+    for arch, name in GGUF_ARCHITECTURES.items():
+        module = get_model_module(name)
+        assert callable(module.gguf_config) and module.GGUF_LAYER_NAMES
+        assert all(v.split(".")[0] in ("self_attn", "mlp") or v.endswith("layernorm")
+                   for v in module.GGUF_LAYER_NAMES.values())
+        assert f'"{arch}"' not in Path(loader.__file__).read_text()

@@ -133,3 +133,23 @@ def test_bfloat16_runs_close_to_float32(phi3_folders):
     step = gen.get_logits()[0]
     full = bf16.logits(gen.get_sequence(0))[-1]
     assert (step - full).abs().max().item() < 0.05 * full.abs().max().item()
+
+
+def test_a_pass_says_where_its_tokens_sit_by_type_not_by_a_none_offset():
+    """KVCache rows share one length (Aligned); SlotCache rows each have their own (Ragged)."""
+    import torch
+
+    from slmkit.models.cache import Aligned, KVCache, Ragged, SlotCache, Step
+
+    kv = KVCache(1, 2, 1, 4, 8, max_capacity=8, dtype=torch.float32)
+    kv.offset = 3
+    span = Step.of(kv, 2, torch.device("cpu")).span
+    assert isinstance(span, Aligned) and span.offset == 3 and span.positions.tolist() == [[3, 4]]
+    slots = SlotCache(1, 3, 1, 4, 8, dtype=torch.float32)
+    slots.add_row(), slots.add_row()
+    slots.lens[:2] = torch.tensor([5, 1])
+    span = Step.of(slots, 1, torch.device("cpu")).span
+    assert isinstance(span, Ragged) and span.positions.tolist() == [[5], [1]]
+    assert not hasattr(slots, "offset")
+    span = Step.of(None, 3, torch.device("cpu")).span
+    assert isinstance(span, Aligned) and span.offset == 0 and span.positions.tolist() == [[0, 1, 2]]

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from slmkit.models.cache import Aligned, Ragged
 from slmkit.models.layers import attention
 from slmkit.kernels import qgemm as kernel
 from slmkit.kernels.qgemm import decode_attention, get_kernel
@@ -79,11 +80,11 @@ def test_attention_routes_decode_to_the_kernel_and_matches_sdpa(monkeypatch):
     k, v = kc[:4, :, :12], vc[:4, :, :12]
     qpos = torch.tensor([[3], [11], [0], [7]])
     for window in (None, 4):
-        on = attention(q, k, v, offset=None, window=window, scale=0.2, qpos=qpos)
-        single = attention(q[:1], k[:1, :, :4], v[:1, :, :4], offset=3, window=window, scale=0.2)
+        on = attention(q, k, v, Ragged(qpos), window=window, scale=0.2)
+        single = attention(q[:1], k[:1, :, :4], v[:1, :, :4], Aligned(3, torch.tensor([[3]])), window=window, scale=0.2)
         monkeypatch.setattr(kernel, "decode_attention_enabled", False)
-        off = attention(q, k, v, offset=None, window=window, scale=0.2, qpos=qpos)
-        single_off = attention(q[:1], k[:1, :, :4], v[:1, :, :4], offset=3, window=window, scale=0.2)
+        off = attention(q, k, v, Ragged(qpos), window=window, scale=0.2)
+        single_off = attention(q[:1], k[:1, :, :4], v[:1, :, :4], Aligned(3, torch.tensor([[3]])), window=window, scale=0.2)
         monkeypatch.setattr(kernel, "decode_attention_enabled", True)
         torch.testing.assert_close(on, off, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(single, single_off, atol=1e-6, rtol=1e-5)

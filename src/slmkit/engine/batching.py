@@ -50,8 +50,6 @@ class BatchEngine:
     def __init__(self, engine, *, slots: int = 8, slot_context: int | None = None, prefill_chunk: int = 128,
                  start: bool = True):
         self.engine = engine
-        rope = engine.model.rope
-        self.original_max = rope.original_max if getattr(rope, "inv_freq_long", None) is not None else None
         a = engine.args
         self.slot_context = min(slot_context or engine.context_length, engine.context_length)
         self._check_memory(slots)
@@ -204,15 +202,10 @@ class BatchEngine:
                     break
             if not self.rows:
                 continue
-            if self.original_max is not None:
+            if self.engine.rope_crossover is not None:
                 self._cross_long_rope()
             ids = torch.tensor([[r.gen.get_next_tokens()[0]] for r in self.rows], device=self.engine.device)
-            if len(self.rows) == 1:  # alone: the plain one-row path (no per-row masks or indexed writes)
-                view = self.cache.row_cache(0)
-                logits = self.engine.model(ids, view).float()[:, -1]
-                self.cache.lens[0] = view.offset
-            else:
-                logits = self.engine.model(ids, self.cache).float()[:, -1]  # the model advances the cache
+            logits = self.engine.forward_slots(ids, self.cache)
             self.steps += 1
             for i in reversed(range(len(self.rows))):
                 self._step(i, logits[i:i + 1])
@@ -226,7 +219,7 @@ class BatchEngine:
                 req.cache = self.engine.new_cache(1, len(req.prompt))
                 self._reuse_prefix(req)
             done = req.cache.offset
-            whole = self.original_max is not None and len(req.prompt) > self.original_max
+            whole = self.engine.rope_switches(len(req.prompt))
             chunk = req.prompt[done:] if whole else req.prompt[done: done + budget]  # one frequency set
             logits = self.engine.forward(torch.tensor([chunk], device=self.engine.device), req.cache)[:, -1]
             if req.cache.offset < len(req.prompt):
@@ -249,7 +242,7 @@ class BatchEngine:
     def _reuse_prefix(self, req: _Request) -> None:
         """Start from the keys/values a finished request left in a free slot, when its tokens
         begin this prompt (a follow-up turn of a chat, a shared system prompt, a retry)."""
-        if self.original_max is not None and len(req.prompt) > self.original_max:
+        if self.engine.rope_switches(len(req.prompt)):
             return  # prefilled in one piece with the long frequency set
         row, n = self.cache.prefix(req.prompt)
         n = min(n, len(req.prompt) - 1)  # the last prompt token is fed again for its logits
@@ -261,7 +254,8 @@ class BatchEngine:
         """Rows whose pending token takes them past original_max: re-prefill the whole sequence
         (with the long frequency set, as the Generator does) into the slot, then step them."""
         for i in reversed(range(len(self.rows))):
-            if int(self.cache.lens[i]) != self.original_max:
+            n = int(self.cache.lens[i])  # cached; with the pending token, n + 1
+            if self.engine.rope_switches(n) or not self.engine.rope_switches(n + 1):
                 continue
             seq = self.rows[i].gen.sequences[0]  # the cached tokens and the pending one
             tmp = self.engine.new_cache(1, len(seq))
@@ -272,7 +266,7 @@ class BatchEngine:
     def _step(self, i: int, logits: torch.Tensor) -> None:
         req = self.rows[i]
         gen = req.gen
-        gen._logits = logits
+        gen.set_logits(logits, validate=False)  # the model's own, as a Generator's forward gives them
         try:  # this row's processors, grammar and draw: whatever fails there ends this request only
             gen.generate_next_token()
         except Exception as e:  # noqa: BLE001
@@ -308,7 +302,7 @@ class BatchEngine:
         kept = None
         if keep:  # the tokens whose keys/values the row holds, when valid for reuse
             n = int(self.cache.lens[i])
-            if self.original_max is None or n <= self.original_max:
+            if not self.engine.rope_switches(n):
                 kept = self.rows[i].gen.sequences[0][:n]
         self.cache.remove_row(i, kept)
         last = self.rows.pop()

@@ -5,8 +5,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ..checks import check_int
 from ..errors import ContextLengthError, InvalidRequestError
-from ..models.cache import KVCache
+from ..models.cache import KVCache, SlotCache
 from ..loading.hf import LoadedModel
 from ..loading.packing import pack_linears
 
@@ -30,11 +31,8 @@ def validate_token_ids(ids: object, vocab_size: int, param: str) -> list[int]:
         raise InvalidRequestError(f"must be a list of token ids, got {type(ids).__name__}", param=param)
     if not ids:
         raise InvalidRequestError("must not be empty", param=param)
-    for i in ids:
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
-            raise InvalidRequestError(f"token ids must be integers in the vocabulary [0, {vocab_size}), got {i!r}",
-                                      param=param)
-    return list(ids)
+    what = f"token ids: integers in the vocabulary [0, {vocab_size})"
+    return [check_int(i, param, lo=0, hi=vocab_size - 1, what=what) for i in ids]
 
 
 class Engine:
@@ -52,6 +50,8 @@ class Engine:
         self.context_length: int = loaded.args.max_position_embeddings
         self.vocab_size: int = loaded.args.vocab_size
         self.eos_token_ids: frozenset[int] = frozenset(self._stop_ids())
+        # LongRoPE: past this length a pass uses the long frequency set (None: no such switch)
+        self.rope_crossover: int | None = self.model.rope.crossover
 
     def _stop_ids(self) -> set[int]:
         """generation_config eos ids + config eos + tokenizer eos + <|end|> (Phi's end of turn)."""
@@ -79,6 +79,12 @@ class Engine:
         """The RoPE frequency set a pass over total_len tokens uses (cache entries must agree)."""
         return self.model.rope.regime(total_len)
 
+    def rope_switches(self, total_len: int) -> bool:
+        """True when a pass over total_len tokens uses other RoPE frequencies than passes over
+        fewer did (LongRoPE past original_max): keys cached by those cannot serve it, so the whole
+        sequence is run again in one pass (transformers' behaviour, and ours in Generator)."""
+        return self.rope_crossover is not None and total_len > self.rope_crossover
+
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: KVCache, *, last_only: bool = True) -> torch.Tensor:
         """Run ids [B, S] after what the cache holds; returns float32 logits [B, S or 1, vocab]."""
@@ -87,6 +93,19 @@ class Engine:
             raise ContextLengthError(total, self.context_length)
         cache.reserve(total)
         return self.model(ids, cache, last_only=last_only).float()
+
+    @torch.inference_mode()
+    def forward_slots(self, ids: torch.Tensor, cache: SlotCache) -> torch.Tensor:
+        """One decode step for every row in use of a slot cache (continuous batching), each at its
+        own length: ids [n, 1] -> float32 logits [n, vocab]; every row's length advances by one.
+        The caller keeps each row within the slot capacity."""
+        if cache.n == 1:  # alone: the plain one-row path (no per-row masks or indexed writes)
+            view = cache.row_cache(0)
+            logits = self.model(ids, view)
+            cache.lens[0] = view.offset
+        else:
+            logits = self.model(ids, cache)  # the model advances the cache
+        return logits.float()[:, -1]
 
     @torch.inference_mode()
     def logits(self, ids: Sequence[int]) -> torch.Tensor:

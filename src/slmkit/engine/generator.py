@@ -223,31 +223,40 @@ class Generator:
         return list(self._next)
 
     def get_sequence(self, index: int = 0) -> list[int]:
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.sequences):
-            raise InvalidRequestError(f"must be a row index in [0, {len(self.sequences)}), got {index!r}",
-                                      param="index")
+        check_int(index, "index", lo=0, hi=len(self.sequences) - 1,
+                  what=f"a row index in [0, {len(self.sequences)})")
         return list(self.sequences[index])
 
     def get_logits(self) -> torch.Tensor:
         """Logits [B, vocab] (float32) the next generate_next_token() samples from."""
         return self._compute_logits().clone()
 
-    def set_logits(self, logits: torch.Tensor) -> None:
-        """Replace the logits the next generate_next_token() samples from."""
-        ref = self._compute_logits()
-        x = torch.as_tensor(logits, dtype=torch.float32, device=ref.device)
+    def set_logits(self, logits: torch.Tensor, *, validate: bool = True) -> None:
+        """Replace the logits the next generate_next_token() samples from ([B, vocab], or [vocab]
+        for one row). For an external_logits generator this is how each step's logits arrive.
+        validate=False takes float32 [B, vocab] logits as they are, without scanning them for
+        NaN / inf: for a caller's own forward pass of the model (the batch engine's), checked no
+        more than the Generator checks its own."""
+        if not validate:
+            self._logits = logits
+            return
+        if self.external and self._logits is None:
+            shape, device = (self.params.batch_size, self.engine.vocab_size), torch.device(self.engine.device)
+        else:
+            ref = self._compute_logits()
+            shape, device = tuple(ref.shape), ref.device
+        x = torch.as_tensor(logits, dtype=torch.float32, device=device)
         if x.dim() == 1:
             x = x.unsqueeze(0)
-        if tuple(x.shape) != tuple(ref.shape):
-            raise InvalidRequestError(f"expected shape {tuple(ref.shape)}, got {tuple(x.shape)}", param="logits")
+        if tuple(x.shape) != shape:
+            raise InvalidRequestError(f"expected shape {shape}, got {tuple(x.shape)}", param="logits")
         if torch.isnan(x).any() or not torch.isfinite(x).any(dim=-1).all() or (x == float("inf")).any():
             raise InvalidRequestError("each row needs a finite value and no NaN or +inf", param="logits")
         self._logits = x
 
     def rewind_to(self, length: int) -> None:
         """Keep the first `length` tokens of every row; the cache keeps what it can reuse."""
-        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= len(self.sequences[0]):
-            raise InvalidRequestError(f"must be in [0, {len(self.sequences[0])}], got {length!r}", param="length")
+        check_int(length, "length", lo=0, hi=len(self.sequences[0]))
         if self.constraint is not None:  # the grammar state steps back over the dropped generated tokens
             kept = [(i, t) for i, t in self._consumed if i < length]
             # llguidance keeps no undo entry for the end-of-sequence token that stopped it

@@ -19,6 +19,10 @@ __all__ = [
     "GGML_QUANT_SIZES",
     "dequantize",
     "tensor_nbytes",
+    "nibbles",
+    "bits",
+    "k_scale_min",
+    "q4_0_codes", "q4_1_codes", "q5_0_codes", "q5_1_codes", "q4_k_codes", "q5_k_codes", "q6_k_codes",
 ]
 
 QK_K = 256
@@ -56,7 +60,7 @@ def _f32(b: torch.Tensor, at: int) -> torch.Tensor:
     return b[:, at:at + 4].contiguous().view(_F32)
 
 
-def _nibbles(x: torch.Tensor, run: int | None = None) -> torch.Tensor:
+def nibbles(x: torch.Tensor, run: int | None = None) -> torch.Tensor:
     """[n, L] bytes -> [n, 2L]: per run of `run` bytes (default all L), all low nibbles, then all
     high nibbles (ggml's order). Works on int32 views, 4 bytes per element op (L, run % 4 == 0)."""
     n, length = x.shape
@@ -66,13 +70,13 @@ def _nibbles(x: torch.Tensor, run: int | None = None) -> torch.Tensor:
     return torch.cat((xi & 0x0F0F0F0F, (xi >> 4) & 0x0F0F0F0F), dim=1).view(_U8).view(n, 2 * length)
 
 
-def _bits(x: torch.Tensor) -> torch.Tensor:
+def bits(x: torch.Tensor) -> torch.Tensor:
     """[n, k] bytes -> [n, 8k] of 0/1, element i = bit i % 8 of byte i // 8 (little endian)."""
     n, k = x.shape
     return ((x.unsqueeze(-1) >> _SH_BITS.view(1, 1, 8)) & 1).reshape(n, 8 * k)
 
 
-def _k_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def k_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Unpack the 12-byte 6-bit scale/min block of Q4_K / Q5_K into two [n, 8] f32 tensors."""
     n = s.shape[0]
     s = s.reshape(n, 3, 4)
@@ -82,30 +86,67 @@ def _k_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc.to(_F32), mn.to(_F32)
 
 
+# ------------------------------------------------------------------- block codes
+# The unsigned codes of one block type, [n, block_size] uint8, in ggml's element order: the one
+# decoding of each layout, shared by the dequantisers below and quant/gguf_repack.py.
+def q4_0_codes(b: torch.Tensor) -> torch.Tensor:
+    return nibbles(b[:, 2:18])
+
+
+def q4_1_codes(b: torch.Tensor) -> torch.Tensor:
+    return nibbles(b[:, 4:20])
+
+
+def q5_0_codes(b: torch.Tensor) -> torch.Tensor:
+    return nibbles(b[:, 6:22]) | (bits(b[:, 2:6]) << 4)
+
+
+def q5_1_codes(b: torch.Tensor) -> torch.Tensor:
+    return nibbles(b[:, 8:24]) | (bits(b[:, 4:8]) << 4)
+
+
+def q4_k_codes(b: torch.Tensor) -> torch.Tensor:
+    return nibbles(b[:, 16:144], 32)
+
+
+def q5_k_codes(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    ql = nibbles(b[:, 48:176], 32)
+    qh = (b[:, 16:48].reshape(n, 1, 1, 32) >> _SH_BITS.view(1, 1, 8, 1)) & 1
+    return ql | (qh.reshape(n, QK_K) << 4)
+
+
+def q6_k_codes(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    ql = nibbles(b[:, 0:128], 64)
+    qh = (b[:, 128:192].reshape(n, 2, 1, 32) >> _SH_2BIT.view(1, 1, 4, 1)) & 3
+    return ql.reshape(n, QK_K) | (qh.reshape(n, QK_K) << 4)
+
+
 # ------------------------------------------------------------------- block dequantisers
 # Each takes blocks [n, type_size] uint8 and writes out [n, block_size] float32.
 def _q4_0(b: torch.Tensor, out: torch.Tensor) -> None:
     d = _f16(b, 0)
-    q = (_nibbles(b[:, 2:18]).view(torch.int8) - 8).to(_F32)
+    q = (q4_0_codes(b).view(torch.int8) - 8).to(_F32)
     torch.mul(d, q, out=out)
 
 
 def _q4_1(b: torch.Tensor, out: torch.Tensor) -> None:
     d, m = _f16(b, 0), _f16(b, 2)
-    q = _nibbles(b[:, 4:20]).to(_F32)
+    q = q4_1_codes(b).to(_F32)
     torch.mul(d, q, out=out)
     out.add_(m)
 
 
 def _q5_0(b: torch.Tensor, out: torch.Tensor) -> None:
     d = _f16(b, 0)
-    q = ((_nibbles(b[:, 6:22]) | (_bits(b[:, 2:6]) << 4)).view(torch.int8) - 16).to(_F32)
+    q = (q5_0_codes(b).view(torch.int8) - 16).to(_F32)
     torch.mul(d, q, out=out)
 
 
 def _q5_1(b: torch.Tensor, out: torch.Tensor) -> None:
     d, m = _f16(b, 0), _f16(b, 2)
-    q = (_nibbles(b[:, 8:24]) | (_bits(b[:, 4:8]) << 4)).to(_F32)
+    q = q5_1_codes(b).to(_F32)
     torch.mul(d, q, out=out)
     out.add_(m)
 
@@ -145,10 +186,10 @@ def _q3_k(b: torch.Tensor, out: torch.Tensor) -> None:
 def _q4_k(b: torch.Tensor, out: torch.Tensor) -> None:
     n = b.shape[0]
     d, dmin = _f16(b, 0), _f16(b, 2)
-    sc, mn = _k_scale_min(b[:, 4:16])
+    sc, mn = k_scale_min(b[:, 4:16])
     dl = (d * sc).view(n, 8, 1)
     ml = (dmin * mn).view(n, 8, 1)
-    q = _nibbles(b[:, 16:144], 32)
+    q = q4_k_codes(b)
     o = out.view(n, 8, 32)
     torch.mul(dl, q.view(n, 8, 32).to(_F32), out=o)
     o.sub_(ml)
@@ -157,13 +198,11 @@ def _q4_k(b: torch.Tensor, out: torch.Tensor) -> None:
 def _q5_k(b: torch.Tensor, out: torch.Tensor) -> None:
     n = b.shape[0]
     d, dmin = _f16(b, 0), _f16(b, 2)
-    sc, mn = _k_scale_min(b[:, 4:16])
+    sc, mn = k_scale_min(b[:, 4:16])
     dl = (d * sc).view(n, 8, 1)
     ml = (dmin * mn).view(n, 8, 1)
-    ql = _nibbles(b[:, 48:176], 32).view(n, 8, 32)
-    qh = ((b[:, 16:48].reshape(n, 1, 1, 32) >> _SH_BITS.view(1, 1, 8, 1)) & 1).reshape(n, 8, 32)
     o = out.view(n, 8, 32)
-    torch.mul(dl, (ql | (qh << 4)).to(_F32), out=o)
+    torch.mul(dl, q5_k_codes(b).view(n, 8, 32).to(_F32), out=o)
     o.sub_(ml)
 
 
@@ -171,9 +210,7 @@ def _q6_k(b: torch.Tensor, out: torch.Tensor) -> None:
     n = b.shape[0]
     d = _f16(b, 208)
     dl = (d * b[:, 192:208].view(torch.int8).to(_F32)).view(n, 16, 1)
-    ql = _nibbles(b[:, 0:128], 64).view(n, 8, 32)
-    qh = ((b[:, 128:192].reshape(n, 2, 1, 32) >> _SH_2BIT.view(1, 1, 4, 1)) & 3).reshape(n, 8, 32)
-    q = ((ql | (qh << 4)).view(torch.int8) - 32).to(_F32).view(n, 16, 16)
+    q = (q6_k_codes(b).view(torch.int8) - 32).to(_F32).view(n, 16, 16)
     torch.mul(dl, q, out=out.view(n, 16, 16))
 
 
@@ -184,7 +221,7 @@ def _q8_k(b: torch.Tensor, out: torch.Tensor) -> None:
 
 def _iq4_nl(b: torch.Tensor, out: torch.Tensor) -> None:
     d = _f16(b, 0)
-    q = _KVALUES_IQ4NL[_nibbles(b[:, 2:18]).long()]
+    q = _KVALUES_IQ4NL[nibbles(b[:, 2:18]).long()]
     torch.mul(d, q, out=out)
 
 
@@ -196,7 +233,7 @@ def _iq4_xs(b: torch.Tensor, out: torch.Tensor) -> None:
     lo = ((b[:, 4:8].reshape(n, 4, 1) >> _SH_0_4.view(1, 1, 2)) & 0x0F).reshape(n, 8)
     scales = (lo | (hi << 4)).to(_F32).sub_(32)
     dl = (d * scales).view(n, 8, 1)
-    idx = _nibbles(b[:, 8:136], 16).view(n, 8, 32)
+    idx = nibbles(b[:, 8:136], 16).view(n, 8, 32)
     torch.mul(dl, _KVALUES_IQ4NL[idx.long()], out=out.view(n, 8, 32))
 
 
@@ -205,7 +242,7 @@ def _mxfp4(b: torch.Tensor, out: torch.Tensor) -> None:
     # ggml_e8m0_to_fp32_half: 2**(e - 128) as an f32 bit pattern (denormal for e < 2).
     bits = torch.where(e < 2, torch.tensor(0x00200000, dtype=torch.int32) << e, (e - 1) << 23)
     d = bits.view(_F32)
-    torch.mul(d, _KVALUES_MXFP4[_nibbles(b[:, 1:17]).long()], out=out)
+    torch.mul(d, _KVALUES_MXFP4[nibbles(b[:, 1:17]).long()], out=out)
 
 
 # id -> (name, block_size, type_size, block function or None for plain float types)

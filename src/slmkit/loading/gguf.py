@@ -8,50 +8,43 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Callable
+from types import ModuleType
+from typing import Any
 
 import torch
 
 from ..errors import ConfigError, UnsupportedModelError, WeightError
 from ..gguf import GGUFFile, open_gguf
 from ..text.gguf_tokenizer import tokenizer_from_gguf_metadata
-from ..models import get_model_module
-from ..models.base import require_float, require_int
+from ..models import GGUF_ARCHITECTURES, get_model_module
 from .hf import LoadedModel, build_model, check_chat_template, check_config_sizes, parse_device, resolve_dtype
 from .memory import FileMappings, release_pages
 
-# llama.cpp tensor names (per layer after "blk.N.") -> HF names (after "model.layers.N.")
-_LAYER_NAMES = {
-    "phi3": {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
-             "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"},
-    "gemma3": {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
-               "attn_k_norm": "self_attn.k_norm", "post_attention_norm": "post_attention_layernorm",
-               "ffn_norm": "pre_feedforward_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-               "ffn_down": "mlp.down_proj", "post_ffw_norm": "post_feedforward_layernorm"},
-}
+# llama.cpp tensor names outside the layers (per layer "blk.N.<name>": each model's GGUF_LAYER_NAMES)
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
 _SKIP = {"rope_factors_long.weight", "rope_factors_short.weight", "rope_freqs.weight"}
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)\.(weight|bias)$")
 
 
+def gguf_module(f: GGUFFile) -> ModuleType:
+    """The model module for the file's architecture (models.GGUF_ARCHITECTURES)."""
+    arch = f.architecture
+    if arch not in GGUF_ARCHITECTURES:
+        raise UnsupportedModelError(f"{f.path}: GGUF architecture {arch!r} is not supported "
+                                    f"(supported: {', '.join(sorted(GGUF_ARCHITECTURES))})")
+    return get_model_module(GGUF_ARCHITECTURES[arch])
+
+
 def hf_name(arch: str, name: str) -> str | None:
+    """The HF name of a GGUF tensor of architecture `arch`, or None if it has none."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     m = _BLK.match(name)
-    if m and m.group(2) in _LAYER_NAMES[arch]:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[arch][m.group(2)]}.{m.group(3)}"
+    layer_names = get_model_module(GGUF_ARCHITECTURES[arch]).GGUF_LAYER_NAMES
+    if m and m.group(2) in layer_names:
+        return f"model.layers.{m.group(1)}.{layer_names[m.group(2)]}.{m.group(3)}"
     return None
-
-
-def _get(meta: dict[str, Any], key: str, default: Any = ..., kind: type = int) -> Any:
-    """A metadata value, checked: a positive integer (kind=int) or a number (kind=float)."""
-    if key not in meta or meta[key] is None:
-        if default is ...:
-            raise ConfigError(key, "is required in the GGUF metadata but missing")
-        return default
-    return require_int(key, meta[key]) if kind is int else require_float(key, meta[key])
 
 
 def _eos_ids(meta: dict[str, Any], vocab: int) -> list[int]:
@@ -66,11 +59,6 @@ def _eos_ids(meta: dict[str, Any], vocab: int) -> list[int]:
     return out
 
 
-def _check_heads(hidden: int, heads: int, key: str) -> None:
-    if heads > hidden or hidden % heads:
-        raise ConfigError(key, f"{heads} heads do not divide the embedding length {hidden}")
-
-
 # config field -> the metadata key it comes from (for errors naming what the file says)
 _KEYS = {"hidden_size": "embedding_length", "num_hidden_layers": "block_count",
          "num_attention_heads": "attention.head_count", "num_key_value_heads": "attention.head_count_kv",
@@ -83,72 +71,6 @@ def _check_sizes(f: GGUFFile, arch: str, cfg: dict[str, Any]) -> None:
     layers = {int(m.group(1)) for name in f.tensors if (m := _BLK.match(name))}
     shapes = {name: info.shape for name, info in f.tensors.items()}
     check_config_sizes(cfg, shapes, f.path, layers=layers, keys={k: f"{arch}.{v}" for k, v in _KEYS.items()})
-
-
-def _phi3_config(f: GGUFFile) -> dict[str, Any]:
-    m, a = f.metadata, "phi3"
-    hidden, heads = _get(m, f"{a}.embedding_length"), _get(m, f"{a}.attention.head_count")
-    _check_heads(hidden, heads, f"{a}.attention.head_count")
-    ctx = _get(m, f"{a}.context_length")
-    cfg: dict[str, Any] = dict(
-        model_type="phi3", hidden_size=hidden, num_hidden_layers=_get(m, f"{a}.block_count"),
-        num_attention_heads=heads, num_key_value_heads=_get(m, f"{a}.attention.head_count_kv", heads),
-        intermediate_size=_get(m, f"{a}.feed_forward_length"), max_position_embeddings=ctx,
-        rms_norm_eps=_get(m, f"{a}.attention.layer_norm_rms_epsilon", 1e-5, kind=float),
-        rope_theta=_get(m, f"{a}.rope.freq_base", 10000.0, kind=float),
-        sliding_window=_get(m, f"{a}.attention.sliding_window", None),
-        vocab_size=f.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in f.tensors else None,
-    )
-    head_dim = hidden // heads
-    rot = _get(m, f"{a}.rope.dimension_count", head_dim)
-    if rot > head_dim:
-        raise ConfigError(f"{a}.rope.dimension_count", f"{rot} is more than the head dimension {head_dim}")
-    cfg["partial_rotary_factor"] = rot / head_dim
-    if "rope_factors_long.weight" in f.tensors:  # LongRoPE: the factor lists travel as tensors
-        orig = _get(m, f"{a}.rope.scaling.original_context_length")
-        cfg["original_max_position_embeddings"] = orig
-        cfg["rope_scaling"] = {
-            "type": "longrope",
-            "long_factor": f.tensor("rope_factors_long.weight").tolist(),
-            "short_factor": f.tensor("rope_factors_short.weight").tolist(),
-            "attention_factor": _get(m, f"{a}.rope.scaling.attn_factor", None, kind=float),
-        }
-    if cfg["sliding_window"] is not None and cfg["sliding_window"] >= ctx:
-        cfg["sliding_window"] = None  # a window as long as the context is no window
-    return cfg
-
-
-def _gemma3_config(f: GGUFFile) -> dict[str, Any]:
-    m, a = f.metadata, "gemma3"
-    head_dim = _get(m, f"{a}.attention.key_length", 256)
-    hidden, heads, layers = (_get(m, f"{a}.embedding_length"), _get(m, f"{a}.attention.head_count"),
-                             _get(m, f"{a}.block_count"))
-    scaling = None
-    kind = m.get(f"{a}.rope.scaling.type")
-    if kind not in (None, "none"):  # llama.cpp writes linear x8 for Gemma 3 4B / 12B / 27B global layers
-        if kind != "linear":
-            raise ConfigError(f"{a}.rope.scaling.type", f"unsupported rope scaling {kind!r} (supported: linear)")
-        scaling = {"rope_type": "linear", "factor": _get(m, f"{a}.rope.scaling.factor", kind=float)}
-    # llama.cpp: attention scale 1/sqrt(head_dim), except 27B (62 layers): 1/sqrt(hidden / heads)
-    scalar = hidden // heads if layers == 62 else head_dim
-    return dict(
-        model_type="gemma3", hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=_get(m, f"{a}.attention.head_count_kv", 1), head_dim=head_dim,
-        intermediate_size=_get(m, f"{a}.feed_forward_length"),
-        max_position_embeddings=_get(m, f"{a}.context_length"),
-        rms_norm_eps=_get(m, f"{a}.attention.layer_norm_rms_epsilon", 1e-6, kind=float),
-        rope_theta=_get(m, f"{a}.rope.freq_base", 1_000_000.0, kind=float),
-        rope_local_base_freq=10_000.0, rope_scaling=scaling,  # llama.cpp's local base
-        sliding_window=_get(m, f"{a}.attention.sliding_window", 512), sliding_window_pattern=6,
-        query_pre_attn_scalar=scalar, tie_word_embeddings="output.weight" not in f.tensors,
-        norm_offset=0.0,  # the converter stored (1 + w)
-        final_logit_softcapping=_get(m, f"{a}.final_logit_softcapping", None, kind=float),
-        vocab_size=f.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in f.tensors else None,
-    )
-
-
-_CONFIGS: dict[str, Callable[[GGUFFile], dict[str, Any]]] = {"phi3": _phi3_config, "gemma3": _gemma3_config}
-_MODULES = {"phi3": "phi3", "gemma3": "gemma3_text"}
 
 
 _FLOAT_TYPES = {0, 1, 30}  # F32, F16, BF16
@@ -166,15 +88,13 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
 
     f = open_gguf(path)
     arch = f.architecture
-    if arch not in _CONFIGS:
-        raise UnsupportedModelError(f"{f.path}: GGUF architecture {arch!r} is not supported "
-                                    f"(supported: {', '.join(sorted(_CONFIGS))})")
-    cfg = _CONFIGS[arch](f)
-    if cfg.get("vocab_size") is None:
+    module = gguf_module(f)
+    cfg = module.gguf_config(f)
+    if "token_embd.weight" not in f.tensors:
         raise WeightError("token_embd.weight", "missing from the GGUF file", path=f.path)
+    cfg["vocab_size"] = f.tensors["token_embd.weight"].shape[0]
     _check_sizes(f, arch, cfg)
     cfg["eos_token_id"] = _eos_ids(f.metadata, cfg["vocab_size"]) or None
-    module = get_model_module(_MODULES[arch])
     args = module.ModelArgs.from_dict(cfg, path=f.path)
     dev = parse_device(device)
     dt = resolve_dtype(dtype, dev)

@@ -9,6 +9,8 @@ from ..errors import UnsupportedModelError
 # model_type values that share an implementation with another module
 MODEL_REMAPPING = {"phi3": "phi3", "gemma3_text": "gemma3"}
 SUPPORTED = ("phi3", "gemma3")
+# GGUF general.architecture -> the module whose GGUF_LAYER_NAMES / gguf_config read such a file
+GGUF_ARCHITECTURES = {"phi3": "phi3", "gemma3": "gemma3"}
 
 
 def get_model_module(model_type: object) -> ModuleType:

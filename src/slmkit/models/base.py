@@ -58,6 +58,16 @@ def require_float(name: str, value: Any, *, positive: bool = True) -> float:
     return f
 
 
+def gguf_value(meta: Mapping[str, Any], key: str, default: Any = ..., kind: type = int) -> Any:
+    """A GGUF metadata value, checked: a positive integer (kind=int) or a number (kind=float);
+    `default` when absent (required when no default is given)."""
+    if key not in meta or meta[key] is None:
+        if default is ...:
+            raise ConfigError(key, "is required in the GGUF metadata but missing")
+        return default
+    return require_int(key, meta[key]) if kind is int else require_float(key, meta[key])
+
+
 def short_repr(value: Any) -> str:
     """repr for a message, cut; an int too long to print (Python's 4300-digit limit) by its size."""
     if isinstance(value, int) and value.bit_length() > 256:

@@ -5,6 +5,8 @@ it grows (doubling, up to `max_capacity`) only when a caller asks for more than 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import ContextLengthError
@@ -66,6 +68,9 @@ class KVCache:
         """[1, n]: the positions of the next n tokens (the same for every row)."""
         return torch.arange(self.offset, self.offset + n, device=self.device)[None]
 
+    def span(self, n: int) -> "Aligned":
+        return Aligned(self.offset, self.positions(n))
+
     def trim(self, n: int) -> int:
         """Drop the last `n` tokens; returns how many were dropped."""
         n = max(0, min(n, self.offset))
@@ -84,14 +89,33 @@ class KVCache:
         self.tag = None
 
 
-def positions_of(cache: "KVCache | SlotCache | None", n: int, device: torch.device) -> tuple[torch.Tensor,
-                                                                                         torch.Tensor | None]:
-    """(positions [1 or B, n] of the next n tokens, per-row query positions for attention or None):
-    None when every row is at the same offset (KVCache, or no cache)."""
-    if cache is None:
-        return torch.arange(n, device=device)[None], None
-    pos = cache.positions(n)
-    return pos, (pos if cache.offset is None else None)
+@dataclass(frozen=True)
+class Aligned:
+    """Where a pass's S new tokens sit when every row is at the same length (a KVCache, or no
+    cache: offset 0): positions offset..offset+S-1."""
+    offset: int
+    positions: torch.Tensor  # [1, S]
+
+
+@dataclass(frozen=True)
+class Ragged:
+    """Where a pass's S new tokens sit when each row is at its own length (a SlotCache): per-row
+    positions, which are also the query positions the attention mask is built from."""
+    positions: torch.Tensor  # [B, S]
+
+
+@dataclass(frozen=True)
+class Step:
+    """What every layer of one forward pass takes besides the hidden states and the rotary tables:
+    the cache it writes its keys/values into (None: none) and where the new tokens sit."""
+    cache: "KVCache | SlotCache | None"
+    span: Aligned | Ragged
+
+    @staticmethod
+    def of(cache: "KVCache | SlotCache | None", n: int, device: torch.device) -> "Step":
+        """The step of a pass over n new tokens after what `cache` holds."""
+        span = Aligned(0, torch.arange(n, device=device)[None]) if cache is None else cache.span(n)
+        return Step(cache, span)
 
 
 class SlotCache:
@@ -107,7 +131,6 @@ class SlotCache:
         self.slots, self.capacity, self.device = slots, capacity, torch.device(device)
         self.lens = torch.zeros(slots, dtype=torch.long)
         self.n = 0  # rows in use
-        self.offset = None  # tells the models: rows at different lengths
         self.tag: object = "default"
         # rows n.. keep what finished requests left: the token ids whose keys/values they still
         # hold, for a later prompt that starts the same way (a prompt cache across requests)
@@ -121,6 +144,9 @@ class SlotCache:
 
     def positions(self, n: int) -> torch.Tensor:
         return (self.lens[: self.n, None] + torch.arange(n)).to(self.device)
+
+    def span(self, n: int) -> Ragged:
+        return Ragged(self.positions(n))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         S = k.shape[2]

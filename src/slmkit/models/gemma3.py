@@ -8,16 +8,19 @@ sliding-window (local, rope base 10k) and global (rope base 1M) layers, tied emb
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import MAX_POSITIONS, BaseArgs, require_float, require_int
-from .cache import KVCache, positions_of
+from .base import MAX_POSITIONS, BaseArgs, gguf_value, require_float, require_int
+from .cache import KVCache, Step
 from .layers import ACTIVATIONS, RMSNorm, attention
 from .rope import Rope, apply_rope, build_rope
+
+if TYPE_CHECKING:
+    from ..gguf import GGUFFile
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 NORMS_IN_FLOAT32 = True  # Gemma norms multiply in float32: keep (1 + w) exact, as llama.cpp does
@@ -97,8 +100,9 @@ class ModelArgs(BaseArgs):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer_type: str):
+    def __init__(self, args: ModelArgs, layer_type: str, layer: int):
         super().__init__()
+        self.layer = layer  # its index in the cache
         self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
         H = args.hidden_size
         self.q_proj = nn.Linear(H, self.n_heads * self.head_dim, bias=False)
@@ -112,17 +116,16 @@ class Attention(nn.Module):
         self.window = args.sliding_window if self.sliding else None
         self.scale = args.query_pre_attn_scalar**-0.5
 
-    def forward(self, x: torch.Tensor, rope: dict, cache: KVCache | None, layer: int, offset: int | None,
-                qpos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: dict, step: Step) -> torch.Tensor:
         B, S, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, S, self.n_heads, self.head_dim)).transpose(1, 2)  # [B, H, S, D]
         k = self.k_norm(self.k_proj(x).view(B, S, self.n_kv, self.head_dim)).transpose(1, 2)  # [B, Hkv, S, D]
         v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = rope["local" if self.sliding else "global"]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        out = attention(q, k, v, offset=offset, window=self.window, scale=self.scale, qpos=qpos)
+        if step.cache is not None:
+            k, v = step.cache.update(self.layer, k, v)
+        out = attention(q, k, v, step.span, window=self.window, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -139,20 +142,19 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer_type: str):
+    def __init__(self, args: ModelArgs, layer_type: str, layer: int):
         super().__init__()
         norm = dict(offset=args.norm_offset, fp32_weight=True)
         H, eps = args.hidden_size, args.rms_norm_eps
         self.input_layernorm = RMSNorm(H, eps, **norm)
-        self.self_attn = Attention(args, layer_type)
+        self.self_attn = Attention(args, layer_type, layer)
         self.post_attention_layernorm = RMSNorm(H, eps, **norm)
         self.pre_feedforward_layernorm = RMSNorm(H, eps, **norm)
         self.mlp = MLP(args)
         self.post_feedforward_layernorm = RMSNorm(H, eps, **norm)
 
-    def forward(self, h, rope, cache, layer, offset, qpos=None):
-        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), rope, cache, layer, offset,
-                                                             qpos))
+    def forward(self, h: torch.Tensor, rope: dict, step: Step) -> torch.Tensor:
+        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), rope, step))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
@@ -160,7 +162,7 @@ class Gemma3Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, t) for t in args.layer_types)
+        self.layers = nn.ModuleList(DecoderLayer(args, t, i) for i, t in enumerate(args.layer_types))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, offset=args.norm_offset, fp32_weight=True)
 
 
@@ -179,15 +181,15 @@ class Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False
                 ) -> torch.Tensor:
-        offset = cache.offset if cache is not None else 0  # None: rows at different lengths
         S = input_ids.shape[1]
         h = self.model.embed_tokens(input_ids)
         h = h * torch.tensor(self.args.hidden_size**0.5, dtype=h.dtype)  # rounded to the dtype, as HF does
-        positions, qpos = positions_of(cache, S, input_ids.device)
+        step = Step.of(cache, S, input_ids.device)
+        positions = step.span.positions
         rope = {"global": self.args.rope_global.cos_sin(positions, "default", h.dtype),
                 "local": self.args.rope_local.cos_sin(positions, "default", h.dtype)}
-        for i, layer in enumerate(self.model.layers):
-            h = layer(h, rope, cache, i, offset, qpos)
+        for layer in self.model.layers:
+            h = layer(h, rope, step)
         if cache is not None:
             cache.advance(S)
             cache.tag = "default"
@@ -196,6 +198,45 @@ class Model(nn.Module):
         logits = self.lm_head(self.model.norm(h))
         cap = self.args.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+# ---------------------------------------------------------------- GGUF (llama.cpp's names and keys)
+# per-layer tensor names after "blk.N." -> HF names after "model.layers.N."
+GGUF_LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+                    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+                    "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+                    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+                    "post_ffw_norm": "post_feedforward_layernorm"}
+
+
+def gguf_config(f: GGUFFile) -> dict[str, Any]:
+    """The HF-style config of a GGUF gemma3 file (vocab_size comes from the embedding tensor)."""
+    m, a = f.metadata, "gemma3"
+    head_dim = gguf_value(m, f"{a}.attention.key_length", 256)
+    hidden, heads, layers = (gguf_value(m, f"{a}.embedding_length"), gguf_value(m, f"{a}.attention.head_count"),
+                             gguf_value(m, f"{a}.block_count"))
+    scaling = None
+    kind = m.get(f"{a}.rope.scaling.type")
+    if kind not in (None, "none"):  # llama.cpp writes linear x8 for Gemma 3 4B / 12B / 27B global layers
+        if kind != "linear":
+            raise ConfigError(f"{a}.rope.scaling.type", f"unsupported rope scaling {kind!r} (supported: linear)")
+        scaling = {"rope_type": "linear", "factor": gguf_value(m, f"{a}.rope.scaling.factor", kind=float)}
+    # llama.cpp: attention scale 1/sqrt(head_dim), except 27B (62 layers): 1/sqrt(hidden / heads)
+    scalar = hidden // heads if layers == 62 else head_dim
+    return dict(
+        model_type="gemma3", hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=gguf_value(m, f"{a}.attention.head_count_kv", 1), head_dim=head_dim,
+        intermediate_size=gguf_value(m, f"{a}.feed_forward_length"),
+        max_position_embeddings=gguf_value(m, f"{a}.context_length"),
+        rms_norm_eps=gguf_value(m, f"{a}.attention.layer_norm_rms_epsilon", 1e-6, kind=float),
+        rope_theta=gguf_value(m, f"{a}.rope.freq_base", 1_000_000.0, kind=float),
+        rope_local_base_freq=10_000.0, rope_scaling=scaling,  # llama.cpp's local base
+        sliding_window=gguf_value(m, f"{a}.attention.sliding_window", 512), sliding_window_pattern=6,
+        query_pre_attn_scalar=scalar, tie_word_embeddings="output.weight" not in f.tensors,
+        norm_offset=0.0,  # the converter stored (1 + w)
+        final_logit_softcapping=gguf_value(m, f"{a}.final_logit_softcapping", None, kind=float),
+    )
 
 
 def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:

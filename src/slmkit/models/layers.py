@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.qgemm import decode_attention
+from .cache import Aligned, Ragged
 
 
 class RMSNorm(nn.Module):
@@ -31,16 +32,16 @@ class RMSNorm(nn.Module):
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, offset: int | None, window: int | None, scale: float,
-    qpos: torch.Tensor | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: Aligned | Ragged, *, window: int | None, scale: float,
 ) -> torch.Tensor:
-    """Causal (optionally sliding-window) attention of S new queries at positions offset.. .
+    """Causal (optionally sliding-window) attention of S new queries at the span's positions.
 
-    q: [B, H, S, D]; k, v: [B, Hkv, L, D] with L = offset + S -> [B, H, S, D].
+    q: [B, H, S, D]; k, v: [B, Hkv, L, D] -> [B, H, S, D]; Aligned: L = offset + S in every row.
     A query at position p sees keys j with j <= p and, with a window W, j > p - W.
-    Rows at different lengths (continuous batching): offset None and qpos [B, S], the query
-    positions per row; keys past a row's own length are masked.
+    Rows at different lengths (Ragged, continuous batching): the query positions are per row;
+    keys past a row's own length are masked.
     """
+    offset, qpos = (None, span.positions) if isinstance(span, Ragged) else (span.offset, None)
     S, L = q.shape[2], k.shape[2]
     if S == 1 and (qpos is not None and offset is None or offset == L - 1):
         out = decode_attention(q, k, v, qpos=qpos if offset is None else None, window=window, scale=scale)

@@ -3,21 +3,24 @@
 Covers Phi-3-mini-4k/128k, Phi-3.5-mini, Phi-3-medium (GQA) and the language model of the
 vision models. HF weight names and fused layouts are kept (`qkv_proj` = [q|k|v] contiguous,
 `gate_up_proj` = [gate|up]) so loading is a plain `load_state_dict`.
-Facts: ../shared/specs/phi-family.md section 1.
+Reference: transformers/models/phi3/modeling_phi3.py and the models' config.json on the Hugging Face Hub.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import MAX_POSITIONS, BaseArgs, require_float, require_int
-from .cache import KVCache, positions_of
+from .base import MAX_POSITIONS, BaseArgs, gguf_value, require_float, require_int
+from .cache import KVCache, Ragged, Step
 from .layers import ACTIVATIONS, RMSNorm, attention
 from .rope import Rope, apply_rope, build_rope
+
+if TYPE_CHECKING:
+    from ..gguf import GGUFFile
 
 
 @dataclass
@@ -84,8 +87,9 @@ class ModelArgs(BaseArgs):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
+        self.layer = layer  # its index in the cache
         self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.splits = (q_size, kv_size, kv_size)
@@ -94,17 +98,17 @@ class Attention(nn.Module):
         self.window = args.sliding_window
         self.scale = self.head_dim**-0.5
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
-                layer: int, offset: int | None, qpos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: Step) -> torch.Tensor:
         B, S, _ = x.shape
+        cos, sin = rope
         q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
         q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, D]
         k = k.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
         v = v.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        out = attention(q, k, v, offset=offset, window=self.window, scale=self.scale, qpos=qpos)
+        if step.cache is not None:
+            k, v = step.cache.update(self.layer, k, v)
+        out = attention(q, k, v, step.span, window=self.window, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -121,15 +125,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Attention(args)
+        self.self_attn = Attention(args, layer)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, h, cos, sin, cache, layer, offset, qpos=None):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, layer, offset, qpos)
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: Step) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), rope, step)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -137,7 +141,7 @@ class Phi3Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
@@ -156,23 +160,63 @@ class Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False
                 ) -> torch.Tensor:
-        offset = cache.offset if cache is not None else 0  # None: rows at different lengths
         S = input_ids.shape[1]
         h = self.model.embed_tokens(input_ids)
-        positions, qpos = positions_of(cache, S, input_ids.device)
+        step = Step.of(cache, S, input_ids.device)
+        positions = step.span.positions
         regime = self.rope.regime(int(positions.max()) + 1)
-        if offset is None:  # rows at their own lengths: a frequency set per row
-            cos, sin = self.rope.cos_sin_rows(positions, h.dtype)
+        if isinstance(step.span, Ragged):  # rows at their own lengths: a frequency set per row
+            rope = self.rope.cos_sin_rows(positions, h.dtype)
         else:
-            cos, sin = self.rope.cos_sin(positions, regime, h.dtype)
-        for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, cache, i, offset, qpos)
+            rope = self.rope.cos_sin(positions, regime, h.dtype)
+        for layer in self.model.layers:
+            h = layer(h, rope, step)
         if cache is not None:
             cache.advance(S)
             cache.tag = regime
         if last_only:
             h = h[:, -1:]
         return self.lm_head(self.model.norm(h))
+
+
+# ---------------------------------------------------------------- GGUF (llama.cpp's names and keys)
+# per-layer tensor names after "blk.N." -> HF names after "model.layers.N."
+GGUF_LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj",
+                    "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+                    "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def gguf_config(f: GGUFFile) -> dict[str, Any]:
+    """The HF-style config of a GGUF phi3 file (vocab_size comes from the embedding tensor)."""
+    m, a = f.metadata, "phi3"
+    hidden, heads = gguf_value(m, f"{a}.embedding_length"), gguf_value(m, f"{a}.attention.head_count")
+    if heads > hidden or hidden % heads:
+        raise ConfigError(f"{a}.attention.head_count", f"{heads} heads do not divide the embedding length {hidden}")
+    ctx = gguf_value(m, f"{a}.context_length")
+    cfg: dict[str, Any] = dict(
+        model_type="phi3", hidden_size=hidden, num_hidden_layers=gguf_value(m, f"{a}.block_count"),
+        num_attention_heads=heads, num_key_value_heads=gguf_value(m, f"{a}.attention.head_count_kv", heads),
+        intermediate_size=gguf_value(m, f"{a}.feed_forward_length"), max_position_embeddings=ctx,
+        rms_norm_eps=gguf_value(m, f"{a}.attention.layer_norm_rms_epsilon", 1e-5, kind=float),
+        rope_theta=gguf_value(m, f"{a}.rope.freq_base", 10000.0, kind=float),
+        sliding_window=gguf_value(m, f"{a}.attention.sliding_window", None),
+    )
+    head_dim = hidden // heads
+    rot = gguf_value(m, f"{a}.rope.dimension_count", head_dim)
+    if rot > head_dim:
+        raise ConfigError(f"{a}.rope.dimension_count", f"{rot} is more than the head dimension {head_dim}")
+    cfg["partial_rotary_factor"] = rot / head_dim
+    if "rope_factors_long.weight" in f.tensors:  # LongRoPE: the factor lists travel as tensors
+        cfg["original_max_position_embeddings"] = gguf_value(m, f"{a}.rope.scaling.original_context_length")
+        cfg["rope_scaling"] = {
+            "type": "longrope",
+            "long_factor": f.tensor("rope_factors_long.weight").tolist(),
+            "short_factor": f.tensor("rope_factors_short.weight").tolist(),
+            "attention_factor": gguf_value(m, f"{a}.rope.scaling.attn_factor", None, kind=float),
+        }
+    if cfg["sliding_window"] is not None and cfg["sliding_window"] >= ctx:
+        cfg["sliding_window"] = None  # a window as long as the context is no window
+    return cfg
 
 
 def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:

@@ -24,11 +24,18 @@ class Rope:
     original_max: int | None = None
     scale: float = 1.0  # multiplies cos and sin
 
+    @property
+    def crossover(self) -> int | None:
+        """The length past which a pass uses the other frequency set (LongRoPE: original_max, as
+        transformers' Phi3 switches on seq_len > original_max_position_embeddings); None: never."""
+        return self.original_max if self.inv_freq_long is not None else None
+
     def regime(self, total_len: int) -> str:
         """Which frequency set a forward pass over `total_len` tokens uses."""
-        if self.inv_freq_long is None or self.original_max is None:
+        crossover = self.crossover
+        if crossover is None:
             return "default"
-        return "long" if total_len > self.original_max else "short"
+        return "long" if total_len > crossover else "short"
 
     def cos_sin(self, positions: torch.Tensor, regime: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [..., S] int -> cos, sin: [..., S, rotary_dim] (a leading row dim: one position set per row)
@@ -41,11 +48,12 @@ class Rope:
     def cos_sin_rows(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows at their own lengths (positions [B, S]): each row gets the frequency set of its own
         total length (LongRoPE: long past original_max, as a one-row pass over that row would)."""
-        if self.inv_freq_long is None or self.original_max is None:
+        crossover = self.crossover
+        if crossover is None:
             return self.cos_sin(positions, "default", dtype)
         cs, ss = self.cos_sin(positions, "short", dtype)
         cl, sl = self.cos_sin(positions, "long", dtype)
-        long = (positions[:, -1] + 1 > self.original_max)[:, None, None]
+        long = (positions[:, -1] + 1 > crossover)[:, None, None]
         return torch.where(long, cl, cs), torch.where(long, sl, ss)
 
 

@@ -13,14 +13,13 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from slmkit.gguf.quants import GGML_QUANT_SIZES, _bits, _k_scale_min, _nibbles
+from slmkit.gguf.quants import (GGML_QUANT_SIZES, k_scale_min, q4_0_codes, q4_1_codes, q4_k_codes, q5_0_codes,
+                                q5_1_codes, q5_k_codes, q6_k_codes)
 from slmkit.quant.format import TILE, QuantWeight, _tile_groups, pack_codes, padded
 
 __all__ = ["REPACKABLE", "repack"]
 
 _U8, _F16, _F32 = torch.uint8, torch.float16, torch.float32
-_SH_2BIT = torch.tensor([0, 2, 4, 6], dtype=_U8)
-_SH_BITS = torch.arange(8, dtype=_U8)
 
 # Decoded blocks: codes [nb, block] uint8, scales [nb, block // group], mins (same) or None, and
 # for two-level (K-quant) types the float32 super-scale and super-min [nb, 1] (else None).
@@ -33,19 +32,19 @@ def _h(b: torch.Tensor, at: int) -> torch.Tensor:
 
 
 def _q4_0(b: torch.Tensor) -> _Decoded:
-    return _nibbles(b[:, 2:18]), _h(b, 0), None, None, None
+    return q4_0_codes(b), _h(b, 0), None, None, None
 
 
 def _q4_1(b: torch.Tensor) -> _Decoded:
-    return _nibbles(b[:, 4:20]), _h(b, 0), _h(b, 2), None, None
+    return q4_1_codes(b), _h(b, 0), _h(b, 2), None, None
 
 
 def _q5_0(b: torch.Tensor) -> _Decoded:
-    return _nibbles(b[:, 6:22]) | (_bits(b[:, 2:6]) << 4), _h(b, 0), None, None, None
+    return q5_0_codes(b), _h(b, 0), None, None, None
 
 
 def _q5_1(b: torch.Tensor) -> _Decoded:
-    return _nibbles(b[:, 8:24]) | (_bits(b[:, 4:8]) << 4), _h(b, 0), _h(b, 2), None, None
+    return q5_1_codes(b), _h(b, 0), _h(b, 2), None, None
 
 
 def _q8_0(b: torch.Tensor) -> _Decoded:
@@ -57,29 +56,22 @@ def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     """Q4_K / Q5_K two levels: 6-bit sub-scales and sub-mins [nb, 8] (uint8), super-scale d and
     super-min -dmin [nb, 1] (float32). d * sc and (-dmin) * m in float32 are ggml's products
     (negation is exact), so the kernel forms exactly ggml's scale and min."""
-    sc, mn = _k_scale_min(b[:, 4:16])
+    sc, mn = k_scale_min(b[:, 4:16])
     return sc.to(_U8), mn.to(_U8), _h(b, 0).to(_F32), _h(b, 2).to(_F32).neg_()
 
 
 def _q4_k(b: torch.Tensor) -> _Decoded:
     sc, mn, d, dmin = _k_scales(b)
-    return _nibbles(b[:, 16:144], 32), sc, mn, d, dmin
+    return q4_k_codes(b), sc, mn, d, dmin
 
 
 def _q5_k(b: torch.Tensor) -> _Decoded:
-    n = b.shape[0]
-    ql = _nibbles(b[:, 48:176], 32)
-    qh = (b[:, 16:48].reshape(n, 1, 1, 32) >> _SH_BITS.view(1, 1, 8, 1)) & 1
     sc, mn, d, dmin = _k_scales(b)
-    return ql | (qh.reshape(n, 256) << 4), sc, mn, d, dmin
+    return q5_k_codes(b), sc, mn, d, dmin
 
 
 def _q6_k(b: torch.Tensor) -> _Decoded:
-    n = b.shape[0]
-    ql = _nibbles(b[:, 0:128], 64)
-    qh = (b[:, 128:192].reshape(n, 2, 1, 32) >> _SH_2BIT.view(1, 1, 4, 1)) & 3
-    return ql.reshape(n, 256) | (qh.reshape(n, 256) << 4), b[:, 192:208].view(torch.int8), None, \
-        _h(b, 208).to(_F32), None
+    return q6_k_codes(b), b[:, 192:208].view(torch.int8), None, _h(b, 208).to(_F32), None
 
 
 class _Spec(NamedTuple):

@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from .. import __version__
 from . import errors, images, routes_ollama, routes_openai, routes_service
 from .body import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY, BodyLimit
 from .common import Runner, install_auth
@@ -43,7 +44,7 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
         yield
         registry.close()
 
-    app = FastAPI(title="slmkit", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="slmkit", version=__version__, lifespan=lifespan)
     app.state.registry = registry
     fetch_policy = app.state.image_policy = images.FetchPolicy(allow=image_urls)
 

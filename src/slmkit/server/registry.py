@@ -195,12 +195,6 @@ class Registry:
             if e.active == 0 and (e.unload_requested or e.expires_at is not None and e.expires_at <= time.time()):
                 self._unload(e)
 
-    def load(self, name: str, keep_alive: float | None | str = "default") -> float:
-        """Load now (Ollama's empty-prompt request); returns the seconds it took (0 if loaded)."""
-        _, load_s = self.acquire(name)
-        self.release(name, keep_alive)
-        return load_s
-
     def unload(self, name: str) -> bool:
         """Unload now if no request uses it (else when the last one ends); False if it cannot come back."""
         e = self.entry(name)

@@ -10,7 +10,8 @@ from typing import Any
 
 from fastapi import Request
 
-from ..errors import InvalidRequestError, UnsupportedInputError
+from ..api import check_images
+from ..errors import InvalidRequestError
 from . import images, ollama_api, openai_api
 from .body import flag, parse_json_off_loop
 from .registry import Registry, parse_keep_alive
@@ -100,9 +101,8 @@ class Parser:
     async def _images_checked(self, name: str, messages: Any) -> Any:
         """Image parts decoded and checked, but only for a model that takes images: a text-only
         one refuses them before anything is fetched."""
-        if images.has_images(messages) and self.registry.entry(name).info.get("images") is False:
-            raise UnsupportedInputError(f"model {name!r} is text-only and cannot take image parts",
-                                        param="messages")
+        if images.has_images(messages):
+            check_images(name, self.registry.entry(name).info.get("images"))
         return await images.resolve(messages, self.fetch_policy)
 
     @staticmethod

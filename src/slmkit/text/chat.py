@@ -23,7 +23,8 @@ from slmkit.errors import InvalidRequestError
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
-# Verbatim templates, spec §5.2 (Phi-3 / 3.5 / medium / vision) and §2 (Phi-3-small).
+# Verbatim chat_template strings of the models' tokenizer_config.json on the Hugging Face Hub
+# (microsoft/Phi-3-mini-*, Phi-3.5-mini, Phi-3-medium-*, Phi-3-vision-128k and Phi-3-small-* instruct).
 PHI3_MINI_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
     "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
@@ -73,7 +74,7 @@ class Prompt:
 
 
 def fallback_template(model_type: str, name_hint: str = "") -> str:
-    """The built-in template for a model whose files carry none (spec §5.2)."""
+    """The built-in template for a model whose files carry none: the template its family publishes."""
     mt, hint = (model_type or "").lower(), (name_hint or "").lower()
     if mt == "phi3_v":
         return PHI3_VISION_TEMPLATE

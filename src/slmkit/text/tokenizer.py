@@ -23,6 +23,7 @@ import tokenizers
 from tokenizers import AddedToken, decoders, pre_tokenizers
 
 from slmkit.loading.files import read_json
+from slmkit.checks import check_int
 from slmkit.errors import ConfigError, InvalidRequestError, ModelFileError
 
 # config.json model types for which transformers 5 loads tokenizer.json as shipped even when tokenizer_config.json
@@ -209,9 +210,7 @@ class Tokenizer:
 
     # -- encode / decode -------------------------------------------------------------------------------------------
     def _check_id(self, token_id: object) -> int:
-        if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < 2**32:
-            raise InvalidRequestError(f"token ids must be non-negative integers, got {token_id!r}", param="ids")
-        return token_id
+        return check_int(token_id, "ids", lo=0, hi=2**32 - 1, what="token ids: non-negative integers")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of text; with add_special_tokens, BOS/EOS are added per add_bos/add_eos."""
