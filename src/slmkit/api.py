@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import re
-import stat
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from .backends.base import Backend, BackendStats, Capabilities, ModelDescription
 from .checks import check_int
 from .engine.engine import validate_token_ids
 from .errors import ContextLengthError, InvalidRequestError, ModelFileError, UnsupportedInputError
-from .loading.files import expand_user, shown, stat_path
+from .sources.resolve import BUILTIN_ALIASES, resolve_model_path
 from .options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 from .text.chat import check_text
 from .text.stops import StopStrings
@@ -431,45 +430,6 @@ class LLM:
 # normalizers may shorten a text before it is split into tokens (NFC composes up to 3 code
 # points into 1): the character bound leaves that much room
 _SHRINK = 4
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def resolve_model_path(model: str | Path) -> Path:
-    """Where a model spec points: the built-in model, ollama:NAME, a local file or folder, or an
-    'org/name' Hugging Face id (through the local cache or a download)."""
-    spec = str(model)
-    if spec in BUILTIN_ALIASES:
-        from .sources.builtin import builtin_model_path
-
-        return builtin_model_path()
-    if spec.startswith("ollama:"):
-        from .sources.ollama import resolve_ollama
-
-        return resolve_ollama(spec.removeprefix("ollama:"))
-    path = expand_user(model)
-    st = stat_path(path)  # a name the OS refuses (too long, NUL byte, permission) is named as such
-    if st is not None:
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):  # a FIFO would block the reader
-            raise ModelFileError(shown(path), "is neither a model file nor a folder (a FIFO, socket or device)")
-        return path
-    if not _HUB_ID.match(spec):
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ModelFileError(model, "not a local folder, and huggingface_hub is not installed to fetch it") from None
-    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
-    try:
-        return Path(snapshot_download(spec, allow_patterns=patterns))
-    except Exception as e:  # offline, unknown repo, gated: say so plainly
-        why = " ".join(str(e).split())  # hub errors span lines; the CLI prints one
-        raise ModelFileError(shown(model), f"not a local folder and could not be downloaded ({type(e).__name__}: "
-                             f"{why})") from None
-
-
-BUILTIN_ALIASES = ("builtin", "gemma3-270m")
-
 
 def load(model: str | Path = "builtin", *, dtype: str | torch.dtype = "auto", device: str = "cpu",
          backend: str = "native", pack: bool = True, quant: str | None = None,
