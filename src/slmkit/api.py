@@ -57,7 +57,7 @@ class TokenLogprob:
     token: str
     token_id: int
     logprob: float
-    top_logprobs: list["TokenLogprob"] = field(default_factory=list)
+    top_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -200,7 +200,8 @@ class LLM:
              **kw: Any) -> GenerationResult: ...
 
     @overload
-    def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[True], **kw: Any) -> Iterator[GenerationChunk]: ...
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[True],
+             **kw: Any) -> Iterator[GenerationChunk]: ...
 
     def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, tools: Any = None,
              tool_choice: Any = None, **kw: Any) -> Any:

@@ -5,10 +5,10 @@ import warnings
 
 import pytest
 
-from slmkit.text import chat
-from slmkit.text.chat import ImagePart, fallback_template, normalize_messages, render_prompt
-from slmkit.text.tokenizer import Tokenizer
 from slmkit.errors import InvalidRequestError
+from slmkit.text import chat
+from slmkit.text.chat import ImagePart, Prompt, fallback_template, normalize_messages, render_prompt
+from slmkit.text.tokenizer import Tokenizer
 from tests.helpers.tiny_tokenizer import TEMPLATES, VARIANTS, build_phi_tokenizer, write_model_config
 
 transformers = pytest.importorskip("transformers")

@@ -31,7 +31,8 @@ def _check(num_beams: object, num_return_sequences: object, length_penalty: obje
     if num_return_sequences > num_beams:
         raise InvalidRequestError(f"must be <= num_beams ({num_beams}), got {num_return_sequences}",
                                   param="num_return_sequences")
-    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) or length_penalty != length_penalty:
+    if (isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float))
+            or length_penalty != length_penalty):
         raise InvalidRequestError(f"must be a number, got {length_penalty!r}", param="length_penalty")
     if early_stopping not in (True, False, "never"):
         raise InvalidRequestError(f"must be true, false or 'never', got {early_stopping!r}", param="early_stopping")

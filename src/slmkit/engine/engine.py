@@ -7,9 +7,9 @@ import torch
 
 from ..checks import check_int
 from ..errors import ContextLengthError, InvalidRequestError
-from ..models.cache import KVCache, SlotCache
 from ..loading.hf import LoadedModel
 from ..loading.packing import pack_linears
+from ..models.cache import KVCache, SlotCache
 
 
 def _ids(value: object) -> list[int]:

@@ -21,8 +21,8 @@ import torch
 
 from ..checks import check_int
 from ..errors import ContextLengthError, InvalidRequestError
-from ..options import GenerationOptions
 from ..models.cache import KVCache
+from ..options import GenerationOptions
 from .engine import validate_token_ids
 from .processors import LogitsChain
 from .sampling import make_sampler

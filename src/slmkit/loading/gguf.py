@@ -15,8 +15,8 @@ import torch
 
 from ..errors import ConfigError, UnsupportedModelError, WeightError
 from ..gguf import GGUFFile, open_gguf
-from ..text.gguf_tokenizer import tokenizer_from_gguf_metadata
 from ..models import GGUF_ARCHITECTURES, get_model_module
+from ..text.gguf_tokenizer import tokenizer_from_gguf_metadata
 from .hf import LoadedModel, build_model, check_chat_template, check_config_sizes, parse_device, resolve_dtype
 from .memory import FileMappings, release_pages
 

@@ -7,8 +7,9 @@ activation dtype -- the order transformers uses, which parity depends on.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 

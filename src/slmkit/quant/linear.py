@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from ..errors import InvalidRequestError
-from .format import GROUPS, QuantWeight, dequantize_weight, qmatmul_reference, quantize
 from ..kernels.qgemm import get_kernel, qmatmul_kernel
+from .format import GROUPS, QuantWeight, dequantize_weight, qmatmul_reference, quantize
 
 SCHEMES = {"int8": 8, "int4": 4}
 DEFAULT_GROUP = {"int8": 32, "int4": 32}
