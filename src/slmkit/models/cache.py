@@ -166,10 +166,11 @@ class SlotCache:
         if self.n >= self.slots:
             raise RuntimeError("no free slot")
         n = self.n
-        if self.kept[n]:
+        kept = self.kept[n]
+        if kept:
             victim = min(range(n, self.slots), key=lambda r: (self.kept[r] is not None, self._kept_at[r]))
             if victim != n:
-                end = len(self.kept[n])
+                end = len(kept)
                 for t in self.k + self.v:
                     t[victim, :, :end] = t[n, :, :end]
                 self.kept[victim], self._kept_at[victim] = self.kept[n], self._kept_at[n]
