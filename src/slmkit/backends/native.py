@@ -65,13 +65,13 @@ class NativeBackend:
     def from_path(cls, path: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
                   pack: bool = True, quant: str | None = None, group_size: int | None = None) -> NativeBackend:
         path = Path(path)
-        q = dict(quant=quant, group_size=group_size)
         if is_regular_file(path) or path.suffix.lower() == ".gguf":  # GGUF: its reader names what is wrong
             from ..loading.gguf import load_gguf
 
-            backend = cls(Engine(load_gguf(path, dtype=dtype, device=device, **q), pack=pack))
+            loaded = load_gguf(path, dtype=dtype, device=device, quant=quant, group_size=group_size)
         else:
-            backend = cls(Engine(load_hf_folder(path, dtype=dtype, device=device, **q), pack=pack))
+            loaded = load_hf_folder(path, dtype=dtype, device=device, quant=quant, group_size=group_size)
+        backend = cls(Engine(loaded, pack=pack))
         backend.path = path
         return backend
 

@@ -148,7 +148,7 @@ class _Parser:
             return bool(v)
         return v
 
-    def array(self, key: str) -> list[Any]:
+    def array(self, key: str) -> list[Any] | np.ndarray:
         itype = self.u32(key, "array item type")
         count = self.u64(key, "array length")
         if itype == _T_ARRAY:

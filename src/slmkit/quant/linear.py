@@ -39,6 +39,14 @@ def kernel_active() -> bool:
 class QuantLinear(nn.Module):
     """y = x @ W.T (+ b) with W quantized; the tensors are buffers so state_dict() saves them."""
 
+    # the buffers (register_buffer below), declared so their types are known
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+    super_scales: torch.Tensor | None
+    super_mins: torch.Tensor | None
+    bias: torch.Tensor | None
+
     def __init__(self, qw: QuantWeight, bias: torch.Tensor | None = None):
         super().__init__()
         self.bits, self.group, self.zero = qw.bits, qw.group, qw.zero
