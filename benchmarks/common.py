@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-# Phi-3-mini-4k-instruct shapes (3.82B parameters); values from ../shared/specs/phi-family.md section 1.1.
+# Phi-3-mini-4k-instruct shapes (3.82B parameters): the values of its config.json on the Hugging Face Hub
+# (microsoft/Phi-3-mini-4k-instruct).
 PHI3_MINI = dict(
     architectures=["Phi3ForCausalLM"], model_type="phi3", hidden_size=3072, intermediate_size=8192,
     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
