@@ -7,7 +7,7 @@ MODEL ?= builtin
 PROMPT ?= Once upon a time, in a small village by the sea,
 export MODEL PROMPT  # reach the recipes as environment variables: quotes in a prompt stay intact
 
-.PHONY: setup run test fuzz bench clean
+.PHONY: setup run lint test fuzz bench clean
 
 # The runtime (what `make run` needs) and the test/bench extras (transformers, llama-cpp-python,
 # which builds llama.cpp from source) are separate steps, so `make run` needs no compiler.
@@ -31,7 +31,12 @@ setup: $(VENV)/.test
 run: $(VENV)/.done
 	$(VENV)/bin/slm run "$$MODEL" "$$PROMPT" --max-tokens 64 --verbose
 
-test: $(VENV)/.test
+# ruff (lint + import order) and mypy (src/slmkit), both configured in pyproject.toml
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
+
+test: lint
 	$(VPY) -m pytest tests
 
 # the generated-input tests (pytest -m fuzz) at length: minutes. `make test` runs them bounded.

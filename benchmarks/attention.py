@@ -41,9 +41,9 @@ def best_ms(fn, layers, reps):
 
 
 def main() -> None:
+    from slmkit.kernels import qgemm as kernel
     from slmkit.models import layers as L_
     from slmkit.models.cache import Ragged
-    from slmkit.kernels import qgemm as kernel
 
     torch.set_num_threads(torch.get_num_threads())
     if kernel.get_kernel() is None:

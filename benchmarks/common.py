@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-# Phi-3-mini-4k-instruct shapes (3.82B parameters); values from ../shared/specs/phi-family.md section 1.1.
+# Phi-3-mini-4k-instruct shapes (3.82B parameters): the values of its config.json on the Hugging Face Hub
+# (microsoft/Phi-3-mini-4k-instruct).
 PHI3_MINI = dict(
     architectures=["Phi3ForCausalLM"], model_type="phi3", hidden_size=3072, intermediate_size=8192,
     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
@@ -31,7 +32,8 @@ def phi3_tensors(cfg: dict) -> dict[str, tuple[int, ...]]:
     for i in range(L):
         p = f"model.layers.{i}."
         shapes |= {p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
-                   p + "self_attn.qkv_proj.weight": (qkv, H), p + "self_attn.o_proj.weight": (H, hd * cfg["num_attention_heads"]),
+                   p + "self_attn.qkv_proj.weight": (qkv, H),
+                   p + "self_attn.o_proj.weight": (H, hd * cfg["num_attention_heads"]),
                    p + "mlp.gate_up_proj.weight": (2 * I, H), p + "mlp.down_proj.weight": (H, I)}
     return shapes
 
@@ -117,7 +119,8 @@ def machine() -> dict[str, Any]:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
 
 
 def print_table(rows: list[dict[str, Any]], cols: list[tuple[str, str, str]]) -> None:

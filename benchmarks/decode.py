@@ -52,7 +52,8 @@ def child_transformers(folder: str, dtype: str, prompt: int, decode: int, reps: 
             t = time.perf_counter()
             model.generate(p64, attention_mask=m64, max_new_tokens=decode, min_new_tokens=decode, do_sample=False)
             dec.append((decode - 1) / (time.perf_counter() - t - t1))
-    return {"load_s": load_s, "prefill_tok_s": median(prefill), "decode_tok_s": median(dec), "peak_rss_gb": peak_rss_gb()}
+    return {"load_s": load_s, "prefill_tok_s": median(prefill), "decode_tok_s": median(dec),
+            "peak_rss_gb": peak_rss_gb()}
 
 
 def main() -> None:

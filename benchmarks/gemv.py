@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/gemv.py
 
-Why engine/packing.py exists: which PyTorch path reads bf16 weights fastest differs by CPU
-(the anchors' Intel AMX machine favoured torch.mv; this project's AVX512-BF16 EPYC favours
+Why loading/packing.py exists: which PyTorch path reads bf16 weights fastest differs by CPU
+(an Intel AMX machine measured earlier favoured torch.mv; this project's AVX512-BF16 EPYC favours
 oneDNN-packed weights). Interleaved rounds, medians. Writes benchmarks/results/gemv.json.
 """
 from __future__ import annotations

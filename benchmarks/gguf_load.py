@@ -22,7 +22,15 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
 from common import (  # noqa: E402
-    child_parser, make_random_phi3, median, peak_rss_gb, print_table, run_child, save_results, slmkit_speed)
+    child_parser,
+    make_random_phi3,
+    median,
+    peak_rss_gb,
+    print_table,
+    run_child,
+    save_results,
+    slmkit_speed,
+)
 
 
 def make_f16_gguf(folder: Path, out: Path) -> Path:

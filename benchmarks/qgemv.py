@@ -31,7 +31,8 @@ def weights(fmt: str, n: int, k: int):
     from slmkit.quant.gguf_repack import repack
     from tests.helpers.gguf_files import random_blocks
 
-    raw = torch.from_numpy(np.ascontiguousarray(random_blocks(fmt, (n, k), np.random.default_rng(0))).reshape(-1).copy())
+    blocks = random_blocks(fmt, (n, k), np.random.default_rng(0))
+    raw = torch.from_numpy(np.ascontiguousarray(blocks).reshape(-1).copy())
     return repack(raw, int(Q[fmt]), (n, k))
 
 
@@ -45,8 +46,8 @@ def best_s(fn, reps: int) -> float:
 
 
 def main() -> None:
-    from slmkit.quant.format import QuantWeight
     from slmkit.kernels.qgemm import get_kernel, qmatmul_kernel
+    from slmkit.quant.format import QuantWeight
 
     torch.set_num_threads(2)
     lib = get_kernel()
@@ -66,7 +67,8 @@ def main() -> None:
         m8 = best_s(lambda: [qmatmul_kernel(lib, xm[q.k], q, torch.bfloat16) for q in base], 3)
         macs = sum(n * k for n, k in SHAPES) * 8
         rows.append({"format": fmt, "stream_gb_s": nbytes / stream / 1e9, "l3_gb_s": 20 * small.nbytes / cached / 1e9,
-                     "m8_gmac_s": macs / m8 / 1e9, "bits_per_weight": 8 * base[0].nbytes / (SHAPES[0][0] * SHAPES[0][1])})
+                     "m8_gmac_s": macs / m8 / 1e9,
+                     "bits_per_weight": 8 * base[0].nbytes / (SHAPES[0][0] * SHAPES[0][1])})
         print(rows[-1], flush=True)
     x = torch.ones(1 << 28)
     read = max(x.nbytes / best_s(lambda: x.sum(), 1) / 1e9 for _ in range(5))

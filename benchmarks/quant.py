@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
 from common import child_parser, make_random_phi3, print_table, run_child, save_results, slmkit_speed  # noqa: E402
-from gguf_load import child as llama_child, make_f16_gguf, quantize  # noqa: E402
+from gguf_load import child as llama_child  # noqa: E402
+from gguf_load import make_f16_gguf, quantize  # noqa: E402
 
 
 def read_bandwidth_gbs() -> float:

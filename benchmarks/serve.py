@@ -22,7 +22,6 @@ import threading
 import time
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
@@ -65,7 +64,8 @@ def one(base: str, i: int, out: list, tag: str) -> None:
     body = {"model": "m", "max_tokens": TOKENS, "temperature": 0, "stream": True, "min_tokens": TOKENS,
             "ignore_eos": True,  # llama-server's name for running to max_tokens
             "stream_options": {"include_usage": True}, "logprobs": True,  # an event for every token
-            "messages": [{"role": "user", "content": f"{tag}: user {i} asks about topic {i * 7}: " + "tell me more " * 8}]}
+            "messages": [{"role": "user",
+                          "content": f"{tag}: user {i} asks about topic {i * 7}: " + "tell me more " * 8}]}
     t0 = time.perf_counter()
     ttft, n = None, 0
     with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=600) as r:

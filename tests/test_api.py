@@ -65,7 +65,8 @@ def test_image_parts_rejected_by_text_model(llm):
 
 
 def test_text_parts_accepted(llm):
-    msgs = [{"role": "user", "content": [{"type": "text", "text": "Why is the sky "}, {"type": "text", "text": "blue?"}]}]
+    msgs = [{"role": "user",
+             "content": [{"type": "text", "text": "Why is the sky "}, {"type": "text", "text": "blue?"}]}]
     assert llm.render(msgs).text == llm.render([{"role": "user", "content": "Why is the sky blue?"}]).text
 
 

@@ -6,8 +6,8 @@ import os
 import pytest
 
 import slmkit
-from slmkit.sources.builtin import builtin_model_path
 from slmkit.errors import ModelFileError
+from slmkit.sources.builtin import builtin_model_path
 
 
 def test_assembles_into_slmkit_home_readable_and_stamped(tmp_path, monkeypatch):

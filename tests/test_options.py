@@ -33,9 +33,11 @@ BAD = [
     ({"stop": 5}, "stop"), ({"stop": ["a", 3]}, "stop"), ({"stop_token_ids": [-1]}, "stop_token_ids"),
     ({"ignore_eos": "yes"}, "ignore_eos"), ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"repetition_window": -1}, "repetition_window"), ({"presence_penalty": 2.5}, "presence_penalty"),
-    ({"frequency_penalty": float("inf")}, "frequency_penalty"), ({"no_repeat_ngram_size": 1.0}, "no_repeat_ngram_size"),
-    ({"logit_bias": [1]}, "logit_bias"), ({"logit_bias": {1: 101}}, "logit_bias"), ({"logit_bias": {True: 1}}, "logit_bias"),
-    ({"logit_bias": {-3: 1}}, "logit_bias"), ({"min_new_tokens": -1}, "min_new_tokens"), ({"min_length": "2"}, "min_length"),
+    ({"frequency_penalty": float("inf")}, "frequency_penalty"),
+    ({"no_repeat_ngram_size": 1.0}, "no_repeat_ngram_size"),
+    ({"logit_bias": [1]}, "logit_bias"), ({"logit_bias": {1: 101}}, "logit_bias"),
+    ({"logit_bias": {True: 1}}, "logit_bias"), ({"logit_bias": {-3: 1}}, "logit_bias"),
+    ({"min_new_tokens": -1}, "min_new_tokens"), ({"min_length": "2"}, "min_length"),
     ({"scorers": [3]}, "scorers"), ({"logprobs": 1}, "logprobs"), ({"top_logprobs": 21}, "top_logprobs"),
     ({"n": 0}, "n"), ({"n": 65}, "n"), ({"num_beams": 0}, "num_beams"),
     ({"num_beams": 2, "num_return_sequences": 3}, "num_return_sequences"),
@@ -177,7 +179,7 @@ class CharTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return "".join(map(chr, ids))
 
-    def create_stream(self) -> "CharStream":
+    def create_stream(self) -> CharStream:
         return CharStream()
 
 

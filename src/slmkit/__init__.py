@@ -1,10 +1,17 @@
 """slmkit: run small language models (Phi-3 / Phi-3.5 first) with one API, one CLI, one server."""
 from .api import LLM, GenerationChunk, GenerationResult, TokenLogprob, Usage, load
 from .engine.generator import Generator, GeneratorParams
+from .errors import (
+    ConfigError,
+    ContextLengthError,
+    InvalidRequestError,
+    ModelFileError,
+    SlmkitError,
+    UnsupportedInputError,
+    UnsupportedModelError,
+    WeightError,
+)
 from .options import GenerationOptions
-from .errors import (ConfigError, ContextLengthError, InvalidRequestError, ModelFileError, SlmkitError,
-                     UnsupportedInputError, UnsupportedModelError, WeightError)
-
 
 
 def _version() -> str:
@@ -19,6 +26,7 @@ def _version() -> str:
 
 
 __version__ = _version()
-__all__ = ["load", "LLM", "GenerationOptions", "Generator", "GeneratorParams", "GenerationResult", "GenerationChunk", "TokenLogprob", "Usage",
+__all__ = ["load", "LLM", "GenerationOptions", "Generator", "GeneratorParams", "GenerationResult", "GenerationChunk",
+           "TokenLogprob", "Usage",
            "SlmkitError", "ModelFileError", "ConfigError", "UnsupportedModelError", "WeightError",
            "ContextLengthError", "InvalidRequestError", "UnsupportedInputError"]

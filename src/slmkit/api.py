@@ -56,7 +56,7 @@ class TokenLogprob:
     token: str
     token_id: int
     logprob: float
-    top_logprobs: list["TokenLogprob"] = field(default_factory=list)
+    top_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -199,7 +199,8 @@ class LLM:
              **kw: Any) -> GenerationResult: ...
 
     @overload
-    def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[True], **kw: Any) -> Iterator[GenerationChunk]: ...
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[True],
+             **kw: Any) -> Iterator[GenerationChunk]: ...
 
     def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, tools: Any = None,
              tool_choice: Any = None, **kw: Any) -> Any:
@@ -454,16 +455,19 @@ def load(model: str | Path = "builtin", *, dtype: str | torch.dtype = "auto", de
         raise InvalidRequestError("needs quant='int8' or 'int4'", param="group_size")
     from .backends.native import NativeBackend
 
+    def native(where: Path) -> LLM:
+        return LLM(NativeBackend.from_path(where, dtype=dtype, device=device, pack=pack, quant=quant,
+                                           group_size=group_size))
+
     path = resolve_model_path(model)
-    opts = dict(dtype=dtype, device=device, pack=pack, quant=quant, group_size=group_size)
     try:
-        return LLM(NativeBackend.from_path(path, **opts))
+        return native(path)
     except ModelFileError:
         if str(model) not in BUILTIN_ALIASES:
             raise
         from .sources.builtin import builtin_model_path  # a cached copy damaged after it was verified: rebuild once
 
-        return LLM(NativeBackend.from_path(builtin_model_path(refresh=True), **opts))
+        return native(builtin_model_path(refresh=True))
 
 
 def quantize(src: str | Path, dst: str | Path, *, quant: str, group_size: int | None = None) -> tuple[Path, LLM]:

@@ -68,11 +68,11 @@ class GenerationOptions:
         self.validate()
 
     @classmethod
-    def from_kwargs(cls, **kw: Any) -> "GenerationOptions":
+    def from_kwargs(cls, **kw: Any) -> GenerationOptions:
         """Options from keyword arguments (see update())."""
         return cls().update(**kw)
 
-    def update(self, **kw: Any) -> "GenerationOptions":
+    def update(self, **kw: Any) -> GenerationOptions:
         """A validated copy with these keyword options over this one's. None keeps the value, except
         for max_new_tokens, where None means "no limit but the context"; an unknown name is an
         error that lists the known ones."""
@@ -84,7 +84,7 @@ class GenerationOptions:
         changes = {k: v for k, v in kw.items() if v is not None or k == "max_new_tokens"}
         return dataclasses.replace(self, **changes) if changes else self
 
-    def replace(self, **changes: Any) -> "GenerationOptions":
+    def replace(self, **changes: Any) -> GenerationOptions:
         """A validated copy with these fields set as given (None included)."""
         return dataclasses.replace(self, **changes)
 

@@ -95,6 +95,7 @@ def prepare(messages: Sequence[Mapping[str, Any]], tools: Any, tool_choice: Any)
     fns = _functions(tools)
     if tool_choice is None:
         tool_choice = "auto"
+    options: dict[str, Any]  # json_schema (a dict) or grammar (a string)
     if isinstance(tool_choice, Mapping):
         fn = tool_choice.get("function") if tool_choice.get("type") == "function" else None
         name = fn.get("name") if isinstance(fn, Mapping) else None

@@ -152,8 +152,8 @@ def test_a_burst_of_short_prompts_joins_in_one_step(phi3_folders):
 
 
 def test_a_kv_plan_that_does_not_fit_is_refused_with_what_fits(phi3_folders, monkeypatch):
-    from slmkit.loading import memory
     from slmkit.errors import MemoryPlanError
+    from slmkit.loading import memory
 
     llm = slmkit.load(phi3_folders("gqa"), dtype="float32")
     a = llm.engine.args

@@ -5,10 +5,10 @@ import warnings
 
 import pytest
 
-from slmkit.text import chat
-from slmkit.text.chat import ImagePart, fallback_template, normalize_messages, render_prompt
-from slmkit.text.tokenizer import Tokenizer
 from slmkit.errors import InvalidRequestError
+from slmkit.text import chat
+from slmkit.text.chat import ImagePart, Prompt, fallback_template, normalize_messages, render_prompt
+from slmkit.text.tokenizer import Tokenizer
 from tests.helpers.tiny_tokenizer import TEMPLATES, VARIANTS, build_phi_tokenizer, write_model_config
 
 transformers = pytest.importorskip("transformers")
@@ -79,8 +79,9 @@ def test_phi35_skips_empty_system_and_june_keeps_it(pairs):
 
 
 def test_rstrip_removes_newlines_after_tags_june_not_april(pairs):
-    """Spec §5.1: June/medium/3.5 (rstrip) have no newline ids in the templated chat; April/vision keep "▁"+"\\n"
-    after the tags, and "System" right after a tag gets the "▁" prefix (2184 "▁System" in the real vocab)."""
+    """The Hub's tokenizer_config.json flags: June/medium/3.5 (rstrip on the tags) have no newline ids in the
+    templated chat; April/vision keep "▁"+"\\n" after the tags, and "System" right after a tag gets the "▁" prefix
+    (2184 "▁System" in the real vocab)."""
     msgs = CONVERSATIONS["multi"][:3]
     for variant in ("phi3-mini-june", "phi3-medium", "phi3.5-mini", "phi3-mini-april", "phi3-vision"):
         tok, _ = pairs[variant, "model"]

@@ -12,8 +12,8 @@ import tracemalloc
 import pytest
 
 import slmkit
-from slmkit.text.chat import render_prompt
 from slmkit.errors import ConfigError, InvalidRequestError, ModelFileError
+from slmkit.text.chat import render_prompt
 from tests.helpers.gguf_files import copy_file, gguf_layout, patch_bytes, patch_u32
 from tests.helpers.gguf_models import hf_to_gguf
 from tests.helpers.tiny_models import make_gemma3_folder

@@ -131,7 +131,8 @@ def test_bad_gguf_metadata_is_a_config_error_naming_the_key(key, value, tmp_path
             "phi3.block_count": 1, "phi3.attention.head_count": 2, "phi3.rope.dimension_count": 16,
             "phi3.rope.freq_base": 10000.0}
     meta[key] = value
-    path = write_gguf(tmp_path / "bad.gguf", "phi3", meta, {"token_embd.weight": (np.zeros((64, 32), np.float32), "F32")})
+    tensors = {"token_embd.weight": (np.zeros((64, 32), np.float32), "F32")}
+    path = write_gguf(tmp_path / "bad.gguf", "phi3", meta, tensors)
     with pytest.raises(ConfigError) as e:
         slmkit.load(path)
     assert e.value.field == key

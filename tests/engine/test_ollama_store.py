@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from slmkit.sources.ollama import parse_name, resolve_ollama
 from slmkit.errors import InvalidRequestError, ModelFileError
+from slmkit.sources.ollama import parse_name, resolve_ollama
 
 MEDIA = "application/vnd.ollama.image.model"
 

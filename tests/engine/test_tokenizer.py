@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from slmkit.text.tokenizer import Tokenizer
 from slmkit.errors import ConfigError, ModelFileError
+from slmkit.text.tokenizer import Tokenizer
 from tests.helpers.tiny_tokenizer import VARIANTS, build_phi_tokenizer, phi_special_ids, write_model_config
 
 transformers = pytest.importorskip("transformers")

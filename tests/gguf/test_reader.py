@@ -116,7 +116,8 @@ def test_reads_header_metadata_and_tensor_infos(base):
         q = quantize(data[FIRST][0], "Q4_0")
         assert torch.equal(f.tensor(FIRST), torch.from_numpy(reference_dequantize(q, "Q4_0")))
         norm = f.tensor("blk.0.ffn_norm.weight", torch.float16)
-        assert norm.dtype == torch.float16 and torch.equal(norm, torch.from_numpy(data["blk.0.ffn_norm.weight"][0].astype(np.float16)))
+        expected = torch.from_numpy(data["blk.0.ffn_norm.weight"][0].astype(np.float16))
+        assert norm.dtype == torch.float16 and torch.equal(norm, expected)
 
 
 def test_raw_is_zero_copy_from_one_map(base):
@@ -374,7 +375,8 @@ def test_misaligned_offset(bad):
     expect_error(path, SECOND, "alignment")
 
 
-@pytest.mark.parametrize("type_id,fragment", [(99, "unknown ggml type id 99"), (16, "16 (IQ2_XXS)"), (2**32 - 1, "4294967295")])
+@pytest.mark.parametrize("type_id,fragment",
+                         [(99, "unknown ggml type id 99"), (16, "16 (IQ2_XXS)"), (2**32 - 1, "4294967295")])
 def test_unsupported_tensor_type(bad, type_id, fragment):
     path, layout = bad
     patch_u32(path, layout.tensors[SECOND].type, type_id)

@@ -11,7 +11,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from tests.helpers.gguf_files import write_gguf
 

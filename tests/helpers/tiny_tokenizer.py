@@ -3,7 +3,8 @@
 The tokenizer is a Llama-2 SentencePiece-style byte-fallback BPE like Phi-3's: ``<unk>``=0, ``<s>``=1, ``</s>``=2, the
 256 ``<0xNN>`` byte pieces, then BPE pieces trained here on a small built-in multilingual corpus, then the Phi added
 tokens at ``base+0 .. base+10`` (mirroring 32000..32010; the vision variant continues to ``<|image|>`` at base+44).
-Per-variant flags (add_bos_token, rstrip on the tags, chat template) follow spec §5.1/§5.2. Deterministic; ~0.1 s.
+Per-variant flags (add_bos_token, rstrip on the tags, chat template) follow each model's tokenizer_config.json on the
+Hugging Face Hub (copies in microsoft/onnxruntime-extensions test/data/phi-3*/). Deterministic; ~0.1 s.
 
 ``tokenizer.json`` mirrors the real Phi-3 files: the added tokens it lists carry the *April* flags (rstrip false), and
 its post-processor adds ``<s>`` exactly when the variant's ``add_bos_token`` is true (like the shipped files, where the

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import slmkit
-from slmkit.models import layers
 from slmkit.kernels import qgemm as kernel
+from slmkit.models import layers
 from tests.helpers.tiny_models import make_gemma3_folder
 
 pytestmark = pytest.mark.skipif(kernel.get_kernel() is None, reason="the compiled kernel is unavailable here")

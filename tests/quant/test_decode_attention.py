@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slmkit.models.cache import Aligned, Ragged
-from slmkit.models.layers import attention
 from slmkit.kernels import qgemm as kernel
 from slmkit.kernels.qgemm import decode_attention, get_kernel
+from slmkit.models.cache import Aligned, Ragged
+from slmkit.models.layers import attention
 
 pytestmark = pytest.mark.skipif(get_kernel() is None, reason="the compiled kernel is unavailable on this machine")
 
@@ -84,7 +84,8 @@ def test_attention_routes_decode_to_the_kernel_and_matches_sdpa(monkeypatch):
         single = attention(q[:1], k[:1, :, :4], v[:1, :, :4], Aligned(3, torch.tensor([[3]])), window=window, scale=0.2)
         monkeypatch.setattr(kernel, "decode_attention_enabled", False)
         off = attention(q, k, v, Ragged(qpos), window=window, scale=0.2)
-        single_off = attention(q[:1], k[:1, :, :4], v[:1, :, :4], Aligned(3, torch.tensor([[3]])), window=window, scale=0.2)
+        single_off = attention(q[:1], k[:1, :, :4], v[:1, :, :4], Aligned(3, torch.tensor([[3]])),
+                               window=window, scale=0.2)
         monkeypatch.setattr(kernel, "decode_attention_enabled", True)
         torch.testing.assert_close(on, off, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(single, single_off, atol=1e-6, rtol=1e-5)
@@ -96,6 +97,7 @@ def test_unsupported_inputs_fall_back():
     k = v = torch.randn(2, 4, 9, 32)
     assert decode_attention(q.double(), k.double(), v.double(), qpos=None, window=None, scale=1.0) is None
     assert decode_attention(q, k.bfloat16(), v, qpos=None, window=None, scale=1.0) is None  # mixed dtypes
-    assert decode_attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, qpos=None, window=None, scale=1.0) is None
+    strided = k.transpose(2, 3).contiguous().transpose(2, 3)
+    assert decode_attention(q, strided, v, qpos=None, window=None, scale=1.0) is None
     assert decode_attention(torch.randn(2, 4, 2, 32), k, v, qpos=None, window=None, scale=1.0) is None  # S=2
     assert decode_attention(q, k, v, qpos=torch.tensor([[3], [9]]), window=None, scale=1.0) is None  # qpos >= L

@@ -4,9 +4,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slmkit.quant.format import (dequantize_weight, from_codes, pack_codes, qmatmul_reference, quantize,
-                                 quantize_activations, unpack_codes)
 from slmkit.kernels.qgemm import get_kernel, qmatmul_kernel
+from slmkit.quant.format import (
+    dequantize_weight,
+    from_codes,
+    pack_codes,
+    qmatmul_reference,
+    quantize,
+    quantize_activations,
+    unpack_codes,
+)
 
 SHAPES = [  # (n, k, group, bits, m): odd K, N off the 16-row tile, every group size, decode and prefill M
     (16, 32, 32, 4, 1), (40, 100, 32, 4, 1), (33, 257, 64, 4, 3), (100, 384, 128, 4, 5), (17, 512, 256, 4, 2),

@@ -442,10 +442,10 @@ def test_an_error_mid_stream_uses_the_stream_framing(server, monkeypatch):
 
 
 def test_slm_serve_refuses_a_kv_plan_that_does_not_fit(folder, monkeypatch, capsys):
+    import uvicorn
+
     from slmkit import cli
     from slmkit.loading import memory
-
-    import uvicorn
 
     monkeypatch.setattr(memory, "available_bytes", lambda: 512 * 2**20 + 1024)  # 1 KiB over the headroom
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("served a plan that does not fit"))

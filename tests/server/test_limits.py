@@ -108,7 +108,8 @@ def test_health_answers_while_a_big_body_is_parsed(server, monkeypatch):
 def test_a_prompt_far_over_the_context_is_refused_without_tokenizing_it(server, llm, monkeypatch):
     seen: list[int] = []
     encode = llm.tokenizer.encode
-    monkeypatch.setattr(llm.tokenizer, "encode", lambda text, *a, **kw: seen.append(len(text)) or encode(text, *a, **kw))
+    monkeypatch.setattr(llm.tokenizer, "encode",
+                        lambda text, *a, **kw: seen.append(len(text)) or encode(text, *a, **kw))
     for path, body in (("/v1/completions", {"prompt": "ab " * 60_000}),
                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "ab " * 60_000}]})):
         err = assert_error(httpx.post(server + path, headers=H, json={"model": "tiny", **body}), 400, None)
@@ -215,7 +216,8 @@ def read_response(s: socket.socket) -> bytes:
     while b"\r\n\r\n" not in data:
         data += s.recv(65536)
     head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length")))
+    length = int(next(line.split(b":")[1] for line in head.lower().split(b"\r\n")
+                      if line.startswith(b"content-length")))
     while len(body) < length:
         body += s.recv(65536)
     return head

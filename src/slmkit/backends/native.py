@@ -49,7 +49,8 @@ class NativeBackend:
     def __init__(self, engine: Engine):
         self.engine = engine
         self.path: Path | None = None  # where the model was loaded from
-        self.batch: BatchEngine | None = None  # a BatchEngine once enable_batching() ran: concurrent requests share steps
+        # a BatchEngine once enable_batching() ran: concurrent requests share steps
+        self.batch: BatchEngine | None = None
         self.tokens_generated = 0  # for the server's metrics
         self.prompt_cache = False  # keep the last request's KV for the next prompt (servers; one at a time)
         self._prompt_state = NativeSession()
@@ -62,15 +63,15 @@ class NativeBackend:
 
     @classmethod
     def from_path(cls, path: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
-                  pack: bool = True, quant: str | None = None, group_size: int | None = None) -> "NativeBackend":
+                  pack: bool = True, quant: str | None = None, group_size: int | None = None) -> NativeBackend:
         path = Path(path)
-        q = dict(quant=quant, group_size=group_size)
         if is_regular_file(path) or path.suffix.lower() == ".gguf":  # GGUF: its reader names what is wrong
             from ..loading.gguf import load_gguf
 
-            backend = cls(Engine(load_gguf(path, dtype=dtype, device=device, **q), pack=pack))
+            loaded = load_gguf(path, dtype=dtype, device=device, quant=quant, group_size=group_size)
         else:
-            backend = cls(Engine(load_hf_folder(path, dtype=dtype, device=device, **q), pack=pack))
+            loaded = load_hf_folder(path, dtype=dtype, device=device, quant=quant, group_size=group_size)
+        backend = cls(Engine(loaded, pack=pack))
         backend.path = path
         return backend
 

@@ -135,11 +135,11 @@ class BatchEngine:
             req.out.put(_END)
         while True:
             try:
-                req = self.incoming.get_nowait()
+                queued = self.incoming.get_nowait()
             except queue.Empty:
                 break
-            if req is not None:
-                req.out.put(_END)
+            if queued is not None:
+                queued.out.put(_END)
         self.rows, self.pending = [], []
 
     def _loop(self) -> None:
@@ -247,6 +247,7 @@ class BatchEngine:
         row, n = self.cache.prefix(req.prompt)
         n = min(n, len(req.prompt) - 1)  # the last prompt token is fed again for its logits
         if n > 0:
+            assert req.cache is not None  # _prefill_chunk made the prompt's cache just before
             self.cache.copy_prefix(row, n, req.cache)
             self.reused_tokens += n
 

@@ -6,11 +6,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..checks import check_int
 from ..errors import ContextLengthError, InvalidRequestError
-from .engine import validate_token_ids
+from .engine import Engine, validate_token_ids
+
+if TYPE_CHECKING:
+    from .generator import GeneratorParams
 
 NEG = -1.0e9
 
@@ -24,24 +29,24 @@ class Beam:
 
 def _check(num_beams: object, num_return_sequences: object, length_penalty: object, early_stopping: object,
            max_new_tokens: object) -> None:
-    for name, v in (("num_beams", num_beams), ("num_return_sequences", num_return_sequences),
-                    ("max_new_tokens", max_new_tokens)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise InvalidRequestError(f"must be a positive integer, got {v!r}", param=name)
-    if num_return_sequences > num_beams:
+    beams = check_int(num_beams, "num_beams", lo=1, what="a positive integer")
+    returned = check_int(num_return_sequences, "num_return_sequences", lo=1, what="a positive integer")
+    check_int(max_new_tokens, "max_new_tokens", lo=1, what="a positive integer")
+    if returned > beams:
         raise InvalidRequestError(f"must be <= num_beams ({num_beams}), got {num_return_sequences}",
                                   param="num_return_sequences")
-    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) or length_penalty != length_penalty:
+    if (isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float))
+            or length_penalty != length_penalty):
         raise InvalidRequestError(f"must be a number, got {length_penalty!r}", param="length_penalty")
     if early_stopping not in (True, False, "never"):
         raise InvalidRequestError(f"must be true, false or 'never', got {early_stopping!r}", param="early_stopping")
 
 
 @torch.inference_mode()
-def beam_search(engine, prompt: Sequence[int], *, num_beams: int = 4, max_new_tokens: int = 64,
+def beam_search(engine: Engine, prompt: Sequence[int], *, num_beams: int = 4, max_new_tokens: int = 64,
                 num_return_sequences: int = 1, length_penalty: float = 1.0,
                 early_stopping: bool | str = False, eos_ids: Sequence[int] | None = None,
-                params: object | None = None, **processors: object) -> list[Beam]:
+                params: GeneratorParams | None = None, **processors: Any) -> list[Beam]:
     """processors: GeneratorParams options applied to each step's log-probabilities, as transformers
     applies its logits processors in beam search (repetition_penalty, no_repeat_ngram_size,
     logit_bias, min_new_tokens, scorers, ...; sampling filters do not apply); or params: a

@@ -7,9 +7,10 @@ import torch
 
 from ..checks import check_int
 from ..errors import ContextLengthError, InvalidRequestError
-from ..models.cache import KVCache, SlotCache
 from ..loading.hf import LoadedModel
 from ..loading.packing import pack_linears
+from ..models.cache import KVCache, SlotCache
+from ..models.rope import Rope
 
 
 def _ids(value: object) -> list[int]:
@@ -51,7 +52,10 @@ class Engine:
         self.vocab_size: int = loaded.args.vocab_size
         self.eos_token_ids: frozenset[int] = frozenset(self._stop_ids())
         # LongRoPE: past this length a pass uses the long frequency set (None: no such switch)
-        self.rope_crossover: int | None = self.model.rope.crossover
+        rope = self.model.rope
+        assert isinstance(rope, Rope)  # each architecture's Model has its rope (models/phi3.py, models/gemma3.py)
+        self.rope = rope
+        self.rope_crossover: int | None = rope.crossover
 
     def _stop_ids(self) -> set[int]:
         """generation_config eos ids + config eos + tokenizer eos + <|end|> (Phi's end of turn)."""
@@ -77,7 +81,7 @@ class Engine:
 
     def rope_regime(self, total_len: int) -> str:
         """The RoPE frequency set a pass over total_len tokens uses (cache entries must agree)."""
-        return self.model.rope.regime(total_len)
+        return self.rope.regime(total_len)
 
     def rope_switches(self, total_len: int) -> bool:
         """True when a pass over total_len tokens uses other RoPE frequencies than passes over

@@ -21,9 +21,9 @@ import torch
 
 from ..checks import check_int
 from ..errors import ContextLengthError, InvalidRequestError
-from ..options import GenerationOptions
 from ..models.cache import KVCache
-from .engine import validate_token_ids
+from ..options import GenerationOptions
+from .engine import Engine, validate_token_ids
 from .processors import LogitsChain
 from .sampling import make_sampler
 from .structured import Constraint, grammar_for
@@ -85,10 +85,10 @@ class Generator:
     def __init__(self, model: object, params: GeneratorParams | None = None, *, external_logits: bool = False):
         """external_logits: never run the model; the caller sets each step's logits (set_logits),
         as the continuous-batching engine does for many generators in one forward pass."""
-        engine = getattr(model, "engine", model)
-        if not hasattr(engine, "forward") or not hasattr(engine, "new_cache"):
+        engine = getattr(model, "engine", model)  # an LLM or a NativeBackend holds its Engine
+        if not isinstance(engine, Engine):
             raise InvalidRequestError("Generator needs a locally loaded (native) model", param="model")
-        self.engine = engine
+        self.engine: Engine = engine
         self.external = external_logits
         self.params = params or GeneratorParams()
         self.configure()
@@ -240,6 +240,7 @@ class Generator:
         if not validate:
             self._logits = logits
             return
+        shape: tuple[int, ...]
         if self.external and self._logits is None:
             shape, device = (self.params.batch_size, self.engine.vocab_size), torch.device(self.engine.device)
         else:

@@ -16,8 +16,12 @@ warpers temperature, top_k, top_p, min_p, typical_p (transformers' order).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .generator import GeneratorParams
 
 NEG_INF = float("-inf")
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids [B, S], logits [B, V]) -> logits
@@ -129,10 +133,15 @@ class StepContext:
                  ids: torch.Tensor | None):
         self.sequences, self.prompt_len, self.eos_ids, self.ids = sequences, prompt_len, eos_ids, ids
 
+    def tokens(self) -> torch.Tensor:
+        """The rows' tokens [B, S]: built for the step whenever a processor that reads them is in the chain."""
+        assert self.ids is not None, "make_logits_processors sets needs_ids for each processor that reads ids"
+        return self.ids
+
 
 def _scorer_step(scorer: Scorer) -> Processor:
     def step(x: torch.Tensor, c: StepContext) -> torch.Tensor:
-        y = scorer(c.ids, x)
+        y = scorer(c.tokens(), x)
         if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(x.shape):
             from ..errors import InvalidRequestError
 
@@ -141,23 +150,23 @@ def _scorer_step(scorer: Scorer) -> Processor:
     return step
 
 
-def make_logits_processors(p: object) -> tuple[list[Processor], bool]:
+def make_logits_processors(p: GeneratorParams) -> tuple[list[Processor], bool]:
     """The processors a GeneratorParams-like `p` asks for, in order (penalties, logit_bias, no-repeat
     n-grams, min_new_tokens, scorers), built once per request as mlx-lm's make_logits_processors;
     and whether they need the token ids as a tensor."""
     steps: list[Processor] = []
     rp, window = p.repetition_penalty, p.repetition_window
     if rp != 1.0:
-        steps.append(lambda x, c: apply_repetition_penalty(x, c.ids[:, -window:] if window else c.ids, rp))
+        steps.append(lambda x, c: apply_repetition_penalty(x, c.tokens()[:, -window:] if window else c.tokens(), rp))
     pres, freq = p.presence_penalty, p.frequency_penalty
     if pres != 0 or freq != 0:
-        steps.append(lambda x, c: apply_presence_frequency(x, c.ids[:, c.prompt_len:], pres, freq))
+        steps.append(lambda x, c: apply_presence_frequency(x, c.tokens()[:, c.prompt_len:], pres, freq))
     bias = dict(p.logit_bias) if p.logit_bias else None
     if bias:
         steps.append(lambda x, c: apply_logit_bias(x, bias))
     ngram = p.no_repeat_ngram_size
     if ngram:
-        steps.append(lambda x, c: apply_no_repeat_ngram(x, c.ids, ngram))
+        steps.append(lambda x, c: apply_no_repeat_ngram(x, c.tokens(), ngram))
     min_new_tokens, min_length = p.min_new_tokens, p.min_length
     if min_new_tokens > 0 or min_length > 0:
         def min_new(x: torch.Tensor, c: StepContext) -> torch.Tensor:
@@ -169,7 +178,7 @@ def make_logits_processors(p: object) -> tuple[list[Processor], bool]:
     return steps, needs_ids
 
 
-def make_warpers(p: object) -> Callable[[torch.Tensor], torch.Tensor]:
+def make_warpers(p: GeneratorParams) -> Callable[[torch.Tensor], torch.Tensor]:
     """temperature, top_k, top_p, min_p, typical_p (transformers' order), built once per request;
     greedy (temperature 0) needs none: they cannot change the argmax."""
     t, k, top_p, min_p, typical = p.temperature, p.top_k, p.top_p, p.min_p, p.typical_p
@@ -193,7 +202,7 @@ class LogitsChain:
     params: processors, then a grammar's token mask (after the scorers and before the warpers, so
     they never remove every allowed token), then the warpers."""
 
-    def __init__(self, params: object):
+    def __init__(self, params: GeneratorParams):
         self.steps, self.needs_ids = make_logits_processors(params)
         self.warp = make_warpers(params)
 
@@ -210,7 +219,7 @@ class LogitsChain:
         return self.warp(x)
 
 
-def process(logits: torch.Tensor, params: object, sequences: Sequence[Sequence[int]], prompt_len: int,
+def process(logits: torch.Tensor, params: GeneratorParams, sequences: Sequence[Sequence[int]], prompt_len: int,
             eos_ids: Sequence[int], mask: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """The chain of a GeneratorParams-like `params` over logits [B, V], built for this one call
     (a Generator builds its LogitsChain once per request instead)."""

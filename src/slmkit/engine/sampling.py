@@ -45,10 +45,13 @@ def draw(logits: torch.Tensor, temperature: float, generator: torch.Generator | 
 def make_sampler(temperature: float) -> Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]:
     """The draw of one request, chosen once (mlx-lm's make_sampler): argmax at temperature 0, else a
     draw from the processed logits' softmax."""
-    if temperature <= 0:
-        return lambda logits, generator=None: greedy(logits)
-    return lambda logits, generator=None: torch.multinomial(finite_choice(logits).softmax(dim=-1), 1,
-                                                            generator=generator).squeeze(-1)
+    def argmax(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return greedy(logits)
+
+    def draw(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.multinomial(finite_choice(logits).softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+    return argmax if temperature <= 0 else draw
 
 
 def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,

@@ -29,11 +29,11 @@ def _import():
 def grammar_for(*, json_schema: Any = None, regex: str | None = None, grammar: str | None = None,
                 response_format: Any = None) -> tuple[str, str] | None:
     """(llguidance grammar, the option it came from) for at most one of the options, or None."""
-    ll = _import() if any(v is not None for v in (json_schema, regex, grammar, response_format)) else None
     given = [(k, v) for k, v in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar),
                                  ("response_format", response_format)) if v is not None]
     if not given:
         return None
+    ll = _import()
     if len(given) > 1:
         raise InvalidRequestError(f"give one of json_schema, regex, grammar, response_format; got "
                                   f"{', '.join(k for k, _ in given)}", param=given[1][0])

@@ -9,7 +9,7 @@ Python loop is over chunks of a few thousand blocks, which bounds the size of th
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -148,7 +148,7 @@ class _Parser:
             return bool(v)
         return v
 
-    def array(self, key: str) -> list[Any]:
+    def array(self, key: str) -> list[Any] | np.ndarray:
         itype = self.u32(key, "array item type")
         count = self.u64(key, "array length")
         if itype == _T_ARRAY:
@@ -343,7 +343,8 @@ def _parse(path: Path, buf: Any, size: int) -> tuple[int, int, dict[str, Any], d
         ggml_type = p.u32(name, "type")
         if ggml_type not in SUPPORTED_TYPES:
             known = GGML_TYPE_NAMES.get(ggml_type)
-            what = f"ggml type id {ggml_type} ({known}) is not supported" if known else f"unknown ggml type id {ggml_type}"
+            what = (f"ggml type id {ggml_type} ({known}) is not supported" if known
+                    else f"unknown ggml type id {ggml_type}")
             raise p.fail(name, what)
         block, type_size = GGML_QUANT_SIZES[ggml_type]
         if ne[0] % block:

@@ -15,8 +15,8 @@ import torch
 
 from ..errors import ConfigError, UnsupportedModelError, WeightError
 from ..gguf import GGUFFile, open_gguf
-from ..text.gguf_tokenizer import tokenizer_from_gguf_metadata
 from ..models import GGUF_ARCHITECTURES, get_model_module
+from ..text.gguf_tokenizer import tokenizer_from_gguf_metadata
 from .hf import LoadedModel, build_model, check_chat_template, check_config_sizes, parse_device, resolve_dtype
 from .memory import FileMappings, release_pages
 
@@ -139,7 +139,10 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
     for scheme in ("int8", "int4"):
         todo = {k.removesuffix(".weight") for k, v in requant.items() if v == scheme}
         if todo:
-            quantize_model(model, scheme, None, skip=lambda n, todo=todo: n not in todo)
+            def skip(name: str, todo: set[str] = todo) -> bool:
+                return name not in todo
+
+            quantize_model(model, scheme, None, skip=skip)
     apply_quant(model, quant, group_size)
     tokenizer = tokenizer_from_gguf_metadata(f.metadata)
     check_chat_template(tokenizer, "tokenizer.chat_template", f.path)

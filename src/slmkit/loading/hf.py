@@ -8,9 +8,10 @@ import math
 import re
 import stat
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,9 +19,9 @@ from torch import nn
 from ..errors import ConfigError, InvalidRequestError, ModelFileError, WeightError
 from ..models import get_model_module
 from ..models.base import short_repr
+from ..text.tokenizer import Tokenizer
 from .files import expand_user, read_json, stat_path
 from .memory import FileMappings, release_pages
-from ..text.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}

@@ -18,6 +18,7 @@ from torch import nn
 
 from .memory import FileMappings, release_pages
 
+
 def packing_available() -> bool:
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             and os.environ.get("SLMKIT_NO_PACK", "") in ("", "0"))

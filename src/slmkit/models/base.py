@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-from typing import Any, Mapping, TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from ..errors import ConfigError
 

@@ -68,7 +68,7 @@ class KVCache:
         """[1, n]: the positions of the next n tokens (the same for every row)."""
         return torch.arange(self.offset, self.offset + n, device=self.device)[None]
 
-    def span(self, n: int) -> "Aligned":
+    def span(self, n: int) -> Aligned:
         return Aligned(self.offset, self.positions(n))
 
     def trim(self, n: int) -> int:
@@ -108,11 +108,11 @@ class Ragged:
 class Step:
     """What every layer of one forward pass takes besides the hidden states and the rotary tables:
     the cache it writes its keys/values into (None: none) and where the new tokens sit."""
-    cache: "KVCache | SlotCache | None"
+    cache: KVCache | SlotCache | None
     span: Aligned | Ragged
 
     @staticmethod
-    def of(cache: "KVCache | SlotCache | None", n: int, device: torch.device) -> "Step":
+    def of(cache: KVCache | SlotCache | None, n: int, device: torch.device) -> Step:
         """The step of a pass over n new tokens after what `cache` holds."""
         span = Aligned(0, torch.arange(n, device=device)[None]) if cache is None else cache.span(n)
         return Step(cache, span)
@@ -166,10 +166,11 @@ class SlotCache:
         if self.n >= self.slots:
             raise RuntimeError("no free slot")
         n = self.n
-        if self.kept[n]:
+        kept = self.kept[n]
+        if kept:
             victim = min(range(n, self.slots), key=lambda r: (self.kept[r] is not None, self._kept_at[r]))
             if victim != n:
-                end = len(self.kept[n])
+                end = len(kept)
                 for t in self.k + self.v:
                     t[victim, :, :end] = t[n, :, :end]
                 self.kept[victim], self._kept_at[victim] = self.kept[n], self._kept_at[n]

@@ -92,11 +92,19 @@ class ModelArgs(BaseArgs):
             full.update(self.rope_scaling)
         full.setdefault("rope_theta", self.rope_theta)
         local.setdefault("rope_theta", self.rope_local_base_freq)
-        common = dict(head_dim=self.head_dim, partial_rotary_factor=1.0,
-                      max_position_embeddings=self.max_position_embeddings, original_max_position_embeddings=None)
-        self.rope_global = build_rope(theta=require_float("rope_theta", full["rope_theta"]), scaling=full, **common)
-        self.rope_local = build_rope(theta=require_float("rope_local_base_freq", local["rope_theta"]), scaling=local,
-                                     **common)
+
+        def rope(theta: float, scaling: dict) -> Rope:
+            return build_rope(head_dim=self.head_dim, theta=theta, partial_rotary_factor=1.0, scaling=scaling,
+                              max_position_embeddings=self.max_position_embeddings,
+                              original_max_position_embeddings=None)
+
+        self.rope_global = rope(require_float("rope_theta", full["rope_theta"]), full)
+        self.rope_local = rope(require_float("rope_local_base_freq", local["rope_theta"]), local)
+
+
+def _norm(dim: int, args: ModelArgs) -> RMSNorm:
+    """Gemma's RMSNorm: times (offset + weight) in float32 (offset 1 for HF weights, 0 for GGUF)."""
+    return RMSNorm(dim, args.rms_norm_eps, offset=args.norm_offset, fp32_weight=True)
 
 
 class Attention(nn.Module):
@@ -109,9 +117,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, H, bias=False)
-        norm = dict(offset=args.norm_offset, fp32_weight=True)
-        self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps, **norm)
-        self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps, **norm)
+        self.q_norm = _norm(self.head_dim, args)
+        self.k_norm = _norm(self.head_dim, args)
         self.sliding = layer_type == "sliding_attention"
         self.window = args.sliding_window if self.sliding else None
         self.scale = args.query_pre_attn_scalar**-0.5
@@ -144,14 +151,13 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer_type: str, layer: int):
         super().__init__()
-        norm = dict(offset=args.norm_offset, fp32_weight=True)
-        H, eps = args.hidden_size, args.rms_norm_eps
-        self.input_layernorm = RMSNorm(H, eps, **norm)
+        H = args.hidden_size
+        self.input_layernorm = _norm(H, args)
         self.self_attn = Attention(args, layer_type, layer)
-        self.post_attention_layernorm = RMSNorm(H, eps, **norm)
-        self.pre_feedforward_layernorm = RMSNorm(H, eps, **norm)
+        self.post_attention_layernorm = _norm(H, args)
+        self.pre_feedforward_layernorm = _norm(H, args)
         self.mlp = MLP(args)
-        self.post_feedforward_layernorm = RMSNorm(H, eps, **norm)
+        self.post_feedforward_layernorm = _norm(H, args)
 
     def forward(self, h: torch.Tensor, rope: dict, step: Step) -> torch.Tensor:
         h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), rope, step))
@@ -162,8 +168,9 @@ class Gemma3Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        assert args.layer_types is not None  # ModelArgs.__post_init__ fills it
         self.layers = nn.ModuleList(DecoderLayer(args, t, i) for i, t in enumerate(args.layer_types))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, offset=args.norm_offset, fp32_weight=True)
+        self.norm = _norm(args.hidden_size, args)
 
 
 class Model(nn.Module):

@@ -1,6 +1,8 @@
 """Building blocks shared by the architectures: RMSNorm, attention, activations."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,6 +62,7 @@ def attention(
     elif not windowed and offset == 0:
         causal = True
     else:
+        assert offset is not None  # a Ragged span took the first branch
         qp = torch.arange(offset, offset + S, device=q.device)[:, None]
         kpos = torch.arange(L, device=q.device)[None, :]
         mask = kpos <= qp
@@ -69,7 +72,7 @@ def attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
-ACTIVATIONS = {
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "swish": F.silu,
     "gelu": F.gelu,

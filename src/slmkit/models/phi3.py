@@ -90,6 +90,7 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer = layer  # its index in the cache
+        assert args.num_key_value_heads is not None and args.head_dim is not None  # filled by __post_init__
         self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.splits = (q_size, kv_size, kv_size)

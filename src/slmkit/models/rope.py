@@ -7,8 +7,9 @@ activation dtype -- the order transformers uses, which parity depends on.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -40,6 +41,7 @@ class Rope:
     def cos_sin(self, positions: torch.Tensor, regime: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [..., S] int -> cos, sin: [..., S, rotary_dim] (a leading row dim: one position set per row)
         inv = self.inv_freq_long if regime == "long" else self.inv_freq
+        assert inv is not None, "regime() answers 'long' only where there is a long set"
         freqs = positions.to(torch.float32)[..., None] * inv.to(positions.device)
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)

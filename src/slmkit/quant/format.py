@@ -199,6 +199,7 @@ def _int4_codes(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
             best[1] = torch.where(better[..., None], u, best[1])
             best[2] = torch.where(better, s, best[2])
             best[3] = torch.where(better, m, best[3])
+    assert best is not None  # the clip loop ran
     return best[1].to(torch.uint8), best[2], best[3]
 
 
@@ -221,7 +222,7 @@ def quantize(w: torch.Tensor, bits: int, group: int, *, rows_per_chunk: int = 25
             chunk = torch.cat([chunk, fill], dim=1)
         cu, cs, cm = codes(chunk.view(r1 - r0, ng, group))
         u[r0:r1], s[r0:r1] = cu.view(r1 - r0, -1), cs
-        if m is not None:
+        if m is not None and cm is not None:  # int4: both (the int8 codes have no min)
             m[r0:r1] = cm
     return from_codes(u[:, :k], s, m, bits=bits, group=group, zero=128 if bits == 8 else 0, n=n, k=k)
 

@@ -9,12 +9,22 @@ subtraction *is* addition of the negation, so this is exact too. Types without s
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
-from slmkit.gguf.quants import (GGML_QUANT_SIZES, k_scale_min, q4_0_codes, q4_1_codes, q4_k_codes, q5_0_codes,
-                                q5_1_codes, q5_k_codes, q6_k_codes)
+from slmkit.gguf.quants import (
+    GGML_QUANT_SIZES,
+    k_scale_min,
+    q4_0_codes,
+    q4_1_codes,
+    q4_k_codes,
+    q5_0_codes,
+    q5_1_codes,
+    q5_k_codes,
+    q6_k_codes,
+)
 from slmkit.quant.format import TILE, QuantWeight, _tile_groups, pack_codes, padded
 
 __all__ = ["REPACKABLE", "repack"]

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from ..errors import InvalidRequestError
-from .format import GROUPS, QuantWeight, dequantize_weight, qmatmul_reference, quantize
 from ..kernels.qgemm import get_kernel, qmatmul_kernel
+from .format import GROUPS, QuantWeight, dequantize_weight, qmatmul_reference, quantize
 
 SCHEMES = {"int8": 8, "int4": 4}
 DEFAULT_GROUP = {"int8": 32, "int4": 32}
@@ -38,6 +38,14 @@ def kernel_active() -> bool:
 
 class QuantLinear(nn.Module):
     """y = x @ W.T (+ b) with W quantized; the tensors are buffers so state_dict() saves them."""
+
+    # the buffers (register_buffer below), declared so their types are known
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+    super_scales: torch.Tensor | None
+    super_mins: torch.Tensor | None
+    bias: torch.Tensor | None
 
     def __init__(self, qw: QuantWeight, bias: torch.Tensor | None = None):
         super().__init__()

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..loading.files import parse_json
 from ..errors import ModelFileError, WeightError
+from ..loading.files import parse_json
 from .format import TILE, QuantWeight, padded
 from .linear import QuantLinear
 

@@ -109,8 +109,11 @@ async def _fetch(url: str, param: str, policy: FetchPolicy) -> tuple[bytes, str]
     except ValueError as e:
         raise _bad(f"is not a valid URL ({e})", param) from None
     if not policy.allows(host):
-        why = ("fetching image URLs from remote hosts is off on this server (start it with --image-urls, or "
-               "send the image as a data: URL)") if policy.allow is False else f"host {host!r} is not in the server's --image-urls list"
+        if policy.allow is False:
+            why = ("fetching image URLs from remote hosts is off on this server (start it with --image-urls, or "
+                   "send the image as a data: URL)")
+        else:
+            why = f"host {host!r} is not in the server's --image-urls list"
         raise _bad(why, param)
     try:
         async with httpx.AsyncClient(timeout=policy.timeout_s, follow_redirects=False) as client:

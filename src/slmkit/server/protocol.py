@@ -33,7 +33,7 @@ def http_protocol(header_timeout: float = DEFAULT_HEADER_TIMEOUT_S) -> type:
             if waiting and not self.transport.is_closing():
                 self.transport.close()
 
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._arm()
 

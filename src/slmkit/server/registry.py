@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import ConfigError, InvalidRequestError, ModelNotFoundError, ModelUnavailableError
 from .scheduler import Scheduler
@@ -184,14 +184,14 @@ class Registry:
             e.last_used = time.time()
             return e.llm, load_s
 
-    def release(self, name: str, keep_alive: float | None | str = "default") -> None:
+    def release(self, name: str, keep_alive: float | None | Literal["default"] = "default") -> None:
         e = self.entry(name)
         with e.lock:
             e.active -= 1
             e.last_used = time.time()
             if keep_alive != "default" and keep_alive != 0:
                 e.unload_requested = False  # Ollama: the last request's keep_alive wins
-            e._expire(e.default_keep_alive if keep_alive == "default" or e.loader is None else keep_alive)
+            e._expire(e.default_keep_alive if isinstance(keep_alive, str) or e.loader is None else keep_alive)
             if e.active == 0 and (e.unload_requested or e.expires_at is not None and e.expires_at <= time.time()):
                 self._unload(e)
 

@@ -20,7 +20,7 @@ from ..errors import ServerBusyError
 from ..streams import END, Stream
 
 
-def _deliver(job: "Job", item: Any) -> bool:
+def _deliver(job: Job, item: Any) -> bool:
     """Hand an item to the request's event loop; False if that loop is gone (the job is dropped)."""
     try:
         job.out.put(item)

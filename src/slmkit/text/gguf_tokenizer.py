@@ -31,14 +31,15 @@ jina-v2 pre-tokenizers get lstrip on ``<mask>``; tokens whose text llama.cpp tre
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
-from slmkit.text.tokenizer import Tokenizer
 from slmkit.errors import ConfigError, UnsupportedModelError
+from slmkit.text.tokenizer import Tokenizer
 
 # tokenizer.ggml.token_type values (llama.cpp `llama_token_type`)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

@@ -16,15 +16,16 @@ What `from_folder` reproduces (checked against `transformers.AutoTokenizer` 5.24
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import tokenizers
 from tokenizers import AddedToken, decoders, pre_tokenizers
 
-from slmkit.loading.files import read_json
 from slmkit.checks import check_int
 from slmkit.errors import ConfigError, InvalidRequestError, ModelFileError
+from slmkit.loading.files import read_json
 
 # config.json model types for which transformers 5 loads tokenizer.json as shipped even when tokenizer_config.json
 # says LlamaTokenizer (its MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS list, restricted to the families slmkit runs).
@@ -79,7 +80,7 @@ class TokenizerStream:
     turns a whole run into U+FFFDs once any byte is invalid, after its valid characters were already emitted.
     """
 
-    def __init__(self, tokenizer: "Tokenizer", skip_special_tokens: bool = True):
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self._tok = tokenizer
         self._skip = skip_special_tokens
         self.reset()
@@ -168,13 +169,13 @@ class Tokenizer:
 
     @classmethod
     def from_tokenizer(cls, tk: tokenizers.Tokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
-                       add_bos: bool = False, add_eos: bool = False, chat_template: str | None = None) -> "Tokenizer":
+                       add_bos: bool = False, add_eos: bool = False, chat_template: str | None = None) -> Tokenizer:
         """Wrap an already-built tokenizer (e.g. one built from GGUF metadata)."""
         return cls(tk, bos_token=bos_token, eos_token=eos_token, add_bos=add_bos, add_eos=add_eos,
                    chat_template=chat_template)
 
     @classmethod
-    def from_folder(cls, path: str | Path, *, pipeline: Literal["auto", "file"] = "auto") -> "Tokenizer":
+    def from_folder(cls, path: str | Path, *, pipeline: Literal["auto", "file"] = "auto") -> Tokenizer:
         """Load tokenizer.json (+ optional tokenizer_config.json, special_tokens_map.json, chat template files).
 
         pipeline="auto" picks the pre-tokenization pipeline transformers 5 would (see the module docstring);
