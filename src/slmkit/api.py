@@ -18,8 +18,8 @@ from .backends.base import Backend, BackendStats, Capabilities, ModelDescription
 from .checks import check_int
 from .engine.engine import validate_token_ids
 from .errors import ContextLengthError, InvalidRequestError, ModelFileError, UnsupportedInputError
-from .sources.resolve import BUILTIN_ALIASES, resolve_model_path
 from .options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
+from .sources.resolve import BUILTIN_ALIASES, resolve_model_path
 from .text.chat import check_text
 from .text.stops import StopStrings
 
