@@ -1,4 +1,4 @@
-"""The compiled kernels (qgemm.cpp): the quantized matmul and the decode attention (one new query
+"""The compiled kernels (qgemm.cpp): the quantized matmul and the attention (one or more new queries
 per row over strided KV-cache views); build, load, call; None where unavailable.
 
 Built once with the machine's C++ compiler (at `make` time, or on first use) into the package
@@ -24,7 +24,7 @@ import torch
 
 from .format import QuantWeight
 
-SOURCE = Path(__file__).with_name("qgemm.cpp")
+SOURCES = [Path(__file__).with_name("qgemm.cpp")]
 FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl",
          "-mavx512vnni", "-mf16c", "-mfma", "-ffp-contract=off"]
 
@@ -35,18 +35,18 @@ build_error: str | None = None  # why the kernel is unavailable, for `slm` diagn
 
 
 def _lib_name() -> str:
-    h = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
+    h = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:12]
     return f"libslmqgemm-{h}.so"
 
 
 def _candidates() -> list[Path]:
     home = os.environ.get("SLMKIT_HOME")
     cache = Path(home) / "kernels" if home else Path.home() / ".cache" / "slmkit" / "kernels"
-    return [SOURCE.parent / _lib_name(), cache / _lib_name()]
+    return [SOURCES[0].parent / _lib_name(), cache / _lib_name()]
 
 
 def build(verbose: bool = False) -> Path:
-    """Compile qgemm.cpp (no-op when an up-to-date library exists); returns its path."""
+    """Compile the kernels (no-op when an up-to-date library exists); returns its path."""
     for p in _candidates():
         if p.is_file():
             return p
@@ -62,7 +62,7 @@ def build(verbose: bool = False) -> Path:
         except OSError as e:
             errors.append(f"{dest.parent}: {e}")
             continue
-        cmd = [cxx, *FLAGS, str(SOURCE), "-o", tmp]
+        cmd = [cxx, *FLAGS, *map(str, SOURCES), "-o", tmp]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
             os.unlink(tmp)
@@ -97,10 +97,9 @@ def get_kernel() -> ctypes.CDLL | None:
                                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64,
                                       ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int]
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            lib.slm_decode_attn.restype = ctypes.c_int
-            lib.slm_decode_attn.argtypes = [ctypes.c_int, i64, i64, i64, i64, ptr, i64, i64, ptr, i64, i64, i64,
-                                            ptr, i64, i64, i64, i64, ptr, i64, i64, ctypes.c_float, ptr,
-                                            ctypes.c_int]
+            lib.slm_attn.restype = ctypes.c_int
+            lib.slm_attn.argtypes = [ctypes.c_int, i64, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64,
+                                     ptr, i64, i64, i64, i64, ptr, i64, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
             _lib = lib
         except (OSError, RuntimeError) as e:
             build_error = str(e)
@@ -128,41 +127,44 @@ def qmatmul_kernel(lib: ctypes.CDLL, x: torch.Tensor, qw: QuantWeight, out_dtype
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
-# Decode attention (slm_decode_attn): the dtypes it reads and writes, and a switch for benchmarks.
+# Attention (slm_attn): the dtypes it reads and writes, and a switch for benchmarks.
 ATTN_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 decode_attention_enabled = os.environ.get("SLMKIT_DECODE_ATTN", "1") not in ("0", "off", "false")
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, qpos: torch.Tensor | None,
                      window: int | None, scale: float) -> torch.Tensor | None:
-    """One new query per row: q [B, H, 1, D], k / v [B, Hkv, L, D] (any strides, last dim contiguous,
-    H a multiple of Hkv) -> [B, H, 1, D], or None where the kernel cannot take it (the caller then
-    uses SDPA). The query of row b sits at position qpos[b, 0] (None: L - 1, every row) and sees keys
-    j <= qpos with, given a window W, j > qpos - W. float32 throughout, output in q's dtype."""
+    """S new queries per row: q [B, H, S, D], k / v [B, Hkv, L, D] (any strides, last dim contiguous,
+    H a multiple of Hkv) -> [B, H, S, D], or None where the kernel cannot take it (the caller then
+    uses SDPA). Query s of row b sits at position qpos[b, s] (None: L - S + s, every row) and sees
+    keys j <= its position with, given a window W, j > position - W. float32 throughout, output in
+    q's dtype. Each query's result is the same bits whatever the batch, S or L (see qgemm.cpp)."""
     lib = get_kernel() if decode_attention_enabled else None
-    if lib is None or q.dim() != 4 or q.shape[2] != 1 or k.dim() != 4 or v.shape != k.shape:
+    if lib is None or q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         return None
-    B, H, _, D = q.shape
+    B, H, S, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     dt = ATTN_DTYPES.get(q.dtype)
     if (dt is None or k.dtype != q.dtype or v.dtype != q.dtype or k.shape[0] != B or k.shape[3] != D
-            or H % Hkv or H // Hkv > 64 or L < 1 or q.device.type != "cpu" or k.device.type != "cpu"
-            or v.device.type != "cpu" or q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1
+            or H % Hkv or H // Hkv > 64 or L < 1 or not 1 <= S <= L or q.device.type != "cpu"
+            or k.device.type != "cpu" or v.device.type != "cpu" or q.stride(3) != 1 or k.stride(3) != 1
+            or v.stride(3) != 1
             or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
         return None
     if qpos is not None:
-        if qpos.dtype != torch.long or qpos.device.type != "cpu" or qpos.shape != (B, 1):
+        if qpos.dtype != torch.long or qpos.device.type != "cpu" or qpos.shape != (B, S):
             return None
-    out = torch.empty(B, 1, H, D, dtype=q.dtype)
-    rc = lib.slm_decode_attn(dt, B, H, Hkv, D, q.data_ptr(), q.stride(0), q.stride(1),
-                             k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
-                             v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), L,
-                             None if qpos is None else qpos.data_ptr(), 0 if qpos is None else qpos.stride(0),
-                             window or 0, scale, out.data_ptr(), torch.get_num_threads())
+    out = torch.empty(B, S, H, D, dtype=q.dtype)
+    rc = lib.slm_attn(dt, B, S, H, Hkv, D, q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
+                      k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
+                      v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), L,
+                      None if qpos is None else qpos.data_ptr(), 0 if qpos is None else qpos.stride(0),
+                      0 if qpos is None else qpos.stride(1), window or 0, scale, out.data_ptr(),
+                      torch.get_num_threads())
     if rc == -1:  # a query position outside 0..L-1 (the kernel checks them all): SDPA's masking instead
         return None
     if rc:
-        raise RuntimeError(f"slm_decode_attn failed with code {rc}")
+        raise RuntimeError(f"slm_attn failed with code {rc}")
     return out.transpose(1, 2)
 
 
