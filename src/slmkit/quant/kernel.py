@@ -1,5 +1,6 @@
-"""The compiled kernels (qgemm.cpp): the quantized matmul and the attention (one or more new queries
-per row over strided KV-cache views); build, load, call; None where unavailable.
+"""The compiled kernels (qgemm.cpp, fgemm.cpp): the quantized matmul, the attention (one or more new
+queries per row over strided KV-cache views) and the batch-invariant float matmul; build, load,
+call; None where unavailable.
 
 Built once with the machine's C++ compiler (at `make` time, or on first use) into the package
 folder when writable, else `$SLMKIT_HOME/kernels` / `~/.cache/slmkit/kernels`; the file name
@@ -24,7 +25,7 @@ import torch
 
 from .format import QuantWeight
 
-SOURCES = [Path(__file__).with_name("qgemm.cpp")]
+SOURCES = [Path(__file__).with_name("qgemm.cpp"), Path(__file__).with_name("fgemm.cpp")]
 FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl",
          "-mavx512vnni", "-mf16c", "-mfma", "-ffp-contract=off"]
 
@@ -100,6 +101,13 @@ def get_kernel() -> ctypes.CDLL | None:
             lib.slm_attn.restype = ctypes.c_int
             lib.slm_attn.argtypes = [ctypes.c_int, i64, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64,
                                      ptr, i64, i64, i64, i64, ptr, i64, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
+            lib.slm_fgemm_pairs.restype = ctypes.c_int
+            lib.slm_fgemm_pairs.argtypes = [ctypes.c_int]
+            lib.slm_fgemm_packed.restype = lib.slm_fgemm_rows.restype = ctypes.c_int
+            lib.slm_fgemm_packed.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int, i64, i64, ptr, ptr, i64,
+                                             ctypes.c_int]
+            lib.slm_fgemm_rows.argtypes = [ptr, i64, i64, i64, ptr, i64, ctypes.c_int, i64, ptr, ptr, i64,
+                                           ctypes.c_int]
             _lib = lib
         except (OSError, RuntimeError) as e:
             build_error = str(e)
@@ -125,6 +133,57 @@ def qmatmul_kernel(lib: ctypes.CDLL, x: torch.Tensor, qw: QuantWeight, out_dtype
     if rc:
         raise RuntimeError(f"slm_qgemm failed with code {rc}")
     return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+# Float matmul (fgemm.cpp): each output a fixed sequence of float32 operations, whatever the row count.
+FLOAT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def pack_float_weight(lib: ctypes.CDLL, w: torch.Tensor) -> torch.Tensor:
+    """W [N, K] -> slm_fgemm_packed's tiles (same dtype; zero rows pad N): [ceil(N / 16), K, 16], or
+    for bfloat16 on CPUs with AVX512-BF16 [ceil(N / 16), ceil(K / 2), 16, 2] (k in pairs)."""
+    n, k = w.shape
+    tiles = (n + 15) // 16
+    padded = w if n == tiles * 16 else torch.cat([w, w.new_zeros(tiles * 16 - n, k)])
+    if lib.slm_fgemm_pairs(FLOAT_DTYPES[w.dtype]):
+        if k % 2:
+            padded = torch.cat([padded, padded.new_zeros(tiles * 16, 1)], dim=1)
+        return padded.view(tiles, 16, -1, 2).transpose(1, 2).contiguous()
+    return padded.view(tiles, 16, k).transpose(1, 2).contiguous()
+
+
+def unpack_float_weight(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """pack_float_weight's result back to W [n, k] (a copy)."""
+    tiles = packed.shape[0]
+    if packed.dim() == 4:  # k in pairs
+        return packed.permute(0, 2, 1, 3).reshape(tiles * 16, -1)[:n, :k].contiguous()
+    return packed.transpose(1, 2).reshape(tiles * 16, -1)[:n, :k].contiguous()
+
+
+def fmatmul_kernel(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
+                   n: int | None = None) -> torch.Tensor:
+    """x [M, K] @ W.T (+ bias) -> [M, N] in W's dtype (x is cast to it). w is W [N, K] itself (last
+    dim contiguous, read in place) or, with n = N given, pack_float_weight(W). A row's result does
+    not depend on M (batch-invariant)."""
+    dt = w.dtype
+    x = x.to(dt).contiguous()
+    m, k = x.shape
+    packed = n is not None
+    n = n if packed else w.shape[0]
+    out = torch.empty(m, n, dtype=dt)
+    if m == 0:
+        return out
+    b = None if bias is None else bias.to(dt).contiguous().data_ptr()
+    threads = torch.get_num_threads()
+    if packed:
+        rc = lib.slm_fgemm_packed(x.data_ptr(), m, k, k, w.data_ptr(), FLOAT_DTYPES[dt], w.shape[0], n, b,
+                                  out.data_ptr(), n, threads)
+    else:
+        rc = lib.slm_fgemm_rows(x.data_ptr(), m, k, k, w.data_ptr(), w.stride(0), FLOAT_DTYPES[dt], n, b,
+                                out.data_ptr(), n, threads)
+    if rc:
+        raise RuntimeError(f"slm_fgemm failed with code {rc}")
+    return out
 
 
 # Attention (slm_attn): the dtypes it reads and writes, and a switch for benchmarks.
