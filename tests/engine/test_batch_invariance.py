@@ -128,3 +128,13 @@ def test_tiny_models_greedy_rows_equal_solo_on_every_path(phi3_folders, tiny_gem
     reqs = [(torch.randint(5, llm.engine.vocab_size, (3 + 5 * i % 23,), generator=g).tolist(), 6 + i % 5)
             for i in range(16)]
     check(llm.engine, reqs, (2, 16), chunk=8)
+
+
+def test_longrope_rows_crossing_original_max_equal_solo(phi3_folders):
+    """Phi-3 LongRoPE (original_max 32 here): a row that grows past it is re-prefilled with the
+    long factors in its slot, as a solo run re-prefills its cache; both must give the same bits."""
+    llm = slmkit.load(phi3_folders("longrope"), dtype="bfloat16")
+    g = torch.Generator().manual_seed(2)
+    reqs = [(torch.randint(5, llm.engine.vocab_size, (n,), generator=g).tolist(), m)
+            for n, m in [(20, 16), (28, 8), (40, 6), (10, 30), (31, 4), (33, 5)]]
+    check(llm.engine, reqs, (2, 6), chunk=8)
