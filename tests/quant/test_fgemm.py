@@ -83,8 +83,11 @@ def test_pack_linears_swaps_float_linears_for_the_kernel(dtype):
     with torch.no_grad():
         want = model[2](model[1](model[0](x)))
         assert pack_linears(model) == 2
-        assert isinstance(model[0], PackedKernelLinear) and isinstance(model[2], KernelLinear)
-        assert model[2].weight is model.emb.weight  # the tied weight is read in place, not copied
+        assert isinstance(model[0], PackedKernelLinear)
+        if dtype == torch.bfloat16:  # copied into tiles, as oneDNN's packing did
+            assert isinstance(model[2], PackedKernelLinear)
+        else:  # the tied weight is read in place, not copied
+            assert isinstance(model[2], KernelLinear) and model[2].weight is model.emb.weight
         got = model[2](model[1](model[0](x)))
         assert got.shape == want.shape and got.dtype == dtype
         tol = 1e-5 if dtype == torch.float32 else 3e-2

@@ -2,11 +2,11 @@
 
 Where the compiled kernels run (AVX512), every float32 / bfloat16 / float16 linear goes through
 fgemm.cpp (`PackedKernelLinear`, its weight re-laid in tiles; `KernelLinear` reading a shared
-weight such as a tied embedding in place): each output is a fixed sequence of float32 operations,
-so a row's result never depends on how many rows share the call. Greedy
-decoding needs that to give the same tokens for a request alone, batched with 15 others, prefilled
-in chunks or started from a kept prefix (BLAS and oneDNN choose their blocking, and a GEMV for one
-row, from the shape, and near-tied logits then flip). Its speed: benchmarks/gemv.py.
+float32 / float16 weight such as a tied embedding in place): each output is a fixed sequence of float32 operations,
+so a row's result never depends on how many rows share the call. Greedy decoding needs that to
+give the same tokens for a request alone, batched with 15 others, prefilled in chunks or started
+from a kept prefix (BLAS and oneDNN choose their blocking, and a GEMV for one row, from the shape,
+and near-tied logits then flip). Its speed: benchmarks/gemv.py.
 
 Elsewhere, bf16 linears become oneDNN-packed ones. Measured on this project's 2-core AVX512-BF16
 machine (benchmarks/gemv.py): a single-token decode through the five Phi-3-mini linear shapes reads
@@ -52,7 +52,7 @@ class PackedLinear(nn.Module):
 
 class KernelLinear(nn.Linear):
     """nn.Linear whose forward runs the batch-invariant float kernel on its weight in place (for a
-    weight another module shares, a tied embedding: no second copy)."""
+    float32 / float16 weight another module shares, a tied embedding: no second copy)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -90,25 +90,32 @@ def kernel_linears_available() -> bool:
 
 def _kernel_linears(model: nn.Module) -> int:
     """Swap every float CPU nn.Linear for a PackedKernelLinear (its weight dropped once copied), or
-    for a KernelLinear over the same weight where another module shares it."""
+    for a KernelLinear over the same weight where another module shares a float32 / float16 one."""
     lib = get_kernel()
     todo = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
             if type(child) is nn.Linear and child.weight.dtype in FLOAT_DTYPES and child.weight.device.type == "cpu"]
     maps = FileMappings()
     swapped = {id(lin) for _, _, lin in todo}
     keep = {p.data_ptr() for m in model.modules() if id(m) not in swapped for p in m.parameters(recurse=False)}
-    for parent, name, lin in todo:
-        if lin.weight.data_ptr() in keep and lin.weight.stride(-1) == 1:
+    n = len(todo)
+    todo.reverse()
+    while todo:  # popped, so each original is freed once replaced: memory holds one copy plus a linear
+        parent, name, lin = todo.pop()
+        # a shared float32 / float16 weight is read in place, as plain nn.Linear did (no second copy;
+        # for the float32 Gemma head faster than BLAS here); a bf16 one is copied into tiles, as the
+        # oneDNN packing did (twice the speed of reading it in place)
+        if lin.weight.data_ptr() in keep and lin.weight.stride(-1) == 1 and lin.weight.dtype != torch.bfloat16:
             new = KernelLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
             new.weight, new.bias = lin.weight, lin.bias
             setattr(parent, name, new)
-            continue
-        bias = None if lin.bias is None else lin.bias.detach().clone()
-        setattr(parent, name, PackedKernelLinear(lin.in_features, lin.out_features,
-                                                 pack_float_weight(lib, lin.weight.detach()), bias))
-        if lin.weight.data_ptr() not in keep:
-            release_pages(lin.weight, maps)
-    return len(todo)
+        else:
+            bias = None if lin.bias is None else lin.bias.detach().clone()
+            setattr(parent, name, PackedKernelLinear(lin.in_features, lin.out_features,
+                                                     pack_float_weight(lib, lin.weight.detach()), bias))
+            if lin.weight.data_ptr() not in keep:
+                release_pages(lin.weight, maps)
+        del parent, lin
+    return n
 
 
 def pack_linears(model: nn.Module) -> int:

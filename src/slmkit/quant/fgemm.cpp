@@ -13,11 +13,11 @@
 //    accumulator per output taking y = fma(w[n, k], x[m, k], y) for k = 0, 1, ... in order, x[m, k]
 //    broadcast. bfloat16 on CPUs with AVX512-BF16 takes k in pairs instead, y = dpbf16(y, w[n, k:k+2],
 //    x[m, k:k+2]) with packed[t][k / 2][r][2] (both products exact in float32): twice the rate of
-//    float32 FMAs, oneDNN's speed. Used for a linear's own weight (the copy replaces it).
+//    float32 FMAs, about oneDNN's speed. For a linear's own weight (the copy replaces it) and bf16.
 //  - rows (slm_fgemm_rows): W read in place, row-major; per output 16 float32 lanes over K in steps
 //    of 16 inputs (lane j takes k = j, 16 + j, ...; 32 and pairs with AVX512-BF16), summed across
-//    lanes in a fixed order at the end. No copy: for a weight another module shares (a tied
-//    embedding), about two thirds of the packed speed on many rows, the same on few.
+//    lanes in a fixed order at the end. No copy: for a float32 / float16 weight another module
+//    shares (a tied embedding); slower than packed (about 1.5x for Gemma's head), faster than BLAS.
 // Which variant (FMA or pairs) a machine runs is fixed by its CPU (slm_fgemm_pairs), never by M.
 #include <immintrin.h>
 #include <omp.h>
@@ -61,6 +61,53 @@ static inline void put(void* out, int64_t o, float y, const void* bias, int64_t 
     uint16_t h = to_dt16(y, dt);
     if (bias) h = to_dt16(from_dt(&h, 0, dt) + from_dt(bias, n, dt), dt);
     ((uint16_t*)out)[o] = h;
+}
+
+// 16 float32 -> bfloat16, round to nearest even (NaN stays NaN), as to_bf16 does one at a time.
+static inline __m256i to_bf16x16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                           _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    const __m512i h = _mm512_mask_or_epi32(_mm512_srli_epi32(r, 16), nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(h);
+}
+
+template <int DT>
+static inline __m512 from16x16(__m256i h) {
+    return DT == F_F16 ? _mm512_cvtph_ps(h) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <int DT>
+static inline __m256i to16x16(__m512 v) {
+    return DT == F_F16 ? _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC) : to_bf16x16(v);
+}
+
+// out[o + r] = put(y[r], bias[n + r]) for r < nr, 16 at a time (the same roundings as put).
+template <int DT>
+static void put_run_dt(void* out, int64_t o, const float* y, int64_t nr, const void* bias, int64_t n) {
+    int64_t r = 0;
+    for (; r + 16 <= nr; r += 16) {
+        __m512 v = _mm512_loadu_ps(y + r);
+        if (DT == F_F32) {
+            if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps((const float*)bias + n + r));
+            _mm512_storeu_ps((float*)out + o + r, v);
+            continue;
+        }
+        __m256i h = to16x16<DT>(v);
+        if (bias) {
+            const __m256i b = _mm256_loadu_si256((const __m256i*)((const uint16_t*)bias + n + r));
+            h = to16x16<DT>(_mm512_add_ps(from16x16<DT>(h), from16x16<DT>(b)));
+        }
+        _mm256_storeu_si256((__m256i*)((uint16_t*)out + o + r), h);
+    }
+    for (; r < nr; ++r) put(out, o + r, y[r], bias, n + r, DT);
+}
+
+static void put_run(void* out, int64_t o, const float* y, int64_t nr, const void* bias, int64_t n, int dt) {
+    if (dt == F_F32) put_run_dt<F_F32>(out, o, y, nr, bias, n);
+    else if (dt == F_BF16) put_run_dt<F_BF16>(out, o, y, nr, bias, n);
+    else put_run_dt<F_F16>(out, o, y, nr, bias, n);
 }
 
 // 1 where bfloat16 takes the pair variant (the CPU has AVX512-BF16), else 0.
@@ -183,8 +230,7 @@ extern "C" int slm_fgemm_packed(const void* x, int64_t M, int64_t K, int64_t ldx
                                                 (const char*)xc + m0 * xrow, tmp, 64);
                     const int64_t r0 = (t0 + ts) * 16;
                     const int64_t nr = N - r0 < tcur * 16 ? N - r0 : tcur * 16;
-                    for (int m = 0; m < mb; ++m)
-                        for (int64_t r = 0; r < nr; ++r) put(out, (m0 + m) * ldo + r0 + r, tmp[m * 64 + r], bias, r0 + r, dt);
+                    for (int m = 0; m < mb; ++m) put_run(out, (m0 + m) * ldo + r0, tmp + m * 64, nr, bias, r0, dt);
                     ts += tcur;
                 }
             }
