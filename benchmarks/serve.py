@@ -30,8 +30,9 @@ from common import print_table, save_results  # noqa: E402
 TOKENS = 64
 
 
-def launch(cmd: list[str], what: str) -> tuple[str, object]:
-    """Run a server command (its port appended as --port P) and wait until /health answers."""
+def launch(cmd: list[str], what: str, log: Path | None = None) -> tuple[str, object]:
+    """Run a server command (its port appended as --port P) and wait until /health answers; its
+    output goes to `log` (a file) when given."""
     import subprocess
 
     import httpx
@@ -39,7 +40,12 @@ def launch(cmd: list[str], what: str) -> tuple[str, object]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen(cmd + ["--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = open(log, "wb") if log is not None else subprocess.DEVNULL  # the child keeps its own copy
+    try:
+        proc = subprocess.Popen(cmd + ["--port", str(port)], stdout=out, stderr=subprocess.STDOUT if log else out)
+    finally:
+        if log is not None:
+            out.close()
     base = f"http://127.0.0.1:{port}"
     for _ in range(1200):
         try:

@@ -439,7 +439,9 @@ def load(model: str | Path = "builtin", *, dtype: str | torch.dtype = "auto", de
     Face folder (config.json + *.safetensors + tokenizer files) or a hub id.
 
     dtype "auto" is bfloat16 on CPUs with native bf16 (AVX512-BF16 / AMX) and on CUDA, else float32.
-    pack=False keeps plain nn.Linear weights instead of oneDNN-packed ones (bf16 on CPU only).
+    pack=False keeps plain nn.Linear weights instead of the compiled batch-invariant float kernel
+    (or, without it, oneDNN-packed bf16 ones): then a greedy request's tokens may depend on what
+    else shares its batch.
     quant: None keeps float weights float and runs a GGUF file's quantized weights in their own
     format (Q4_0/Q4_1/Q4_K as int4, Q5/Q6_K/Q8_0 as int8, losslessly); "int8" / "int4" quantize
     the float linear weights after load (weight-only, per group of `group_size` = 32, 64, 128 or

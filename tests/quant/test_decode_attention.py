@@ -1,4 +1,5 @@
-"""The compiled decode attention (one query per row) against SDPA with the mask, in float64."""
+"""The compiled attention (one or more queries per row) against SDPA with the mask, in float64, and
+against itself: a query's result is the same bits in a decode step, a batch, or a prefill chunk."""
 from __future__ import annotations
 
 import pytest
@@ -99,5 +100,58 @@ def test_unsupported_inputs_fall_back():
     assert decode_attention(q, k.bfloat16(), v, qpos=None, window=None, scale=1.0) is None  # mixed dtypes
     strided = k.transpose(2, 3).contiguous().transpose(2, 3)
     assert decode_attention(q, strided, v, qpos=None, window=None, scale=1.0) is None
-    assert decode_attention(torch.randn(2, 4, 2, 32), k, v, qpos=None, window=None, scale=1.0) is None  # S=2
+    assert decode_attention(torch.randn(2, 4, 10, 32), k, v, qpos=None, window=None, scale=1.0) is None  # S > L
     assert decode_attention(q, k, v, qpos=torch.tensor([[3], [9]]), window=None, scale=1.0) is None  # qpos >= L
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 6])
+def test_a_prefill_chunk_gives_each_query_the_bits_of_its_decode_step(dtype, window):
+    """S queries at positions offset..offset+S-1 in one call (a prefill chunk, or a whole prompt),
+    each equal bit for bit to that query alone over the keys up to its position (a decode step),
+    to the same query as a row of a batch at other lengths, and close to float64 SDPA."""
+    g = torch.Generator().manual_seed(7)
+    B, H, Hkv, D, L = 2, 8, 2, 64, 23
+    kc, vc = (torch.randn(5, Hkv, 40, D, generator=g).to(dtype) for _ in range(2))
+    k, v = kc[:B, :, :L], vc[:B, :, :L]
+    for S in (1, 2, 7, L):
+        q = torch.randn(B, S, H, D, generator=g).to(dtype).transpose(1, 2)  # [B, H, S, D], as the models give
+        got = decode_attention(q, k, v, qpos=None, window=window, scale=0.125)
+        assert got.shape == (B, H, S, D)
+        for s in range(S):
+            p = L - S + s
+            alone = decode_attention(q[:, :, s:s + 1], k[:, :, :p + 1], v[:, :, :p + 1], qpos=None, window=window,
+                                     scale=0.125)
+            assert torch.equal(got[:, :, s:s + 1], alone)
+            # as row 1 of a batch whose row 0 is longer
+            rows = torch.tensor([[L - 1], [p]])
+            q2 = torch.stack([q[0, :, s], q[1, :, s]])[:, :, None]
+            batched = decode_attention(q2, k, v, qpos=rows, window=window, scale=0.125)
+            assert torch.equal(batched[1:], alone[1:])
+        want = reference(q, k, v, torch.arange(L - S, L).expand(B, S), window, 0.125)
+        tol = 2e-6 if dtype == torch.float32 else 2.0**-8
+        assert ((got.double() - want).abs() <= tol * want.abs() + 1e-5).all()
+
+
+def test_attention_routes_prefill_chunks_to_the_kernel(monkeypatch):
+    calls = []
+    real = kernel.decode_attention
+
+    def counting(*a, **kw):
+        out = real(*a, **kw)
+        calls.append(out is not None)
+        return out
+
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(1, 4, 5, 32, generator=g)
+    k, v = torch.randn(1, 2, 12, 32, generator=g), torch.randn(1, 2, 12, 32, generator=g)
+    import slmkit.models.layers as layers
+
+    monkeypatch.setattr(layers, "decode_attention", counting)
+    out = attention(q, k, v, Aligned(7, torch.arange(7, 12)[None]), window=None, scale=0.2)  # 5 after 7 cached
+    whole = attention(q, k[:, :, :5], v[:, :, :5], Aligned(0, torch.arange(5)[None]), window=3, scale=0.2)  # no cache
+    assert calls == [True, True]
+    ref = reference(q, k, v, torch.arange(7, 12)[None], None, 0.2)
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(whole.double(), reference(q, k[:, :, :5], v[:, :, :5], torch.arange(5)[None], 3, 0.2),
+                               atol=2e-6, rtol=2e-6)

@@ -269,12 +269,18 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
 }
 
 // ---------------------------------------------------------------------------------------------
-// Decode attention: one new query per row, y[b, h] = softmax(scale * q[b, h] . K[b, h/G, j]) V,
-// over the keys j in [start_b, qpos_b] with start_b = max(0, qpos_b - window + 1) (window 0: none).
-// q [B, H, D] (row / head strides given, last dim contiguous), K and V of any strides (elements; last
-// dim contiguous), all of one dtype (0 float32, 1 bfloat16, 2 float16); out [B, H, D] contiguous in
-// that dtype. Everything in float32: scores, max-subtracted softmax, the weighted V sum, divided by
-// the sum at the end. One task per (row, kv head) handles its G query heads, so K and V are read once.
+// Attention of S new queries per row: y[b, s, h] = softmax(scale * q[b, h, s] . K[b, h/G, j]) V over
+// the keys j in [start, p] with p the query's position and start = max(0, p - window + 1) (window 0:
+// none). q [B, H, S, D] (row / head / query strides given, last dim contiguous), K and V of any
+// strides (elements; last dim contiguous), all of one dtype (0 float32, 1 bfloat16, 2 float16); out
+// [B, S, H, D] contiguous in that dtype. Everything in float32: scores, max-subtracted softmax, the
+// weighted V sum, divided by the sum at the end. One task per (row, query, kv head) handles its G
+// query heads, so K and V are read once per query.
+//
+// Each query's result is computed by the same instructions in the same order whatever B, S, L, the
+// strides or the thread count: a query gives the same bits alone in a decode step, batched with
+// other rows, or as one of a prefill chunk of any size. Greedy decoding relies on that to be batch-
+// and chunk-invariant (a prompt prefilled in one piece, in chunks, or reused from a kept slot).
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
@@ -378,26 +384,28 @@ static void attn_task(const void* q, const void* k, const void* v, void* out, in
     }
 }
 
-// q: [B, H, D] with strides (qsb, qsh, 1); k, v: base pointers, strides (row, kv head, position, 1);
-// L: keys in the view (positions 0..L-1); qpos: [B] (stride qps) query positions, or NULL for L - 1
-// in every row. Returns 0, or a negative code for bad arguments (the Python side checks them first).
-extern "C" int slm_decode_attn(int dtype, int64_t B, int64_t H, int64_t Hkv, int64_t D, const void* q, int64_t qsb,
-                               int64_t qsh, const void* k, int64_t ksb, int64_t ksh, int64_t kst, const void* v,
-                               int64_t vsb, int64_t vsh, int64_t vst, int64_t L, const int64_t* qpos, int64_t qps,
-                               int64_t window, float scale, void* out, int nthreads) {
-    if (B < 1 || Hkv < 1 || H % Hkv || D < 1 || L < 1 || dtype < 0 || dtype > 2) return -1;
+// q: [B, H, S, D] with strides (qsb, qsh, qss, 1); k, v: base pointers, strides (row, kv head,
+// position, 1); L: keys in the view (positions 0..L-1); qpos: [B, S] (strides qpb, qps) query
+// positions, or NULL for L - S + s in every row. Returns 0, or a negative code for bad arguments (the
+// Python side checks them first).
+extern "C" int slm_attn(int dtype, int64_t B, int64_t S, int64_t H, int64_t Hkv, int64_t D, const void* q,
+                        int64_t qsb, int64_t qsh, int64_t qss, const void* k, int64_t ksb, int64_t ksh, int64_t kst,
+                        const void* v, int64_t vsb, int64_t vsh, int64_t vst, int64_t L, const int64_t* qpos,
+                        int64_t qpb, int64_t qps, int64_t window, float scale, void* out, int nthreads) {
+    if (B < 1 || S < 1 || Hkv < 1 || H % Hkv || D < 1 || L < 1 || S > L || dtype < 0 || dtype > 2) return -1;
     const int64_t G = H / Hkv;
     if (G > 64) return -1;
     int64_t nmax = 0;
-    for (int64_t b = 0; b < B; ++b) {
-        const int64_t p = qpos ? qpos[b * qps] : L - 1;
-        if (p < 0 || p >= L) return -1;
-        const int64_t st = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
-        if (p + 1 - st > nmax) nmax = p + 1 - st;
-    }
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < S; ++i) {
+            const int64_t p = qpos ? qpos[b * qpb + i * qps] : L - S + i;
+            if (p < 0 || p >= L) return -1;
+            const int64_t st = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+            if (p + 1 - st > nmax) nmax = p + 1 - st;
+        }
     const int64_t nc = (D + 15) / 16;
     const size_t es = dtype == DT_F32 ? 4 : 2;
-    const int64_t tasks = B * Hkv;
+    const int64_t tasks = B * S * Hkv;
     if (nthreads < 1) nthreads = 1;
     if (nthreads > tasks) nthreads = (int)tasks;
     int err = 0;
@@ -408,16 +416,18 @@ extern "C" int slm_decode_attn(int dtype, int64_t B, int64_t H, int64_t Hkv, int
 #pragma omp atomic write
             err = -2;
         }
-#pragma omp for schedule(static)
+        // dynamic: in a prefill chunk later queries see more keys (which thread runs a task never
+        // changes its result)
+#pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < tasks; ++t) {
             if (!buf) continue;
-            const int64_t b = t / Hkv, hk = t % Hkv;
-            const int64_t p = qpos ? qpos[b * qps] : L - 1;
+            const int64_t b = t / (S * Hkv), i = t / Hkv % S, hk = t % Hkv;
+            const int64_t p = qpos ? qpos[b * qpb + i * qps] : L - S + i;
             const int64_t st = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
-            const void* qb = (const char*)q + (b * qsb + hk * G * qsh) * es;
+            const void* qb = (const char*)q + (b * qsb + i * qss + hk * G * qsh) * es;
             const void* kb = (const char*)k + (b * ksb + hk * ksh + st * kst) * es;
             const void* vb = (const char*)v + (b * vsb + hk * vsh + st * vst) * es;
-            void* ob = (char*)out + ((b * H + hk * G) * D) * es;
+            void* ob = (char*)out + (((b * S + i) * H + hk * G) * D) * es;
             float* s = buf;
             float* acc = buf + G * nmax;
             float* qf = acc + G * nc * 16;

@@ -45,9 +45,12 @@ def attention(
     """
     offset, qpos = (None, span.positions) if isinstance(span, Ragged) else (span.offset, None)
     S, L = q.shape[2], k.shape[2]
-    if S == 1 and (qpos is not None and offset is None or offset == L - 1):
+    if qpos is not None and offset is None or offset == L - S:
+        # the compiled kernel (any strides): every query's result is the same bits in a decode step,
+        # a batch of rows or a prefill chunk of any size, so greedy tokens do not depend on how
+        # requests were batched or prompts chunked. Where it is missing, SDPA below.
         out = decode_attention(q, k, v, qpos=qpos if offset is None else None, window=window, scale=scale)
-        if out is not None:  # the compiled kernel (one query per row, any strides); else SDPA below
+        if out is not None:
             return out
     windowed = window is not None and L > window
     mask, causal = None, False
