@@ -18,7 +18,7 @@ $(VENV)/.done: pyproject.toml
 	$(VPY) -m pip install -q $(TORCH_PIN)
 	$(VPY) -m pip install -q -e '.[hub]'
 	# the int4/int8 VNNI kernel, compiled for this machine (no compiler: the PyTorch fallback runs)
-	$(VPY) -m slmkit.kernels.qgemm
+	$(VPY) -m slmkit.kernels
 	touch $@
 
 $(VENV)/.test: $(VENV)/.done

@@ -225,11 +225,3 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, qpos:
     if rc:
         raise RuntimeError(f"slm_attn failed with code {rc}")
     return out.transpose(1, 2)
-
-
-if __name__ == "__main__":  # `python -m slmkit.kernels.qgemm`: build at install time
-    try:
-        print(build(verbose=True))
-    except RuntimeError as e:
-        print(f"slmkit: the quantized kernel was not built ({e}); the PyTorch fallback will be used",
-              file=sys.stderr)
