@@ -140,15 +140,19 @@ class GenerationOptions:
         self._validate_search()
 
     def _validate_search(self) -> None:
-        check_int(self.num_beams, "num_beams", lo=1)
-        check_int(self.num_return_sequences, "num_return_sequences", lo=1)
-        if self.num_return_sequences > self.num_beams:
-            raise InvalidRequestError(f"must be <= num_beams ({self.num_beams}), got {self.num_return_sequences}",
-                                      param="num_return_sequences")
-        check_number(self.length_penalty, "length_penalty", what="a number")
-        if self.early_stopping not in (True, False, "never"):
-            raise InvalidRequestError(f"must be true, false or 'never', got {shown(self.early_stopping)}",
-                                      param="early_stopping")
+        check_search(self.num_beams, self.num_return_sequences, self.length_penalty, self.early_stopping)
+
+
+def check_search(num_beams: Any, num_return_sequences: Any, length_penalty: Any, early_stopping: Any) -> None:
+    """The search options' rule (beam search here and in engine/beam.py), each error naming its option."""
+    beams = check_int(num_beams, "num_beams", lo=1)
+    returned = check_int(num_return_sequences, "num_return_sequences", lo=1)
+    if returned > beams:
+        raise InvalidRequestError(f"must be <= num_beams ({beams}), got {returned}", param="num_return_sequences")
+    check_number(length_penalty, "length_penalty", what="a number")
+    if early_stopping not in (True, False, "never"):
+        raise InvalidRequestError(f"must be true, false or 'never', got {shown(early_stopping)}",
+                                  param="early_stopping")
 
 
 def option_names() -> tuple[str, ...]:

@@ -131,16 +131,20 @@ class BatchEngine:
             self._thread.join(timeout=30)
 
     def _shutdown(self) -> None:
-        for req in self.rows + self.pending:
+        for req in self.rows + self.pending + self._drain_incoming():
             req.out.put(_END)
+        self.rows, self.pending = [], []
+
+    def _drain_incoming(self) -> list[_Request]:
+        """Every request still queued for admission (the close sentinel dropped)."""
+        out: list[_Request] = []
         while True:
             try:
-                queued = self.incoming.get_nowait()
+                item = self.incoming.get_nowait()
             except queue.Empty:
-                break
-            if queued is not None:
-                queued.out.put(_END)
-        self.rows, self.pending = [], []
+                return out
+            if item is not None:
+                out.append(item)
 
     def _loop(self) -> None:
         while True:
@@ -164,14 +168,7 @@ class BatchEngine:
         that is queued, so none waits forever."""
         with self._life:
             self.dead = f"{type(e).__name__}: {e}"
-            waiting = self.rows + self.pending
-            while True:
-                try:
-                    item = self.incoming.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    waiting.append(item)
+            waiting = self.rows + self.pending + self._drain_incoming()
             self.rows, self.pending = [], []
         for req in waiting:  # one error object per request: each is raised in its own thread
             req.out.put(EngineError(f"the batch engine stopped ({self.dead})", dead=True))

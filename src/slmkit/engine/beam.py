@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..checks import check_int
-from ..errors import ContextLengthError, InvalidRequestError
+from ..errors import ContextLengthError
+from ..options import check_search
 from .engine import Engine, validate_token_ids
 
 if TYPE_CHECKING:
@@ -27,21 +28,6 @@ class Beam:
     finish_reason: str  # "stop" or "length"
 
 
-def _check(num_beams: object, num_return_sequences: object, length_penalty: object, early_stopping: object,
-           max_new_tokens: object) -> None:
-    beams = check_int(num_beams, "num_beams", lo=1, what="a positive integer")
-    returned = check_int(num_return_sequences, "num_return_sequences", lo=1, what="a positive integer")
-    check_int(max_new_tokens, "max_new_tokens", lo=1, what="a positive integer")
-    if returned > beams:
-        raise InvalidRequestError(f"must be <= num_beams ({num_beams}), got {num_return_sequences}",
-                                  param="num_return_sequences")
-    if (isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float))
-            or length_penalty != length_penalty):
-        raise InvalidRequestError(f"must be a number, got {length_penalty!r}", param="length_penalty")
-    if early_stopping not in (True, False, "never"):
-        raise InvalidRequestError(f"must be true, false or 'never', got {early_stopping!r}", param="early_stopping")
-
-
 @torch.inference_mode()
 def beam_search(engine: Engine, prompt: Sequence[int], *, num_beams: int = 4, max_new_tokens: int = 64,
                 num_return_sequences: int = 1, length_penalty: float = 1.0,
@@ -51,7 +37,8 @@ def beam_search(engine: Engine, prompt: Sequence[int], *, num_beams: int = 4, ma
     applies its logits processors in beam search (repetition_penalty, no_repeat_ngram_size,
     logit_bias, min_new_tokens, scorers, ...; sampling filters do not apply); or params: a
     greedy GeneratorParams holding them."""
-    _check(num_beams, num_return_sequences, length_penalty, early_stopping, max_new_tokens)
+    check_search(num_beams, num_return_sequences, length_penalty, early_stopping)
+    check_int(max_new_tokens, "max_new_tokens", lo=1, what="a positive integer")
     from .generator import GeneratorParams
     from .processors import LogitsChain
 
