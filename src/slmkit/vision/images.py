@@ -140,10 +140,24 @@ def _decode(data: bytes, where: _Where, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as e:  # Pillow's own refusal, from the header (nothing decoded)
         raise where.error(f"is over the limit of {max_pixels} pixels per image (Pillow: {e})") from None
     except UnidentifiedImageError:
+        fmt = _signature(data)
+        if fmt:  # Pillow refuses e.g. a 0x0 PNG as "unidentified"
+            raise where.error(f"has a {fmt} signature but its header cannot be read (a 0x0 image, or a corrupt "
+                              "header)") from None
         raise where.error(f"is not an image in a supported format ({', '.join(FORMATS)})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # a broken header
         raise where.error(f"cannot be read as an image ({type(e).__name__}: {e})") from None
     return _finish(im, where, max_pixels)
+
+
+def _signature(data: bytes) -> str | None:
+    """The supported format whose signature data starts with, if any (Pillow's own checks)."""
+    Image.init()
+    for fmt in FORMATS:
+        accept = Image.OPEN.get(fmt, (None, None))[1]
+        if accept is not None and accept(data[:16]) is True:
+            return fmt
+    return None
 
 
 def _finish(im: Image.Image, where: _Where, max_pixels: int) -> Image.Image:
