@@ -45,12 +45,14 @@ def video_frames(path: str | os.PathLike, frames: int = 8, *, max_bytes: int = M
         raise _error(p, "video input needs PyAV: pip install 'slmkit[video]'") from None
     try:
         total = _count_frames(av, p, max_pixels)
-        wanted = sorted({int((i + 0.5) * total / n) for i in range(min(n, total))})
+        m = min(n, total)
+        wanted = [int((i + 0.5) * total / m) for i in range(m)]  # increasing: total / m >= 1
         out = _decode(av, p, wanted)
     except ImageError:
         raise
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:
-        raise _error(p, f"is not a readable video ({type(e).__name__}: {e})") from None
+        why = getattr(e, "strerror", None) or e  # FFmpeg's errors repeat the file name: their reason alone
+        raise _error(p, f"is not a readable video ({type(e).__name__}: {why})") from None
     if not out:
         raise _error(p, f"none of its {total} frames could be decoded")
     return out
