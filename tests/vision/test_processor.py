@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from slmkit.errors import ConfigError, ImageError, InvalidRequestError, ModelFileError
+from slmkit.errors import ConfigError, ContextLengthError, ImageError, InvalidRequestError, ModelFileError
 from slmkit.text.tokenizer import Tokenizer
 from slmkit.vision import MultimodalInputs, Phi3VProcessor, preprocess
 from tests.helpers.tiny_tokenizer import build_phi_tokenizer
@@ -175,3 +175,31 @@ def test_from_folder_reads_num_crops(tok, tmp_path):
         with pytest.raises(ModelFileError) as e2:
             Phi3VProcessor.from_folder(tmp_path, tok)
         assert e2.value.path == str(cfg)
+
+
+def test_from_folder_reads_the_context_length(tok, tmp_path):
+    assert Phi3VProcessor.from_folder(tmp_path, tok).max_length == 131072
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "phi3_v", "max_position_embeddings": 4096}))
+    assert Phi3VProcessor.from_folder(tmp_path, tok).max_length == 4096
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": -1}))
+    with pytest.raises(ConfigError) as e:
+        Phi3VProcessor.from_folder(tmp_path, tok)
+    assert e.value.field == "max_position_embeddings"
+
+
+def test_prompts_over_the_context_stop_before_the_next_image(tok):
+    img = slide(20, 20)  # 313 tokens at num_crops 1
+    proc = Phi3VProcessor(tok, num_crops=1, max_length=700)
+    assert len(proc("<|image_1|><|image_2|>", [img, img]).input_ids) == 2 * 313 + 3  # and a BOS per chunk (3)
+    with pytest.raises(ContextLengthError) as e:
+        proc("<|image_1|>" * 3, [img])
+    assert e.value.length == 3 * 313 + 4 and e.value.limit == 700
+    with pytest.raises(ContextLengthError) as e:  # the broken third image is never loaded
+        proc("<|image_1|><|image_2|><|image_2|><|image_3|>", [img, img, b"not an image"])
+    assert e.value.limit == 700 and e.value.length >= 700 and "at least" in str(e.value)
+
+
+def test_tag_numbers_with_thousands_of_digits(tok):
+    with pytest.raises(InvalidRequestError) as e:
+        Phi3VProcessor(tok)("<|image_" + "9" * 5000 + "|>", [slide(20, 20)])
+    assert e.value.param == "prompt" and "5000 digits" in str(e.value)

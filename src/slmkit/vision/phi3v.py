@@ -23,7 +23,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from slmkit.checks import check_int, shown
-from slmkit.errors import ConfigError, InvalidRequestError, ModelFileError
+from slmkit.errors import ConfigError, ContextLengthError, InvalidRequestError, ModelFileError
 from slmkit.loading.files import read_json
 
-from .images import ImageSource, load_images
+from .images import ImageSource, load_image
 
 if TYPE_CHECKING:
     from slmkit.text.tokenizer import Tokenizer
@@ -44,6 +44,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CROP = 336  # CLIP ViT-L/14-336 input side
 MAX_CROPS = 64
 DEFAULT_NUM_CROPS = 4  # without preprocessor_config.json (Phi-3.5-vision's value)
+MAX_LENGTH = 131072  # ids per prompt without config.json: Phi-3/3.5-vision's context
 TAG = re.compile(r"<\|image_\d+\|>")  # the reference's pattern
 
 
@@ -87,20 +88,30 @@ def _normalized(img: Image.Image) -> torch.Tensor:
     return t.sub(mean).div(std)
 
 
+def _frames(img: Image.Image, num_crops: int) -> tuple[torch.Tensor, list[int]]:
+    """(frames [1 + h_c*w_c, 3, 336, 336]: the global image then the crops in row-major order, [h, w])."""
+    hd = _normalized(hd_transform(img if img.mode == "RGB" else img.convert("RGB"), num_crops))  # [3, h, w]
+    h, w = hd.shape[1:]
+    glob = F.interpolate(hd[None], size=(CROP, CROP), mode="bicubic")  # of the normalised tensor, as the reference
+    crops = hd.reshape(3, h // CROP, CROP, w // CROP, CROP).permute(1, 3, 0, 2, 4).reshape(-1, 3, CROP, CROP)
+    return torch.cat([glob, crops]), [h, w]
+
+
+def _stack(frames: list[torch.Tensor], num_crops: int) -> torch.Tensor:
+    """[n, num_crops+1, 3, 336, 336]: each image's frames, zero frames after them."""
+    out = torch.zeros(len(frames), num_crops + 1, 3, CROP, CROP)
+    for i, f in enumerate(frames):
+        out[i, :f.shape[0]] = f
+    return out
+
+
 def preprocess(images: Sequence[Image.Image], num_crops: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """(pixel_values [n, num_crops+1, 3, 336, 336] float32, image_sizes [n, 2] long (h, w), tokens per image)."""
     num_crops = check_int(num_crops, "num_crops", lo=1, hi=MAX_CROPS)
-    pixel_values = torch.zeros(len(images), num_crops + 1, 3, CROP, CROP)
-    sizes, tokens = [], []
-    for i, img in enumerate(images):
-        hd = _normalized(hd_transform(img.convert("RGB"), num_crops))  # [3, h, w]
-        h, w = hd.shape[1:]
-        pixel_values[i, 0] = F.interpolate(hd[None], size=(CROP, CROP), mode="bicubic")[0]  # the global image
-        crops = hd.reshape(3, h // CROP, CROP, w // CROP, CROP).permute(1, 3, 0, 2, 4).reshape(-1, 3, CROP, CROP)
-        pixel_values[i, 1:1 + crops.shape[0]] = crops  # row-major; the rest stay zero
-        sizes.append([h, w])
-        tokens.append(num_image_tokens(h, w))
-    return pixel_values, torch.tensor(sizes, dtype=torch.long).reshape(-1, 2), tokens
+    done = [_frames(img, num_crops) for img in images]
+    sizes = [hw for _, hw in done]
+    return (_stack([f for f, _ in done], num_crops), torch.tensor(sizes, dtype=torch.long).reshape(-1, 2),
+            [num_image_tokens(h, w) for h, w in sizes])
 
 
 @dataclass
@@ -116,45 +127,49 @@ class MultimodalInputs:
         return self.input_ids > -1000000  # as the reference
 
 
-def _tag_numbers(tags: list[str]) -> list[int]:
-    return [int(t[len("<|image_"):-len("|>")]) for t in tags]
+def _tag_numbers(prompt: str) -> list[int]:
+    """k of every <|image_k|> in prompt, in order."""
+    digits = [t[len("<|image_"):-len("|>")] for t in TAG.findall(prompt)]
+    for d in digits:
+        if len(d) > 9:  # int() of thousands of digits raises (and no image has such a number)
+            raise InvalidRequestError(f"an image tag's number has {len(d)} digits: tags are <|image_1|> to "
+                                      "<|image_n|> for n images", param="prompt")
+    return [int(d) for d in digits]
 
 
 class Phi3VProcessor:
     """prompt with <|image_N|> tags + images -> MultimodalInputs, as the reference processor."""
 
-    def __init__(self, tokenizer: Tokenizer, *, num_crops: int = DEFAULT_NUM_CROPS):
+    def __init__(self, tokenizer: Tokenizer, *, num_crops: int = DEFAULT_NUM_CROPS, max_length: int = MAX_LENGTH):
         self.tokenizer = tokenizer
         self.num_crops = check_int(num_crops, "num_crops", lo=1, hi=MAX_CROPS)
+        self.max_length = check_int(max_length, "max_length", lo=1)  # ids per prompt: the model's context
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, tokenizer: Tokenizer) -> Phi3VProcessor:
-        """num_crops from the folder's preprocessor_config.json ("num_crops"; 4 when the file or key is absent)."""
-        path = Path(folder) / "preprocessor_config.json"
-        cfg: Any = read_json(path, required=False)
-        if cfg is None:
-            return cls(tokenizer)
-        if not isinstance(cfg, dict):
-            raise ModelFileError(path, f"must be a JSON object, got {type(cfg).__name__}")
-        n = cfg.get("num_crops", DEFAULT_NUM_CROPS)
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CROPS:
-            raise ConfigError("num_crops", f"must be an integer in [1, {MAX_CROPS}], got {shown(n)}", path=path)
-        return cls(tokenizer, num_crops=n)
+        """num_crops from the folder's preprocessor_config.json ("num_crops"; 4 when the file or key is absent),
+        max_length from config.json's max_position_embeddings when it has one."""
+        return cls(tokenizer, num_crops=_config_int(Path(folder) / "preprocessor_config.json", "num_crops",
+                                                    DEFAULT_NUM_CROPS, MAX_CROPS),
+                   max_length=_config_int(Path(folder) / "config.json", "max_position_embeddings", MAX_LENGTH))
 
     def __call__(self, prompt: str, images: Sequence[ImageSource] | ImageSource | None = None, *,
                  num_crops: int | None = None) -> MultimodalInputs:
         if not isinstance(prompt, str):
             raise InvalidRequestError(f"must be a string, got {type(prompt).__name__}", param="prompt")
         crops = self.num_crops if num_crops is None else check_int(num_crops, "num_crops", lo=1, hi=MAX_CROPS)
+        srcs: Sequence[ImageSource]
         if images is None:
-            images = []
+            srcs = []
         elif isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike, Image.Image)):
-            images = [images]  # one image
-        if not isinstance(images, Sequence):
+            srcs = [images]  # one image
+        elif isinstance(images, Sequence):
+            srcs = cast("Sequence[ImageSource]", images)  # not bytes: those are one image, above
+        else:
             raise InvalidRequestError(f"must be a list of images, got {type(images).__name__}", param="images")
-        numbers = _tag_numbers(TAG.findall(prompt))
+        numbers = _tag_numbers(prompt)
         unique = sorted(set(numbers))
-        n = len(images)
+        n = len(srcs)
         if unique != list(range(1, len(unique) + 1)):
             raise InvalidRequestError(
                 f"image tags must be numbered <|image_1|> to <|image_n|> without gaps; the prompt has "
@@ -163,18 +178,46 @@ class Phi3VProcessor:
             span = f" (<|image_1|> to <|image_{len(unique)}|>)" if unique else ""
             raise InvalidRequestError(f"the prompt has {len(unique)} image tags{span} but {n} images were given: "
                                       "each image needs its tag <|image_k|> in the prompt", param="images")
-        pixel_values = image_sizes = None
-        tokens: list[int] = []
-        if n:
-            pixel_values, image_sizes, tokens = preprocess(load_images(images), crops)  # type: ignore[arg-type]
+        chunks = [self.tokenizer.encode(c, add_special_tokens=True) for c in TAG.split(prompt)]  # BOS on each
+        frames, sizes, tokens = self._images(srcs, numbers, crops, sum(map(len, chunks)))
         ids: list[int] = []
-        for i, chunk in enumerate(TAG.split(prompt)):
-            ids += self.tokenizer.encode(chunk, add_special_tokens=True)  # BOS per chunk, as the reference
+        for i, chunk in enumerate(chunks):
+            ids += chunk
             if i < len(numbers):
                 k = numbers[i]
                 ids += [-k] * tokens[k - 1]
-        return MultimodalInputs(torch.tensor(ids, dtype=torch.long), pixel_values, image_sizes, tokens,
-                                crops if n else None)
+        return MultimodalInputs(torch.tensor(ids, dtype=torch.long), _stack(frames, crops) if n else None,
+                                torch.tensor(sizes, dtype=torch.long) if n else None, tokens, crops if n else None)
+
+    def _images(self, images: Sequence[ImageSource], numbers: list[int], crops: int,
+                length: int) -> tuple[list[torch.Tensor], list[list[int]], list[int]]:
+        """Each image loaded and preprocessed in turn (one full-size image in memory at a time), stopping with
+        ContextLengthError once the prompt (length text ids, then the images' placeholders) is over max_length."""
+        frames, sizes, tokens = [], [], []
+        for i, src in enumerate(images):
+            f, (h, w) = _frames(load_image(src, index=i), crops)
+            frames.append(f)
+            sizes.append([h, w])
+            tokens.append(num_image_tokens(h, w))
+            length += tokens[-1] * numbers.count(i + 1)
+            if length > self.max_length:
+                raise ContextLengthError(length, self.max_length, "model's context length",
+                                         at_least=i + 1 < len(images))
+        return frames, sizes, tokens
+
+
+def _config_int(path: Path, key: str, default: int, hi: int | None = None) -> int:
+    """cfg[key] of the JSON file at path: default when the file or the key is absent; else a checked int."""
+    cfg: Any = read_json(path, required=False)
+    if cfg is None:
+        return default
+    if not isinstance(cfg, dict):
+        raise ModelFileError(path, f"must be a JSON object, got {type(cfg).__name__}")
+    v = cfg.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1 or (hi is not None and v > hi):
+        want = f"an integer in [1, {hi}]" if hi else "a positive integer"
+        raise ConfigError(key, f"must be {want}, got {shown(v)}", path=path)
+    return v
 
 
 def _listed(numbers: list[int]) -> str:
