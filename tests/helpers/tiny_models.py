@@ -126,7 +126,8 @@ def make_phi3v_folder(folder: Path, *, seed: int = 0, num_crops: int = 4, dtype:
             else:
                 p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.05)
     state = {k: v.clone() for k, v in lm.state_dict().items()}
-    state.update({f"model.vision_embed_tokens.img_processor.vision_model.{k}": v.clone() for k, v in tower.state_dict().items()})
+    clip = "model.vision_embed_tokens.img_processor.vision_model."  # hub names (transformers 5 has no vision_model.)
+    state.update({clip + k: v.clone() for k, v in tower.state_dict().items()})
     g = torch.Generator().manual_seed(seed + 1)
     extra = {"img_projection.0.weight": (h, 4 * c), "img_projection.0.bias": (h,), "img_projection.2.weight": (h, h),
              "img_projection.2.bias": (h,), "glb_GN": (1, 1, 4 * c), "sub_GN": (1, 1, 1, 4 * c)}

@@ -209,3 +209,59 @@ def test_int4_keeps_the_tower_float(folder):
     inputs, _ = make_inputs([[1, 7], -1, [1, 70]], [image(8, (336, 336))])
     out = llm.generate(inputs, max_new_tokens=3, temperature=0, ignore_eos=True)
     assert len(out.token_ids) == 3
+
+
+def picture(w: int, h: int, seed: int):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+@pytest.mark.parametrize("case", ["one", "three", "same_twice"])
+def test_processor_logits_match_reference(llm, reference, case):
+    """The processor's ids and pixel values through our model and through the reference."""
+    a, b, c = picture(500, 300, 1), picture(200, 700, 2), picture(336, 336, 3)
+    prompt, images = {
+        "one": ("<|user|>\n<|image_1|>\nWhat is this?<|end|>\n<|assistant|>\n", [a]),
+        "three": ("<|user|>\n<|image_1|>\n<|image_2|>\n<|image_3|>\nCompare.<|end|>\n<|assistant|>\n", [a, b, c]),
+        "same_twice": ("<|user|>\n<|image_1|>\nand again <|image_1|>\nSame?<|end|>\n<|assistant|>\n", [b]),
+    }[case]
+    inputs = llm.processor(prompt, images=images, num_crops=4)
+    ids = inputs.input_ids.tolist()
+    assert ids.count(1) == prompt.count("<|image_") + 1  # BOS on every chunk
+    ref_images = [(inputs.pixel_values[k], tuple(inputs.image_sizes[k].tolist())) for k in range(len(images))]
+    torch.testing.assert_close(llm.logits(inputs), ref_logits(reference, ids, ref_images), atol=1e-4, rtol=1e-4)
+
+
+def test_chat_with_image_parts_is_the_processor_prompt(llm, tmp_path):
+    """OpenAI image parts (a data: URL and a file path) become <|image_N|> tags and the images."""
+    import base64
+    import io
+
+    a, b = picture(400, 250, 4), picture(250, 400, 5)
+    buf = io.BytesIO()
+    a.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    b.save(tmp_path / "b.png")
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "image_url", "image_url": {"url": str(tmp_path / "b.png")}},
+                                             {"type": "text", "text": "Compare these"}]}]
+    got = llm.chat(messages, max_new_tokens=6, temperature=0, ignore_eos=True)
+    prompt = "<|user|>\n<|image_1|>\n<|image_2|>\nCompare these<|end|>\n<|assistant|>\n"
+    want = llm.generate(llm.processor(prompt, images=[a, str(tmp_path / "b.png")]), max_new_tokens=6, temperature=0,
+                        ignore_eos=True)
+    assert got.token_ids == want.token_ids and got.usage.prompt_tokens == want.usage.prompt_tokens
+    assert got.usage.prompt_tokens > 2 * 757 - 1  # two images at num_crops 4 (folder default) are in the prompt
+    streamed = [t for ch in llm.chat(messages, max_new_tokens=6, temperature=0, ignore_eos=True, stream=True)
+                for t in ch.token_ids]
+    assert streamed == got.token_ids
+    chat = llm.session(max_new_tokens=3, temperature=0, ignore_eos=True)
+    first = chat.send(messages[0]["content"])
+    encoded = llm.engine.images.encoded
+    chat.send("And the colours?")
+    assert llm.engine.images.encoded == encoded  # the follow-up reuses the images' KV: no tower run
+    assert chat.last_prefill < 30 and first.usage.prompt_tokens > 1500
+    with pytest.raises(InvalidRequestError, match="2 image tags"):
+        llm.processor("<|image_1|><|image_2|>", images=[a])

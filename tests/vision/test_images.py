@@ -204,18 +204,25 @@ def test_palette_with_transparency_without_warnings():
             warnings.simplefilter("error")
             got = load_image(data)
         assert got.mode == "RGB"
-        assert np.asarray(got)[1, 3].tolist() == [255, 0, (7 * 255) % 256]  # the palette colour, alpha dropped
-        assert np.asarray(got)[0, 0].tolist() == [0, 255, 0]
+        assert np.asarray(got)[1, 3].tolist() == [255, 0, (7 * 255) % 256]  # an opaque palette colour as it is
+        assert np.asarray(got)[0, 0].tolist() == [255, 255, 255]  # the transparent one: the white behind it
 
 
-def test_alpha_is_dropped_as_the_reference():
+def test_alpha_is_composited_over_white_as_transformers_convert_to_rgb():
+    from transformers.image_transforms import convert_to_rgb
+
     rgba = np.zeros((2, 2, 4), dtype=np.uint8)
     rgba[..., :3] = [[[10, 20, 30], [40, 50, 60]], [[70, 80, 90], [1, 2, 3]]]
     rgba[..., 3] = [[0, 255], [128, 7]]
-    got = load_image(encoded(Image.fromarray(rgba, "RGBA")))
-    assert np.array_equal(np.asarray(got), rgba[..., :3])
+    im = Image.fromarray(rgba, "RGBA")
+    got = np.asarray(load_image(encoded(im))).astype(int)
+    assert got[0, 0].tolist() == [255, 255, 255] and got[0, 1].tolist() == [40, 50, 60]
+    alpha = rgba[..., 3:].astype(int)
+    expect = (rgba[..., :3].astype(int) * alpha + 255 * (255 - alpha) + 127) // 255
+    assert np.abs(got - expect).max() <= 1  # straight alpha over white
+    assert np.array_equal(got, np.asarray(convert_to_rgb(im)))  # what the hub processor's first step gives
     la = Image.fromarray(np.stack([np.full((2, 3), 77, np.uint8), np.zeros((2, 3), np.uint8)], -1), "LA")
-    assert (np.asarray(load_image(encoded(la))) == 77).all()
+    assert (np.asarray(load_image(encoded(la))) == 255).all()  # fully transparent grey: white
 
 
 def test_sixteen_bit_grey_is_scaled_not_clipped():

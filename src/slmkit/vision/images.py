@@ -7,9 +7,11 @@ accepts (PNG, JPEG, GIF, WebP, BMP) are opened. Every failure is an ImageError w
 ``param="images[i]"`` whose message names the image (index, and the file when there is one) and the
 limit at fault.
 
-Modes become RGB as the reference's ``image.convert("RGB")`` does (CMYK, palette with or without
-transparency, L, LA, RGBA: alpha is dropped, not composited), except 16-bit grey (``I;16``, ``I``), which
-is scaled to 8 bits (65535 -> 255) rather than clipped. Animated GIF/WebP/PNG: the first frame, with a
+Modes become RGB as the reference processor's ``convert_to_rgb`` (transformers) does: CMYK, palette, L
+by ``convert("RGB")``; images with transparency (RGBA, LA, PA, a palette or grey image with a
+transparent colour) composited over white, so a transparent logo's black text stays readable rather
+than turning into black on black; 16-bit grey (``I;16``, ``I``) scaled to 8 bits (65535 -> 255)
+rather than clipped. Animated GIF/WebP/PNG: the first frame, with a
 warning naming the image and its frame count.
 """
 from __future__ import annotations
@@ -188,8 +190,10 @@ def _to_rgb(im: Image.Image, where: _Where) -> Image.Image:
     if im.mode == "RGB":
         return im.copy()
     try:
-        if im.mode == "P" and "transparency" in im.info:
-            im = im.convert("RGBA")  # the same colours; straight to RGB Pillow warns about byte transparency
+        if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+            rgba = im.convert("RGBA")  # (a palette's transparency straight to RGB makes Pillow warn)
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
         return im.convert("RGB")
     except (ValueError, OSError) as e:
         raise where.error(f"has mode {im.mode}, which cannot be converted to RGB ({e})") from None
