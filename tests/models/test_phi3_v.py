@@ -265,3 +265,20 @@ def test_chat_with_image_parts_is_the_processor_prompt(llm, tmp_path):
     assert chat.last_prefill < 30 and first.usage.prompt_tokens > 1500
     with pytest.raises(InvalidRequestError, match="2 image tags"):
         llm.processor("<|image_1|><|image_2|>", images=[a])
+
+
+def test_quantized_vision_folder_round_trip(tmp_path):
+    """`slm quantize` of a vision folder: the LM int4, the tower float, num_crops kept; the saved
+    folder answers an image prompt exactly as the model it was written from."""
+    from slmkit.api import quantize
+
+    src = make_phi3v_folder(tmp_path / "src", num_crops=2)
+    out, made = quantize(src, tmp_path / "q4", quant="int4")
+    again = slmkit.load(out)  # the dtype quantize() loaded with
+    assert again.backend.image_processor.num_crops == 2
+    inputs = made.processor("<|user|>\n<|image_1|>\nhi<|end|>\n<|assistant|>\n", images=[picture(700, 400, 9)])
+    assert inputs.pixel_values.shape[1] == 3  # num_crops 2 + the global image
+    a = made.generate(inputs, max_new_tokens=4, temperature=0, ignore_eos=True).token_ids
+    assert again.generate(inputs, max_new_tokens=4, temperature=0, ignore_eos=True).token_ids == a
+    tower = again.engine.model.model.vision_embed_tokens
+    assert all(p.is_floating_point() for p in tower.parameters())

@@ -27,7 +27,8 @@ from .linear import QuantLinear
 FORMAT = 1
 META_KEY = "slmkit.quant"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                    "chat_template.jinja", "chat_template.json", "tokenizer.model", "added_tokens.json")
+                    "chat_template.jinja", "chat_template.json", "tokenizer.model", "added_tokens.json",
+                    "preprocessor_config.json", "processor_config.json")  # a vision model's num_crops
 
 
 def is_quantized_config(config: dict) -> bool:
