@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -19,67 +18,13 @@ from .checks import check_int
 from .engine.engine import validate_token_ids
 from .errors import ContextLengthError, InvalidRequestError, ModelFileError, UnsupportedInputError
 from .options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
+from .results import GenerationChunk, GenerationResult, Timings, TokenLogprob, Usage
 from .sources.resolve import BUILTIN_ALIASES, resolve_model_path
 from .text.chat import check_text
 from .text.stops import StopStrings
 
 __all__ = ["LLM", "load", "quantize", "GenerationOptions", "GenerationResult", "GenerationChunk", "TokenLogprob",
            "Usage", "Timings", "DEFAULT_MAX_NEW_TOKENS", "check_text"]
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass
-class Timings:
-    prefill_s: float = 0.0  # prompt processing up to the first token
-    decode_s: float = 0.0  # every later token
-
-    def decode_tokens_per_s(self, completion_tokens: int) -> float:
-        return (completion_tokens - 1) / self.decode_s if completion_tokens > 1 and self.decode_s > 0 else 0.0
-
-    def prefill_tokens_per_s(self, prompt_tokens: int) -> float:
-        return prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
-
-
-@dataclass
-class TokenLogprob:
-    """A generated token with the model's log-probability of it (before penalties and sampling
-    filters), and the most likely alternatives at that step when top_logprobs was asked for."""
-    token: str
-    token_id: int
-    logprob: float
-    top_logprobs: list[TokenLogprob] = field(default_factory=list)
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" (eos / stop string) or "length"
-    usage: Usage
-    timings: Timings = field(default_factory=Timings)
-    logprobs: list[TokenLogprob] | None = None  # one per token id, with logprobs=True / top_logprobs=N
-    tool_calls: list[Any] | None = None  # slmkit.tools.ToolCall list when the answer called a tool
-    score: float | None = None  # a beam's length-normalised log-probability (num_beams > 1)
-
-
-@dataclass
-class GenerationChunk:
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None  # set on the last chunk, which also carries usage and timings
-    usage: Usage | None = None
-    timings: Timings | None = None
-    logprobs: list[TokenLogprob] | None = None
-    tool_calls: list[Any] | None = None  # on the last chunk of chat(stream=True, tools=...) that called a tool
 
 
 _DIGITS = re.compile(r"\s*[0-9]+\s*")  # a token id as a string: ASCII digits ("²".isdigit() is true)
@@ -203,9 +148,12 @@ class LLM:
              **kw: Any) -> Iterator[GenerationChunk]: ...
 
     def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, tools: Any = None,
-             tool_choice: Any = None, **kw: Any) -> Any:
+             tool_choice: Any = None, num_crops: int | None = None, **kw: Any) -> Any:
         """Chat with the model's own template. Options as for generate(). tools / tool_choice as in
-        OpenAI's API (slmkit.tools): a call comes back in result.tool_calls, finish_reason "tool_calls"."""
+        OpenAI's API (slmkit.tools): a call comes back in result.tool_calls, finish_reason "tool_calls".
+        Image parts ({"type": "image_url", "image_url": {"url": data: URL or file path}}) go to a
+        vision model as <|image_N|> tags plus the images (num_crops: crops per image, default the
+        model's preprocessor_config.json)."""
         if tools is None and tool_choice is not None:
             raise InvalidRequestError("needs tools", param="tool_choice")
         if tools is not None:
@@ -214,7 +162,7 @@ class LLM:
 
             # the messages are checked first: the tools' rewrite of them assumes well-formed ones
             messages, constraint = tooling.prepare(normalize_messages(messages), tools, tool_choice)
-            ids = self._encode(self.render(messages).text, "messages", add_special_tokens=False)
+            ids = self.chat_prompt(messages, num_crops=num_crops)
             if stream:  # text chunks as they come; the last one carries the parsed call
                 if kw.get("n") not in (None, 1):
                     raise InvalidRequestError("streaming returns one sequence; use n with stream=False", param="n")
@@ -225,9 +173,25 @@ class LLM:
                 if calls:
                     r.tool_calls, r.finish_reason = calls, "tool_calls"
             return result
+        return self.generate(self.chat_prompt(messages, num_crops=num_crops), stream=stream, **kw)
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]], *, num_crops: int | None = None) -> Any:
+        """What generate() takes for a conversation: its token ids, or for a vision model the
+        processor's MultimodalInputs (the template's text with <|image_N|> tags, and the images)."""
         prompt = self.render(messages)
-        ids = self._encode(prompt.text, "messages", add_special_tokens=False)  # the template holds any BOS
-        return self.generate(ids, stream=stream, **kw)
+        if self.backend.capabilities.images:  # the processor tokenizes per chunk, BOS on each (§4)
+            self._encode(prompt.text, "messages", add_special_tokens=False)  # the text's checks, before images
+            return self.processor(prompt.text, images=[p.url for p in prompt.images], num_crops=num_crops)
+        if num_crops is not None:
+            raise UnsupportedInputError(f"model {self.name!r} takes no images", param="num_crops")
+        return self._encode(prompt.text, "messages", add_special_tokens=False)  # the template holds any BOS
+
+    @property
+    def processor(self) -> Any:
+        """processor(prompt, images=[...], num_crops=None) -> slmkit.vision.MultimodalInputs: a prompt
+        with <|image_N|> tags and its images (paths, bytes, PIL images, data: URLs) as generate() and
+        logits() take them. On a text-only model it tokenizes the prompt and refuses images."""
+        return _Processor(self)
 
     def _encode(self, text: str, param: str, add_special_tokens: bool) -> list[int]:
         """Token ids of a prompt's text, checked first: valid Unicode, and not so long that it cannot
@@ -265,19 +229,36 @@ class LLM:
         num_return_sequences best beams, best first, as GenerationResults with .score set.
         session: from backend.new_session() (ChatSession uses it) to reuse the previous call's KV.
         """
-        ids = self._prompt_ids(prompt)
+        ids, images = self._prompt(prompt)
         opts = (options or GenerationOptions()).update(**kw)
         if opts.num_beams > 1:
+            if images is not None:
+                raise UnsupportedInputError("beam search does not take images", param="num_beams")
             return self._beam_results(ids, opts, stream)
         if kw.get("n") is None and opts.n == 1:
-            return self._one(ids, opts, stream, session)
+            return self._one(ids, opts, stream, session, images)
         if stream:  # n samples, one after another, sharing the prompt's KV cache
             raise InvalidRequestError("streaming returns one sequence; use n with stream=False", param="stream")
         if session is None and self.backend.capabilities.sessions:
             session = self.backend.new_session()
         seed = opts.seed
-        return [self._one(ids, opts.replace(n=1, seed=None if seed is None else seed + i), False, session)
+        return [self._one(ids, opts.replace(n=1, seed=None if seed is None else seed + i), False, session, images)
                 for i in range(opts.n)]
+
+    def _prompt(self, prompt: Any) -> tuple[list[int], Any]:
+        """(ids, the images) of a prompt: text, token ids, or processor output (MultimodalInputs,
+        whose ids hold -k placeholders for image k)."""
+        if hasattr(prompt, "input_ids") and hasattr(prompt, "num_image_tokens"):
+            ids = prompt.input_ids
+            ids = ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor) else list(ids)
+            if not ids:
+                raise InvalidRequestError("is empty", param="prompt")
+            if not prompt.num_image_tokens:
+                return validate_token_ids(ids, self.backend.vocab_size, "prompt"), None
+            check_images(self.name, self.backend.capabilities.images, model_type=self.backend.model_type,
+                         param="images")
+            return ids, prompt
+        return self._prompt_ids(prompt), None
 
     def _prompt_ids(self, prompt: Any) -> list[int]:
         if isinstance(prompt, str):
@@ -302,9 +283,10 @@ class LLM:
             opts = opts.replace(logit_bias=self._logit_bias(opts.logit_bias))
         return opts
 
-    def _one(self, ids: list[int], opts: GenerationOptions, stream: bool, session: Session | None) -> Any:
+    def _one(self, ids: list[int], opts: GenerationOptions, stream: bool, session: Session | None,
+             images: Any = None) -> Any:
         opts = self._for_backend(opts)
-        chunks = self._stream(ids, opts, session)
+        chunks = self._stream(ids, opts, session, images)
         if stream:
             return _validated_first(chunks)
         text, out_ids, last = [], [], None
@@ -318,19 +300,21 @@ class LLM:
         assert last is not None and last.finish_reason and last.usage and last.timings
         return GenerationResult("".join(text), out_ids, last.finish_reason, last.usage, last.timings, lps)
 
-    def _stream(self, ids: list[int], options: GenerationOptions,
-                session: Session | None = None) -> Iterator[GenerationChunk]:
+    def _stream(self, ids: list[int], options: GenerationOptions, session: Session | None = None,
+                images: Any = None) -> Iterator[GenerationChunk]:
         detok = self.tokenizer.create_stream()
         matcher = StopStrings(list(options.stop))
-        steps = self.backend.stream_tokens(ids, options, session) if session is not None else \
-            self.backend.stream_tokens(ids, options)
+        extra: dict[str, Any] = {} if images is None else {"images": images}
+        if session is not None:
+            extra["session"] = session
+        steps = self.backend.stream_tokens(ids, options, **extra)
         n, t0, t_first, reason = 0, time.perf_counter(), None, None
         try:
             for step in steps:
                 n += 1
                 if t_first is None:  # the backend has checked the prompt by now
                     t_first = time.perf_counter()
-                    detok.prime(ids)  # decode the reply in the prompt's context: no lost leading space
+                    detok.prime([i for i in ids[-16:] if i >= 0])  # the reply in the prompt's context
                 text = matcher.feed(detok.decode(step.token_id))
                 lp = self._token_logprob(step)
                 reason = step.finish_reason
@@ -419,13 +403,40 @@ class LLM:
 
         return ChatSession(self, system, **defaults)
 
-    def logits(self, ids: Sequence[int]) -> torch.Tensor:
-        """float32 logits [len(ids), vocab] of one full forward pass, no cache."""
+    def logits(self, ids: Any) -> torch.Tensor:
+        """float32 logits [len(ids), vocab] of one full forward pass, no cache: of token ids, or of
+        processor output (images included)."""
         self._refuse_unless(self.backend.capabilities.logits, "logits", "logits")
+        if hasattr(ids, "input_ids") and hasattr(ids, "num_image_tokens"):
+            ids, images = self._prompt(ids)
+            if images is not None:
+                return self.backend.logits(ids, images=images)
         return self.backend.logits(ids)
 
     def __repr__(self) -> str:
         return f"LLM({self.name!r}, backend={type(self.backend).__name__}, context={self.context_length})"
+
+
+class _Processor:
+    """LLM.processor: the model's multimodal processor (or plain tokenization for a text-only model)."""
+
+    def __init__(self, llm: LLM):
+        self.llm = llm
+
+    def __call__(self, prompt: str, images: Any = None, *, num_crops: int | None = None) -> Any:
+        llm = self.llm
+        check_text(prompt, "prompt")
+        images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
+        if llm.backend.capabilities.images:
+            return llm.backend.process(prompt, images, num_crops)
+        if images:
+            check_images(llm.name, False, model_type=llm.backend.model_type, param="images")
+        if num_crops is not None:
+            raise UnsupportedInputError(f"model {llm.name!r} takes no images", param="num_crops")
+        from .vision.phi3v import MultimodalInputs
+
+        ids = llm._encode(prompt, "prompt", add_special_tokens=True)
+        return MultimodalInputs(torch.tensor(ids, dtype=torch.long), None, None, [])
 
 
 # normalizers may shorten a text before it is split into tokens (NFC composes up to 3 code

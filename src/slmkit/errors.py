@@ -59,6 +59,18 @@ class UnsupportedInputError(InvalidRequestError):
     """The input kind (e.g. an image part) is not supported by this model."""
 
 
+class ImageError(InvalidRequestError):
+    """An image or video cannot be used: missing, empty, truncated, an unknown format, or over a limit.
+    `param` names it (``images[0]``, ``video``), `file` is its path when it came from a file; the message
+    names both and the limit at fault."""
+
+    def __init__(self, message: str, *, param: str | None = None, file: object | None = None):
+        self.file = None if file is None else str(file)
+        where = (param or "image") + (f" ({self.file})" if self.file else "")
+        SlmkitError.__init__(self, f"{where}: {message}")
+        self.param = param
+
+
 class MemoryPlanError(SlmkitError):
     """A planned allocation (e.g. the KV cache of continuous batching) does not fit the memory
     available. `needed` and `available` are in bytes."""

@@ -48,9 +48,9 @@ class ChatSession:
         self.messages. Options as for LLM.generate, over the session's defaults."""
         self.messages.append({"role": "user", "content": content})
         try:
-            prompt = self.llm.render(self.messages)
-            ids = self.llm.tokenizer.encode(prompt.text, add_special_tokens=False)
-            out = self.llm.generate(ids, stream=stream, session=self._state, **{**self.defaults, **options})
+            opts = {**self.defaults, **options}
+            prompt = self.llm.chat_prompt(self.messages, num_crops=opts.pop("num_crops", None))
+            out = self.llm.generate(prompt, stream=stream, session=self._state, **opts)
         except BaseException:
             self.messages.pop()
             raise

@@ -85,3 +85,63 @@ def make_gemma3_folder(folder: Path, *, seed: int = 0, **overrides: Any) -> Path
             p.normal_(0, 0.3 if "norm" in name else 0.08)  # non-trivial norm weights test the (1 + w) form
     model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+# A tiny Phi-3-vision: the LM as PHI3_BASE (gqa), a 3-layer CLIP tower of width 32 at the real
+# 336-pixel crop and 14-pixel patch (so the HD transform's 24x24 -> 12x12 grid is the real one).
+PHI3V_VISION: dict[str, Any] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                    image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                                    projection_dim=16)
+
+
+def make_phi3v_folder(folder: Path, *, seed: int = 0, num_crops: int = 4, dtype: torch.dtype = torch.float32,
+                      **overrides: Any) -> Path:
+    """A random Phi3VForCausalLM folder as the hub lays it out (config with img_processor / embd_layer
+    and a top-level vision_config, `model.vision_embed_tokens.*` weights including the CLIP layers
+    and post_layernorm the model does not use), the phi3-vision tokenizer and a
+    preprocessor_config.json. The LM is built by transformers' Phi3ForCausalLM, the tower by its
+    CLIPVisionModel."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer as HFTok
+    from transformers import CLIPVisionConfig, CLIPVisionModel, Phi3Config, Phi3ForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    build_phi_tokenizer(folder, "phi3-vision")
+    tk = HFTok.from_file(str(folder / "tokenizer.json"))
+    vocab = (tk.get_vocab_size(with_added_tokens=True) + 63) // 64 * 64
+    end_id, eot = tk.token_to_id("<|endoftext|>"), tk.token_to_id("<|end|>")
+    text = dict(PHI3_BASE, **PHI3_VARIANTS["gqa"], vocab_size=vocab, bos_token_id=1, eos_token_id=end_id,
+                pad_token_id=end_id, max_position_embeddings=8192)  # room for a few images of ~757 tokens
+    vision = dict(PHI3V_VISION)
+    text.update({k: v for k, v in overrides.items() if k != "vision_config"})
+    vision.update(overrides.get("vision_config", {}))
+    torch.manual_seed(seed)
+    lm = Phi3ForCausalLM(Phi3Config(**text)).eval()
+    tower = CLIPVisionModel(CLIPVisionConfig(**vision)).eval()
+    c, h = vision["hidden_size"], text["hidden_size"]
+    with torch.no_grad():  # wider than the default init, and non-trivial norms, so mistakes show
+        for name, p in list(lm.named_parameters()) + list(tower.named_parameters()):
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+            else:
+                p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.05)
+    state = {k: v.clone() for k, v in lm.state_dict().items()}
+    state.update({f"model.vision_embed_tokens.img_processor.vision_model.{k}": v.clone() for k, v in tower.state_dict().items()})
+    g = torch.Generator().manual_seed(seed + 1)
+    extra = {"img_projection.0.weight": (h, 4 * c), "img_projection.0.bias": (h,), "img_projection.2.weight": (h, h),
+             "img_projection.2.bias": (h,), "glb_GN": (1, 1, 4 * c), "sub_GN": (1, 1, 1, 4 * c)}
+    for name, shape in extra.items():
+        state[f"model.vision_embed_tokens.{name}"] = torch.randn(shape, generator=g) * 0.1
+    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    config = dict(text, model_type="phi3_v", architectures=["Phi3VForCausalLM"], torch_dtype="float32",
+                  img_processor={"image_dim_out": c, "model_name": "openai/clip-vit-large-patch14-336",
+                                 "name": "clip_vision_model", "num_img_tokens": 144},
+                  embd_layer={"embedding_cls": "image", "hd_transform_order": "sub_glb", "projection_cls": "mlp",
+                              "use_hd_transform": True, "with_learnable_separator": True},
+                  vision_config=vision)
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [end_id, eot]}))
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Phi3VImageProcessor", "num_crops": num_crops, "do_convert_rgb": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
+    return folder

@@ -133,16 +133,22 @@ class Backend(Protocol):
     def capabilities(self) -> Capabilities: ...
 
     def stream_tokens(self, prompt_ids: Sequence[int], options: GenerationOptions,
-                      session: Session | None = None) -> Iterator[TokenStep]:
+                      session: Session | None = None, images: Any = None) -> Iterator[TokenStep]:
         """Generate after prompt_ids with validated options (temperature / top_p / top_k None:
         the model's defaults). With a session (from new_session()) the backend may reuse what it
-        kept from the session's previous call."""
+        kept from the session's previous call. images (capabilities.images): the prompt's
+        processor output (slmkit.vision.MultimodalInputs); prompt_ids then hold image k's
+        num_image_tokens[k-1] placeholders as -k."""
+        ...
+
+    def process(self, prompt: str, images: Sequence[Any], num_crops: int | None = None) -> Any:
+        """capabilities.images: a prompt with <|image_N|> tags and its images -> MultimodalInputs."""
         ...
 
     def new_session(self) -> Session: ...
 
-    def logits(self, ids: Sequence[int]) -> Any:
-        """float32 logits [len(ids), vocab] (capabilities.logits)."""
+    def logits(self, ids: Sequence[int], images: Any = None) -> Any:
+        """float32 logits [len(ids), vocab] (capabilities.logits); images as for stream_tokens."""
         ...
 
     def beam_search(self, prompt_ids: Sequence[int], options: GenerationOptions) -> list[SearchResult]:

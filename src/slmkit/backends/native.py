@@ -10,7 +10,7 @@ import torch
 
 from ..engine.engine import Engine
 from ..engine.generator import Generator, GeneratorParams
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, UnsupportedInputError
 from ..loading.files import is_regular_file
 from ..loading.hf import load_hf_folder
 from ..options import GenerationOptions
@@ -60,6 +60,8 @@ class NativeBackend:
         self.tokenizer = engine.tokenizer
         self.context_length = engine.context_length
         self.vocab_size = engine.vocab_size
+        self.capabilities = dataclasses.replace(self.capabilities, images=engine.takes_images)
+        self.image_processor: Any = None  # a vision model's (from_path reads preprocessor_config.json)
 
     @classmethod
     def from_path(cls, path: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
@@ -73,6 +75,10 @@ class NativeBackend:
             loaded = load_hf_folder(path, dtype=dtype, device=device, quant=quant, group_size=group_size)
         backend = cls(Engine(loaded, pack=pack))
         backend.path = path
+        if backend.engine.takes_images:
+            from ..vision.phi3v import Phi3VProcessor
+
+            backend.image_processor = Phi3VProcessor.from_folder(path, backend.tokenizer)
         return backend
 
     # ------------------------------------------------------------------ configuration
@@ -149,22 +155,29 @@ class NativeBackend:
                 given[name] = cast(cfg.get(name, 1.0 if name != "top_k" else 0)) if sampled else off
         return GeneratorParams(**given)
 
+    def process(self, prompt: str, images: Sequence[Any], num_crops: int | None = None) -> Any:
+        """A vision model's processor: prompt text with <|image_N|> tags and its images ->
+        MultimodalInputs (slmkit.vision)."""
+        if self.image_processor is None:
+            raise UnsupportedInputError(f"model {self.name!r} ({self.model_type}) takes no images", param="images")
+        return self.image_processor(prompt, images, num_crops=num_crops)
+
     def stream_tokens(self, prompt_ids: Sequence[int], options: GenerationOptions,
-                      session: Session | None = None) -> Iterator[TokenStep]:
+                      session: Session | None = None, images: Any = None) -> Iterator[TokenStep]:
         """Generate after prompt_ids. With a session the Generator (and its KV cache) lives on in it
         between calls: a prompt that extends or edits the previous turn's tokens prefills only what
         differs from the longest common prefix (session.last_prefill says how many)."""
         if session is not None and not isinstance(session, NativeSession):
             raise InvalidRequestError("a session of another backend", param="session")
         params = self.params(options)
-        ids = list(prompt_ids)
+        ids, entries = self._attach(prompt_ids, images)
         want = options.wants_logprobs
         if self.batch is not None and session is None:
-            steps = self.batch.submit(ids, params, want)
+            steps = self.batch.submit(ids, params, want, entries)
         elif self.prompt_cache and session is None:
-            steps = self._cached(ids, params, want)
+            steps = self._cached(ids, params, want, entries)
         else:
-            steps = self._generate(ids, params, session, want)
+            steps = self._generate(ids, params, session, want, entries)
         for token, reason, lp in steps:  # lp: (token, logprob, top alternatives) or None
             self.tokens_generated += 1
             step = TokenStep(token, reason)
@@ -172,13 +185,21 @@ class NativeBackend:
                 step.logprob, step.top_logprobs = lp[1], (lp[2] if options.top_logprobs else None)
             yield step
 
-    def _cached(self, ids: list[int], params: GeneratorParams, want_logprobs: bool) -> Iterator[tuple]:
+    def _attach(self, prompt_ids: Sequence[int], images: Any) -> tuple[list[int], dict[int, Any]]:
+        """The prompt's ids with image placeholders (-k) as the engine's image ids, and the images."""
+        if images is None:
+            return list(prompt_ids), {}
+        return self.engine.attach_images(list(prompt_ids), images.pixel_values, images.image_sizes,
+                                         list(images.num_image_tokens or []))
+
+    def _cached(self, ids: list[int], params: GeneratorParams, want_logprobs: bool,
+                images: dict[int, Any]) -> Iterator[tuple]:
         """One request at a time with a prompt cache: the previous request's Generator (and KV
         cache) serves as a session, so a prompt sharing its start prefills only the rest."""
         state, finished = self._prompt_state, False
         try:
             first = True
-            for step in self._generate(ids, params, state, want_logprobs):
+            for step in self._generate(ids, params, state, want_logprobs, images):
                 if first:  # the keys the prefill found in place (not what the session rule skipped)
                     assert state.generator is not None
                     self.reused_tokens += state.generator.cached_at_prefill
@@ -191,10 +212,11 @@ class NativeBackend:
             raise
 
     def _generate(self, ids: list[int], params: GeneratorParams, session: NativeSession | None,
-                  want_logprobs: bool) -> Iterator[tuple]:
+                  want_logprobs: bool, images: dict[int, Any] | None = None) -> Iterator[tuple]:
         gen = session.generator if session is not None else None
         if gen is None:
             gen = Generator(self.engine, params)
+            gen.add_images(images or {})
             gen.append_tokens(ids)
             common = 0
         else:
@@ -203,6 +225,7 @@ class NativeBackend:
             common = next((i for i, (a, b) in enumerate(zip(seq, ids)) if a != b), min(len(seq), len(ids)))
             common = min(common, len(ids) - 1)  # at least one token to feed for the next logits
             gen.rewind_to(common)
+            gen.add_images(images or {})
             gen.append_tokens(ids[common:])
         if session is not None:
             session.generator, session.prefilled = gen, len(ids) - common
@@ -227,5 +250,6 @@ class NativeBackend:
         self.tokens_generated += sum(len(b.token_ids) for b in beams)
         return [SearchResult(b.token_ids, b.score, b.finish_reason) for b in beams]
 
-    def logits(self, ids: Sequence[int]) -> Any:
-        return self.engine.logits(ids)
+    def logits(self, ids: Sequence[int], images: Any = None) -> Any:
+        ids, entries = self._attach(ids, images)
+        return self.engine.logits(ids, entries)

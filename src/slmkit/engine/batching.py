@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +32,7 @@ from ..models.cache import KVCache, SlotCache
 from ..streams import END as _END
 from ..streams import Stream
 from .generator import FINISH_LENGTH, Generator, GeneratorParams
+from .images import ImageEntry
 
 KV_HEADROOM_BYTES = 512 * 2**20  # left free for activations, the tokenizer, the server
 
@@ -82,12 +83,14 @@ class BatchEngine:
         """False once the engine thread has stopped for a fault (not after close())."""
         return self.dead is None
 
-    def submit(self, prompt: Sequence[int], params: GeneratorParams, want_logprobs: bool = False
-               ) -> Iterator[tuple[int, str | None, tuple | None]]:
+    def submit(self, prompt: Sequence[int], params: GeneratorParams, want_logprobs: bool = False,
+               images: Mapping[int, ImageEntry] | None = None) -> Iterator[tuple[int, str | None, tuple | None]]:
         """Queue a request; yields (token, finish_reason, logprob info) as the engine produces them.
         Closing the iterator early cancels the request (its slot is freed before the next step)."""
         gen = Generator(self.engine, params, external_logits=True)
         gen.max_length = min(gen.max_length, self.slot_context)
+        if images:
+            gen.add_images(images)  # the prompt's image tokens (engine.attach_images)
         gen.append_tokens(list(prompt))  # validates ids and length in the caller's thread
         req = _Request(gen, list(prompt), want_logprobs)
         with self._life:  # a request queued here is either failed by _die or run, never left waiting
@@ -218,7 +221,8 @@ class BatchEngine:
             done = req.cache.offset
             whole = self.engine.rope_switches(len(req.prompt))
             chunk = req.prompt[done:] if whole else req.prompt[done: done + budget]  # one frequency set
-            logits = self.engine.forward(torch.tensor([chunk], device=self.engine.device), req.cache)[:, -1]
+            logits = self.engine.forward(torch.tensor([chunk], device=self.engine.device), req.cache,
+                                         images=req.gen.images)[:, -1]
             if req.cache.offset < len(req.prompt):
                 return len(chunk)
             self.pending.remove(req)
@@ -257,7 +261,8 @@ class BatchEngine:
                 continue
             seq = self.rows[i].gen.sequences[0]  # the cached tokens and the pending one
             tmp = self.engine.new_cache(1, len(seq))
-            logits = self.engine.forward(torch.tensor([seq], device=self.engine.device), tmp)[:, -1]
+            logits = self.engine.forward(torch.tensor([seq], device=self.engine.device), tmp,
+                                         images=self.rows[i].gen.images)[:, -1]
             self.cache.load_row(i, tmp, len(seq))
             self._step(i, logits)
 

@@ -1,16 +1,18 @@
 """A loaded native model: forward passes, KV caches and the stop-token set. Generator drives it."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from ..checks import check_int
-from ..errors import ContextLengthError, InvalidRequestError
+from ..errors import ContextLengthError, InvalidRequestError, UnsupportedInputError
 from ..loading.hf import LoadedModel
 from ..loading.packing import pack_linears
 from ..models.cache import KVCache, SlotCache
 from ..models.rope import Rope
+from .images import ImageEntry, ImageStore, attach, check_ids, merge_embeddings
 
 
 def _ids(value: object) -> list[int]:
@@ -56,6 +58,23 @@ class Engine:
         assert isinstance(rope, Rope)  # each architecture's Model has its rope (models/phi3.py, models/gemma3.py)
         self.rope = rope
         self.rope_crossover: int | None = rope.crossover
+        self.takes_images = callable(getattr(self.model, "encode_image", None))
+        self.images = ImageStore()  # recent images' features, by content
+
+    def attach_images(self, input_ids: Sequence[int], pixel_values: Any, image_sizes: Any,
+                      num_image_tokens: Sequence[int]) -> tuple[list[int], dict[int, ImageEntry]]:
+        """A multimodal prompt's ids (-k placeholders) as engine ids, and its images by key (engine/images.py)."""
+        if not self.takes_images and (num_image_tokens or any(i < 0 for i in input_ids)):
+            raise UnsupportedInputError(f"model {self.name!r} ({self.model_type}) is text-only and cannot take "
+                                        "images", param="images")
+        return attach(self.images, input_ids, pixel_values, image_sizes, num_image_tokens)
+
+    def _run(self, ids: torch.Tensor, cache: Any, last_only: bool, images: Mapping[int, ImageEntry] | None
+             ) -> torch.Tensor:
+        if images and bool((ids < 0).any()):
+            embeds = merge_embeddings(self.model, ids, images)
+            return self.model(ids, cache, last_only=last_only, inputs_embeds=embeds)
+        return self.model(ids, cache, last_only=last_only)
 
     def _stop_ids(self) -> set[int]:
         """generation_config eos ids + config eos + tokenizer eos + <|end|> (Phi's end of turn)."""
@@ -79,6 +98,21 @@ class Engine:
         return torch.tensor(validate_token_ids(ids, self.vocab_size, what), dtype=torch.long,
                             device=self.device).view(1, -1)
 
+    def check_prompt_ids(self, ids: object, images: Mapping[int, ImageEntry] | None, what: str) -> list[int]:
+        """validate_token_ids, where negative ids may also be tokens of the given images."""
+        if not images:
+            return validate_token_ids(ids, self.vocab_size, what)
+        if isinstance(ids, torch.Tensor) and ids.dim() == 1 and not ids.is_floating_point():
+            ids = ids.tolist()
+        if not isinstance(ids, (list, tuple)) or not ids:
+            return validate_token_ids(ids, self.vocab_size, what)  # names the problem
+        image = [i for i in ids if isinstance(i, int) and not isinstance(i, bool) and i < 0]
+        check_ids(image, images, self.vocab_size, what)
+        text = [i for i in ids if not (isinstance(i, int) and not isinstance(i, bool) and i < 0)]
+        if text:
+            validate_token_ids(text, self.vocab_size, what)
+        return list(ids)
+
     def rope_regime(self, total_len: int) -> str:
         """The RoPE frequency set a pass over total_len tokens uses (cache entries must agree)."""
         return self.rope.regime(total_len)
@@ -90,13 +124,15 @@ class Engine:
         return self.rope_crossover is not None and total_len > self.rope_crossover
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, cache: KVCache, *, last_only: bool = True) -> torch.Tensor:
-        """Run ids [B, S] after what the cache holds; returns float32 logits [B, S or 1, vocab]."""
+    def forward(self, ids: torch.Tensor, cache: KVCache, *, last_only: bool = True,
+                images: Mapping[int, ImageEntry] | None = None) -> torch.Tensor:
+        """Run ids [B, S] after what the cache holds; returns float32 logits [B, S or 1, vocab].
+        images: the entries of the image ids (negative) among ids, by key."""
         total = cache.offset + ids.shape[1]
         if total > self.context_length:
             raise ContextLengthError(total, self.context_length)
         cache.reserve(total)
-        return self.model(ids, cache, last_only=last_only).float()
+        return self._run(ids, cache, last_only, images).float()
 
     @torch.inference_mode()
     def forward_slots(self, ids: torch.Tensor, cache: SlotCache) -> torch.Tensor:
@@ -112,9 +148,10 @@ class Engine:
         return logits.float()[:, -1]
 
     @torch.inference_mode()
-    def logits(self, ids: Sequence[int]) -> torch.Tensor:
-        """Full forward without cache: float32 logits [len(ids), vocab]."""
-        t = self.check_ids(ids)
+    def logits(self, ids: Sequence[int], images: Mapping[int, ImageEntry] | None = None) -> torch.Tensor:
+        """Full forward without cache: float32 logits [len(ids), vocab] (image ids with `images`)."""
+        t = torch.tensor(self.check_prompt_ids(ids, images, "input_ids"), dtype=torch.long,
+                         device=self.device).view(1, -1)
         if t.shape[1] > self.context_length:
             raise ContextLengthError(t.shape[1], self.context_length)
-        return self.model(t, None).float()[0]
+        return self._run(t, None, False, images).float()[0]

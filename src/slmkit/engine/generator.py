@@ -14,8 +14,9 @@ so it is dropped and the whole sequence re-prefilled with the long ones, as tran
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -23,7 +24,8 @@ from ..checks import check_int
 from ..errors import ContextLengthError, InvalidRequestError
 from ..models.cache import KVCache
 from ..options import GenerationOptions
-from .engine import Engine, validate_token_ids
+from .engine import Engine
+from .images import ImageEntry
 from .processors import LogitsChain
 from .sampling import make_sampler
 from .structured import Constraint, grammar_for
@@ -101,6 +103,7 @@ class Generator:
         self._prompt_len = 0
         self._next: list[int] = []
         self.last_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []  # per row, last step
+        self.images: dict[int, ImageEntry] = {}  # the images whose tokens (negative ids) the sequences hold
 
     def configure(self, params: GeneratorParams | None = None) -> None:
         """(Re)apply params: stop set, seeded RNG and grammar. The sequences and KV cache stay, so a
@@ -138,7 +141,7 @@ class Generator:
                                       param="tokens")
         if len({len(r) for r in rows}) != 1:
             raise InvalidRequestError("rows of a batch must have the same length", param="tokens")
-        rows = [validate_token_ids(r, self.engine.vocab_size, "tokens") for r in rows]
+        rows = [self.engine.check_prompt_ids(r, self.images, "tokens") for r in rows]
         new_len = len(self.sequences[0]) + len(rows[0])
         if new_len > self.max_length:
             raise ContextLengthError(new_len, self.max_length, "max_length")
@@ -150,6 +153,24 @@ class Generator:
         self._logits = None
         if not self.external:
             self._compute_logits()
+
+    def append_inputs(self, inputs: Any) -> None:
+        """Append a multimodal prompt (slmkit.vision.MultimodalInputs: input_ids with -k placeholders,
+        pixel_values, image_sizes, num_image_tokens) to every row: append_tokens for images."""
+        ids = getattr(inputs, "input_ids", None)
+        if ids is None:
+            raise InvalidRequestError(f"must be processor output (MultimodalInputs), got {type(inputs).__name__}",
+                                      param="inputs")
+        if isinstance(ids, torch.Tensor):
+            ids = ids.reshape(-1).tolist()
+        ids, images = self.engine.attach_images(ids, inputs.pixel_values, inputs.image_sizes,
+                                                list(inputs.num_image_tokens or []))
+        self.add_images(images)
+        self.append_tokens(ids)
+
+    def add_images(self, images: Mapping[int, ImageEntry]) -> None:
+        """Make images (engine.attach_images' entries) available to this generator's token ids."""
+        self.images.update(images)
 
     # ------------------------------------------------------------------ stepping
     def _compute_logits(self) -> torch.Tensor:
@@ -170,7 +191,7 @@ class Generator:
         self.cached_at_prefill = self.cache.offset  # tokens whose keys were already there
         ids = torch.tensor([s[self.cache.offset:] for s in self.sequences], dtype=torch.long,
                            device=self.engine.device)
-        self._logits = self.engine.forward(ids, self.cache)[:, -1]
+        self._logits = self.engine.forward(ids, self.cache, images=self.images)[:, -1]
         return self._logits
 
     def generate_next_token(self) -> None:

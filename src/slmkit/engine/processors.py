@@ -211,6 +211,11 @@ class LogitsChain:
         x = logits
         if self.steps:
             ids = torch.tensor(sequences, dtype=torch.long, device=x.device) if self.needs_ids else None
+            if ids is not None and bool((ids < 0).any()):  # image tokens: no token of the vocabulary
+                text = ids[0] >= 0  # every row holds the prompt's images at the same positions
+                prompt_len -= int((~text[:prompt_len]).sum())
+                ids = ids[:, text]
+                sequences = ids.tolist()
             ctx = StepContext(sequences, prompt_len, eos_ids, ids)
             for step in self.steps:
                 x = step(x, ctx)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..kernels.qgemm import FLOAT_DTYPES, fmatmul_kernel, get_kernel, pack_float_weight, unpack_float_weight
+from ..models import keep_float_modules
 from .memory import FileMappings, release_pages
 
 
@@ -102,8 +103,10 @@ def _kernel_linears(model: nn.Module) -> int:
     for a KernelLinear over the same weight where another module shares a float32 / float16 one."""
     lib = get_kernel()
     assert lib is not None  # the caller checked kernel_linears_available()
+    skip = keep_float_modules(model)  # a vision tower runs its big GEMMs through oneDNN as it is
     todo = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-            if type(child) is nn.Linear and child.weight.dtype in FLOAT_DTYPES and child.weight.device.type == "cpu"]
+            if type(child) is nn.Linear and child.weight.dtype in FLOAT_DTYPES and child.weight.device.type == "cpu"
+            and id(child) not in skip]
     maps = FileMappings()
     swapped = {id(lin) for _, _, lin in todo}
     keep = {p.data_ptr() for m in model.modules() if id(m) not in swapped for p in m.parameters(recurse=False)}
@@ -135,9 +138,10 @@ def pack_linears(model: nn.Module) -> int:
         return _kernel_linears(model)
     if not packing_available():
         return 0
+    skip = keep_float_modules(model)
     todo = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
             if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16
-            and child.weight.device.type == "cpu"]
+            and child.weight.device.type == "cpu" and id(child) not in skip]
     if not todo:
         return 0
     maps = FileMappings()

@@ -7,10 +7,20 @@ from types import ModuleType
 from ..errors import UnsupportedModelError
 
 # model_type values that share an implementation with another module
-MODEL_REMAPPING = {"phi3": "phi3", "gemma3_text": "gemma3"}
-SUPPORTED = ("phi3", "gemma3")
+MODEL_REMAPPING = {"phi3": "phi3", "phi3_v": "phi3_v", "gemma3_text": "gemma3"}
+SUPPORTED = ("phi3", "phi3_v", "gemma3")
 # GGUF general.architecture -> the module whose GGUF_LAYER_NAMES / gguf_config read such a file
 GGUF_ARCHITECTURES = {"phi3": "phi3", "gemma3": "gemma3"}
+
+
+def keep_float_modules(model: object) -> frozenset[int]:
+    """ids of the modules a model keeps in float (its `keep_float` name prefixes, e.g. a vision
+    tower): quantization and weight packing leave them as they are."""
+    prefixes = tuple(getattr(model, "keep_float", ()))
+    named = getattr(model, "named_modules", None)
+    if not prefixes or named is None:
+        return frozenset()
+    return frozenset(id(m) for name, m in named() if name.startswith(prefixes))
 
 
 def get_model_module(model_type: object) -> ModuleType:

@@ -159,10 +159,15 @@ class Model(nn.Module):
     def rope(self) -> Rope:
         return self.args.rope
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False
-                ) -> torch.Tensor:
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The token embeddings [B, S, hidden] (what a multimodal prompt overwrites at its image positions)."""
+        return self.model.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs_embeds [B, S, hidden]: the embeddings to run instead of input_ids' (images merged in)."""
         S = input_ids.shape[1]
-        h = self.model.embed_tokens(input_ids)
+        h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         step = Step.of(cache, S, input_ids.device)
         positions = step.span.positions
         regime = self.rope.regime(int(positions.max()) + 1)

@@ -101,10 +101,13 @@ def quantize_model(model: nn.Module, quant: str, group_size: int | None = None,
     """Swap every float nn.Linear of `model` (except names where skip(name) is true) for a
     QuantLinear; returns how many. Each float weight is dropped as soon as its copy is made
     (`release(weight)` is called for weights no other module shares, e.g. to unmap file pages)."""
+    from ..models import keep_float_modules
+
     bits, group = check_scheme(quant, group_size)
+    keep = keep_float_modules(model)  # a vision tower stays float
     todo = [(f"{pname}.{name}" if pname else name, parent, name, child)
             for pname, parent in model.named_modules() for name, child in parent.named_children()
-            if isinstance(child, nn.Linear) and child.weight.is_floating_point()]
+            if isinstance(child, nn.Linear) and child.weight.is_floating_point() and id(child) not in keep]
     shared = {p.data_ptr() for m in model.modules() if not isinstance(m, nn.Linear)
               for p in m.parameters(recurse=False)}  # a tied embedding keeps reading its weight
     n = 0
