@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,3 +203,86 @@ def test_generating_past_the_end_is_an_error(model):
 def test_model_takes_a_loaded_llm(model):
     again = og.Model(model.llm)
     assert again.llm is model.llm and isinstance(again.llm, slmkit.LLM)
+
+
+# ------------------------------------------------------------------ images (a tiny phi3_v folder)
+@pytest.fixture(scope="module")
+def vision_folder(tmp_path_factory):
+    from tests.helpers.tiny_models import make_phi3v_folder
+
+    return make_phi3v_folder(tmp_path_factory.mktemp("og_v"))
+
+
+@pytest.fixture(scope="module")
+def vision_model(vision_folder):
+    return og.Model(str(vision_folder), dtype="float32")
+
+
+def _image(path, size=(60, 40), color=(10, 200, 30)):
+    from PIL import Image
+
+    Image.new("RGB", size, color).save(path)
+    return str(path)
+
+
+def test_readme_snippet_runs_as_is(vision_folder, tmp_path, capsys):
+    """The ORT GenAI Phi-3.5-vision loop from README.md, only the path and the image file set."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    code = readme.split("```python\nimport slmkit.og as og\n", 1)[1].split("```", 1)[0]
+    setup, _, loop = code.lstrip("\n").partition("\n")
+    assert setup.startswith("path, image_paths = ")
+    scope: dict = {"og": og, "path": str(vision_folder), "image_paths": [_image(tmp_path / "a.png")]}
+    exec(loop, scope)  # noqa: S102 - the README's own code
+    printed = capsys.readouterr().out
+    generator, inputs, model = scope["generator"], scope["inputs"], scope["model"]
+    sequence = generator.get_sequence(0)
+    n = len(inputs.input_ids)
+    assert sequence[:n].tolist() == inputs.input_ids.tolist() and (sequence[:n] == -1).sum() == 757
+    assert generator.is_done() and (len(sequence) == 3072 or sequence[-1] in model.llm.engine.eos_token_ids)
+    first = model.llm.generate(inputs, max_new_tokens=40, temperature=0).token_ids
+    assert sequence[n:n + 40].tolist() == first
+    assert printed.startswith(model.llm.tokenizer.decode(first)[:5])
+
+
+def test_two_images_and_a_repeat_equal_llm_generate(vision_model, tmp_path):
+    a = _image(tmp_path / "a.png")
+    with open(_image(tmp_path / "b.png", (30, 90), (200, 10, 10)), "rb") as f:
+        b = f.read()
+    prompt = "<|user|>\n<|image_1|>\n<|image_2|>\nCompare these, then <|image_1|> again.<|end|>\n<|assistant|>\n"
+    processor = vision_model.create_multimodal_processor()
+    inputs = processor(prompt, images=og.Images.open_bytes(open(a, "rb").read(), b))
+    assert inputs.pixel_values.shape[:2] == (2, 5)
+    params = og.GeneratorParams(vision_model)
+    params.set_search_options(max_length=len(inputs.input_ids) + 24)
+    generator = og.Generator(vision_model, params)
+    generator.set_inputs(inputs)
+    stream, text = processor.create_stream(), []
+    while not generator.is_done():
+        generator.generate_next_token()
+        text.append(stream.decode(generator.get_next_tokens()[0]))
+    expected = vision_model.llm.generate(inputs, max_new_tokens=24, temperature=0)
+    sequence = generator.get_sequence(0)
+    assert sequence[len(inputs.input_ids):].tolist() == expected.token_ids
+    new_text = vision_model.llm.tokenizer.decode(expected.token_ids)
+    assert processor.decode(sequence).endswith(new_text) and "Compare these" in processor.decode(sequence)
+    assert "".join(text) == new_text or "\ufffd" in new_text  # the stream holds back invalid byte runs
+    assert sorted(set(sequence[sequence < 0].tolist())) == [-2, -1]  # the processor's ids, not the engine's
+    same = processor(prompt, images=og.Images.open(a, str(tmp_path / "b.png")))
+    assert same.input_ids.tolist() == inputs.input_ids.tolist()
+
+
+def test_image_errors_name_the_problem(vision_model, model, tmp_path):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(InvalidRequestError, match="empty.png") as e:
+        og.Images.open(_image(tmp_path / "a.png"), str(empty))
+    assert e.value.param == "images[1]"
+    with pytest.raises(InvalidRequestError, match="images"):
+        og.Images.open_bytes(b"not an image")
+    images = og.Images.open(_image(tmp_path / "a.png"))
+    processor = vision_model.create_multimodal_processor()
+    with pytest.raises(InvalidRequestError, match="2") as e:
+        processor("<|image_1|> and <|image_2|>", images=images)
+    with pytest.raises(UnsupportedInputError, match="text-only|takes no images"):
+        model.create_multimodal_processor()("<|image_1|> hi", images=images)
+    assert vision_model.type == "phi3v"

@@ -169,16 +169,17 @@ class Tokenizer:
         return out
 
     def decode(self, tokens: Any) -> str:
+        """Text of one sequence; image placeholders (negative ids) decode to nothing."""
         if isinstance(tokens, (list, tuple)) and not tokens:
             return ""
         ids = _ids(tokens, "tokens")
         if isinstance(ids[0], list):
             raise InvalidRequestError("decode takes one sequence; use decode_batch for several", param="tokens")
-        return str(self._tok.decode(ids))
+        return str(self._tok.decode([i for i in ids if i >= 0]))
 
     def decode_batch(self, tokens: Any) -> list[str]:
         rows = _ids(tokens, "tokens")
-        return [self._tok.decode(r) for r in (rows if isinstance(rows[0], list) else [rows])]
+        return [self.decode(r) for r in (rows if isinstance(rows[0], list) else [rows])]
 
     def to_token_id(self, token: str) -> int:
         tid = self._tok.token_to_id(token)
@@ -252,12 +253,9 @@ class Images:
 
 
 def _load(sources: list[Any]) -> list[Any]:
-    """Decoded images (slmkit.vision checks size, pixels and format), else the sources as they are
-    (the processor decodes them)."""
-    try:
-        from .vision.images import load_images
-    except ImportError:
-        return sources
+    """Decoded RGB images: slmkit.vision checks each one's bytes, pixels and format now."""
+    from .vision.images import load_images
+
     return list(load_images(sources))
 
 
@@ -352,6 +350,7 @@ class Generator:
                                       param="params")
         self._model = model
         self._gen = _Generator(model.llm, params.options)
+        self._image_ids: dict[int, int] = {}  # the engine's image token ids -> the processor's -k
         if params.inputs is not None:
             self.set_inputs(params.inputs)
         elif params.input_ids is not None:
@@ -362,8 +361,11 @@ class Generator:
         inputs = _check_inputs(inputs)
         if getattr(inputs, "pixel_values", None) is None:
             self._gen.append_tokens(inputs.input_ids.tolist())
-        else:
-            self._gen.append_inputs(inputs)
+            return
+        start = len(self._gen.get_sequence(0))
+        self._gen.append_inputs(inputs)
+        ours = self._gen.get_sequence(0)[start:]
+        self._image_ids.update((a, int(b)) for a, b in zip(ours, inputs.input_ids.tolist()) if a < 0)
 
     def append_tokens(self, tokens: Any) -> None:
         """Token ids for every row: 1-D for one row, [batch_size, n] for several (og.Tokenizer.encode /
@@ -395,8 +397,9 @@ class Generator:
         return np.asarray(self._gen.get_next_tokens(), dtype=np.int32)
 
     def get_sequence(self, index: int) -> np.ndarray:
-        return np.asarray(self._gen.get_sequence(int(index) if isinstance(index, np.integer) else index),
-                          dtype=np.int32)
+        """Row index's tokens; image placeholders as the processor gave them (-k for image k)."""
+        seq = self._gen.get_sequence(int(index) if isinstance(index, np.integer) else index)
+        return np.asarray([self._image_ids.get(t, t) if t < 0 else t for t in seq], dtype=np.int32)
 
     def token_count(self) -> int:
         return len(self._gen.get_sequence(0))
