@@ -286,3 +286,17 @@ def test_image_errors_name_the_problem(vision_model, model, tmp_path):
     with pytest.raises(UnsupportedInputError, match="text-only|takes no images"):
         model.create_multimodal_processor()("<|image_1|> hi", images=images)
     assert vision_model.type == "phi3v"
+
+
+def test_guidance_constrains_the_loop(model):
+    tokenizer = og.Tokenizer(model)
+    ids = tokenizer.encode(PROMPT)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 12)
+    params.set_guidance("regex", "[0-9]{3}")
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    while not generator.is_done():
+        generator.generate_next_token()
+    text = tokenizer.decode(generator.get_sequence(0)[len(ids):])
+    assert len(text) == 3 and text.isdigit()

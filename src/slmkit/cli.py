@@ -291,6 +291,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     if prompt is None:
         if raw:
             sys.stderr.write(f"[{llm.name} is a base model: each line you type is continued as text]\n")
+        if media:
+            sys.stderr.write(f"[{len(media)} image(s) attached to your first message]\n")
         repl(llm, opts, a.system, verbose=a.verbose, raw=raw, images=media, num_crops=crops)
         return 0
     if raw:
