@@ -9,16 +9,18 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
+from . import cli_vision
 from .errors import SlmkitError
 from .options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 
 BASE_MODEL_MAX_NEW_TOKENS = 128  # a base model's completion rarely stops by itself: a shorter default
 
 HELP_REPL = """Commands:
-  /clear   forget the conversation so far
-  /bye     leave (Ctrl-D too)
-  \"\"\"      start and end a multi-line message
-  Ctrl-C   stop the current answer"""
+  /clear        forget the conversation so far (and images not yet sent)
+  /image PATH   attach an image to your next message (vision models; repeatable)
+  /bye          leave (Ctrl-D too)
+  \"\"\"           start and end a multi-line message
+  Ctrl-C        stop the current answer"""
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", "-v", action="store_true", help="print load time and tokens/s")
     _add_quant_args(run)
     _add_sampling_args(run)
+    cli_vision.add_vision_args(run, _positive)
     srv = sub.add_parser("serve", help="serve models over OpenAI- and Ollama-compatible HTTP APIs")
     srv.add_argument("models", nargs="*", default=["builtin"], help="models to load (default: builtin); "
                      "NAME=PATH names one, else the file or folder name is its API name")
@@ -213,12 +216,15 @@ def _read_message(read: Callable[[str], str]) -> str | None:
 
 
 def repl(llm: Any, options: GenerationOptions | dict, system: str | None, *, read: Callable[[str], str] = input,
-         out: TextIO = sys.stdout, err: TextIO = sys.stderr, verbose: bool = False, raw: bool = False) -> None:
+         out: TextIO = sys.stdout, err: TextIO = sys.stderr, verbose: bool = False, raw: bool = False,
+         images: list[dict] | None = None, num_crops: int | None = None) -> None:
     """Interactive chat; history kept until /clear. raw=True: each message is completed as plain text.
-    options: GenerationOptions, or generate()'s keyword arguments."""
+    options: GenerationOptions, or generate()'s keyword arguments. images: image parts for the first
+    message (--image / --video); /image PATH attaches one to the next message."""
     opts = options if isinstance(options, GenerationOptions) else GenerationOptions.from_kwargs(**options)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     base = len(history)
+    pending = list(images or [])
     err.write("Chat with the model. /bye to leave, /clear to start over, /? for help.\n")
     while True:
         text = _read_message(read)
@@ -228,18 +234,27 @@ def repl(llm: Any, options: GenerationOptions | dict, system: str | None, *, rea
         cmd = text.strip()
         if cmd == "/clear":
             del history[base:]
+            pending.clear()
             err.write("(conversation cleared)\n")
             continue
         if cmd in ("/?", "/help"):
             err.write(HELP_REPL + "\n")
             continue
+        if cmd == "/image" or cmd.startswith("/image "):
+            try:
+                err.write(cli_vision.attach(llm, cmd, pending, raw) + "\n")
+            except SlmkitError as e:
+                err.write(f"error: {e}\n")
+            continue
         if not cmd:
             continue
-        history.append({"role": "user", "content": text})
+        history.append({"role": "user", "content": cli_vision.user_content(text, pending)})
+        pending = []
         answer: list[str] = []
         last = None
         try:
-            chunks = llm.generate(text, opts, stream=True) if raw else llm.chat(history, stream=True, options=opts)
+            chunks = llm.generate(text, opts, stream=True) if raw else llm.chat(
+                history, stream=True, options=opts, **cli_vision.chat_kwargs(num_crops))
             for chunk in chunks:
                 out.write(chunk.text)
                 out.flush()
@@ -260,11 +275,15 @@ def repl(llm: Any, options: GenerationOptions | dict, system: str | None, *, rea
 def cmd_run(a: argparse.Namespace) -> int:
     from .api import load
 
+    media = cli_vision.media_parts(a)  # image and video files checked before minutes of loading
     t0 = time.perf_counter()
     llm = load(a.model, dtype=a.dtype, device=a.device, quant=a.quant, group_size=a.group_size)
     if a.verbose:
         sys.stderr.write(f"[loaded {llm.name} in {time.perf_counter() - t0:.2f} s, {_describe(llm)}]\n")
     raw = a.raw or (llm.prompt_style == "completion" and not a.chat)
+    if media:
+        cli_vision.check_takes_images(llm, raw, "--image" if a.image else "--video")
+    crops = cli_vision.num_crops(a)
     opts = generation_options(a, raw)
     prompt = a.prompt
     if prompt is None and not sys.stdin.isatty():
@@ -272,14 +291,16 @@ def cmd_run(a: argparse.Namespace) -> int:
     if prompt is None:
         if raw:
             sys.stderr.write(f"[{llm.name} is a base model: each line you type is continued as text]\n")
-        repl(llm, opts, a.system, verbose=a.verbose, raw=raw)
+        if media:
+            sys.stderr.write(f"[{len(media)} image(s) attached to your first message]\n")
+        repl(llm, opts, a.system, verbose=a.verbose, raw=raw, images=media, num_crops=crops)
         return 0
     if raw:
         chunks = llm.generate(prompt, opts, stream=True)
     else:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
-            {"role": "user", "content": prompt}]
-        chunks = llm.chat(messages, stream=True, options=opts)
+            {"role": "user", "content": cli_vision.user_content(prompt, media)}]
+        chunks = llm.chat(messages, stream=True, options=opts, **cli_vision.chat_kwargs(crops))
     last = _stream_out(chunks, sys.stdout)
     sys.stdout.write("\n")
     if a.verbose:
