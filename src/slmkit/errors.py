@@ -59,6 +59,15 @@ class UnsupportedInputError(InvalidRequestError):
     """The input kind (e.g. an image part) is not supported by this model."""
 
 
+class UnsupportedByBackendError(InvalidRequestError):
+    """An option or input the backend cannot honour: refused, never silently dropped. `param` (and
+    `option`) names it, `backend` the backend ("github", "llamacpp", ...)."""
+
+    def __init__(self, option: str, backend: str, why: str = ""):
+        self.option, self.backend = option, backend
+        super().__init__(f"is not supported by the {backend} backend" + (f" ({why})" if why else ""), param=option)
+
+
 class ImageError(InvalidRequestError):
     """An image or video cannot be used: missing, empty, truncated, an unknown format, or over a limit.
     `param` names it (``images[0]``, ``video``), `file` is its path when it came from a file; the message
@@ -114,3 +123,35 @@ class ServerBusyError(SlmkitError):
     def __init__(self, waiting: int):
         self.waiting = waiting
         super().__init__(f"{waiting} requests are waiting")
+
+
+class BackendUnavailableError(SlmkitError):
+    """A backend cannot run here: its optional extra is not installed (`extra`: what to pip install)
+    or this platform lacks it."""
+
+    def __init__(self, backend: str, message: str, *, extra: str | None = None):
+        self.backend, self.extra = backend, extra
+        hint = f" (pip install 'slmkit[{extra}]')" if extra else ""
+        super().__init__(f"backend {backend}: {message}{hint}")
+
+
+class ProviderError(SlmkitError):
+    """A remote provider (a cloud, a running Ollama) refused or failed a request. `status`: its HTTP
+    status (None: no answer); the message is the provider's, never a key or token."""
+
+    def __init__(self, provider: str, message: str, *, status: int | None = None, retry_after: float | None = None):
+        self.provider, self.status, self.retry_after = provider, status, retry_after
+        where = f"{provider} answered HTTP {status}" if status is not None else provider
+        super().__init__(f"{where}: {message}")
+
+
+class ProviderAuthError(ProviderError):
+    """The provider refused the credentials (401/403): a missing, wrong or under-scoped key."""
+
+
+class ProviderRateLimitError(ProviderError):
+    """The provider's rate limit (429), still hit after the retries; retry_after in seconds if it said."""
+
+
+class ProviderUnreachableError(ProviderError):
+    """No answer from the provider: offline, DNS, refused connection, or a timeout."""

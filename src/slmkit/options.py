@@ -88,6 +88,11 @@ class GenerationOptions:
         """A validated copy with these fields set as given (None included)."""
         return dataclasses.replace(self, **changes)
 
+    def changed(self) -> list[str]:
+        """The options set to something other than their defaults (what a backend must honour)."""
+        return [f.name for f in dataclasses.fields(self)
+                if not f.name.startswith("_") and getattr(self, f.name) != _DEFAULTS[f.name]]
+
     @property
     def wants_logprobs(self) -> bool:
         return bool(self.logprobs or self.top_logprobs)
@@ -153,6 +158,9 @@ def check_search(num_beams: Any, num_return_sequences: Any, length_penalty: Any,
     if early_stopping not in (True, False, "never"):
         raise InvalidRequestError(f"must be true, false or 'never', got {shown(early_stopping)}",
                                   param="early_stopping")
+
+
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(GenerationOptions)}
 
 
 def option_names() -> tuple[str, ...]:

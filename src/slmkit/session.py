@@ -49,8 +49,11 @@ class ChatSession:
         self.messages.append({"role": "user", "content": content})
         try:
             opts = {**self.defaults, **options}
-            prompt = self.llm.chat_prompt(self.messages, num_crops=opts.pop("num_crops", None))
-            out = self.llm.generate(prompt, stream=stream, session=self._state, **opts)
+            if not self.llm.capabilities.token_ids:  # a chat API keeps no state: the history goes each turn
+                out = self.llm.chat(self.messages, stream=stream, **opts)
+            else:
+                prompt = self.llm.chat_prompt(self.messages, num_crops=opts.pop("num_crops", None))
+                out = self.llm.generate(prompt, stream=stream, session=self._state, **opts)
         except BaseException:
             self.messages.pop()
             raise

@@ -46,3 +46,15 @@ class Stream:
             if isinstance(item, BaseException):
                 raise item
             yield item
+
+
+def validated_first(items: Iterator[Any]) -> Iterator[Any]:
+    """Run a generator up to its first item now, so that a bad request raises at the call, not at
+    the consumer's first next()."""
+    first = next(items)
+
+    def rest() -> Iterator[Any]:
+        yield first
+        yield from items
+
+    return rest()

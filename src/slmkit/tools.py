@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,3 +134,16 @@ def parse(text: str, tools: Any, tool_choice: Any) -> list[ToolCall]:
     if not isinstance(obj, dict) or obj.get("name") not in names or not isinstance(obj.get("arguments"), dict):
         return []
     return [ToolCall(f"call_{uuid.uuid4().hex[:24]}", obj["name"], obj["arguments"])]
+
+
+def with_tool_calls(chunks: Iterator[Any], tools: Any, tool_choice: Any) -> Iterator[Any]:
+    """A chat stream whose last chunk carries the parsed tool call (finish_reason "tool_calls") when
+    the text made one."""
+    text = []
+    for c in chunks:
+        text.append(c.text)
+        if c.finish_reason is not None:
+            calls = parse("".join(text), tools, tool_choice)
+            if calls:
+                c.tool_calls, c.finish_reason = calls, "tool_calls"
+        yield c

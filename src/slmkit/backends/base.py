@@ -26,6 +26,13 @@ class Capabilities:
     beam_search: bool = False  # beam_search(ids, options)
     structured_output: bool = False  # json_schema / regex / grammar / response_format
     logprobs: bool = False  # TokenStep.logprob / top_logprobs when the options ask
+    token_ids: bool = True  # works on token ids (stream_tokens); False: on text (stream_chat), like a cloud API
+    completion: bool = True  # plain-text completion (generate("text")); text-level backends: stream_completion
+    tools: bool = False  # tools / tool_choice handled by the backend itself (text-level backends)
+    # the GenerationOptions (field names) it honours; None: every one. LLM refuses the others when
+    # they are set (UnsupportedByBackendError): an option is never silently dropped
+    options: frozenset[str] | None = None
+    backend: str = "native"  # its name in errors and tables (the provider prefix of slmkit.load)
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,17 @@ class TokenStep:
 
 
 @dataclass
+class TextStep:
+    """A piece of a text-level backend's answer (capabilities.token_ids False)."""
+    text: str
+    finish_reason: str | None = None  # "stop", "length" or "tool_calls" on the last piece
+    prompt_tokens: int | None = None  # the provider's usage, on the last piece when it reports it
+    completion_tokens: int | None = None
+    tool_calls: list[Any] | None = None  # slmkit.tools.ToolCall list, on the last piece
+    logprobs: list[Any] | None = None  # slmkit.results.TokenLogprob list for this piece, when asked
+
+
+@dataclass
 class SearchResult:
     """One returned sequence of a beam search, best first."""
     token_ids: list[int]  # generated tokens (ending with the end-of-sequence token when it stopped)
@@ -107,6 +125,21 @@ class TokenizerLike(Protocol):
 
     def create_stream(self) -> Any:
         """A streaming detokenizer: prime(prompt_ids), decode(token_id) -> text, flush() -> text."""
+        ...
+
+
+class TextBackend(Protocol):
+    """What a text-level backend (a cloud API, a running Ollama) adds to Backend's descriptive half:
+    messages in, text out. Its tokenizer may be None."""
+
+    def stream_chat(self, messages: Sequence[Any], options: GenerationOptions, *, tools: Any = None,
+                    tool_choice: Any = None, num_crops: int | None = None) -> Iterator[TextStep]:
+        """Answer OpenAI-shaped messages (already checked: slmkit.text.chat.normalize_messages) with
+        validated options that capabilities.options allows."""
+        ...
+
+    def stream_completion(self, prompt: str, options: GenerationOptions) -> Iterator[TextStep]:
+        """Continue a plain text (capabilities.completion)."""
         ...
 
 
