@@ -71,8 +71,7 @@ class LLM:
 
     def _refuse_unless(self, capable: bool, what: str, param: str) -> None:
         if not capable:
-            raise InvalidRequestError(f"backend {type(self.backend).__name__} ({self.name!r}) has no {what}",
-                                      param=param)
+            raise UnsupportedByBackendError(param, self.capabilities.backend, f"{self.name!r} has no {what}")
 
     @property
     def prompt_style(self) -> str:

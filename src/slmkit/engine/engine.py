@@ -38,6 +38,19 @@ def validate_token_ids(ids: object, vocab_size: int, param: str) -> list[int]:
     return [check_int(i, param, lo=0, hi=vocab_size - 1, what=what) for i in ids]
 
 
+def stop_token_ids(tokenizer: Any, generation_config: dict, config_eos: object, vocab_size: int) -> frozenset[int]:
+    """A model's end-of-sequence ids: generation_config's + config.json's + the tokenizer's eos, and
+    <|end|> / <|endoftext|> / <end_of_turn> where the vocabulary has them (Phi's end of turn)."""
+    ids = set(_ids(generation_config.get("eos_token_id")) + _ids(config_eos))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    for special in ("<|end|>", "<|endoftext|>", "<end_of_turn>"):
+        i = tokenizer.token_to_id(special)
+        if i is not None:
+            ids.add(i)
+    return frozenset(i for i in ids if 0 <= i < vocab_size)
+
+
 class Engine:
     def __init__(self, loaded: LoadedModel, *, pack: bool = True):
         self.model = loaded.model
@@ -77,16 +90,7 @@ class Engine:
         return self.model(ids, cache, last_only=last_only)
 
     def _stop_ids(self) -> set[int]:
-        """generation_config eos ids + config eos + tokenizer eos + <|end|> (Phi's end of turn)."""
-        ids = set(_ids(self.generation_config.get("eos_token_id")) + _ids(self.args.eos_token_id))
-        tok = self.tokenizer
-        if tok.eos_token_id is not None:
-            ids.add(tok.eos_token_id)
-        for special in ("<|end|>", "<|endoftext|>", "<end_of_turn>"):
-            i = tok.token_to_id(special)
-            if i is not None:
-                ids.add(i)
-        return {i for i in ids if 0 <= i < self.vocab_size}
+        return set(stop_token_ids(self.tokenizer, self.generation_config, self.args.eos_token_id, self.vocab_size))
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         a = self.args

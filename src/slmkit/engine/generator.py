@@ -88,13 +88,16 @@ class Generator:
         """external_logits: never run the model; the caller sets each step's logits (set_logits),
         as the continuous-batching engine does for many generators in one forward pass."""
         engine = getattr(model, "engine", model)  # an LLM or a NativeBackend holds its Engine
-        if not isinstance(engine, Engine):
+        if not isinstance(engine, Engine) and not (external_logits and hasattr(engine, "check_prompt_ids")):
             raise InvalidRequestError("Generator needs a locally loaded (native) model", param="model")
-        self.engine: Engine = engine
+        # with external_logits, any object with Engine's descriptive half will do (a LogitsSource:
+        # tokenizer, context_length, vocab_size, eos_token_ids, device, check_prompt_ids): another
+        # runtime's backend (backends/runtime.py) decodes with the same processors and sampler
+        self.engine: Engine = engine  # type: ignore[assignment]  # or a LogitsSource, as said
         self.external = external_logits
         self.params = params or GeneratorParams()
         self.configure()
-        engine.tokenizer.reset_stream()  # tokenizer.stream_decode follows this generation from here on
+        self.engine.tokenizer.reset_stream()  # tokenizer.stream_decode follows this generation from here on
         self.sequences: list[list[int]] = [[] for _ in range(self.params.batch_size)]
         self.cache: KVCache | None = None
         self.cached_at_prefill = 0  # keys reused by the last prefill (a session's common prefix)
