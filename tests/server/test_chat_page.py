@@ -9,17 +9,14 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers.serving import free_port
+from tests.helpers.serving import slm_serve
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 PIL = pytest.importorskip("PIL")
-playwright = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -38,30 +35,19 @@ def served(tmp_path_factory):
     from tests.helpers.tiny_models import make_phi3_folder, make_phi3v_folder
 
     root = tmp_path_factory.mktemp("page")
-    eyes, text = make_phi3v_folder(root / "eyes"), make_phi3_folder(root / "text", "gqa")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "slmkit.cli", "serve", f"eyes={eyes}", f"text={text}",
-                             "--port", str(port), "--slots", "1", "--dtype", "float32"],
-                            env={k: v for k, v in os.environ.items() if k != "SLMKIT_API_KEY"},
-                            stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        from tests.server.test_app import wait_healthy
-
-        wait_healthy(base)
-        if proc.poll() is not None:
-            pytest.fail(f"slm serve stopped: {proc.communicate()[1][-2000:]}")
+    eyes = make_phi3v_folder(root / "eyes")
+    text = make_phi3_folder(root / "text", "gqa", max_position_embeddings=2048)
+    with slm_serve({"eyes": eyes, "text": text}, "--dtype", "float32") as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=30)
 
 
 @pytest.fixture(scope="module")
 def browser():
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"no Chromium at {CHROMIUM} (Debian's chromium package)")
-    with playwright.sync_playwright() as p:
+    from playwright.sync_api import sync_playwright  # the test extra; its own browser download is not needed
+
+    with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
         yield b
         b.close()
@@ -129,5 +115,5 @@ def drive_page(browser, base: str, model: str, text_model: str | None = None) ->
     page.close()
 
 
-def test_the_chat_page_sends_images_and_shows_the_answer(served, browser):
+def test_the_chat_page_sends_images_and_shows_the_answer(browser, served):
     drive_page(browser, served, "eyes", text_model="text")
