@@ -52,17 +52,25 @@ def options(body: dict) -> GenerationOptions:
     return options_from(out, {**_FIELD_OF, "json_schema": "format", "response_format": "format"})
 
 
+def _as_data_url(b64: str) -> str:
+    """An Ollama image as a data: URL; line breaks in the base64 are dropped, as Go's decoder does."""
+    if b64.startswith("data:"):
+        return b64
+    if "\n" in b64 or "\r" in b64:
+        b64 = b64.replace("\r", "").replace("\n", "")
+    return f"data:image/png;base64,{b64}"
+
+
 def images_to_parts(msg: dict, param: str = "images") -> dict:
     """Ollama's `images` (base64 strings, as its clients send them; a data: URL is taken too) as
-    OpenAI image parts, placed before the text as Ollama and the vision models' own prompts do (a
+    OpenAI image parts, placed before the text as Phi-3-vision's model card writes its prompts (a
     text-only model refuses them). The format comes from the bytes: Pillow reads the image."""
     imgs = msg.get("images")
     if imgs is not None and (not isinstance(imgs, list) or not all(isinstance(b, str) for b in imgs)):
         raise InvalidRequestError("must be a list of base64-encoded images (strings)", param=param)
     if not imgs:
         return {k: v for k, v in msg.items() if k != "images"}
-    parts: list[dict] = [{"type": "image_url", "image_url": {"url": b if b.startswith("data:") else
-                                                             f"data:image/png;base64,{b}"}} for b in imgs]
+    parts: list[dict] = [{"type": "image_url", "image_url": {"url": _as_data_url(b)}} for b in imgs]
     text = msg.get("content")
     if text:
         parts.append({"type": "text", "text": text})
