@@ -275,7 +275,7 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
 // strides (elements; last dim contiguous), all of one dtype (0 float32, 1 bfloat16, 2 float16); out
 // [B, S, H, D] contiguous in that dtype. Everything in float32: scores, max-subtracted softmax, the
 // weighted V sum, divided by the sum at the end. One task per (row, query, kv head) handles its G
-// query heads, so K and V are read once per query.
+// query heads (K and V blocks are re-read per head from cache).
 //
 // Each query's result is computed by the same instructions in the same order whatever B, S, L, the
 // strides or the thread count: a query gives the same bits alone in a decode step, batched with
@@ -313,6 +313,21 @@ static inline __m512 exp512(__m512 x) {
     return _mm512_maskz_mov_ps((__mmask16)~under, _mm512_scalef_ps(p, n));
 }
 
+// r[t] = the sum of a[t]'s 16 lanes, for t = 0..15: lanes (i, i+2) within each 128-bit quarter,
+// then (i, i+1), then the quarters (0+1, 2+3), then the halves. One fixed tree for every t.
+static inline __m512 hsum16(const __m512* a) {
+    __m512 u[8], w[4];
+    for (int i = 0; i < 8; ++i)
+        u[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; ++i) {
+        const __m512d x = _mm512_castps_pd(u[2 * i]), y = _mm512_castps_pd(u[2 * i + 1]);
+        w[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    const __m512 y01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xdd));
+    const __m512 y23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x88), _mm512_shuffle_f32x4(w[2], w[3], 0xdd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, 0x88), _mm512_shuffle_f32x4(y01, y23, 0xdd));
+}
+
 template <int DT>
 static void attn_task(const void* q, const void* k, const void* v, void* out, int64_t G, int64_t D, int64_t n,
                       int64_t kst, int64_t vst, int64_t qsh, float scale, float* s, float* acc, float* qf) {
@@ -324,20 +339,25 @@ static void attn_task(const void* q, const void* k, const void* v, void* out, in
         for (int64_t c = 0; c < nc; ++c)
             _mm512_storeu_ps(qf + g * nc * 16 + c * 16,
                              ld16<DT>((const char*)q + g * qsh * es, c * 16, c == nc - 1 ? tail : 0xffff));
-    // scores s[g * n + j] = scale * q_g . k_j
-    for (int64_t j = 0; j < n; ++j) {
-        const char* kj = (const char*)k + j * kst * es;
-        for (int64_t g = 0; g < G; ++g) {
-            const float* qg = qf + g * nc * 16;
-            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-            int64_t c = 0;
-            for (; c + 1 < nc; c += 2) {
-                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16), ld16<DT>(kj, c * 16, 0xffff), a0);
-                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16 + 16),
-                                     ld16<DT>(kj, c * 16 + 16, c + 1 == nc - 1 ? tail : 0xffff), a1);
+    // scores s[g * n + j] = scale * q_g . k_j, sixteen keys at a time: each key's 16 lane sums
+    // are reduced by one transposing tree (hsum16), the same tree for every key, so a score
+    // depends on q_g and k_j only (a partial last block is padded with zero vectors)
+    for (int64_t g = 0; g < G; ++g) {
+        const float* qg = qf + g * nc * 16;
+        for (int64_t j0 = 0; j0 < n; j0 += 16) {
+            const int64_t m = n - j0 < 16 ? n - j0 : 16;
+            __m512 a[16];
+            for (int t = 0; t < 16; ++t) a[t] = _mm512_setzero_ps();
+            for (int64_t t = 0; t < m; ++t) {
+                const char* kj = (const char*)k + (j0 + t) * kst * es;
+                __m512 acc = _mm512_setzero_ps();
+                for (int64_t c = 0; c < nc; ++c)
+                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16), ld16<DT>(kj, c * 16, c == nc - 1 ? tail : 0xffff),
+                                          acc);
+                a[t] = acc;
             }
-            if (c < nc) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16), ld16<DT>(kj, c * 16, tail), a0);
-            s[g * n + j] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
+            const __m512 sc = _mm512_mul_ps(hsum16(a), _mm512_set1_ps(scale));
+            _mm512_mask_storeu_ps(s + g * n + j0, m == 16 ? (__mmask16)0xffff : (__mmask16)((1u << m) - 1), sc);
         }
     }
     // softmax numerators, and their sums
@@ -360,16 +380,23 @@ static void attn_task(const void* q, const void* k, const void* v, void* out, in
         }
         sum[g] = _mm512_reduce_add_ps(tot);
     }
-    // acc_g = sum_j p_gj v_j
-    memset(acc, 0, sizeof(float) * G * nc * 16);
-    for (int64_t j = 0; j < n; ++j) {
-        const char* vj = (const char*)v + j * vst * es;
-        for (int64_t c = 0; c < nc; ++c) {
-            const __m512 vv = ld16<DT>(vj, c * 16, c == nc - 1 ? tail : 0xffff);
-            for (int64_t g = 0; g < G; ++g) {
-                float* a = acc + (g * nc + c) * 16;
-                _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(s[g * n + j]), vv, _mm512_loadu_ps(a)));
+    // acc_g = sum_j p_gj v_j, in registers per block of up to 8 chunks (128 values) of D; each
+    // value is summed over j in order, whatever the chunking
+    for (int64_t g = 0; g < G; ++g) {
+        const float* sg = s + g * n;
+        for (int64_t c0 = 0; c0 < nc; c0 += 8) {
+            const int64_t cn = nc - c0 < 8 ? nc - c0 : 8;
+            __m512 r[8];
+            for (int c = 0; c < 8; ++c) r[c] = _mm512_setzero_ps();
+            for (int64_t j = 0; j < n; ++j) {
+                const char* vj = (const char*)v + j * vst * es;
+                const __m512 p = _mm512_set1_ps(sg[j]);
+#pragma GCC unroll 8
+                for (int c = 0; c < 8; ++c)
+                    if (c < cn)
+                        r[c] = _mm512_fmadd_ps(p, ld16<DT>(vj, (c0 + c) * 16, c0 + c == nc - 1 ? tail : 0xffff), r[c]);
             }
+            for (int c = 0; c < cn; ++c) _mm512_storeu_ps(acc + (g * nc + c0 + c) * 16, r[c]);
         }
     }
     for (int64_t g = 0; g < G; ++g) {
