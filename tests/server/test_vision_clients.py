@@ -20,6 +20,8 @@ httpx = pytest.importorskip("httpx")
 
 QUESTION = "What is in this picture?"
 
+NOT_AN_IMAGE = "not an image in a supported format"  # slmkit.vision's words
+
 
 def png(w: int, h: int, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
     from PIL import Image
@@ -134,9 +136,9 @@ def test_openai_refusals_are_typed_and_named(client):
     bad_request(lambda: create(model="eyes", messages=asking(*[one] * 17), max_tokens=1),
                 "messages[0].content[16].image_url", "at most 16 images")
     bad_request(lambda: create(model="eyes", messages=asking(one, b"not an image"), max_tokens=1),
-                "messages[0].content[1].image_url", "not a readable image")
+                "messages[0].content[1].image_url", NOT_AN_IMAGE)
     bad_request(lambda: create(model="eyes", messages=asking(one[:30]), max_tokens=1),
-                "messages[0].content[0].image_url", "not a readable image")
+                "messages[0].content[0].image_url", "header cannot be read")
     bad_request(lambda: create(model="text", messages=asking(one), max_tokens=1), "messages", "text-only")
     for value in (0, 65, "4", 2.5, True):
         bad_request(lambda v=value: create(model="eyes", messages=asking(one), max_tokens=1,
@@ -152,8 +154,8 @@ def test_ollama_refusals_name_the_image(oll, base):
     cases = [
         (lambda: oll.chat(model="eyes", messages=[{"role": "user", "content": "hi"},
                                                    {"role": "user", "content": "and", "images": [good, b"junk"]}]),
-         "messages[1].images[1]", "not a readable image"),
-        (lambda: oll.generate(model="eyes", prompt="hi", images=[b"junk"]), "images[0]", "not a readable image"),
+         "messages[1].images[1]", NOT_AN_IMAGE),
+        (lambda: oll.generate(model="eyes", prompt="hi", images=[b"junk"]), "images[0]", NOT_AN_IMAGE),
         (lambda: oll.generate(model="eyes", prompt="hi", images=[good] * 17), "images[16]", "at most 16 images"),
         (lambda: oll.chat(model="text", messages=[{"role": "user", "content": "hi", "images": [good]}]),
          "messages[0].images", "text-only"),
