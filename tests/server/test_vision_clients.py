@@ -171,3 +171,14 @@ def test_ollama_refusals_name_the_image(oll, base):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].images[0]"
     assert "not valid base64" in r.json()["error"]["message"]
     assert httpx.get(base + "/health").status_code == 200  # and the server keeps serving
+
+
+def test_more_image_tokens_than_a_slot_holds_is_a_context_error(client):
+    """Six large images at 4 crops (757 tokens each) pass a 4096-token batch slot: a 400 naming the
+    context, streamed or not, before any token is generated."""
+    msgs = asking(*[png(1000, 1000, (i * 40, 0, 0)) for i in range(6)])
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="eyes", messages=msgs, max_tokens=1, stream=stream)
+        assert e.value.status_code == 400 and e.value.body["code"] == "context_length_exceeded", e.value.body
+        assert "4096" in e.value.body["message"], e.value.body
