@@ -182,3 +182,23 @@ def test_more_image_tokens_than_a_slot_holds_is_a_context_error(client):
             client.chat.completions.create(model="eyes", messages=msgs, max_tokens=1, stream=stream)
         assert e.value.status_code == 400 and e.value.body["code"] == "context_length_exceeded", e.value.body
         assert "4096" in e.value.body["message"], e.value.body
+
+
+def reused_prompt_tokens(base: str) -> int:
+    text = httpx.get(base + "/metrics", headers={"Authorization": "Bearer k"}).text
+    return int(next(ln for ln in text.splitlines()
+                    if ln.startswith('slmkit_prompt_cache_tokens_total{model="eyes"}')).split()[-1])
+
+
+def test_a_follow_up_about_the_same_image_reuses_its_kv(client, llm, base):
+    """On the next turn the image's tokens come from the server's prompt cache (the KV of the first turn)."""
+    img = png(300, 200, (10, 120, 200))
+    first = asking(img)
+    r = client.chat.completions.create(model="eyes", messages=first, max_tokens=4, temperature=0)
+    image_tokens = llm.processor("<|image_1|>", images=[img]).num_image_tokens[0]
+    follow = first + [{"role": "assistant", "content": r.choices[0].message.content},
+                      {"role": "user", "content": "And its colour?"}]
+    before = reused_prompt_tokens(base)
+    again = client.chat.completions.create(model="eyes", messages=follow, max_tokens=4, temperature=0)
+    assert reused_prompt_tokens(base) - before >= image_tokens
+    assert again.choices[0].message.content == llm.chat(follow, max_new_tokens=4, temperature=0).text
