@@ -202,3 +202,27 @@ def test_a_follow_up_about_the_same_image_reuses_its_kv(client, llm, base):
     again = client.chat.completions.create(model="eyes", messages=follow, max_tokens=4, temperature=0)
     assert reused_prompt_tokens(base) - before >= image_tokens
     assert again.choices[0].message.content == llm.chat(follow, max_new_tokens=4, temperature=0).text
+
+
+def test_an_image_url_on_this_machine_is_fetched_for_the_model(client, llm, tmp_path):
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    img = png(64, 48, (250, 200, 0))
+    (tmp_path / "pic.png").write_bytes(img)
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None  # quiet
+    files = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{files.server_address[1]}/pic.png"
+        msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": QUESTION}]}]
+        r = client.chat.completions.create(model="eyes", messages=msgs, max_tokens=6, temperature=0)
+        assert r.choices[0].message.content == llm.chat(asking(img), max_new_tokens=6, temperature=0).text
+        bad_request(lambda: client.chat.completions.create(model="eyes", max_tokens=1, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url + ".missing"}}]}]),
+            "messages[0].content[0].image_url", "HTTP 404")
+    finally:
+        files.shutdown()
