@@ -211,9 +211,11 @@ def test_an_image_url_on_this_machine_is_fetched_for_the_model(client, llm, tmp_
 
     img = png(64, 48, (250, 200, 0))
     (tmp_path / "pic.png").write_bytes(img)
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
-    handler.log_message = lambda *a: None  # quiet
-    files = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+    files = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
     threading.Thread(target=files.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{files.server_address[1]}/pic.png"
