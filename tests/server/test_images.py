@@ -21,6 +21,8 @@ httpx = pytest.importorskip("httpx")
 
 from tests.server.test_app import serve_models  # noqa: E402
 
+NOT_AN_IMAGE = "not an image in a supported format"  # slmkit.vision's words
+
 
 def png(w: int = 8, h: int = 6) -> bytes:
     from PIL import Image
@@ -129,8 +131,9 @@ def named_error(url: str, policy=None) -> str:
 
 
 @pytest.mark.parametrize("url,words", [
-    ("data:image/png;base64," + base64.b64encode(b"garbage bytes").decode(), "not a readable image"),
-    ("data:image/png;base64," + base64.b64encode(png()[:40]).decode(), "not a readable image"),
+    ("data:image/png;base64," + base64.b64encode(b"garbage bytes").decode(), NOT_AN_IMAGE),
+    ("data:image/png;base64," + base64.b64encode(png()[:30]).decode(), "PNG signature but its header cannot be read"),
+    ("data:image/png;base64,", "is empty (0 bytes)"),
     ("data:image/png;base64,@@@", "not valid base64"),
     ("data:image/png,rawdata", "only base64"),
     ("file:///etc/passwd", "data: or http(s)"),
@@ -152,7 +155,7 @@ def test_good_images_become_checked_data_urls(files):
     fetched = resolve(files + "/ok.png")[0]["content"][1]["image_url"]["url"]  # this machine: allowed
     assert base64.b64decode(fetched.split(",", 1)[1]) == png()
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"
-    assert "not a readable image" in named_error("data:image/png;base64," + base64.b64encode(eps).decode())
+    assert NOT_AN_IMAGE in named_error("data:image/png;base64," + base64.b64encode(eps).decode())
     many = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data}}] * 17}]
     with pytest.raises(InvalidRequestError, match="at most 16 images"):
         asyncio.run(images.resolve(many, images.FetchPolicy()))
@@ -165,7 +168,7 @@ def test_fetching_is_limited_by_host_status_size_and_time(files):
     listed = images.FetchPolicy(allow=["127.0.0.1"])
     assert "not in the server's --image-urls list" in named_error("http://example.org/x.png", listed)
     assert "HTTP 404" in named_error(files + "/missing.png", listed)
-    assert "not a readable image" in named_error(files + "/text", listed)
+    assert NOT_AN_IMAGE in named_error(files + "/text", listed)
     small = images.FetchPolicy(max_bytes=1000, timeout_s=1.0)
     assert "over the limit of 1000 bytes" in named_error(files + "/big.png", small)
     t0 = time.perf_counter()
@@ -195,6 +198,13 @@ def test_ollama_images_become_parts_before_the_text_and_errors_name_them():
     out = asyncio.run(images.resolve([msg], images.FetchPolicy()))
     assert [base64.b64decode(p["image_url"]["url"].split(",", 1)[1]) for p in out[0]["content"][:2]] == [png()] * 2
     assert images_to_parts({"role": "user", "content": "hi", "images": []}) == {"role": "user", "content": "hi"}
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6), (1, 2, 3)).save(buf, format="JPEG")
+    jpeg = images_to_parts({"role": "user", "images": [base64.b64encode(buf.getvalue()).decode()]})
+    (part,) = asyncio.run(images.resolve([jpeg], images.FetchPolicy()))[0]["content"]
+    assert part["image_url"]["url"] == "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
     with pytest.raises(InvalidRequestError) as e:
         images_to_parts({"role": "user", "content": "hi", "images": [b"raw"]}, "messages[2].images")
     assert e.value.param == "messages[2].images"
@@ -202,4 +212,4 @@ def test_ollama_images_become_parts_before_the_text_and_errors_name_them():
     with pytest.raises(InvalidRequestError) as e:
         asyncio.run(images.resolve([{"role": "user", "content": "hi"}, bad], images.FetchPolicy(),
                                    lambda i, j: f"messages[{i}].images[{j}]"))
-    assert e.value.param == "messages[1].images[1]" and "not a readable image" in str(e.value)
+    assert e.value.param == "messages[1].images[1]" and NOT_AN_IMAGE in str(e.value)

@@ -20,6 +20,8 @@ httpx = pytest.importorskip("httpx")
 
 QUESTION = "What is in this picture?"
 
+NOT_AN_IMAGE = "not an image in a supported format"  # slmkit.vision's words
+
 
 def png(w: int, h: int, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
     from PIL import Image
@@ -134,9 +136,9 @@ def test_openai_refusals_are_typed_and_named(client):
     bad_request(lambda: create(model="eyes", messages=asking(*[one] * 17), max_tokens=1),
                 "messages[0].content[16].image_url", "at most 16 images")
     bad_request(lambda: create(model="eyes", messages=asking(one, b"not an image"), max_tokens=1),
-                "messages[0].content[1].image_url", "not a readable image")
+                "messages[0].content[1].image_url", NOT_AN_IMAGE)
     bad_request(lambda: create(model="eyes", messages=asking(one[:30]), max_tokens=1),
-                "messages[0].content[0].image_url", "not a readable image")
+                "messages[0].content[0].image_url", "header cannot be read")
     bad_request(lambda: create(model="text", messages=asking(one), max_tokens=1), "messages", "text-only")
     for value in (0, 65, "4", 2.5, True):
         bad_request(lambda v=value: create(model="eyes", messages=asking(one), max_tokens=1,
@@ -152,8 +154,8 @@ def test_ollama_refusals_name_the_image(oll, base):
     cases = [
         (lambda: oll.chat(model="eyes", messages=[{"role": "user", "content": "hi"},
                                                    {"role": "user", "content": "and", "images": [good, b"junk"]}]),
-         "messages[1].images[1]", "not a readable image"),
-        (lambda: oll.generate(model="eyes", prompt="hi", images=[b"junk"]), "images[0]", "not a readable image"),
+         "messages[1].images[1]", NOT_AN_IMAGE),
+        (lambda: oll.generate(model="eyes", prompt="hi", images=[b"junk"]), "images[0]", NOT_AN_IMAGE),
         (lambda: oll.generate(model="eyes", prompt="hi", images=[good] * 17), "images[16]", "at most 16 images"),
         (lambda: oll.chat(model="text", messages=[{"role": "user", "content": "hi", "images": [good]}]),
          "messages[0].images", "text-only"),
@@ -169,3 +171,60 @@ def test_ollama_refusals_name_the_image(oll, base):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].images[0]"
     assert "not valid base64" in r.json()["error"]["message"]
     assert httpx.get(base + "/health").status_code == 200  # and the server keeps serving
+
+
+def test_more_image_tokens_than_a_slot_holds_is_a_context_error(client):
+    """Six large images at 4 crops (757 tokens each) pass a 4096-token batch slot: a 400 naming the
+    context, streamed or not, before any token is generated."""
+    msgs = asking(*[png(1000, 1000, (i * 40, 0, 0)) for i in range(6)])
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="eyes", messages=msgs, max_tokens=1, stream=stream)
+        assert e.value.status_code == 400 and e.value.body["code"] == "context_length_exceeded", e.value.body
+        assert "4096" in e.value.body["message"], e.value.body
+
+
+def reused_prompt_tokens(base: str) -> int:
+    text = httpx.get(base + "/metrics", headers={"Authorization": "Bearer k"}).text
+    return int(next(ln for ln in text.splitlines()
+                    if ln.startswith('slmkit_prompt_cache_tokens_total{model="eyes"}')).split()[-1])
+
+
+def test_a_follow_up_about_the_same_image_reuses_its_kv(client, llm, base):
+    """On the next turn the image's tokens come from the server's prompt cache (the KV of the first turn)."""
+    img = png(300, 200, (10, 120, 200))
+    first = asking(img)
+    r = client.chat.completions.create(model="eyes", messages=first, max_tokens=4, temperature=0)
+    image_tokens = llm.processor("<|image_1|>", images=[img]).num_image_tokens[0]
+    follow = first + [{"role": "assistant", "content": r.choices[0].message.content},
+                      {"role": "user", "content": "And its colour?"}]
+    before = reused_prompt_tokens(base)
+    again = client.chat.completions.create(model="eyes", messages=follow, max_tokens=4, temperature=0)
+    assert reused_prompt_tokens(base) - before >= image_tokens
+    assert again.choices[0].message.content == llm.chat(follow, max_new_tokens=4, temperature=0).text
+
+
+def test_an_image_url_on_this_machine_is_fetched_for_the_model(client, llm, tmp_path):
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    img = png(64, 48, (250, 200, 0))
+    (tmp_path / "pic.png").write_bytes(img)
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+    files = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{files.server_address[1]}/pic.png"
+        msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": QUESTION}]}]
+        r = client.chat.completions.create(model="eyes", messages=msgs, max_tokens=6, temperature=0)
+        assert r.choices[0].message.content == llm.chat(asking(img), max_new_tokens=6, temperature=0).text
+        bad_request(lambda: client.chat.completions.create(model="eyes", max_tokens=1, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url + ".missing"}}]}]),
+            "messages[0].content[0].image_url", "HTTP 404")
+    finally:
+        files.shutdown()

@@ -1,8 +1,9 @@
 """Image parts of a request, checked before any model sees them: data: URLs are decoded, http(s)
 URLs fetched (remote hosts only when the server allows it: all, or a list of hosts) with a byte
-limit and a timeout, and every image must open with Pillow within a pixel limit. Fetched images
+limit and a timeout, and every image must be read as the model will read it (slmkit.vision: its
+formats, its pixel limit checked from the header before decoding, a full decode). Fetched images
 become data: URLs, so nothing past this point touches the network. Errors name the part:
-InvalidRequestError(param="messages[0].content[1].image_url"). URLs on this machine (localhost,
+ImageError(param="messages[0].content[1].image_url"). URLs on this machine (localhost,
 127.0.0.0/8, ::1) are always fetched; remote hosts only when allowed."""
 from __future__ import annotations
 
@@ -14,14 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import InvalidRequestError
+from ..errors import ImageError, InvalidRequestError
+from ..vision.images import FORMATS, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 
-MAX_BYTES = 20 * 2**20  # per image, as OpenAI's limit
-MAX_PIXELS = 50_000_000  # decompression bombs
+MAX_BYTES = MAX_IMAGE_BYTES  # per image, as OpenAI's limit (the model's loader, slmkit.vision, has the same)
+MAX_PIXELS = MAX_IMAGE_PIXELS  # decompression bombs
 FETCH_TIMEOUT_S = 10.0  # per URL, the whole fetch
 MAX_IMAGES = 16  # per request
 MAX_TOTAL_BYTES = 64 * 2**20  # per request
-FORMATS = ["PNG", "JPEG", "GIF", "WEBP", "BMP"]  # what Pillow may decode (no EPS / Ghostscript)
 PartNames = Callable[[int, int], str]  # (message index, part index) -> the field an error names
 
 
@@ -59,22 +60,19 @@ def _bad(message: str, param: str) -> InvalidRequestError:
 
 
 def check_image(data: bytes, param: str, max_pixels: int = MAX_PIXELS) -> tuple[str, int, int]:
-    """(format, width, height) of encoded image bytes, or a named error."""
+    """(format, width, height) of encoded image bytes, read as the model will read them
+    (slmkit.vision.load_image: the formats, the pixel limit from the header before decoding, then a
+    full decode), or its ImageError naming the part (param) instead of the image's index."""
+    from PIL import Image
+
+    from ..vision.images import load_image
+
     try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError:
-        raise _bad("image input needs Pillow on the server (pip install 'slmkit[serve]')", param) from None
-    try:
-        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise _bad(f"the image is {w}x{h} pixels, over the limit of {max_pixels}", param)
-            im.load()  # decodes: a truncated or corrupt file fails here
-            return str(im.format or "").lower(), w, h
-    except InvalidRequestError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise _bad(f"is not a readable image ({type(e).__name__}: {e})", param) from None
+        w, h = load_image(data, max_bytes=max(len(data), 1), max_pixels=max_pixels).size
+    except ImageError as e:
+        raise ImageError(str(e).removeprefix(f"{e.param}: "), param=param) from None
+    with Image.open(io.BytesIO(data), formats=FORMATS) as im:  # the header again: the format's name
+        return str(im.format or "png").lower(), w, h
 
 
 def decode_data_url(url: str, param: str, max_bytes: int = MAX_BYTES) -> bytes:
@@ -187,7 +185,9 @@ async def resolve(messages: Any, policy: FetchPolicy, names: PartNames | None = 
                 raise _bad(f"the request's images are over {policy.max_total_bytes} bytes in all", param)
             fmt, _, _ = await asyncio.to_thread(check_image, data, param, policy.max_pixels)
             if scheme != "data":
-                url = f"data:image/{fmt or 'png'};base64,{base64.b64encode(data).decode()}"
+                url = f"data:image/{fmt};base64,{base64.b64encode(data).decode()}"
+            elif not url.startswith(f"data:image/{fmt};"):  # labelled as what it is (Ollama's say png)
+                url = f"data:image/{fmt};base64,{url.partition(',')[2]}"
             detail = image.get("detail") if isinstance(image, dict) else None
             parts.append({"type": "image_url", "image_url": {"url": url, **({"detail": detail} if detail else {})}})
         out.append({**m, "content": parts})
