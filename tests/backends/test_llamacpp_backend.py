@@ -5,7 +5,6 @@ llama.cpp's sources, not with llama-cpp-python, so it is not available here)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 import slmkit
 from slmkit.errors import ContextLengthError, InvalidRequestError, ModelFileError, UnsupportedByBackendError
