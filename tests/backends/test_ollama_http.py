@@ -12,6 +12,7 @@ import pytest
 
 import slmkit
 from slmkit.backends.ollama_http import MAPPED, ollama_options
+from slmkit.cli import main
 from slmkit.errors import InvalidRequestError, ProviderError, ProviderUnreachableError, UnsupportedByBackendError
 from slmkit.options import GenerationOptions
 from tests.helpers.serving import free_port, start_server, stop_server
@@ -109,7 +110,7 @@ def test_text_model_refuses_images_before_sending(served):
         remote.chat([{"role": "user", "content": [{"type": "text", "text": "hi"}, image]}])
 
 
-def test_images_go_as_base64_to_a_vision_model(tmp_path):
+def test_images_go_as_base64_to_a_vision_model(tmp_path, capsys):
     from PIL import Image
 
     from slmkit.server.app import create_app
@@ -132,6 +133,10 @@ def test_images_go_as_base64_to_a_vision_model(tmp_path):
         msgs[0]["content"][0]["image_url"]["url"] = str(path)
         assert remote.chat(msgs, max_new_tokens=8, temperature=0).text == want.text
         remote.close()
+        capsys.readouterr()  # the README's command: slm run ollama+http://... --image
+        assert main(["run", f"ollama+{base}/vis", "What is shown?", "--image", str(path), "--max-tokens", "8",
+                     "--temperature", "0"]) == 0
+        assert capsys.readouterr().out.strip() == want.text.strip()
     finally:
         stop_server(srv, t)
 
