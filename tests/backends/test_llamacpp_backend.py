@@ -47,6 +47,7 @@ def test_tokenizer_template_and_stop_ids_are_the_native_ones(pair):
     assert lc.tokenizer.chat_template == native.tokenizer.chat_template
     assert lc.tokenizer.encode("Hello, Grüße 你好") == native.tokenizer.encode("Hello, Grüße 你好")
     assert lc.backend.info.eos_token_ids == native.engine.eos_token_ids
+    assert lc.backend.context_length == native.engine.context_length == 256  # n_ctx: the file's (under 8192)
     assert lc.capabilities.backend == "llamacpp" and lc.describe().format == "gguf"
 
 

@@ -35,10 +35,11 @@ class LlamaCppBackend(RuntimeBackend):
         self.llama.reset()  # n_tokens = 0: the next eval drops the KV cache from position 0
 
     def _eval(self, ids: Sequence[int]) -> torch.Tensor:
-        self.llama.eval(list(ids))
-        n = self.llama.n_vocab()
-        row = np.ctypeslib.as_array(self.llama._ctx.get_logits_ith(-1), shape=(n,))
-        return torch.from_numpy(row.copy())
+        import llama_cpp
+
+        self.llama.eval(list(ids))  # llama.cpp keeps the last position's logits (all of them with logits_all)
+        row = llama_cpp.llama_get_logits_ith(self.llama.ctx, -1)
+        return torch.from_numpy(np.ctypeslib.as_array(row, shape=(self.vocab_size,)).copy())
 
     def prefill(self, ids: Sequence[int]) -> torch.Tensor:
         self.reset()
@@ -66,21 +67,22 @@ def _model_info(path: Path, n_ctx: int | None) -> tuple[ModelInfo, str, str]:
     """(ModelInfo with our tokenizer for the file, architecture, name) from the GGUF metadata."""
     from ..engine.engine import stop_token_ids
     from ..gguf import open_gguf
-    from ..loading.gguf import _eos_ids, gguf_module
+    from ..loading.gguf import _eos_ids
     from ..text.gguf_tokenizer import tokenizer_from_gguf_metadata
 
     f = open_gguf(path)
-    try:
-        cfg = gguf_module(f).gguf_config(f)
+    try:  # any architecture llama.cpp runs: only the tokenizer and sizes are read here
+        arch = f.architecture
         embd = f.tensors.get("token_embd.weight")
         if embd is None:
             raise ModelFileError(path, "has no token_embd.weight tensor")
         vocab = embd.shape[0]
         tok = tokenizer_from_gguf_metadata(f.metadata)
         eos = stop_token_ids(tok, {"eos_token_id": _eos_ids(f.metadata, vocab)}, None, vocab)
-        model_ctx = int(cfg.get("max_position_embeddings") or 4096)
+        model_ctx = f.metadata.get(f"{arch}.context_length", 4096)
+        if isinstance(model_ctx, bool) or not isinstance(model_ctx, int) or model_ctx < 1:
+            raise ModelFileError(path, f"{arch}.context_length must be a positive integer, got {model_ctx!r}")
         name = str(f.metadata.get("general.name") or path.stem)
-        arch = f.architecture
     finally:
         f.close()
     ctx = n_ctx if n_ctx is not None else min(model_ctx, DEFAULT_MAX_CTX)
