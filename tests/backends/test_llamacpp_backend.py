@@ -82,3 +82,23 @@ def test_bad_input(tmp_path, gguf_path):
         slmkit.load(f"llamacpp:{gguf_path}", n_gpu=3)
     with pytest.raises(InvalidRequestError, match="n_ctx"):
         slmkit.load(f"llamacpp:{gguf_path}", n_ctx=0)
+
+
+def test_slm_serve_fronts_llama_cpp(pair):
+    """slm serve's app over the llamacpp backend, reached as a running Ollama: the native answer."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("ollama")
+    from slmkit.server.app import create_app
+    from tests.helpers.serving import start_server, stop_server
+
+    native, lc = pair
+    base, srv, t = start_server(create_app({"lc": lc}))
+    try:
+        remote = slmkit.load(f"ollama+{base}/lc")
+        msgs = [{"role": "user", "content": "Why is the sky blue?"}]
+        assert remote.chat(msgs, max_new_tokens=10, temperature=0).text == \
+            native.chat(msgs, max_new_tokens=10, temperature=0).text
+        assert remote.describe().context_length == lc.backend.context_length
+        remote.close()
+    finally:
+        stop_server(srv, t)
