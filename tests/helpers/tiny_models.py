@@ -146,3 +146,29 @@ def make_phi3v_folder(folder: Path, *, seed: int = 0, num_crops: int = 4, dtype:
         "image_processor_type": "Phi3VImageProcessor", "num_crops": num_crops, "do_convert_rgb": True,
         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
     return folder
+
+
+def make_phimoe_folder(folder: Path, *, seed: int = 0, **overrides: Any) -> Path:
+    """A random PhimoeForCausalLM (Phi-3.5-MoE's architecture, built by transformers: 4 experts, 2 per
+    token) with the phi3 tokenizer."""
+    from tokenizers import Tokenizer as HFTok
+    from transformers import PhimoeConfig, PhimoeForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    build_phi_tokenizer(folder, "phi3-mini-june")
+    tk = HFTok.from_file(str(folder / "tokenizer.json"))
+    vocab = (tk.get_vocab_size(with_added_tokens=True) + 63) // 64 * 64
+    end_id, eot = tk.token_to_id("<|endoftext|>"), tk.token_to_id("<|end|>")
+    cfg = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+               bos_token_id=1, eos_token_id=end_id, pad_token_id=end_id)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = PhimoeForCausalLM(PhimoeConfig(**cfg)).eval()
+    with torch.no_grad():  # wider than the default init, so that greedy text varies and routing matters
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(folder, safe_serialization=True)
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [end_id, eot]}))
+    return folder

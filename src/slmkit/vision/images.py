@@ -65,6 +65,13 @@ def load_image(src: ImageSource, *, index: int = 0, max_bytes: int = MAX_IMAGE_B
     return _decode(data, where, max_pixels)
 
 
+def read_image_bytes(src: str | os.PathLike | bytes, *, index: int = 0, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """The encoded bytes of a file path, data: URL or bytes (not decoded), for a backend that sends
+    them on (a running Ollama); errors as load_image's."""
+    check_int(max_bytes, "max_bytes", lo=1)
+    return _read(src, index, max_bytes)[0]
+
+
 def load_images(srcs: Sequence[ImageSource], **limits: Any) -> list[Image.Image]:
     """load_image of each source (``images[i]`` names the i-th in errors); limits: max_bytes, max_pixels."""
     if isinstance(srcs, (str, bytes, bytearray, memoryview, os.PathLike, Image.Image)) \
