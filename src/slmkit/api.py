@@ -144,7 +144,8 @@ class LLM:
         if not self.capabilities.token_ids:  # a cloud API / running Ollama: messages go as they are
             from . import textlevel
 
-            opts = self._for_backend(GenerationOptions.from_kwargs(**kw))
+            base = kw.pop("options", None) or GenerationOptions()  # as generate() takes it (server, CLI)
+            opts = self._for_backend(base.update(**kw))
             return textlevel.chat(self.backend, messages, opts, stream=stream, tools=tools, tool_choice=tool_choice,
                                   num_crops=num_crops)
         if tools is not None:
