@@ -287,3 +287,21 @@ def test_open_options_are_checked():
         slmkit.load("github:microsoft/Phi-3.5-mini-instruct", api_key=KEY, temprature=1)
     with pytest.raises(InvalidRequestError, match="dtype"):
         slmkit.load("nim:microsoft/phi-3.5-mini-instruct", api_key=KEY, dtype="float16")
+
+
+def test_azure_inference_sdk_path(rec):
+    from tests.helpers.recorder import completion
+
+    rec.reply("POST", "/chat/completions", json_body=completion("Hi there", usage=(6, 2)))
+    with pytest.warns(FutureWarning, match="retired on 2026-08-26"):
+        llm = slmkit.load("azure:Phi-3.5-mini-instruct", api_key=KEY, base_url=rec.url, sdk="azure-ai-inference")
+    r = llm.chat(MSGS, max_new_tokens=32, temperature=0.1)
+    assert (r.text, r.usage.prompt_tokens, r.usage.completion_tokens) == ("Hi there", 6, 2)
+    (q,) = rec.requests
+    assert q.query == {"api-version": ["2024-05-01-preview"]}
+    assert q.headers["authorization"] == f"Bearer {KEY}" and q.headers["api-key"] == KEY
+    assert q.json == {"messages": MSGS, "model": "Phi-3.5-mini-instruct", "max_tokens": 32, "temperature": 0.1}
+    rec.reply("POST", "/chat/completions", status=401, json_body={"error": {"code": "401", "message": f"no {KEY}"}})
+    with pytest.raises(ProviderAuthError) as e:
+        llm.chat(MSGS)
+    assert KEY not in str(e.value)

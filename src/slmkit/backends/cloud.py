@@ -133,7 +133,8 @@ def open(provider: str, target: str, *, api_key: str | None = None, base_url: st
             raise InvalidRequestError("must be 'openai' (or 'azure-ai-inference' for azure)", param="sdk")
         from .cloud_azure_sdk import AzureSdkBackend
 
-        return AzureSdkBackend(model, str(base_url), key or "", timeout=timeout)
+        return AzureSdkBackend(model, str(base_url), key or "", timeout=timeout, connect_timeout=connect_timeout,
+                               max_retries=max_retries)
     if provider != "github":
         max_input_tokens = max_output_tokens = None
     return CloudBackend(provider, model, str(base_url or preset.base_url), key, timeout=timeout,
@@ -155,24 +156,13 @@ class CloudBackend:
     def __init__(self, provider: str, model: str, base_url: str, key: str | None, *, timeout: float,
                  connect_timeout: float, max_retries: int, limits: tuple[int | None, int | None] = (None, None),
                  assets_url: str = NVCF_ASSETS):
-        try:
-            import openai
-        except ImportError:
-            raise BackendUnavailableError(provider, "needs the openai package", extra="cloud") from None
         self.provider, self.model, self.base_url = provider, model, base_url.rstrip("/")
         self.name = f"{provider}:{model}"
         self.preset = preset = PRESETS[provider]
         self.model_type, vision, self.context_length = model_family(model)
         self.limits = limits
         self._secrets = (key or "",)
-        headers = {"api-key": key} if preset.azure_key_header and key else {}
-        # keyless (a local server): no Authorization header at all; the SDK insists on a placeholder key
-        self._extra: dict[str, Any] = {} if key else {"Authorization": openai.Omit()}
-        if provider != "openai":  # an OpenAI organisation / project from the environment is not theirs
-            self._extra.update({"OpenAI-Organization": openai.Omit(), "OpenAI-Project": openai.Omit()})
-        self.client = openai.OpenAI(api_key=key or "no-key", base_url=self.base_url, max_retries=max_retries,
-                                    timeout=openai.Timeout(timeout, connect=connect_timeout),
-                                    default_headers=headers)
+        self.client = self._client(key, timeout, connect_timeout, max_retries)
         self.assets = NvcfAssets(assets_url, key, timeout, provider) if preset.inline_images else None
         is_phi = self.model_type != ""
         sent = preset.documented if is_phi else preset.others
@@ -183,6 +173,19 @@ class CloudBackend:
             backend=provider)
         self.tokens_generated = 0
         self._warned_system = False
+
+    def _client(self, key: str | None, timeout: float, connect_timeout: float, max_retries: int) -> Any:
+        try:
+            import openai
+        except ImportError:
+            raise BackendUnavailableError(self.provider, "needs the openai package", extra="cloud") from None
+        headers = {"api-key": key} if self.preset.azure_key_header and key else {}
+        # keyless (a local server): no Authorization header at all; the SDK insists on a placeholder key
+        self._extra: dict[str, Any] = {} if key else {"Authorization": openai.Omit()}
+        if self.provider != "openai":  # an OpenAI organisation / project from the environment is not theirs
+            self._extra.update({"OpenAI-Organization": openai.Omit(), "OpenAI-Project": openai.Omit()})
+        return openai.OpenAI(api_key=key or "no-key", base_url=self.base_url, max_retries=max_retries,
+                             timeout=openai.Timeout(timeout, connect=connect_timeout), default_headers=headers)
 
     def __repr__(self) -> str:  # never the key
         return f"CloudBackend({self.name!r}, base_url={self.base_url!r})"
@@ -254,12 +257,14 @@ class CloudBackend:
                 body["tools"] = list(tools)
                 if tool_choice is not None:
                     body["tool_choice"] = tool_choice
-            create: Any = self.client.chat.completions.create  # messages as plain dicts
-            yield from self._run(lambda **kw: create(model=self.model, messages=wire, extra_headers=extra, **body,
-                                                     **kw))
+            yield from self._chat(wire, body, extra)
         finally:
             if assets and self.assets is not None:
                 self.assets.delete(assets)
+
+    def _chat(self, wire: list[dict], body: dict[str, Any], extra: dict[str, Any]) -> Iterator[TextStep]:
+        create: Any = self.client.chat.completions.create  # messages as plain dicts
+        return self._run(lambda **kw: create(model=self.model, messages=wire, extra_headers=extra, **body, **kw))
 
     def stream_completion(self, prompt: str, options: GenerationOptions) -> Iterator[TextStep]:
         body = self.body(options)
