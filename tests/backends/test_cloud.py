@@ -305,3 +305,22 @@ def test_azure_inference_sdk_path(rec):
     with pytest.raises(ProviderAuthError) as e:
         llm.chat(MSGS)
     assert KEY not in str(e.value)
+
+
+def test_slm_run_with_an_image_on_nim(rec, tmp_path, capsys, monkeypatch):
+    from slmkit.cli import main
+
+    img = tmp_path / "photo.png"
+    img.write_bytes(png())
+    keys = tmp_path / "config" / "slmkit" / "keys.json"
+    keys.parent.mkdir(parents=True)
+    keys.write_text(f'{{"nim": {{"api_key": "{KEY}", "base_url": "{rec.url}/v1"}}}}')
+    os.chmod(keys, 0o600)
+    rec.reply("POST", "/v1/chat/completions", events=chunks(["A red ", "square."]))
+    assert main(["run", "nim:microsoft/phi-3.5-vision-instruct", "Describe", "--image", str(img),
+                 "--max-tokens", "20"]) == 0
+    assert capsys.readouterr().out == "A red square.\n"
+    q = rec.requests[0]
+    b64 = base64.b64encode(img.read_bytes()).decode()
+    assert q.headers["authorization"] == f"Bearer {KEY}" and q.json["max_tokens"] == 20
+    assert q.json["messages"] == [{"role": "user", "content": f'<img src="data:image/png;base64,{b64}" /> Describe'}]

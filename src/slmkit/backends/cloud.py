@@ -137,7 +137,9 @@ def open(provider: str, target: str, *, api_key: str | None = None, base_url: st
                                max_retries=max_retries)
     if provider != "github":
         max_input_tokens = max_output_tokens = None
-    return CloudBackend(provider, model, str(base_url or preset.base_url), key, timeout=timeout,
+    # a self-hosted NIM, an org-billed GitHub route, a proxy: base_url= or the keys file's base_url
+    base_url = base_url or from_keys_file(provider, "base_url") or preset.base_url
+    return CloudBackend(provider, model, str(base_url), key, timeout=timeout,
                         connect_timeout=connect_timeout, max_retries=max_retries, limits=(max_input_tokens,
                         max_output_tokens), assets_url=assets_url)
 
