@@ -287,6 +287,13 @@ def test_open_options_are_checked():
         slmkit.load("github:microsoft/Phi-3.5-mini-instruct", api_key=KEY, temprature=1)
     with pytest.raises(InvalidRequestError, match="dtype"):
         slmkit.load("nim:microsoft/phi-3.5-mini-instruct", api_key=KEY, dtype="float16")
+    for kw in ({"timeout": -1}, {"connect_timeout": "5"}, {"max_retries": 99}, {"max_input_tokens": 1.5},
+               {"base_url": "ftp://x"}):
+        with pytest.raises(InvalidRequestError) as e:
+            slmkit.load("github:microsoft/Phi-3.5-mini-instruct", api_key=KEY, **kw)
+        assert e.value.param == next(iter(kw))
+    with pytest.raises(InvalidRequestError, match="http"):
+        slmkit.load("openai:phi@localhost:8000")
 
 
 def test_azure_inference_sdk_path(rec):

@@ -118,3 +118,27 @@ def test_unreachable_cloud_is_503():
         assert "retry-after" in r.headers
     finally:
         stop_server(srv, t)
+
+
+def test_slm_serve_takes_provider_strings(monkeypatch, tmp_path):
+    import uvicorn
+
+    from tests.helpers.serving import free_port
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    monkeypatch.setenv("GITHUB_TOKEN", CLOUD_KEY)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert main(["serve", "github:microsoft/Phi-3.5-mini-instruct", "openai:phi@http://127.0.0.1:9/v1",
+                 "nim=nim:microsoft/phi-3.5-vision-instruct", "--port", str(free_port())]) == 1  # no NVIDIA key
+    monkeypatch.setenv("NVIDIA_API_KEY", "nvapi-x")
+    assert main(["serve", "github:microsoft/Phi-3.5-mini-instruct", "openai:phi@http://127.0.0.1:9/v1",
+                 "nim=nim:microsoft/phi-3.5-vision-instruct", "--port", str(free_port())]) == 0
+    registry = apps[-1].state.registry
+    try:
+        assert list(registry.entries) == ["Phi-3.5-mini-instruct", "phi", "nim"]
+        assert registry.entry("nim").info["images"] is True
+        assert registry.entry("Phi-3.5-mini-instruct").info["model_type"] == "phi3"
+    finally:
+        registry.close()

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..checks import check_int, check_number
 from ..errors import BackendUnavailableError, ContextLengthError, InvalidRequestError, ProviderAuthError
 from ..options import GenerationOptions
 from .base import BackendStats, Capabilities, ModelDescription, TextStep
@@ -74,16 +75,23 @@ def model_family(model: str) -> tuple[str, bool, int]:
     return ("phi3_v" if vision else "phimoe" if "moe" in m else "phi3"), vision, ctx
 
 
+def _http_url(url: Any) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InvalidRequestError(f"must be an http(s) URL, got {url!r}", param="base_url")
+    return str(url).rstrip("/")
+
+
 def azure_base_url(endpoint: str) -> str:
     """The OpenAI v1 route of an Azure endpoint (spec A2): a URL already ending in /v1 as it is; an
     Azure OpenAI / Foundry resource (*.openai.azure.com, *.services.ai.azure.com[/models]) ->
     https://host/openai/v1; a serverless deployment (*.models.ai.azure.com) -> endpoint/v1."""
     from urllib.parse import urlsplit
 
-    url = endpoint.rstrip("/")
+    url = _http_url(endpoint)
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise InvalidRequestError(f"must be an http(s) URL, got {endpoint!r}", param="base_url")
     if url.endswith("/v1"):
         return url
     host = parts.netloc.lower()
@@ -101,10 +109,16 @@ def open(provider: str, target: str, *, api_key: str | None = None, base_url: st
         name = next(iter(options))
         raise InvalidRequestError(f"unknown option {name!r} for the {provider} backend (known: "
                                   f"{', '.join(_OPENERS)})", param=name)
-    for name, value, default in (("dtype", dtype, "auto"), ("device", device, "cpu")):
-        if value != default:  # a remote model's dtype and device are the provider's
+    for name, given, default in (("dtype", dtype, "auto"), ("device", device, "cpu")):
+        if given != default:  # a remote model's dtype and device are the provider's
             raise InvalidRequestError(f"does not apply to the {provider} backend (the provider runs the model)",
                                       param=name)
+    for name, seconds in (("timeout", timeout), ("connect_timeout", connect_timeout)):
+        check_number(seconds, name, lo=0, hi=3600, lo_open=True, what="seconds in (0, 3600]")
+    check_int(max_retries, "max_retries", lo=0, hi=10)
+    for name, limit in (("max_input_tokens", max_input_tokens), ("max_output_tokens", max_output_tokens)):
+        if limit is not None:
+            check_int(limit, name, lo=0, what="a token count (0: not checked)")
     preset = PRESETS[provider]
     model = target
     if provider == "openai":
@@ -138,7 +152,7 @@ def open(provider: str, target: str, *, api_key: str | None = None, base_url: st
     if provider != "github":
         max_input_tokens = max_output_tokens = None
     # a self-hosted NIM, an org-billed GitHub route, a proxy: base_url= or the keys file's base_url
-    base_url = base_url or from_keys_file(provider, "base_url") or preset.base_url
+    base_url = _http_url(base_url or from_keys_file(provider, "base_url") or preset.base_url)
     return CloudBackend(provider, model, str(base_url), key, timeout=timeout,
                         connect_timeout=connect_timeout, max_retries=max_retries, limits=(max_input_tokens,
                         max_output_tokens), assets_url=assets_url)
