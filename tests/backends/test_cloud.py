@@ -66,6 +66,7 @@ def test_github_request_is_exactly_the_documented_one(rec):
     (q,) = rec.requests
     assert (q.method, q.path) == ("POST", CHAT)
     assert q.headers["authorization"] == f"Bearer {KEY}" and q.headers["content-type"] == "application/json"
+    assert q.headers["x-github-api-version"] == "2022-11-28"
     assert "api-key" not in q.headers and "openai-organization" not in q.headers
     assert q.json == {"model": "microsoft/Phi-3.5-mini-instruct", "stream": True,
                       "stream_options": {"include_usage": True},
@@ -148,9 +149,14 @@ def test_azure_v1_route_api_key_and_one_image(rec, tmp_path):
     assert r.text == "a chart"
     (q,) = rec.requests
     assert q.headers["api-key"] == KEY and q.headers["authorization"] == f"Bearer {KEY}"
+    assert q.headers["content-type"] == "application/json" and "x-github-api-version" not in q.headers
     url = f"data:image/png;base64,{base64.b64encode(img.read_bytes()).decode()}"
-    assert q.json["messages"][1]["content"] == [{"type": "text", "text": "what is this?"},
-                                                {"type": "image_url", "image_url": {"url": url, "detail": "high"}}]
+    assert q.json == {"model": "Phi-3.5-vision-instruct", "stream": True, "stream_options": {"include_usage": True},
+                      "max_tokens": 512, "messages": [
+                          {"role": "system", "content": "be brief"},
+                          {"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                                       {"type": "image_url", "image_url": {"url": url,
+                                                                                          "detail": "high"}}]}]}
     two = [*parts, {"type": "image_url", "image_url": {"url": str(img)}}]
     with pytest.raises(UnsupportedByBackendError, match="one image per message"):
         llm.chat([{"role": "user", "content": two}])
@@ -180,7 +186,10 @@ def test_nim_inline_image_and_asset_upload(rec, tmp_path):
     b64 = base64.b64encode(small.read_bytes()).decode()
     assert rec.requests[0].json["messages"] == [{"role": "user",
                                                  "content": f'Describe <img src="data:image/png;base64,{b64}" />'}]
-    assert rec.requests[0].headers["authorization"] == f"Bearer {KEY}"
+    assert rec.requests[0].headers["authorization"] == f"Bearer {KEY}" and "api-key" not in rec.requests[0].headers
+    assert rec.requests[0].headers["content-type"] == "application/json"
+    assert rec.requests[0].json["max_tokens"] == 16
+    assert rec.requests[0].json["model"] == "microsoft/phi-3.5-vision-instruct"
     # over 180k base64 characters: NVCF assets
     rec.reply("POST", "/v2/nvcf/assets", json_body={"uploadUrl": rec.url + "/upload/a1?sig=x", "assetId": "a1"})
     rec.reply("PUT", "/upload/a1")

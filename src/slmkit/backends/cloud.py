@@ -36,6 +36,7 @@ SAMPLING = frozenset({"max_new_tokens", "temperature", "top_p", "stop", "seed", 
 STRUCTURED = frozenset({"json_schema", "response_format"})
 LOGPROBS = frozenset({"logprobs", "top_logprobs"})
 NVCF_ASSETS = "https://api.nvcf.nvidia.com/v2/nvcf/assets"
+GITHUB_API_VERSION = "2022-11-28"
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,8 @@ class CloudBackend:
         except ImportError:
             raise BackendUnavailableError(self.provider, "needs the openai package", extra="cloud") from None
         headers = {"api-key": key} if self.preset.azure_key_header and key else {}
+        if self.provider == "github":  # recommended by GitHub's REST docs (spec A1)
+            headers["X-GitHub-Api-Version"] = GITHUB_API_VERSION
         # keyless (a local server): no Authorization header at all; the SDK insists on a placeholder key
         self._extra: dict[str, Any] = {} if key else {"Authorization": openai.Omit()}
         if self.provider != "openai":  # an OpenAI organisation / project from the environment is not theirs
