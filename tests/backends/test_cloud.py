@@ -340,3 +340,20 @@ def test_slm_run_with_an_image_on_nim(rec, tmp_path, capsys, monkeypatch):
     b64 = base64.b64encode(img.read_bytes()).decode()
     assert q.headers["authorization"] == f"Bearer {KEY}" and q.json["max_tokens"] == 20
     assert q.json["messages"] == [{"role": "user", "content": f'<img src="data:image/png;base64,{b64}" /> Describe'}]
+
+
+def test_keys_toml_and_a_broken_keys_file(rec, tmp_path):
+    folder = tmp_path / "config" / "slmkit"
+    folder.mkdir(parents=True)
+    toml = folder / "keys.toml"
+    toml.write_text(f'[openai]\napi_key = "toml-key-0123456789"\nbase_url = "{rec.url}/v1"\n')
+    os.chmod(toml, 0o400)  # read-only for its owner: also private
+    rec.reply("POST", "/v1/chat/completions", events=chunks(["z"]))
+    assert slmkit.load("openai:phi@http://unused.invalid/v1", base_url=rec.url + "/v1").chat(MSGS).text == "z"
+    assert rec.requests[-1].headers["authorization"] == "Bearer toml-key-0123456789"
+    broken = folder / "keys.json"
+    broken.write_text('{"github": "secret-in-a-broken-file",')
+    os.chmod(broken, 0o600)
+    with pytest.raises(ConfigError, match="keys.json") as e:
+        slmkit.load("github:microsoft/Phi-3.5-mini-instruct")
+    assert "secret-in-a-broken-file" not in str(e.value)
