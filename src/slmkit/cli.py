@@ -317,7 +317,6 @@ def _describe(llm: Any) -> str:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     import os
-    from pathlib import Path
 
     from .api import load
 
@@ -347,7 +346,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             llm = load(path, dtype=a.dtype, quant=a.quant, group_size=a.group_size)
             note = ""
-            if a.slots > 1:
+            if a.slots > 1 and llm.capabilities.token_ids:  # (a cloud has no batch of ours)
                 try:
                     llm.enable_batching(a.slots, a.slot_context or min(llm.context_length, 4096))
                     st = llm.stats()
@@ -365,8 +364,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     models = {}
     for spec in a.models:
         name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
-        name = name or (path if path in ("builtin", "gemma3-270m") or path.startswith("ollama:")
-                        else Path(path).name.removesuffix(".gguf"))
+        name = name or served_name(path)
         if name in models:
             sys.stderr.write(f"error: two models are named {name!r}; name one NAME=PATH\n")
             return 2
@@ -388,6 +386,21 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning", **uvicorn_options(a.header_timeout))
     return 0
+
+
+def served_name(path: str) -> str:
+    """The API name of a model given without NAME=: builtin and ollama:NAME as given, a cloud model
+    its id's last part (openai:MODEL@URL: MODEL), a file or folder its name (.gguf dropped)."""
+    from pathlib import Path
+
+    from .backends.registry import split_spec
+
+    if path in ("builtin", "gemma3-270m") or path.startswith("ollama:"):
+        return path
+    provider, target = split_spec(path)
+    if provider in ("github", "azure", "nim", "openai"):
+        return (target.rpartition("@")[0] if provider == "openai" else target).rstrip("/").rsplit("/", 1)[-1]
+    return Path(target).name.removesuffix(".gguf")
 
 
 def _cannot_listen(host: str, port: int) -> str | None:

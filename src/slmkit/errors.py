@@ -155,3 +155,7 @@ class ProviderRateLimitError(ProviderError):
 
 class ProviderUnreachableError(ProviderError):
     """No answer from the provider: offline, DNS, refused connection, or a timeout."""
+
+
+class ProviderTimeoutError(ProviderUnreachableError):
+    """The provider did not answer within the timeout (connect or read, after the retries)."""

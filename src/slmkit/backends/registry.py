@@ -19,7 +19,7 @@ from ..errors import BackendUnavailableError, InvalidRequestError
 
 # provider -> (module under slmkit.backends, the pip extra that brings its dependencies)
 PROVIDERS: dict[str, tuple[str, str | None]] = {
-    "github": ("cloud", None), "azure": ("cloud", "azure"), "nim": ("cloud", None), "openai": ("cloud", None),
+    "github": ("cloud", "cloud"), "azure": ("cloud", "cloud"), "nim": ("cloud", "cloud"), "openai": ("cloud", "cloud"),
     "ollama+http": ("ollama_http", "ollama"), "ollama+https": ("ollama_http", "ollama"),
     "transformers": ("transformers_backend", "transformers"), "onnx": ("onnx", "onnx"),
     "llamacpp": ("llamacpp", "llamacpp"), "openvino": ("openvino", "openvino"), "mlx": ("mlx", "mlx"),

@@ -14,6 +14,11 @@ from ..errors import (
     EngineError,
     ModelNotFoundError,
     ModelUnavailableError,
+    ProviderAuthError,
+    ProviderError,
+    ProviderRateLimitError,
+    ProviderTimeoutError,
+    ProviderUnreachableError,
     ServerBusyError,
     SlmkitError,
 )
@@ -57,11 +62,32 @@ def response_for(e: BaseException) -> Response:
         if e.dead:
             return error(503, str(e), "server_error", code="engine_dead", headers={"retry-after": "10"})
         return error(500, str(e), "server_error", code="internal_error")
+    if isinstance(e, ProviderError):  # a cloud (or other server) behind this one
+        return provider_response(e)
     if isinstance(e, SlmkitError):  # the request's fault
         param = getattr(e, "param", None) or getattr(e, "field", None)
         code = "context_length_exceeded" if isinstance(e, ContextLengthError) else None
         return error(400, str(e), "invalid_request_error", param, code)
     return error(500, f"internal error: {type(e).__name__}: {e}", "server_error", code="internal_error")
+
+
+def provider_response(e: ProviderError) -> JSONResponse:
+    """A provider's refusal or failure: its credentials 502 (this server's configuration, not the
+    client's), its rate limit 429 with its retry-after, no answer 503 (504 on a timeout), a request it
+    refused (4xx) 400 with its message, anything else 502."""
+    if isinstance(e, ProviderAuthError):
+        return error(502, f"the upstream provider refused this server's credentials: {e}", "server_error",
+                     code="upstream_auth")
+    if isinstance(e, ProviderRateLimitError):
+        wait = str(max(1, round(e.retry_after))) if e.retry_after is not None else "10"
+        return error(429, str(e), "rate_limit_error", code="upstream_rate_limit", headers={"retry-after": wait})
+    if isinstance(e, ProviderUnreachableError):
+        timed_out = isinstance(e, ProviderTimeoutError)
+        return error(504 if timed_out else 503, str(e), "server_error",
+                     code="upstream_timeout" if timed_out else "upstream_unreachable", headers=_RETRY)
+    if e.status is not None and 400 <= e.status < 500:
+        return error(400, str(e), "invalid_request_error", code="upstream_rejected")
+    return error(502, str(e), "server_error", code="upstream_error")
 
 
 def in_stream(e: BaseException, media: str) -> bytes:
