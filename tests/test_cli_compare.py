@@ -115,3 +115,23 @@ def test_prices_and_costs(monkeypatch):
     (m,) = report["models"]
     assert m["cost_per_1m"] == {"input": 0.16, "output": 0.64}
     assert m["results"][0]["cost_usd"] == pytest.approx((1000 * 0.16 + 500 * 0.64) / 1e6)
+
+
+def test_image_goes_with_the_prompt(tmp_path):
+    from tests.helpers.tiny_models import make_phi3v_folder
+
+    vision = make_phi3v_folder(tmp_path / "v")
+    image = tmp_path / "red.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(image)
+    rc, out, err = run_cli(["compare", str(vision), "-p", "Describe it", "--image", str(image), "--max-tokens", "6",
+                            "--dtype", "float32", "--json"])
+    assert rc == 0, err
+    (r,) = json.loads(out)["models"][0]["results"]
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(image)}},
+                                         {"type": "text", "text": "Describe it"}]}]
+    want = slmkit.load(vision, dtype="float32").chat(msgs, max_new_tokens=6, temperature=0)
+    assert r["answer"] == want.text and r["prompt_tokens"] == want.usage.prompt_tokens > 100  # the image's tokens
+    rc, _, err = run_cli(["compare", str(vision), "-p", "x", "--image", str(tmp_path / "missing.png")])
+    assert rc == 1 and "missing.png" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = run_cli(["compare", str(vision), "--suite", "small", "--image", str(image)])
+    assert rc == 1 and "--image" in err
