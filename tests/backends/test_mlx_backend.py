@@ -55,3 +55,18 @@ def test_bad_input(phi3_folders, tmp_path):
         slmkit.load(f"mlx:{phi3_folders('gqa')}", device="cuda")
     with pytest.raises(InvalidRequestError, match="nonsense"):
         slmkit.load(f"mlx:{phi3_folders('gqa')}", nonsense=1)
+
+
+def test_gemma3_matches_native_and_an_irregular_layer_order_is_refused(tmp_path):
+    from slmkit.errors import UnsupportedModelError
+    from tests.helpers.tiny_models import make_gemma3_folder
+
+    folder = make_gemma3_folder(tmp_path / "g", num_hidden_layers=6, layer_types=None)  # 5 sliding, 1 full
+    native, mlx = slmkit.load(folder, dtype="float32"), slmkit.load(f"mlx:{folder}", dtype="float32")
+    ids = list(range(3, 30))  # past the window of 8
+    torch.testing.assert_close(mlx.logits(ids), native.logits(ids), atol=1e-4, rtol=1e-4)
+    kw = dict(max_new_tokens=24, temperature=0, ignore_eos=True)
+    assert mlx.generate([2, 5, 9], **kw).token_ids == native.generate([2, 5, 9], **kw).token_ids
+    odd = make_gemma3_folder(tmp_path / "odd")  # sliding, sliding, full, sliding: not a period mlx-lm has
+    with pytest.raises(UnsupportedModelError, match="layer_types"):
+        slmkit.load(f"mlx:{odd}", dtype="float32")

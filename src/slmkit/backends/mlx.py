@@ -11,6 +11,8 @@ Where mlx-lm's Phi-3 differs from transformers', we make it match rather than ac
   applies the long factors);
 - a sliding window mlx-lm's architecture ignores caps the context at the window (within it,
   windowed and full attention are the same).
+Gemma 3 runs as mlx-lm has it (logits and greedy tokens equal native on a tiny model), except a
+config whose layer_types are not mlx-lm's every-n-th-layer-global period: refused, named.
 """
 from __future__ import annotations
 
@@ -112,9 +114,23 @@ class MLXBackend(RuntimeBackend):
     def full_logits(self, ids: Sequence[int]) -> torch.Tensor:
         self._set_long(len(ids))
         try:
-            return self._to_torch(self._forward(ids, None))
+            return self._to_torch(self._forward(ids, self._make_cache(self.model)))  # some models need one
         finally:
             self._set_long(len(self._seq))
+
+
+def _check_layer_pattern(model: Any, config: dict, folder: Path) -> None:
+    """mlx-lm's Gemma 3 places its full-attention layers by a period (every sliding_window_pattern-th
+    layer); a config.json whose layer_types follow another order cannot run there as written."""
+    pattern = getattr(getattr(model, "args", None), "sliding_window_pattern", None)
+    text = config["text_config"] if isinstance(config.get("text_config"), dict) else config
+    kinds = text.get("layer_types")
+    if not isinstance(pattern, int) or not isinstance(kinds, list):
+        return
+    periodic = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(len(kinds))]
+    if kinds != periodic or len(kinds) < pattern:
+        raise UnsupportedModelError(f"{folder}: mlx-lm places a full-attention layer every {pattern} layers; "
+                                    f"this model's layer_types are {kinds}")
 
 
 def _device(mx: Any, device: str) -> Any:
@@ -157,6 +173,7 @@ def open(provider: str, target: str, *, dtype: str = "auto", device: str = "cpu"
         raise ModelFileError(folder, f"mlx-lm cannot load it ({type(e).__name__}: {e})") from None
     if dtype != "auto":
         model.set_dtype(getattr(mx, dtype))
+    _check_layer_pattern(model, config, folder)
     ropes: list[_Rope] = []
     crossover = None
     model_type = str(config.get("model_type"))
