@@ -36,7 +36,7 @@ def folder(tmp_path_factory):
 def two_models(folder, tmp_path_factory):
     png = tmp_path_factory.mktemp("plot") / "chart.png"
     rc, out, err = run_cli(["compare", str(folder), f"transformers:{folder}", "-p", PROMPT, "--max-tokens", "12",
-                            "--dtype", "float32", "--json", "--plot", str(png)])
+                            "--dtype", "float32", "--json", "--plot", str(png), "--warmup"])
     return rc, json.loads(out), err, png
 
 
@@ -53,6 +53,7 @@ def test_json_report_of_two_runtimes(two_models, folder):
         assert m["error"] is None and m["cost_per_1m"] is None and m["cost_note"] == "local"
         # the process's peak, torch and the model included: at least what it was before the load
         assert m["load_s"] > 0 and m["peak_rss_bytes"] >= m["rss_before_load_bytes"] > 50 * 2**20
+        assert report["warmup"] is True and m["warmup_s"] > 0
         (r,) = m["results"]
         assert r["answer"] == want.text and r["completion_tokens"] == want.usage.completion_tokens
         assert r["prompt_tokens"] == want.usage.prompt_tokens and r["finish_reason"] == want.finish_reason

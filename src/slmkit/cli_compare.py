@@ -8,7 +8,8 @@ job on stdin, a JSON result on stdout), one after the other: its peak RSS (ru_ma
 model's alone, interpreter and libraries included (`rss_before_load_bytes` says how much of it
 they were), and no model's timings overlap another's. For a cloud model it is the client's memory.
 
-Timings: TTFT is from the request to the first piece of text (a cloud's network included);
+Timings: TTFT is from the request to the first piece of text (a cloud's network included; the
+first request of a fresh process unless --warmup answers 2 tokens of the first prompt before);
 tokens/s is (completion tokens - 1) / (time from the first piece to the last), the decode rate;
 completion tokens are the backend's usage (a cloud's own count).
 """
@@ -126,6 +127,13 @@ def worker(job: dict) -> dict:
     except SlmkitError as e:
         return {**out, "error": str(e), "results": [], "peak_rss_bytes": _peak_rss()}
     out.update(backend=llm.capabilities.backend, load_s=time.perf_counter() - t0, results=[])
+    if job.get("warmup") and job["prompts"]:  # one-time costs (lazy init, first-call compilation) not timed
+        t0 = time.perf_counter()
+        try:
+            _run_prompt(llm, job["prompts"][0], {**job.get("options", {}), "max_new_tokens": 2})
+        except SlmkitError:
+            pass  # the measured run reports it
+        out["warmup_s"] = time.perf_counter() - t0
     for prompt in job["prompts"]:
         try:
             out["results"].append(_run_prompt(llm, prompt, job.get("options", {})))
@@ -160,13 +168,14 @@ def run_model(job: dict, timeout: float | None) -> dict:
 
 # ------------------------------------------------------------------ the report
 def compare(models: list[str], prompts: list[dict], *, options: dict, load: dict,
-            timeout: float | None = None) -> dict:
+            timeout: float | None = None, warmup: bool = False) -> dict:
     """Every model on every prompt, one model at a time; the JSON report."""
-    report: dict[str, Any] = {"prompts": prompts, "options": options, "models": [],
+    report: dict[str, Any] = {"prompts": prompts, "options": options, "warmup": warmup, "models": [],
                               "memory": "peak RSS of a subprocess per model (ru_maxrss; interpreter and "
                                         "libraries included, rss_before_load_bytes is their share)"}
     for model in models:
-        r = run_model({"model": model, "prompts": prompts, "options": options, "load": load}, timeout)
+        r = run_model({"model": model, "prompts": prompts, "options": options, "load": load, "warmup": warmup},
+                      timeout)
         per_1m, note = price(model)
         r["cost_per_1m"] = None if per_1m is None else {"input": per_1m[0], "output": per_1m[1]}
         r["cost_note"] = note
@@ -240,6 +249,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--plot", metavar="OUT.png", default=None, help="also draw a bar chart of TTFT, tok/s and "
                    "peak memory per model (Pillow)")
     p.add_argument("--timeout", type=float, default=None, help="seconds one model may take, load included")
+    p.add_argument("--warmup", action="store_true", help="answer the first prompt briefly (2 tokens) before "
+                   "timing, so one-time costs of a fresh process are not in TTFT")
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
@@ -265,7 +276,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
     options = {"max_new_tokens": a.max_tokens, "temperature": a.temperature}
     if a.seed is not None:
         options["seed"] = a.seed
-    report = compare(a.models, prompts, options=options, load={"dtype": a.dtype}, timeout=a.timeout)
+    report = compare(a.models, prompts, options=options, load={"dtype": a.dtype}, timeout=a.timeout,
+                     warmup=a.warmup)
     sys.stdout.write((json.dumps(report, indent=2) if a.json else render_table(report)) + "\n")
     if a.plot:
         from .cli_compare_plot import plot
