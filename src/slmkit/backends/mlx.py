@@ -53,15 +53,15 @@ def _phi3_ropes(mx: Any, model: Any, config: dict) -> tuple[list[_Rope], int | N
     crossover length or None)."""
     from ..models.rope import build_rope
 
-    text = config
-    params = text.get("rope_parameters") or text.get("rope_scaling") or {}
-    theta = params.get("rope_theta", text.get("rope_theta", 10000.0))
-    partial = params.get("partial_rotary_factor", text.get("partial_rotary_factor", 1.0))
-    heads = int(text["num_attention_heads"])
-    rope = build_rope(head_dim=int(text["hidden_size"]) // heads, theta=float(theta),
+    # transformers v5 writes rope_parameters (theta, partial factor, LongRoPE's factors); v4 top-level
+    # rope_theta / partial_rotary_factor and rope_scaling
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    theta = params.get("rope_theta") or config.get("rope_theta") or 10000.0
+    partial = params.get("partial_rotary_factor") or config.get("partial_rotary_factor") or 1.0
+    rope = build_rope(head_dim=int(config["hidden_size"]) // int(config["num_attention_heads"]), theta=float(theta),
                       partial_rotary_factor=float(partial), scaling=params or None,
-                      max_position_embeddings=int(text.get("max_position_embeddings", 4096)),
-                      original_max_position_embeddings=text.get("original_max_position_embeddings")
+                      max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+                      original_max_position_embeddings=config.get("original_max_position_embeddings")
                       if params.get("rope_type", params.get("type")) not in (None, "default") else None)
     ropes = []
     for layer in model.layers:
