@@ -1,6 +1,7 @@
 """`slm` command line: `slm run MODEL [PROMPT]` streams an answer or opens a chat REPL;
 `slm serve [MODEL ...]` serves OpenAI / Ollama APIs; `slm quantize SRC DST --quant int4` writes a
-quantized model folder."""
+quantized model folder; `slm compare MODEL MODEL ... -p PROMPT` runs one prompt on several
+(cli_compare.py)."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
-from . import cli_vision
+from . import cli_compare, cli_vision
 from .errors import SlmkitError
 from .options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("src", help="a Hugging Face folder, .gguf file, hub id or 'builtin'")
     q.add_argument("dst", help="the folder to write (must not exist, or be empty)")
     _add_quant_args(q, required=True)
+    cli_compare.add_parser(sub)
     return parser
 
 
@@ -435,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     try:
-        return {"run": cmd_run, "quantize": cmd_quantize, "serve": cmd_serve}[args.command](args)
+        return {"run": cmd_run, "quantize": cmd_quantize, "serve": cmd_serve,
+                "compare": cli_compare.cmd_compare}[args.command](args)
     except SlmkitError as e:
         sys.stderr.write(f"error: {e}\n")
         return 1
