@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -102,7 +102,10 @@ class OnnxBackend(RuntimeBackend):
         return torch.from_numpy(out.reshape(len(ids), -1))
 
 
-def load(cls: type[OnnxBackend], og: Any, target: str, config: Any = None) -> OnnxBackend:
+B = TypeVar("B", bound=OnnxBackend)
+
+
+def load(cls: type[B], og: Any, target: str, config: Any = None) -> B:
     """Open an ORT GenAI folder as cls; config(folder) -> og.Config picks execution providers (None: the
     folder's own genai_config.json)."""
     folder = Path(target).expanduser()
@@ -110,6 +113,9 @@ def load(cls: type[OnnxBackend], og: Any, target: str, config: Any = None) -> On
     try:
         model = og.Model(config(folder) if config else str(folder))
     except Exception as e:  # og raises plain RuntimeError / OrtException for a bad graph or missing file
+        if config is not None and "execution provider" in str(e).lower():  # the chosen provider, not the folder
+            raise BackendUnavailableError(cls.provider, f"ONNX Runtime GenAI: {e}".strip(), extra=cls.provider) \
+                from None
         raise ModelFileError(folder, f"ONNX Runtime GenAI cannot load it ({type(e).__name__}: {e})") from None
     return cls(og, model, info, name=folder.resolve().name, model_type=str(model_cfg.get("type", "")),
                generation_config=search, path=folder, format="onnx")
