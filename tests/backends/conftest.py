@@ -35,3 +35,10 @@ def phi3_ort(phi3_hf, tmp_path_factory):
                           "-p", "fp32", "-e", "cpu", "-c", str(cache)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def phi3_ov_cache(tmp_path_factory):
+    """Where openvino: exports phi3_hf (once per session: a second load finds the export there)."""
+    pytest.importorskip("openvino")
+    return tmp_path_factory.mktemp("ov-cache")
