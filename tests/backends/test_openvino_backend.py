@@ -11,7 +11,7 @@ import torch
 
 import slmkit
 from slmkit.backends.openvino import XML
-from slmkit.errors import ModelFileError, UnsupportedByBackendError
+from slmkit.errors import ModelFileError, UnsupportedByBackendError, UnsupportedModelError
 
 pytest.importorskip("openvino")
 
@@ -91,3 +91,17 @@ def test_refusals(phi3_hf, phi3_ov_cache, tmp_path):
     (broken / XML).write_text("<not a model")
     with pytest.raises(ModelFileError, match="OpenVINO cannot"):
         slmkit.load(f"openvino:{broken}")
+
+
+def test_sliding_window_exports_and_longrope_is_refused(phi3_folders, tmp_path):
+    """A sliding-window Phi-3 (window 8) keeps its whole past as state and the window in the mask:
+    greedy 32 tokens past the window equal native. LongRoPE's short/long switch would be frozen by
+    tracing: refused, naming the way out."""
+    sliding = phi3_folders("mha_sliding")
+    native = slmkit.load(sliding, dtype="float32")
+    ov = slmkit.load(f"openvino:{sliding}", cache_dir=str(tmp_path))
+    prompt = [1, 5, 9, 20, 33]
+    want = native.generate(prompt, max_new_tokens=32, temperature=0, ignore_eos=True).token_ids
+    assert ov.generate(prompt, max_new_tokens=32, temperature=0, ignore_eos=True).token_ids == want
+    with pytest.raises(UnsupportedModelError, match="LongRoPE.*optimum-cli"):
+        slmkit.load(f"openvino:{phi3_folders('longrope')}", cache_dir=str(tmp_path))

@@ -8,7 +8,9 @@ Hugging Face folder, exported on load into a cache folder (said in a log line) b
 
 export() uses OpenVINO's own PyTorch converter (openvino.convert_model over the transformers model,
 its KV cache as explicit inputs and outputs) and then OpenVINO's make-stateful transformation,
-which gives the layout optimum-intel writes. optimum-intel itself is not used: 1.15 imports
+which gives the layout optimum-intel writes. A sliding-window model keeps its whole past as state
+(the window is applied by the mask); a LongRoPE model is refused (tracing would freeze its short/long
+switch): export those with optimum-cli and pass the folder. optimum-intel itself is not used: 1.15 imports
 openvino.runtime, which OpenVINO 2026 removed, and 2.2 requires transformers < 5.6 (and
 torchvision). openvino-genai's LLMPipeline is not used either: it samples inside and exposes no
 per-step logits, which our sampler needs.
@@ -28,7 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import BackendUnavailableError, InvalidRequestError, ModelFileError, UnsupportedByBackendError
+from ..errors import (
+    BackendUnavailableError,
+    InvalidRequestError,
+    ModelFileError,
+    UnsupportedByBackendError,
+    UnsupportedModelError,
+)
 from .runtime import RuntimeBackend, hf_folder_info
 
 log = logging.getLogger(__name__)
@@ -65,12 +73,18 @@ class _WithExplicitCache(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
 
-        cache = DynamicCache(config=self.model.config)
-        layer: Any
-        for i, layer in enumerate(cache.layers):  # set, not update(): update's lazy init concatenates to a 1-d []
+        # full layers even for a sliding-window model: the window is the mask's (on absolute positions), and
+        # the whole past stays an input. Set, not update(): its lazy init concatenates to a 1-d [].
+        layers: list[Any] = []
+        for i in range(len(past) // 2):
+            layer = DynamicLayer()
             layer.device, layer.keys, layer.values, layer.is_initialized = past[2 * i].device, past[2 * i], \
                 past[2 * i + 1], True
+            layers.append(layer)
+        cache = DynamicCache()
+        cache.layers = layers
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                          use_cache=True)
         present = [t for layer in out.cache.layers for t in (layer.keys, layer.values)]
@@ -91,6 +105,11 @@ def export(hf_folder: Path, out: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32, attn_implementation="eager").eval()
     except (OSError, ValueError, KeyError) as e:
         raise ModelFileError(hf_folder, f"transformers cannot load it for export ({type(e).__name__}: {e})") from None
+    rope = getattr(model.config, "rope_parameters", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type") in ("longrope", "su"):  # the short/long switch is a branch
+        raise UnsupportedModelError(f"{hf_folder}: openvino: export of a LongRoPE model is not supported here (a "
+                                    "traced graph would keep one set of factors); export it with optimum-cli "
+                                    "export openvino and pass that folder")
     layers, kv_heads, head_dim = _kv_shape(model.config)
     past_len, new = 3, 2  # any lengths > 0: the traced graph keeps them dynamic
     example = (torch.tensor([[5, 9]]), torch.ones(1, past_len + new, dtype=torch.int64),
@@ -99,7 +118,12 @@ def export(hf_folder: Path, out: Path) -> Path:
     kv = [f"{i}.{part}" for i in range(layers) for part in ("key", "value")]
     with torch.no_grad(), warnings.catch_warnings():  # the tracer's notes on shapes it keeps constant (the
         warnings.simplefilter("ignore")  # mask's padding, always 0 here) are not the user's business
-        ov_model = ov.convert_model(_WithExplicitCache(model), example_input=example)
+        try:
+            ov_model = ov.convert_model(_WithExplicitCache(model), example_input=example)
+        except Exception as e:  # the converter raises plain RuntimeError (or the tracer's own) on what it cannot trace
+            raise UnsupportedModelError(f"{hf_folder}: openvino: OpenVINO's converter cannot trace this model "
+                                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); export "
+                                        "it with optimum-cli export openvino and pass that folder") from None
     for port, name in zip(ov_model.inputs, ["input_ids", "attention_mask", "position_ids"]
                           + [f"past_key_values.{n}" for n in kv]):
         port.get_tensor().set_names({name})
