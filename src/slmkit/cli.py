@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "(off by default: data: URLs and this machine's URLs only)")
     srv.add_argument("--image-url-host", action="append", default=None, help="fetch image URLs from this remote "
                      "host too (repeatable; the only remote hosts allowed)")
-    srv.add_argument("--max-body", type=_size, default=16 * 2**20, help="largest request body, in bytes or with a "
-                     "K/M/G suffix (powers of 1024; default 16M); larger ones get 413")
+    srv.add_argument("--max-body", type=_size, default=None, help="largest request body, in bytes or with a "
+                     "K/M/G suffix (powers of 1024; default 96M, room for a request's 64M of images base64-encoded); "
+                     "larger ones get 413")
     srv.add_argument("--header-timeout", type=_seconds, default=10.0, help="seconds a connection has to send its "
                      "request headers (default 10); slower ones are closed")
     srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -375,7 +376,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     try:
         app = create_app(models, api_key=key, max_queue=a.max_queue, cors_origins=a.cors, keep_alive=keep_alive,
                          max_loaded=a.max_loaded, image_urls=hosts if hosts else bool(a.image_urls),
-                         max_body=a.max_body)
+                         **({"max_body": a.max_body} if a.max_body else {}))
     except ModelUnavailableError as e:
         cause = e.__cause__
         sys.stderr.write(f"error: {cause if isinstance(cause, SlmkitError) else e}\n")

@@ -1,9 +1,12 @@
-"""slm serve's app on a real socket in a thread, with the connection limits slm serve uses."""
+"""slm serve's app on a real socket in a thread, with the connection limits slm serve uses, or `slm serve`
+itself in its own process."""
 from __future__ import annotations
 
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -34,3 +37,38 @@ def start_server(app: Any, *, header_timeout: float | None = None) -> tuple[str,
 def stop_server(srv: Any, t: threading.Thread) -> None:
     srv.should_exit = True
     t.join(timeout=10)
+
+
+@contextmanager
+def slm_serve(models: dict[str, Any], *flags: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`slm serve NAME=PATH ... FLAGS` in its own process on a free port: its base URL once /health
+    answers (the process's stderr in the failure if it stops first); terminated on exit."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = free_port()
+    environ = {k: v for k, v in os.environ.items() if k != "SLMKIT_API_KEY"}
+    proc = subprocess.Popen([sys.executable, "-m", "slmkit.cli", "serve", *(f"{n}={p}" for n, p in models.items()),
+                             "--port", str(port), *flags], env={**environ, **(env or {})},
+                            stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                raise RuntimeError(f"slm serve stopped: {proc.communicate()[1][-3000:]}")
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("slm serve did not answer /health within 60 s")
+        yield base
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.communicate(timeout=30)

@@ -180,3 +180,26 @@ def test_pixel_limit():
     with pytest.raises(InvalidRequestError, match="over the limit of 100"):
         check_image(png(20, 20), "p", max_pixels=100)
     assert check_image(png(20, 20), "p") == ("png", 20, 20)
+
+
+def test_ollama_images_become_parts_before_the_text_and_errors_name_them():
+    from slmkit.server import images
+    from slmkit.server.ollama_api import images_to_parts
+
+    b64 = base64.b64encode(png()).decode()
+    wrapped = "\n".join(b64[i:i + 76] for i in range(0, len(b64), 76))  # as `base64` writes it; Go takes it
+    assert "\n" in wrapped
+    msg = images_to_parts({"role": "user", "content": "What is this?",
+                           "images": [wrapped, "data:image/png;base64," + b64]})
+    assert [p["type"] for p in msg["content"]] == ["image_url", "image_url", "text"] and msg["role"] == "user"
+    out = asyncio.run(images.resolve([msg], images.FetchPolicy()))
+    assert [base64.b64decode(p["image_url"]["url"].split(",", 1)[1]) for p in out[0]["content"][:2]] == [png()] * 2
+    assert images_to_parts({"role": "user", "content": "hi", "images": []}) == {"role": "user", "content": "hi"}
+    with pytest.raises(InvalidRequestError) as e:
+        images_to_parts({"role": "user", "content": "hi", "images": [b"raw"]}, "messages[2].images")
+    assert e.value.param == "messages[2].images"
+    bad = images_to_parts({"role": "user", "images": [b64, base64.b64encode(b"junk").decode()]})
+    with pytest.raises(InvalidRequestError) as e:
+        asyncio.run(images.resolve([{"role": "user", "content": "hi"}, bad], images.FetchPolicy(),
+                                   lambda i, j: f"messages[{i}].images[{j}]"))
+    assert e.value.param == "messages[1].images[1]" and "not a readable image" in str(e.value)

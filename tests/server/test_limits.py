@@ -11,7 +11,7 @@ import time
 import pytest
 
 import slmkit
-from tests.helpers.serving import start_server, stop_server
+from tests.helpers.serving import free_port, start_server, stop_server
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -262,6 +262,50 @@ def test_openapi_describes_every_post_body(server):
     for path, op in posts.items():
         schema = op["requestBody"]["content"]["application/json"]["schema"]
         assert schema["type"] == "object" and schema["properties"], path
+
+
+def test_the_default_body_limit_carries_a_requests_images_base64_encoded(llm):
+    """A body at the default limit can hold the most image bytes a request may have (images.py),
+    base64-encoded as data: URLs, with room for the text; slm serve and create_app share it."""
+    import base64
+
+    from slmkit.server import images
+    from slmkit.server.app import create_app
+    from slmkit.server.body import DEFAULT_MAX_BODY
+
+    b64 = lambda n: len(base64.b64encode(b"\0" * n))  # noqa: E731
+    assert b64(images.MAX_TOTAL_BYTES) + 8 * 2**20 <= DEFAULT_MAX_BODY
+    assert images.MAX_IMAGES * b64(images.MAX_BYTES) > DEFAULT_MAX_BODY  # (the total is the binding limit)
+    app = create_app({"tiny": llm})
+    base, srv, t = start_server(app)
+    try:  # 17 MiB of image (23 MiB as base64, over the old 16 MiB default) reaches the route: the model refuses it
+        big = "data:image/png;base64," + base64.b64encode(b"\0" * (17 * 2**20)).decode()
+        r = httpx.post(base + "/v1/chat/completions", timeout=60, json={"model": "tiny", "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": big}}]}]})
+        assert_error(r, 400, "messages")
+        assert "text-only" in r.json()["error"]["message"]
+        r = httpx.post(base + "/v1/completions", content=b" " * (DEFAULT_MAX_BODY + 1))
+        assert_error(r, 413, "body")
+    finally:
+        stop_server(srv, t)
+
+
+@pytest.mark.parametrize("args,limit", [([], None), (["--max-body", "1M"], 2**20)])
+def test_slm_serve_passes_its_body_limit_to_the_app(args, limit, monkeypatch):
+    from slmkit import cli
+    from slmkit.server import app
+
+    seen = {}
+
+    def create_app(models, **kw):
+        seen.update(kw)
+        raise SystemExit(0)  # stop before loading or listening
+
+    monkeypatch.setattr(app, "create_app", create_app)
+    monkeypatch.setattr(slmkit, "load", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--port", str(free_port()), *args])
+    assert "api_key" in seen and seen.get("max_body") == limit  # None: create_app's DEFAULT_MAX_BODY
 
 
 # ------------------------------------------------------------------ item 6: slm serve's listen options

@@ -12,7 +12,10 @@ from typing import Any
 from ..api import check_text
 from ..errors import InvalidRequestError
 
-DEFAULT_MAX_BODY = 16 * 2**20
+# A body must carry the image limits (images.py) base64-encoded: 64 MiB of images in a request are
+# 85.3 MiB as base64 (one 20 MiB image, 26.7 MiB), and the rest leaves 10 MiB for the text, tools
+# and schemas. A text that large is still refused before tokenizing (LLM._encode).
+DEFAULT_MAX_BODY = 96 * 2**20
 DEFAULT_BODY_TIMEOUT_S = 30.0  # between two pieces of one request body
 MAX_DEPTH = 100  # nested arrays / objects: a JSON schema or a tool's parameters need far fewer
 _THREAD_ABOVE = 64 * 2**10  # bodies larger than this are parsed on a worker thread

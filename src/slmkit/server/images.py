@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,6 +22,7 @@ FETCH_TIMEOUT_S = 10.0  # per URL, the whole fetch
 MAX_IMAGES = 16  # per request
 MAX_TOTAL_BYTES = 64 * 2**20  # per request
 FORMATS = ["PNG", "JPEG", "GIF", "WEBP", "BMP"]  # what Pillow may decode (no EPS / Ghostscript)
+PartNames = Callable[[int, int], str]  # (message index, part index) -> the field an error names
 
 
 @dataclass
@@ -143,9 +144,14 @@ def has_images(messages: Any) -> bool:
         and any(isinstance(p, dict) and p.get("type") == "image_url" for p in m["content"]) for m in messages)
 
 
-async def resolve(messages: Any, policy: FetchPolicy) -> Any:
+def _openai_name(i: int, j: int) -> str:
+    return f"messages[{i}].content[{j}].image_url"
+
+
+async def resolve(messages: Any, policy: FetchPolicy, names: PartNames | None = None) -> Any:
     """messages with every image part checked (and fetched ones as data: URLs); anything that is not
-    a list of messages is returned as it is, for the chat template's own checks to name."""
+    a list of messages is returned as it is, for the chat template's own checks to name. names(i, j)
+    names part j of message i in errors (default: its OpenAI path; Ollama's routes name `images`)."""
     import asyncio
 
     if not isinstance(messages, list):
@@ -161,7 +167,7 @@ async def resolve(messages: Any, policy: FetchPolicy) -> Any:
             if not (isinstance(part, dict) and part.get("type") == "image_url"):
                 parts.append(part)
                 continue
-            param = f"messages[{i}].content[{j}].image_url"
+            param = (names or _openai_name)(i, j)
             image = part.get("image_url")
             url = image.get("url") if isinstance(image, dict) else image
             if not isinstance(url, str) or not url:

@@ -52,16 +52,29 @@ def options(body: dict) -> GenerationOptions:
     return options_from(out, {**_FIELD_OF, "json_schema": "format", "response_format": "format"})
 
 
+def _as_data_url(b64: str) -> str:
+    """An Ollama image as a data: URL; line breaks in the base64 are dropped, as Go's decoder does."""
+    if b64.startswith("data:"):
+        return b64
+    if "\n" in b64 or "\r" in b64:
+        b64 = b64.replace("\r", "").replace("\n", "")
+    return f"data:image/png;base64,{b64}"
+
+
 def images_to_parts(msg: dict, param: str = "images") -> dict:
-    """Ollama's `images` (base64 strings) as OpenAI image parts (a text-only model refuses them)."""
+    """Ollama's `images` (base64 strings, as its clients send them; a data: URL is taken too) as
+    OpenAI image parts, placed before the text as Phi-3-vision's model card writes its prompts (a
+    text-only model refuses them). The format comes from the bytes: Pillow reads the image."""
     imgs = msg.get("images")
     if imgs is not None and (not isinstance(imgs, list) or not all(isinstance(b, str) for b in imgs)):
         raise InvalidRequestError("must be a list of base64-encoded images (strings)", param=param)
     if not imgs:
         return {k: v for k, v in msg.items() if k != "images"}
-    parts: list[dict] = [{"type": "text", "text": msg.get("content") or ""}]
-    parts += [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b}"}} for b in imgs]
-    return {"role": msg.get("role"), "content": parts}
+    parts: list[dict] = [{"type": "image_url", "image_url": {"url": _as_data_url(b)}} for b in imgs]
+    text = msg.get("content")
+    if text:
+        parts.append({"type": "text", "text": text})
+    return {**{k: v for k, v in msg.items() if k not in ("images", "content")}, "content": parts}
 
 
 def line(obj: dict) -> bytes:
@@ -120,6 +133,12 @@ def generate_lines(chunks: Iterator[Any], model: str, t0: float, load_s: float =
             yield line({"model": model, "created_at": now(), "response": c.text, "done": False})
     assert last is not None
     yield line({"model": model, "created_at": now(), "response": "", **final_fields(last, t0, load_s)})
+
+
+def capabilities(info: dict) -> list[str]:
+    """Ollama's capability names for /api/show, in its order: every model completes and may be
+    given tools (slmkit constrains the call), a model that takes images adds "vision"."""
+    return ["completion", "tools"] + (["vision"] if info.get("images") else [])
 
 
 def model_entry(name: str, info: dict) -> dict:

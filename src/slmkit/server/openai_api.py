@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+from ..checks import check_int
 from ..errors import InvalidRequestError
 from ..options import GenerationOptions, options_from
 
@@ -53,6 +54,15 @@ def options(body: dict) -> GenerationOptions:
     if body.get("num_ctx") is not None:  # extra_body, as Ollama's option: this request's context
         out["max_length"] = body["num_ctx"]
     return options_from(out, _FIELD_OF)
+
+
+MAX_CROPS = 64  # num_crops: as the image processor allows (Phi-3.5-vision's card uses 4 and 16)
+
+
+def num_crops(body: dict) -> int:
+    """The extension field num_crops (HD crops per image for a vision model; extra_body in the
+    openai client), checked here so the error names it before any image is decoded."""
+    return check_int(body["num_crops"], "num_crops", lo=1, hi=MAX_CROPS)
 
 
 def random_if_negative(out: dict[str, Any]) -> None:
@@ -198,13 +208,14 @@ class _ToolCallDeltas:
         return []
 
 
-def chat_stream(llm: Any, messages: Any, tool_kw: dict, opts: GenerationOptions, model: str, include_usage: bool
+def chat_stream(llm: Any, messages: Any, chat_kw: dict, opts: GenerationOptions, model: str, include_usage: bool
                 ) -> Iterator[bytes]:
     """chat.completion.chunk SSE events token by token, for every choice (n > 1: sample i with seed +
-    i, all at once under continuous batching), tool calls as deltas as they are generated; usage; [DONE]."""
+    i, all at once under continuous batching), tool calls as deltas as they are generated; usage; [DONE].
+    chat_kw: chat()'s keywords besides the options (tools, tool_choice, num_crops)."""
     per = _per_choice(opts)
-    calling = bool(tool_kw) and tool_kw.get("tool_choice") != "none"
-    start = lambda o: llm.chat(messages, stream=True, options=o, **tool_kw)  # noqa: E731
+    calling = chat_kw.get("tools") is not None and chat_kw.get("tool_choice") != "none"
+    start = lambda o: llm.chat(messages, stream=True, options=o, **chat_kw)  # noqa: E731
     first = start(per[0])  # raises a bad request before any event
     cid, created = new_id("chatcmpl"), int(time.time())
 

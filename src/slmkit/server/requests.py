@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import Request
 
 from ..api import check_images
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, UnsupportedInputError
 from . import images, ollama_api, openai_api
 from .body import flag, parse_json_off_loop
 from .registry import Registry, parse_keep_alive
@@ -30,6 +30,7 @@ class Parsed:
     prompts: list[Prompt] = field(default_factory=list)  # /v1/completions: one choice set each
     prompt: str = ""  # /api/generate
     tools: dict = field(default_factory=dict)  # chat()'s tools / tool_choice keywords, when given
+    vision: dict = field(default_factory=dict)  # chat()'s num_crops keyword, when given
     system: str | None = None  # /api/generate
     raw: bool = False  # /api/generate: no chat template
     load_only: bool = False  # Ollama: no prompt or messages, so load (or, keep_alive 0, unload) the model
@@ -98,12 +99,14 @@ class Parser:
         keep = "default" if body.get("keep_alive") is None else parse_keep_alive(body["keep_alive"])
         return body, Parsed(name, keep)
 
-    async def _images_checked(self, name: str, messages: Any) -> Any:
+    async def _images_checked(self, name: str, messages: Any, param: str = "messages",
+                              names: images.PartNames | None = None) -> Any:
         """Image parts decoded and checked, but only for a model that takes images: a text-only
-        one refuses them before anything is fetched."""
+        one refuses them (naming `param`) before anything is fetched. names(i, j): the field an
+        error about part j of message i names (default: its OpenAI path)."""
         if images.has_images(messages):
-            check_images(name, self.registry.entry(name).info.get("images"))
-        return await images.resolve(messages, self.fetch_policy)
+            check_images(name, self.registry.entry(name).info.get("images"), param=param)
+        return await images.resolve(messages, self.fetch_policy, names)
 
     @staticmethod
     def _openai_stream(body: dict, p: Parsed) -> None:
@@ -118,6 +121,11 @@ class Parser:
         body, p = await self._start(request)
         p.messages = await self._images_checked(p.model, body.get("messages"))
         p.options = openai_api.options(body)
+        if body.get("num_crops") is not None:  # an extension field (extra_body): crops per image
+            p.vision = {"num_crops": openai_api.num_crops(body)}
+            if self.registry.entry(p.model).info.get("images") is False:
+                raise UnsupportedInputError(f"model {p.model!r} is text-only: num_crops applies to images",
+                                            param="num_crops")
         tools, tool_choice = body.get("tools"), body.get("tool_choice")
         if tools is not None or tool_choice is not None:
             p.tools = {"tools": tools, "tool_choice": tool_choice}
@@ -139,8 +147,11 @@ class Parser:
             return p
         if not isinstance(msgs, list):
             raise InvalidRequestError("must be a list of messages", param="messages")
-        p.messages = await self._images_checked(p.model, [ollama_api.images_to_parts(m, f"messages[{i}].images")
-                                                          if isinstance(m, dict) else m for i, m in enumerate(msgs)])
+        msgs = [ollama_api.images_to_parts(m, f"messages[{i}].images") if isinstance(m, dict) else m
+                for i, m in enumerate(msgs)]
+        first = next((i for i, m in enumerate(msgs) if images.has_images([m])), 0)
+        p.messages = await self._images_checked(p.model, msgs, f"messages[{first}].images",
+                                                lambda i, j: f"messages[{i}].images[{j}]")
         p.options, p.started = ollama_api.options(body), time.perf_counter()
         tools = body.get("tools")
         p.tools = {"tools": tools} if tools else {}  # the ollama client sends [] for none
@@ -159,7 +170,8 @@ class Parser:
         if p.system is not None and not isinstance(p.system, str):
             raise InvalidRequestError("must be a string", param="system")
         p.messages = await self._images_checked(p.model, [ollama_api.images_to_parts(
-            {"role": "user", "content": p.prompt, "images": body.get("images")}, "images")])
+            {"role": "user", "content": p.prompt, "images": body.get("images")}, "images")], "images",
+            lambda i, j: f"images[{j}]")
         p.raw = flag(body, "raw")
         p.stream = flag(body, "stream", True)
         return p

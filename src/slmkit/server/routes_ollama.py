@@ -94,7 +94,7 @@ def router(parser: Parser, runner: Runner) -> APIRouter:
                 "details": entry["details"], "model_info": {"general.architecture": info.get("model_type", ""),
                                                             "general.parameter_count": info.get("params", 0),
                                                             "context_length": info.get("context_length", 0)},
-                "capabilities": ["completion", "tools"], "modified_at": entry["modified_at"]}
+                "capabilities": ollama_api.capabilities(info), "modified_at": entry["modified_at"]}
 
     @r.get("/api/version")
     async def version() -> dict:

@@ -6,13 +6,16 @@ from typing import Any
 
 from fastapi import APIRouter, Request  # FastAPI reads the handlers' annotations from module globals
 
-from . import openai_api, schemas
+from . import ollama_api, openai_api, schemas
 from .common import Runner
 from .requests import Parser, check_token_ids
 
 
-def model_card(name: str) -> dict:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "slmkit"}
+def model_card(e: Any) -> dict:
+    """OpenAI's model object, with Ollama's capability names as an extra field ("vision" for a model
+    that takes images; the chat page reads it)."""
+    return {"id": e.name, "object": "model", "created": 0, "owned_by": "slmkit",
+            "capabilities": ollama_api.capabilities(e.info)}
 
 
 def router(parser: Parser, runner: Runner) -> APIRouter:
@@ -21,16 +24,16 @@ def router(parser: Parser, runner: Runner) -> APIRouter:
 
     @r.get("/v1/models")
     async def list_models() -> dict:
-        return {"object": "list", "data": [model_card(n) for n in registry.entries]}
+        return {"object": "list", "data": [model_card(e) for e in registry.entries.values()]}
 
     @r.get("/v1/models/{name:path}")
     async def get_model(name: str) -> dict:
-        return model_card(registry.entry(name).name)
+        return model_card(registry.entry(name))
 
     @r.post("/v1/chat/completions", openapi_extra=schemas.body(schemas.CHAT_COMPLETIONS))
     async def chat_completions(request: Request) -> Any:
         p = await parser.openai_chat(request)
-        name, messages, kw, opts = p.model, p.messages, p.tools, p.options
+        name, messages, kw, opts = p.model, p.messages, {**p.tools, **p.vision}, p.options
         if p.stream:
             return await runner.streamed(name, p.keep_alive, lambda llm, _: openai_api.chat_stream(
                 llm, messages, kw, capped(llm, opts), name, p.include_usage))

@@ -68,6 +68,8 @@ _OPENAI_SAMPLING: dict[str, Any] = {
 
 CHAT_COMPLETIONS = {"type": "object", "required": ["messages"], "properties": {
     **_OPENAI_SAMPLING, "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
+    "num_crops": {"type": "integer", "minimum": 1, "maximum": 64,
+                  "description": "HD crops per image, for a model that takes images (extra_body)"},
     "tools": {"type": "array", "minItems": 1, "items": _TOOL}, "tool_choice": _TOOL_CHOICE}}
 
 _TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
