@@ -25,6 +25,8 @@ def test_greedy_and_logits_match_native(pair):
     prompt = [1, 5, 9, 20, 33]
     want = native.generate(prompt, max_new_tokens=32, temperature=0, ignore_eos=True).token_ids
     assert ox.generate(prompt, max_new_tokens=32, temperature=0, ignore_eos=True).token_ids == want
+    # no sampling options: genai_config.json's "search" (the builder writes do_sample false) means greedy
+    assert ox.generate(prompt, max_new_tokens=8, ignore_eos=True).token_ids == want[:8]
     torch.testing.assert_close(ox.logits(prompt), native.logits(prompt), atol=1e-4, rtol=1e-4)
 
 
