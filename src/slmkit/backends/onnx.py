@@ -121,10 +121,31 @@ def load(cls: type[B], og: Any, target: str, config: Any = None) -> B:
                generation_config=search, path=folder, format="onnx")
 
 
-def check_options(provider: str, dtype: str = "auto", device: str = "cpu", **options: Any) -> None:
-    """load()'s dtype / device / quant mean nothing to a converted folder: refused unless left at their defaults."""
+def folder_dtype(folder: Path) -> str | None:
+    """The activations' precision of an ORT GenAI folder, from its decoder graph's logits output
+    (float32 / float16 / bfloat16; an int4 folder computes in float32); None when it cannot tell."""
+    try:
+        import onnx
+
+        from ..loading.files import read_json
+
+        name = read_json(folder / "genai_config.json")["model"]["decoder"]["filename"]
+        graph = onnx.load(str(folder / name), load_external_data=False).graph
+        elem = next(o.type.tensor_type.elem_type for o in graph.output if o.name == "logits")
+    except Exception:  # noqa: BLE001 -- no onnx package, another layout: not known, so not checked
+        return None
+    return {1: "float32", 10: "float16", 16: "bfloat16"}.get(elem)
+
+
+def check_options(provider: str, dtype: str = "auto", device: str = "cpu", target: str | None = None,
+                  **options: Any) -> None:
+    """load()'s dtype / device / quant are chosen when converting: dtype may only name the folder's own
+    precision (so a golden test can ask for float32 and be told if it is not), the rest stay at defaults."""
     if dtype != "auto":
-        raise UnsupportedByBackendError("dtype", provider, "the precision is chosen when converting (builder -p)")
+        have = folder_dtype(Path(target).expanduser()) if target is not None else None
+        if have != dtype:
+            raise UnsupportedByBackendError("dtype", provider, f"this folder computes in {have or 'its own precision'}"
+                                            "; the precision is chosen when converting (builder -p)")
     if device != "cpu":
         raise UnsupportedByBackendError("device", provider, "the execution provider is chosen when converting (-e)")
     for name in options:
@@ -135,5 +156,5 @@ def check_options(provider: str, dtype: str = "auto", device: str = "cpu", **opt
 
 def open(provider: str, target: str, **options: Any) -> OnnxBackend:  # noqa: A001 -- registry contract
     og = import_og(provider, "onnx")
-    check_options(provider, **options)
+    check_options(provider, target=target, **options)
     return load(OnnxBackend, og, target)

@@ -57,7 +57,7 @@ def bundled() -> bool:
 def open(provider: str, target: str, *, qnn_backend: str = "htp",  # noqa: A001 -- registry contract
          **options: Any) -> QnnBackend:
     og = import_og(provider, "qnn")
-    check_options(provider, **options)
+    check_options(provider, target=target, **options)
     qnn = plugin()
     if qnn is None and not bundled():
         raise BackendUnavailableError(provider, f"{NEEDS}; this {platform.system()} {platform.machine()} "
