@@ -7,22 +7,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 from . import cli_compare, cli_vision
+from .cli_repl import repl
+from .cli_repl import report as _report
 from .errors import SlmkitError
 from .options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 
 BASE_MODEL_MAX_NEW_TOKENS = 128  # a base model's completion rarely stops by itself: a shorter default
-
-HELP_REPL = """Commands:
-  /clear        forget the conversation so far (and images not yet sent)
-  /image PATH   attach an image to your next message (vision models; repeatable)
-  /bye          leave (Ctrl-D too)
-  \"\"\"           start and end a multi-line message
-  Ctrl-C        stop the current answer"""
-
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=None,
@@ -188,91 +182,6 @@ def _stream_out(chunks: Iterator[Any], out: TextIO) -> Any:
         out.flush()
         last = chunk
     return last
-
-
-def _report(last: Any, err: TextIO) -> None:
-    if last is None or last.usage is None:
-        return
-    u, t = last.usage, last.timings
-    err.write(f"\n[prompt {u.prompt_tokens} tok, {t.prefill_tokens_per_s(u.prompt_tokens):.1f} tok/s | "
-              f"output {u.completion_tokens} tok, {t.decode_tokens_per_s(u.completion_tokens):.2f} tok/s | "
-              f"finish: {last.finish_reason}]\n")
-
-
-def _read_message(read: Callable[[str], str]) -> str | None:
-    """One user message: a line, or a \"\"\"-fenced block. None at end of input."""
-    try:
-        line = read(">>> ")
-    except EOFError:
-        return None
-    if not line.lstrip().startswith('"""'):
-        return line
-    parts = [line.lstrip()[3:]]
-    while True:
-        if parts[-1].rstrip().endswith('"""') and (len(parts) > 1 or parts[0].strip() != ""):
-            parts[-1] = parts[-1].rstrip()[:-3]
-            return "\n".join(parts).strip("\n")
-        try:
-            parts.append(read("... "))
-        except EOFError:
-            return "\n".join(parts).strip("\n")
-
-
-def repl(llm: Any, options: GenerationOptions | dict, system: str | None, *, read: Callable[[str], str] = input,
-         out: TextIO = sys.stdout, err: TextIO = sys.stderr, verbose: bool = False, raw: bool = False,
-         images: list[dict] | None = None, num_crops: int | None = None) -> None:
-    """Interactive chat; history kept until /clear. raw=True: each message is completed as plain text.
-    options: GenerationOptions, or generate()'s keyword arguments. images: image parts for the first
-    message (--image / --video); /image PATH attaches one to the next message."""
-    opts = options if isinstance(options, GenerationOptions) else GenerationOptions.from_kwargs(**options)
-    history: list[dict] = [{"role": "system", "content": system}] if system else []
-    base = len(history)
-    pending = list(images or [])
-    err.write("Chat with the model. /bye to leave, /clear to start over, /? for help.\n")
-    while True:
-        text = _read_message(read)
-        if text is None or text.strip() in ("/bye", "/exit", "/quit"):
-            out.write("\n" if text is None else "")
-            return
-        cmd = text.strip()
-        if cmd == "/clear":
-            del history[base:]
-            pending.clear()
-            err.write("(conversation cleared)\n")
-            continue
-        if cmd in ("/?", "/help"):
-            err.write(HELP_REPL + "\n")
-            continue
-        if cmd == "/image" or cmd.startswith("/image "):
-            try:
-                err.write(cli_vision.attach(llm, cmd, pending, raw) + "\n")
-            except SlmkitError as e:
-                err.write(f"error: {e}\n")
-            continue
-        if not cmd:
-            continue
-        history.append({"role": "user", "content": cli_vision.user_content(text, pending)})
-        pending = []
-        answer: list[str] = []
-        last = None
-        try:
-            chunks = llm.generate(text, opts, stream=True) if raw else llm.chat(
-                history, stream=True, options=opts, **cli_vision.chat_kwargs(num_crops))
-            for chunk in chunks:
-                out.write(chunk.text)
-                out.flush()
-                answer.append(chunk.text)
-                last = chunk
-        except KeyboardInterrupt:
-            err.write("\n(stopped)")
-        except SlmkitError as e:  # e.g. the conversation outgrew the context: say so, keep the REPL
-            history.pop()
-            err.write(f"error: {e}\n")
-            continue
-        out.write("\n")
-        history.append({"role": "assistant", "content": "".join(answer)})
-        if verbose:
-            _report(last, err)
 
 
 def cmd_run(a: argparse.Namespace) -> int:
