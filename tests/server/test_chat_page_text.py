@@ -80,7 +80,7 @@ def test_send_settings_stop_and_nothing_secret_in_the_url(browser, served, tmp_p
     first = page.locator(".msg.assistant").last
     assert first.get_attribute("data-text") == reply["choices"][0]["message"]["content"]
     n = reply["usage"]["completion_tokens"]
-    assert re.fullmatch(rf"{n} tokens( · [\d.]+ tok/s)?", first.locator(".stats").inner_text())
+    assert re.fullmatch(rf"{n} tokens · [\d.]+ s · [\d.]+ tok/s", first.locator(".stats").inner_text())
 
     # stop mid-answer: a long answer (min_tokens added on the way, so the tiny model cannot end it early)
     long = [1900]  # read when each request goes out (unroute() may still see a request through the handler)
@@ -100,7 +100,7 @@ def test_send_settings_stop_and_nothing_secret_in_the_url(browser, served, tmp_p
     assert stopped.get_attribute("data-done") == "stopped" and len(shown) > 20
     time.sleep(1.0)
     assert stopped.get_attribute("data-text") == shown  # it stopped growing
-    assert re.fullmatch(r"stopped · \d+ tokens( · [\d.]+ tok/s)?", stopped.locator(".stats").inner_text())
+    assert re.fullmatch(r"stopped · \d+ tokens · [\d.]+ s · [\d.]+ tok/s", stopped.locator(".stats").inner_text())
     assert bodies[-1]["max_tokens"] == 1900
     for _ in range(50):  # the server saw the disconnect: nothing runs any more, long before 1900 tokens
         if httpx.get(served + "/health", headers=AUTH).json()["running"] == 0:
@@ -115,7 +115,7 @@ def test_send_settings_stop_and_nothing_secret_in_the_url(browser, served, tmp_p
     ask(page, "Short one")
     answered(page, 3, timeout=30_000)  # one slot: only served because the stopped answer freed it
     errors = page.locator(".msg.error").all_inner_texts()
-    assert time.perf_counter() - t < 30 and len(errors) == 1, errors  # (the no-key note)
+    assert time.perf_counter() - t < 30 and not errors, errors  # (the no-key note went once the key worked)
     assert [m["role"] for m in bodies[-1]["messages"]] == ["system", "user", "assistant", "user", "assistant",
                                                           "user"]
     assert bodies[-1]["messages"][4]["content"] == shown  # the stopped answer's part stays in the history
