@@ -429,21 +429,15 @@ class LLM:
         return self.backend.logits(ids)
 
     def embed(self, texts: Any, *, truncate: bool = False) -> torch.Tensor:
-        """Embeddings of texts: float32 tensor [n, hidden] (a single string or token-id list -> one
-        row). texts: a string, a list of strings, a list of token ids or a list of token-id lists.
-        Each row is the model's final-normed hidden states (what lm_head reads) averaged over the
-        text's tokens (the model's BOS rule) and scaled to unit L2 norm, so a dot product is the
-        cosine similarity; texts run in padded batches with the same result as one at a time.
-        A text longer than the context is refused (ContextLengthError), or cut to it with
-        truncate=True; at most 2048 texts and 300,000 tokens in all (InvalidRequestError).
-        Native engine (every architecture) and transformers backend; others refuse "embed"."""
+        """float32 [n, hidden]: each text's final-normed hidden states averaged over its tokens, at unit
+        L2 norm (texts: a string, strings, token ids or token-id lists; one string -> one row). Too
+        long: ContextLengthError, or cut with truncate=True. Exact definition and limits: slmkit.embeddings."""
         from . import embeddings
 
         return embeddings.embed(self, texts, truncate=truncate)
 
     def embedding_rows(self, texts: Any, *, truncate: bool = False, param: str = "texts") -> list[list[int]]:
-        """The checked token-id rows embed() runs for texts (errors name `param`): their lengths are
-        the request's prompt tokens; embed(rows) embeds them."""
+        """The checked token-id rows embed() runs (errors name `param`); embed(rows) embeds them."""
         from . import embeddings
 
         embeddings.check_capable(self)

@@ -4,7 +4,12 @@ the backend's embed (capabilities.embeddings): mean-pooled, L2-normalised final 
 What an embedding is (native engine and transformers backend alike): the model's hidden states
 after its final norm (what lm_head reads), for each token of the text as the model tokenizes a
 prompt (its BOS rule), averaged over those tokens and scaled to unit L2 norm; float32
-[n_texts, hidden]. The cosine of two embeddings is their dot product."""
+[n_texts, hidden]. The cosine of two embeddings is their dot product. Texts run in right-padded
+batches whose result equals one text at a time (engine/embedding.py). Limits: MAX_INPUTS texts and
+MAX_TOTAL_TOKENS tokens per call (InvalidRequestError); a text longer than the model's context is
+a ContextLengthError naming it, or cut to the context with truncate=True. Backends without
+capabilities.embeddings (llama.cpp, ONNX, OpenVINO, MLX, QNN, clouds, a running Ollama) refuse
+"embed" with UnsupportedByBackendError."""
 from __future__ import annotations
 
 from typing import Any
