@@ -502,3 +502,11 @@ def quantize(src: str | Path, dst: str | Path, *, quant: str, group_size: int | 
                          source=llm.backend.path, tokenizer=engine.tokenizer,
                          generation_config=engine.generation_config)
     return out, llm
+
+
+# The model catalog, memory plan and local store (`slm catalog / plan / pull / import / list / show / rm`):
+# the CLI reaches them through this module.
+from .sources import catalog as catalog  # noqa: E402
+from .sources import memplan as memplan  # noqa: E402
+from .sources import pull as pulling  # noqa: E402
+from .sources import store as store  # noqa: E402
