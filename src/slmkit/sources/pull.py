@@ -83,28 +83,26 @@ def _hub_files(repo: str, variant: Any, endpoint: str) -> tuple[str, list[tuple[
     return str(info.sha), files
 
 
-def _download_one(repo: str, name: str, size: int, sha: str | None, revision: str, folder: Path, endpoint: str,
-                  out: TextIO) -> None:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError
+def _download_hub_files(repo: str, files: list[tuple[str, int, str | None]], revision: str, folder: Path,
+                        endpoint: str, out: TextIO) -> None:
+    """Each file from the hub's resolve URL into folder, resumable across runs (a `.partial` file and
+    a Range request: huggingface_hub 2.x only resumes within one process), sha256-checked for LFS
+    files, size-checked for the others; a corrupt file is fetched again once."""
+    import httpx
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
 
-    for attempt in (1, 2):
-        t0 = time.monotonic()
-        try:
-            path = Path(hf_hub_download(repo, name, revision=revision, local_dir=folder, endpoint=endpoint,
-                                        etag_timeout=10))
-        except (HfHubHTTPError, OSError) as e:
-            raise DownloadError(f"{repo}/{name}", f"download failed ({type(e).__name__}: "
-                                f"{' '.join(str(e).split())[:300]}); run the pull again to resume") from None
-        if sha is None or sha256_file(path) == sha:
-            secs = time.monotonic() - t0
-            out.write(f"  {name}: {human(path.stat().st_size)} in {secs:.1f} s "
-                      f"({human(path.stat().st_size / max(secs, 1e-6))}/s){', sha256 ok' if sha else ''}\n")
-            out.flush()
-            return
-        path.unlink()  # corrupt: fetch it again once
-        out.write(f"  {name}: sha256 mismatch, fetching it again\n")
-    raise DownloadError(f"{repo}/{name}", "sha256 does not match the hub's twice; not keeping it")
+    headers = build_hf_headers()  # the user's token, if any (httpx drops it on a redirect to the CDN)
+    with httpx.Client(timeout=httpx.Timeout(60, connect=CONNECT_TIMEOUT_S * 5), headers=headers) as client:
+        for name, size, sha in files:
+            dest = folder / name
+            if not dest.resolve().is_relative_to(folder.resolve()):
+                raise DownloadError(f"{repo}/{name}", "a file name that leaves the model folder")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists() and dest.stat().st_size == size and (sha is None or sha256_file(dest) == sha):
+                continue
+            url = hf_hub_url(repo, name, revision=revision, endpoint=endpoint)
+            _fetch_verified(client, url, dest, sha, size, out, f"{repo}/{name}")
 
 
 def pull_catalog(spec: str, *, confirm: Confirm | None = None, out: TextIO | None = None,
@@ -136,12 +134,7 @@ def pull_catalog(spec: str, *, confirm: Confirm | None = None, out: TextIO | Non
     out.write(msg + "\n")
     folder = store.folder_for(full)
     folder.mkdir(parents=True, exist_ok=True)
-    if not sys.stderr.isatty():  # the library's bars redraw with \r: plain lines instead
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
-    for name, size, sha in files:
-        _download_one(variant.repo, name, size, sha, revision, folder, endpoint, out)
+    _download_hub_files(variant.repo, files, revision, folder, endpoint, out)
     path = folder / variant.file if variant.format == "gguf" and variant.file else (
         folder / variant.subfolder if variant.format == "onnx" and variant.subfolder else folder)
     return {"name": full, **store.register(full, path, source=f"hf:{variant.repo}@{revision}", fmt=variant.format,
@@ -153,36 +146,48 @@ def _registry_base(host: str) -> str:
     return (os.environ.get("SLMKIT_OLLAMA_REGISTRY") or f"https://{host}").rstrip("/")
 
 
-def _fetch_blob(client: Any, url: str, blob: Path, digest_hex: str, size: int, out: TextIO) -> None:
-    """Download into blob.partial, resuming from its length; verify the sha256; rename into place."""
+def _fetch(client: Any, url: str, dest: Path, sha: str | None, size: int, out: TextIO) -> None:
+    """Download into dest.partial, resuming from its length; check the sha256 (or the size); rename
+    into place. _Corrupt when the bytes do not match."""
     import httpx
 
-    part = blob.with_name(blob.name + ".partial")
+    part = dest.with_name(dest.name + ".partial")
     have = part.stat().st_size if part.exists() else 0
     if size and have > size:
         part.unlink()
         have = 0
     headers = {"Range": f"bytes={have}-"} if have else {}
-    bar = Progress(f"  {blob.name[:19]}", size or None, done=have, out=out)
+    bar = Progress(f"  {dest.name[:40]}", size or None, done=have, out=out)
     try:
         with client.stream("GET", url, headers=headers, follow_redirects=True) as r:
             if r.status_code == 200 and have:  # the server ignored the range: start over
                 have = 0
                 bar.done = bar.start_done = 0
             elif r.status_code not in (200, 206):
-                raise DownloadError(url, f"the registry answered HTTP {r.status_code}")
+                raise DownloadError(url, f"the server answered HTTP {r.status_code}")
             with open(part, "ab" if have else "wb") as f:
-                for chunk in r.iter_bytes(1 << 20):
+                for chunk in r.iter_bytes():  # as they arrive: a dropped connection keeps them
                     f.write(chunk)
                     bar.update(len(chunk))
     except httpx.HTTPError as e:
         raise DownloadError(url, f"download interrupted ({type(e).__name__}); run the pull again to resume "
                                  f"({human(part.stat().st_size if part.exists() else 0)} kept)") from None
     bar.close()
-    if sha256_file(part) != digest_hex:
+    if (sha256_file(part) != sha) if sha else (size and part.stat().st_size != size):
         part.unlink()
-        raise _Corrupt(blob.name)
-    os.replace(part, blob)
+        raise _Corrupt(dest.name)
+    os.replace(part, dest)
+
+
+def _fetch_verified(client: Any, url: str, dest: Path, sha: str | None, size: int, out: TextIO, what: str) -> None:
+    """_fetch, and once more when the bytes do not match their digest; twice is a DownloadError."""
+    for _attempt in (1, 2):
+        try:
+            _fetch(client, url, dest, sha, size, out)
+            return
+        except _Corrupt:
+            out.write(f"  {dest.name}: sha256 mismatch, fetching it again\n")
+    raise DownloadError(what, "sha256 does not match its digest, twice; not keeping it")
 
 
 class _Corrupt(Exception):
@@ -234,14 +239,7 @@ def pull_ollama(name: str, *, out: TextIO | None = None) -> dict[str, Any]:
                 out.write(f"  {blob.name[:19]}: stored copy is corrupt, fetching it again\n")
                 blob.unlink()
             url = f"{base}/v2/{ns}/{model}/blobs/sha256:{hexd}"
-            for attempt in (1, 2):
-                try:
-                    _fetch_blob(client, url, blob, hexd, int(layer.get("size", 0)), out)
-                    break
-                except _Corrupt:
-                    out.write(f"  {blob.name[:19]}: sha256 mismatch, fetching it again\n")
-            else:
-                raise DownloadError(full, f"blob sha256:{hexd} did not match its digest twice; not keeping it")
+            _fetch_verified(client, url, blob, hexd, int(layer.get("size", 0)), out, f"{full} blob sha256:{hexd}")
     if model_blob is None:
         raise DownloadError(full, f"the manifest has no {MODEL_MEDIA_TYPE} layer")
     mpath = root / "manifests" / host / ns / model / tag
