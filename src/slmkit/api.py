@@ -508,5 +508,5 @@ def quantize(src: str | Path, dst: str | Path, *, quant: str, group_size: int | 
 # the CLI reaches them through this module.
 from .sources import catalog as catalog  # noqa: E402
 from .sources import memplan as memplan  # noqa: E402
-from .sources import pull as pulling  # noqa: E402
+from .sources import pull as pull  # noqa: E402
 from .sources import store as store  # noqa: E402

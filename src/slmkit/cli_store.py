@@ -11,7 +11,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .api import catalog, memplan, pulling, store
+from .api import catalog, memplan, store
+from .api import pull as pulling
 
 
 def add_parsers(sub: Any, positive: Callable[[str], int]) -> None:
@@ -116,7 +117,7 @@ def cmd_show(a: argparse.Namespace) -> int:
         if key == "parameters" and value:
             value = f"{value / 1e9:.2f}B ({value})"
         if key == "capabilities":
-            value = ", ".join(value)
+            value = ", ".join(value or [])
         print(f"{key:14}{value if value is not None else '-'}")
     template = info.get("template")
     print(f"{'template':14}{(template[:200] + ('...' if len(template) > 200 else '')) if template else '-'}")

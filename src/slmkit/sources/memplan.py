@@ -89,7 +89,8 @@ class MemoryPlan:
         parts.append(f"+ KV {g(self.kv_bytes)} ({self.ctx} tokens x {self.parallel} slot(s), "
                      f"{self.kv_bytes_per_token / 1024:.0f} KiB/token)")
         if self.images:
-            parts.append(f"+ {self.images} image(s) {g(self.image_bytes)} ({self.image_tokens} image tokens per request)")
+            parts.append(f"+ {self.images} image(s) {g(self.image_bytes)} "
+                         f"({self.image_tokens} image tokens per request)")
         head = " ".join(parts) + f" = {g(self.total_bytes)}"
         if self.available_bytes is None:
             return head + f"; available {self.device} memory unknown"
@@ -189,11 +190,18 @@ def shape_from_gguf(path: Path) -> tuple[Shape, str]:
 
 def shape_for(model: str | Path) -> tuple[Shape, str]:
     """A local folder or GGUF file (config and sizes only), else a catalog name."""
-    path = Path(model).expanduser()
-    if path.is_dir():
+    import stat
+
+    from ..loading.files import expand_user, stat_path
+
+    path = expand_user(model)
+    st = stat_path(path)  # a name the OS refuses is a ModelFileError, not an OSError
+    if st is not None and stat.S_ISDIR(st.st_mode):
         return shape_from_folder(path)
-    if path.is_file():
+    if st is not None and stat.S_ISREG(st.st_mode):
         return shape_from_gguf(path)
+    if st is not None:
+        raise ModelFileError(path, "is neither a model folder nor a file (a FIFO, socket or device)")
     return shape_from_catalog(str(model))
 
 

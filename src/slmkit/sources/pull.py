@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
@@ -198,7 +197,7 @@ def pull_ollama(name: str, *, out: TextIO | None = None) -> dict[str, Any]:
     """Pull NAME[:TAG] from an Ollama-compatible registry into the store's blobs/ and manifests/."""
     import httpx
 
-    from .ollama import MODEL_MEDIA_TYPE, _DIGEST, parse_name
+    from .ollama import _DIGEST, MODEL_MEDIA_TYPE, parse_name
 
     out = out or sys.stderr
     host, ns, model, tag = parse_name(name)
@@ -221,7 +220,8 @@ def pull_ollama(name: str, *, out: TextIO | None = None) -> dict[str, Any]:
         except (ValueError, KeyError, TypeError):
             raise DownloadError(full, "the manifest is not an Ollama/OCI manifest") from None
         total = sum(int(layer.get("size", 0)) for layer in layers)
-        _check_weights_fit(full, sum(int(la.get("size", 0)) for la in layers if la.get("mediaType") == MODEL_MEDIA_TYPE))
+        weights = sum(int(la.get("size", 0)) for la in layers if la.get("mediaType") == MODEL_MEDIA_TYPE)
+        _check_weights_fit(full, weights)
         out.write(f"pulling {full} from {base}: {human(total)} in {len(layers)} blob(s)\n")
         (root / "blobs").mkdir(parents=True, exist_ok=True)
         model_blob = None
@@ -269,7 +269,8 @@ def _check_weights_fit(full: str, weights: int) -> None:
     avail = available_bytes()
     if avail is not None and weights + HEADROOM_BYTES > avail:
         raise MemoryPlanError(f"{full}: its weights take {human(weights)} and {human(avail)} of memory is available "
-                              "(keeping 512 MiB free): pick a smaller quantization tag", needed=weights + HEADROOM_BYTES,
+                              "(keeping 512 MiB free): pick a smaller quantization tag",
+                              needed=weights + HEADROOM_BYTES,
                               available=avail)
 
 
@@ -295,14 +296,20 @@ def ensure(spec: str, *, confirm: Confirm | None = None, out: TextIO | None = No
     first) and is pulled when missing, after confirm(message) agrees (None: proceed); a local folder or
     GGUF (given, or from the store) must pass the memory plan (MemoryPlanError otherwise). Anything
     else (a hub id, a cloud model, builtin) is returned unchanged."""
+    import stat
+
+    from ..loading.files import expand_user, stat_path
     from . import memplan
     from .catalog import is_catalog_name
 
-    local = Path(spec).expanduser()
+    local = expand_user(spec)
+    st = stat_path(local)  # a name the OS refuses is a ModelFileError, not an OSError
     if spec in ("builtin", "gemma3-270m") or spec.startswith("ollama:") or ":" in spec and not is_catalog_name(spec) \
-            and not local.exists():
+            and st is None:
         return spec
-    if not local.exists():
+    if st is not None and not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        return spec  # a FIFO or device: the loader names it (and never blocks on it)
+    if st is None:
         found = store.find(spec)
         if found is None and is_catalog_name(spec):
             found = pull_catalog(spec, confirm=confirm, out=out, plan_kw=plan_kw)

@@ -64,7 +64,8 @@ def load_index() -> dict[str, dict[str, Any]]:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ModelFileError(p, f"the store index is unreadable ({type(e).__name__}); remove it to start over") from None
+        raise ModelFileError(p, f"the store index is unreadable ({type(e).__name__}); remove it to start over"
+                             ) from None
     return data.get("models", {}) if isinstance(data, dict) else {}
 
 
@@ -241,9 +242,9 @@ def show(name: str) -> dict[str, Any]:
     elif path.is_file():
         info |= _describe_gguf(path)
     elif entry is None:
-        from .catalog import entries
-
         import difflib
+
+        from .catalog import entries
 
         close = difflib.get_close_matches(name, [*load_index(), *entries()], n=3, cutoff=0.5)
         raise UnknownModelError(f"{name!r} is neither in the store, a local model nor in the catalog"
