@@ -53,10 +53,10 @@ def cmd_catalog(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(items, indent=1))
         return 0
-    print(f"{'NAME':22}{'PARAMS':>8}  {'CONTEXT':>8}  {'INPUT':16}{'TAGS'}")
+    print(f"{'NAME':22}{'PARAMS':>8}  {'CONTEXT':>8}  {'INPUT':18}{'TAGS'}")
     for e in items:
         tags = ", ".join(t + ("*" if t == e["default"] else "") for t in e["variants"])
-        print(f"{e['name']:22}{e['params'] / 1e9:7.2f}B  {e['context']:>8}  {'+'.join(e['modalities']):16}{tags}")
+        print(f"{e['name']:22}{e['params'] / 1e9:7.2f}B  {e['context']:>8}  {'+'.join(e['modalities']):18}{tags}")
     print("(* the default tag; `slm show NAME` for repos, licence and cloud ids)")
     return 0
 

@@ -3,6 +3,7 @@ downloads land in $SLMKIT_HOME, an interrupted pull resumes with a range request
 detected by its sha256 and fetched again, offline fails fast, the memory plan refuses first."""
 from __future__ import annotations
 
+import re
 import socket
 import time
 from pathlib import Path
@@ -148,3 +149,38 @@ def test_ollama_pull_verifies_digests_resumes_and_refetches_corrupt_blobs(home, 
 def test_ollama_unknown_model_is_named(home, fake):
     with pytest.raises(DownloadError, match="no such model"):
         pull.pull("ollama:nothing:here", out=open("/dev/null", "w"))
+
+
+class _Stream:
+    def __init__(self, tty: bool):
+        self.tty, self.parts = tty, []
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, s):
+        self.parts.append(s)
+
+    def flush(self):
+        pass
+
+
+def test_progress_redraws_on_a_terminal_and_prints_plain_lines_otherwise(monkeypatch):
+    from slmkit.sources import progress
+
+    clock = iter(range(0, 1000))
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock) * 0.5)
+    for tty in (False, True):
+        s = _Stream(tty)
+        bar = progress.Progress("model.gguf", 4_000_000, out=s)
+        for _ in range(8):
+            bar.update(500_000)
+        bar.close()
+        text = "".join(s.parts)
+        if tty:
+            assert text.count("\r") >= 8 and "4.0 MB" in text and "/s" in text
+        else:
+            lines = text.splitlines()
+            assert "\r" not in text and len(lines) == 4  # 25 %, 50 %, 75 %, then the summary
+            assert re.fullmatch(r"model\.gguf: 1\.0 MB of 4\.0 MB \(\d+\.\d KB/s\)", lines[0]), lines
+            assert lines[-1].startswith("model.gguf: 4.0 MB in")
