@@ -126,3 +126,15 @@ def test_run_refuses_a_local_model_that_does_not_fit(home, tmp_path, monkeypatch
     with pytest.raises(MemoryPlanError, match="does not fit"):
         cli_store.prepare(str(folder), yes=True, quant=None)
     assert cli.main(["run", str(folder), "hi"]) == 1
+
+
+def test_a_misspelt_name_suggests_catalog_names_and_store_names_plan(home, tmp_path, capsys):
+    from slmkit.sources.resolve import resolve_model_path
+
+    with pytest.raises(ModelFileError, match="did you mean phi3.5"):
+        resolve_model_path("phi3.6")
+    with pytest.raises(ModelFileError, match="not pulled yet: `slm pull phi4-mini`"):
+        resolve_model_path("phi4-mini")
+    store.import_path(_tiny_folder(tmp_path), "mine")
+    assert cli.main(["plan", "mine", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"] == 6410

@@ -202,6 +202,12 @@ def shape_for(model: str | Path) -> tuple[Shape, str]:
         return shape_from_gguf(path)
     if st is not None:
         raise ModelFileError(path, "is neither a model folder nor a file (a FIFO, socket or device)")
+    from .catalog import is_catalog_name
+    from .store import find
+
+    found = None if is_catalog_name(str(model)) else find(str(model))  # an imported or Ollama-pulled name
+    if found is not None:
+        return shape_for(found["path"])
     return shape_from_catalog(str(model))
 
 

@@ -39,6 +39,15 @@ def resolve_model_path(model: str | Path) -> Path:
     if stored is not None:
         return stored
     if not _HUB_ID.match(spec):
+        if "/" not in spec and "\\" not in spec:  # a bare name: perhaps a misspelt catalog name
+            import difflib
+
+            from .catalog import entries
+
+            close = difflib.get_close_matches(spec.lower(), list(entries()), n=3, cutoff=0.6)
+            if close:
+                raise ModelFileError(spec, f"no such file or folder, and not a catalog name; did you mean "
+                                           f"{' or '.join(close)}? (`slm catalog` lists them)")
         return path
     try:
         from huggingface_hub import snapshot_download

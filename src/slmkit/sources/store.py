@@ -90,6 +90,13 @@ def register(name: str, path: Path, *, source: str, fmt: str, quant: str | None,
 def find(name: str) -> dict[str, Any] | None:
     """The store entry for a name: exact, or a catalog name without its tag (`phi3.5` -> `phi3.5:bf16`)."""
     models = load_index()
+    if name.startswith("ollama:") and name not in models:
+        from .pull import ollama_store_name
+
+        try:
+            name = ollama_store_name(name.removeprefix("ollama:"))  # ollama:phi3.5 -> ollama:phi3.5:latest
+        except InvalidRequestError:
+            return None
     if name in models:
         return {"name": name, **models[name]}
     from .catalog import is_catalog_name, lookup
