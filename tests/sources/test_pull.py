@@ -184,3 +184,17 @@ def test_progress_redraws_on_a_terminal_and_prints_plain_lines_otherwise(monkeyp
             assert "\r" not in text and len(lines) == 4  # 25 %, 50 %, 75 %, then the summary
             assert re.fullmatch(r"model\.gguf: 1\.0 MB of 4\.0 MB \(\d+\.\d KB/s\)", lines[0]), lines
             assert lines[-1].startswith("model.gguf: 4.0 MB in")
+
+
+def test_slm_pull_on_the_command_line(home, fake, capsys):
+    from slmkit import cli
+
+    fake.hub[GGUF_REPO] = {GGUF_FILE: _payload(20_000)}
+    assert cli.main(["pull", "phi3:mini:q9"]) == 1
+    assert "its tags: bf16, q4, fp16, onnx-int4" in capsys.readouterr().err
+    assert cli.main(["pull", "phi3:mini:q4", "--yes"]) == 0
+    err = capsys.readouterr().err
+    assert "20.0 KB in 1 file(s)" in err and "phi3:mini:q4: ready at" in err and "no terminal" not in err
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[:3] == ["phi3:mini:q4", "0.0", "GB"] and "q4_k_m" in out[1]

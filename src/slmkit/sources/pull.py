@@ -22,7 +22,7 @@ from . import store
 from .progress import Progress, human
 
 CONNECT_TIMEOUT_S = 1.0
-SAFETENSORS_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "README.md", "LICENSE"]
+SAFETENSORS_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "*.py", "README.md", "LICENSE"]
 MANIFEST_ACCEPT = "application/vnd.docker.distribution.manifest.v2+json"
 Confirm = Callable[[str], bool]
 
