@@ -428,6 +428,21 @@ class LLM:
                 return self.backend.logits(ids, images=images)
         return self.backend.logits(ids)
 
+    def embed(self, texts: Any, *, truncate: bool = False) -> torch.Tensor:
+        """float32 [n, hidden]: each text's final-normed hidden states averaged over its tokens, at unit
+        L2 norm (texts: a string, strings, token ids or token-id lists; one string -> one row). Too
+        long: ContextLengthError, or cut with truncate=True. Exact definition and limits: slmkit.embeddings."""
+        from . import embeddings
+
+        return embeddings.embed(self, texts, truncate=truncate)
+
+    def embedding_rows(self, texts: Any, *, truncate: bool = False, param: str = "texts") -> list[list[int]]:
+        """The checked token-id rows embed() runs (errors name `param`); embed(rows) embeds them."""
+        from . import embeddings
+
+        embeddings.check_capable(self)
+        return embeddings.rows_of(self, texts, truncate=truncate, param=param)
+
     def __repr__(self) -> str:
         return f"LLM({self.name!r}, backend={type(self.backend).__name__}, context={self.context_length})"
 

@@ -1,7 +1,7 @@
 """`slm` command line: `slm run MODEL [PROMPT]` streams an answer or opens a chat REPL;
 `slm serve [MODEL ...]` serves OpenAI / Ollama APIs; `slm quantize SRC DST --quant int4` writes a
 quantized model folder; `slm compare MODEL MODEL ... -p PROMPT` runs one prompt on several
-(cli_compare.py)."""
+(cli_compare.py); `slm ps` lists what a running server has loaded (cli_ps.py)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
-from . import cli_compare, cli_store, cli_vision
+from . import cli_compare, cli_ps, cli_store, cli_vision
 from .errors import SlmkitError
 from .options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 
@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dst", help="the folder to write (must not exist, or be empty)")
     _add_quant_args(q, required=True)
     cli_compare.add_parser(sub)
+    cli_ps.add_parser(sub)
     cli_store.add_parsers(sub, _positive)
     return parser
 
@@ -443,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     try:
         return {"run": cmd_run, "quantize": cmd_quantize, "serve": cmd_serve,
-                "compare": cli_compare.cmd_compare, **cli_store.COMMANDS}[args.command](args)
+                "compare": cli_compare.cmd_compare, "ps": cli_ps.cmd_ps, **cli_store.COMMANDS}[args.command](args)
     except SlmkitError as e:
         sys.stderr.write(f"error: {e}\n")
         return 1

@@ -41,10 +41,13 @@ class WeightError(SlmkitError):
 class ContextLengthError(SlmkitError):
     """A prompt (plus requested tokens) does not fit the context. `limit` is the bound."""
 
-    def __init__(self, length: int, limit: int, what: str = "context length", *, at_least: bool = False):
+    def __init__(self, length: int, limit: int, what: str = "context length", *, at_least: bool = False,
+                 param: str | None = None):
         self.length = length  # with at_least, a lower bound (the text was too long to tokenize)
         self.limit = limit
-        super().__init__(f"{'at least ' if at_least else ''}{length} tokens exceed the {what} of {limit} tokens")
+        self.param = param  # the request field that is too long, when one is named (e.g. "input[2]")
+        message = f"{'at least ' if at_least else ''}{length} tokens exceed the {what} of {limit} tokens"
+        super().__init__(f"{param}: {message}" if param else message)
 
 
 class InvalidRequestError(SlmkitError, ValueError):
