@@ -123,3 +123,17 @@ def test_free_memory_reads_cgroup_v2_and_v1_limits(tmp_path):
     assert available_bytes(str(v1.parent), str(info)) == 2**30
     (v1 / "memory.limit_in_bytes").write_text(str(2**63 - 4096))  # v1's "unlimited"
     assert available_bytes(str(v1.parent), str(info)) == 8 * 2**30
+
+
+def test_the_builtin_entry_matches_the_shipped_file():
+    from slmkit.sources.builtin import builtin_model_path
+
+    try:
+        path = builtin_model_path()
+    except Exception as e:  # noqa: BLE001  (the package is an optional install)
+        pytest.skip(f"built-in model not available: {e}")
+    real, _ = memplan.shape_from_gguf(path)
+    cat, _ = memplan.shape_from_catalog("builtin")
+    assert (real.params, real.layers, real.kv_heads, real.head_dim, real.hidden, real.context) == (
+        cat.params, cat.layers, cat.kv_heads, cat.head_dim, cat.hidden, cat.context)
+    assert abs(cat.params * cat.stored_bits / 8 - real.stored_bytes) < 0.01 * real.stored_bytes
