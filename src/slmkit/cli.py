@@ -372,7 +372,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     for spec in a.models:
         name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
         name = name or served_name(path)
-        path = cli_store.prepare(path, yes=True, quant=a.quant, ctx=a.slot_context, parallel=max(1, a.slots))
+        path = cli_store.prepare(path, yes=True, quant=a.quant, ctx=a.slot_context, parallel=max(1, a.slots),
+                                 flags={"ctx": "--slot-context", "parallel": "--slots"})
         if name in models:
             sys.stderr.write(f"error: two models are named {name!r}; name one NAME=PATH\n")
             return 2

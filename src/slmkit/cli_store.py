@@ -141,8 +141,9 @@ COMMANDS = {"catalog": cmd_catalog, "plan": cmd_plan, "pull": cmd_pull, "import"
             "show": cmd_show, "rm": cmd_rm}
 
 
-def prepare(spec: str, *, yes: bool, quant: str | None, ctx: int | None = None, parallel: int = 1) -> str:
+def prepare(spec: str, *, yes: bool, quant: str | None, ctx: int | None = None, parallel: int = 1,
+            flags: dict[str, str] | None = None) -> str:
     """`slm run` / `slm serve`: a catalog name resolves through the store (pulled if missing, after
     saying what and how big); a local model must pass the memory plan (MemoryPlanError otherwise)."""
-    kw: dict[str, Any] = {"quant": quant, "ctx": ctx, "parallel": parallel}
+    kw: dict[str, Any] = {"quant": quant, "ctx": ctx, "parallel": parallel, "flags": flags}
     return pulling.ensure(spec, confirm=confirm_on_tty(yes), plan_kw={k: v for k, v in kw.items() if v})

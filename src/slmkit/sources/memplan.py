@@ -87,7 +87,7 @@ class MemoryPlan:
         if self.expert_bytes:
             parts.append(f"(MoE experts {g(self.expert_bytes)}, all resident)")
         parts.append(f"+ KV {g(self.kv_bytes)} ({self.ctx} tokens x {self.parallel} slot(s), "
-                     f"{self.kv_bytes_per_token / 1024:.0f} KiB/token)")
+                     f"{_gib(self.kv_bytes_per_token)}/token)")
         if self.images:
             parts.append(f"+ {self.images} image(s) {g(self.image_bytes)} "
                          f"({self.image_tokens} image tokens per request)")
@@ -101,7 +101,11 @@ class MemoryPlan:
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    """Bytes in binary units: GiB, or MiB / KiB for small models."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale or unit == "KiB":
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
 
 
 # ------------------------------------------------------------------ shapes
@@ -225,8 +229,9 @@ def _gpu_free() -> int | None:
 
 def make_plan(shape: Shape, precision: str, *, quant: str | None = None, ctx: int | None = None,
               parallel: int = 1, images: int = 0, device: str = "cpu", available: int | None = None,
-              gpu_available: int | None = None, probe: bool = True) -> MemoryPlan:
-    """The plan for a shape. available / gpu_available: bytes (None with probe=True: read this machine)."""
+              gpu_available: int | None = None, probe: bool = True, flags: dict[str, str] | None = None) -> MemoryPlan:
+    """The plan for a shape. available / gpu_available: bytes (None with probe=True: read this machine).
+    flags: the command's own names for quant / ctx / parallel in the advice (slm serve: --slot-context, --slots)."""
     from ..loading.memory import available_bytes
 
     if quant not in (None, "none") and quant not in QUANT_BITS:
@@ -249,11 +254,12 @@ def make_plan(shape: Shape, precision: str, *, quant: str | None = None, ctx: in
     room = gpu_available if device.startswith("cuda") else available
     fits = room is None or total + HEADROOM_BYTES <= room
     advice: list[str] = []
+    names = {"quant": "--quant", "ctx": "--ctx", "parallel": "--parallel", **(flags or {})}
     if image_tokens and image_tokens >= ctx:
         fits = False
-        advice.append(f"{images} image(s) take {image_tokens} tokens: raise --ctx above that")
+        advice.append(f"{images} image(s) take {image_tokens} tokens: raise {names['ctx']} above that")
     if room is not None and not fits and total + HEADROOM_BYTES > room:
-        advice += _advice(shape, bits, weights, per_token, ctx, parallel, image_bytes, room - HEADROOM_BYTES)
+        advice += _advice(shape, bits, weights, per_token, ctx, parallel, image_bytes, room - HEADROOM_BYTES, names)
     return MemoryPlan(model=shape.name, precision=precision, ctx=ctx, parallel=parallel, images=images,
                       params=shape.params, weights_bytes=weights, vision_bytes=int(shape.vision_params * bits / 8),
                       expert_bytes=int(shape.expert_params * bits / 8), kv_bytes_per_token=per_token, kv_bytes=kv,
@@ -263,19 +269,19 @@ def make_plan(shape: Shape, precision: str, *, quant: str | None = None, ctx: in
 
 
 def _advice(shape: Shape, bits: float, weights: int, per_token: int, ctx: int, parallel: int, image_bytes: int,
-            room: int) -> list[str]:
+            room: int, names: dict[str, str]) -> list[str]:
     """What to change so the plan fits `room` bytes: a smaller quant, a shorter context, fewer slots."""
     out = []
     for q in ("int8", "int4"):
         w = int(shape.params * QUANT_BITS[q] / 8)
         if QUANT_BITS[q] < bits and w + per_token * ctx * parallel + image_bytes <= room:
-            out.append(f"use --quant {q} (weights {_gib(w)})")
+            out.append(f"use {names['quant']} {q} (weights {_gib(w)})")
             break
     left = room - weights - image_bytes
     if left > 0 and left // (per_token * parallel) >= 256:
-        out.append(f"use --ctx {int(left // (per_token * parallel))} or less")
+        out.append(f"use {names['ctx']} {int(left // (per_token * parallel))} or less")
     if parallel > 1 and left > 0 and left // (per_token * ctx) >= 1:
-        out.append(f"use --parallel {int(left // (per_token * ctx))}")
+        out.append(f"use {names['parallel']} {int(left // (per_token * ctx))}")
     if not out:
         w4 = int(shape.params * QUANT_BITS["int4"] / 8)
         out.append(f"this machine cannot hold it: even at int4 the weights take {_gib(w4)} of {_gib(max(0, room))}"
@@ -284,9 +290,10 @@ def _advice(shape: Shape, bits: float, weights: int, per_token: int, ctx: int, p
 
 
 def plan(model: str | Path, *, quant: str | None = None, ctx: int | None = None, parallel: int = 1,
-         images: int = 0, device: str = "cpu") -> MemoryPlan:
+         images: int = 0, device: str = "cpu", flags: dict[str, str] | None = None) -> MemoryPlan:
     shape, precision = shape_for(model)
-    return make_plan(shape, precision, quant=quant, ctx=ctx, parallel=parallel, images=images, device=device)
+    return make_plan(shape, precision, quant=quant, ctx=ctx, parallel=parallel, images=images, device=device,
+                     flags=flags)
 
 
 def check(p: MemoryPlan) -> MemoryPlan:
