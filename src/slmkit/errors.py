@@ -92,6 +92,24 @@ class MemoryPlanError(SlmkitError):
         super().__init__(message)
 
 
+class UnknownModelError(InvalidRequestError, LookupError):
+    """A catalog name or tag that does not exist. `name` is what was asked for; `suggestions` the
+    closest names (or, for an unknown tag, the tags that exist)."""
+
+    def __init__(self, message: str, *, name: str, suggestions: list[str] | tuple[str, ...] = ()):
+        self.name, self.suggestions = name, list(suggestions)
+        super().__init__(message, param="model")
+
+
+class DownloadError(SlmkitError):
+    """A pull failed: offline, the hub or registry refused, or a file did not match its digest.
+    `source` names what was being fetched."""
+
+    def __init__(self, source: str, message: str):
+        self.source = source
+        super().__init__(f"{source}: {message}")
+
+
 class EngineError(SlmkitError):
     """The engine failed while running a request, for a reason that is not the request's input
     (a fault in a shared batch step, or an engine thread that stopped). `dead` is True when the
