@@ -24,6 +24,8 @@ from .errors import (
     UnsupportedInputError,
 )
 from .options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
+from .processing import check_images
+from .quantize import quantize
 from .results import GenerationChunk, GenerationResult, Timings, TokenLogprob, Usage
 from .sources.resolve import BUILTIN_ALIASES, resolve_model_path
 from .streams import validated_first
@@ -35,16 +37,6 @@ __all__ = ["LLM", "load", "quantize", "GenerationOptions", "GenerationResult", "
 
 
 _DIGITS = re.compile(r"\s*[0-9]+\s*")  # a token id as a string: ASCII digits ("²".isdigit() is true)
-
-
-def check_images(name: str, takes_images: bool | None, *, model_type: str | None = None,
-                 param: str = "messages") -> None:
-    """The one refusal of image parts for a text-only model (takes_images False; None: not known
-    yet, so not refused). Called where images were found: LLM.render, and the server before it
-    fetches any image for a model it has not loaded."""
-    if takes_images is False:
-        kind = f" ({model_type})" if model_type else ""
-        raise UnsupportedInputError(f"model {name!r}{kind} is text-only and cannot take image parts", param=param)
 
 
 class LLM:
@@ -428,6 +420,21 @@ class LLM:
                 return self.backend.logits(ids, images=images)
         return self.backend.logits(ids)
 
+    def embed(self, texts: Any, *, truncate: bool = False) -> torch.Tensor:
+        """float32 [n, hidden]: each text's final-normed hidden states averaged over its tokens, at unit
+        L2 norm (texts: a string, strings, token ids or token-id lists; one string -> one row). Too
+        long: ContextLengthError, or cut with truncate=True. Exact definition and limits: slmkit.embeddings."""
+        from . import embeddings
+
+        return embeddings.embed(self, texts, truncate=truncate)
+
+    def embedding_rows(self, texts: Any, *, truncate: bool = False, param: str = "texts") -> list[list[int]]:
+        """The checked token-id rows embed() runs (errors name `param`); embed(rows) embeds them."""
+        from . import embeddings
+
+        embeddings.check_capable(self)
+        return embeddings.rows_of(self, texts, truncate=truncate, param=param)
+
     def __repr__(self) -> str:
         return f"LLM({self.name!r}, backend={type(self.backend).__name__}, context={self.context_length})"
 
@@ -487,18 +494,3 @@ def load(model: str | Path = "builtin", *, dtype: str | torch.dtype = "auto", de
         from .sources.builtin import builtin_model_path  # a cached copy damaged after it was verified: rebuild once
 
         return native(builtin_model_path(refresh=True))
-
-
-def quantize(src: str | Path, dst: str | Path, *, quant: str, group_size: int | None = None) -> tuple[Path, LLM]:
-    """Load src with its float linear weights quantized (quant "int8" / "int4") and write them as a
-    safetensors folder dst (quant/store.py's format, loadable by load()). Returns (dst, the LLM)."""
-    from .backends.native import NativeBackend
-    from .quant.store import save_quantized
-
-    llm = load(src, quant=quant, group_size=group_size, pack=False)
-    assert isinstance(llm.backend, NativeBackend)  # load() makes native backends only
-    engine = llm.engine
-    out = save_quantized(engine.model, engine.config, dst, quant=quant, group_size=group_size,
-                         source=llm.backend.path, tokenizer=engine.tokenizer,
-                         generation_config=engine.generation_config)
-    return out, llm
