@@ -110,14 +110,27 @@ def test_save_and_load_restore_the_conversation_and_its_cache(llm, tmp_path, mon
     assert fresh.last_prefill == len(ids)  # what a conversation without /load's priming costs
 
 
+def test_saved_options_round_trip(llm, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLMKIT_HOME", str(tmp_path))
+    first, _, _ = drive(llm, ["/set parameter num_predict -1", '/set parameter stop "a b" c',
+                              "/set parameter top_k 5", "/save opts", "/bye"])
+    again, _, err = drive(llm, ["/load opts", "/bye"], max_new_tokens=3)
+    assert "error" not in err, err
+    assert (again.opts.max_new_tokens, again.opts.stop, again.opts.top_k) == (None, ("a b", "c"), 5)
+    assert again.opts == first.opts
+
+
 def test_load_refuses_a_file_that_is_not_a_session(llm, tmp_path, monkeypatch):
     monkeypatch.setenv("SLMKIT_HOME", str(tmp_path))
     (tmp_path / "sessions").mkdir()
     (tmp_path / "sessions" / "junk.json").write_text('{"messages": [{"role": "wizard"}]}')
     (tmp_path / "sessions" / "broken.json").write_text("{not json")
-    _, _, err = drive(llm, ["/load junk", "/load broken", "/bye"])
+    (tmp_path / "sessions" / "badopt.json").write_text('{"messages": [], "options": {"top_k": -3}}')
+    (tmp_path / "sessions" / "alien.json").write_text('{"messages": [], "options": {"scorers": 1}}')
+    r, _, err = drive(llm, ["/load junk", "/load broken", "/load badopt", "/load alien", "/bye"])
     errors = [e for e in err.splitlines() if e.startswith("error: ")]
-    assert len(errors) == 2 and "not a saved session" in errors[0] and "broken.json" in errors[1]
+    assert len(errors) == 4 and "not a saved session" in errors[0] and "broken.json" in errors[1]
+    assert "top_k" in errors[2] and "options must map" in errors[3] and r.opts.top_k is None
 
 
 def test_help_lists_the_commands(llm, capsys, monkeypatch):

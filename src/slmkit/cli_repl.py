@@ -205,9 +205,14 @@ class Repl:
                 for m in messages):
             raise InvalidRequestError(f"{path} is not a saved session (no list of role/content messages)",
                                       param="NAME")
-        opts = self.opts
-        for option, value in (data.get("options") or {}).items():
-            opts, _ = set_parameter(opts, [option, *(value if isinstance(value, list) else [str(value)])])
+        stored = data.get("options") or {}
+        if not isinstance(stored, dict) or not set(stored) <= set(SETTABLE):
+            raise InvalidRequestError(f"{path}: options must map some of {', '.join(SETTABLE)} to values",
+                                      param="NAME")
+        try:
+            opts = self.opts.replace(**stored)  # validated: a hand-edited file says which value is wrong
+        except InvalidRequestError as e:
+            raise InvalidRequestError(f"{path}: {e}", param="NAME") from None
         before = list(self.session.messages)
         self.session.messages[:] = messages
         try:
