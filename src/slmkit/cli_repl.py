@@ -8,7 +8,6 @@ message."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import sys
@@ -27,8 +26,8 @@ HELP = """Commands:
   /set system TEXT            set the system message (the conversation is kept)
   /show info                  the model: architecture, parameters, quantization, context, template
   /show parameters            the options set so far;  /show system  the system message
-  /save NAME                  save the conversation (sessions folder: $SLMKIT_HOME/sessions
-                              or ~/.slmkit/sessions)
+  /save NAME                  save the conversation (in the store's sessions folder:
+                              $SLMKIT_HOME/sessions, default ~/.cache/slmkit/sessions)
   /load NAME                  restore a saved conversation, its KV cache rebuilt
   /clear                      forget the conversation so far (and images not yet sent)
   /image PATH                 attach an image to your next message (vision models; repeatable)
@@ -46,9 +45,11 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def sessions_dir() -> Path:
-    """Where /save writes: $SLMKIT_HOME/sessions, else ~/.slmkit/sessions."""
-    home = os.environ.get("SLMKIT_HOME")
-    return (Path(home).expanduser() if home else Path.home() / ".slmkit") / "sessions"
+    """Where /save writes: the store's sessions folder (slmkit.sources.store.home(): $SLMKIT_HOME,
+    else $XDG_CACHE_HOME/slmkit, else ~/.cache/slmkit)."""
+    from .sources.store import home
+
+    return home() / "sessions"
 
 
 def _value(text: str) -> Any:
