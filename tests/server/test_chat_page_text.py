@@ -61,6 +61,13 @@ def test_send_settings_stop_and_nothing_secret_in_the_url(browser, served, tmp_p
     page.fill("#key", KEY)
     page.dispatch_event("#key", "change")
     page.wait_for_function("document.querySelector('#model').value === 'text'")
+    # the picker: the served model selectable, catalog names listed disabled with the command that serves them
+    page.wait_for_selector("#model optgroup", state="attached")
+    served_opts = page.eval_on_selector_all("#model > option", "os => os.map(o => [o.value, o.disabled])")
+    hints = page.eval_on_selector_all("#model optgroup option", "os => os.map(o => [o.textContent, o.disabled])")
+    assert served_opts == [["text", False]]
+    assert any(t.startswith("phi3.5 ") and "slm serve phi3.5" in t and off for t, off in hints)
+    assert all(off for _, off in hints) and not any(t.startswith("text ") for t, _ in hints)
 
     # settings reach the request; the streamed answer is the server's answer to that request
     page.click("#toggle")

@@ -53,6 +53,17 @@ def router(registry: Registry) -> APIRouter:
     async def metrics() -> Response:
         return Response(metrics_text(registry), media_type="text/plain; version=0.0.4")
 
+    @r.get("/api/catalog")
+    async def catalog() -> Any:
+        """The model catalog's names (slmkit.sources.catalog) and whether this server serves each: the
+        chat page lists the others as `slm serve NAME` hints (it never loads or pulls one itself)."""
+        from ..sources.catalog import entries
+
+        served = set(registry.entries)
+        return {"models": [{"name": e.name, "title": e.title, "parameters": e.params, "context": e.context,
+                            "modalities": list(e.modalities), "served": e.name in served}
+                           for e in entries().values()]}
+
     @r.get("/")
     async def chat_page() -> Response:
         """A small web chat over /v1/chat/completions (streams; the API key, if any, is typed in)."""
