@@ -164,11 +164,11 @@ def _swap_quantized(model: nn.Module, quantized: dict[str, Any], source: object)
         if (qw.n, qw.k) != (lin.out_features, lin.in_features):
             raise WeightError(name, f"has shape {(qw.n, qw.k)}, config implies {(lin.out_features, lin.in_features)}",
                               path=source)
-        if lin.bias is not None:
-            raise WeightError(name, "quantized layers with a bias are not supported", path=source)
-        q = QuantLinear(qw)
+        # a bias (Phi-3.5-MoE's lm_head) stays float: a meta placeholder here, the checkpoint's
+        # tensor assigned with the rest of the float state
+        q = QuantLinear(qw, None if lin.bias is None else torch.empty(qw.n, device="meta"))
         setattr(parent, attr, q)
-        state.update({f"{path}.{k}": v for k, v in q.state_dict().items()})
+        state.update({f"{path}.{k}": v for k, v in q.state_dict().items() if k != "bias"})
     return state
 
 

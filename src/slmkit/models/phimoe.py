@@ -226,11 +226,14 @@ class Model(nn.Module):
 
 # ---------------------------------------------------------------- GGUF (llama.cpp's phimoe names)
 # per-layer names after "blk.N." -> ours after "model.layers.N."; the stacked expert tensors
-# ffn_{gate,up,down}_exps [E, ...] are split per expert by `gguf_split_experts`
+# ffn_{gate,up,down}_exps [E, ...] are split per expert (`gguf_expert_names`)
 GGUF_LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
                     "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
                     "ffn_norm": "post_attention_layernorm", "ffn_gate_inp": "block_sparse_moe.gate"}
 GGUF_EXPERT_NAMES = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}
+
+
+PHI35_MOE_MSCALE = 1.243163121016122  # Phi-3.5-MoE-instruct's config.json short_mscale == long_mscale
 
 
 def gguf_config(f: GGUFFile) -> dict[str, Any]:
@@ -258,22 +261,26 @@ def gguf_config(f: GGUFFile) -> dict[str, Any]:
     cfg["router_jitter_noise"] = gguf_value(m, f"{a}.router_jitter_noise", 0.01, kind=float)
     if "rope_factors_long.weight" in f.tensors:
         cfg["original_max_position_embeddings"] = gguf_value(m, f"{a}.rope.scaling.original_context_length")
+        # llama.cpp's converter writes an attn_factor computed from max_pos/orig (1.1902 for
+        # 131072/4096) and drops the config's short/long mscale: the file cannot carry them, so
+        # Phi-3.5-MoE's own value is used unless the file names its own (keys below)
         cfg["rope_scaling"] = {
             "type": "longrope", "long_factor": f.tensor("rope_factors_long.weight").tolist(),
             "short_factor": f.tensor("rope_factors_short.weight").tolist(),
-            "attention_factor": gguf_value(m, f"{a}.rope.scaling.attn_factor", None, kind=float),
+            "short_mscale": gguf_value(m, f"{a}.rope.scaling.short_mscale", PHI35_MOE_MSCALE, kind=float),
+            "long_mscale": gguf_value(m, f"{a}.rope.scaling.long_mscale", PHI35_MOE_MSCALE, kind=float),
         }
     return cfg
 
 
-def gguf_split_experts(name: str, t: torch.Tensor) -> dict[str, torch.Tensor] | None:
-    """ "blk.N.ffn_{gate,up,down}_exps.weight" [E, out, in] -> one view per expert under our names
-    (views of the mapped tensor: no copy); None for any other name."""
+def gguf_expert_names(name: str, n_experts: int) -> list[str] | None:
+    """Our names of the experts stacked in "blk.N.ffn_{gate,up,down}_exps.weight" ([E, out, in];
+    the loader splits it into per-expert views, no copy); None for any other tensor."""
     parts = name.split(".")
     if len(parts) != 4 or parts[0] != "blk" or parts[2] not in GGUF_EXPERT_NAMES or parts[3] != "weight":
         return None
     w = GGUF_EXPERT_NAMES[parts[2]]
-    return {f"model.layers.{parts[1]}.block_sparse_moe.experts.{e}.{w}.weight": t[e] for e in range(t.shape[0])}
+    return [f"model.layers.{parts[1]}.block_sparse_moe.experts.{e}.{w}.weight" for e in range(n_experts)]
 
 
 def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
