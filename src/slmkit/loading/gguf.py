@@ -121,7 +121,7 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
                 if full is not None:
                     weights[target] = full[e]  # a view: F32/F16 files stay mapped, uncopied
                     continue
-                qw = repack(slabs[e], info.ggml_type, info.shape[1:])
+                qw = repack(slabs[e], info.ggml_type, (info.shape[1], info.shape[2]))
                 if qw is not None:
                     quantized[target] = qw
                 else:

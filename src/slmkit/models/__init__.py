@@ -23,6 +23,17 @@ def keep_float_modules(model: object) -> frozenset[int]:
     return frozenset(id(m) for name, m in named() if name.startswith(prefixes))
 
 
+def keep_mapped_modules(model: object) -> frozenset[int]:
+    """ids of the linears whose name contains one of the model's `keep_mapped` fragments (MoE
+    experts): weight packing does not copy them, so they stay memory-mapped and an expert no token
+    chooses is never read (quantization still swaps them when asked)."""
+    fragments = tuple(getattr(model, "keep_mapped", ()))
+    named = getattr(model, "named_modules", None)
+    if not fragments or named is None:
+        return frozenset()
+    return frozenset(id(m) for name, m in named() if any(f in name for f in fragments))
+
+
 def get_model_module(model_type: object) -> ModuleType:
     """The module (with ModelArgs, Model, sanitize) implementing `model_type`."""
     if not isinstance(model_type, str) or not model_type:

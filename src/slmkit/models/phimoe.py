@@ -189,6 +189,8 @@ class Model(nn.Module):
     """PhimoeForCausalLM. forward(input_ids [B, S], cache) -> logits [B, S or 1, vocab].
     `routing` (a Routing, or None): where each pass records its expert choices."""
 
+    keep_mapped = (".block_sparse_moe.experts.",)  # not copied by weight packing: stay memory-mapped
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
