@@ -154,3 +154,26 @@ def test_loading_does_not_copy_the_experts(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     grown = json.loads(res.stdout.strip().splitlines()[-1])["load_anon"]
     assert grown < 0.25 * expert_bytes, grown
+
+
+def test_slm_run_show_experts_prints_a_table_per_layer(folder, capsys, phi3_folders):
+    from slmkit.cli import main
+
+    rc = main(["run", str(folder), "Hello there", "--max-tokens", "6", "--temperature", "0", "--dtype", "float32",
+               "--show-experts"])
+    out, err = capsys.readouterr()
+    llm = slmkit.load(folder, dtype="float32")
+    ans = llm.chat([{"role": "user", "content": "Hello there"}], max_new_tokens=6, temperature=0, return_routing=True)
+    assert rc == 0 and out == ans.text + "\n"
+    rows = [ln for ln in err.splitlines() if ln.startswith("L0")]
+    assert [r.split()[0] for r in rows] == ["L00", "L01"]
+    for layer, row in enumerate(rows):  # each layer's counts: 2 choices per token, as the routing says
+        counts = {int(c.split("×")[0][1:]): int(c.split("×")[1].split("(")[0]) for c in row.split()[1:]}
+        want: dict[int, int] = {}
+        for r in ans.routing:
+            for e in r.experts[layer]:
+                want[e] = want.get(e, 0) + 1
+        assert counts == want
+    assert main(["run", str(phi3_folders("gqa")), "Hi", "--max-tokens", "2", "--dtype", "float32",
+                 "--show-experts"]) != 0
+    assert "return_routing" in capsys.readouterr().err
