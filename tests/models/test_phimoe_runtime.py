@@ -177,3 +177,36 @@ def test_slm_run_show_experts_prints_a_table_per_layer(folder, capsys, phi3_fold
     assert main(["run", str(phi3_folders("gqa")), "Hi", "--max-tokens", "2", "--dtype", "float32",
                  "--show-experts"]) != 0
     assert "return_routing" in capsys.readouterr().err
+
+
+def test_a_run_reads_only_the_experts_its_tokens_chose(folder):
+    """Experts no token chose in a run are never touched: poisoning their weights with NaN leaves
+    the same run's logits and tokens exactly as they were."""
+    llm = slmkit.load(folder, dtype="float32", pack=False)
+    model = llm.engine.model
+    prompt = [5, 6, 7]
+    before = model.routing.hits.clone()
+    out = llm.generate(prompt, max_new_tokens=3, temperature=0, ignore_eos=True, return_routing=True)
+    used = model.routing.hits - before
+    idle = [(layer, e) for layer in range(used.shape[0]) for e in range(used.shape[1]) if used[layer, e] == 0]
+    assert idle, "every expert was used: the test needs a shorter run"
+    ref = llm.logits(prompt + out.token_ids[:-1])
+    with torch.no_grad():
+        for layer, e in idle:
+            for w in ("w1", "w2", "w3"):
+                getattr(model.model.layers[layer].block_sparse_moe.experts[e], w).weight.fill_(float("nan"))
+    assert torch.equal(llm.logits(prompt + out.token_ids[:-1]), ref)
+    assert llm.generate(prompt, max_new_tokens=3, temperature=0, ignore_eos=True).token_ids == out.token_ids
+
+
+def test_beam_search_sessions_and_structured_output_run_unchanged(folder):
+    llm = slmkit.load(folder, dtype="float32")
+    beams = llm.beam_search(list(range(5, 12)), num_beams=3, max_new_tokens=5)
+    assert len(beams) == 1 and len(beams[0].token_ids) == 5
+    chat = llm.session(max_new_tokens=6, temperature=0)
+    chat.send("One question.")
+    second = chat.send("Another one.")
+    assert second.token_ids == llm.chat(chat.messages[:3], max_new_tokens=6, temperature=0).token_ids
+    assert 0 < chat.last_prefill < chat.cached_tokens - len(second.token_ids)  # the first turn was reused
+    out = llm.generate("Answer:", max_new_tokens=30, regex=r"[0-9]{3}", temperature=0)
+    assert len(out.text) == 3 and out.text.isdigit()
