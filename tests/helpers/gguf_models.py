@@ -94,7 +94,8 @@ def gguf_name(hf: str, table: dict[str, str]) -> str:
     return f"blk.{parts[2]}.{table['.'.join(parts[3:-1])]}.{parts[-1]}"
 
 
-def hf_to_gguf(folder: Path, out: Path, qtype: str = "F32", expert_qtype: str | None = None) -> Path:
+def hf_to_gguf(folder: Path, out: Path, qtype: str = "F32", expert_qtype: str | None = None,
+               router_qtype: str = "F32") -> Path:
     """Convert a tiny phi3 / phimoe / gemma3_text HF folder to GGUF; 2-D weights stored as `qtype`
     (phimoe's stacked experts as `expert_qtype`, default the same; its router stays F32, as
     llama.cpp's converter keeps ffn_gate_inp)."""
@@ -167,8 +168,8 @@ def hf_to_gguf(folder: Path, out: Path, qtype: str = "F32", expert_qtype: str | 
             t = t + 1  # the converter stores 1 + w
         if t.dim() == 2 and qtype == "F16":
             t = t.half()  # halve the memory of big conversions before write_gguf sees them
-        tensors[gguf_name(name, table)] = (t.numpy(), qtype if t.dim() == 2 and "gate_inp" not in
-                                           gguf_name(name, table) else "F32")
+        gname = gguf_name(name, table)
+        tensors[gname] = (t.numpy(), (router_qtype if "gate_inp" in gname else qtype) if t.dim() == 2 else "F32")
     rng = np.random.default_rng(0)
     for (layer, w), per in experts.items():  # [E, out, in], ggml's ne = (in, out, E)
         kind = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}[w]

@@ -4,6 +4,7 @@ checkpoint's mscale, so it gives the reference's logits, not llama.cpp's."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 import slmkit
 from slmkit.models.phimoe import PHI35_MOE_MSCALE
@@ -51,3 +52,13 @@ def test_quantized_mix_runs_experts_in_the_kernel_and_matches_its_dequantized_co
     close = (ours - ref).abs().amax(-1) <= 0.05 * ref.abs().max()  # (activations run in int8)
     assert close.float().mean().item() >= 0.85
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.9
+
+
+def test_a_quantized_router_is_dequantized_not_run_quantized(folder, tmp_path):
+    path = hf_to_gguf(folder, tmp_path / "r.gguf", "F32", router_qtype="Q8_0")
+    llm = slmkit.load(path, dtype="float32")
+    gate = llm.engine.model.model.layers[0].block_sparse_moe.gate
+    assert not isinstance(gate, QuantLinear) and gate.weight.dtype.is_floating_point
+    exact = slmkit.load(dequantized_copy(path, tmp_path / "rd.gguf"), dtype="float32")
+    ids = ids_of(30, llm.engine.vocab_size, seed=8)
+    assert torch.equal(llm.logits(ids), exact.logits(ids))

@@ -108,6 +108,7 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
     run_quantized = dev.type == "cpu" and quant != "none"
     tied = "output.weight" not in f.tensors
     expert_names = getattr(module, "gguf_expert_names", None)
+    float_only = tuple(f".{n}.weight" for n in getattr(module, "GGUF_FLOAT_TENSORS", ()))  # not linears
     for name in f.tensors:
         if name in _SKIP:
             continue
@@ -132,7 +133,8 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
         if target is None:
             raise WeightError(name, f"is not a tensor of a GGUF {arch} model", path=f.path)
         names[target] = name
-        if run_quantized and info.ggml_type not in _FLOAT_TYPES and len(info.shape) == 2:
+        if (run_quantized and info.ggml_type not in _FLOAT_TYPES and len(info.shape) == 2
+                and not name.endswith(float_only)):
             linear = "lm_head.weight" if name == "token_embd.weight" and tied else (
                 None if name == "token_embd.weight" else target)
             if linear is not None:

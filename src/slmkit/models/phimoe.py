@@ -232,6 +232,7 @@ class Model(nn.Module):
 GGUF_LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
                     "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
                     "ffn_norm": "post_attention_layernorm", "ffn_gate_inp": "block_sparse_moe.gate"}
+GGUF_FLOAT_TENSORS = ("ffn_gate_inp",)  # the router: dequantized if a file quantized it, never run quantized
 GGUF_EXPERT_NAMES = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}
 
 
