@@ -24,7 +24,9 @@ from .errors import (
     UnsupportedInputError,
 )
 from .options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
-from .results import GenerationChunk, GenerationResult, Timings, TokenLogprob, Usage
+from .processing import check_images
+from .quantize import quantize
+from .results import GenerationChunk, GenerationResult, Timings, TokenLogprob, Usage, routing_of
 from .sources.resolve import BUILTIN_ALIASES, resolve_model_path
 from .streams import validated_first
 from .text.chat import check_text
@@ -35,16 +37,6 @@ __all__ = ["LLM", "load", "quantize", "GenerationOptions", "GenerationResult", "
 
 
 _DIGITS = re.compile(r"\s*[0-9]+\s*")  # a token id as a string: ASCII digits ("²".isdigit() is true)
-
-
-def check_images(name: str, takes_images: bool | None, *, model_type: str | None = None,
-                 param: str = "messages") -> None:
-    """The one refusal of image parts for a text-only model (takes_images False; None: not known
-    yet, so not refused). Called where images were found: LLM.render, and the server before it
-    fetches any image for a model it has not loaded."""
-    if takes_images is False:
-        kind = f" ({model_type})" if model_type else ""
-        raise UnsupportedInputError(f"model {name!r}{kind} is text-only and cannot take image parts", param=param)
 
 
 class LLM:
@@ -342,7 +334,7 @@ class LLM:
                 if matcher.stopped:
                     reason = "stop"
                 if reason is None:
-                    yield GenerationChunk(text, [step.token_id], logprobs=lp, routing=_routing(step))
+                    yield GenerationChunk(text, [step.token_id], logprobs=lp, routing=routing_of(step))
                     continue
                 if not matcher.stopped:
                     text += matcher.feed(detok.flush()) + matcher.flush()
@@ -355,7 +347,7 @@ class LLM:
         timings = Timings((t_first or t_end) - t0, t_end - (t_first or t_end))
         yield GenerationChunk(text if n else "", [step.token_id] if n else [], reason or "length",
                               Usage(len(ids), n), timings, self._token_logprob(step) if n else None,
-                              routing=_routing(step) if n else None)
+                              routing=routing_of(step) if n else None)
 
     def _token_logprob(self, step: Any) -> list[TokenLogprob] | None:
         if step.logprob is None:
@@ -435,6 +427,21 @@ class LLM:
                 return self.backend.logits(ids, images=images)
         return self.backend.logits(ids)
 
+    def embed(self, texts: Any, *, truncate: bool = False) -> torch.Tensor:
+        """float32 [n, hidden]: each text's final-normed hidden states averaged over its tokens, at unit
+        L2 norm (texts: a string, strings, token ids or token-id lists; one string -> one row). Too
+        long: ContextLengthError, or cut with truncate=True. Exact definition and limits: slmkit.embeddings."""
+        from . import embeddings
+
+        return embeddings.embed(self, texts, truncate=truncate)
+
+    def embedding_rows(self, texts: Any, *, truncate: bool = False, param: str = "texts") -> list[list[int]]:
+        """The checked token-id rows embed() runs (errors name `param`); embed(rows) embeds them."""
+        from . import embeddings
+
+        embeddings.check_capable(self)
+        return embeddings.rows_of(self, texts, truncate=truncate, param=param)
+
     def __repr__(self) -> str:
         return f"LLM({self.name!r}, backend={type(self.backend).__name__}, context={self.context_length})"
 
@@ -494,24 +501,3 @@ def load(model: str | Path = "builtin", *, dtype: str | torch.dtype = "auto", de
         from .sources.builtin import builtin_model_path  # a cached copy damaged after it was verified: rebuild once
 
         return native(builtin_model_path(refresh=True))
-
-
-def quantize(src: str | Path, dst: str | Path, *, quant: str, group_size: int | None = None) -> tuple[Path, LLM]:
-    """Load src with its float linear weights quantized (quant "int8" / "int4") and write them as a
-    safetensors folder dst (quant/store.py's format, loadable by load()). Returns (dst, the LLM)."""
-    from .backends.native import NativeBackend
-    from .quant.store import save_quantized
-
-    llm = load(src, quant=quant, group_size=group_size, pack=False)
-    assert isinstance(llm.backend, NativeBackend)  # load() makes native backends only
-    engine = llm.engine
-    out = save_quantized(engine.model, engine.config, dst, quant=quant, group_size=group_size,
-                         source=llm.backend.path, tokenizer=engine.tokenizer,
-                         generation_config=engine.generation_config)
-    return out, llm
-
-
-def _routing(step: Any) -> list[Any] | None:
-    """A token step's routing as a chunk's list (one per token), or None when not asked for."""
-    r = getattr(step, "routing", None)
-    return None if r is None else [r]

@@ -1,7 +1,7 @@
 """`slm` command line: `slm run MODEL [PROMPT]` streams an answer or opens a chat REPL;
 `slm serve [MODEL ...]` serves OpenAI / Ollama APIs; `slm quantize SRC DST --quant int4` writes a
 quantized model folder; `slm compare MODEL MODEL ... -p PROMPT` runs one prompt on several
-(cli_compare.py)."""
+(cli_compare.py); `slm ps` lists what a running server has loaded (cli_ps.py)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
-from . import cli_compare, cli_vision
+from . import cli_compare, cli_ps, cli_store, cli_vision
 from .errors import SlmkitError
 from .options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 
@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", "-v", action="store_true", help="print load time and tokens/s")
     run.add_argument("--show-experts", action="store_true", help="mixture-of-experts models: after the answer, "
                      "print which experts each layer chose for its tokens (to stderr)")
+    run.add_argument("--yes", "-y", action="store_true", help="pull a catalog model that is not in the store "
+                     "without asking (without a terminal it proceeds anyway, and says so)")
     _add_quant_args(run)
     _add_sampling_args(run)
     cli_vision.add_vision_args(run, _positive)
@@ -97,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dst", help="the folder to write (must not exist, or be empty)")
     _add_quant_args(q, required=True)
     cli_compare.add_parser(sub)
+    cli_ps.add_parser(sub)
+    cli_store.add_parsers(sub, _positive)
     return parser
 
 
@@ -307,8 +311,9 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .api import load
 
     media = cli_vision.media_parts(a)  # image and video files checked before minutes of loading
+    model = cli_store.prepare(a.model, yes=a.yes, quant=a.quant)  # catalog names pulled; the memory plan first
     t0 = time.perf_counter()
-    llm = load(a.model, dtype=a.dtype, device=a.device, quant=a.quant, group_size=a.group_size)
+    llm = load(model, dtype=a.dtype, device=a.device, quant=a.quant, group_size=a.group_size)
     if a.verbose:
         sys.stderr.write(f"[loaded {llm.name} in {time.perf_counter() - t0:.2f} s, {_describe(llm)}]\n")
     raw = a.raw or (llm.prompt_style == "completion" and not a.chat)
@@ -400,6 +405,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     for spec in a.models:
         name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
         name = name or served_name(path)
+        path = cli_store.prepare(path, yes=True, quant=a.quant, ctx=a.slot_context, parallel=max(1, a.slots),
+                                 flags={"ctx": "--slot-context", "parallel": "--slots"})
         if name in models:
             sys.stderr.write(f"error: two models are named {name!r}; name one NAME=PATH\n")
             return 2
@@ -471,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     try:
         return {"run": cmd_run, "quantize": cmd_quantize, "serve": cmd_serve,
-                "compare": cli_compare.cmd_compare}[args.command](args)
+                "compare": cli_compare.cmd_compare, "ps": cli_ps.cmd_ps, **cli_store.COMMANDS}[args.command](args)
     except SlmkitError as e:
         sys.stderr.write(f"error: {e}\n")
         return 1

@@ -41,10 +41,13 @@ class WeightError(SlmkitError):
 class ContextLengthError(SlmkitError):
     """A prompt (plus requested tokens) does not fit the context. `limit` is the bound."""
 
-    def __init__(self, length: int, limit: int, what: str = "context length", *, at_least: bool = False):
+    def __init__(self, length: int, limit: int, what: str = "context length", *, at_least: bool = False,
+                 param: str | None = None):
         self.length = length  # with at_least, a lower bound (the text was too long to tokenize)
         self.limit = limit
-        super().__init__(f"{'at least ' if at_least else ''}{length} tokens exceed the {what} of {limit} tokens")
+        self.param = param  # the request field that is too long, when one is named (e.g. "input[2]")
+        message = f"{'at least ' if at_least else ''}{length} tokens exceed the {what} of {limit} tokens"
+        super().__init__(f"{param}: {message}" if param else message)
 
 
 class InvalidRequestError(SlmkitError, ValueError):
@@ -87,6 +90,24 @@ class MemoryPlanError(SlmkitError):
     def __init__(self, message: str, *, needed: int, available: int):
         self.needed, self.available = needed, available
         super().__init__(message)
+
+
+class UnknownModelError(InvalidRequestError, LookupError):
+    """A catalog name or tag that does not exist. `name` is what was asked for; `suggestions` the
+    closest names (or, for an unknown tag, the tags that exist)."""
+
+    def __init__(self, message: str, *, name: str, suggestions: list[str] | tuple[str, ...] = ()):
+        self.name, self.suggestions = name, list(suggestions)
+        super().__init__(message, param="model")
+
+
+class DownloadError(SlmkitError):
+    """A pull failed: offline, the hub or registry refused, or a file did not match its digest.
+    `source` names what was being fetched."""
+
+    def __init__(self, source: str, message: str):
+        self.source = source
+        super().__init__(f"{source}: {message}")
 
 
 class EngineError(SlmkitError):

@@ -12,6 +12,16 @@ if TYPE_CHECKING:
     from .api import LLM
 
 
+def check_images(name: str, takes_images: bool | None, *, model_type: str | None = None,
+                 param: str = "messages") -> None:
+    """The one refusal of image parts for a text-only model (takes_images False; None: not known
+    yet, so not refused). Called where images were found: LLM.render, and the server before it
+    fetches any image for a model it has not loaded."""
+    if takes_images is False:
+        kind = f" ({model_type})" if model_type else ""
+        raise UnsupportedInputError(f"model {name!r}{kind} is text-only and cannot take image parts", param=param)
+
+
 class Processor:
     """The model's multimodal processor (a vision model's), or plain tokenization for a text-only one."""
 

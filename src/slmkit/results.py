@@ -69,3 +69,9 @@ class GenerationChunk:
     logprobs: list[TokenLogprob] | None = None
     tool_calls: list[Any] | None = None  # on the last chunk of chat(stream=True, tools=...) that called a tool
     routing: list[TokenRouting] | None = None  # with return_routing=True: one per token id of this chunk
+
+
+def routing_of(step: Any) -> list[TokenRouting] | None:
+    """A token step's routing as a chunk's list (one per token), or None when not asked for."""
+    r = getattr(step, "routing", None)
+    return None if r is None else [r]

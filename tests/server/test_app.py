@@ -450,8 +450,13 @@ def test_slm_serve_refuses_a_kv_plan_that_does_not_fit(folder, monkeypatch, caps
     monkeypatch.setattr(memory, "available_bytes", lambda: 512 * 2**20 + 1024)  # 1 KiB over the headroom
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("served a plan that does not fit"))
     assert cli.main(["serve", f"tiny={folder}", "--slots", "8", "--slot-context", "2048"]) == 1
+    err = capsys.readouterr().err  # the memory plan refuses before loading
+    assert err.startswith("error: ") and "2048 tokens x 8 slot(s)" in err and "does not fit" in err
+    # room for the weights and some of the KV: the advice names slm serve's own flags
+    monkeypatch.setattr(memory, "available_bytes", lambda: 512 * 2**20 + 4 * 2**20)
+    assert cli.main(["serve", f"tiny={folder}", "--slots", "8", "--slot-context", "2048"]) == 1
     err = capsys.readouterr().err
-    assert "error: the KV cache for 8 slots x 2048 tokens needs" in err and "lower --slots" in err
+    assert "use --slot-context" in err and "use --slots" in err and "--parallel" not in err
 
 
 @pytest.mark.parametrize("flag,value", [("--max-loaded", "0"), ("--slots", "0"), ("--max-queue", "-1"),

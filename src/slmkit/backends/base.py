@@ -30,6 +30,7 @@ class Capabilities:
     token_ids: bool = True  # works on token ids (stream_tokens); False: on text (stream_chat), like a cloud API
     completion: bool = True  # plain-text completion (generate("text")); text-level backends: stream_completion
     tools: bool = False  # tools / tool_choice handled by the backend itself (text-level backends)
+    embeddings: bool = False  # embed(rows): mean-pooled, L2-normalised final hidden states
     # the GenerationOptions (field names) it honours; None: every one. LLM refuses the others when
     # they are set (UnsupportedByBackendError): an option is never silently dropped
     options: frozenset[str] | None = None
@@ -187,6 +188,12 @@ class Backend(Protocol):
 
     def logits(self, ids: Sequence[int], images: Any = None) -> Any:
         """float32 logits [len(ids), vocab] (capabilities.logits); images as for stream_tokens."""
+        ...
+
+    def embed(self, rows: Sequence[Sequence[int]]) -> Any:
+        """capabilities.embeddings: float32 [len(rows), hidden] of validated, non-empty token-id rows
+        that fit the context: each row's final-normed hidden states, averaged over its tokens and
+        scaled to unit L2 norm (slmkit.engine.embedding)."""
         ...
 
     def beam_search(self, prompt_ids: Sequence[int], options: GenerationOptions) -> list[SearchResult]:

@@ -45,7 +45,7 @@ class NativeSession(Session):
 
 class NativeBackend:
     capabilities = Capabilities(logits=True, batching=True, prompt_cache=True, sessions=True, beam_search=True,
-                                structured_output=True, logprobs=True)
+                                structured_output=True, logprobs=True, embeddings=True)
 
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -287,3 +287,6 @@ class NativeBackend:
     def logits(self, ids: Sequence[int], images: Any = None) -> Any:
         ids, entries = self._attach(ids, images)
         return self.engine.logits(ids, entries)
+
+    def embed(self, rows: Sequence[Sequence[int]]) -> Any:
+        return self.engine.embed(rows)

@@ -30,6 +30,7 @@ class TransformersBackend(RuntimeBackend):
         super().__init__(*args, **kw)
         self.model = model
         self._past: Any = None
+        self.capabilities = dataclasses.replace(self.capabilities, embeddings=True)
         if vision:  # chats go through process(), which refuses images by name (not "a text-only model")
             self.capabilities = dataclasses.replace(self.capabilities, images=True)
 
@@ -60,6 +61,24 @@ class TransformersBackend(RuntimeBackend):
     @torch.inference_mode()
     def full_logits(self, ids: Sequence[int]) -> torch.Tensor:
         return self.model(torch.tensor([list(ids)])).logits[0].float()
+
+    @torch.inference_mode()
+    def embed(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        """The native engine's pooling (engine/embedding.py) over transformers' final-normed hidden
+        states: the base model's last_hidden_state, right-padded rows under its causal mask."""
+        from ..engine.embedding import embed_rows
+
+        base = self.model.base_model  # Phi3Model / Gemma3TextModel: ends with the final norm
+        config = self.model.config
+        scaling = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+        longrope = isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) in ("longrope", "su")
+        split = getattr(config, "original_max_position_embeddings", None) if longrope else None
+        device = next(self.model.parameters()).device
+
+        def hidden(ids: torch.Tensor) -> torch.Tensor:
+            return base(input_ids=ids, use_cache=False).last_hidden_state.float()
+
+        return embed_rows(rows, hidden, split_at=split, device=device)
 
 
 def open(provider: str, target: str, *, dtype: str = "auto", device: str = "cpu",  # noqa: A001 -- registry contract

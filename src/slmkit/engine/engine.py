@@ -159,3 +159,18 @@ class Engine:
         if t.shape[1] > self.context_length:
             raise ContextLengthError(t.shape[1], self.context_length)
         return self._run(t, None, False, images).float()[0]
+
+    @torch.inference_mode()
+    def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
+        """Full forward without cache of ids [B, S] (every row from position 0): the final-normed
+        hidden states (what lm_head reads), float32 [B, S, hidden]."""
+        if ids.shape[1] > self.context_length:
+            raise ContextLengthError(ids.shape[1], self.context_length)
+        return self.model(ids, None, hidden=True).float()
+
+    def embed(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Mean-pooled, L2-normalised final hidden states of validated token-id rows: float32
+        [len(rows), hidden] (engine/embedding.py: batched, equal to one row at a time)."""
+        from .embedding import embed_rows
+
+        return embed_rows(rows, self.hidden_states, split_at=self.rope_crossover, device=self.device)

@@ -129,7 +129,7 @@ def qmatmul_kernel(lib: ctypes.CDLL, x: torch.Tensor, qw: QuantWeight, out_dtype
     rc = lib.slm_qgemm(x.data_ptr(), int(x.dtype == torch.bfloat16), m, qw.k, qw.k, qw.qweight.data_ptr(),
                        qw.scales.data_ptr(), ptr(qw.mins), qw.scale_kind, ptr(qw.super_scales), ptr(qw.super_mins),
                        qw.per_super, qw.bits, qw.tiles, qw.kp, qw.group, qw.zero, qw.n, out.data_ptr(),
-                       int(out.dtype == torch.bfloat16), qw.n, torch.get_num_threads())
+                       int(out.dtype == torch.bfloat16), qw.n, threads_for(m * qw.n * qw.k))
     if rc:
         raise RuntimeError(f"slm_qgemm failed with code {rc}")
     return out if out.dtype == out_dtype else out.to(out_dtype)
@@ -160,6 +160,17 @@ def unpack_float_weight(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return packed.transpose(1, 2).reshape(tiles * 16, -1)[:n, :k].contiguous()
 
 
+SMALL_WORK = 1 << 18  # multiply-adds below which a second thread costs more than it saves
+
+
+def threads_for(work: int) -> int:
+    """Threads for a kernel call of `work` multiply-adds: one for small ones (a fork/join of OpenMP
+    threads costs microseconds, and far more on a busy machine, where a tiny model's decode step
+    took 3 ms per linear); torch's count otherwise. Results never depend on it (each output is
+    computed by one thread in a fixed order)."""
+    return 1 if work < SMALL_WORK else torch.get_num_threads()
+
+
 def fmatmul_kernel(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
                    n: int | None = None) -> torch.Tensor:
     """x [M, K] @ W.T (+ bias) -> [M, N] in W's dtype (x is cast to it). w is W [N, K] itself (last
@@ -174,7 +185,7 @@ def fmatmul_kernel(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, bias: tor
     if m == 0:
         return out
     b = None if bias is None else bias.to(dt).contiguous().data_ptr()
-    threads = torch.get_num_threads()
+    threads = threads_for(m * k * cols)
     if packed:
         rc = lib.slm_fgemm_packed(x.data_ptr(), m, k, k, w.data_ptr(), FLOAT_DTYPES[dt], w.shape[0], cols, b,
                                   out.data_ptr(), cols, threads)
@@ -219,7 +230,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, qpos:
                       v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), L,
                       None if qpos is None else qpos.data_ptr(), 0 if qpos is None else qpos.stride(0),
                       0 if qpos is None else qpos.stride(1), window or 0, scale, out.data_ptr(),
-                      torch.get_num_threads())
+                      threads_for(B * S * H * L * D))
     if rc == -1:  # a query position outside 0..L-1 (the kernel checks them all): SDPA's masking instead
         return None
     if rc:

@@ -53,27 +53,39 @@ def release_pages(t: torch.Tensor, maps: FileMappings) -> None:
         ctypes.CDLL(None).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED)
 
 
-def available_bytes() -> int | None:
-    """Memory this process can still take: MemAvailable, capped by a cgroup (container) limit;
-    None where neither can be read."""
+def _cgroup_room(root: str) -> int | None:
+    """Bytes left under this process's cgroup limit: v2 memory.max - memory.current, or v1
+    memory.limit_in_bytes - memory.usage_in_bytes; None when unlimited or unreadable."""
+    for limit_file, used_file in (("memory.max", "memory.current"),
+                                  ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            with open(f"{root}/{limit_file}") as f:
+                limit = f.read().strip()
+            with open(f"{root}/{used_file}") as f:
+                used = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # v1 writes "unlimited" as ~2**63
+            return None
+        return max(0, int(limit) - used)
+    return None
+
+
+def available_bytes(cgroup_root: str = "/sys/fs/cgroup", meminfo: str = "/proc/meminfo") -> int | None:
+    """Memory this process can still take: MemAvailable, capped by a cgroup (container) limit,
+    v2 or v1; None where neither can be read."""
     found: list[int] = []
     try:
-        with open("/proc/meminfo") as f:
+        with open(meminfo) as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     found.append(int(line.split()[1]) * 1024)
                     break
     except (OSError, ValueError):
         pass
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        with open("/sys/fs/cgroup/memory.current") as f:
-            used = int(f.read().strip())
-        if limit != "max":
-            found.append(max(0, int(limit) - used))
-    except (OSError, ValueError):
-        pass
+    room = _cgroup_room(cgroup_root)
+    if room is not None:
+        found.append(room)
     if not found:
         try:
             import psutil

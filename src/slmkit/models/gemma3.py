@@ -186,8 +186,9 @@ class Model(nn.Module):
     def rope(self) -> Rope:
         return self.args.rope_global
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False
-                ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False,
+                hidden: bool = False) -> torch.Tensor:
+        """hidden: return the final-normed hidden states [B, S, hidden] (what lm_head reads) instead of logits."""
         S = input_ids.shape[1]
         h = self.model.embed_tokens(input_ids)
         h = h * torch.tensor(self.args.hidden_size**0.5, dtype=h.dtype)  # rounded to the dtype, as HF does
@@ -202,7 +203,10 @@ class Model(nn.Module):
             cache.tag = "default"
         if last_only:
             h = h[:, -1:]
-        logits = self.lm_head(self.model.norm(h))
+        h = self.model.norm(h)
+        if hidden:
+            return h
+        logits = self.lm_head(h)
         cap = self.args.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

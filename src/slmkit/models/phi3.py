@@ -164,8 +164,9 @@ class Model(nn.Module):
         return self.model.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """inputs_embeds [B, S, hidden]: the embeddings to run instead of input_ids' (images merged in)."""
+                inputs_embeds: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
+        """inputs_embeds [B, S, hidden]: the embeddings to run instead of input_ids' (images merged in).
+        hidden: return the final-normed hidden states [B, S, hidden] (what lm_head reads) instead of logits."""
         S = input_ids.shape[1]
         h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         step = Step.of(cache, S, input_ids.device)
@@ -182,7 +183,8 @@ class Model(nn.Module):
             cache.tag = regime
         if last_only:
             h = h[:, -1:]
-        return self.lm_head(self.model.norm(h))
+        h = self.model.norm(h)
+        return h if hidden else self.lm_head(h)
 
 
 # ---------------------------------------------------------------- GGUF (llama.cpp's names and keys)

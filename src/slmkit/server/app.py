@@ -4,7 +4,8 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 The house, by role: requests.py parses every body (the one place), routes_openai.py /
-routes_ollama.py / routes_service.py hold the routes, common.py the API-key check and running work
+routes_ollama.py / routes_embed.py (embeddings, both APIs; wire format in embed_api.py) /
+routes_service.py hold the routes, common.py the API-key check and running work
 on a model's Scheduler (scheduler.py; models in registry.py), errors.py the one mapping from an
 exception to a response (OpenAI-shaped {"error": {message, type, param, code}} on every route,
 retry-after on 503, an error event mid-stream). Bodies are bounded (body.py: size 413, arrival
@@ -20,7 +21,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from .. import __version__
-from . import errors, images, routes_ollama, routes_openai, routes_service
+from . import errors, images, routes_embed, routes_ollama, routes_openai, routes_service
 from .body import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY, BodyLimit
 from .common import Runner, install_auth
 from .registry import Registry
@@ -63,5 +64,6 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_queue:
     parser, runner = Parser(registry, fetch_policy), Runner(registry)
     app.include_router(routes_openai.router(parser, runner))
     app.include_router(routes_ollama.router(parser, runner))
+    app.include_router(routes_embed.router(parser, runner))
     app.include_router(routes_service.router(registry))
     return app

@@ -5,6 +5,7 @@ order the fields are read, so a body with several faults always gets the same an
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +139,11 @@ class Parser:
         p.options = openai_api.options(body)
         self._openai_stream(body, p)
         return p
+
+    async def embeddings(self, request: Request, parse: Callable[[dict], Any]) -> tuple[Parsed, Any]:
+        """An embeddings body: the model and keep_alive, and parse(body) (server/embed_api.py) for the rest."""
+        body, p = await self._start(request)
+        return p, parse(body)
 
     async def ollama_chat(self, request: Request) -> Parsed:
         body, p = await self._start(request)

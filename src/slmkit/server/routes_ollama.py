@@ -82,7 +82,7 @@ def router(parser: Parser, runner: Runner) -> APIRouter:
             expires = "9999-12-31T23:59:59Z" if e.expires_at is None or e.active else ollama_api.iso(e.expires_at)
             size = e.info.get("weight_bytes", 0) + e.info.get("kv_bytes", 0)
             out.append({**entry_json(e), "size": size, "size_vram": 0, "expires_at": expires,
-                        "context_length": e.info.get("slot_context", 0)})
+                        "context_length": e.info.get("slot_context", 0), "slots": e.slots})
         return {"models": out}
 
     @r.post("/api/show", openapi_extra=schemas.body(schemas.OLLAMA_SHOW))

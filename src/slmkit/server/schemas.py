@@ -106,6 +106,22 @@ OLLAMA_GENERATE = {"type": "object", "required": ["model"], "properties": {
 
 OLLAMA_SHOW = {"type": "object", "properties": {"model": _STR, "name": _STR}}
 
+_TEXTS = {"type": "array", "items": _STR}
+EMBEDDINGS = {"type": "object", "required": ["input"], "properties": {
+    "model": _STR, "keep_alive": _KEEP_ALIVE,
+    "input": {"anyOf": [_STR, {"type": "array", "minItems": 1, "maxItems": 2048, "items": _STR}, _TOKEN_IDS,
+                        {"type": "array", "minItems": 1, "maxItems": 2048, "items": _TOKEN_IDS}],
+              "description": "a string, a list of strings, a list of token ids, or a list of token-id lists"},
+    "encoding_format": {"enum": ["float", "base64"]},
+    "dimensions": {"type": "integer", "minimum": 1, "description": "refused unless the model's own size"},
+    "user": _STR}}
+OLLAMA_EMBED = {"type": "object", "required": ["model"], "properties": {
+    "model": _STR, "keep_alive": _KEEP_ALIVE, "input": {"anyOf": [_STR, _TEXTS]},
+    "truncate": {**_BOOL, "description": "cut inputs longer than the context (default true)"},
+    "dimensions": {"type": "integer", "minimum": 1}, "options": _OBJ}}
+OLLAMA_EMBEDDINGS = {"type": "object", "required": ["model"], "properties": {
+    "model": _STR, "keep_alive": _KEEP_ALIVE, "prompt": _STR, "options": _OBJ}}
+
 
 def body(schema: dict) -> dict:
     """openapi_extra for a route whose JSON body follows `schema`."""

