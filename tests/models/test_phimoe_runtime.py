@@ -210,3 +210,21 @@ def test_beam_search_sessions_and_structured_output_run_unchanged(folder):
     assert 0 < chat.last_prefill < chat.cached_tokens - len(second.token_ids)  # the first turn was reused
     out = llm.generate("Answer:", max_new_tokens=30, regex=r"[0-9]{3}", temperature=0)
     assert len(out.text) == 3 and out.text.isdigit()
+
+
+def test_memory_plan_counts_mapped_experts_as_paged_unless_quantized(folder):
+    from slmkit.sources.memplan import make_plan, shape_from_folder
+
+    shape, precision = shape_from_folder(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert shape.n_experts == 6 and shape.experts_per_token == 2
+    assert shape.expert_params == 2 * 6 * 3 * cfg["hidden_size"] * cfg["intermediate_size"]
+    stored = make_plan(shape, precision, probe=False, available=None)
+    expert_bytes = shape.expert_params * 4  # float32 files
+    assert stored.paged_bytes == pytest.approx(expert_bytes * 4 / 6, rel=0.02)  # 4 of 6 per layer (+ file headers)
+    assert stored.total_bytes == stored.weights_bytes - stored.paged_bytes + stored.kv_bytes
+    assert "memory-mapped" in stored.message()
+    tight = stored.total_bytes + 512 * 2**20 + 1  # fits only because the cold experts are paged
+    assert make_plan(shape, precision, probe=False, available=tight).fits
+    quantized = make_plan(shape, precision, quant="int4", probe=False, available=None)
+    assert quantized.paged_bytes == 0 and "all resident" in quantized.message()
