@@ -90,17 +90,19 @@ def test_transformers_524_ignores_long_factor(moe_folder, monkeypatch):
 
 
 def test_greedy_64_tokens_across_the_crossover(moe_folder, monkeypatch):
-    """20-token prompt, 64 greedy tokens: crosses original_max (32) at the 33rd token. The reference
-    recomputes the whole sequence each step (its own cache would keep short-factor keys)."""
+    """20-token prompt, 64 greedy tokens: crosses original_max (32) at the 33rd token. The step-by-step
+    reference (a full forward per step) in two passes: causal attention makes position n-1 of one
+    pass over the first 32 tokens (short regime) what a pass over n <= 32 tokens gives there, and of
+    one pass over all of them (long regime) what a pass over n > 32 tokens gives."""
     llm = slmkit.load(moe_folder, dtype="float32")
     ref = hf_model(moe_folder, monkeypatch=monkeypatch)
-    seq = ids_of(20, llm.engine.vocab_size, seed=2)
-    prompt = list(seq)
-    for _ in range(64):
-        seq.append(int(ref_logits(ref, seq)[-1].argmax()))
-    out = llm.generate(prompt, max_new_tokens=64, temperature=0, ignore_eos=True)
-    assert len(set(seq[20:])) > 4, "degenerate reference output makes this test weak"
-    assert out.token_ids == seq[20:]
+    prompt = ids_of(20, llm.engine.vocab_size, seed=2)
+    out = llm.generate(prompt, max_new_tokens=64, temperature=0, ignore_eos=True).token_ids
+    seq = prompt + out
+    short, long = ref_logits(ref, seq[:ORIG]), ref_logits(ref, seq[:-1])
+    theirs = [int((short if n <= ORIG else long)[n - 1].argmax()) for n in range(20, len(seq))]
+    assert len(set(out)) > 4, "degenerate output makes this test weak"
+    assert out == theirs
 
 
 def test_cached_decode_equals_full_recompute(moe_folder):
