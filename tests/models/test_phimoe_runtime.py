@@ -53,11 +53,33 @@ def test_return_routing_is_refused_where_there_is_no_routing(phi3_folders, folde
     with pytest.raises(InvalidRequestError) as e:
         dense.generate([5, 6, 7], max_new_tokens=2, return_routing=True)
     assert e.value.param == "return_routing"
+
+
+def test_return_routing_under_continuous_batching_equals_solo_runs(folder):
+    """Concurrent requests in one batch: each gets its own row's routing, as when run alone."""
+    import threading
+
     llm = slmkit.load(folder, dtype="float32")
-    llm.enable_batching(slots=2, context=64)
-    with pytest.raises(InvalidRequestError) as e:
-        llm.generate([5, 6, 7], max_new_tokens=2, return_routing=True)
-    assert e.value.param == "return_routing"
+    reqs = [list(range(5 + i, 9 + 3 * i)) for i in range(4)]
+    kw = dict(max_new_tokens=5, temperature=0, ignore_eos=True, return_routing=True)
+    solo = [llm.generate(p, **kw) for p in reqs]
+    llm.enable_batching(slots=3, context=64)
+    got: list = [None] * 4
+
+    def run(i: int) -> None:
+        got[i] = llm.generate(reqs[i], **kw)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert llm.backend.batch.steps < sum(len(s.token_ids) for s in solo)  # steps were shared
+    for g, s in zip(got, solo):
+        assert g.token_ids == s.token_ids
+        assert [r.experts for r in g.routing] == [r.experts for r in s.routing]
+        for a, b in zip(g.routing, s.routing):
+            assert all(gw == pytest.approx(sw) for gw, sw in zip(a.weights, b.weights))
 
 
 def test_expert_hits_count_every_token_of_every_layer(folder):

@@ -177,22 +177,21 @@ class NativeBackend:
         params = self.params(options)
         ids, entries = self._attach(prompt_ids, images)
         want = options.wants_logprobs
-        if options.return_routing:
-            if self.batch is not None and session is None:
-                raise InvalidRequestError("is not available with continuous batching (each step mixes requests); "
-                                          "run this request without enable_batching", param="return_routing")
+        if options.return_routing and (self.batch is None or session is not None):
             yield from self._with_routing(self.stream_tokens(prompt_ids, options.replace(return_routing=False),
                                                              session, images))
             return
         if self.batch is not None and session is None:
-            steps = self.batch.submit(ids, params, want, entries)
+            steps = self.batch.submit(ids, params, want, entries, want_routing=options.return_routing)
         elif self.prompt_cache and session is None:
             steps = self._cached(ids, params, want, entries)
         else:
             steps = self._generate(ids, params, session, want, entries)
-        for token, reason, lp in steps:  # lp: (token, logprob, top alternatives) or None
+        for token, reason, lp, *routing in steps:  # lp: (token, logprob, top alternatives) or None
             self.tokens_generated += 1
             step = TokenStep(token, reason)
+            if routing:  # the batch engine's (layer -> (ids, weights)) for this request's row
+                step.routing = _token_routing(routing[0])
             if lp is not None:
                 step.logprob, step.top_logprobs = lp[1], (lp[2] if options.top_logprobs else None)
             yield step
@@ -200,8 +199,6 @@ class NativeBackend:
     def _with_routing(self, steps: Iterator[TokenStep]) -> Iterator[TokenStep]:
         """steps with .routing: the experts the last position of the pass that produced each step's
         logits chose, per layer (the model records its passes while this runs)."""
-        from ..results import TokenRouting
-
         trace: Any = getattr(self.engine.model, "routing")  # noqa: B009 (a Routing, not a Module attribute)
         trace.keep_passes = True
         try:
@@ -211,9 +208,8 @@ class NativeBackend:
                 if step is None:
                     return
                 if trace.passes:
-                    last = trace.passes[-1]
-                    step.routing = TokenRouting([last[i][0][0, -1].tolist() for i in sorted(last)],
-                                                [last[i][1][0, -1].tolist() for i in sorted(last)])
+                    step.routing = _token_routing({i: (ids[0, -1], w[0, -1]) for i, (ids, w) in
+                                                   trace.passes[-1].items()})
                 yield step
         finally:
             trace.keep_passes = False
@@ -290,3 +286,11 @@ class NativeBackend:
 
     def embed(self, rows: Sequence[Sequence[int]]) -> Any:
         return self.engine.embed(rows)
+
+
+def _token_routing(per_layer: dict) -> Any:
+    """{layer: (expert ids [k], weights [k])} -> a results.TokenRouting."""
+    from ..results import TokenRouting
+
+    layers = sorted(per_layer)
+    return TokenRouting([per_layer[i][0].tolist() for i in layers], [per_layer[i][1].tolist() for i in layers])
