@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     run.add_argument("--device", default="cpu")
     run.add_argument("--verbose", "-v", action="store_true", help="print load time and tokens/s")
+    run.add_argument("--show-experts", action="store_true", help="mixture-of-experts models: after the answer, "
+                     "print which experts each layer chose for its tokens (to stderr)")
     run.add_argument("--yes", "-y", action="store_true", help="pull a catalog model that is not in the store "
                      "without asking (without a terminal it proceeds anyway, and says so)")
     _add_quant_args(run)
@@ -178,14 +180,36 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _stream_out(chunks: Iterator[Any], out: TextIO) -> Any:
-    """Print chunks as they come; return the last one (finish reason, usage, timings)."""
+def _stream_out(chunks: Iterator[Any], out: TextIO, routing: list | None = None) -> Any:
+    """Print chunks as they come; return the last one (finish reason, usage, timings). routing:
+    where the chunks' expert routing is collected (return_routing)."""
     last = None
     for chunk in chunks:
         out.write(chunk.text)
         out.flush()
+        if routing is not None and chunk.routing:
+            routing.extend(chunk.routing)
         last = chunk
     return last
+
+
+def experts_table(routing: list[Any]) -> str:
+    """A compact per-layer usage table of TokenRouting entries: each layer's experts by how many of
+    the tokens chose them (first or second), most used first, with their mean weight."""
+    if not routing:
+        return "[no routing recorded]"
+    n_layers = len(routing[0].experts)
+    lines = [f"[experts chosen for {len(routing)} tokens; per layer: expert×tokens (mean weight)]"]
+    for layer in range(n_layers):
+        count: dict[int, int] = {}
+        weight: dict[int, float] = {}
+        for r in routing:
+            for e, w in zip(r.experts[layer], r.weights[layer]):
+                count[e] = count.get(e, 0) + 1
+                weight[e] = weight.get(e, 0.0) + w
+        ranked = sorted(count, key=lambda e: (-count[e], e))
+        lines.append(f"L{layer:02d} " + " ".join(f"e{e}×{count[e]}({weight[e] / count[e]:.2f})" for e in ranked))
+    return "\n".join(lines)
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -202,6 +226,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         cli_vision.check_takes_images(llm, raw, "--image" if a.image else "--video")
     crops = cli_vision.num_crops(a)
     opts = generation_options(a, raw)
+    if a.show_experts:
+        opts = opts.replace(return_routing=True)  # a model without routing refuses it, naming the option
     prompt = a.prompt
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
@@ -218,8 +244,11 @@ def cmd_run(a: argparse.Namespace) -> int:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
             {"role": "user", "content": cli_vision.user_content(prompt, media)}]
         chunks = llm.chat(messages, stream=True, options=opts, **cli_vision.chat_kwargs(crops))
-    last = _stream_out(chunks, sys.stdout)
+    routing: list | None = [] if a.show_experts else None
+    last = _stream_out(chunks, sys.stdout, routing)
     sys.stdout.write("\n")
+    if routing is not None:
+        sys.stderr.write(experts_table(routing) + "\n")
     if a.verbose:
         _report(last, sys.stderr)
     return 0
