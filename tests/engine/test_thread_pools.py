@@ -51,7 +51,10 @@ llm = slmkit.load(sys.argv[1])
 after_load = settled(base)
 llm.enable_batching(2, 64)
 after_batching = settled(base)
-print(json.dumps({"base": base, "after_load": after_load, "after_batching": after_batching}), flush=True)
+llm.embed(["an embedding beside the batch engine"])
+after_embed = settled(base)
+print(json.dumps({"base": base, "after_load": after_load, "after_batching": after_batching,
+                  "after_embed": after_embed}), flush=True)
 """
 
 linux_only = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
@@ -71,10 +74,11 @@ def test_the_count_sees_a_pool():
 
 
 @linux_only
-def test_load_and_enable_batching_leave_no_pool_on_the_callers_thread(phi3_folders):
+def test_load_batching_and_embeddings_leave_no_pool_on_the_callers_thread(phi3_folders):
     r = run(LOAD, str(phi3_folders("gqa")))
     assert r["after_load"] == r["base"]
     assert r["after_batching"] == r["base"]
+    assert r["after_embed"] == r["base"]  # beside batching, one-off work runs on a thread of its own
 
 
 def test_on_own_thread_returns_raises_and_runs_elsewhere():

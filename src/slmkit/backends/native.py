@@ -262,7 +262,13 @@ class NativeBackend:
 
     def logits(self, ids: Sequence[int], images: Any = None) -> Any:
         ids, entries = self._attach(ids, images)
-        return self.engine.logits(ids, entries)
+        return self._aside(self.engine.logits, ids, entries)
 
     def embed(self, rows: Sequence[Sequence[int]]) -> Any:
-        return self.engine.embed(rows)
+        return self._aside(self.engine.embed, rows)
+
+    def _aside(self, fn: Any, *args: Any) -> Any:
+        """fn(*args) beside continuous batching: on a thread of its own (streams.on_own_thread), so
+        that the calling thread (a server's worker, which lives on) keeps no OpenMP pool beside the
+        engine thread's; without batching, here."""
+        return fn(*args) if self.batch is None else on_own_thread(fn, *args)
