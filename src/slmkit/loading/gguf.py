@@ -17,6 +17,7 @@ from ..errors import ConfigError, UnsupportedModelError, WeightError
 from ..gguf import GGUFFile, open_gguf
 from ..models import GGUF_ARCHITECTURES, get_model_module
 from ..text.gguf_tokenizer import tokenizer_from_gguf_metadata
+from . import gguf_cache
 from .hf import LoadedModel, build_model, check_chat_template, check_config_sizes, parse_device, resolve_dtype
 from .memory import FileMappings, release_pages
 
@@ -83,7 +84,6 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
     (Q4_0/Q4_1/Q4_K -> int4, Q5_x/Q6_K/Q8_0 -> int8, losslessly; other types are dequantized and
     re-quantized once), "none" dequantizes everything into `dtype`, "int8" / "int4" also
     quantize the file's float linear weights."""
-    from ..quant.gguf_repack import repack
     from ..quant.linear import apply_quant, quantize_model
 
     f = open_gguf(path)
@@ -98,39 +98,18 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
     args = module.ModelArgs.from_dict(cfg, path=f.path)
     dev = parse_device(device)
     dt = resolve_dtype(dtype, dev)
-    weights: dict[str, torch.Tensor] = {}
-    quantized: dict[str, Any] = {}
-    requant: dict[str, str] = {}  # linear weight -> the scheme its (non-repackable) blocks go to
-    names: dict[str, str] = {}  # HF name -> the file's name, for error messages
-    maps = FileMappings()
     run_quantized = dev.type == "cpu" and quant != "none"
-    tied = "output.weight" not in f.tensors
-    for name in f.tensors:
-        if name in _SKIP:
-            continue
-        target = hf_name(arch, name)
-        if target is None:
-            raise WeightError(name, f"is not a tensor of a GGUF {arch} model", path=f.path)
-        names[target] = name
-        info = f.tensors[name]
-        if run_quantized and info.ggml_type not in _FLOAT_TYPES and len(info.shape) == 2:
-            linear = "lm_head.weight" if name == "token_embd.weight" and tied else (
-                None if name == "token_embd.weight" else target)
-            if linear is not None:
-                qw = repack(f.raw(name), info.ggml_type, info.shape)
-                names.setdefault(linear, name)
-                if qw is not None:
-                    quantized[linear] = qw
-                else:
-                    requant[linear] = "int4" if info.ggml_type in _LOW_BIT_TYPES else "int8"
-                if linear == target and qw is not None:
-                    release_pages(f.raw(name), maps)  # repacked: the mapped file pages can go
-                    continue
-                # the embedding itself (also the tied output's source) is dequantized below
-        weights[target] = t = f.tensor(name, dtype=dt)
-        raw = f.raw(name)
-        if t.data_ptr() != raw.data_ptr():  # a converted copy: the mapped file pages can go
-            release_pages(raw, maps)
+    mode = f"{dt}:{'quantized' if run_quantized else 'float'}"
+    fp = gguf_cache.fingerprint(f.path, f.data_offset) if gguf_cache.cache_path(f.path, mode) else None
+    work = gguf_cache.read(f.path, mode, fp) if fp else None
+    if work is None:
+        work = _load_work(f, arch, dt, run_quantized)
+        work.tokenizer = gguf_cache.tokenizer_state(tokenizer_from_gguf_metadata(f.metadata))
+        if fp:
+            gguf_cache.write(f.path, mode, fp, work)
+    weights, quantized, requant, names = dict(work.weights), work.quantized, work.requant, work.names
+    for target, name in work.views:  # the file's own bytes, mapped (never cached)
+        weights[target] = f.tensor(name, dtype=dt)
     try:
         model = build_model(module, args, weights, dt, dev, f.path, quantized=quantized)
     except WeightError as e:  # name the tensor as the file does
@@ -144,7 +123,8 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
 
             quantize_model(model, scheme, None, skip=skip)
     apply_quant(model, quant, group_size)
-    tokenizer = tokenizer_from_gguf_metadata(f.metadata)
+    assert work.tokenizer is not None
+    tokenizer = gguf_cache.tokenizer_from_state(work.tokenizer)
     check_chat_template(tokenizer, "tokenizer.chat_template", f.path)
     if tokenizer.vocab_size > args.vocab_size:
         raise ConfigError("tokenizer.ggml.tokens", f"lists {tokenizer.vocab_size} tokens but the embedding has "
@@ -152,3 +132,43 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
     gen_cfg = {"eos_token_id": cfg["eos_token_id"]} if cfg["eos_token_id"] else {}
     name = str(f.metadata.get("general.name") or Path(path).stem)
     return LoadedModel(model, args, tokenizer, dt, dev, name, gen_cfg, gguf=f, config=cfg)
+
+
+def _load_work(f: GGUFFile, arch: str, dt: torch.dtype, run_quantized: bool) -> gguf_cache.LoadWork:
+    """The file's tensors for the model: quantized linears repacked (or marked for re-quantizing),
+    others converted to dt (copies kept in weights, views of the mapped file listed in views)."""
+    from ..quant.gguf_repack import repack
+
+    work = gguf_cache.LoadWork()
+    maps = FileMappings()
+    tied = "output.weight" not in f.tensors
+    for name in f.tensors:
+        if name in _SKIP:
+            continue
+        target = hf_name(arch, name)
+        if target is None:
+            raise WeightError(name, f"is not a tensor of a GGUF {arch} model", path=f.path)
+        work.names[target] = name
+        info = f.tensors[name]
+        if run_quantized and info.ggml_type not in _FLOAT_TYPES and len(info.shape) == 2:
+            linear = "lm_head.weight" if name == "token_embd.weight" and tied else (
+                None if name == "token_embd.weight" else target)
+            if linear is not None:
+                qw = repack(f.raw(name), info.ggml_type, info.shape)
+                work.names.setdefault(linear, name)
+                if qw is not None:
+                    work.quantized[linear] = qw
+                else:
+                    work.requant[linear] = "int4" if info.ggml_type in _LOW_BIT_TYPES else "int8"
+                if linear == target and qw is not None:
+                    release_pages(f.raw(name), maps)  # repacked: the mapped file pages can go
+                    continue
+                # the embedding itself (also the tied output's source) is dequantized below
+        t = f.tensor(name, dtype=dt)
+        raw = f.raw(name)
+        if t.data_ptr() != raw.data_ptr():  # a converted copy: the mapped file pages can go
+            work.weights[target] = t
+            release_pages(raw, maps)
+        else:
+            work.views.append((target, name))
+    return work
