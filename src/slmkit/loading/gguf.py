@@ -151,19 +151,17 @@ def _load_work(f: GGUFFile, arch: str, dt: torch.dtype, run_quantized: bool) -> 
         work.names[target] = name
         info = f.tensors[name]
         if run_quantized and info.ggml_type not in _FLOAT_TYPES and len(info.shape) == 2:
-            linear = "lm_head.weight" if name == "token_embd.weight" and tied else (
-                None if name == "token_embd.weight" else target)
-            if linear is not None:
-                qw = repack(f.raw(name), info.ggml_type, info.shape)
-                work.names.setdefault(linear, name)
-                if qw is not None:
-                    work.quantized[linear] = qw
-                else:
-                    work.requant[linear] = "int4" if info.ggml_type in _LOW_BIT_TYPES else "int8"
-                if linear == target and qw is not None:
-                    release_pages(f.raw(name), maps)  # repacked: the mapped file pages can go
-                    continue
-                # the embedding itself (also the tied output's source) is dequantized below
+            # the embedding stays quantized too (a QuantEmbedding; tied: the output head's very buffers)
+            linear = "lm_head.weight" if name == "token_embd.weight" and tied else target
+            qw = repack(f.raw(name), info.ggml_type, info.shape)
+            work.names.setdefault(linear, name)
+            if qw is not None:
+                work.quantized[linear] = work.quantized[target] = qw
+                release_pages(f.raw(name), maps)  # repacked: the mapped file pages can go
+                continue
+            if linear != target or name != "token_embd.weight":
+                work.requant[linear] = "int4" if info.ggml_type in _LOW_BIT_TYPES else "int8"
+            # not repackable: the embedding (also the tied output's source) is dequantized below
         t = f.tensor(name, dtype=dt)
         raw = f.raw(name)
         if t.data_ptr() != raw.data_ptr():  # a converted copy: the mapped file pages can go
