@@ -53,6 +53,9 @@ def test_gguf_model_keeps_its_embedding_quantized(kind, qtype_name, phi3_folders
     if kind == "gemma3":  # tied: the head's very buffers, no float table anywhere
         assert isinstance(model.lm_head, QuantLinear) and emb.qweight.data_ptr() == model.lm_head.qweight.data_ptr()
     assert not any(p.numel() >= emb.num_embeddings for p in model.parameters())
+    d, full = llm.describe(), slmkit.load(path, dtype="float32", quant="none").describe()
+    assert d.parameters == full.parameters  # the quantized table counted once, as n x k
+    assert d.weight_bytes < full.weight_bytes
     # the same run with the embedding given as the dequantized float table
     ids = torch.randint(3, emb.num_embeddings, (20,), generator=torch.Generator().manual_seed(2)).tolist()
     got = llm.logits(ids)
