@@ -128,12 +128,15 @@ class NativeBackend:
         for name, m in engine.model.named_modules():
             if tied and name == "lm_head":
                 continue
-            if hasattr(m, "qweight"):  # quantized linears hold their weights as buffers: count n x k
-                params += m.in_features * m.out_features
+            if hasattr(m, "qweight"):  # quantized linears / embeddings hold their weights as buffers: n x k
+                params += m.weight_q.n * m.weight_q.k
             quantized += isinstance(m, QuantLinear)
             params += sum(p.numel() for p in m.parameters(recurse=False))
+        counted = set()  # a tied quantized embedding shares the head's buffers
         for t in list(engine.model.parameters()) + list(engine.model.buffers()):
-            weight_bytes += t.numel() * t.element_size()
+            if (t.data_ptr(), t.numel()) not in counted:
+                counted.add((t.data_ptr(), t.numel()))
+                weight_bytes += t.numel() * t.element_size()
         quantization = ""
         if quantized:
             from ..kernels import qgemm

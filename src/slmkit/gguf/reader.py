@@ -62,6 +62,9 @@ _SCALARS: dict[int, tuple[str, str]] = {
 }
 
 
+_U64 = struct.Struct("<Q")
+
+
 class GGUFError(ModelFileError):
     """A GGUF file is malformed. ``field`` names the header field, metadata key or tensor at fault."""
 
@@ -133,6 +136,29 @@ class _Parser:
         except UnicodeDecodeError as e:
             raise self.fail(field, f"{what} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
+    def strings(self, key: str, count: int) -> list[str]:
+        """count strings in a tight loop (a 262k-token vocabulary is most of a GGUF header); the first
+        one cut off or not UTF-8 is read again by string(), which raises its named error."""
+        buf, size, pos = self.buf, self.size, self.pos
+        unpack = _U64.unpack_from
+        out: list[str] = []
+        append = out.append
+        for _ in range(count):
+            if pos + 8 > size:
+                break
+            (n,) = unpack(buf, pos)
+            end = pos + 8 + n
+            if end > size:
+                break
+            try:
+                append(str(buf[pos + 8:end], "utf-8"))
+            except UnicodeDecodeError:
+                break
+            pos = end
+        self.pos = pos
+        out.extend(self.string(key, f"string [{i}]") for i in range(len(out), count))
+        return out
+
     def value(self, vtype: int, key: str) -> Any:
         if vtype == _T_STRING:
             return self.string(key, "string value")
@@ -161,7 +187,7 @@ class _Parser:
                     f"array length {count} (strings) cannot fit in the {self.remaining()} bytes"
                     " that remain in the file",
                 )
-            return [self.string(key, f"string [{i}]") for i in range(count)]
+            return self.strings(key, count)
         spec = _SCALARS.get(itype)
         if spec is None:
             raise self.fail(key, f"unknown array item type {itype}")

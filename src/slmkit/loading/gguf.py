@@ -18,6 +18,7 @@ from ..gguf import GGUFFile, open_gguf
 from ..gguf.quants import dequantize
 from ..models import GGUF_ARCHITECTURES, get_model_module
 from ..text.gguf_tokenizer import tokenizer_from_gguf_metadata
+from . import gguf_cache
 from .hf import LoadedModel, build_model, check_chat_template, check_config_sizes, parse_device, resolve_dtype
 from .memory import FileMappings, release_pages
 
@@ -85,7 +86,6 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
     (Q4_0/Q4_1/Q4_K -> int4, Q5_x/Q6_K/Q8_0 -> int8, losslessly; other types are dequantized and
     re-quantized once), "none" dequantizes everything into `dtype`, "int8" / "int4" also
     quantize the file's float linear weights."""
-    from ..quant.gguf_repack import repack
     from ..quant.linear import apply_quant, quantize_model
 
     f = open_gguf(path)
@@ -100,58 +100,20 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
     args = module.ModelArgs.from_dict(cfg, path=f.path)
     dev = parse_device(device)
     dt = resolve_dtype(dtype, dev)
-    weights: dict[str, torch.Tensor] = {}
-    quantized: dict[str, Any] = {}
-    requant: dict[str, str] = {}  # linear weight -> the scheme its (non-repackable) blocks go to
-    names: dict[str, str] = {}  # HF name -> the file's name, for error messages
-    maps = FileMappings()
     run_quantized = dev.type == "cpu" and quant != "none"
-    tied = "output.weight" not in f.tensors
-    expert_names = getattr(module, "gguf_expert_names", None)
-    float_only = tuple(f".{n}.weight" for n in getattr(module, "GGUF_FLOAT_TENSORS", ()))  # not linears
-    for name in f.tensors:
-        if name in _SKIP:
-            continue
-        info = f.tensors[name]
-        experts = expert_names(name, info.shape[0]) if expert_names is not None and len(info.shape) == 3 else None
-        if experts is not None:  # stacked [E, out, in] experts (MoE): one 2-D weight per expert
-            slabs = f.raw(name).view(len(experts), -1)  # each expert's blocks are contiguous
-            full = None if run_quantized and info.ggml_type not in _FLOAT_TYPES else f.tensor(name, dtype=dt)
-            for e, target in enumerate(experts):
-                names[target] = name
-                if full is not None:
-                    weights[target] = full[e]  # a view: F32/F16 files stay mapped, uncopied
-                    continue
-                qw = repack(slabs[e], info.ggml_type, (info.shape[1], info.shape[2]))
-                if qw is not None:
-                    quantized[target] = qw
-                else:
-                    requant[target] = "int4" if info.ggml_type in _LOW_BIT_TYPES else "int8"
-                    weights[target] = dequantize(slabs[e], info.ggml_type, info.shape[1:], dt)
-            continue
-        target = hf_name(arch, name)
-        if target is None:
-            raise WeightError(name, f"is not a tensor of a GGUF {arch} model", path=f.path)
-        names[target] = name
-        if (run_quantized and info.ggml_type not in _FLOAT_TYPES and len(info.shape) == 2
-                and not name.endswith(float_only)):
-            linear = "lm_head.weight" if name == "token_embd.weight" and tied else (
-                None if name == "token_embd.weight" else target)
-            if linear is not None:
-                qw = repack(f.raw(name), info.ggml_type, info.shape)
-                names.setdefault(linear, name)
-                if qw is not None:
-                    quantized[linear] = qw
-                else:
-                    requant[linear] = "int4" if info.ggml_type in _LOW_BIT_TYPES else "int8"
-                if linear == target and qw is not None:
-                    release_pages(f.raw(name), maps)  # repacked: the mapped file pages can go
-                    continue
-                # the embedding itself (also the tied output's source) is dequantized below
-        weights[target] = t = f.tensor(name, dtype=dt)
-        raw = f.raw(name)
-        if t.data_ptr() != raw.data_ptr():  # a converted copy: the mapped file pages can go
-            release_pages(raw, maps)
+    mode = f"{dt}:{'quantized' if run_quantized else 'float'}"
+    fp = gguf_cache.fingerprint(f.path, f.data_offset) if gguf_cache.cache_path(f.path, mode) else None
+    work = gguf_cache.read(f.path, mode, fp) if fp else None
+    if work is None:
+        work = _load_work(f, arch, module, dt, run_quantized)
+        work.tokenizer = gguf_cache.tokenizer_state(tokenizer_from_gguf_metadata(f.metadata))
+        if fp:
+            gguf_cache.write(f.path, mode, fp, work)
+    weights, quantized, requant, names = dict(work.weights), work.quantized, work.requant, work.names
+    for target, view in work.views:  # the file's own bytes, mapped (never cached); "name#e": expert e of a stack
+        name, _, expert = view.partition("#")
+        t = f.tensor(name, dtype=dt)
+        weights[target] = t[int(expert)] if expert else t
     try:
         model = build_model(module, args, weights, dt, dev, f.path, quantized=quantized)
     except WeightError as e:  # name the tensor as the file does
@@ -165,7 +127,8 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
 
             quantize_model(model, scheme, None, skip=skip)
     apply_quant(model, quant, group_size)
-    tokenizer = tokenizer_from_gguf_metadata(f.metadata)
+    assert work.tokenizer is not None
+    tokenizer = gguf_cache.tokenizer_from_state(work.tokenizer)
     check_chat_template(tokenizer, "tokenizer.chat_template", f.path)
     if tokenizer.vocab_size > args.vocab_size:
         raise ConfigError("tokenizer.ggml.tokens", f"lists {tokenizer.vocab_size} tokens but the embedding has "
@@ -173,3 +136,76 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
     gen_cfg = {"eos_token_id": cfg["eos_token_id"]} if cfg["eos_token_id"] else {}
     name = str(f.metadata.get("general.name") or Path(path).stem)
     return LoadedModel(model, args, tokenizer, dt, dev, name, gen_cfg, gguf=f, config=cfg)
+
+
+def _load_work(f: GGUFFile, arch: str, module: Any, dt: torch.dtype, run_quantized: bool) -> gguf_cache.LoadWork:
+    """The file's tensors for the model: quantized linears repacked (or marked for re-quantizing),
+    others converted to dt (copies kept in weights, views of the mapped file listed in views).
+    Stacked [E, out, in] experts (MoE: the module's gguf_expert_names) become one 2-D weight per
+    expert; the module's GGUF_FLOAT_TENSORS are never taken as linears."""
+    from ..quant.gguf_repack import repack
+
+    work = gguf_cache.LoadWork()
+    maps = FileMappings()
+    tied = "output.weight" not in f.tensors
+    expert_names = getattr(module, "gguf_expert_names", None)
+    float_only = tuple(f".{n}.weight" for n in getattr(module, "GGUF_FLOAT_TENSORS", ()))
+    for name in f.tensors:
+        if name in _SKIP:
+            continue
+        info = f.tensors[name]
+        experts = expert_names(name, info.shape[0]) if expert_names is not None and len(info.shape) == 3 else None
+        if experts is not None:
+            _load_experts(f, name, experts, work, dt, run_quantized, repack)
+            continue
+        target = hf_name(arch, name)
+        if target is None:
+            raise WeightError(name, f"is not a tensor of a GGUF {arch} model", path=f.path)
+        work.names[target] = name
+        if (run_quantized and info.ggml_type not in _FLOAT_TYPES and len(info.shape) == 2
+                and not name.endswith(float_only)):
+            # the embedding stays quantized too (a QuantEmbedding; tied: the output head's very buffers)
+            linear = "lm_head.weight" if name == "token_embd.weight" and tied else target
+            qw = repack(f.raw(name), info.ggml_type, info.shape)
+            work.names.setdefault(linear, name)
+            if qw is not None:
+                work.quantized[linear] = work.quantized[target] = qw
+                release_pages(f.raw(name), maps)  # repacked: the mapped file pages can go
+                continue
+            if linear != target or name != "token_embd.weight":
+                work.requant[linear] = "int4" if info.ggml_type in _LOW_BIT_TYPES else "int8"
+            # not repackable: the embedding (also the tied output's source) is dequantized below
+        t = f.tensor(name, dtype=dt)
+        raw = f.raw(name)
+        if t.data_ptr() != raw.data_ptr():  # a converted copy: the mapped file pages can go
+            work.weights[target] = t
+            release_pages(raw, maps)
+        else:
+            work.views.append((target, name))
+    return work
+
+
+def _load_experts(f: GGUFFile, name: str, experts: list[str], work: gguf_cache.LoadWork, dt: torch.dtype,
+                  run_quantized: bool, repack: Any) -> None:
+    """One stacked expert tensor: float files as views per expert (mapped, uncopied), quantized
+    ones repacked per expert (each expert's blocks are contiguous) or marked for re-quantizing."""
+    info = f.tensors[name]
+    if not run_quantized or info.ggml_type in _FLOAT_TYPES:
+        full = f.tensor(name, dtype=dt)
+        mapped = full.data_ptr() == f.raw(name).data_ptr()
+        for e, target in enumerate(experts):
+            work.names[target] = name
+            if mapped:  # the file's own bytes: a view per expert, listed (never cached)
+                work.views.append((target, f"{name}#{e}"))
+            else:  # converted: the copy's slices (one storage, cached once)
+                work.weights[target] = full[e]
+        return
+    slabs = f.raw(name).view(len(experts), -1)
+    for e, target in enumerate(experts):
+        work.names[target] = name
+        qw = repack(slabs[e], info.ggml_type, (info.shape[1], info.shape[2]))
+        if qw is not None:
+            work.quantized[target] = qw
+        else:
+            work.requant[target] = "int4" if info.ggml_type in _LOW_BIT_TYPES else "int8"
+            work.weights[target] = dequantize(slabs[e], info.ggml_type, info.shape[1:], dt)

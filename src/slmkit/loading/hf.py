@@ -117,7 +117,7 @@ def build_model(module: Any, args: Any, weights: dict[str, torch.Tensor], dtype:
     weights = module.sanitize(weights, args)
     with torch.device("meta"):
         model = module.Model(args)
-    quant_state = _swap_quantized(model, quantized or {}, source) if quantized else {}
+    quant_state = _swap_quantized(model, quantized or {}, source, dtype) if quantized else {}
     for name in quantized or {}:
         weights.pop(name, None)  # a tied float copy (the embedding's) may have been added by sanitize
     expected = {k: v for k, v in model.state_dict().items() if k not in quant_state}
@@ -146,9 +146,11 @@ def build_model(module: Any, args: Any, weights: dict[str, torch.Tensor], dtype:
     return model.eval().requires_grad_(False)
 
 
-def _swap_quantized(model: nn.Module, quantized: dict[str, Any], source: object) -> dict[str, torch.Tensor]:
-    """Replace the (meta) nn.Linear of every quantized weight name; returns the new modules' state."""
-    from ..quant.linear import QuantLinear
+def _swap_quantized(model: nn.Module, quantized: dict[str, Any], source: object,
+                    dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Replace the (meta) nn.Linear of every quantized weight name (an nn.Embedding: a QuantEmbedding
+    giving dtype rows); returns the new modules' state."""
+    from ..quant.linear import QuantEmbedding, QuantLinear
 
     state: dict[str, torch.Tensor] = {}
     for name, qw in quantized.items():
@@ -159,6 +161,11 @@ def _swap_quantized(model: nn.Module, quantized: dict[str, Any], source: object)
         except AttributeError:
             parent = None
         lin = getattr(parent, attr, None) if parent is not None else None
+        if isinstance(lin, nn.Embedding) and (qw.n, qw.k) == (lin.num_embeddings, lin.embedding_dim):
+            emb = QuantEmbedding(qw, dtype)
+            setattr(parent, attr, emb)
+            state.update({f"{path}.{k}": v for k, v in emb.state_dict().items()})
+            continue
         if not isinstance(lin, nn.Linear):
             raise WeightError(name, "is quantized but is not a linear layer's weight of this model", path=source)
         if (qw.n, qw.k) != (lin.out_features, lin.in_features):

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import InvalidRequestError
 from ..kernels.qgemm import get_kernel, qmatmul_kernel
-from .format import GROUPS, QuantWeight, dequantize_weight, qmatmul_reference, quantize
+from .format import GROUPS, TILE, QuantWeight, dequantize_weight, qmatmul_reference, quantize
 
 SCHEMES = {"int8": 8, "int4": 4}
 DEFAULT_GROUP = {"int8": 32, "int4": 32}
@@ -83,6 +83,48 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}, "
                 f"group={self.group}, {kind}, scales={str(self.scales.dtype).removeprefix('torch.')}"
                 + ("" if self.super_scales is None else " x float32 per 256"))
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table kept in its quantized form (a GGUF file's token_embd, often the very
+    buffers of the tied output head's QuantLinear): a lookup dequantizes only the 16-row tiles of
+    the ids asked for, exactly as dequantize_weight does, so it equals nn.Embedding over
+    dequantize_weight(qw).to(dtype) bit for bit without ever holding the float table."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+    super_scales: torch.Tensor | None
+    super_mins: torch.Tensor | None
+
+    def __init__(self, qw: QuantWeight, dtype: torch.dtype):
+        super().__init__()
+        self.bits, self.group, self.zero, self.dtype = qw.bits, qw.group, qw.zero, dtype
+        self.num_embeddings, self.embedding_dim = qw.n, qw.k
+        for name in ("qweight", "scales", "mins", "super_scales", "super_mins"):
+            self.register_buffer(name, getattr(qw, name))
+
+    @property
+    def weight_q(self) -> QuantWeight:
+        return QuantWeight(self.bits, self.num_embeddings, self.embedding_dim, self.group, self.zero,
+                           self.qweight, self.scales, self.mins, self.super_scales, self.super_mins)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).long()
+        if flat.numel() and not (0 <= int(flat.min()) and int(flat.max()) < self.num_embeddings):
+            raise IndexError(f"token id out of range [0, {self.num_embeddings})")
+        tiles, inv = torch.unique(torch.div(flat, TILE, rounding_mode="floor"), return_inverse=True)
+        qw = self.weight_q
+        parts = {name: None if t is None else t.index_select(0, tiles)
+                 for name, t in (("qweight", qw.qweight), ("scales", qw.scales), ("mins", qw.mins),
+                                 ("super_scales", qw.super_scales), ("super_mins", qw.super_mins))}
+        sub = QuantWeight(qw.bits, tiles.numel() * TILE, qw.k, qw.group, qw.zero, parts["qweight"],  # type: ignore[arg-type]
+                          parts["scales"], parts["mins"], parts["super_scales"], parts["super_mins"])  # type: ignore[arg-type]
+        rows = dequantize_weight(sub, torch.float32)[inv * TILE + flat % TILE]
+        return rows.to(self.dtype).view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int{self.bits} (quantized table), {self.dtype}"
 
 
 def check_scheme(quant: str, group_size: int | None) -> tuple[int, int]:

@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import ModelFileError, WeightError
 from ..loading.files import parse_json
 from .format import TILE, QuantWeight, padded
-from .linear import QuantLinear
+from .linear import QuantEmbedding, QuantLinear
 
 FORMAT = 1
 META_KEY = "slmkit.quant"
@@ -41,10 +41,14 @@ def _layout(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict[s
     meta: dict[str, dict[str, int]] = {}
     seen: dict[int, str] = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, QuantLinear):
+        if isinstance(mod, (QuantLinear, QuantEmbedding)):  # a GGUF's embedding stays quantized too
             q = mod.weight_q
             meta[name] = {"bits": q.bits, "group": q.group, "zero": q.zero, "n": q.n, "k": q.k}
-            tensors.update(q.tensors(name))
+            for key, t in q.tensors(name).items():  # safetensors stores no shared tensors: a tied copy
+                tensors[key] = t.clone() if t.data_ptr() in seen else t
+                seen.setdefault(t.data_ptr(), key)
+            if isinstance(mod, QuantEmbedding):
+                continue
             if mod.bias is not None:
                 tensors[f"{name}.bias"] = mod.bias
             continue
