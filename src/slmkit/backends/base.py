@@ -74,6 +74,8 @@ class TokenStep:
     finish_reason: str | None = None  # "stop" or "length" on the last step
     logprob: float | None = None  # the model's log-probability of token_id (when asked for)
     top_logprobs: list[tuple[int, float]] | None = None  # the most likely ids and their log-probabilities
+    drafted: int = 0  # speculative decoding so far in this request: tokens drafted
+    accepted: int = 0  # ... and accepted
 
 
 @dataclass

@@ -10,7 +10,8 @@ import torch
 
 from ..engine.engine import Engine
 from ..engine.generator import Generator, GeneratorParams
-from ..errors import InvalidRequestError, UnsupportedInputError
+from ..engine.speculative import check_draft_model
+from ..errors import InvalidRequestError, UnsupportedByBackendError, UnsupportedInputError
 from ..loading.files import is_regular_file
 from ..loading.hf import load_hf_folder
 from ..options import GenerationOptions
@@ -172,15 +173,21 @@ class NativeBackend:
         params = self.params(options)
         ids, entries = self._attach(prompt_ids, images)
         want = options.wants_logprobs
+        if options.draft is not None:
+            check_draft_model(self.engine, options.draft)
         if self.batch is not None and session is None:
+            if options.speculative in ("ngram", "draft"):  # "auto" decodes plainly there
+                raise UnsupportedByBackendError("speculative", "native continuous-batching",
+                                                "rows of a batch step decode one token each; speculative='auto' "
+                                                "or 'none' runs there")
             steps = self.batch.submit(ids, params, want, entries)
         elif self.prompt_cache and session is None:
             steps = self._cached(ids, params, want, entries)
         else:
             steps = self._generate(ids, params, session, want, entries)
-        for token, reason, lp in steps:  # lp: (token, logprob, top alternatives) or None
+        for token, reason, lp, *spec in steps:  # lp: (token, logprob, top alternatives) or None
             self.tokens_generated += 1
-            step = TokenStep(token, reason)
+            step = TokenStep(token, reason, drafted=spec[0] if spec else 0, accepted=spec[1] if spec else 0)
             if lp is not None:
                 step.logprob, step.top_logprobs = lp[1], (lp[2] if options.top_logprobs else None)
             yield step
@@ -231,7 +238,8 @@ class NativeBackend:
             session.generator, session.prefilled = gen, len(ids) - common
         while not gen.is_done():
             gen.generate_next_token()
-            yield gen.get_next_tokens()[0], gen.finish_reasons[0], gen.last_logprobs[0] if want_logprobs else None
+            yield (gen.get_next_tokens()[0], gen.finish_reasons[0], gen.last_logprobs[0] if want_logprobs else None,
+                   gen.drafted_tokens, gen.accepted_tokens)
 
     def beam_search(self, prompt_ids: Sequence[int], options: GenerationOptions) -> list[SearchResult]:
         """Beam search (engine/beam.py, transformers' semantics) with the options' logits
