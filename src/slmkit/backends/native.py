@@ -185,9 +185,11 @@ class NativeBackend:
             steps = self._cached(ids, params, want, entries)
         else:
             steps = self._generate(ids, params, session, want, entries)
-        for token, reason, lp, *spec in steps:  # lp: (token, logprob, top alternatives) or None
+        for item in steps:  # (token, reason, lp[, drafted, accepted]); lp: (token, logprob, top alternatives) or None
+            token, reason, lp = item[:3]
             self.tokens_generated += 1
-            step = TokenStep(token, reason, drafted=spec[0] if spec else 0, accepted=spec[1] if spec else 0)
+            drafted, accepted = item[3:5] if len(item) > 3 else (0, 0)  # the Generator's totals (not in a batch)
+            step = TokenStep(token, reason, drafted=drafted, accepted=accepted)
             if lp is not None:
                 step.logprob, step.top_logprobs = lp[1], (lp[2] if options.top_logprobs else None)
             yield step

@@ -146,6 +146,7 @@ class Speculator:
             d.generate_next_token()
             drafts.append(d.get_next_tokens()[0])
             if not greedy:
+                assert d.last_processed is not None  # set by every plain step
                 probs.append(d.last_processed[0].softmax(dim=-1))
         return drafts, (None if greedy else probs)
 
