@@ -72,6 +72,15 @@ def test_greedy_identity_across_the_longrope_crossover(phi3_folders):
             assert spec.token_ids == plain.token_ids, kw
 
 
+def test_greedy_identity_past_a_sliding_window(phi3_folders):
+    llm = slmkit.load(phi3_folders("mha_sliding"), dtype="float32")  # window 8: verification passes straddle it
+    for p in prompts(2, length=24, seed=5):
+        kw = dict(max_new_tokens=20, temperature=0, ignore_eos=True)
+        plain = llm.generate(p, speculative="none", **kw).token_ids
+        assert llm.generate(p, speculative="ngram", num_draft=6, **kw).token_ids == plain
+        assert llm.generate(p, speculative="draft", draft=llm, **kw).token_ids == plain
+
+
 def test_stops_limits_and_logprobs_match_plain(models):
     llm, twin = models["target"], models["twin"]
     p = prompts(2)[1]
