@@ -346,8 +346,8 @@ class LLM:
         t_end = time.perf_counter()
         timings = Timings((t_first or t_end) - t0, t_end - (t_first or t_end))
         yield GenerationChunk(text if n else "", [step.token_id] if n else [], reason or "length",
-                              Usage(len(ids), n), timings, self._token_logprob(step) if n else None,
-                              routing=routing_of(step) if n else None)
+                              Usage.of(len(ids), n, step if n else None), timings,
+                              self._token_logprob(step) if n else None, routing=routing_of(step) if n else None)
 
     def _token_logprob(self, step: Any) -> list[TokenLogprob] | None:
         if step.logprob is None:

@@ -27,14 +27,22 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--speculative", choices=["auto", "none", "ngram", "draft"], default=None,
+                   help="speculative decoding: ngram = prompt lookup, draft = with --draft MODEL (default auto: "
+                        "prompt lookup for long prompts, the draft model when one is given)")
+    p.add_argument("--draft", default=None, metavar="MODEL", help="a smaller model with the same tokenizer that "
+                   "drafts tokens for the main one to verify")
+    p.add_argument("--num-draft", type=int, default=None, help="tokens drafted per step (default 4)")
 
 
-def generation_options(a: argparse.Namespace, raw: bool) -> GenerationOptions:
-    """The sampling flags as GenerationOptions (raw: plain completion, with its shorter default)."""
+def generation_options(a: argparse.Namespace, raw: bool, draft: Any = None) -> GenerationOptions:
+    """The sampling flags as GenerationOptions (raw: plain completion, with its shorter default;
+    draft: the loaded --draft model)."""
     default = BASE_MODEL_MAX_NEW_TOKENS if raw else DEFAULT_MAX_NEW_TOKENS
     return GenerationOptions.from_kwargs(max_new_tokens=a.max_tokens if a.max_tokens is not None else default,
                                          temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
-                                         stop=a.stop)
+                                         stop=a.stop, speculative=getattr(a, "speculative", None), draft=draft,
+                                         num_draft=getattr(a, "num_draft", None))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,7 +233,11 @@ def cmd_run(a: argparse.Namespace) -> int:
     if media:
         cli_vision.check_takes_images(llm, raw, "--image" if a.image else "--video")
     crops = cli_vision.num_crops(a)
-    opts = generation_options(a, raw)
+    draft = None
+    if a.draft is not None:  # the draft model loads as the main one does
+        draft = load(cli_store.prepare(a.draft, yes=a.yes, quant=a.quant), dtype=a.dtype, device=a.device,
+                     quant=a.quant, group_size=a.group_size)
+    opts = generation_options(a, raw, draft)
     if a.show_experts:
         opts = opts.replace(return_routing=True)  # a model without routing refuses it, naming the option
     prompt = a.prompt

@@ -260,7 +260,8 @@ def report(last: Any, err: TextIO) -> None:
     u, t = last.usage, last.timings
     err.write(f"\n[prompt {u.prompt_tokens} tok, {t.prefill_tokens_per_s(u.prompt_tokens):.1f} tok/s | "
               f"output {u.completion_tokens} tok, {t.decode_tokens_per_s(u.completion_tokens):.2f} tok/s | "
-              f"finish: {last.finish_reason}]\n")
+              f"finish: {last.finish_reason}"
+              + (f" | drafted {u.drafted_tokens}, accepted {u.accepted_tokens}" if u.drafted_tokens else "") + "]\n")
 
 
 def _read_message(read: Callable[[str], str]) -> str | None:

@@ -21,6 +21,8 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 # A temperature below this is greedy decoding (vLLM's rule, its _SAMPLING_EPS): dividing logits by
 # 1e-45 overflows float32 to inf and the softmax to NaN, and the limit of sampling is argmax anyway.
 GREEDY_BELOW = 1e-5
+SPECULATIVE_MODES = ("auto", "none", "ngram", "draft")
+MAX_NUM_DRAFT = 16  # drafted tokens verified per forward pass
 
 
 @dataclass
@@ -64,6 +66,12 @@ class GenerationOptions:
     num_return_sequences: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    # speculative decoding (engine/speculative.py): "auto" drafts by prompt lookup when the prompt is
+    # long (and with a draft model when one is given), "ngram" always by prompt lookup, "draft" with
+    # the draft model (an LLM with the same tokenizer), "none" never; num_draft tokens per pass
+    speculative: str = "auto"
+    draft: Any = None
+    num_draft: int = 4
 
     def __post_init__(self) -> None:
         self.validate()
@@ -144,6 +152,19 @@ class GenerationOptions:
                                       f"{shown(self.scorers)}", param="scorers")
         check_int(self.n, "n", lo=1, hi=MAX_CHOICES)
         self._validate_search()
+        self._validate_speculative()
+
+    def _validate_speculative(self) -> None:
+        if self.speculative not in SPECULATIVE_MODES:
+            raise InvalidRequestError(f"must be one of {', '.join(SPECULATIVE_MODES)}, got {shown(self.speculative)}",
+                                      param="speculative")
+        check_int(self.num_draft, "num_draft", lo=1, hi=MAX_NUM_DRAFT)
+        if self.speculative == "draft" and self.draft is None:
+            raise InvalidRequestError("speculative='draft' needs draft=<a loaded LLM with the same tokenizer>",
+                                      param="draft")
+        if self.draft is not None and self.speculative in ("none", "ngram"):
+            raise InvalidRequestError(f"a draft model is given but speculative is {self.speculative!r}",
+                                      param="draft")
 
     def _validate_search(self) -> None:
         check_search(self.num_beams, self.num_return_sequences, self.length_penalty, self.early_stopping)

@@ -9,6 +9,14 @@ from typing import Any
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    drafted_tokens: int = 0  # speculative decoding: tokens proposed (prompt lookup or the draft model)
+    accepted_tokens: int = 0  # ... and how many of them the model kept
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int, last_step: Any = None) -> Usage:
+        """A token-level answer's usage, with the speculative counts its last step carries (TokenStep)."""
+        return cls(prompt_tokens, completion_tokens, getattr(last_step, "drafted", 0),
+                   getattr(last_step, "accepted", 0))
 
     @property
     def total_tokens(self) -> int:

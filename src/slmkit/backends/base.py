@@ -79,6 +79,8 @@ class TokenStep:
     logprob: float | None = None  # the model's log-probability of token_id (when asked for)
     top_logprobs: list[tuple[int, float]] | None = None  # the most likely ids and their log-probabilities
     routing: Any = None  # slmkit.results.TokenRouting of the pass that chose this token (return_routing)
+    drafted: int = 0  # speculative decoding so far in this request: tokens drafted
+    accepted: int = 0  # ... and accepted
 
 
 @dataclass

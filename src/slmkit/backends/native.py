@@ -10,7 +10,8 @@ import torch
 
 from ..engine.engine import Engine
 from ..engine.generator import Generator, GeneratorParams
-from ..errors import InvalidRequestError, UnsupportedInputError
+from ..engine.speculative import check_draft_model
+from ..errors import InvalidRequestError, UnsupportedByBackendError, UnsupportedInputError
 from ..loading.files import is_regular_file
 from ..loading.hf import load_hf_folder
 from ..loading.memory import ram_by_precision
@@ -190,21 +191,32 @@ class NativeBackend:
         params = self.params(options)
         ids, entries = self._attach(prompt_ids, images)
         want = options.wants_logprobs
+        if options.draft is not None:
+            check_draft_model(self.engine, options.draft)
         if options.return_routing and (self.batch is None or session is not None):
             yield from self._with_routing(self.stream_tokens(prompt_ids, options.replace(return_routing=False),
                                                              session, images))
             return
         if self.batch is not None and session is None:
+            if options.speculative in ("ngram", "draft"):  # "auto" decodes plainly there
+                raise UnsupportedByBackendError("speculative", "native continuous-batching",
+                                                "rows of a batch step decode one token each; speculative='auto' "
+                                                "or 'none' runs there")
             steps = self.batch.submit(ids, params, want, entries, want_routing=options.return_routing)
         elif self.prompt_cache and session is None:
             steps = self._cached(ids, params, want, entries)
         else:
             steps = self._generate(ids, params, session, want, entries)
-        for token, reason, lp, *routing in steps:  # lp: (token, logprob, top alternatives) or None
+        for item in steps:  # (token, reason, lp[, routing] | [, drafted, accepted]); lp: (token, logprob, top) or None
+            token, reason, lp = item[:3]
             self.tokens_generated += 1
-            step = TokenStep(token, reason)
-            if routing:  # the batch engine's (layer -> (ids, weights)) for this request's row
-                step.routing = _token_routing(routing[0])
+            extra = item[3:]
+            if extra and isinstance(extra[0], dict):  # the batch engine's (layer -> (ids, weights)) for this row
+                step = TokenStep(token, reason)
+                step.routing = _token_routing(extra[0])
+            else:  # the Generator's speculative totals (none in a batch)
+                drafted, accepted = extra[:2] if len(extra) >= 2 else (0, 0)
+                step = TokenStep(token, reason, drafted=drafted, accepted=accepted)
             if lp is not None:
                 step.logprob, step.top_logprobs = lp[1], (lp[2] if options.top_logprobs else None)
             yield step
@@ -274,7 +286,8 @@ class NativeBackend:
             session.generator, session.prefilled = gen, len(ids) - common
         while not gen.is_done():
             gen.generate_next_token()
-            yield gen.get_next_tokens()[0], gen.finish_reasons[0], gen.last_logprobs[0] if want_logprobs else None
+            yield (gen.get_next_tokens()[0], gen.finish_reasons[0], gen.last_logprobs[0] if want_logprobs else None,
+                   gen.drafted_tokens, gen.accepted_tokens)
 
     def beam_search(self, prompt_ids: Sequence[int], options: GenerationOptions) -> list[SearchResult]:
         """Beam search (engine/beam.py, transformers' semantics) with the options' logits

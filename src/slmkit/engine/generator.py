@@ -28,6 +28,7 @@ from .engine import Engine
 from .images import ImageEntry
 from .processors import LogitsChain
 from .sampling import make_sampler
+from .speculative import LogprobRecord, Speculator, mode_for
 from .structured import Constraint, grammar_for
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
@@ -96,6 +97,9 @@ class Generator:
         self.engine: Engine = engine  # type: ignore[assignment]  # or a LogitsSource, as said
         self.external = external_logits
         self.params = params or GeneratorParams()
+        self._queue: list[tuple[int, LogprobRecord]] = []  # tokens a speculative step produced, not yet emitted
+        self.speculator: Speculator | None = None
+        self.last_processed: torch.Tensor | None = None  # the last step's processed logits (a draft's q)
         self.configure()
         self.engine.tokenizer.reset_stream()  # tokenizer.stream_decode follows this generation from here on
         self.sequences: list[list[int]] = [[] for _ in range(self.params.batch_size)]
@@ -111,6 +115,7 @@ class Generator:
     def configure(self, params: GeneratorParams | None = None) -> None:
         """(Re)apply params: stop set, seeded RNG and grammar. The sequences and KV cache stay, so a
         chat session can change options between turns."""
+        self._drop_queue()
         if params is not None:
             if params.batch_size != self.params.batch_size:
                 raise InvalidRequestError("batch_size cannot change on a running generator", param="batch_size")
@@ -128,6 +133,37 @@ class Generator:
         self.constraint = None if grammar is None else Constraint(
             grammar[0], grammar[1], engine.tokenizer, engine.vocab_size, engine.eos_token_ids)
         self._consumed: list[tuple[int, int]] = []  # (sequence position, token) the constraint has seen
+        self._spec_checked = False  # the drafting mode is chosen at the first step (it needs the prompt)
+
+    @property
+    def drafted_tokens(self) -> int:
+        return self.speculator.drafted if self.speculator is not None else 0
+
+    @property
+    def accepted_tokens(self) -> int:
+        return self.speculator.accepted if self.speculator is not None else 0
+
+    def _speculating(self) -> bool:
+        """Whether this step drafts (speculative decoding, engine/speculative.py)."""
+        if not self._spec_checked:
+            self._spec_checked = True
+            if self.external:  # the caller runs the model: nothing to verify drafts with
+                if self.params.speculative in ("ngram", "draft") or self.params.draft is not None:
+                    raise InvalidRequestError(f"speculative={self.params.speculative!r} needs the Generator to run "
+                                              "the model (not external_logits)", param="speculative")
+                return False
+            mode = mode_for(self.params, self._prompt_len)
+            old = self.speculator
+            keep = old is not None and old.mode == mode and (mode != "draft" or (
+                old.draft_gen is not None and old.draft_gen.engine is getattr(self.params.draft, "engine",
+                                                                              self.params.draft)))
+            if mode == "none":
+                self.speculator = None
+            elif keep and old is not None:
+                old.k = self.params.num_draft
+            else:
+                self.speculator = Speculator(self, mode)
+        return self.speculator is not None
 
     # ------------------------------------------------------------------ input
     def append_tokens(self, tokens: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor) -> None:
@@ -145,6 +181,7 @@ class Generator:
         if len({len(r) for r in rows}) != 1:
             raise InvalidRequestError("rows of a batch must have the same length", param="tokens")
         rows = [self.engine.check_prompt_ids(r, self.images, "tokens") for r in rows]
+        self._drop_queue()
         new_len = len(self.sequences[0]) + len(rows[0])
         if new_len > self.max_length:
             raise ContextLengthError(new_len, self.max_length, "max_length")
@@ -179,15 +216,15 @@ class Generator:
     def _compute_logits(self) -> torch.Tensor:
         if self._logits is not None:
             return self._logits
+        self._drop_queue()
         if self.external:
             raise InvalidRequestError("this generator's logits come from its caller: set_logits() first",
                                       param="logits")
         length = len(self.sequences[0])
         if length == 0:
             raise InvalidRequestError("append_tokens() must be called before generating", param="tokens")
-        if self.cache is None:  # sized for this request; it doubles if a long run outgrows it
-            want = min(self.max_length, length + (self.params.max_new_tokens or 128))
-            self.cache = self.engine.new_cache(self.params.batch_size, max(want, length))
+        self._ensure_cache(length)
+        assert self.cache is not None
         regime = self.engine.rope_regime(length)
         if self.cache.offset and self.cache.tag != regime:
             self.cache.reset()  # keys were rotated with the other LongRoPE factor set: re-prefill
@@ -197,22 +234,63 @@ class Generator:
         self._logits = self.engine.forward(ids, self.cache, images=self.images)[:, -1]
         return self._logits
 
+    def _ensure_cache(self, length: int) -> None:
+        if self.cache is None:  # sized for this request; it doubles if a long run outgrows it
+            want = min(self.max_length, length + (self.params.max_new_tokens or 128))
+            self.cache = self.engine.new_cache(self.params.batch_size, max(want, length))
+
+    def forward_all(self, extra: list[int]) -> torch.Tensor:
+        """Logits [n + 1, V] after row 0's sequence and after each of the tokens `extra` (fed with
+        it in one pass, last_only=False): a speculative step's verification. The cache then holds
+        them all; the caller trims it back."""
+        seq = self.sequences[0]
+        self._ensure_cache(len(seq) + len(extra))
+        cache = self.cache
+        assert cache is not None
+        if cache.offset and cache.tag != self.engine.rope_regime(len(seq)):
+            cache.reset()
+        if cache.offset >= len(seq):
+            cache.trim(cache.offset - len(seq) + 1)  # feed at least the last token for its logits
+        ids = torch.tensor([seq[cache.offset:] + list(extra)], dtype=torch.long, device=self.engine.device)
+        self.cached_at_prefill = cache.offset
+        self._logits = None
+        return self.engine.forward(ids, cache, last_only=False, images=self.images)[0, -(len(extra) + 1):]
+
+    def logprob_record(self, logits: torch.Tensor, token: int) -> LogprobRecord:
+        """(token, its log-probability, the top alternatives) under logits [1, V] (row 0)."""
+        self._record_logprobs(logits, torch.tensor([token], device=logits.device))
+        return self.last_logprobs[0]
+
     def generate_next_token(self) -> None:
         if self.is_done():
             raise InvalidRequestError("generation is done; append tokens or rewind first", param="generator")
-        logits = self._compute_logits()
         p = self.params
-        if p.logit_bias and max(p.logit_bias) >= logits.shape[-1]:
+        if p.logit_bias and max(p.logit_bias) >= self.engine.vocab_size:
             raise InvalidRequestError(f"token id {max(p.logit_bias)} is outside the vocabulary "
-                                      f"[0, {logits.shape[-1]})", param="logit_bias")
+                                      f"[0, {self.engine.vocab_size})", param="logit_bias")
+        if not self._queue and self.finish_reasons[0] is None and self._speculating():
+            assert self.speculator is not None
+            self._queue = self.speculator.step(self)
+        if self._queue:  # a speculative step's tokens come out one per call, as plain decoding's do
+            token, record = self._queue.pop(0)
+            self._next, self.last_logprobs = [token], [record]
+            self._advance()
+            return
+        logits = self._compute_logits()
         c = self.constraint
         x = self.chain(logits, self.sequences, self._prompt_len, sorted(self.eos), c.mask if c else None)
+        self.last_processed = x
         tokens = self.sampler(x, self.rng)
         self._next = [int(t) for t in tokens.tolist()]
         self._record_logprobs(logits, tokens)
         if c is not None and self.finish_reasons[0] is None:
             c.advance(self._next[0])
             self._consumed.append((len(self.sequences[0]), self._next[0]))
+        self._advance()
+
+    def _advance(self) -> None:
+        """Append self._next to the rows; update the finish reasons."""
+        p = self.params
         for i, (seq, t) in enumerate(zip(self.sequences, self._next)):
             if self.finish_reasons[i] is not None:  # finished rows keep step with the batch but stay put
                 self._next[i] = seq[-1]
@@ -261,6 +339,7 @@ class Generator:
         validate=False takes float32 [B, vocab] logits as they are, without scanning them for
         NaN / inf: for a caller's own forward pass of the model (the batch engine's), checked no
         more than the Generator checks its own."""
+        self._drop_queue()
         if not validate:
             self._logits = logits
             return
@@ -279,9 +358,19 @@ class Generator:
             raise InvalidRequestError("each row needs a finite value and no NaN or +inf", param="logits")
         self._logits = x
 
+    def _drop_queue(self) -> None:
+        """Forget a speculative step's tokens not yet emitted (the cache keeps only keys of emitted ones)."""
+        if not getattr(self, "_queue", None):
+            return
+        self._queue = []
+        if self.cache is not None:
+            self.cache.trim(self.cache.offset - min(self.cache.offset, max(0, len(self.sequences[0]) - 1)))
+        self._logits = None
+
     def rewind_to(self, length: int) -> None:
         """Keep the first `length` tokens of every row; the cache keeps what it can reuse."""
         check_int(length, "length", lo=0, hi=len(self.sequences[0]))
+        self._drop_queue()
         if self.constraint is not None:  # the grammar state steps back over the dropped generated tokens
             kept = [(i, t) for i, t in self._consumed if i < length]
             # llguidance keeps no undo entry for the end-of-sequence token that stopped it

@@ -16,7 +16,8 @@ from ..options import GenerationOptions, options_from
 # request fields -> GenerationOptions (extra_body fields arrive at the top level too; unknown
 # fields are ignored, as OpenAI-compatible servers such as vLLM do)
 _SAME = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
-         "typical_p", "repetition_penalty", "min_tokens", "response_format", "top_logprobs")
+         "typical_p", "repetition_penalty", "min_tokens", "response_format", "top_logprobs",
+         "speculative", "num_draft")  # extensions: speculative "auto" / "none" / "ngram", num_draft
 _FIELD_OF = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "max_length": "num_ctx"}
 
 
@@ -108,7 +109,11 @@ def usage_json(results: list[Any], per_prompt: int | None = None) -> dict:
     With several prompts (per_prompt choices each, in order), each prompt once."""
     p = sum(r.usage.prompt_tokens for r in results[::per_prompt or len(results)])
     c = sum(r.usage.completion_tokens for r in results)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    out = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    drafted = sum(getattr(r.usage, "drafted_tokens", 0) for r in results)
+    if drafted:  # an extension: speculative decoding's proposed and kept tokens
+        out.update(drafted_tokens=drafted, accepted_tokens=sum(r.usage.accepted_tokens for r in results))
+    return out
 
 
 def _per_choice(opts: GenerationOptions) -> list[GenerationOptions]:
