@@ -166,10 +166,12 @@ def _seconds(text: str) -> float:
 
 
 def _add_quant_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument("--quant", choices=["int8", "int4"] if required else ["int8", "int4", "none"],
+    quants = ["int8", "int4", "int4-mixed", "int4-k"]
+    p.add_argument("--quant", choices=quants if required else [*quants, "none"],
                    required=required, default=None,
-                   help="weight-only quantization of the float weights (GGUF files run their own quantized "
-                        "weights without it; 'none' dequantizes them)")
+                   help="weight-only quantization of the float weights (int4-mixed: int4 with the k/v "
+                        "projections at int8; int4-k: the same with two-level scales, fewer bits; GGUF files "
+                        "run their own quantized weights without it; 'none' dequantizes them)")
     p.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128, 256],
                    help="inputs per quantization group (default 32; larger is smaller and faster, less accurate)")
 

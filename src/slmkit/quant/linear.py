@@ -15,9 +15,10 @@ from torch import nn
 from ..errors import InvalidRequestError
 from ..kernels.qgemm import get_kernel, qmatmul_kernel
 from .format import GROUPS, TILE, QuantWeight, dequantize_weight, qmatmul_reference, quantize
+from .recipe import MIXED, TWO_LEVEL, keeps_int8, quantize_mixed
 
-SCHEMES = {"int8": 8, "int4": 4}
-DEFAULT_GROUP = {"int8": 32, "int4": 32}
+SCHEMES = {"int8": 8, "int4": 4, "int4-mixed": 4, "int4-k": 4}  # the mixed recipes: quant/recipe.py
+DEFAULT_GROUP = {"int8": 32, "int4": 32, "int4-mixed": 32, "int4-k": 32}
 _kernel_enabled = True
 
 
@@ -157,8 +158,8 @@ def quantize_model(model: nn.Module, quant: str, group_size: int | None = None,
         if skip is not None and skip(full):
             continue
         bias = None if lin.bias is None else lin.bias.detach().clone()
-        q = quantize(lin.weight.detach().float() if lin.weight.dtype != torch.float32 else lin.weight.detach(),
-                     bits, group)
+        w = lin.weight.detach().float() if lin.weight.dtype != torch.float32 else lin.weight.detach()
+        q = quantize_mixed(w, group) if quant == TWO_LEVEL else quantize(w, bits, group)
         setattr(parent, name, QuantLinear(q, bias))
         if release is not None and lin.weight.data_ptr() not in shared:
             release(lin.weight)
@@ -170,11 +171,14 @@ def apply_quant(model: nn.Module, quant: str | None, group_size: int | None = No
                 release: Callable[[torch.Tensor], None] | None = None) -> int:
     """The `load(quant=...)` pass over a model's remaining float linears. int4 keeps the output
     projection (lm_head) at int8, as llama.cpp's Q4 files keep theirs at Q6_K: its errors go
-    straight into the logits."""
+    straight into the logits. int4-mixed and int4-k (quant/recipe.py) also keep k_proj / v_proj at
+    int8; int4-k stores the rest's scales in two levels."""
     if quant in (None, "none", "auto"):
         return 0
     check_scheme(quant, group_size)
     n = 0
     if quant == "int4":
         n += quantize_model(model, "int8", None, skip=lambda name: name != "lm_head", release=release)
+    elif quant in (MIXED, TWO_LEVEL):
+        n += quantize_model(model, "int8", None, skip=lambda name: not keeps_int8(name), release=release)
     return n + quantize_model(model, quant, group_size, release=release)
