@@ -71,7 +71,7 @@ def build_bpe_tokenizer(folder: Path, style: str = "o200k", vocab_size: int = 64
     decoder = {str(ids[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                              "single_word": False, "special": t in special} for t in added}
     config = {"add_bos_token": False, "add_eos_token": False, "added_tokens_decoder": decoder,
-              "bos_token": spec["eos"], "eos_token": spec["end"] if style == "o200k" else spec["end"],
+              "bos_token": spec["eos"], "eos_token": spec["end"],
               "pad_token": spec["eos"], "unk_token": spec["eos"], "chat_template": spec["template"],
               "clean_up_tokenization_spaces": False, "model_max_length": 131072,
               "tokenizer_class": "GPT2Tokenizer"}
@@ -101,7 +101,8 @@ def bpe_gguf_metadata(folder: Path, *, style: str, vocab_size: int) -> dict:
     spec = STYLES[style]
     meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-4o" if style == "o200k" else "dbrx",
             "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
-            "tokenizer.ggml.bos_token_id": vocab[str(spec["eos"])], "tokenizer.ggml.eos_token_id": vocab[str(spec["end"])],
+            "tokenizer.ggml.bos_token_id": vocab[str(spec["eos"])],
+            "tokenizer.ggml.eos_token_id": vocab[str(spec["end"])],
             "tokenizer.ggml.padding_token_id": vocab[str(spec["eos"])], "tokenizer.ggml.add_bos_token": False,
             "tokenizer.chat_template": spec["template"]}
     return meta

@@ -23,7 +23,8 @@ TEXTS = [
     "Schöne Grüße aus München! Die Straße ist nass, Ärger über Öl.",
     "你好，世界。東京は日本の首都です。我们今天学习语言模型。", "Привет, как дела? Ελληνικά. العربية نص.", DEVANAGARI,
     "I love pizza 🍕 and crabs 🦀🦀 😀! Café ☕ naïve résumé", "\nline\n\nbreaks\n\t tab  two  spaces   ",
-    "def add(a, b):\n    return a + b  # sum", "<|user|>Hi<|end|><|assistant|>", "<|im_start|>user<|im_sep|>Hi<|im_end|>",
+    "def add(a, b):\n    return a + b  # sum", "<|user|>Hi<|end|><|assistant|>",
+    "<|im_start|>user<|im_sep|>Hi<|im_end|>",
     "<think>Let me think.</think>The answer is 42.", '<|tool_call|>[{"name": "f", "arguments": {}}]<|/tool_call|>',
 ]
 
