@@ -47,6 +47,7 @@ class GenerationResult:
     logprobs: list[TokenLogprob] | None = None  # one per token id, with logprobs=True / top_logprobs=N
     tool_calls: list[Any] | None = None  # slmkit.tools.ToolCall list when the answer called a tool
     score: float | None = None  # a beam's length-normalised log-probability (num_beams > 1)
+    reasoning: str | None = None  # a reasoning model's <think> block (chat), kept out of text
 
 
 @dataclass
@@ -58,3 +59,4 @@ class GenerationChunk:
     timings: Timings | None = None
     logprobs: list[TokenLogprob] | None = None
     tool_calls: list[Any] | None = None  # on the last chunk of chat(stream=True, tools=...) that called a tool
+    reasoning: str | None = None  # chat: this chunk's part of a <think> block (its text is then "")
