@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 
 from . import cli_compare, cli_ps, cli_store, cli_vision
-from .cli_repl import repl
+from .cli_repl import repl, write_chunk
 from .cli_repl import report as _report
 from .errors import SlmkitError
 from .options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "folder (config.json + *.safetensors + tokenizer) or hub id")
     run.add_argument("prompt", nargs="?", help="the prompt; without it, an interactive session (or stdin if piped)")
     run.add_argument("--system", default=None, help="system message")
+    run.add_argument("--hide-thinking", action="store_true", help="leave out a reasoning model's <think> block "
+                     "(shown dimmed by default)")
     style = run.add_mutually_exclusive_group()
     style.add_argument("--raw", action="store_true", help="plain completion of the prompt, no chat template "
                        "(the default for base models without a chat template, like the built-in one)")
@@ -178,12 +180,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _stream_out(chunks: Iterator[Any], out: TextIO) -> Any:
+def _stream_out(chunks: Iterator[Any], out: TextIO, hide_thinking: bool = False) -> Any:
     """Print chunks as they come; return the last one (finish reason, usage, timings)."""
     last = None
+    state: dict = {}
     for chunk in chunks:
-        out.write(chunk.text)
-        out.flush()
+        write_chunk(chunk, out, hide_thinking, state)
         last = chunk
     return last
 
@@ -210,7 +212,8 @@ def cmd_run(a: argparse.Namespace) -> int:
             sys.stderr.write(f"[{llm.name} is a base model: each line you type is continued as text]\n")
         if media:
             sys.stderr.write(f"[{len(media)} image(s) attached to your first message]\n")
-        repl(llm, opts, a.system, verbose=a.verbose, raw=raw, images=media, num_crops=crops)
+        repl(llm, opts, a.system, verbose=a.verbose, raw=raw, images=media, num_crops=crops,
+             hide_thinking=a.hide_thinking)
         return 0
     if raw:
         chunks = llm.generate(prompt, opts, stream=True)
@@ -218,7 +221,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
             {"role": "user", "content": cli_vision.user_content(prompt, media)}]
         chunks = llm.chat(messages, stream=True, options=opts, **cli_vision.chat_kwargs(crops))
-    last = _stream_out(chunks, sys.stdout)
+    last = _stream_out(chunks, sys.stdout, a.hide_thinking)
     sys.stdout.write("\n")
     if a.verbose:
         _report(last, sys.stderr)
