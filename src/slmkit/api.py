@@ -153,11 +153,12 @@ class LLM:
             if stream:  # text chunks as they come; the last one carries the parsed call
                 if kw.get("n") not in (None, 1):
                     raise InvalidRequestError("streaming returns one sequence; use n with stream=False", param="n")
-                chunks = thinking.stream(self.generate(ids, stream=True, **{**kw, **constraint}))
+                chunks = thinking.stream(self.generate(ids, stream=True, **thinking.after_thinking(
+                    self.tokenizer, {**kw, **constraint})))
                 if native is not None:
                     return tooling.with_native_calls(chunks, tools, native)
                 return tooling.with_tool_calls(chunks, tools, tool_choice)
-            result = self.generate(ids, **{**kw, **constraint})
+            result = self.generate(ids, **thinking.after_thinking(self.tokenizer, {**kw, **constraint}))
             for r in result if isinstance(result, list) else [result]:  # n > 1: a list
                 thinking.apply(r)
                 calls = (tooling.parse_native(r.text, r.token_ids, tools, native) if native is not None
@@ -167,7 +168,8 @@ class LLM:
                     if native is not None:
                         r.text = ""
             return result
-        out = self.generate(self.chat_prompt(messages, num_crops=num_crops), stream=stream, **kw)
+        out = self.generate(self.chat_prompt(messages, num_crops=num_crops), stream=stream,
+                            **thinking.after_thinking(self.tokenizer, kw))
         if stream:
             return thinking.stream(out)
         for r in out if isinstance(out, list) else [out]:

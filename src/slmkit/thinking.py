@@ -6,6 +6,8 @@ stream holds back at most the few characters that could still begin the tag).
 """
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -86,3 +88,60 @@ def stream(chunks: Iterator[Any]) -> Iterator[Any]:
         if r:
             c.reasoning = r
         yield c
+
+
+_CONSTRAINTS = ("json_schema", "response_format", "regex", "grammar")
+_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}  # as structured.py's
+
+
+def tags(tokenizer: Any) -> tuple[int, int] | None:
+    """(id of <think>, id of </think>) when both are single tokens of the vocabulary (Phi-4-reasoning)."""
+    ids = tokenizer.token_to_id(OPEN), tokenizer.token_to_id(CLOSE)
+    return (ids[0], ids[1]) if None not in ids else None
+
+
+def _answer_rule(name: str, value: Any) -> str | None:
+    """The Lark rule `slm_answer` for one constraint option, or None where it cannot be wrapped."""
+    if name == "response_format":
+        if not isinstance(value, dict) or value.get("type") not in ("json_object", "json_schema"):
+            return None
+        spec = value.get("json_schema")
+        value = {"type": "object"} if value["type"] == "json_object" else (
+            spec.get("schema") if isinstance(spec, dict) else None)
+        name = "json_schema"
+    if name == "json_schema":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                return None
+        if not isinstance(value, dict):
+            return None
+        return f"slm_answer: %json {json.dumps({'x-guidance': _STYLE, **value})}\n"
+    if name == "regex" and isinstance(value, str):
+        return "slm_answer: /" + value.replace("/", "\\/") + "/\n"
+    if name == "grammar" and isinstance(value, str) and re.search(r"^start\s*:", value, re.M):  # Lark
+        return re.sub(r"^start(\s*):", r"slm_answer\1:", value, count=1, flags=re.M) + "\n"
+    return None
+
+
+def after_thinking(tokenizer: Any, kw: dict[str, Any]) -> dict[str, Any]:
+    """kw with its structured-output option (json_schema, response_format, regex or a Lark grammar,
+    tools' included) applying to the answer after an optional <think> block, for a model whose
+    vocabulary has the think tags; kw as it was otherwise (a GBNF grammar is left as given)."""
+    ids = tags(tokenizer)
+    if ids is None:
+        return kw
+    opts = kw.get("options")  # a GenerationOptions (the server's, the CLI's) under the keywords
+    merged = {k: getattr(opts, k, None) for k in _CONSTRAINTS}
+    merged.update({k: kw[k] for k in _CONSTRAINTS if kw.get(k) is not None})
+    given = [k for k in _CONSTRAINTS if merged[k] is not None]
+    rule = _answer_rule(given[0], merged[given[0]]) if len(given) == 1 else None
+    if rule is None:
+        return kw
+    grammar = (f"start: slm_think? slm_answer\nslm_think: <[{ids[0]}]> /(?s:.*)/ <[{ids[1]}]> /[ \\t\\r\\n]*/\n"
+               + rule)
+    out = {k: v for k, v in kw.items() if k not in _CONSTRAINTS}
+    if opts is not None:
+        out["options"] = opts.replace(**{k: None for k in _CONSTRAINTS})
+    return {**out, "grammar": grammar}
