@@ -151,6 +151,10 @@ def _prepare_native(messages: Sequence[Mapping[str, Any]], fns: list[dict], tool
     elif tool_choice not in ("auto", "required", "none"):
         raise InvalidRequestError("must be 'auto', 'none', 'required' or {'type': 'function', 'function': "
                                   "{'name': ...}}", param="tool_choice")
+    # a tool's declared arguments only, unless its schema says otherwise (clients such as ollama's drop
+    # additionalProperties, and a model left free to add keys can ramble in one until max_tokens)
+    chosen = [{**f, "parameters": {"additionalProperties": False, **f["parameters"]}}
+              if isinstance(f["parameters"].get("properties"), Mapping) else f for f in chosen]
     calls = json.dumps({"type": "array", "items": _call_schema(chosen), "minItems": 1,  # one-line JSON
                         "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}})
     call = f"call: <[{tags[0]}]> %json {calls} <[{tags[1]}]>\n"
