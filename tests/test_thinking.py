@@ -89,3 +89,32 @@ def test_reasoning_apart_and_schema_after_thinking(phi4):
 def test_plain_answers_have_no_reasoning(mini):
     r = mini.chat(ASK, max_new_tokens=8, temperature=0)
     assert r.reasoning is None and len(r.token_ids) == 8
+
+
+class _Tty:
+    def __init__(self, tty: bool):
+        self.parts: list[str] = []
+        self.tty = tty
+
+    def write(self, s: str) -> None:
+        self.parts.append(s)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize("tty, hide", [(True, False), (False, False), (True, True)])
+def test_cli_dims_or_hides_the_thinking(tty, hide):
+    from slmkit.cli import parse_args
+    from slmkit.cli_repl import DIM, write_chunk
+    from slmkit.results import GenerationChunk
+
+    out, state = _Tty(tty), {}
+    for c in (GenerationChunk("", [1], reasoning="Let me see."), GenerationChunk("Hi", [2])):
+        write_chunk(c, out, hide, state)
+    text = "".join(out.parts)
+    assert text.endswith("Hi") and ("Let me see." in text) != hide and (DIM in text) == (tty and not hide)
+    assert parse_args(["run", "m", "hi", "--hide-thinking"]).hide_thinking
