@@ -123,3 +123,49 @@ def test_llama_cpp_agrees_on_the_gguf(phi4, variant):
     ours = llm.logits(ids)
     assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item() >= 0.95
     assert (ours - theirs).abs().max().item() <= 0.02 * theirs.abs().max().item()
+
+
+def test_batched_rows_across_the_crossover_equal_solo_runs(phi4):
+    import threading
+
+    llm = slmkit.load(phi4("phi4-mini")[0], dtype="float32")  # original_max 32: rows cross it on their own
+    reqs = [(ids_of(n, llm.engine.vocab_size, seed=10 + n), m) for n, m in [(20, 30), (31, 5), (40, 8), (10, 12)]]
+    solo = [llm.generate(p, max_new_tokens=m, temperature=0, ignore_eos=True).token_ids for p, m in reqs]
+    llm.enable_batching(slots=4, context=128)
+    got: list = [None] * len(reqs)
+
+    def run(i: int) -> None:
+        got[i] = llm.generate(reqs[i][0], max_new_tokens=reqs[i][1], temperature=0, ignore_eos=True).token_ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert got == solo
+
+
+def test_int8_quant_stays_close(phi4, variant):
+    folder, _ = phi4(variant)
+    ref, q = slmkit.load(folder, dtype="float32"), slmkit.load(folder, dtype="float32", quant="int8")
+    ids = ids_of(48, ref.engine.vocab_size, seed=7)
+    a, b = ref.logits(ids), q.logits(ids)
+    assert (a - b).abs().max().item() <= 0.05 * a.abs().max().item()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.9
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])  # K-quants need rows of 256 (hidden is 128)
+def test_quantized_gguf_matches_transformers_on_its_dequantized_weights(phi4, variant, qtype, tmp_path):
+    """The 8- and 4-bit GGUF forms (Phi-4-mini: no output.weight, the head is the quantized embedding): exact
+    against transformers holding the file's dequantized weights; the packed-kernel run (quant auto) close."""
+    from tests.engine.test_gguf_load import reference
+
+    folder, _ = phi4(variant)
+    path = hf_to_gguf(folder, tmp_path / f"{qtype}.gguf", qtype=qtype)
+    ids = ids_of(48, 704, seed=7)
+    with torch.no_grad():
+        theirs = reference(folder, path)(torch.tensor([ids])).logits[0]
+    exact = slmkit.load(path, dtype="float32", quant="none").logits(ids)
+    assert (exact - theirs).abs().max().item() <= ATOL
+    packed = slmkit.load(path, dtype="float32").logits(ids)
+    assert (packed.argmax(-1) == theirs.argmax(-1)).float().mean().item() >= 0.9
