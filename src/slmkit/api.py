@@ -140,25 +140,41 @@ class LLM:
             opts = self._for_backend(base.update(**kw))
             return textlevel.chat(self.backend, messages, opts, stream=stream, tools=tools, tool_choice=tool_choice,
                                   num_crops=num_crops)
+        from . import thinking
+
         if tools is not None:
             from . import tools as tooling
             from .text.chat import normalize_messages
 
+            native = tooling.native_format(self.tokenizer)
             # the messages are checked first: the tools' rewrite of them assumes well-formed ones
-            messages, constraint = tooling.prepare(normalize_messages(messages), tools, tool_choice)
+            messages, constraint = tooling.prepare(normalize_messages(messages), tools, tool_choice, native)
             ids = self.chat_prompt(messages, num_crops=num_crops)
             if stream:  # text chunks as they come; the last one carries the parsed call
                 if kw.get("n") not in (None, 1):
                     raise InvalidRequestError("streaming returns one sequence; use n with stream=False", param="n")
-                chunks = self.generate(ids, stream=True, **{**kw, **constraint})
+                chunks = thinking.stream(self.generate(ids, stream=True, **thinking.after_thinking(
+                    self.tokenizer, {**kw, **constraint})))
+                if native is not None:
+                    return tooling.with_native_calls(chunks, tools, native)
                 return tooling.with_tool_calls(chunks, tools, tool_choice)
-            result = self.generate(ids, **{**kw, **constraint})
+            result = self.generate(ids, **thinking.after_thinking(self.tokenizer, {**kw, **constraint}))
             for r in result if isinstance(result, list) else [result]:  # n > 1: a list
-                calls = tooling.parse(r.text, tools, tool_choice)
+                thinking.apply(r)
+                calls = (tooling.parse_native(r.text, r.token_ids, tools, native) if native is not None
+                         else tooling.parse(r.text, tools, tool_choice))
                 if calls:
                     r.tool_calls, r.finish_reason = calls, "tool_calls"
+                    if native is not None:
+                        r.text = ""
             return result
-        return self.generate(self.chat_prompt(messages, num_crops=num_crops), stream=stream, **kw)
+        out = self.generate(self.chat_prompt(messages, num_crops=num_crops), stream=stream,
+                            **thinking.after_thinking(self.tokenizer, kw))
+        if stream:
+            return thinking.stream(out)
+        for r in out if isinstance(out, list) else [out]:
+            thinking.apply(r)
+        return out
 
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]], *, num_crops: int | None = None) -> Any:
         """What generate() takes for a conversation: its token ids, or for a vision model the

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 
 from . import cli_compare, cli_ps, cli_store, cli_vision
-from .cli_repl import repl
+from .cli_repl import repl, write_chunk
 from .cli_repl import report as _report
 from .errors import SlmkitError
 from .options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "folder (config.json + *.safetensors + tokenizer) or hub id")
     run.add_argument("prompt", nargs="?", help="the prompt; without it, an interactive session (or stdin if piped)")
     run.add_argument("--system", default=None, help="system message")
+    run.add_argument("--hide-thinking", action="store_true", help="leave out a reasoning model's <think> block "
+                     "(shown dimmed by default)")
     style = run.add_mutually_exclusive_group()
     style.add_argument("--raw", action="store_true", help="plain completion of the prompt, no chat template "
                        "(the default for base models without a chat template, like the built-in one)")
@@ -190,13 +192,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _stream_out(chunks: Iterator[Any], out: TextIO, routing: list | None = None) -> Any:
+def _stream_out(chunks: Iterator[Any], out: TextIO, routing: list | None = None, hide_thinking: bool = False) -> Any:
     """Print chunks as they come; return the last one (finish reason, usage, timings). routing:
     where the chunks' expert routing is collected (return_routing)."""
     last = None
+    state: dict = {}
     for chunk in chunks:
-        out.write(chunk.text)
-        out.flush()
+        write_chunk(chunk, out, hide_thinking, state)
         if routing is not None and chunk.routing:
             routing.extend(chunk.routing)
         last = chunk
@@ -250,7 +252,8 @@ def cmd_run(a: argparse.Namespace) -> int:
             sys.stderr.write(f"[{llm.name} is a base model: each line you type is continued as text]\n")
         if media:
             sys.stderr.write(f"[{len(media)} image(s) attached to your first message]\n")
-        repl(llm, opts, a.system, verbose=a.verbose, raw=raw, images=media, num_crops=crops)
+        repl(llm, opts, a.system, verbose=a.verbose, raw=raw, images=media, num_crops=crops,
+             hide_thinking=a.hide_thinking)
         return 0
     if raw:
         chunks = llm.generate(prompt, opts, stream=True)
@@ -259,7 +262,7 @@ def cmd_run(a: argparse.Namespace) -> int:
             {"role": "user", "content": cli_vision.user_content(prompt, media)}]
         chunks = llm.chat(messages, stream=True, options=opts, **cli_vision.chat_kwargs(crops))
     routing: list | None = [] if a.show_experts else None
-    last = _stream_out(chunks, sys.stdout, routing)
+    last = _stream_out(chunks, sys.stdout, routing, a.hide_thinking)
     sys.stdout.write("\n")
     if routing is not None:
         sys.stderr.write(experts_table(routing) + "\n")

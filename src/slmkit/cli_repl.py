@@ -102,13 +102,34 @@ def _session_path(name: str) -> Path:
     return sessions_dir() / f"{name}.json"
 
 
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+def write_chunk(chunk: Any, out: TextIO, hide_thinking: bool = False, state: dict | None = None) -> None:
+    """One chunk's text; a reasoning model's thinking dimmed (plain on a pipe), or left out with
+    hide_thinking. state (one dict per answer) remembers whether thinking was shown, to end it with a
+    blank line before the answer."""
+    state = {} if state is None else state
+    reasoning = getattr(chunk, "reasoning", None)
+    if reasoning and not hide_thinking:
+        tty = out.isatty() if hasattr(out, "isatty") else False
+        out.write(f"{DIM}{reasoning}{RESET}" if tty else reasoning)
+        state["thought"] = True
+    if chunk.text:
+        if state.pop("thought", False):
+            out.write("\n\n")
+        out.write(chunk.text)
+    out.flush()
+
+
 class Repl:
     """One interactive chat: the ChatSession, the options, and the commands that change them."""
 
     def __init__(self, llm: Any, options: GenerationOptions, system: str | None, *, out: TextIO, err: TextIO,
                  verbose: bool = False, raw: bool = False, images: list[dict] | None = None,
-                 num_crops: int | None = None):
+                 num_crops: int | None = None, hide_thinking: bool = False):
         self.llm, self.opts, self.out, self.err = llm, options, out, err
+        self.hide_thinking = hide_thinking
         self.verbose, self.raw, self.num_crops = verbose, raw, num_crops
         self.session = llm.session(system)
         self.pending = list(images or [])
@@ -239,9 +260,9 @@ class Repl:
                 chunks = self.llm.generate(text, self.opts, stream=True)
             else:
                 chunks = self.session.send(content, stream=True, **answer_opts)
+            state: dict = {}
             for chunk in chunks:
-                self.out.write(chunk.text)
-                self.out.flush()
+                write_chunk(chunk, self.out, self.hide_thinking, state)
                 last = chunk
         except KeyboardInterrupt:
             self.err.write("\n(stopped)")  # the partial answer stays in the conversation
@@ -285,14 +306,15 @@ def _read_message(read: Callable[[str], str]) -> str | None:
 
 def repl(llm: Any, options: GenerationOptions | dict, system: str | None, *, read: Callable[[str], str] | None = None,
          out: TextIO | None = None, err: TextIO | None = None, verbose: bool = False, raw: bool = False,
-         images: list[dict] | None = None, num_crops: int | None = None) -> Repl:
+         images: list[dict] | None = None, num_crops: int | None = None, hide_thinking: bool = False) -> Repl:
     """Interactive chat until /bye or end of input; returns the Repl (its session and options).
     raw=True: each message is completed as plain text. options: GenerationOptions, or generate()'s
     keyword arguments. images: image parts for the first message (--image / --video)."""
     opts = options if isinstance(options, GenerationOptions) else GenerationOptions.from_kwargs(**options)
     # looked up now, not at import: a test may have replaced them
     read, out, err = read or input, out or sys.stdout, err or sys.stderr
-    r = Repl(llm, opts, system, out=out, err=err, verbose=verbose, raw=raw, images=images, num_crops=num_crops)
+    r = Repl(llm, opts, system, out=out, err=err, verbose=verbose, raw=raw, images=images, num_crops=num_crops,
+             hide_thinking=hide_thinking)
     err.write("Chat with the model. /bye to leave, /clear to start over, /? for help.\n")
     while True:
         text = _read_message(read)

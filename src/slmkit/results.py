@@ -65,6 +65,7 @@ class GenerationResult:
     tool_calls: list[Any] | None = None  # slmkit.tools.ToolCall list when the answer called a tool
     score: float | None = None  # a beam's length-normalised log-probability (num_beams > 1)
     routing: list[TokenRouting] | None = None  # one per token id, with return_routing=True (MoE models)
+    reasoning: str | None = None  # a reasoning model's <think> block (chat), kept out of text
 
 
 @dataclass
@@ -77,6 +78,7 @@ class GenerationChunk:
     logprobs: list[TokenLogprob] | None = None
     tool_calls: list[Any] | None = None  # on the last chunk of chat(stream=True, tools=...) that called a tool
     routing: list[TokenRouting] | None = None  # with return_routing=True: one per token id of this chunk
+    reasoning: str | None = None  # chat: this chunk's part of a <think> block (its text is then "")
 
 
 def routing_of(step: Any) -> list[TokenRouting] | None:

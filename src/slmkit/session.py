@@ -63,6 +63,9 @@ class ChatSession:
             else:
                 prompt = self.llm.chat_prompt(self.messages, num_crops=opts.pop("num_crops", None))
                 out = self.llm.generate(prompt, stream=stream, session=self._state, **opts)
+                from . import thinking  # a reasoning model's <think> block kept apart (not in the history)
+
+                out = thinking.stream(out) if stream else thinking.apply(out)
         except BaseException:
             self.messages.pop()
             raise

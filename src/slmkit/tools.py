@@ -5,6 +5,11 @@ and a call comes back as structured ToolCalls (finish_reason "tool_calls").
 
 tool_choice: "auto" (free text, or a call when the answer starts with "{"), "none" (free text),
 "required" (some call), or {"type": "function", "function": {"name": ...}} (that call).
+
+Models with a native format (Phi-4-mini: a template that takes the tools as `<|tool|>[...]<|/tool|>`
+in the system turn, a vocabulary with `<|tool_call|>` / `<|/tool_call|>`) get the tools in that form
+instead, and answer `<|tool_call|>[{"name": ..., "arguments": {...}}, ...]<|/tool_call|>`, which the
+grammar keeps valid; those tags are tokens, so the call is told apart from text by its token ids.
 """
 from __future__ import annotations
 
@@ -90,9 +95,85 @@ def _as_text_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
     return out
 
 
-def prepare(messages: Sequence[Mapping[str, Any]], tools: Any, tool_choice: Any) -> tuple[list[dict], dict]:
-    """(messages with the tools described, generation options constraining the answer)."""
+NATIVE_OPEN, NATIVE_CLOSE = "<|tool_call|>", "<|/tool_call|>"
+
+
+def native_format(tokenizer: Any) -> tuple[int, int] | None:
+    """(id of <|tool_call|>, id of <|/tool_call|>) when the model's template takes tools natively
+    (Phi-4-mini's `<|tool|>` in the system turn) and its vocabulary has the call tags; else None."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or "<|tool|>" not in template or "tools" not in template:
+        return None
+    ids = tokenizer.token_to_id(NATIVE_OPEN), tokenizer.token_to_id(NATIVE_CLOSE)
+    return (ids[0], ids[1]) if None not in ids else None
+
+
+def _native_messages(messages: Sequence[Mapping[str, Any]], listing: str) -> list[dict[str, Any]]:
+    """Earlier calls as <|tool_call|>[...]<|/tool_call|> turns, the tools on the system turn (tool
+    results stay "tool" turns, which the template renders in its own tags)."""
+    out = []
+    for i, m in enumerate(messages):
+        m = dict(m)
+        if m.get("role") == "assistant" and m.get("tool_calls"):
+            calls = [_call_obj(c, f"messages[{i}].tool_calls[{j}]") for j, c in enumerate(m["tool_calls"])]
+            m = {"role": "assistant", "content": _text_of(m.get("content")) + NATIVE_OPEN
+                 + json.dumps(calls, ensure_ascii=False) + NATIVE_CLOSE}
+        out.append(m)
+    if out and out[0].get("role") == "system" and isinstance(out[0].get("content"), str):
+        out[0]["tools"] = listing
+    else:
+        out.insert(0, {"role": "system", "content": "", "tools": listing})
+    return out
+
+
+def _call_obj(c: Any, param: str) -> dict[str, Any]:
+    fn = c.get("function") if isinstance(c, Mapping) else None
+    if not isinstance(fn, Mapping):
+        raise InvalidRequestError("must be {'function': {'name': ..., 'arguments': ...}}", param=param)
+    args = fn.get("arguments", {})
+    try:
+        args = json.loads(args) if isinstance(args, str) and args.strip() else args
+    except (ValueError, RecursionError) as e:
+        raise InvalidRequestError(f"is not valid JSON ({type(e).__name__}: {str(e)[:200]})",
+                                  param=f"{param}.function.arguments") from None
+    return {"name": fn.get("name"), "arguments": args}
+
+
+def _prepare_native(messages: Sequence[Mapping[str, Any]], fns: list[dict], tool_choice: Any,
+                    tags: tuple[int, int]) -> tuple[list[dict], dict]:
+    chosen = fns
+    if isinstance(tool_choice, Mapping):
+        fn = tool_choice.get("function") if tool_choice.get("type") == "function" else None
+        name = fn.get("name") if isinstance(fn, Mapping) else None
+        chosen = [f for f in fns if f["name"] == name]
+        if not chosen:
+            raise InvalidRequestError(f"names no tool of the request: {name!r}", param="tool_choice")
+    elif tool_choice not in ("auto", "required", "none"):
+        raise InvalidRequestError("must be 'auto', 'none', 'required' or {'type': 'function', 'function': "
+                                  "{'name': ...}}", param="tool_choice")
+    # a tool's declared arguments only, unless its schema says otherwise (clients such as ollama's drop
+    # additionalProperties, and a model left free to add keys can ramble in one until max_tokens)
+    chosen = [{**f, "parameters": {"additionalProperties": False, **f["parameters"]}}
+              if isinstance(f["parameters"].get("properties"), Mapping) else f for f in chosen]
+    calls = json.dumps({"type": "array", "items": _call_schema(chosen), "minItems": 1,  # one-line JSON
+                        "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}})
+    call = f"call: <[{tags[0]}]> %json {calls} <[{tags[1]}]>\n"
+    options: dict[str, Any] = {}
+    if tool_choice == "auto":
+        options = {"grammar": "start: call | text\n" + call + "text: /[\\s\\S]+/\n"}
+    elif tool_choice != "none":
+        options = {"grammar": "start: call\n" + call}
+    listing = json.dumps(fns, ensure_ascii=False)
+    return _native_messages(messages, listing), options
+
+
+def prepare(messages: Sequence[Mapping[str, Any]], tools: Any, tool_choice: Any,
+            native: tuple[int, int] | None = None) -> tuple[list[dict], dict]:
+    """(messages with the tools described, generation options constraining the answer).
+    native: the call tags' ids (native_format) for a model with its own tool format."""
     fns = _functions(tools)
+    if native is not None:
+        return _prepare_native(messages, fns, tool_choice or "auto", native)
     if tool_choice is None:
         tool_choice = "auto"
     options: dict[str, Any]  # json_schema (a dict) or grammar (a string)
@@ -120,6 +201,44 @@ def prepare(messages: Sequence[Mapping[str, Any]], tools: Any, tool_choice: Any)
     else:
         msgs.insert(0, {"role": "system", "content": INSTRUCTIONS + listing})
     return msgs, options
+
+
+def parse_native(text: str, token_ids: Sequence[int], tools: Any, tags: tuple[int, int]) -> list[ToolCall]:
+    """The calls of a native-format answer: the JSON list after its <|tool_call|> token ([] when
+    the answer has no call tag, or a list cut short by the length limit)."""
+    if tags[0] not in token_ids:
+        return []
+    body = text.split(NATIVE_OPEN, 1)[-1].split(NATIVE_CLOSE, 1)[0].strip()  # tags absent when skipped
+    try:
+        items = json.loads(body)
+    except (ValueError, RecursionError):
+        return []
+    names = {f["name"] for f in _functions(tools)}
+    if not isinstance(items, list) or not all(isinstance(o, dict) and o.get("name") in names
+                                              and isinstance(o.get("arguments"), dict) for o in items):
+        return []
+    return [ToolCall(f"call_{uuid.uuid4().hex[:24]}", o["name"], o["arguments"]) for o in items]
+
+
+def with_native_calls(chunks: Iterator[Any], tools: Any, tags: tuple[int, int]) -> Iterator[Any]:
+    """A chat stream in the native format: text as it comes until the <|tool_call|> token, then the
+    call's text held back; the last chunk carries the parsed calls (finish_reason "tool_calls")."""
+    held: list[str] | None = None
+    ids: list[int] = []
+    for c in chunks:
+        ids.extend(c.token_ids)
+        if held is None and tags[0] in c.token_ids:
+            held = []
+        if held is not None:
+            held.append(c.text)
+            c.text = ""
+        if c.finish_reason is not None and held is not None:
+            calls = parse_native("".join(held), ids, tools, tags)
+            if calls:
+                c.tool_calls, c.finish_reason = calls, "tool_calls"
+            else:  # not a complete call (cut short): the text as it was
+                c.text = "".join(held)
+        yield c
 
 
 def parse(text: str, tools: Any, tool_choice: Any) -> list[ToolCall]:

@@ -94,6 +94,14 @@ def gguf_name(hf: str, table: dict[str, str]) -> str:
     return f"blk.{parts[2]}.{table['.'.join(parts[3:-1])]}.{parts[-1]}"
 
 
+def _bpe_style(folder: Path) -> str | None:
+    """"o200k" / "cl100k" for a tiny_bpe folder (told apart by its tags), None for a SentencePiece one."""
+    tc = json.loads((folder / "tokenizer_config.json").read_text())
+    if tc.get("tokenizer_class") != "GPT2Tokenizer":
+        return None
+    return "cl100k" if "<|im_start|>" in tc["chat_template"] else "o200k"
+
+
 def hf_to_gguf(folder: Path, out: Path, qtype: str = "F32", expert_qtype: str | None = None,
                router_qtype: str = "F32") -> Path:
     """Convert a tiny phi3 / phimoe / gemma3_text HF folder to GGUF; 2-D weights stored as `qtype`
@@ -112,7 +120,8 @@ def hf_to_gguf(folder: Path, out: Path, qtype: str = "F32", expert_qtype: str | 
                 f"{a}.attention.head_count": nh, f"{a}.attention.head_count_kv": cfg["num_key_value_heads"],
                 f"{a}.attention.layer_norm_rms_epsilon": cfg["rms_norm_eps"],
                 f"{a}.rope.dimension_count": int(cfg.get("partial_rotary_factor", 1.0) * hd),
-                f"{a}.rope.freq_base": cfg.get("rope_theta", 10000.0),
+                f"{a}.rope.freq_base": (cfg.get("rope_parameters") or {}).get("rope_theta")
+                or cfg.get("rope_theta", 10000.0),  # transformers 5 writes theta inside rope_parameters
                 f"{a}.rope.scaling.original_context_length": cfg.get("original_max_position_embeddings")
                 or cfg["max_position_embeddings"]}
         if cfg.get("sliding_window"):
@@ -153,16 +162,22 @@ def hf_to_gguf(folder: Path, out: Path, qtype: str = "F32", expert_qtype: str | 
                 f"{a}.rope.freq_base": 1_000_000.0, f"{a}.attention.sliding_window": cfg["sliding_window"]}
     else:
         raise ValueError(mt)
-    meta.update(tokenizer_metadata(folder, name=f"tiny {mt}", vocab_size=cfg["vocab_size"],
-                                   add_bos=mt != "phi3"))
+    style = _bpe_style(folder)
+    if style is not None:  # Phi-4 family: byte-level BPE
+        from tests.helpers.tiny_bpe import bpe_gguf_metadata
+
+        meta.update(bpe_gguf_metadata(folder, style=style, vocab_size=cfg["vocab_size"]), **{"general.name": "tiny"})
+    else:
+        meta.update(tokenizer_metadata(folder, name=f"tiny {mt}", vocab_size=cfg["vocab_size"],
+                                       add_bos=mt != "phi3"))
     experts: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     for name, t in W:
         if ".block_sparse_moe.experts." in name:  # model.layers.N.block_sparse_moe.experts.E.wK.weight
             parts = name.split(".")
             experts.setdefault((parts[2], parts[6]), {})[int(parts[5])] = t.float().numpy()
             continue
-        if mt == "gemma3_text" and name == "lm_head.weight":
-            continue  # tied to the embedding
+        if name == "lm_head.weight" and (mt == "gemma3_text" or cfg.get("tie_word_embeddings")):
+            continue  # tied to the embedding: the converter writes no output.weight
         t = t.float()
         if mt == "gemma3_text" and name.endswith("norm.weight"):
             t = t + 1  # the converter stores 1 + w

@@ -174,3 +174,41 @@ def make_phimoe_folder(folder: Path, *, seed: int = 0, **overrides: Any) -> Path
     model.save_pretrained(folder, safe_serialization=True)
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [end_id, eot]}))
     return folder
+
+
+# Phi-4-mini's shape scaled down: GQA 8/2, head_dim 16, partial rotary 0.75 (rotary 12 -> LongRoPE lists of 6),
+# tied head, LongRoPE crossover at 32. Phi-4 (14B): GQA 8/2, rope_theta 250000, no scaling, untied.
+PHI4_VARIANTS: dict[str, dict[str, Any]] = {
+    "phi4-mini": dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=2, partial_rotary_factor=0.75,
+                      tie_word_embeddings=True, max_position_embeddings=1024, original_max_position_embeddings=32,
+                      rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.15 * i for i in range(6)],
+                                    "long_factor": [1.5 + 2.5 * i for i in range(6)]}),
+    "phi4": dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=2, rope_theta=250000.0,
+                 max_position_embeddings=512),
+}
+
+
+def make_phi4_folder(folder: Path, variant: str = "phi4-mini", *, seed: int = 0) -> Path:
+    """A random Phi3ForCausalLM of a Phi-4 shape with its BPE tokenizer (o200k for mini, cl100k for Phi-4)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from tests.helpers.tiny_bpe import build_bpe_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    style = "o200k" if variant == "phi4-mini" else "cl100k"
+    ids = build_bpe_tokenizer(folder, style)
+    end = ids["<|end|>" if style == "o200k" else "<|im_end|>"]
+    vocab = (max(ids.values()) + 1 + 63) // 64 * 64
+    eos = ids["<|endoftext|>"]
+    cfg = dict(PHI3_BASE, **PHI4_VARIANTS[variant], vocab_size=vocab, bos_token_id=eos, eos_token_id=[eos, end],
+               pad_token_id=eos)
+    torch.manual_seed(seed)
+    model = Phi3ForCausalLM(Phi3Config(**cfg)).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(folder, safe_serialization=True)
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": eos, "eos_token_id": [eos, end],
+                                                               "pad_token_id": eos}))
+    return folder

@@ -208,6 +208,7 @@ def gguf_config(f: GGUFFile) -> dict[str, Any]:
         rms_norm_eps=gguf_value(m, f"{a}.attention.layer_norm_rms_epsilon", 1e-5, kind=float),
         rope_theta=gguf_value(m, f"{a}.rope.freq_base", 10000.0, kind=float),
         sliding_window=gguf_value(m, f"{a}.attention.sliding_window", None),
+        tie_word_embeddings="output.weight" not in f.tensors,  # Phi-4-mini: the converter writes no output
     )
     head_dim = hidden // heads
     rot = gguf_value(m, f"{a}.rope.dimension_count", head_dim)

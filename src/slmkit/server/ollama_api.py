@@ -99,11 +99,15 @@ def final_fields(last: Any, t0: float, load_s: float = 0.0) -> dict:
 def chat_lines(chunks: Iterator[Any], model: str, t0: float, load_s: float = 0.0, tools: bool = False
                ) -> Iterator[bytes]:
     """NDJSON message chunks, then the final one with the timings. With tools, an answer that
-    starts with "{" (a call) is held back and sent as message.tool_calls when it parses."""
+    starts with "{" (a call) is held back and sent as message.tool_calls when it parses. A reasoning
+    model's thinking goes in message.thinking."""
     last, held, holding = None, "", tools
     for c in chunks:
         last = c
         text = c.text
+        if getattr(c, "reasoning", None):  # a reasoning model's <think> block, as Ollama sends it
+            yield line({"model": model, "created_at": now(),
+                        "message": {"role": "assistant", "content": "", "thinking": c.reasoning}, "done": False})
         if holding:
             held += text
             if not held.strip():
@@ -129,6 +133,8 @@ def generate_lines(chunks: Iterator[Any], model: str, t0: float, load_s: float =
     last = None
     for c in chunks:
         last = c
+        if getattr(c, "reasoning", None):
+            yield line({"model": model, "created_at": now(), "response": "", "thinking": c.reasoning, "done": False})
         if c.text:
             yield line({"model": model, "created_at": now(), "response": c.text, "done": False})
     assert last is not None

@@ -127,6 +127,8 @@ def chat_completion(results: list[Any], model: str) -> dict:
     choices = []
     for i, r in enumerate(results):
         msg: dict[str, Any] = {"role": "assistant", "content": r.text, "refusal": None}
+        if getattr(r, "reasoning", None) is not None:  # a reasoning model's <think> block (vLLM's / DeepSeek's field)
+            msg["reasoning_content"] = r.reasoning
         if r.tool_calls:
             msg["content"] = None
             msg["tool_calls"] = [{"id": c.id, "type": "function",
@@ -200,10 +202,10 @@ class _ToolCallDeltas:
         """The rest at the end: the arguments' tail, or the whole call if the head never matched
         (the model wrote the fields in another order), or the held-back text if there is no call."""
         if calls:
-            c = calls[0]
-            if self.mode != "args":
-                return [{"tool_calls": [{"index": 0, "id": c.id, "type": "function",
-                                         "function": {"name": c.name, "arguments": c.arguments_json}}]}]
+            if self.mode != "args":  # every call whole (a native format's list of calls)
+                return [{"tool_calls": [{"index": j, "id": c.id, "type": "function",
+                                         "function": {"name": c.name, "arguments": c.arguments_json}}]}
+                        for j, c in enumerate(calls)]
             args = self.text[self.head_end:].rstrip()
             args = args[:-1].rstrip() if args.endswith("}") else args  # the outer object's brace
             return [{"tool_calls": [{"index": 0, "function": {"arguments": args[self.sent:]}}]}] \
@@ -238,6 +240,8 @@ def chat_stream(llm: Any, messages: Any, chat_kw: dict, opts: GenerationOptions,
         last = None
         for c in chunks:
             last = c
+            if getattr(c, "reasoning", None):  # cloud / text-level chunks may not carry the field
+                yield event(i, {"reasoning_content": c.reasoning})
             out = deltas.feed(c.text)
             lp = _logprobs_json(c.logprobs)
             for j, d in enumerate(out):

@@ -25,8 +25,14 @@ def router(parser: Parser, runner: Runner) -> APIRouter:
         final = parts[-1]
         if field == "message":
             final["message"]["content"] = "".join(x["message"]["content"] for x in parts)
+            thinking = "".join(x["message"].get("thinking", "") for x in parts)
+            if thinking:  # a reasoning model's <think> block
+                final["message"]["thinking"] = thinking
         else:
             final["response"] = "".join(x["response"] for x in parts)
+            thinking = "".join(x.get("thinking", "") for x in parts)
+            if thinking:
+                final["thinking"] = thinking
         return final
 
     async def load_or_unload(p: Parsed, field: str) -> dict:

@@ -18,7 +18,8 @@ lower rank and SPM the leftmost; llama.cpp splits out overlapping added tokens l
 longest; the Phi-3 rstrip below strips C ``isspace`` there and Unicode whitespace here.
 
 ``tokenizer.ggml.model == "gpt2"`` (byte-level BPE with ``tokenizer.ggml.merges``): the pre-tokenizer regexes
-llama.cpp uses for the common ``tokenizer.ggml.pre`` values (GPT-2, Llama 3, Qwen 2, StarCoder/SmolLM, default)
+llama.cpp uses for the common ``tokenizer.ggml.pre`` values (GPT-2, Llama 3 / DBRX (cl100k, Phi-4),
+GPT-4o (o200k, Phi-4-mini), Qwen 2, StarCoder/SmolLM, default)
 plus ByteLevel; ``ignore_merges`` for Llama 3. Other pre-tokenizers and tokenizer models raise
 `UnsupportedModelError`. Decoding is plain ByteLevel (llama.cpp's ``clean_spaces`` post-pass is not applied).
 
@@ -68,6 +69,9 @@ _GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!
 _LLAMA3_RE = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_RE = _LLAMA3_RE.replace(r"\p{N}{1,3}", r"\p{N}")
+_CASED = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+          r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?")
+_GPT4O_RE = _CASED + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # o200k (Phi-4-mini)
 _DEFAULT_RES = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_RE, r"\p{N}+", r"[0-9][0-9][0-9]")
 # pre name -> (regexes, ignore_merges, default add_bos)
 _BPE_PRE: dict[str, tuple[tuple[str, ...], bool, bool]] = {}
@@ -77,6 +81,7 @@ for _names, _spec in (
     (("dbrx", "smaug-bpe"), ((_LLAMA3_RE,), False, False)),
     (("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum", "mpt",
       "olmo", "jais", "trillion", "granite-docling", "exaone4"), ((_GPT2_RE,), False, False)),
+    (("gpt-4o",), ((_GPT4O_RE,), False, False)),
     (("qwen2", "deepseek-r1-qwen", "kormo", "megrez", "stablelm2"), ((_QWEN2_RE,), False, False)),
     (("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b"),
      ((r"\p{N}", _GPT2_RE), False, False)),
