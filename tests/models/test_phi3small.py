@@ -261,3 +261,38 @@ def test_continuous_batching_rows_equal_solo_runs(folders):
     for t in threads:
         t.join(timeout=120)
     assert got == solo
+
+
+def test_server_answers_one_chat_request(folders):
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from slmkit.server.app import create_app
+    from tests.helpers.serving import start_server, stop_server
+
+    llm = slmkit.load(folders("8k"), dtype="float32")
+    messages = [{"role": "user", "content": "Hello, can you call some tools for me?"}]
+    solo = llm.chat(messages, max_new_tokens=6, temperature=0, ignore_eos=True)
+    base, srv, t = start_server(create_app({"small": llm}, api_key="k"))
+    try:
+        r = httpx.post(base + "/v1/chat/completions", headers={"Authorization": "Bearer k"}, timeout=120,
+                       json={"model": "small", "messages": messages, "max_tokens": 6, "temperature": 0,
+                             "ignore_eos": True})
+    finally:
+        stop_server(srv, t)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["usage"]["completion_tokens"] == 6 and body["choices"][0]["message"]["content"] == solo.text
+
+
+def test_session_turns_equal_resending_the_history(folders):
+    """Three turns on the 128k-style model: the talk crosses the blocks (12) and original_max (32)."""
+    llm = slmkit.load(folders("128k"), dtype="float32")
+    kw = dict(max_new_tokens=8, temperature=0, ignore_eos=True)
+    chat, history = llm.session(**kw), []
+    for i, text in enumerate(["Hello there", "Why is the sky blue?", "Tell me a story"]):
+        got = chat.send(text)
+        history.append({"role": "user", "content": text})
+        want = llm.chat(history, **kw)
+        assert got.token_ids == want.token_ids, i
+        history.append({"role": "assistant", "content": want.text})
+    assert chat.cached_tokens > 32
