@@ -37,14 +37,16 @@ VARIANTS = {
 }
 
 
-def make_folder(folder, variant="8k", seed=0):
+def make_folder(folder, variant="8k", seed=0, *, vocab=None, end=None):
+    """vocab/end given: the caller writes the tokenizer (else a real Phi-3 one, the network is the point)."""
     from tokenizers import Tokenizer as HFTok
 
     folder.mkdir(parents=True, exist_ok=True)
-    build_phi_tokenizer(folder, "phi3-mini-june")  # any real tokenizer: this file is about the network
-    tk = HFTok.from_file(str(folder / "tokenizer.json"))
-    vocab = (tk.get_vocab_size(with_added_tokens=True) + 63) // 64 * 64
-    end = tk.token_to_id("<|endoftext|>")
+    if vocab is None:
+        build_phi_tokenizer(folder, "phi3-mini-june")
+        tk = HFTok.from_file(str(folder / "tokenizer.json"))
+        vocab = (tk.get_vocab_size(with_added_tokens=True) + 63) // 64 * 64
+        end = tk.token_to_id("<|endoftext|>")
     cfg = dict(BASE, **VARIANTS[variant], vocab_size=vocab, bos_token_id=end, eos_token_id=end,
                dummy_token_indices=list(range(vocab - 20, vocab)))
     g = torch.Generator().manual_seed(seed)

@@ -94,3 +94,26 @@ def test_bad_ranks_file_is_a_model_file_error(tmp_path):
     (tmp_path / "cl100k_base.tiktoken").write_text("QQ== 0\n")
     with pytest.raises(ModelFileError, match="single byte"):
         Tokenizer.from_folder(tmp_path)
+
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{'<|' + m['role'] + '|>' + '\\n' + m['content'] + '<|end|>\\n'}}"
+            "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}")
+
+
+def test_a_phi3small_folder_with_only_the_tiktoken_file_chats(folder, tmp_path):
+    """The real folder's shape: config vocab 100352, cl100k ranks, specials from the fixed table,
+    the §2 chat template; stops on <|end|> and <|endoftext|>."""
+    import slmkit
+    from tests.models.test_phi3small import make_folder
+
+    d = make_folder(tmp_path / "m", "8k", vocab=100352, end=100257)
+    (d / "cl100k_base.tiktoken").write_text((folder[0] / "cl100k_base.tiktoken").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                                                         "chat_template": TEMPLATE}))
+    llm = slmkit.load(d, dtype="float32")
+    assert {100257, 100266} <= llm.engine.eos_token_ids
+    prompt = llm.render([{"role": "user", "content": "Hi there"}]).text
+    ids = llm.tokenizer.encode(prompt, add_special_tokens=False)
+    assert ids[:2] == [100257, 100262] and ids[-2:] == [100263, folder[2].encode("\n", add_special_tokens=False)[0]]
+    out = llm.chat([{"role": "user", "content": "Hi there"}], max_new_tokens=5, temperature=0)
+    assert 1 <= len(out.token_ids) <= 5 and all(t < 100352 - 20 for t in out.token_ids)
