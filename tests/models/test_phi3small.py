@@ -298,3 +298,13 @@ def test_session_turns_equal_resending_the_history(folders):
         assert got.token_ids == want.token_ids, i
         history.append({"role": "assistant", "content": want.text})
     assert chat.cached_tokens > 32
+
+
+def test_long_prefill_in_query_chunks_equals_one_pass(folders, monkeypatch):
+    import slmkit.models.phi3small as mod
+
+    llm = slmkit.load(folders("8k"), dtype="float32")
+    ids = ids_of(60, llm.engine.vocab_size, seed=9)
+    whole = llm.logits(ids)
+    monkeypatch.setattr(mod, "MASK_ELEMENTS", 4 * 60 * 7)  # 7 queries a chunk
+    assert close(llm.logits(ids), whole) <= 1e-5

@@ -27,6 +27,8 @@ from .cache import KVCache, Ragged, Step
 from .layers import attention
 from .rope import Rope, apply_rope, build_rope
 
+MASK_ELEMENTS = 1 << 26  # most mask entries one blocksparse SDPA call builds (a 64 MiB bool mask)
+
 
 @dataclass
 class ModelArgs(BaseArgs):
@@ -151,10 +153,16 @@ class Attention(nn.Module):
         qpos = step.span.positions  # [1 or B, S]
         if not self.sparse or int(qpos.max()) < self.local * self.block:
             return attention(q, k, v, step.span, window=None, scale=self.scale)  # dense-causal here
-        mask = blocksparse_mask(qpos, k.shape[2], self.n_heads, block=self.block, local=self.local,
-                                vert=self.vert, homo_head=self.homo_head)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
-                                              enable_gqa=self.n_kv != self.n_heads)
+        # the mask is [rows, heads, queries, keys]: a long prefill goes in query chunks of bounded size
+        S, L = q.shape[2], k.shape[2]
+        chunk = max(1, MASK_ELEMENTS // (q.shape[0] * self.n_heads * L))
+        outs = []
+        for i in range(0, S, chunk):
+            mask = blocksparse_mask(qpos[:, i:i + chunk], L, self.n_heads, block=self.block, local=self.local,
+                                    vert=self.vert, homo_head=self.homo_head)
+            outs.append(F.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v, attn_mask=mask, scale=self.scale,
+                                                       enable_gqa=self.n_kv != self.n_heads))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 def gegelu(x: torch.Tensor, limit: float) -> torch.Tensor:
