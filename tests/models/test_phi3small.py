@@ -240,8 +240,13 @@ def test_sessions_batches_and_quantized_runs(folders):
     while not gen.is_done():
         gen.generate_next_token()
     assert gen.get_sequence(0)[12:] == llm.generate(a, max_new_tokens=8, temperature=0, ignore_eos=True).token_ids
-    for quant in ("int8", "int4"):
+    full = llm.logits(a)
+    finite = torch.isfinite(full)
+    for quant, least in (("int8", 0.99), ("int4", 0.9)):
         q = slmkit.load(folder, quant=quant, group_size=32)
+        ql = q.logits(a)[finite]
+        cos = torch.nn.functional.cosine_similarity(ql - ql.mean(), full[finite] - full[finite].mean(), dim=0)
+        assert not torch.equal(ql, full[finite]) and cos.item() > least, (quant, cos)  # quantized, still the model
         out = q.generate(a, max_new_tokens=8, temperature=0, ignore_eos=True)
         assert len(out.token_ids) == 8
 
