@@ -107,11 +107,16 @@ def test_a_phi3small_folder_with_only_the_tiktoken_file_chats(folder, tmp_path):
     from tests.models.test_phi3small import make_folder
 
     d = make_folder(tmp_path / "m", "8k", vocab=100352, end=100257)
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["dummy_token_indices"]  # as in the real config.json
+    (d / "config.json").write_text(json.dumps(cfg))
     (d / "cl100k_base.tiktoken").write_text((folder[0] / "cl100k_base.tiktoken").read_text())
     (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
                                                          "chat_template": TEMPLATE}))
     llm = slmkit.load(d, dtype="float32")
     assert {100257, 100266} <= llm.engine.eos_token_ids
+    dummies = llm.engine.model.args.dummy_ids  # none listed in config.json: the padding ids of the tokenizer
+    assert dummies[:3] == [100256, 100264, 100265] and 100266 not in dummies and dummies[-1] == 100351
     prompt = llm.render([{"role": "user", "content": "Hi there"}]).text
     ids = llm.tokenizer.encode(prompt, add_special_tokens=False)
     assert ids[:2] == [100257, 100262] and ids[-2:] == [100263, folder[2].encode("\n", add_special_tokens=False)[0]]

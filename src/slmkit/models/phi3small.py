@@ -27,6 +27,10 @@ from .cache import KVCache, Ragged, Step
 from .layers import attention
 from .rope import Rope, apply_rope, build_rope
 
+# cl100k's BPE ranks are 0..100255; Phi-3-small's named added tokens (spec §2); the other ids up to
+# vocab_size (100352) are `<|dummy_id_N|>` padding whose logits are -inf
+CL100K_RANKS = 100256
+NAMED_SPECIAL_IDS = frozenset({100257, 100258, 100259, 100260, 100261, 100262, 100263, 100266, 100276})
 MASK_ELEMENTS = 1 << 26  # most mask entries one blocksparse SDPA call builds (a 64 MiB bool mask)
 
 
@@ -95,7 +99,11 @@ class ModelArgs(BaseArgs):
         )
 
     def _dummy_ids(self) -> list[int]:
-        ids = self.dummy_token_indices or []
+        ids = self.dummy_token_indices
+        if ids is None:
+            # the checkpoints' config.json does not list them (the remote config class asks its
+            # tokenizer): every id past cl100k's ranks that is not a named special token
+            ids = [i for i in range(CL100K_RANKS, self.vocab_size) if i not in NAMED_SPECIAL_IDS]
         if not isinstance(ids, list):
             raise ConfigError("dummy_token_indices", "must be a list of token ids")
         for i in ids:
