@@ -14,7 +14,8 @@ from slmkit.loading.memory import available_bytes
 from slmkit.sources import catalog, memplan
 from tests.helpers.gguf_files import write_gguf
 
-FAMILY = ["phi3:mini", "phi3:mini-128k", "phi3.5", "phi3:small", "phi3:medium", "phi3:medium-128k", "phi3-vision",
+FAMILY = ["phi3:mini", "phi3:mini-128k", "phi3.5", "phi3:small", "phi3:small-128k",
+          "phi3:medium", "phi3:medium-128k", "phi3-vision",
           "phi3.5-vision", "phi3.5-moe", "phi4", "phi4-mini", "phi4-mini-reasoning", "phi4-multimodal", "builtin"]
 
 
@@ -26,6 +27,7 @@ def test_the_catalog_names_the_whole_family_with_its_facts():
         assert all(v.repo or v.package for v in e.variants.values())
     assert cat["phi3.5-vision"].modalities == ("text", "image") and cat["phi3.5-moe"].moe["experts"] == 16
     assert cat["phi3.5"].cloud["nim"] == "microsoft/phi-3.5-mini-instruct" and cat["phi3.5"].ollama == "phi3.5"
+    assert cat["phi3:small-128k"].context == 131072 and cat["phi3:small-128k"].arch["model_type"] == "phi3small"
     assert cat["phi4"].context == 16384 and cat["phi4-mini"].arch["kv_heads"] == 8
 
 

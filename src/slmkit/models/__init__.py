@@ -7,8 +7,9 @@ from types import ModuleType
 from ..errors import UnsupportedModelError
 
 # model_type values that share an implementation with another module
-MODEL_REMAPPING = {"phi3": "phi3", "phi3_v": "phi3_v", "gemma3_text": "gemma3", "phimoe": "phimoe"}
-SUPPORTED = ("phi3", "phi3_v", "gemma3", "phimoe")
+MODEL_REMAPPING = {"phi3": "phi3", "phi3_v": "phi3_v", "phi3small": "phi3small", "gemma3_text": "gemma3",
+                   "phimoe": "phimoe"}
+SUPPORTED = ("phi3", "phi3_v", "phi3small", "gemma3", "phimoe")
 # GGUF general.architecture -> the module whose GGUF_LAYER_NAMES / gguf_config read such a file
 GGUF_ARCHITECTURES = {"phi3": "phi3", "gemma3": "gemma3", "phimoe": "phimoe"}
 

@@ -183,6 +183,9 @@ class Tokenizer:
         """
         folder = Path(path)
         tk_path, cfg_path = folder / "tokenizer.json", folder / "tokenizer_config.json"
+        ranks_files = sorted(folder.glob("*.tiktoken"))
+        if not tk_path.is_file() and ranks_files:
+            return cls._from_tiktoken(folder, ranks_files[0])
         data = read_json(tk_path, required=True)
         cfg = read_json(cfg_path, required=False) or {}
         smap = read_json(folder / "special_tokens_map.json", required=False) or {}
@@ -207,6 +210,30 @@ class Tokenizer:
         return cls(tk, bos_token=bos, eos_token=eos,
                    add_bos=add_bos if isinstance(add_bos, bool) else (bos is not None and first == bos),
                    add_eos=add_eos if isinstance(add_eos, bool) else (eos is not None and last == eos),
+                   chat_template=_load_chat_template(folder, cfg), source=cfg_path)
+
+    @classmethod
+    def _from_tiktoken(cls, folder: Path, ranks_file: Path) -> Tokenizer:
+        """A folder with a tiktoken ranks file instead of tokenizer.json (Phi-3-small): the BPE built
+        from the ranks plus the added tokens tokenizer_config.json lists (else Phi-3-small's)."""
+        from .tiktoken_file import PHI3_SMALL_SPECIALS, read_ranks, tokenizer_from_ranks
+
+        cfg_path = folder / "tokenizer_config.json"
+        cfg = read_json(cfg_path, required=False) or {}
+        if not isinstance(cfg, dict):
+            raise ModelFileError(cfg_path, "expected a JSON object")
+        listed = cfg.get("added_tokens_decoder") or {}
+        specials: dict[int, str] = {}
+        for key, entry in (listed.items() if isinstance(listed, dict) else ()):
+            content = _token_str(entry)
+            if not (isinstance(key, str) and key.isdigit()) or content is None:
+                raise ModelFileError(cfg_path, f"added_tokens_decoder entry {key!r} is not an id with a content")
+            specials[int(key)] = content
+        tk = tokenizer_from_ranks(read_ranks(ranks_file), specials or PHI3_SMALL_SPECIALS)
+        bos, eos = _token_str(cfg.get("bos_token")), _token_str(cfg.get("eos_token"))
+        add_bos = cfg.get("add_bos_token")
+        return cls(tk, bos_token=bos or "<|endoftext|>", eos_token=eos or "<|endoftext|>",
+                   add_bos=add_bos if isinstance(add_bos, bool) else False,
                    chat_template=_load_chat_template(folder, cfg), source=cfg_path)
 
     # -- encode / decode -------------------------------------------------------------------------------------------
