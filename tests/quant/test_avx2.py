@@ -3,6 +3,10 @@ bits for every weight format, the attention and the float matmul (bfloat16 float
 where AVX512-BF16 pairs products: then within a stated tolerance); chosen by SLMKIT_KERNEL=avx2."""
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -122,3 +126,75 @@ def test_attention_same_bits_as_avx512(both, monkeypatch, dtype, B, H, Hkv, D, S
     # chunk-invariant on its own: the last query alone gives its bits in the chunk
     alone = qgemm.decode_attention(q[:, :, -1:], k, v, qpos=qpos[:, -1:], window=window, scale=D**-0.5)
     assert alone is not None and torch.equal(alone, outs[1][:, :, -1:])
+
+
+# ---------------------------------------------------------------- no AVX512 instruction, ever
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory) -> str:
+    """tests/helpers/kernel_driver.cpp built as plain x86-64 (no -m flags)."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    exe = str(tmp_path_factory.mktemp("driver") / "kernel_driver")
+    r = _run([cxx, "-O1", "-std=c++17", str(Path(__file__).parents[1] / "helpers" / "kernel_driver.cpp"), "-o", exe,
+              "-ldl"])
+    assert r.returncode == 0, r.stderr
+    return exe
+
+
+def _lines(out: str) -> dict[str, str]:
+    return dict(line.split(" ", 1) for line in out.splitlines())
+
+
+def test_avx2_library_runs_on_an_emulated_haswell_with_the_same_bits(both, driver):
+    """qemu-x86_64 -cpu Haswell (AVX2, FMA, F16C; no AVX512, which qemu's TCG cannot run at all):
+    the AVX2 library passes its CPU check and gives the bits it gives natively, which are the AVX512
+    library's; the AVX512 library fails the check there, and forced to run dies of SIGILL."""
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        pytest.skip("qemu-x86_64 is not installed (apt-get install qemu-user)")
+    avx512, avx2 = (lib._name for lib in both)
+    native = _run([driver, avx2])
+    assert native.returncode == 0, native.stderr
+    emulated = _run([qemu, "-cpu", "Haswell", driver, avx2])
+    assert emulated.returncode == 0, emulated.stderr[-2000:]
+    lines = _lines(emulated.stdout)
+    assert lines["supported"] == "1" and len(lines) > 60
+    assert all(v.startswith("0 ") for k, v in lines.items() if k != "supported")  # every call returned 0
+    assert emulated.stdout == native.stdout
+    theirs = _lines(_run([driver, avx512]).stdout)
+    shared = lines.keys() & theirs.keys()  # bfloat16 fgemm lines differ in name where AVX512-BF16 pairs
+    assert len(shared) > 60 and all(lines[k] == theirs[k] for k in shared)
+    assert _lines(_run([qemu, "-cpu", "Haswell", driver, avx512]).stdout) == {"supported": "0"}
+    forced = _run([qemu, "-cpu", "Haswell", driver, avx512, "--force"])
+    assert forced.returncode in (132, -4), forced.returncode  # SIGILL: the emulation does refuse AVX512
+
+
+def test_avx2_library_has_no_evex_encoded_instruction(both):
+    """Every AVX512 instruction is EVEX-encoded (prefix byte 0x62, invalid otherwise in 64-bit code);
+    the AVX2 library has none, and its vpdpbusd is AVX-VNNI's VEX form."""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump is not installed")
+    evex, vex_dp = [], 0
+    for which, lib in zip(("avx512", "avx2"), both, strict=True):
+        r = _run([objdump, "-d", lib._name])
+        found = 0
+        for line in r.stdout.splitlines():
+            parts = line.split("\t")
+            if len(parts) < 3:
+                continue
+            raw = parts[1].split()
+            while raw and raw[0] in ("66", "67", "f2", "f3"):
+                raw = raw[1:]
+            if raw and raw[0] == "62":
+                found += 1
+            if which == "avx2" and "vpdpbusd" in parts[2]:
+                vex_dp += 1
+        evex.append(found)
+    assert evex[0] > 0 and evex[1] == 0  # the scan finds AVX512 code where there is some
+    assert vex_dp > 0 or "avxvnni" not in _run([shutil.which("g++") or "g++", "--help=target"]).stdout
