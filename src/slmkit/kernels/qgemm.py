@@ -216,6 +216,19 @@ def get_kernel() -> ctypes.CDLL | None:
     return None
 
 
+_has: dict[tuple[int, str], bool] = {}
+
+
+def kernel_has(lib: ctypes.CDLL, symbol: str) -> bool:
+    """Whether the loaded library exports `symbol`. A weight format whose kernel exists in one
+    variant only (its own entry point, built into the AVX512 library but not the AVX2 one) names its
+    entry point, and its module runs the PyTorch fallback where this is False."""
+    key = (id(lib), symbol)
+    if key not in _has:
+        _has[key] = hasattr(lib, symbol)
+    return _has[key]
+
+
 def qmatmul_kernel(lib: ctypes.CDLL, x: torch.Tensor, qw: QuantWeight, out_dtype: torch.dtype) -> torch.Tensor:
     """x [M, K] (float32 or bfloat16, CPU) @ W.T -> [M, N] in out_dtype (float32 or bfloat16)."""
     if x.dtype not in (torch.float32, torch.bfloat16):

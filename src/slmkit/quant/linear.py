@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidRequestError
-from ..kernels.qgemm import get_kernel, qmatmul_kernel
+from ..kernels.qgemm import get_kernel, kernel_has, qmatmul_kernel
 from .format import GROUPS, QuantWeight, dequantize_weight, qmatmul_reference, quantize
 
 SCHEMES = {"int8": 8, "int4": 4}
@@ -38,6 +38,10 @@ def kernel_active() -> bool:
 
 class QuantLinear(nn.Module):
     """y = x @ W.T (+ b) with W quantized; the tensors are buffers so state_dict() saves them."""
+
+    # the kernel's entry point for this format: where the loaded kernel variant lacks it (a format
+    # with no AVX2 version, say), forward runs the PyTorch fallback
+    kernel_symbol = "slm_qgemm"
 
     # the buffers (register_buffer below), declared so their types are known
     qweight: torch.Tensor
@@ -70,7 +74,7 @@ class QuantLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         lib = get_kernel() if _kernel_enabled and x.device.type == "cpu" else None
-        if lib is not None:
+        if lib is not None and kernel_has(lib, self.kernel_symbol):
             y = qmatmul_kernel(lib, x2, self.weight_q, x.dtype)
         else:
             y = qmatmul_reference(x2, self.weight_q).to(x.dtype)
