@@ -198,3 +198,25 @@ def test_avx2_library_has_no_evex_encoded_instruction(both):
         evex.append(found)
     assert evex[0] > 0 and evex[1] == 0  # the scan finds AVX512 code where there is some
     assert vex_dp > 0 or "avxvnni" not in _run([shutil.which("g++") or "g++", "--help=target"]).stdout
+
+
+@pytest.mark.parametrize("which", ["avx512", "avx2"])
+def test_a_format_the_loaded_variant_lacks_runs_the_fallback(monkeypatch, which):
+    """A QuantLinear whose format's entry point the loaded library does not export (as a format built
+    into the AVX512 library only would be, on the AVX2 one) gives the PyTorch fallback's bits, no
+    error; with an entry point it has, the kernel runs."""
+    from slmkit.quant import linear
+    from slmkit.quant.linear import QuantLinear
+
+    monkeypatch.setattr(qgemm, "_lib", variant(which))
+    monkeypatch.setattr(qgemm, "_tried", True)
+    calls = []
+    real = linear.qmatmul_kernel
+    monkeypatch.setattr(linear, "qmatmul_kernel", lambda *a: calls.append(1) or real(*a))
+    qw = codes_weight(48, 130, 32, 4, "mins")
+    mod = QuantLinear(qw)
+    x = torch.randn(3, 130, generator=torch.Generator().manual_seed(9))
+    want = qmatmul_reference(x, qw)
+    assert torch.equal(mod(x), want) and calls == [1]
+    mod.kernel_symbol = "slm_qgemm_format_built_nowhere"
+    assert torch.equal(mod(x), want) and calls == [1]  # the fallback ran, same bits
