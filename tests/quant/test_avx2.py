@@ -220,3 +220,32 @@ def test_a_format_the_loaded_variant_lacks_runs_the_fallback(monkeypatch, which)
     assert torch.equal(mod(x), want) and calls == [1]
     mod.kernel_symbol = "slm_qgemm_format_built_nowhere"
     assert torch.equal(mod(x), want) and calls == [1]  # the fallback ran, same bits
+
+
+def test_the_variant_is_chosen_from_the_cpu_flags_and_slmkit_kernel(monkeypatch):
+    haswell = {"avx", "avx2", "fma", "f16c", "sse4_2"}
+    assert qgemm.cpu_variants(haswell) == ["avx2"]
+    assert qgemm.cpu_variants(haswell | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}) == ["avx512", "avx2"]
+    assert qgemm.cpu_variants({"sse4_2", "avx"}) == []
+    for which in qgemm.VARIANTS:
+        variant(which)  # skips where this CPU cannot run one
+    monkeypatch.setattr(qgemm, "_tried", False)
+    monkeypatch.setattr(qgemm, "_lib", None)
+    monkeypatch.setattr(qgemm, "variant", None)
+    monkeypatch.setattr(qgemm, "build_error", None)
+    monkeypatch.setenv("SLMKIT_KERNEL", "avx2")
+    assert qgemm.get_kernel() is qgemm.load_variant("avx2") and qgemm.variant == "avx2"
+    monkeypatch.setattr(qgemm, "_tried", False)
+    monkeypatch.setenv("SLMKIT_KERNEL", "1")
+    assert qgemm.get_kernel() is qgemm.load_variant("avx512") and qgemm.variant == "avx512"
+    monkeypatch.setenv("SLMKIT_KERNEL", "0")
+    assert qgemm.get_kernel() is None
+    # an AVX2-only CPU: the default is the AVX2 kernel, and a forced AVX512 one is refused by name
+    monkeypatch.setattr(qgemm, "cpu_flags", lambda: haswell)
+    monkeypatch.setattr(qgemm, "_libs", {})
+    monkeypatch.setattr(qgemm, "_tried", False)
+    monkeypatch.setenv("SLMKIT_KERNEL", "1")
+    assert qgemm.get_kernel() is not None and qgemm.variant == "avx2"
+    monkeypatch.setattr(qgemm, "_tried", False)
+    monkeypatch.setenv("SLMKIT_KERNEL", "avx512")
+    assert qgemm.get_kernel() is None and "avx512" in (qgemm.build_error or "")

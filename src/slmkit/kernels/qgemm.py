@@ -64,21 +64,24 @@ def _candidates(which: str = "avx512") -> list[Path]:
     return [HERE / _lib_name(which), cache / _lib_name(which)]
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo; None where there is none to read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return None
     for line in text.splitlines():
         if line.startswith("flags"):
             return set(line.partition(":")[2].split())
-    return set()
+    return None
 
 
 def cpu_variants(flags: set[str] | None = None) -> list[str]:
-    """The kernel variants this CPU can run, preferred first."""
+    """The kernel variants this CPU can run, preferred first. Without /proc/cpuinfo: both, and each
+    library's own cpuid check (slm_supported) decides."""
     flags = cpu_flags() if flags is None else flags
+    if flags is None:
+        return list(VARIANTS)
     out = []
     if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma", "f16c"} <= flags:
         out.append("avx512")
