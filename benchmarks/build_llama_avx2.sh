@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 if [ -z "${LLAMA_SRC:-}" ]; then
     VER="$("$PY" -c 'import llama_cpp; print(llama_cpp.__version__)')"
     if [ ! -d "$OUT/src/vendor/llama.cpp" ]; then
-        "$PY" -m pip download --no-deps --no-binary :all: "llama-cpp-python==$VER" -d "$OUT/sdist"
+        "$PY" -m pip download --no-deps --no-binary llama-cpp-python "llama-cpp-python==$VER" -d "$OUT/sdist"
         mkdir -p "$OUT/src"
         tar -xzf "$OUT"/sdist/llama_cpp_python-*.tar.gz -C "$OUT/src" --strip-components=1
     fi
