@@ -7,7 +7,8 @@ import re
 import pytest
 
 import slmkit
-from slmkit.cli import HELP_REPL, main, repl
+from slmkit.cli import main, repl
+from slmkit.cli_repl import HELP as HELP_REPL
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from .errors import (
 from .options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 from .processing import check_images
 from .quantize import quantize
-from .results import GenerationChunk, GenerationResult, Timings, TokenLogprob, Usage
+from .results import GenerationChunk, GenerationResult, Timings, TokenLogprob, Usage, routing_of
 from .sources.resolve import BUILTIN_ALIASES, resolve_model_path
 from .streams import validated_first
 from .text.chat import check_text
@@ -286,6 +286,8 @@ class LLM:
             self._refuse_unless(caps.structured_output, "structured output", "response_format")
         if opts.wants_logprobs:
             self._refuse_unless(caps.logprobs, "log-probabilities", "logprobs")
+        if opts.return_routing:
+            self._refuse_unless(caps.routing, "expert routing (a mixture-of-experts model)", "return_routing")
         if opts.logit_bias:
             opts = opts.replace(logit_bias=self._logit_bias(opts.logit_bias))
         return opts
@@ -298,14 +300,18 @@ class LLM:
             return validated_first(chunks)
         text, out_ids, last = [], [], None
         lps: list[TokenLogprob] | None = [] if opts.wants_logprobs else None
+        routing: list[Any] | None = [] if opts.return_routing else None
         for c in chunks:
             text.append(c.text)
             out_ids.extend(c.token_ids)
             if lps is not None and c.logprobs:
                 lps.extend(c.logprobs)
+            if routing is not None and c.routing:
+                routing.extend(c.routing)
             last = c
         assert last is not None and last.finish_reason and last.usage and last.timings
-        return GenerationResult("".join(text), out_ids, last.finish_reason, last.usage, last.timings, lps)
+        return GenerationResult("".join(text), out_ids, last.finish_reason, last.usage, last.timings, lps,
+                                routing=routing)
 
     def _stream(self, ids: list[int], options: GenerationOptions, session: Session | None = None,
                 images: Any = None) -> Iterator[GenerationChunk]:
@@ -328,7 +334,7 @@ class LLM:
                 if matcher.stopped:
                     reason = "stop"
                 if reason is None:
-                    yield GenerationChunk(text, [step.token_id], logprobs=lp)
+                    yield GenerationChunk(text, [step.token_id], logprobs=lp, routing=routing_of(step))
                     continue
                 if not matcher.stopped:
                     text += matcher.feed(detok.flush()) + matcher.flush()
@@ -340,7 +346,8 @@ class LLM:
         t_end = time.perf_counter()
         timings = Timings((t_first or t_end) - t0, t_end - (t_first or t_end))
         yield GenerationChunk(text if n else "", [step.token_id] if n else [], reason or "length",
-                              Usage(len(ids), n), timings, self._token_logprob(step) if n else None)
+                              Usage(len(ids), n), timings, self._token_logprob(step) if n else None,
+                              routing=routing_of(step) if n else None)
 
     def _token_logprob(self, step: Any) -> list[TokenLogprob] | None:
         if step.logprob is None:

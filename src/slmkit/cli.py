@@ -7,22 +7,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 from . import cli_compare, cli_ps, cli_store, cli_vision
+from .cli_repl import repl
+from .cli_repl import report as _report
 from .errors import SlmkitError
 from .options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 
 BASE_MODEL_MAX_NEW_TOKENS = 128  # a base model's completion rarely stops by itself: a shorter default
-
-HELP_REPL = """Commands:
-  /clear        forget the conversation so far (and images not yet sent)
-  /image PATH   attach an image to your next message (vision models; repeatable)
-  /bye          leave (Ctrl-D too)
-  \"\"\"           start and end a multi-line message
-  Ctrl-C        stop the current answer"""
-
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=None,
@@ -59,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     run.add_argument("--device", default="cpu")
     run.add_argument("--verbose", "-v", action="store_true", help="print load time and tokens/s")
+    run.add_argument("--show-experts", action="store_true", help="mixture-of-experts models: after the answer, "
+                     "print which experts each layer chose for its tokens (to stderr)")
     run.add_argument("--yes", "-y", action="store_true", help="pull a catalog model that is not in the store "
                      "without asking (without a terminal it proceeds anyway, and says so)")
     _add_quant_args(run)
@@ -184,99 +180,36 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _stream_out(chunks: Iterator[Any], out: TextIO) -> Any:
-    """Print chunks as they come; return the last one (finish reason, usage, timings)."""
+def _stream_out(chunks: Iterator[Any], out: TextIO, routing: list | None = None) -> Any:
+    """Print chunks as they come; return the last one (finish reason, usage, timings). routing:
+    where the chunks' expert routing is collected (return_routing)."""
     last = None
     for chunk in chunks:
         out.write(chunk.text)
         out.flush()
+        if routing is not None and chunk.routing:
+            routing.extend(chunk.routing)
         last = chunk
     return last
 
 
-def _report(last: Any, err: TextIO) -> None:
-    if last is None or last.usage is None:
-        return
-    u, t = last.usage, last.timings
-    err.write(f"\n[prompt {u.prompt_tokens} tok, {t.prefill_tokens_per_s(u.prompt_tokens):.1f} tok/s | "
-              f"output {u.completion_tokens} tok, {t.decode_tokens_per_s(u.completion_tokens):.2f} tok/s | "
-              f"finish: {last.finish_reason}]\n")
-
-
-def _read_message(read: Callable[[str], str]) -> str | None:
-    """One user message: a line, or a \"\"\"-fenced block. None at end of input."""
-    try:
-        line = read(">>> ")
-    except EOFError:
-        return None
-    if not line.lstrip().startswith('"""'):
-        return line
-    parts = [line.lstrip()[3:]]
-    while True:
-        if parts[-1].rstrip().endswith('"""') and (len(parts) > 1 or parts[0].strip() != ""):
-            parts[-1] = parts[-1].rstrip()[:-3]
-            return "\n".join(parts).strip("\n")
-        try:
-            parts.append(read("... "))
-        except EOFError:
-            return "\n".join(parts).strip("\n")
-
-
-def repl(llm: Any, options: GenerationOptions | dict, system: str | None, *, read: Callable[[str], str] = input,
-         out: TextIO = sys.stdout, err: TextIO = sys.stderr, verbose: bool = False, raw: bool = False,
-         images: list[dict] | None = None, num_crops: int | None = None) -> None:
-    """Interactive chat; history kept until /clear. raw=True: each message is completed as plain text.
-    options: GenerationOptions, or generate()'s keyword arguments. images: image parts for the first
-    message (--image / --video); /image PATH attaches one to the next message."""
-    opts = options if isinstance(options, GenerationOptions) else GenerationOptions.from_kwargs(**options)
-    history: list[dict] = [{"role": "system", "content": system}] if system else []
-    base = len(history)
-    pending = list(images or [])
-    err.write("Chat with the model. /bye to leave, /clear to start over, /? for help.\n")
-    while True:
-        text = _read_message(read)
-        if text is None or text.strip() in ("/bye", "/exit", "/quit"):
-            out.write("\n" if text is None else "")
-            return
-        cmd = text.strip()
-        if cmd == "/clear":
-            del history[base:]
-            pending.clear()
-            err.write("(conversation cleared)\n")
-            continue
-        if cmd in ("/?", "/help"):
-            err.write(HELP_REPL + "\n")
-            continue
-        if cmd == "/image" or cmd.startswith("/image "):
-            try:
-                err.write(cli_vision.attach(llm, cmd, pending, raw) + "\n")
-            except SlmkitError as e:
-                err.write(f"error: {e}\n")
-            continue
-        if not cmd:
-            continue
-        history.append({"role": "user", "content": cli_vision.user_content(text, pending)})
-        pending = []
-        answer: list[str] = []
-        last = None
-        try:
-            chunks = llm.generate(text, opts, stream=True) if raw else llm.chat(
-                history, stream=True, options=opts, **cli_vision.chat_kwargs(num_crops))
-            for chunk in chunks:
-                out.write(chunk.text)
-                out.flush()
-                answer.append(chunk.text)
-                last = chunk
-        except KeyboardInterrupt:
-            err.write("\n(stopped)")
-        except SlmkitError as e:  # e.g. the conversation outgrew the context: say so, keep the REPL
-            history.pop()
-            err.write(f"error: {e}\n")
-            continue
-        out.write("\n")
-        history.append({"role": "assistant", "content": "".join(answer)})
-        if verbose:
-            _report(last, err)
+def experts_table(routing: list[Any]) -> str:
+    """A compact per-layer usage table of TokenRouting entries: each layer's experts by how many of
+    the tokens chose them (first or second), most used first, with their mean weight."""
+    if not routing:
+        return "[no routing recorded]"
+    n_layers = len(routing[0].experts)
+    lines = [f"[experts chosen for {len(routing)} tokens; per layer: expert×tokens (mean weight)]"]
+    for layer in range(n_layers):
+        count: dict[int, int] = {}
+        weight: dict[int, float] = {}
+        for r in routing:
+            for e, w in zip(r.experts[layer], r.weights[layer]):
+                count[e] = count.get(e, 0) + 1
+                weight[e] = weight.get(e, 0.0) + w
+        ranked = sorted(count, key=lambda e: (-count[e], e))
+        lines.append(f"L{layer:02d} " + " ".join(f"e{e}×{count[e]}({weight[e] / count[e]:.2f})" for e in ranked))
+    return "\n".join(lines)
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -293,6 +226,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         cli_vision.check_takes_images(llm, raw, "--image" if a.image else "--video")
     crops = cli_vision.num_crops(a)
     opts = generation_options(a, raw)
+    if a.show_experts:
+        opts = opts.replace(return_routing=True)  # a model without routing refuses it, naming the option
     prompt = a.prompt
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
@@ -309,8 +244,11 @@ def cmd_run(a: argparse.Namespace) -> int:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
             {"role": "user", "content": cli_vision.user_content(prompt, media)}]
         chunks = llm.chat(messages, stream=True, options=opts, **cli_vision.chat_kwargs(crops))
-    last = _stream_out(chunks, sys.stdout)
+    routing: list | None = [] if a.show_experts else None
+    last = _stream_out(chunks, sys.stdout, routing)
     sys.stdout.write("\n")
+    if routing is not None:
+        sys.stderr.write(experts_table(routing) + "\n")
     if a.verbose:
         _report(last, sys.stderr)
     return 0

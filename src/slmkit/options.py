@@ -51,6 +51,7 @@ class GenerationOptions:
     scorers: Sequence[Callable[..., Any]] = ()  # (input_ids [B, S], logits [B, V]) -> logits
     logprobs: bool = False  # report the chosen token's log-probability per step
     top_logprobs: int = 0  # ... and this many alternatives (0-20)
+    return_routing: bool = False  # MoE models: per token, each layer's chosen experts and weights
     # structured output (at most one): a JSON schema, a regex, a Lark / GBNF grammar, or OpenAI's
     # response_format ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}})
     json_schema: dict | str | None = None
@@ -126,7 +127,7 @@ class GenerationOptions:
         for name in ("repetition_window", "no_repeat_ngram_size", "min_new_tokens", "min_length"):
             check_int(getattr(self, name), name, lo=0)
         check_int(self.top_logprobs, "top_logprobs", lo=0, hi=MAX_TOP_LOGPROBS)
-        for name in ("logprobs", "ignore_eos"):
+        for name in ("logprobs", "ignore_eos", "return_routing"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequestError(f"must be true or false, got {shown(getattr(self, name))}", param=name)
         self.stop = _stop_strings(self.stop)

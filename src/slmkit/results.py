@@ -28,6 +28,15 @@ class Timings:
 
 
 @dataclass
+class TokenRouting:
+    """A mixture-of-experts model's choices for one generated token: per layer, the expert ids and
+    their weights (Phi-3.5-MoE: 2 each, weights not renormalised) at the position whose output
+    chose the token (the prompt's last position for the first token)."""
+    experts: list[list[int]]  # [layer][k]
+    weights: list[list[float]]  # [layer][k]
+
+
+@dataclass
 class TokenLogprob:
     """A generated token with the model's log-probability of it (before penalties and sampling
     filters), and the most likely alternatives at that step when top_logprobs was asked for."""
@@ -47,6 +56,7 @@ class GenerationResult:
     logprobs: list[TokenLogprob] | None = None  # one per token id, with logprobs=True / top_logprobs=N
     tool_calls: list[Any] | None = None  # slmkit.tools.ToolCall list when the answer called a tool
     score: float | None = None  # a beam's length-normalised log-probability (num_beams > 1)
+    routing: list[TokenRouting] | None = None  # one per token id, with return_routing=True (MoE models)
 
 
 @dataclass
@@ -58,3 +68,10 @@ class GenerationChunk:
     timings: Timings | None = None
     logprobs: list[TokenLogprob] | None = None
     tool_calls: list[Any] | None = None  # on the last chunk of chat(stream=True, tools=...) that called a tool
+    routing: list[TokenRouting] | None = None  # with return_routing=True: one per token id of this chunk
+
+
+def routing_of(step: Any) -> list[TokenRouting] | None:
+    """A token step's routing as a chunk's list (one per token), or None when not asked for."""
+    r = getattr(step, "routing", None)
+    return None if r is None else [r]

@@ -43,6 +43,15 @@ class ChatSession:
         check_int(n, "n", lo=0, hi=len(self.messages), what=f"an integer in [0, {len(self.messages)}]")
         del self.messages[n:]
 
+    def prime(self, **options: Any) -> None:
+        """Run the conversation so far through the model once (one greedy token, discarded), so that
+        the next send() prefills only its new message: a restored conversation gets its KV cache
+        back. options: num_crops for images. A backend that keeps no state has nothing to do."""
+        if self._state is None or not self.messages:
+            return
+        prompt = self.llm.chat_prompt(self.messages, num_crops=options.get("num_crops"))
+        self.llm.generate(prompt, session=self._state, max_new_tokens=1, temperature=0)
+
     def send(self, content: Any, *, stream: bool = False, **options: Any) -> Any:
         """Add a user message (a string or OpenAI content parts) and answer it; the answer joins
         self.messages. Options as for LLM.generate, over the session's defaults."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.helpers.gguf_files import write_gguf
+from tests.helpers.gguf_files import has_reference_quantizer, random_blocks, write_gguf
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -80,8 +80,11 @@ _GEMMA3 = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_a
            "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "post_attention_norm",
            "pre_feedforward_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
            "mlp.down_proj": "ffn_down", "post_feedforward_layernorm": "post_ffw_norm"}
+_PHIMOE = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+           "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+           "block_sparse_moe.gate": "ffn_gate_inp"}
 _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
+           "model.norm.bias": "output_norm.bias", "lm_head.weight": "output.weight", "lm_head.bias": "output.bias"}
 
 
 def gguf_name(hf: str, table: dict[str, str]) -> str:
@@ -91,8 +94,11 @@ def gguf_name(hf: str, table: dict[str, str]) -> str:
     return f"blk.{parts[2]}.{table['.'.join(parts[3:-1])]}.{parts[-1]}"
 
 
-def hf_to_gguf(folder: Path, out: Path, qtype: str = "F32") -> Path:
-    """Convert a tiny phi3 / gemma3_text HF folder to GGUF; 2-D weights stored as `qtype`."""
+def hf_to_gguf(folder: Path, out: Path, qtype: str = "F32", expert_qtype: str | None = None,
+               router_qtype: str = "F32") -> Path:
+    """Convert a tiny phi3 / phimoe / gemma3_text HF folder to GGUF; 2-D weights stored as `qtype`
+    (phimoe's stacked experts as `expert_qtype`, default the same; its router stays F32, as
+    llama.cpp's converter keeps ffn_gate_inp)."""
     cfg = json.loads((folder / "config.json").read_text())
     mt = cfg["model_type"]
     W = _weights(folder)
@@ -118,6 +124,24 @@ def hf_to_gguf(folder: Path, out: Path, qtype: str = "F32") -> Path:
             meta[f"{a}.rope.scaling.attn_factor"] = math.sqrt(1 + math.log(scale) / math.log(orig))
             tensors["rope_factors_long.weight"] = (np.array(rs["long_factor"], np.float32), "F32")
             tensors["rope_factors_short.weight"] = (np.array(rs["short_factor"], np.float32), "F32")
+    elif mt == "phimoe":  # convert_hf_to_gguf's PhiMoeModel: Phi3 keys + experts stacked per layer
+        a, table = "phimoe", _PHIMOE
+        H, nh = cfg["hidden_size"], cfg["num_attention_heads"]
+        rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+        meta = {f"{a}.context_length": cfg["max_position_embeddings"], f"{a}.embedding_length": H,
+                f"{a}.feed_forward_length": cfg["intermediate_size"], f"{a}.block_count": cfg["num_hidden_layers"],
+                f"{a}.attention.head_count": nh, f"{a}.attention.head_count_kv": cfg["num_key_value_heads"],
+                f"{a}.attention.layer_norm_rms_epsilon": cfg["rms_norm_eps"],
+                f"{a}.rope.dimension_count": H // nh, f"{a}.rope.freq_base": rs.get("rope_theta", 10000.0),
+                f"{a}.expert_count": cfg["num_local_experts"], f"{a}.expert_used_count": cfg["num_experts_per_tok"]}
+        if rs.get("long_factor"):
+            orig = rs["original_max_position_embeddings"]
+            scale = cfg["max_position_embeddings"] / orig
+            meta[f"{a}.rope.scaling.original_context_length"] = orig
+            # the converter computes this itself and does not read short_mscale / long_mscale
+            meta[f"{a}.rope.scaling.attn_factor"] = math.sqrt(1 + math.log(scale) / math.log(orig))
+            tensors["rope_factors_long.weight"] = (np.array(rs["long_factor"], np.float32), "F32")
+            tensors["rope_factors_short.weight"] = (np.array(rs["short_factor"], np.float32), "F32")
     elif mt == "gemma3_text":
         a, table = "gemma3", _GEMMA3
         meta = {f"{a}.context_length": cfg["max_position_embeddings"], f"{a}.embedding_length": cfg["hidden_size"],
@@ -131,7 +155,12 @@ def hf_to_gguf(folder: Path, out: Path, qtype: str = "F32") -> Path:
         raise ValueError(mt)
     meta.update(tokenizer_metadata(folder, name=f"tiny {mt}", vocab_size=cfg["vocab_size"],
                                    add_bos=mt != "phi3"))
+    experts: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     for name, t in W:
+        if ".block_sparse_moe.experts." in name:  # model.layers.N.block_sparse_moe.experts.E.wK.weight
+            parts = name.split(".")
+            experts.setdefault((parts[2], parts[6]), {})[int(parts[5])] = t.float().numpy()
+            continue
         if mt == "gemma3_text" and name == "lm_head.weight":
             continue  # tied to the embedding
         t = t.float()
@@ -139,7 +168,15 @@ def hf_to_gguf(folder: Path, out: Path, qtype: str = "F32") -> Path:
             t = t + 1  # the converter stores 1 + w
         if t.dim() == 2 and qtype == "F16":
             t = t.half()  # halve the memory of big conversions before write_gguf sees them
-        tensors[gguf_name(name, table)] = (t.numpy(), qtype if t.dim() == 2 else "F32")
+        gname = gguf_name(name, table)
+        tensors[gname] = (t.numpy(), (router_qtype if "gate_inp" in gname else qtype) if t.dim() == 2 else "F32")
+    rng = np.random.default_rng(0)
+    for (layer, w), per in experts.items():  # [E, out, in], ggml's ne = (in, out, E)
+        kind = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}[w]
+        stacked, et = np.stack([per[e] for e in sorted(per)]), expert_qtype or qtype
+        if not has_reference_quantizer(et):  # K-quants (gguf-py cannot write them): valid random blocks
+            stacked = random_blocks(et, stacked.shape, rng)
+        tensors[f"blk.{layer}.{kind}.weight"] = (stacked, et)
     return write_gguf(out, a, meta, tensors)
 
 

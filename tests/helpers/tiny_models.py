@@ -166,9 +166,11 @@ def make_phimoe_folder(folder: Path, *, seed: int = 0, **overrides: Any) -> Path
     torch.manual_seed(seed)
     model = PhimoeForCausalLM(PhimoeConfig(**cfg)).eval()
     with torch.no_grad():  # wider than the default init, so that greedy text varies and routing matters
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.08)
+            elif name.endswith("bias"):  # attention / lm_head / LayerNorm biases: non-zero, so they count
+                p.normal_(0, 0.05)
     model.save_pretrained(folder, safe_serialization=True)
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [end_id, eot]}))
     return folder

@@ -8,7 +8,7 @@ template) so that prompts can be rendered and answers decoded."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..options import GenerationOptions
@@ -26,6 +26,7 @@ class Capabilities:
     beam_search: bool = False  # beam_search(ids, options)
     structured_output: bool = False  # json_schema / regex / grammar / response_format
     logprobs: bool = False  # TokenStep.logprob / top_logprobs when the options ask
+    routing: bool = False  # TokenStep.routing (a mixture-of-experts model's choices) when the options ask
     token_ids: bool = True  # works on token ids (stream_tokens); False: on text (stream_chat), like a cloud API
     completion: bool = True  # plain-text completion (generate("text")); text-level backends: stream_completion
     tools: bool = False  # tools / tool_choice handled by the backend itself (text-level backends)
@@ -47,6 +48,8 @@ class ModelDescription:
     dtype: str = ""  # the compute dtype ("float32", "bfloat16")
     quantization: str = ""  # e.g. "int4 (24 layers, VNNI kernel)"; "" for float weights
     chat_template: str = ""
+    # bytes the weights need at each precision ("float32", "bfloat16", "int8", "int4"); the planner's numbers
+    ram_needed: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class BackendStats:
     kv_slots_used: int = 0
     kv_bytes: int = 0  # memory of the batch's KV cache
     dead: str | None = None  # why the engine stopped for good (then every request fails), else None
+    expert_hits: tuple[tuple[int, ...], ...] = ()  # MoE: per layer, per expert, tokens routed to it so far
 
     @property
     def healthy(self) -> bool:
@@ -74,6 +78,7 @@ class TokenStep:
     finish_reason: str | None = None  # "stop" or "length" on the last step
     logprob: float | None = None  # the model's log-probability of token_id (when asked for)
     top_logprobs: list[tuple[int, float]] | None = None  # the most likely ids and their log-probabilities
+    routing: Any = None  # slmkit.results.TokenRouting of the pass that chose this token (return_routing)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from ..engine.generator import Generator, GeneratorParams
 from ..errors import InvalidRequestError, UnsupportedInputError
 from ..loading.files import is_regular_file
 from ..loading.hf import load_hf_folder
+from ..loading.memory import ram_by_precision
 from ..options import GenerationOptions
 from .base import BackendStats, Capabilities, ModelDescription, SearchResult, Session, TokenStep
 
@@ -60,7 +61,8 @@ class NativeBackend:
         self.tokenizer = engine.tokenizer
         self.context_length = engine.context_length
         self.vocab_size = engine.vocab_size
-        self.capabilities = dataclasses.replace(self.capabilities, images=engine.takes_images)
+        self.capabilities = dataclasses.replace(self.capabilities, images=engine.takes_images,
+                                                routing=getattr(engine.model, "routing", None) is not None)
         self.image_processor: Any = None  # a vision model's (from_path reads preprocessor_config.json)
 
     @classmethod
@@ -133,16 +135,19 @@ class NativeBackend:
             model_type=self.model_type, context_length=self.context_length, parameters=params,
             weight_bytes=weight_bytes, format="gguf" if getattr(engine, "gguf", None) is not None else "safetensors",
             dtype=str(engine.dtype).removeprefix("torch."), quantization=quantization,
-            chat_template=self.tokenizer.chat_template or "")
+            chat_template=self.tokenizer.chat_template or "", ram_needed=ram_by_precision(engine.model))
 
     def stats(self) -> BackendStats:
         batch = self.batch  # once: close() may clear it meanwhile
+        trace = getattr(self.engine.model, "routing", None)
+        hits = tuple(tuple(row) for row in trace.hits.tolist()) if trace is not None else ()
         if batch is None:
-            return BackendStats(self.tokens_generated, self.reused_tokens, request_context=self.context_length)
+            return BackendStats(self.tokens_generated, self.reused_tokens, request_context=self.context_length,
+                                expert_hits=hits)
         return BackendStats(self.tokens_generated, self.reused_tokens + batch.reused_tokens, batching=True,
                             slots=batch.cache.slots, request_context=batch.slot_context, batch_size=batch.active,
                             batch_steps=batch.steps, kv_slots_used=batch.cache.n, kv_bytes=batch.cache.nbytes,
-                            dead=batch.dead)
+                            dead=batch.dead, expert_hits=hits)
 
     # ------------------------------------------------------------------ generation
     def params(self, options: GenerationOptions) -> GeneratorParams:
@@ -173,18 +178,43 @@ class NativeBackend:
         params = self.params(options)
         ids, entries = self._attach(prompt_ids, images)
         want = options.wants_logprobs
+        if options.return_routing and (self.batch is None or session is not None):
+            yield from self._with_routing(self.stream_tokens(prompt_ids, options.replace(return_routing=False),
+                                                             session, images))
+            return
         if self.batch is not None and session is None:
-            steps = self.batch.submit(ids, params, want, entries)
+            steps = self.batch.submit(ids, params, want, entries, want_routing=options.return_routing)
         elif self.prompt_cache and session is None:
             steps = self._cached(ids, params, want, entries)
         else:
             steps = self._generate(ids, params, session, want, entries)
-        for token, reason, lp in steps:  # lp: (token, logprob, top alternatives) or None
+        for token, reason, lp, *routing in steps:  # lp: (token, logprob, top alternatives) or None
             self.tokens_generated += 1
             step = TokenStep(token, reason)
+            if routing:  # the batch engine's (layer -> (ids, weights)) for this request's row
+                step.routing = _token_routing(routing[0])
             if lp is not None:
                 step.logprob, step.top_logprobs = lp[1], (lp[2] if options.top_logprobs else None)
             yield step
+
+    def _with_routing(self, steps: Iterator[TokenStep]) -> Iterator[TokenStep]:
+        """steps with .routing: the experts the last position of the pass that produced each step's
+        logits chose, per layer (the model records its passes while this runs)."""
+        trace: Any = getattr(self.engine.model, "routing")  # noqa: B009 (a Routing, not a Module attribute)
+        trace.keep_passes = True
+        try:
+            while True:
+                trace.passes.clear()
+                step = next(steps, None)
+                if step is None:
+                    return
+                if trace.passes:
+                    step.routing = _token_routing({i: (ids[0, -1], w[0, -1]) for i, (ids, w) in
+                                                   trace.passes[-1].items()})
+                yield step
+        finally:
+            trace.keep_passes = False
+            trace.passes.clear()
 
     def _attach(self, prompt_ids: Sequence[int], images: Any) -> tuple[list[int], dict[int, Any]]:
         """The prompt's ids with image placeholders (-k) as the engine's image ids, and the images."""
@@ -257,3 +287,11 @@ class NativeBackend:
 
     def embed(self, rows: Sequence[Sequence[int]]) -> Any:
         return self.engine.embed(rows)
+
+
+def _token_routing(per_layer: dict) -> Any:
+    """{layer: (expert ids [k], weights [k])} -> a results.TokenRouting."""
+    from ..results import TokenRouting
+
+    layers = sorted(per_layer)
+    return TokenRouting([per_layer[i][0].tolist() for i in layers], [per_layer[i][1].tolist() for i in layers])

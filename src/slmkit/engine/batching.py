@@ -42,6 +42,7 @@ class _Request:
     gen: Generator
     prompt: list[int]
     want_logprobs: bool
+    want_routing: bool = False  # a MoE model's expert choices per token (return_routing)
     out: Stream = field(default_factory=Stream)
     cancelled: threading.Event = field(default_factory=threading.Event)
     cache: KVCache | None = None  # the prompt's own cache while it prefills
@@ -84,15 +85,17 @@ class BatchEngine:
         return self.dead is None
 
     def submit(self, prompt: Sequence[int], params: GeneratorParams, want_logprobs: bool = False,
-               images: Mapping[int, ImageEntry] | None = None) -> Iterator[tuple[int, str | None, tuple | None]]:
-        """Queue a request; yields (token, finish_reason, logprob info) as the engine produces them.
-        Closing the iterator early cancels the request (its slot is freed before the next step)."""
+               images: Mapping[int, ImageEntry] | None = None, want_routing: bool = False) -> Iterator[tuple]:
+        """Queue a request; yields (token, finish_reason, logprob info[, routing]) as the engine
+        produces them: with want_routing, each step's expert choices (layer -> (ids, weights)) of
+        its row in the pass that chose the token. Closing the iterator early cancels the request
+        (its slot is freed before the next step)."""
         gen = Generator(self.engine, params, external_logits=True)
         gen.max_length = min(gen.max_length, self.slot_context)
         if images:
             gen.add_images(images)  # the prompt's image tokens (engine.attach_images)
         gen.append_tokens(list(prompt))  # validates ids and length in the caller's thread
-        req = _Request(gen, list(prompt), want_logprobs)
+        req = _Request(gen, list(prompt), want_logprobs, want_routing)
         with self._life:  # a request queued here is either failed by _die or run, never left waiting
             if self.dead is not None:
                 raise EngineError(f"the batch engine has stopped ({self.dead}); restart the server or "
@@ -194,6 +197,10 @@ class BatchEngine:
                     return self._shutdown()
                 self.pending.append(item)
             self._drop_cancelled()
+            trace = getattr(self.engine.model, "routing", None)
+            if trace is not None:  # passes recorded only while some request wants them
+                trace.passes.clear()
+                trace.keep_passes = any(r.want_routing for r in self.rows + self.pending)
             budget = self.prefill_chunk  # prompt tokens per step, filled from several short prompts
             while self.pending and budget > 0:
                 req = self.pending[0]
@@ -278,9 +285,14 @@ class BatchEngine:
         if reason is None and int(self.cache.lens[i]) + 1 >= self.slot_context:
             reason = FINISH_LENGTH  # the slot is full
         lp = gen.last_logprobs[0] if req.want_logprobs else None
+        routing = None
+        if req.want_routing:  # the last pass chose this token: a decode step (row i) or this row's prefill (row 0)
+            last = self.engine.model.routing.passes[-1]
+            row = i if next(iter(last.values()))[0].shape[0] > 1 else 0
+            routing = {layer: (ids[row, -1], w[row, -1]) for layer, (ids, w) in last.items()}
         if reason is not None:  # freed before the last token goes out: whoever has it finds the slot free
             self._remove(i, keep=True)
-        req.out.put((token, reason, lp))
+        req.out.put((token, reason, lp) if routing is None else (token, reason, lp, routing))
         if reason is not None:
             req.out.put(_END)
 

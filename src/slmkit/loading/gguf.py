@@ -15,6 +15,7 @@ import torch
 
 from ..errors import ConfigError, UnsupportedModelError, WeightError
 from ..gguf import GGUFFile, open_gguf
+from ..gguf.quants import dequantize
 from ..models import GGUF_ARCHITECTURES, get_model_module
 from ..text.gguf_tokenizer import tokenizer_from_gguf_metadata
 from .hf import LoadedModel, build_model, check_chat_template, check_config_sizes, parse_device, resolve_dtype
@@ -22,7 +23,8 @@ from .memory import FileMappings, release_pages
 
 # llama.cpp tensor names outside the layers (per layer "blk.N.<name>": each model's GGUF_LAYER_NAMES)
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                 "output.weight": "lm_head.weight"}
+                 "output_norm.bias": "model.norm.bias", "output.weight": "lm_head.weight",
+                 "output.bias": "lm_head.bias"}  # (the biases: phimoe's LayerNorm and lm_head)
 _SKIP = {"rope_factors_long.weight", "rope_factors_short.weight", "rope_freqs.weight"}
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)\.(weight|bias)$")
 
@@ -105,15 +107,34 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
     maps = FileMappings()
     run_quantized = dev.type == "cpu" and quant != "none"
     tied = "output.weight" not in f.tensors
+    expert_names = getattr(module, "gguf_expert_names", None)
+    float_only = tuple(f".{n}.weight" for n in getattr(module, "GGUF_FLOAT_TENSORS", ()))  # not linears
     for name in f.tensors:
         if name in _SKIP:
+            continue
+        info = f.tensors[name]
+        experts = expert_names(name, info.shape[0]) if expert_names is not None and len(info.shape) == 3 else None
+        if experts is not None:  # stacked [E, out, in] experts (MoE): one 2-D weight per expert
+            slabs = f.raw(name).view(len(experts), -1)  # each expert's blocks are contiguous
+            full = None if run_quantized and info.ggml_type not in _FLOAT_TYPES else f.tensor(name, dtype=dt)
+            for e, target in enumerate(experts):
+                names[target] = name
+                if full is not None:
+                    weights[target] = full[e]  # a view: F32/F16 files stay mapped, uncopied
+                    continue
+                qw = repack(slabs[e], info.ggml_type, (info.shape[1], info.shape[2]))
+                if qw is not None:
+                    quantized[target] = qw
+                else:
+                    requant[target] = "int4" if info.ggml_type in _LOW_BIT_TYPES else "int8"
+                    weights[target] = dequantize(slabs[e], info.ggml_type, info.shape[1:], dt)
             continue
         target = hf_name(arch, name)
         if target is None:
             raise WeightError(name, f"is not a tensor of a GGUF {arch} model", path=f.path)
         names[target] = name
-        info = f.tensors[name]
-        if run_quantized and info.ggml_type not in _FLOAT_TYPES and len(info.shape) == 2:
+        if (run_quantized and info.ggml_type not in _FLOAT_TYPES and len(info.shape) == 2
+                and not name.endswith(float_only)):
             linear = "lm_head.weight" if name == "token_embd.weight" and tied else (
                 None if name == "token_embd.weight" else target)
             if linear is not None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, InvalidRequestError, ModelFileError, WeightError
+from ..errors import ConfigError, InvalidRequestError, MemoryPlanError, ModelFileError, WeightError
 from ..models import get_model_module
 from ..models.base import short_repr
 from ..text.tokenizer import Tokenizer
@@ -164,11 +164,11 @@ def _swap_quantized(model: nn.Module, quantized: dict[str, Any], source: object)
         if (qw.n, qw.k) != (lin.out_features, lin.in_features):
             raise WeightError(name, f"has shape {(qw.n, qw.k)}, config implies {(lin.out_features, lin.in_features)}",
                               path=source)
-        if lin.bias is not None:
-            raise WeightError(name, "quantized layers with a bias are not supported", path=source)
-        q = QuantLinear(qw)
+        # a bias (Phi-3.5-MoE's lm_head) stays float: a meta placeholder here, the checkpoint's
+        # tensor assigned with the rest of the float state
+        q = QuantLinear(qw, None if lin.bias is None else torch.empty(qw.n, device="meta"))
         setattr(parent, attr, q)
-        state.update({f"{path}.{k}": v for k, v in q.state_dict().items()})
+        state.update({f"{path}.{k}": v for k, v in q.state_dict().items() if k != "bias"})
     return state
 
 
@@ -208,6 +208,7 @@ def load_hf_folder(path: str | Path, *, dtype: str | torch.dtype = "auto", devic
     shapes = {k: tuple(v.shape) for k, v in weights.items()} | {k: (q.n, q.k) for k, q in quantized.items()}
     check_config_sizes(config, shapes, config_path)  # before ModelArgs builds anything from those sizes
     args = module.ModelArgs.from_dict(config, path=config_path)
+    check_ram(module, args, weights, dt, quant if not quantized else None, folder)
     model = build_model(module, args, weights, dt, dev, folder, quantized=quantized)
     maps = FileMappings()
     apply_quant(model, quant, group_size, release=lambda t: release_pages(t, maps))
@@ -292,3 +293,27 @@ def check_chat_template(tokenizer: Tokenizer, field: str, source: object) -> Non
         why = e.__cause__ if e.__cause__ is not None else e
         raise ConfigError(field, f"the chat template cannot render a one-message conversation "
                           f"({type(why).__name__}: {why})", path=source) from None
+
+
+def check_ram(module: Any, args: Any, weights: Mapping[str, torch.Tensor], dtype: torch.dtype,
+              quant: str | None, source: object) -> None:
+    """Before anything is read: a load whose weights must be copied into memory (a dtype change,
+    or quantizing at load) and cannot fit says so with the numbers. Weights used as stored stay
+    memory-mapped (the OS pages them in and may drop them), so those loads go ahead on any RAM."""
+    from .memory import available_bytes, ram_by_precision
+
+    precision = quant if quant in ("int8", "int4") else str(dtype).removeprefix("torch.")
+    copies = quant in ("int8", "int4") or any(t.dtype != dtype for t in weights.values() if t.dim() >= 2)
+    avail = available_bytes()
+    if not copies or avail is None:
+        return
+    with torch.device("meta"):
+        plan = ram_by_precision(module.Model(args))
+    need = plan.get(precision, plan["float32"])
+    if need > avail:
+        fits = [p for p, b in plan.items() if b <= avail]
+        raise MemoryPlanError(
+            f"{source}: the weights need {need / 2**30:.2f} GiB in memory at {precision} but "
+            f"{avail / 2**30:.2f} GiB is available ("
+            + ", ".join(f"{p} {b / 2**30:.2f} GiB" for p, b in plan.items())
+            + (f"; {', '.join(fits)} would fit" if fits else "") + ")", needed=need, available=avail)

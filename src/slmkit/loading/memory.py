@@ -94,3 +94,32 @@ def available_bytes(cgroup_root: str = "/sys/fs/cgroup", meminfo: str = "/proc/m
         except ImportError:
             return None
     return min(found)
+
+
+# bytes per weight of a linear layer at each precision (int8 / int4: the codes plus their per-32
+# scales and minimums as slmkit.quant stores them); other tensors (embeddings, norms, a MoE
+# router) stay in the float dtype
+_LINEAR_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0625, "int4": 0.625}
+
+
+def ram_by_precision(model: torch.nn.Module) -> dict[str, int]:
+    """The memory a model's weights need at each precision (also for a model built on the meta
+    device, before anything is read): the planner's numbers for a load, describe() and /api/show.
+    int4 keeps lm_head at int8, as `load(quant="int4")` does."""
+    linear, head, other = 0, 0, 0
+    seen: set[int] = set()
+    for name, m in model.named_modules():
+        n, k = getattr(m, "out_features", None), getattr(m, "in_features", None)
+        if isinstance(n, int) and isinstance(k, int):  # nn.Linear, QuantLinear, a packed linear
+            if name == "lm_head":
+                head += n * k
+            else:
+                linear += n * k
+            seen.update(id(t) for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)] if t.dim() >= 2)
+    other = sum(t.numel() for t in [*model.parameters(), *model.buffers()] if id(t) not in seen)
+    out = {}
+    for prec, per in _LINEAR_BYTES.items():
+        float_bytes = 4 if prec == "float32" else 2
+        head_per = _LINEAR_BYTES["int8"] if prec == "int4" else per
+        out[prec] = int(linear * per + head * head_per + other * float_bytes)
+    return out

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..kernels.qgemm import FLOAT_DTYPES, fmatmul_kernel, get_kernel, pack_float_weight, unpack_float_weight
-from ..models import keep_float_modules
+from ..models import keep_float_modules, keep_mapped_modules
 from .memory import FileMappings, release_pages
 
 
@@ -104,12 +104,14 @@ def _kernel_linears(model: nn.Module) -> int:
     lib = get_kernel()
     assert lib is not None  # the caller checked kernel_linears_available()
     skip = keep_float_modules(model)  # a vision tower runs its big GEMMs through oneDNN as it is
+    mapped = keep_mapped_modules(model)  # MoE experts: read in place (float32/16) or left as they are (bf16)
     todo = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
             if type(child) is nn.Linear and child.weight.dtype in FLOAT_DTYPES and child.weight.device.type == "cpu"
-            and id(child) not in skip]
+            and id(child) not in skip and not (id(child) in mapped and child.weight.dtype == torch.bfloat16)]
     maps = FileMappings()
     swapped = {id(lin) for _, _, lin in todo}
     keep = {p.data_ptr() for m in model.modules() if id(m) not in swapped for p in m.parameters(recurse=False)}
+    keep |= {lin.weight.data_ptr() for _, _, lin in todo if id(lin) in mapped}
     n = len(todo)
     todo.reverse()
     while todo:  # popped, so each original is freed once replaced: memory holds one copy plus a linear
@@ -138,7 +140,7 @@ def pack_linears(model: nn.Module) -> int:
         return _kernel_linears(model)
     if not packing_available():
         return 0
-    skip = keep_float_modules(model)
+    skip = keep_float_modules(model) | keep_mapped_modules(model)
     todo = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
             if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16
             and child.weight.device.type == "cpu" and id(child) not in skip]

@@ -24,6 +24,7 @@ class Rope:
     inv_freq_long: torch.Tensor | None = None  # LongRoPE long set, used past original_max
     original_max: int | None = None
     scale: float = 1.0  # multiplies cos and sin
+    long_scale: float | None = None  # the long regime's own factor (Phi-3.5-MoE's long_mscale); None: `scale`
 
     @property
     def crossover(self) -> int | None:
@@ -42,9 +43,10 @@ class Rope:
         # positions: [..., S] int -> cos, sin: [..., S, rotary_dim] (a leading row dim: one position set per row)
         inv = self.inv_freq_long if regime == "long" else self.inv_freq
         assert inv is not None, "regime() answers 'long' only where there is a long set"
+        scale = self.long_scale if regime == "long" and self.long_scale is not None else self.scale
         freqs = positions.to(torch.float32)[..., None] * inv.to(positions.device)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
     def cos_sin_rows(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,10 +117,17 @@ def build_rope(
     if isinstance(orig, bool) or not isinstance(orig, int) or orig < 2:  # its log divides the attention factor
         raise ConfigError("original_max_position_embeddings", f"is required for LongRoPE, an integer >= 2; "
                           f"got {short_repr(orig)}")
-    attention_factor = scaling.get("attention_factor")
-    for key in ("attention_factor", "factor"):
+    for key in ("attention_factor", "factor", "short_mscale", "long_mscale"):
         if scaling.get(key) is not None:
             require_float(f"rope_scaling.{key}", scaling[key])
+    if scaling.get("short_mscale") is not None or scaling.get("long_mscale") is not None:
+        # Phi-3.5-MoE states its own factors per regime (sqrt(1 + ln 64 / ln 2048), not the formula
+        # below with its 131072/4096): taken as written, never recomputed
+        short_m, long_m = scaling.get("short_mscale"), scaling.get("long_mscale")
+        if short_m is None or long_m is None:
+            raise ConfigError("rope_scaling.short_mscale", "short_mscale and long_mscale come together")
+        return Rope(rotary_dim, 1.0 / (short * base), 1.0 / (long * base), orig, float(short_m), float(long_m))
+    attention_factor = scaling.get("attention_factor")
     if attention_factor is None:
         factor = scaling.get("factor") or max_position_embeddings / orig
         attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))

@@ -122,7 +122,7 @@ class Entry:
         self.info = {
             "model_type": d.model_type, "context_length": d.context_length, "params": d.parameters,
             "template": d.chat_template, "prompt_style": llm.prompt_style, "format": d.format, "dtype": d.dtype,
-            "weight_bytes": d.weight_bytes, "kv_bytes": st.kv_bytes,
+            "weight_bytes": d.weight_bytes, "kv_bytes": st.kv_bytes, "ram_needed": dict(d.ram_needed),
             "slot_context": st.request_context or d.context_length, "images": llm.capabilities.images,
         }
 

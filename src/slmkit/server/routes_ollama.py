@@ -93,7 +93,9 @@ def router(parser: Parser, runner: Runner) -> APIRouter:
         return {"modelfile": f"FROM {e.name}\n", "parameters": "", "template": info.get("template", ""),
                 "details": entry["details"], "model_info": {"general.architecture": info.get("model_type", ""),
                                                             "general.parameter_count": info.get("params", 0),
-                                                            "context_length": info.get("context_length", 0)},
+                                                            "context_length": info.get("context_length", 0),
+                                                            # slmkit: bytes the weights need per precision
+                                                            "slmkit.ram_needed": info.get("ram_needed", {})},
                 "capabilities": ollama_api.capabilities(info), "modified_at": entry["modified_at"]}
 
     @r.get("/api/version")

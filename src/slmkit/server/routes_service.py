@@ -14,7 +14,7 @@ _METRIC_TYPES = [
     "# TYPE slmkit_model_loaded gauge", "# TYPE slmkit_model_loads_total counter",
     "# TYPE slmkit_generated_tokens_total counter", "# TYPE slmkit_prompt_cache_tokens_total counter",
     "# TYPE slmkit_batch_size gauge", "# TYPE slmkit_batch_steps_total counter", "# TYPE slmkit_kv_slots_used gauge",
-    "# TYPE slmkit_kv_bytes gauge"]
+    "# TYPE slmkit_kv_bytes gauge", "# TYPE slmkit_expert_hits_total counter"]
 
 
 def metrics_text(registry: Registry) -> str:
@@ -31,6 +31,9 @@ def metrics_text(registry: Registry) -> str:
         if st is not None and st.batching:
             lines += [f"slmkit_batch_size{lab} {st.batch_size}", f"slmkit_batch_steps_total{lab} {st.batch_steps}",
                       f"slmkit_kv_slots_used{lab} {st.kv_slots_used}", f"slmkit_kv_bytes{lab} {st.kv_bytes}"]
+        for layer, row in enumerate(st.expert_hits if st is not None else ()):  # a mixture-of-experts model
+            lines += [f'slmkit_expert_hits_total{{model="{n}",layer="{layer}",expert="{e}"}} {c}'
+                      for e, c in enumerate(row)]
     return "\n".join(lines) + "\n"
 
 
@@ -52,6 +55,17 @@ def router(registry: Registry) -> APIRouter:
     @r.get("/metrics")
     async def metrics() -> Response:
         return Response(metrics_text(registry), media_type="text/plain; version=0.0.4")
+
+    @r.get("/api/catalog")
+    async def catalog() -> Any:
+        """The model catalog's names (slmkit.sources.catalog) and whether this server serves each: the
+        chat page lists the others as `slm serve NAME` hints (it never loads or pulls one itself)."""
+        from ..sources.catalog import entries
+
+        served = set(registry.entries)
+        return {"models": [{"name": e.name, "title": e.title, "parameters": e.params, "context": e.context,
+                            "modalities": list(e.modalities), "served": e.name in served}
+                           for e in entries().values()]}
 
     @r.get("/")
     async def chat_page() -> Response:

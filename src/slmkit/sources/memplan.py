@@ -9,7 +9,9 @@ Numbers (all bytes; GiB = 2**30):
   kv        = 2 (K and V) x layers x kv_heads x head_dim x 2 bytes (bf16 cache) per token, x ctx x parallel.
   images    = images x tokens_per_image x hidden x 4 bytes x parallel (the projected image features
               held in fp32 until prefill); the image tokens also take room in ctx.
-  total     = weights + kv + images; it fits when total + 512 MiB (runtime headroom) <= available.
+  paged     = MoE experts used as stored (no --quant): memory-mapped, so only the experts_per_token of
+              n_experts per layer need be resident; (1 - k/E) of their bytes are left out of the total.
+  total     = weights - paged + kv + images; it fits when total + 512 MiB (runtime headroom) <= available.
 available is MemAvailable capped by the cgroup limit (v2 memory.max, v1 memory.limit_in_bytes);
 with a GPU (torch.cuda), its free memory is reported too and decides for --device cuda.
 """
@@ -47,6 +49,8 @@ class Shape:
     vision_params: int = 0
     tokens_per_image: int = 0
     expert_params: int = 0
+    n_experts: int = 0  # MoE: experts per layer, and how many each token uses
+    experts_per_token: int = 0
 
     @property
     def kv_per_token(self) -> int:
@@ -75,6 +79,7 @@ class MemoryPlan:
     headroom_bytes: int | None
     fits: bool
     advice: list[str]
+    paged_bytes: int = 0  # MoE experts used as stored: memory-mapped, paged in from disk when chosen (not in total)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,7 +89,10 @@ class MemoryPlan:
         parts = [f"{self.model} at {self.precision}: weights {g(self.weights_bytes)}"]
         if self.vision_bytes:
             parts.append(f"(vision tower {g(self.vision_bytes)})")
-        if self.expert_bytes:
+        if self.expert_bytes and self.paged_bytes:
+            parts.append(f"(MoE experts {g(self.expert_bytes)} memory-mapped: {g(self.paged_bytes)} of them need not "
+                         f"stay resident, paged in from disk when chosen)")
+        elif self.expert_bytes:
             parts.append(f"(MoE experts {g(self.expert_bytes)}, all resident)")
         parts.append(f"+ KV {g(self.kv_bytes)} ({self.ctx} tokens x {self.parallel} slot(s), "
                      f"{_gib(self.kv_bytes_per_token)}/token)")
@@ -165,6 +173,10 @@ def shape_from_folder(folder: Path) -> tuple[Shape, str]:
                   context=int(text.get("max_position_embeddings", 4096)), stored_bits=QUANT_BITS.get(precision, 16.0),
                   stored_bytes=sum(p.stat().st_size for p in files),
                   tokens_per_image=757 if vision else 0)
+    n_experts = int(text.get("num_local_experts") or 0)
+    if n_experts:  # Mixtral-style MoE (Phi-3.5-MoE): 3 matrices per expert
+        shape.n_experts, shape.experts_per_token = n_experts, int(text.get("num_experts_per_tok") or 2)
+        shape.expert_params = shape.layers * n_experts * 3 * hidden * int(text.get("intermediate_size", 0))
     return shape, precision
 
 
@@ -246,11 +258,17 @@ def make_plan(shape: Shape, precision: str, *, quant: str | None = None, ctx: in
         weights = shape.stored_bytes
     else:
         weights = int(shape.params * bits / 8)
+    paged = 0
+    if quant in (None, "none") and shape.stored_bytes is not None and shape.n_experts:
+        # used as stored, the experts stay memory-mapped: only the chosen ones need to be resident
+        cold = 1 - shape.experts_per_token / shape.n_experts
+        per_param = shape.stored_bytes / max(1, shape.params)  # the files' own bytes per weight
+        paged = int(shape.expert_params * per_param * cold)
     per_token = shape.kv_per_token
     kv = per_token * ctx * parallel
     image_tokens = images * shape.tokens_per_image
     image_bytes = image_tokens * shape.hidden * 4 * parallel
-    total = weights + kv + image_bytes
+    total = weights - paged + kv + image_bytes  # what must be resident
     room = gpu_available if device.startswith("cuda") else available
     fits = room is None or total + HEADROOM_BYTES <= room
     advice: list[str] = []
@@ -265,7 +283,8 @@ def make_plan(shape: Shape, precision: str, *, quant: str | None = None, ctx: in
                       expert_bytes=int(shape.expert_params * bits / 8), kv_bytes_per_token=per_token, kv_bytes=kv,
                       image_tokens=image_tokens, image_bytes=image_bytes, total_bytes=total, available_bytes=available,
                       gpu_available_bytes=gpu_available, device=device,
-                      headroom_bytes=None if room is None else room - total, fits=fits, advice=advice)
+                      headroom_bytes=None if room is None else room - total, fits=fits, advice=advice,
+                      paged_bytes=paged)
 
 
 def _advice(shape: Shape, bits: float, weights: int, per_token: int, ctx: int, parallel: int, image_bytes: int,
