@@ -1,8 +1,9 @@
 """Weight-only quantization as a module swap (gpt-fast style): model code never branches on it.
 
 `quantize_model(model, "int4", group_size=32)` replaces every `nn.Linear` with a `QuantLinear`
-holding a QuantWeight; its forward runs the compiled VNNI kernel on CPU where it is available and
-the pure-PyTorch reference (same math) elsewhere. `use_kernel(False)` forces the fallback.
+holding a QuantWeight; its forward runs the compiled kernel (AVX512-VNNI or AVX2) on CPU where it is
+available and takes the format, and the pure-PyTorch reference (same math) elsewhere.
+`use_kernel(False)` forces the fallback.
 """
 from __future__ import annotations
 
