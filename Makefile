@@ -7,7 +7,7 @@ MODEL ?= builtin
 PROMPT ?= Once upon a time, in a small village by the sea,
 export MODEL PROMPT  # reach the recipes as environment variables: quotes in a prompt stay intact
 
-.PHONY: setup run lint test fuzz bench clean
+.PHONY: setup run lint test fuzz bench bench-avx2-peer clean
 
 # The runtime (what `make run` needs) and the test/bench extras (transformers, llama-cpp-python,
 # which builds llama.cpp from source) are separate steps, so `make run` needs no compiler.
@@ -53,6 +53,11 @@ bench: $(VENV)/.test  # minutes: builds 7.6 GB of random weights; run it on an i
 	$(VPY) benchmarks/quality.py
 	$(VPY) benchmarks/decoding.py
 	$(VPY) benchmarks/serve.py
+	$(VPY) benchmarks/avx2.py  # the llama.cpp column needs `make bench-avx2-peer` first
+
+# llama.cpp's llama-bench built for AVX2 only (GGML_NATIVE=OFF, AVX512 off), for benchmarks/avx2.py: minutes
+bench-avx2-peer: $(VENV)/.test
+	PY=$(abspath $(VPY)) benchmarks/build_llama_avx2.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -35,3 +35,24 @@ def phi3_folders(tmp_path_factory):
 @pytest.fixture(params=sorted(PHI3_VARIANTS))
 def phi3_variant(request):
     return request.param
+
+
+@pytest.fixture(scope="module", params=["default", "avx2"])
+def kernel_variant(request):
+    """Runs a kernel test module twice: with the kernel get_kernel() picks (SLMKIT_KERNEL as set), and
+    with the AVX2 one forced (as SLMKIT_KERNEL=avx2 does; skipped where the CPU has no AVX2). Module
+    scoped: a module's fixtures that load models (and pack their weights for one variant's kernel)
+    take it as an argument, so they are built again for each."""
+    from slmkit.kernels import qgemm
+
+    saved = qgemm._lib, qgemm._tried, qgemm.variant
+    if request.param == "avx2":
+        if qgemm.get_kernel() is None and qgemm.build_error is None:
+            pytest.skip("the compiled kernels are switched off (SLMKIT_KERNEL=0)")
+        try:
+            lib = qgemm.load_variant("avx2")
+        except RuntimeError as e:
+            pytest.skip(f"the AVX2 kernel cannot run here: {e}")
+        qgemm._lib, qgemm._tried, qgemm.variant = lib, True, "avx2"
+    yield request.param
+    qgemm._lib, qgemm._tried, qgemm.variant = saved

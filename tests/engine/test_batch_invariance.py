@@ -15,7 +15,8 @@ from slmkit.engine.generator import Generator, GeneratorParams
 from slmkit.kernels.qgemm import get_kernel
 from tests.helpers.tiny_models import make_gemma3_folder
 
-pytestmark = pytest.mark.skipif(get_kernel() is None, reason="batch invariance needs the compiled kernels")
+pytestmark = [pytest.mark.skipif(get_kernel() is None, reason="batch invariance needs the compiled kernels"),
+              pytest.mark.usefixtures("kernel_variant")]  # the picked kernel and AVX2 (tests/conftest.py)
 
 Run = list[tuple[int, float]]  # (token, its log-probability) per step
 
@@ -69,12 +70,12 @@ def check(engine, reqs: list[tuple[list[int], int]], sizes: tuple[int, ...], chu
 
 
 @pytest.fixture(scope="module")
-def builtin():
+def builtin(kernel_variant):
     return slmkit.load("builtin")  # its Q4_K_M blocks through the quantized kernel
 
 
 @pytest.fixture(scope="module")
-def builtin_float():
+def builtin_float(kernel_variant):
     return slmkit.load("builtin", quant="none")  # dequantized: the float kernel
 
 

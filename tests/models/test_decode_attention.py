@@ -10,7 +10,8 @@ from slmkit.kernels import qgemm as kernel
 from slmkit.models import layers
 from tests.helpers.tiny_models import make_gemma3_folder
 
-pytestmark = pytest.mark.skipif(kernel.get_kernel() is None, reason="the compiled kernel is unavailable here")
+pytestmark = [pytest.mark.skipif(kernel.get_kernel() is None, reason="the compiled kernel is unavailable here"),
+              pytest.mark.usefixtures("kernel_variant")]  # the picked kernel and AVX2 (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

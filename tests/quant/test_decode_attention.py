@@ -11,7 +11,8 @@ from slmkit.kernels.qgemm import decode_attention, get_kernel
 from slmkit.models.cache import Aligned, Ragged
 from slmkit.models.layers import attention
 
-pytestmark = pytest.mark.skipif(get_kernel() is None, reason="the compiled kernel is unavailable on this machine")
+pytestmark = [pytest.mark.skipif(get_kernel() is None, reason="the compiled kernel is unavailable on this machine"),
+              pytest.mark.usefixtures("kernel_variant")]  # the picked kernel and AVX2 (tests/conftest.py)
 
 
 def reference(q, k, v, qpos, window, scale):

@@ -11,7 +11,8 @@ from slmkit.kernels.qgemm import fmatmul_kernel, get_kernel, pack_float_weight, 
 from slmkit.loading.packing import KernelLinear, PackedKernelLinear, pack_linears
 from slmkit.quant.format import quantize
 
-pytestmark = pytest.mark.skipif(get_kernel() is None, reason="the compiled kernel is unavailable here")
+pytestmark = [pytest.mark.skipif(get_kernel() is None, reason="the compiled kernel is unavailable here"),
+              pytest.mark.usefixtures("kernel_variant")]  # the picked kernel and AVX2 (tests/conftest.py)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1), (16, 32), (37, 50), (100, 63), (2048, 640), (200, 3072)]  # (n, k): N off the tile, odd K

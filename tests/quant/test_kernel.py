@@ -15,6 +15,9 @@ from slmkit.quant.format import (
     unpack_codes,
 )
 
+# every test twice: the kernel get_kernel() picks and the AVX2 one (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("kernel_variant")
+
 SHAPES = [  # (n, k, group, bits, m): odd K, N off the 16-row tile, every group size, decode and prefill M
     (16, 32, 32, 4, 1), (40, 100, 32, 4, 1), (33, 257, 64, 4, 3), (100, 384, 128, 4, 5), (17, 512, 256, 4, 2),
     (70, 96, 32, 8, 1), (64, 200, 64, 8, 7), (48, 130, 128, 8, 2), (50, 512, 128, 8, 9), (129, 64, 32, 4, 70),

@@ -142,7 +142,8 @@ class NativeBackend:
         if quantized:
             from ..kernels import qgemm
 
-            how = "VNNI kernel" if kernel_active() else f"PyTorch fallback: {qgemm.build_error or 'kernel disabled'}"
+            how = (f"{qgemm.variant} kernel" if kernel_active()
+                   else f"PyTorch fallback: {qgemm.build_error or 'kernel disabled'}")
             quantization = f"{quantized} quantized layers ({how})"
         return ModelDescription(
             model_type=self.model_type, context_length=self.context_length, parameters=params,

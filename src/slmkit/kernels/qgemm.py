@@ -5,8 +5,11 @@ call; None where unavailable.
 Built once with the machine's C++ compiler (at `make` time, or on first use) into the package
 folder when writable, else `$SLMKIT_HOME/kernels` / `~/.cache/slmkit/kernels`; the file name
 carries a hash of the source, so an edited kernel is rebuilt. Loaded through ctypes after torch,
-so it shares torch's OpenMP runtime. `SLMKIT_KERNEL=0` forces the pure-PyTorch path. Where the
-CPU lacks AVX512-VNNI, or no compiler works, `get_kernel()` returns None and callers fall back.
+so it shares torch's OpenMP runtime. Two variants, chosen from the CPU's flags (/proc/cpuinfo): AVX512
+(-VNNI, -BF16 where present) and AVX2 + FMA + F16C (+ AVX-VNNI) with the same arithmetic (the same
+bits, but for bfloat16 float matmuls, which AVX512-BF16 pairs up). `SLMKIT_KERNEL=avx2` forces the
+AVX2 one, `SLMKIT_KERNEL=0` the pure-PyTorch path. Where neither runs, or no compiler works,
+`get_kernel()` returns None and callers fall back.
 """
 from __future__ import annotations
 
@@ -25,37 +28,104 @@ import torch
 
 from ..quant.format import QuantWeight
 
-SOURCES = [Path(__file__).with_name("qgemm.cpp"), Path(__file__).with_name("fgemm.cpp")]
+HERE = Path(__file__).parent
+SOURCES = [HERE / "qgemm.cpp", HERE / "fgemm.cpp"]
 FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl",
          "-mavx512vnni", "-mf16c", "-mfma", "-ffp-contract=off"]
+# The AVX2 build (CPUs without AVX512): its own translation units and flags, never -mavx512*. The
+# int8 dot products are built twice, plain and with AVX-VNNI's 256-bit vpdpbusd (used where the CPU
+# has avx_vnni; left out where the compiler lacks -mavxvnni).
+AVX2_FLAGS = ["-O3", "-fPIC", "-fopenmp", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"]
+AVX2_UNITS = [(HERE / "qgemm_avx2.cpp", []), (HERE / "qgemm_avx2.cpp", ["-mavxvnni", "-DSLM_VNNI"]),
+              (HERE / "attn_avx2.cpp", []), (HERE / "fgemm_avx2.cpp", [])]
+AVX2_HEADERS = [HERE / "avx2.h"]
+VARIANTS = ("avx512", "avx2")  # preferred first; SLMKIT_KERNEL=avx2 / =avx512 forces one, =0 none
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
+_libs: dict[str, ctypes.CDLL | None] = {}
 build_error: str | None = None  # why the kernel is unavailable, for `slm` diagnostics
+variant: str | None = None  # the variant get_kernel() loaded ("avx512" / "avx2"), None before / without
 
 
-def _lib_name() -> str:
-    h = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:12]
-    return f"libslmqgemm-{h}.so"
+def _lib_name(which: str = "avx512") -> str:
+    if which == "avx512":
+        blob = b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode()
+        return f"libslmqgemm-{hashlib.sha256(blob).hexdigest()[:12]}.so"
+    files = sorted({p for p, _ in AVX2_UNITS} | set(AVX2_HEADERS))
+    blob = b"".join(p.read_bytes() for p in files) + repr((AVX2_FLAGS, AVX2_UNITS)).encode()
+    return f"libslmavx2-{hashlib.sha256(blob).hexdigest()[:12]}.so"
 
 
-def _candidates() -> list[Path]:
+def _candidates(which: str = "avx512") -> list[Path]:
     home = os.environ.get("SLMKIT_HOME")
     cache = Path(home) / "kernels" if home else Path.home() / ".cache" / "slmkit" / "kernels"
-    return [SOURCES[0].parent / _lib_name(), cache / _lib_name()]
+    return [HERE / _lib_name(which), cache / _lib_name(which)]
 
 
-def build(verbose: bool = False) -> Path:
-    """Compile the kernels (no-op when an up-to-date library exists); returns its path."""
-    for p in _candidates():
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo; None where there is none to read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return None
+
+
+def cpu_variants(flags: set[str] | None = None) -> list[str]:
+    """The kernel variants this CPU can run, preferred first. Without /proc/cpuinfo: both, and each
+    library's own cpuid check (slm_supported) decides."""
+    flags = cpu_flags() if flags is None else flags
+    if flags is None:
+        return list(VARIANTS)
+    out = []
+    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma", "f16c"} <= flags:
+        out.append("avx512")
+    if {"avx2", "fma", "f16c"} <= flags:
+        out.append("avx2")
+    return out
+
+
+def _compile(cxx: str, tmp: str, which: str) -> None:
+    if which == "avx512":
+        cmd = [cxx, *FLAGS, *map(str, SOURCES), "-o", tmp]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+        return
+    with tempfile.TemporaryDirectory() as d:
+        objs = []
+        for i, (src, extra) in enumerate(AVX2_UNITS):
+            obj = str(Path(d) / f"{i}.o")
+            cmd = [cxx, *AVX2_FLAGS, *extra, "-c", str(src), "-o", obj]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                if "-DSLM_VNNI" in extra:  # an older compiler without -mavxvnni: the plain path only
+                    continue
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+            objs.append(obj)
+        cmd = [cxx, "-shared", "-fopenmp", *objs, "-o", tmp]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+
+
+def build(verbose: bool = False, which: str | None = None) -> Path:
+    """Compile a kernel variant (default: the CPU's preferred one, else avx512) unless an up-to-date
+    library exists; returns its path."""
+    which = which or (cpu_variants() or ["avx512"])[0]
+    for p in _candidates(which):
         if p.is_file():
             return p
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if not cxx:
         raise RuntimeError("no C++ compiler found (set CXX)")
     errors = []
-    for dest in _candidates():
+    for dest in _candidates(which):
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=dest.parent)
@@ -63,11 +133,11 @@ def build(verbose: bool = False) -> Path:
         except OSError as e:
             errors.append(f"{dest.parent}: {e}")
             continue
-        cmd = [cxx, *FLAGS, *map(str, SOURCES), "-o", tmp]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode:
+        try:
+            _compile(cxx, tmp, which)
+        except RuntimeError:
             os.unlink(tmp)
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+            raise
         os.replace(tmp, dest)  # atomic: a concurrent loader never sees half a file
         if verbose:
             print(f"built {dest}", file=sys.stderr)
@@ -75,45 +145,91 @@ def build(verbose: bool = False) -> Path:
     raise RuntimeError("no writable folder for the kernel: " + "; ".join(errors))
 
 
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.slm_qgemm.restype = ctypes.c_int
+    lib.slm_qgemm.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                              ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64,
+                              ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int]
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.slm_attn.restype = ctypes.c_int
+    lib.slm_attn.argtypes = [ctypes.c_int, i64, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64,
+                             ptr, i64, i64, i64, i64, ptr, i64, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
+    lib.slm_fgemm_pairs.restype = ctypes.c_int
+    lib.slm_fgemm_pairs.argtypes = [ctypes.c_int]
+    lib.slm_fgemm_packed.restype = lib.slm_fgemm_rows.restype = ctypes.c_int
+    lib.slm_fgemm_packed.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int, i64, i64, ptr, ptr, i64,
+                                     ctypes.c_int]
+    lib.slm_fgemm_rows.argtypes = [ptr, i64, i64, i64, ptr, i64, ctypes.c_int, i64, ptr, ptr, i64,
+                                   ctypes.c_int]
+
+
+def load_variant(which: str) -> ctypes.CDLL:
+    """One kernel variant's library, built and loaded (cached); RuntimeError where this machine
+    cannot run it (the CPU's flags are checked first: an AVX512 library is never loaded on a CPU
+    without AVX512)."""
+    if which not in VARIANTS:
+        raise RuntimeError(f"unknown kernel variant {which!r} (one of {', '.join(VARIANTS)})")
+    with _lock:
+        if which in _libs:
+            lib = _libs[which]
+            if lib is None:
+                raise RuntimeError(f"the {which} kernel failed to load earlier")
+            return lib
+        _libs[which] = None
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            raise RuntimeError(f"the kernel is for x86-64 CPUs, not {platform.machine()}")
+        if which not in cpu_variants():
+            raise RuntimeError(f"this CPU lacks the {which} kernel's instructions"
+                               + (" (AVX512-VNNI)" if which == "avx512" else " (AVX2, FMA, F16C)"))
+        try:
+            lib = ctypes.CDLL(str(build(which=which)))
+        except OSError as e:
+            raise RuntimeError(str(e)) from e
+        if not lib.slm_supported():
+            raise RuntimeError(f"this CPU lacks the {which} kernel's instructions")
+        _declare(lib)
+        _libs[which] = lib
+        return lib
+
+
 def get_kernel() -> ctypes.CDLL | None:
-    """The loaded kernel library, building it on first use; None where it cannot run here."""
-    global _lib, _tried, build_error
-    if os.environ.get("SLMKIT_KERNEL", "1") in ("0", "off", "false"):
+    """The loaded kernel library, building it on first use; None where it cannot run here.
+    SLMKIT_KERNEL: 0 / off / false forces the PyTorch fallback; avx2 or avx512 forces that
+    variant (None if it cannot run here); anything else takes the best one the CPU runs."""
+    global _lib, _tried, build_error, variant
+    env = os.environ.get("SLMKIT_KERNEL", "1").lower()
+    if env in ("0", "off", "false"):
         return None
     if _tried:
         return _lib
-    with _lock:
-        if _tried:
-            return _lib
+    wanted = [env] if env in VARIANTS else (cpu_variants() or ["avx512"])
+    errors = []
+    for which in wanted:
         try:
-            if platform.machine().lower() not in ("x86_64", "amd64"):
-                raise RuntimeError(f"the kernel is for x86-64 CPUs, not {platform.machine()}")
-            lib = ctypes.CDLL(str(build()))
-            if not lib.slm_supported():
-                raise RuntimeError("this CPU has no AVX512-VNNI")
-            lib.slm_qgemm.restype = ctypes.c_int
-            lib.slm_qgemm.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
-                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64,
-                                      ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int]
-            i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            lib.slm_attn.restype = ctypes.c_int
-            lib.slm_attn.argtypes = [ctypes.c_int, i64, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64,
-                                     ptr, i64, i64, i64, i64, ptr, i64, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
-            lib.slm_fgemm_pairs.restype = ctypes.c_int
-            lib.slm_fgemm_pairs.argtypes = [ctypes.c_int]
-            lib.slm_fgemm_packed.restype = lib.slm_fgemm_rows.restype = ctypes.c_int
-            lib.slm_fgemm_packed.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int, i64, i64, ptr, ptr, i64,
-                                             ctypes.c_int]
-            lib.slm_fgemm_rows.argtypes = [ptr, i64, i64, i64, ptr, i64, ctypes.c_int, i64, ptr, ptr, i64,
-                                           ctypes.c_int]
-            _lib = lib
-        except (OSError, RuntimeError) as e:
-            build_error = str(e)
-            _lib = None
-        _tried = True
-    return _lib
+            lib = load_variant(which)
+        except RuntimeError as e:
+            errors.append(str(e))
+            continue
+        _lib, variant, _tried = lib, which, True
+        return lib
+    build_error = "; ".join(errors)
+    _lib, variant, _tried = None, None, True
+    return None
+
+
+_has: dict[tuple[int, str], bool] = {}
+
+
+def kernel_has(lib: ctypes.CDLL, symbol: str) -> bool:
+    """Whether the loaded library exports `symbol`. A weight format whose kernel exists in one
+    variant only (its own entry point, built into the AVX512 library but not the AVX2 one) names its
+    entry point, and its module runs the PyTorch fallback where this is False."""
+    key = (id(lib), symbol)
+    if key not in _has:
+        _has[key] = hasattr(lib, symbol)
+    return _has[key]
 
 
 def qmatmul_kernel(lib: ctypes.CDLL, x: torch.Tensor, qw: QuantWeight, out_dtype: torch.dtype) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """CPU linear pass after load: swaps float `nn.Linear`s for faster or batch-invariant ones.
 
-Where the compiled kernels run (AVX512), every float32 / bfloat16 / float16 linear goes through
+Where the compiled kernels run (AVX512, or AVX2 + FMA + F16C), every float32 / bfloat16 / float16 linear goes through
 fgemm.cpp (`PackedKernelLinear`, its weight re-laid in tiles; `KernelLinear` reading a shared
 float32 / float16 weight such as a tied embedding in place): each output is a fixed sequence of float32 operations,
 so a row's result never depends on how many rows share the call. Greedy decoding needs that to

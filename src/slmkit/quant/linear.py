@@ -1,8 +1,9 @@
 """Weight-only quantization as a module swap (gpt-fast style): model code never branches on it.
 
 `quantize_model(model, "int4", group_size=32)` replaces every `nn.Linear` with a `QuantLinear`
-holding a QuantWeight; its forward runs the compiled VNNI kernel on CPU where it is available and
-the pure-PyTorch reference (same math) elsewhere. `use_kernel(False)` forces the fallback.
+holding a QuantWeight; its forward runs the compiled kernel (AVX512-VNNI or AVX2) on CPU where it is
+available and takes the format, and the pure-PyTorch reference (same math) elsewhere.
+`use_kernel(False)` forces the fallback.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidRequestError
-from ..kernels.qgemm import get_kernel, qmatmul_kernel
+from ..kernels.qgemm import get_kernel, kernel_has, qmatmul_kernel
 from .format import GROUPS, TILE, QuantWeight, dequantize_weight, qmatmul_reference, quantize
 from .recipe import MIXED, TWO_LEVEL, keeps_int8, quantize_mixed
 
@@ -39,6 +40,10 @@ def kernel_active() -> bool:
 
 class QuantLinear(nn.Module):
     """y = x @ W.T (+ b) with W quantized; the tensors are buffers so state_dict() saves them."""
+
+    # the kernel's entry point for this format: where the loaded kernel variant lacks it (a format
+    # with no AVX2 version, say), forward runs the PyTorch fallback
+    kernel_symbol = "slm_qgemm"
 
     # the buffers (register_buffer below), declared so their types are known
     qweight: torch.Tensor
@@ -71,7 +76,7 @@ class QuantLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         lib = get_kernel() if _kernel_enabled and x.device.type == "cpu" else None
-        if lib is not None:
+        if lib is not None and kernel_has(lib, self.kernel_symbol):
             y = qmatmul_kernel(lib, x2, self.weight_q, x.dtype)
         else:
             y = qmatmul_reference(x2, self.weight_q).to(x.dtype)

@@ -1,0 +1,272 @@
+// slmkit quantized matmul and attention for x86 CPUs with AVX2 + FMA + F16C (no AVX512): the same
+// arithmetic as qgemm.cpp, lane for lane, so both give the same bits (see avx2.h).
+//
+// Every group's dot product is an exact int32 sum, as with vpdpbusd in qgemm.cpp: with AVX-VNNI its
+// 256-bit form (this file compiled a second time with -mavxvnni -DSLM_VNNI, used where the CPU has
+// avx_vnni); without it vpmaddubsw on 4-bit values (an int4 code, or an int8 code's low and high
+// nibble: products and pair sums stay far below int16's limit, so nothing saturates), widened by
+// vpmaddwd. Then the same float32 steps in the same order as qgemm.cpp:
+//     y += (isum - zero * xsum) * (scale * dx);  y += min * (dx * xsum)
+// Never executes an AVX512 instruction (compiled without -mavx512*).
+#include <omp.h>
+#include <stdlib.h>
+#include <math.h>
+
+#include "avx2.h"
+
+#ifdef SLM_VNNI
+#define QGEMM_NAME slm_avx2_qgemm_vnni
+#else
+#define QGEMM_NAME slm_avx2_qgemm_plain
+#endif
+
+// One activation row -> int8 codes (kp, zero padded), per-group scale and code sum (as qgemm.cpp).
+static void quant_row(const void* x, int x_bf16, int64_t K, int64_t KP, int64_t G, int8_t* q, float* d,
+                      int32_t* s) {
+    float buf[256];
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int64_t g0 = 0; g0 < KP; g0 += G) {
+        int64_t n = K - g0 < G ? (K - g0 > 0 ? K - g0 : 0) : G;
+        for (int64_t i = 0; i < G; ++i) {
+            float v = 0.f;
+            if (i < n) v = x_bf16 ? bf16_to_f32(((const uint16_t*)x)[g0 + i]) : ((const float*)x)[g0 + i];
+            buf[i] = v;
+        }
+        V16 amax = v_zero();
+        for (int64_t i = 0; i < G; i += 16) {
+            const V16 b = v_load(buf + i);
+            amax = v_max(amax, V16{_mm256_and_ps(b.a, absmask), _mm256_and_ps(b.b, absmask)});
+        }
+        float am = v_hmax(amax);
+        float dd = am / 127.f;
+        float id = dd > 0.f ? 1.f / dd : 0.f;
+        __m256 vid = _mm256_set1_ps(id);
+        __m256i sum = _mm256_setzero_si256();
+        for (int64_t i = 0; i < G; i += 8) {
+            __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(buf + i), vid),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m256i qi = _mm256_cvtps_epi32(r);
+            sum = _mm256_add_epi32(sum, qi);
+            __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
+            _mm_storel_epi64((__m128i*)(q + g0 + i), _mm_packs_epi16(w16, w16));  // signed saturation
+        }
+        d[g0 / G] = dd;
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s[g0 / G] = _mm_cvtsi128_si32(s4) + _mm_extract_epi32(s4, 1);
+    }
+}
+
+static inline __m256i bcast4(const int8_t* p) {
+    int32_t a;
+    memcpy(&a, p, 4);
+    return _mm256_set1_epi32(a);
+}
+
+// acc + the 4-code dot products of u (unsigned) and s (signed) per 32-bit lane, exact.
+static inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
+#ifdef SLM_VNNI
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else  // u < 16 here: |pair sums| <= 2 * 15 * 128, no int16 saturation
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+// Scale kinds as in qgemm.cpp: 0 float32, 1 float16, 2 uint8 / 3 int8 x float32 super-scale.
+template <int SK>
+static inline __m256 load8(const void* p, const float* sup, int64_t i, int64_t si) {
+    if (SK == 1) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i)));
+    if (SK == 2 || SK == 3) {
+        __m128i b = _mm_loadl_epi64((const __m128i*)((const uint8_t*)p + i));
+        __m256i w = SK == 2 ? _mm256_cvtepu8_epi32(b) : _mm256_cvtepi8_epi32(b);
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(w), _mm256_loadu_ps(sup + si));
+    }
+    return _mm256_loadu_ps((const float*)p + i);
+}
+
+struct QW {
+    const uint8_t* qw;
+    const void* sc;
+    const void* mn;
+    const float* ssc;
+    const float* smn;
+    int64_t ng, G, KP, sbg;
+    int zero;
+};
+
+// H half tiles (8 rows each, h0 the first) x MB activation rows, all groups of K.
+template <int BITS, int SK, bool MINS, int H, int MB>
+static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, const int32_t* xs, float* out,
+                  int64_t ldo) {
+    const int64_t ng = w.ng, G = w.G, KP = w.KP;
+    const int64_t tile_bytes = BITS == 4 ? KP * 8 : KP * 16;
+    const int64_t step = BITS == 4 ? 8 : 4;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    __m256 acc[H][MB];
+    for (int h = 0; h < H; ++h)
+        for (int m = 0; m < MB; ++m) acc[h][m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; ++g) {
+        __m256i is[H][MB], hi8[H][MB];  // hi8: int8 codes' high nibbles (x16 at the end), without VNNI
+        for (int h = 0; h < H; ++h)
+            for (int m = 0; m < MB; ++m) is[h][m] = hi8[h][m] = _mm256_setzero_si256();
+        const int64_t c0 = g * G / step, c1 = (g + 1) * G / step;
+        for (int64_t c = c0; c < c1; ++c) {
+            const int64_t k0 = c * step;
+            for (int h = 0; h < H; ++h) {
+                const int64_t ht = h0 + h;
+                const uint8_t* p = w.qw + (ht / 2) * tile_bytes + c * 64 + (ht % 2) * 32;
+                __m256i v = _mm256_loadu_si256((const __m256i*)p);
+                __m256i lo = _mm256_and_si256(v, low);
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                for (int m = 0; m < MB; ++m) {
+                    const __m256i xa = bcast4(xq + m * KP + k0);
+                    if (BITS == 4) {
+                        is[h][m] = dot4(is[h][m], lo, xa);
+                        is[h][m] = dot4(is[h][m], hi, bcast4(xq + m * KP + k0 + 4));
+                    } else {
+#ifdef SLM_VNNI
+                        is[h][m] = dot4(is[h][m], v, xa);
+#else
+                        is[h][m] = dot4(is[h][m], lo, xa);
+                        hi8[h][m] = dot4(hi8[h][m], hi, xa);
+#endif
+                    }
+                }
+            }
+        }
+        for (int h = 0; h < H; ++h) {
+            const int64_t ht = h0 + h, t = ht / 2, off = (ht % 2) * 8;
+            const int64_t si = (t * ng + g) * 16 + off;
+            const int64_t ssi = SK >= 2 ? (t * (ng / w.sbg) + g / w.sbg) * 16 + off : 0;
+            __m256 s = load8<SK>(w.sc, w.ssc, si, ssi);
+            __m256 mv = MINS ? load8<SK == 3 ? 2 : SK>(w.mn, w.smn, si, ssi) : _mm256_setzero_ps();
+            for (int m = 0; m < MB; ++m) {
+                __m256i i = BITS == 8 ? _mm256_add_epi32(is[h][m], _mm256_slli_epi32(hi8[h][m], 4)) : is[h][m];
+                const float d = dx[m * ng + g];
+                const int32_t qs = xs[m * ng + g];
+                if (w.zero) i = _mm256_sub_epi32(i, _mm256_set1_epi32(w.zero * qs));
+                acc[h][m] = _mm256_add_ps(acc[h][m],
+                                          _mm256_mul_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(s, _mm256_set1_ps(d))));
+                if (MINS) acc[h][m] = _mm256_add_ps(acc[h][m], _mm256_mul_ps(mv, _mm256_set1_ps(d * (float)qs)));
+            }
+        }
+    }
+    for (int h = 0; h < H; ++h)
+        for (int m = 0; m < MB; ++m) _mm256_storeu_ps(out + m * ldo + h * 8, acc[h][m]);
+}
+
+typedef void (*micro_fn)(const QW&, int64_t, const int8_t*, const float*, const int32_t*, float*, int64_t);
+
+// 4 half tiles x 1 row (decode), 2 x 2 otherwise: 8 float and 8 int accumulators in 16 registers
+template <int BITS, int SK, bool MINS>
+static micro_fn pick(int H, int MB) {
+    if (H == 4) return micro<BITS, SK, MINS, 4, 1>;
+    return MB == 1 ? micro<BITS, SK, MINS, 2, 1> : micro<BITS, SK, MINS, 2, 2>;
+}
+
+template <int BITS>
+static micro_fn pick_kind(int kind, int mins, int H, int MB) {
+    switch (kind * 2 + (mins ? 1 : 0)) {
+        case 0: return pick<BITS, 0, false>(H, MB);
+        case 1: return pick<BITS, 0, true>(H, MB);
+        case 2: return pick<BITS, 1, false>(H, MB);
+        case 3: return pick<BITS, 1, true>(H, MB);
+        case 4: return pick<BITS, 2, false>(H, MB);
+        case 5: return pick<BITS, 2, true>(H, MB);
+        case 6: return pick<BITS, 3, false>(H, MB);
+        default: return pick<BITS, 3, true>(H, MB);
+    }
+}
+
+// slm_qgemm's arguments and checks (qgemm.cpp); blocking differs, results do not (each output is
+// one lane's fixed sequence of operations).
+extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
+        const void* x, int x_bf16, int64_t M, int64_t K, int64_t ldx, const uint8_t* qw, const void* scales,
+        const void* mins, int scale_kind, const float* super_scales, const float* super_mins, int64_t sbg, int bits,
+        int64_t tiles, int64_t KP, int64_t G, int zero, int64_t N, void* out, int out_bf16, int64_t ldo,
+        int nthreads) {
+    if (G <= 0 || G > 256 || G % 16 || KP % G || K > KP || N > tiles * 16 || (bits != 4 && bits != 8)) return -1;
+    if (scale_kind < 0 || scale_kind > 3) return -1;
+    if (scale_kind >= 2 && (sbg <= 0 || (KP / G) % sbg || !super_scales || (mins && !super_mins))) return -1;
+    const int64_t ng = KP / G;
+    const QW w = {qw, scales, mins, super_scales, super_mins, ng, G, KP, sbg, zero};
+    int8_t* xq = (int8_t*)aligned_alloc(64, (size_t)((M * KP + 63) / 64 * 64));
+    float* dx = (float*)malloc(sizeof(float) * M * ng);
+    int32_t* xs = (int32_t*)malloc(sizeof(int32_t) * M * ng);
+    if (!xq || !dx || !xs) {
+        free(xq); free(dx); free(xs);
+        return -2;
+    }
+    const size_t xe = x_bf16 ? 2 : 4;
+    for (int64_t m = 0; m < M; ++m)
+        quant_row((const char*)x + m * ldx * xe, x_bf16, K, KP, G, xq + m * KP, dx + m * ng, xs + m * ng);
+    const int64_t halves = tiles * 2;
+    const int H = M == 1 ? 4 : 2, MBX = M == 1 ? 1 : 2;
+    int64_t mc = (256 << 10) / KP;
+    mc = mc < MBX ? MBX : mc / MBX * MBX;
+    const int64_t blocks = (halves + H - 1) / H;
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float tmp[2 * 32];
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; ++b) {
+            const int64_t hb = b * H;
+            const int hh = (int)(halves - hb < H ? halves - hb : H);  // halves come in pairs: 2 or 4
+            for (int64_t m0c = 0; m0c < M; m0c += mc) {
+                const int64_t m1c = m0c + mc < M ? m0c + mc : M;
+                for (int64_t m0 = m0c; m0 < m1c; m0 += MBX) {
+                    const int mb = (int)(m1c - m0 < MBX ? m1c - m0 : MBX);
+                    for (int64_t hs = 0; hs < hh; hs += (hh == H ? H : 2)) {
+                        const int hcur = hh == H ? H : 2;
+                        micro_fn f = bits == 4 ? pick_kind<4>(scale_kind, mins != nullptr, hcur, mb)
+                                      : pick_kind<8>(scale_kind, mins != nullptr, hcur, mb);
+                        f(w, hb + hs, xq + m0 * KP, dx + m0 * ng, xs + m0 * ng, tmp, 32);
+                        for (int m = 0; m < mb; ++m) {
+                            const int64_t r0 = (hb + hs) * 8;
+                            const int64_t nr = N - r0 < hcur * 8 ? N - r0 : hcur * 8;
+                            if (nr <= 0) continue;
+                            if (out_bf16) {
+                                uint16_t* o = (uint16_t*)out + (m0 + m) * ldo + r0;
+                                for (int64_t r = 0; r < nr; ++r) o[r] = f32_to_bf16(tmp[m * 32 + r]);
+                            } else {
+                                memcpy((float*)out + (m0 + m) * ldo + r0, tmp + m * 32, sizeof(float) * nr);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    free(xq);
+    free(dx);
+    free(xs);
+    return 0;
+}
+
+#ifndef SLM_VNNI
+// weak: absent where the compiler had no -mavxvnni (qgemm.py then links without that unit)
+extern "C" __attribute__((weak)) int slm_avx2_qgemm_vnni(const void*, int, int64_t, int64_t, int64_t, const uint8_t*, const void*,
+                                   const void*, int, const float*, const float*, int64_t, int, int64_t, int64_t,
+                                   int64_t, int, int64_t, void*, int, int64_t, int);
+
+extern "C" int slm_supported(void) { return avx2_supported(); }
+
+// 1 where the CPU has AVX-VNNI (the 256-bit vpdpbusd) and SLMKIT_AVX_VNNI is not 0 (both paths give
+// the same bits; the switch lets a test run the other one).
+extern "C" int slm_avx_vnni(void) {
+    const char* e = getenv("SLMKIT_AVX_VNNI");
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avxvnni") && !(e && e[0] == '0');
+}
+
+extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_t ldx, const uint8_t* qw,
+                         const void* scales, const void* mins, int scale_kind, const float* super_scales,
+                         const float* super_mins, int64_t sbg, int bits, int64_t tiles, int64_t KP, int64_t G,
+                         int zero, int64_t N, void* out, int out_bf16, int64_t ldo, int nthreads) {
+    const int vnni = slm_avx_vnni() && slm_avx2_qgemm_vnni != nullptr;  // read each call: tests switch it
+    return (vnni ? slm_avx2_qgemm_vnni : slm_avx2_qgemm_plain)(x, x_bf16, M, K, ldx, qw, scales, mins, scale_kind,
+                                                               super_scales, super_mins, sbg, bits, tiles, KP, G,
+                                                               zero, N, out, out_bf16, ldo, nthreads);
+}
+#endif
