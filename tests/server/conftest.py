@@ -10,8 +10,10 @@ import pytest
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    """Module-scoped: sync_playwright runs an asyncio loop in this thread while it is open, so later
+    modules' asyncio.run() would fail if it outlived the page tests."""
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"no Chromium at {CHROMIUM} (Debian's chromium package)")
     sync_api = pytest.importorskip("playwright.sync_api")  # the test extra

@@ -16,7 +16,8 @@ from tests.helpers.gguf_files import write_gguf
 
 FAMILY = ["phi3:mini", "phi3:mini-128k", "phi3.5", "phi3:small", "phi3:small-128k",
           "phi3:medium", "phi3:medium-128k", "phi3-vision",
-          "phi3.5-vision", "phi3.5-moe", "phi4", "phi4-mini", "phi4-mini-reasoning", "phi4-multimodal", "builtin"]
+          "phi3.5-vision", "phi3.5-moe", "phi4", "phi4-reasoning", "phi4-mini", "phi4-mini-reasoning",
+          "phi4-multimodal", "builtin"]
 
 
 def test_the_catalog_names_the_whole_family_with_its_facts():
