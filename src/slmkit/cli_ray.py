@@ -4,6 +4,7 @@ local Ray instance (no ADDRESS) or a running cluster (ray://host:10001 or auto),
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from typing import Any
@@ -80,9 +81,11 @@ def serve_on_ray(a: argparse.Namespace, paths: dict[str, str], key: str | None, 
     sys.stderr.write(f"[serving {', '.join(paths)} through Ray Serve on http://{a.host}:{a.port}/v1 (OpenAI) and "
                      f"/api (Ollama), {a.replicas if a.max_replicas is None else f'{a.min_replicas}-{a.max_replicas}'}"
                      f" replica(s){', API key required' if key else ''}]\n")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a terminate shuts down as Ctrl-C does
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
+        ray.shutdown()  # the local instance ray.init started (a cluster's own processes stay)
         return 0
