@@ -54,9 +54,16 @@ def _stream(base: str, model: str, messages: list, session: str | None = None) -
     return text, raw.headers.get(REPLICA_HEADER, "")
 
 
-def _metric(text: str, name: str, model: str) -> float:
-    m = re.search(rf'^{name}{{model="{model}"}} (\S+)$', text, re.M)
-    assert m, f"{name} for {model} not in /metrics"
+def _fresh(base: str, session: str) -> str:
+    """/metrics from the session's replica: its own figures current (the others' up to a second old)."""
+    r = httpx.get(base + "/metrics", headers={"x-session-id": session})
+    assert r.status_code == 200
+    return r.text
+
+
+def _metric(text: str, name: str, model: str, replica: str) -> float:
+    m = re.search(rf'^{name}{{replica="{replica}",model="{model}"}} (\S+)$', text, re.M)
+    assert m, f"{name} for {model} on {replica} not in /metrics"
     return float(m.group(1))
 
 
@@ -84,25 +91,36 @@ def test_a_conversation_stays_on_its_replica_and_hits_its_prompt_cache(cluster):
     base, _ = cluster
     first = [{"role": "user", "content": "tell me about the sea and the wind and the boats"}]
     text, home = _stream(base, "phi", first, session="conv-1")
-    before = _metric(httpx.get(base + "/metrics", headers={"x-session-id": "conv-1"}).text,
-                     "slmkit_prompt_cache_tokens_total", "phi")
+    before = _metric(_fresh(base, "conv-1"), "slmkit_prompt_cache_tokens_total", "phi", home)
     second = first + [{"role": "assistant", "content": text}, {"role": "user", "content": "and then?"}]
     _, again = _stream(base, "phi", second, session="conv-1")
     assert again == home
-    r = httpx.get(base + "/metrics", headers={"x-session-id": "conv-1"})
-    assert r.headers[REPLICA_HEADER] == home
-    assert _metric(r.text, "slmkit_prompt_cache_tokens_total", "phi") > before
+    assert _metric(_fresh(base, "conv-1"), "slmkit_prompt_cache_tokens_total", "phi", home) > before
 
 
 def test_two_models_over_replicas_holding_one_each_evict_and_reload(cluster):
     base, _ = cluster
+    served = set()
     for model in ("phi", "other", "phi", "other"):
-        text, _ = _stream(base, model, MESSAGES[0], session="models")
+        text, replica = _stream(base, model, MESSAGES[0], session="models")
         assert text
-    r = httpx.get(base + "/metrics", headers={"x-session-id": "models"})
-    loaded = {m: _metric(r.text, "slmkit_model_loaded", m) for m in ("phi", "other")}
+        served.add(replica)
+    (replica,) = served  # the session kept them on one replica
+    text = _fresh(base, "models")
+    loaded = {m: _metric(text, "slmkit_model_loaded", m, replica) for m in ("phi", "other")}
     assert sum(loaded.values()) == 1  # a budget for one
-    assert _metric(r.text, "slmkit_model_loads_total", "phi") >= 2  # evicted by "other", loaded again
+    assert _metric(text, "slmkit_model_loads_total", "phi", replica) >= 2  # evicted by "other", loaded again
+
+
+def test_health_and_metrics_answer_for_every_replica(cluster):
+    base, _ = cluster
+    body = httpx.get(base + "/health").json()
+    assert body["status"] == "ok" and len(body["replicas"]) == 2
+    assert all(h["models"] == ["phi", "other"] for h in body["replicas"].values())
+    text = httpx.get(base + "/metrics").text
+    assert re.search(r"^slmkit_replicas 2$", text, re.M)
+    for replica in body["replicas"]:
+        assert _metric(text, "slmkit_requests_total", "phi", replica) >= 0
 
 
 def test_rendezvous_moves_only_the_dead_replicas_keys():
@@ -119,6 +137,7 @@ def test_a_killed_replica_ends_its_streams_without_success_and_comes_back(cluste
     base, _ = cluster
     results: dict[int, tuple[str, str | None, str] | BaseException] = {}
     long = [{"role": "user", "content": "count slowly"}]
+    serving: dict[int, str] = {}  # stream -> its replica, known from the headers before the body
 
     def one(i: int) -> None:
         import openai
@@ -128,17 +147,24 @@ def test_a_killed_replica_ends_its_streams_without_success_and_comes_back(cluste
             raw = client.chat.completions.with_raw_response.create(
                 model="phi", messages=long, stream=True, temperature=0, max_tokens=240,
                 extra_headers={"x-session-id": f"s{i}"})
-            chunks = [c for c in raw.parse() if c.choices]
+            serving[i] = raw.headers[REPLICA_HEADER]
+            chunks = []
+            for c in raw.parse():  # read slowly: the streams are still open when the replica dies
+                chunks += [c] if c.choices else []
+                time.sleep(0.02)
             results[i] = ("".join(c.choices[0].delta.content or "" for c in chunks),
                           chunks[-1].choices[0].finish_reason if chunks else None, raw.headers[REPLICA_HEADER])
         except BaseException as e:  # noqa: BLE001 -- the streams on the killed replica
             results[i] = e
 
-    victim = _replica_actors()[0]
     threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    for _ in range(600):
+        if len(serving) == 8:
+            break
+        time.sleep(0.05)
+    victim = next(a for a in _replica_actors() if a.endswith(serving[0]))
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
     for t in threads:
         t.join(timeout=120)

@@ -70,13 +70,16 @@ class SlmkitReplica:
         from ..server.app import create_app
         from ..server.loader import model_loader
         from ..server.registry import ModelSpec
+        from . import ray_board
 
-        rid = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        rid = context.replica_id.unique_id
         slots = max(1, int(load.get("slots", 4)))
         specs = {n: ModelSpec(model_loader(n, p, where=f" on replica {rid}", **load), slots=slots)
                  for n, p in models.items()}
         self.replica_id = rid
         self.slmkit_app = create_app(specs, **server)
+        ray_board.install(self.slmkit_app, rid, context.app_name)
 
         @self.slmkit_app.middleware("http")  # outermost: a 401 or an error answer names its replica too
         async def name_replica(request: Any, call_next: Any) -> Any:
