@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import time
+import threading
 from typing import Any
 
 
@@ -75,17 +75,17 @@ def serve_on_ray(a: argparse.Namespace, paths: dict[str, str], key: str | None, 
                            min_replicas=a.min_replicas, max_replicas=a.max_replicas,
                            target_ongoing_requests=a.target_ongoing or float(a.slots),
                            affinity=not a.no_affinity, server=server, load=load)
+    stop = threading.Event()  # Ctrl-C or a terminate: shut down between two waits, never inside Ray's calls
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     ray.init(address=a.ray or None, include_dashboard=False)
     serve.start(http_options={"host": a.host, "port": a.port})
     serve.run(application(paths, config), name="slmkit", route_prefix="/")
     sys.stderr.write(f"[serving {', '.join(paths)} through Ray Serve on http://{a.host}:{a.port}/v1 (OpenAI) and "
                      f"/api (Ollama), {a.replicas if a.max_replicas is None else f'{a.min_replicas}-{a.max_replicas}'}"
                      f" replica(s){', API key required' if key else ''}]\n")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a terminate shuts down as Ctrl-C does
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
-        ray.shutdown()  # the local instance ray.init started (a cluster's own processes stay)
-        return 0
+    while not stop.wait(1.0):
+        pass
+    serve.shutdown()
+    ray.shutdown()  # the local instance ray.init started (a cluster's own processes stay)
+    return 0

@@ -1,5 +1,6 @@
-"""`slm serve --ray` without Ray installed (the import made to fail) names the extra to install, and an
-option the Ray proxy cannot honour is refused by name rather than dropped; no Ray instance starts."""
+"""`slm serve --ray` without Ray installed (the import made to fail) names the extra to install, an
+option the Ray proxy cannot honour is refused by name rather than dropped, and the deployment's
+scaling options land in Ray Serve's config; no Ray instance starts."""
 from __future__ import annotations
 
 import sys
@@ -37,3 +38,18 @@ def test_header_timeout_is_refused_under_ray_by_name(folder, capsys):
     pytest.importorskip("ray.serve")
     assert main(["serve", f"phi={folder}", "--ray", "--header-timeout", "3"]) == 2
     assert "--header-timeout" in capsys.readouterr().err
+
+
+def test_replica_config_becomes_ray_serves_autoscaling_and_pinning():
+    pytest.importorskip("ray.serve")
+    from slmkit.serving.ray import ReplicaConfig, application
+
+    app = application({"phi": "builtin"}, ReplicaConfig(num_cpus=3, num_gpus=0.5, min_replicas=0, max_replicas=4,
+                                                        target_ongoing_requests=6, server={"keep_alive": 42.0}))
+    d = app._bound_deployment
+    assert d.ray_actor_options == {"num_cpus": 3, "num_gpus": 0.5}
+    a = d._deployment_config.autoscaling_config
+    assert (a.min_replicas, a.max_replicas, a.target_ongoing_requests) == (0, 4, 6)
+    assert a.downscale_delay_s == a.downscale_to_zero_delay_s == 42.0  # scale to zero after keep-alive idle
+    fixed = application({"phi": "builtin"}, ReplicaConfig(num_replicas=3))._bound_deployment
+    assert fixed.num_replicas == 3 and fixed._deployment_config.autoscaling_config is None

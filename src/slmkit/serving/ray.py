@@ -114,7 +114,9 @@ def application(models: dict[str, str], config: ReplicaConfig | None = None, *, 
         options["autoscaling_config"] = {
             "min_replicas": c.min_replicas, "max_replicas": c.max_replicas,
             "target_ongoing_requests": c.target_ongoing_requests,
-            **({"downscale_delay_s": float(keep_alive)} if keep_alive is not None else {})}
+            **({"downscale_delay_s": float(keep_alive)} if keep_alive is not None else {}),
+            **({"downscale_to_zero_delay_s": float(keep_alive)} if keep_alive is not None and c.min_replicas == 0
+               else {})}
     else:
         options["num_replicas"] = c.num_replicas
     if c.affinity:
