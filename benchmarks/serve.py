@@ -1,15 +1,19 @@
-"""`slm serve` under concurrent streaming users: aggregate generated tokens/s and time to first token.
+"""`slm serve` under concurrent streaming users: aggregate generated tokens/s and time to first token,
+beside the same model in process and beside llama-server, in one run.
 
-    .venv/bin/python benchmarks/serve.py [--model /tmp/slmkit-bench/phi3-mini-random-int4-g32]
+    .venv/bin/python benchmarks/serve.py [--llama-server PATH] [--streams 1,8,16]
+    .venv/bin/python benchmarks/serve.py --quick      # a 2-layer file, few tokens: checks that it runs
 
 `slm serve` runs in its own process, as users run it (continuous batching, 16 slots of 512 tokens;
-by default it serves the same Q4_0 GGUF as llama-server);
-1, 4, 8 and 16 clients each stream a chat completion (different ~40-token prompts, 64 tokens,
-greedy) through httpx at the same time. The floor is the same server with one slot (requests one
-at a time, as Ollama serves a model by default). With --llama-server (a llama-server binary,
-built with cmake from the llama.cpp sources vendored in the llama-cpp-python sdist) and --gguf,
-llama-server (-np 16, continuous batching, 2 threads) and slmkit both serve that GGUF file too.
-Prints a table, writes results/serve.json.
+by default it serves the same Q4_0 GGUF as llama-server, a 16-layer Phi-3-mini-shaped file with
+random weights, built here with llama.cpp's quantizer when missing: --layers N);
+1, 8 and 16 clients each stream a chat completion (different ~40-token prompts, 64 tokens,
+greedy) through httpx at the same time. "in process" is one stream of the same request through
+LLM.chat(stream=True) in a process of its own (the number a server's single stream should reach).
+The floor is the same server with one slot (requests one at a time, as Ollama serves a model by
+default). With --llama-server (a llama-server binary, built with cmake from the llama.cpp sources
+vendored in the llama-cpp-python sdist), llama-server (-np slots, continuous batching, 2 threads)
+serves that GGUF file too. Prints a table, writes results/serve.json.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ sys.path.insert(0, str(ROOT.parent))
 from common import print_table, save_results  # noqa: E402
 
 TOKENS = 64
+DEFAULT_GGUF = "/tmp/slmkit-bench/phi3-mini-random-Q4_0.gguf"  # 16 layers
 
 
 def launch(cmd: list[str], what: str, log: Path | None = None) -> tuple[str, object]:
@@ -64,14 +69,17 @@ def start(model: str, slots: int):
                    "--slot-context", "512", "--max-queue", "64"], "slm serve")
 
 
+def message(tag: str, i: int) -> list[dict]:
+    return [{"role": "user", "content": f"{tag}: user {i} asks about topic {i * 7}: " + "tell me more " * 8}]
+
+
 def one(base: str, i: int, out: list, tag: str) -> None:
     import httpx
 
     body = {"model": "m", "max_tokens": TOKENS, "temperature": 0, "stream": True, "min_tokens": TOKENS,
             "ignore_eos": True,  # llama-server's name for running to max_tokens
             "stream_options": {"include_usage": True}, "logprobs": True,  # an event for every token
-            "messages": [{"role": "user",
-                          "content": f"{tag}: user {i} asks about topic {i * 7}: " + "tell me more " * 8}]}
+            "messages": message(tag, i)}
     t0 = time.perf_counter()
     ttft, n = None, 0
     with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=600) as r:
@@ -109,26 +117,81 @@ def llama_server(binary: str, gguf: str, slots: int):
                    "--host", "127.0.0.1"], "llama-server")
 
 
+def in_process(model: str, tokens: int) -> dict:
+    """One stream of the benchmark's request through LLM.chat(stream=True) in this process (a child
+    of the benchmark's), timed as a client times the server: tokens / wall time from the call."""
+    import torch
+
+    import slmkit
+
+    torch.set_num_threads(2)
+    llm = slmkit.load(model)
+    opts = slmkit.GenerationOptions(max_new_tokens=tokens, min_new_tokens=tokens, temperature=0.0, ignore_eos=True,
+                                    logprobs=True)
+    for _ in llm.chat(message("Warm-up", 0), stream=True, options=opts):
+        pass
+    t0 = time.perf_counter()
+    ttft, n = None, 0
+    for chunk in llm.chat(message("Run of 1", 0), stream=True, options=opts):
+        ttft = time.perf_counter() - t0 if ttft is None else ttft
+        n += len(chunk.token_ids)
+    wall = time.perf_counter() - t0
+    return {"streams": 1, "tokens": n, "wall_s": wall, "aggregate_tok_s": n / wall, "ttft_p50_s": ttft,
+            "ttft_p95_s": ttft}
+
+
+def quick_file(layers: int) -> str:
+    """A Phi-3-mini-shaped Q4_0 GGUF of `layers` layers (random weights), built once with llama.cpp's quantizer."""
+    from common import make_random_phi3
+    from gguf_load import make_f16_gguf, quantize
+
+    folder = make_random_phi3(Path(f"/tmp/slmkit-bench/phi3-mini-random-{layers}l"), layers)
+    return str(quantize(make_f16_gguf(folder, folder.parent / f"{folder.name}-F16.gguf"), "Q4_0"))
+
+
 def main() -> None:
+    global TOKENS
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="/tmp/slmkit-bench/phi3-mini-random-Q4_0.gguf",
-                    help="what slmkit serves (default: the same Q4_0 GGUF as llama-server)")
-    ap.add_argument("--gguf", default="/tmp/slmkit-bench/phi3-mini-random-Q4_0.gguf")
+    ap.add_argument("--model", default=None, help="what slmkit serves (default: the same Q4_0 GGUF as llama-server)")
+    ap.add_argument("--gguf", default=None, help=f"the GGUF llama-server serves (default {DEFAULT_GGUF})")
+    ap.add_argument("--layers", type=int, default=None, help="build and serve a Q4_0 file of this many layers")
     ap.add_argument("--llama-server", default=None, help="path of a llama-server binary")
     ap.add_argument("--slots", type=int, default=16)
+    ap.add_argument("--streams", default="1,8,16", help="concurrent streams per measurement")
+    ap.add_argument("--tokens", type=int, default=TOKENS, help="tokens per stream")
+    ap.add_argument("--no-floor", action="store_true", help="skip the one-slot server")
+    ap.add_argument("--quick", action="store_true", help="a 2-layer file, 8 tokens, 1 and 2 streams: checks it runs")
+    ap.add_argument("--in-process", default=None, help=argparse.SUPPRESS)  # the child that measures in process
     a = ap.parse_args()
+    if a.quick:
+        a.layers, a.tokens, a.streams, a.slots = a.layers or 2, 8, "1,2", 4
+    TOKENS = a.tokens
+    if a.in_process:
+        print(json.dumps(in_process(a.in_process, a.tokens)))
+        return
+    gguf = a.gguf or (quick_file(a.layers) if a.layers else DEFAULT_GGUF)
+    model = a.model or gguf
+    streams = tuple(int(x) for x in a.streams.split(","))
 
     rows = []
-    what = Path(a.model).name
-    runs = [(f"slmkit {what}, one at a time (Ollama-style floor)", a.model, 1, (1, 4)),
-            (f"slmkit {what}, continuous batching", a.model, a.slots, (1, 4, 8, 16))]
-    if a.llama_server and Path(a.gguf).is_file():
-        runs += [(f"llama-server {Path(a.gguf).name}, -np {a.slots}", None, a.slots, (1, 4, 8, 16))]
-    for mode, model, slots, users_list in runs:
-        if model is None:
-            base, proc = llama_server(a.llama_server, a.gguf, slots)
+    what = Path(model).name
+    import subprocess
+
+    child = subprocess.run([sys.executable, __file__, "--in-process", model, "--tokens", str(a.tokens)],
+                           capture_output=True, text=True)
+    if child.returncode == 0:
+        rows.append({**json.loads(child.stdout.strip().splitlines()[-1]), "server": f"slmkit {what}, in process"})
+    else:
+        print(f"in process failed: {child.stderr.strip()[-500:]}", flush=True)
+    runs = [] if a.no_floor else [(f"slmkit {what}, one at a time (Ollama-style floor)", model, 1, streams[:2])]
+    runs += [(f"slm serve {what}, continuous batching", model, a.slots, streams)]
+    if a.llama_server and Path(gguf).is_file():
+        runs += [(f"llama-server {Path(gguf).name}, -np {a.slots}", None, a.slots, streams)]
+    for mode, served, slots, users_list in runs:
+        if served is None:
+            base, proc = llama_server(a.llama_server, gguf, slots)
         else:
-            base, proc = start(model, slots)
+            base, proc = start(served, slots)
         run(base, 1, "Warm-up")
         for users in users_list:
             r = run(base, users, f"Run of {users}")
@@ -138,12 +201,18 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=30)
     singles = {r["server"]: r["aggregate_tok_s"] for r in rows if r["streams"] == 1}
+    inproc = next((r["aggregate_tok_s"] for r in rows if r["server"].endswith("in process")), None)
+    peer = {r["streams"]: r["aggregate_tok_s"] for r in rows if r["server"].startswith("llama-server")}
     for r in rows:
-        r["x_single"] = r["aggregate_tok_s"] / singles[r["server"]]
+        r["x_single"] = r["aggregate_tok_s"] / singles[r["server"]] if r["server"] in singles else None
+        r["x_in_process"] = r["aggregate_tok_s"] / inproc if inproc and r["streams"] == 1 else None
+        r["x_llama_server"] = r["aggregate_tok_s"] / peer[r["streams"]] if r["streams"] in peer else None
     print_table(rows, [("server", "server", ""), ("streams", "streams", ""), ("aggregate_tok_s", "tok/s", ".2f"),
-                       ("x_single", "x its single stream", ".2f"), ("ttft_p50_s", "TTFT p50 s", ".2f"),
+                       ("x_single", "x its single stream", ".2f"), ("x_in_process", "x in process", ".2f"),
+                       ("x_llama_server", "x llama-server", ".2f"), ("ttft_p50_s", "TTFT p50 s", ".2f"),
                        ("ttft_p95_s", "TTFT p95 s", ".2f")])
-    save_results("serve", model=a.model, gguf=a.gguf, tokens_per_stream=TOKENS, rows=rows)
+    save_results("serve" if not a.quick else "serve-quick", model=model, gguf=gguf, tokens_per_stream=TOKENS,
+                 rows=rows)
 
 
 if __name__ == "__main__":

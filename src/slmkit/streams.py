@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import queue
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 END = object()  # the last item of every stream
 
@@ -58,3 +61,31 @@ def validated_first(items: Iterator[Any]) -> Iterator[Any]:
         yield from items
 
     return rest()
+
+
+def on_own_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """fn(*args, **kwargs) run on a thread of its own that ends with it: its result here, or its
+    exception raised here.
+
+    For heavy one-off work (loading a model, filling a KV cache) done outside the thread that will
+    decode: the OpenMP runtime (libgomp, which torch and the kernel share) keeps a pool of worker
+    threads for every thread that ever ran a parallel region, for that thread's whole life, and
+    once it manages more threads than there are CPUs, every pool stops spinning between regions
+    (GOMP's throttled spin). A decode step runs ~100 short regions, and each then waits for its
+    workers to wake from a futex; a thread that ends takes its pool with it, so the thread that
+    decodes stays the only one with a pool."""
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append((True, fn(*args, **kwargs)))
+        except BaseException as e:  # noqa: BLE001 -- raised again in the caller's thread
+            box.append((False, e))
+
+    t = threading.Thread(target=run, name="slmkit-oneoff", daemon=True)  # daemon: Ctrl-C at join() leaves
+    t.start()
+    t.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value

@@ -15,6 +15,7 @@ from ..loading.files import is_regular_file
 from ..loading.hf import load_hf_folder
 from ..loading.memory import ram_by_precision
 from ..options import GenerationOptions
+from ..streams import on_own_thread
 from .base import BackendStats, Capabilities, ModelDescription, SearchResult, Session, TokenStep
 
 if TYPE_CHECKING:
@@ -68,7 +69,14 @@ class NativeBackend:
     @classmethod
     def from_path(cls, path: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
                   pack: bool = True, quant: str | None = None, group_size: int | None = None) -> NativeBackend:
-        path = Path(path)
+        """Load on a thread of its own (streams.on_own_thread): the caller's thread, perhaps a
+        server's event loop, keeps no OpenMP pool from the load to slow the engine's down."""
+        return on_own_thread(cls._from_path, Path(path), dtype=dtype, device=device, pack=pack, quant=quant,
+                             group_size=group_size)
+
+    @classmethod
+    def _from_path(cls, path: Path, *, dtype: str | torch.dtype, device: str, pack: bool, quant: str | None,
+                   group_size: int | None) -> NativeBackend:
         if is_regular_file(path) or path.suffix.lower() == ".gguf":  # GGUF: its reader names what is wrong
             from ..loading.gguf import load_gguf
 
@@ -88,7 +96,9 @@ class NativeBackend:
         """Serve concurrent stream_tokens() calls by continuous batching (engine/batching.py)."""
         from ..engine.batching import BatchEngine
 
-        batch = BatchEngine(self.engine, slots=slots, slot_context=context)  # raises if it cannot fit
+        # raises if it cannot fit; built (its KV cache filled) on a thread of its own, so that the engine's
+        # thread is the one that runs parallel regions from now on (streams.on_own_thread)
+        batch = on_own_thread(BatchEngine, self.engine, slots=slots, slot_context=context)
         if self.batch is not None:
             self.batch.close()  # the new plan replaces the old one
         self.batch = batch
@@ -282,10 +292,16 @@ class NativeBackend:
 
     def logits(self, ids: Sequence[int], images: Any = None) -> Any:
         ids, entries = self._attach(ids, images)
-        return self.engine.logits(ids, entries)
+        return self._aside(self.engine.logits, ids, entries)
 
     def embed(self, rows: Sequence[Sequence[int]]) -> Any:
-        return self.engine.embed(rows)
+        return self._aside(self.engine.embed, rows)
+
+    def _aside(self, fn: Any, *args: Any) -> Any:
+        """fn(*args) beside continuous batching: on a thread of its own (streams.on_own_thread), so
+        that the calling thread (a server's worker, which lives on) keeps no OpenMP pool beside the
+        engine thread's; without batching, here."""
+        return fn(*args) if self.batch is None else on_own_thread(fn, *args)
 
 
 def _token_routing(per_layer: dict) -> Any:
