@@ -160,11 +160,11 @@ def test_a_killed_replica_ends_its_streams_without_success_and_comes_back(cluste
     threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
-    for _ in range(600):
-        if len(serving) == 8:
+    for _ in range(6000):  # the first stream under way (headers come with its first token): kill its replica
+        if serving:
             break
-        time.sleep(0.05)
-    victim = next(a for a in _replica_actors() if a.endswith(serving[0]))
+        time.sleep(0.005)
+    victim = next(a for a in _replica_actors() if a.endswith(next(iter(serving.values()))))
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
     for t in threads:
         t.join(timeout=120)
