@@ -272,16 +272,18 @@ def _imports(path: Path, package: str) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("path", sorted((SRC / "server").glob("*.py")) + sorted(SRC.glob("cli*.py")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((SRC / "server").glob("*.py")) + sorted((SRC / "serving").glob("*.py"))
+                         + sorted(SRC.glob("cli*.py")), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_server_and_cli_import_only_the_api_the_backends_the_errors_and_the_options(path):
-    own = "slmkit.server" if path.parent.name == "server" else "slmkit.cli"
-    package = "slmkit.server" if own == "slmkit.server" else "slmkit"
+    own = {"server": "slmkit.server", "serving": "slmkit.serving"}.get(path.parent.name, "slmkit.cli")
+    package = own if own != "slmkit.cli" else "slmkit"
     for name in _imports(path, package):
         ok = any(name == a or name.startswith(a + ".") for a in ALLOWED | {own})
         ok = ok or (own == "slmkit.cli" and name.startswith("slmkit.cli_"))  # the CLI's own modules
         ok = ok or (own == "slmkit.cli" and name.startswith("slmkit.server"))  # `slm serve` starts the server
+        ok = ok or (own == "slmkit.cli" and name.startswith("slmkit.serving"))  # `slm serve --ray`
         ok = ok or (own == "slmkit.cli" and name.startswith("slmkit.sources"))  # the CLI manages the model store
+        ok = ok or (own == "slmkit.serving" and name.startswith("slmkit.server"))  # serving runs the server's app
         ok = ok or name == "slmkit.sources.catalog"  # the catalog's data (the chat page lists its names)
         ok = ok or name == "slmkit.__version__"  # the package's version string
         assert ok, f"{path.name} imports {name}"

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from . import cli_compare, cli_ps, cli_store, cli_vision
+from . import cli_compare, cli_ps, cli_ray, cli_store, cli_vision
 from .cli_repl import repl, write_chunk
 from .cli_repl import report as _report
 from .errors import SlmkitError
@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "request headers (default 10); slower ones are closed")
     srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     _add_quant_args(srv)
+    cli_ray.add_ray_args(srv, _positive)
     q = sub.add_parser("quantize", help="write a weight-only quantized copy of a model (a safetensors folder)")
     q.add_argument("src", help="a Hugging Face folder, .gguf file, hub id or 'builtin'")
     q.add_argument("dst", help="the folder to write (must not exist, or be empty)")
@@ -280,8 +281,6 @@ def _describe(llm: Any) -> str:
 def cmd_serve(a: argparse.Namespace) -> int:
     import os
 
-    from .api import load
-
     try:
         import uvicorn
 
@@ -289,7 +288,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     except ImportError:
         sys.stderr.write("error: slm serve needs fastapi and uvicorn (pip install 'slmkit[serve]')\n")
         return 1
-    from .errors import MemoryPlanError, ModelUnavailableError
+    from .errors import ModelUnavailableError
+    from .server.loader import model_loader
     from .server.registry import ModelSpec, parse_keep_alive
 
     try:
@@ -298,42 +298,29 @@ def cmd_serve(a: argparse.Namespace) -> int:
         sys.stderr.write(f"error: {e}\n")
         return 2
 
-    problem = _cannot_listen(a.host, a.port)
+    problem = _cannot_listen(a.host, a.port) if not a.ray else None  # a cluster's proxy is on its head node
     if problem:  # before minutes of loading models
         sys.stderr.write(f"error: cannot listen on {a.host}:{a.port}: {problem}\n")
         return 1
 
-    def loader(name: str, path: str) -> Any:
-        def load_it() -> Any:
-            t0 = time.perf_counter()
-            llm = load(path, dtype=a.dtype, quant=a.quant, group_size=a.group_size)
-            note = ""
-            if a.slots > 1 and llm.capabilities.token_ids:  # (a cloud has no batch of ours)
-                try:
-                    llm.enable_batching(a.slots, a.slot_context or min(llm.context_length, 4096))
-                    st = llm.stats()
-                    note = (f", {a.slots} slots x {st.request_context} tokens continuously batched "
-                            f"(KV {st.kv_bytes / 2**30:.2f} GiB)")
-                except MemoryPlanError:
-                    raise  # the asked-for plan does not fit: say so rather than serve something else
-                except SlmkitError as e:
-                    note = f", one request at a time ({e})"
-            sys.stderr.write(f"[{name}: {llm.name} loaded in {time.perf_counter() - t0:.1f} s, "
-                             f"context {llm.context_length} tokens{note}]\n")
-            return llm
-        return load_it
-
-    models = {}
+    models: dict[str, Any] = {}
+    paths: dict[str, str] = {}
     for spec in a.models:
         name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
         name = name or served_name(path)
         path = cli_store.prepare(path, yes=True, quant=a.quant, ctx=a.slot_context, parallel=max(1, a.slots),
                                  flags={"ctx": "--slot-context", "parallel": "--slots"})
-        if name in models:
+        if name in models or name in paths:
             sys.stderr.write(f"error: two models are named {name!r}; name one NAME=PATH\n")
             return 2
-        models[name] = ModelSpec(loader(name, path), slots=max(1, a.slots))
+        if a.ray is not None:
+            paths[name] = path
+            continue
+        models[name] = ModelSpec(model_loader(name, path, dtype=a.dtype, quant=a.quant, group_size=a.group_size,
+                                              slots=a.slots, slot_context=a.slot_context), slots=max(1, a.slots))
     key = a.api_key or os.environ.get("SLMKIT_API_KEY")
+    if a.ray is not None:
+        return cli_ray.serve_on_ray(a, paths, key, keep_alive, _size)
     hosts = a.image_url_host or []
     try:
         app = create_app(models, api_key=key, max_queue=a.max_queue, cors_origins=a.cors, keep_alive=keep_alive,

@@ -37,20 +37,24 @@ def metrics_text(registry: Registry) -> str:
     return "\n".join(lines) + "\n"
 
 
+def health_body(registry: Registry) -> dict[str, Any]:
+    """/health's answer: status "unhealthy" (a 503) when a model's engine stopped."""
+    es = registry.entries.values()
+    body = {"status": "ok", "models": list(registry.entries), "loaded": [e.name for e in registry.loaded()],
+            "queue_depth": sum(e.scheduler.queue_depth for e in es), "running": sum(e.scheduler.running for e in es)}
+    dead = {e.name: why for e in es if (why := e.engine_dead) is not None}
+    if dead:  # a model whose engine stopped fails every request: not healthy, whatever else runs
+        body.update(status="unhealthy", dead_engines=dead)
+    return body
+
+
 def router(registry: Registry) -> APIRouter:
     r = APIRouter()
 
     @r.get("/health")
     async def health() -> Any:
-        es = registry.entries.values()
-        body = {"status": "ok", "models": list(registry.entries), "loaded": [e.name for e in registry.loaded()],
-                "queue_depth": sum(e.scheduler.queue_depth for e in es),
-                "running": sum(e.scheduler.running for e in es)}
-        dead = {e.name: why for e in es if (why := e.engine_dead) is not None}
-        if dead:  # a model whose engine stopped fails every request: not healthy, whatever else runs
-            body.update(status="unhealthy", dead_engines=dead)
-            return JSONResponse(body, status_code=503)
-        return body
+        body = health_body(registry)
+        return JSONResponse(body, status_code=503) if body["status"] != "ok" else body
 
     @r.get("/metrics")
     async def metrics() -> Response:
