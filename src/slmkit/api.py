@@ -143,31 +143,9 @@ class LLM:
         from . import thinking
 
         if tools is not None:
-            from . import tools as tooling
-            from .text.chat import normalize_messages
+            from .tools import chat_with_tools
 
-            native = tooling.native_format(self.tokenizer)
-            # the messages are checked first: the tools' rewrite of them assumes well-formed ones
-            messages, constraint = tooling.prepare(normalize_messages(messages), tools, tool_choice, native)
-            ids = self.chat_prompt(messages, num_crops=num_crops)
-            if stream:  # text chunks as they come; the last one carries the parsed call
-                if kw.get("n") not in (None, 1):
-                    raise InvalidRequestError("streaming returns one sequence; use n with stream=False", param="n")
-                chunks = thinking.stream(self.generate(ids, stream=True, **thinking.after_thinking(
-                    self.tokenizer, {**kw, **constraint})))
-                if native is not None:
-                    return tooling.with_native_calls(chunks, tools, native)
-                return tooling.with_tool_calls(chunks, tools, tool_choice)
-            result = self.generate(ids, **thinking.after_thinking(self.tokenizer, {**kw, **constraint}))
-            for r in result if isinstance(result, list) else [result]:  # n > 1: a list
-                thinking.apply(r)
-                calls = (tooling.parse_native(r.text, r.token_ids, tools, native) if native is not None
-                         else tooling.parse(r.text, tools, tool_choice))
-                if calls:
-                    r.tool_calls, r.finish_reason = calls, "tool_calls"
-                    if native is not None:
-                        r.text = ""
-            return result
+            return chat_with_tools(self, messages, tools, tool_choice, stream=stream, num_crops=num_crops, **kw)
         out = self.generate(self.chat_prompt(messages, num_crops=num_crops), stream=stream,
                             **thinking.after_thinking(self.tokenizer, kw))
         if stream:

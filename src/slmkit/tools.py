@@ -266,3 +266,35 @@ def with_tool_calls(chunks: Iterator[Any], tools: Any, tool_choice: Any) -> Iter
             if calls:
                 c.tool_calls, c.finish_reason = calls, "tool_calls"
         yield c
+
+
+def chat_with_tools(llm: Any, messages: Any, tools: Any, tool_choice: Any, *, stream: bool,
+                    num_crops: int | None, **kw: Any) -> Any:
+    """LLM.chat with tools on a token-level backend: the model's own tool format where it has one
+    (Phi-4-mini's <|tool|> / <|tool_call|>), else the tools described in the system prompt; a
+    grammar keeps the call valid; the call comes back in tool_calls (streamed: on the last chunk)."""
+    from . import thinking
+    from .text.chat import normalize_messages
+
+    native = native_format(llm.tokenizer)
+    # the messages are checked first: the tools' rewrite of them assumes well-formed ones
+    messages, constraint = prepare(normalize_messages(messages), tools, tool_choice, native)
+    ids = llm.chat_prompt(messages, num_crops=num_crops)
+    if stream:  # text chunks as they come; the last one carries the parsed call
+        if kw.get("n") not in (None, 1):
+            raise InvalidRequestError("streaming returns one sequence; use n with stream=False", param="n")
+        chunks = thinking.stream(llm.generate(ids, stream=True, **thinking.after_thinking(
+            llm.tokenizer, {**kw, **constraint})))
+        if native is not None:
+            return with_native_calls(chunks, tools, native)
+        return with_tool_calls(chunks, tools, tool_choice)
+    result = llm.generate(ids, **thinking.after_thinking(llm.tokenizer, {**kw, **constraint}))
+    for r in result if isinstance(result, list) else [result]:  # n > 1: a list
+        thinking.apply(r)
+        calls = (parse_native(r.text, r.token_ids, tools, native) if native is not None
+                 else parse(r.text, tools, tool_choice))
+        if calls:
+            r.tool_calls, r.finish_reason = calls, "tool_calls"
+            if native is not None:
+                r.text = ""
+    return result
