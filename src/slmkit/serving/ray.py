@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from ..errors import BackendUnavailableError
 
@@ -123,6 +123,7 @@ def application(models: dict[str, str], config: ReplicaConfig | None = None, *, 
         from ray.serve.config import RequestRouterConfig
 
         router = "slmkit.serving.ray_router.SessionAffinityRouter"  # by name: Ray imports it where it routes
-        options["request_router_config"] = RequestRouterConfig(request_router_class=router)  # type: ignore[arg-type]
+        # Ray takes the class or its import path; its annotation says class only (cast: with or without ray's stubs)
+        options["request_router_config"] = RequestRouterConfig(request_router_class=cast(Any, router))
     deployment = serve.deployment(**options)(serve.ingress()(SlmkitReplica))
     return deployment.bind(models, c.server, c.load)
