@@ -102,8 +102,10 @@ def open(provider: str, target: str, *, dtype: str = "auto", device: str = "cpu"
         raise ModelFileError(folder, f"its model needs its own code ({code}, from config.json auto_map): pass "
                              "trust_remote_code=True to run that Python code")
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype] or "auto", device_map=device,
+        # no device_map: it needs `accelerate`, which the transformers extra does not bring
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype] or "auto",
                                                      trust_remote_code=trust_remote_code).eval()
+        torch.nn.Module.to(model, torch.device(device))
     except (OSError, ValueError, KeyError, ImportError) as e:
         hint = " (the native engine runs it: slmkit.load(folder))" if not auto_map else ""
         raise ModelFileError(folder, f"transformers cannot load it ({type(e).__name__}: {e}){hint}") from None
