@@ -22,7 +22,6 @@ from .base import BackendStats, Capabilities, ModelDescription, SearchResult, Se
 if TYPE_CHECKING:
     from ..engine.batching import BatchEngine
 
-_OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationOptions))
 
 
 class NativeSession(Session):
@@ -165,15 +164,8 @@ class NativeBackend:
 
     # ------------------------------------------------------------------ generation
     def params(self, options: GenerationOptions) -> GeneratorParams:
-        """The engine's GeneratorParams for a request: the model's generation_config fills
-        temperature / top_p / top_k where the request left them unset (only if it samples)."""
-        cfg = self.engine.generation_config or {}
-        sampled = bool(cfg.get("do_sample"))
-        given = {k: getattr(options, k) for k in _OPTION_FIELDS}
-        for name, off, cast in (("temperature", 0.0, float), ("top_p", 1.0, float), ("top_k", 0, int)):
-            if given[name] is None:
-                given[name] = cast(cfg.get(name, 1.0 if name != "top_k" else 0)) if sampled else off
-        return GeneratorParams(**given)
+        """The engine's GeneratorParams for a request (the model's sampling defaults filled in)."""
+        return GeneratorParams.for_request(options, self.engine.generation_config)
 
     def process(self, prompt: str, images: Sequence[Any], num_crops: int | None = None) -> Any:
         """A vision model's processor: prompt text with <|image_N|> tags and its images ->

@@ -23,8 +23,6 @@ from ..errors import ConfigError, ModelFileError, UnsupportedByBackendError
 from ..options import GenerationOptions
 from .base import BackendStats, Capabilities, ModelDescription, SearchResult, Session, TokenStep
 
-_OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationOptions))
-
 
 @dataclasses.dataclass
 class ModelInfo:
@@ -98,12 +96,7 @@ class RuntimeBackend:
 
     # ------------------------------------------------------------------ the Backend protocol
     def params(self, options: GenerationOptions) -> GeneratorParams:
-        cfg, sampled = self.generation_config, bool(self.generation_config.get("do_sample"))
-        given = {k: getattr(options, k) for k in _OPTION_FIELDS}
-        for name, off, cast in (("temperature", 0.0, float), ("top_p", 1.0, float), ("top_k", 0, int)):
-            if given[name] is None:
-                given[name] = cast(cfg.get(name, 1.0 if name != "top_k" else 0)) if sampled else off
-        return GeneratorParams(**given)
+        return GeneratorParams.for_request(options, self.generation_config)
 
     def stream_tokens(self, prompt_ids: Sequence[int], options: GenerationOptions, session: Session | None = None,
                       images: Any = None) -> Iterator[TokenStep]:

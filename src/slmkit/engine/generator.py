@@ -47,6 +47,18 @@ class GeneratorParams(GenerationOptions):
     top_p: float = 1.0  # 1 = off
     batch_size: int = 1
 
+    @classmethod
+    def for_request(cls, options: GenerationOptions, generation_config: dict | None = None) -> GeneratorParams:
+        """A request's params: the model's generation_config fills temperature / top_p / top_k where
+        the request left them unset (only if it samples); otherwise they are off (greedy)."""
+        cfg = generation_config or {}
+        sampled = bool(cfg.get("do_sample"))
+        given = {f.name: getattr(options, f.name) for f in fields(GenerationOptions)}
+        for name, off, cast in (("temperature", 0.0, float), ("top_p", 1.0, float), ("top_k", 0, int)):
+            if given[name] is None:
+                given[name] = cast(cfg.get(name, 1.0 if name != "top_k" else 0)) if sampled else off
+        return cls(**given)
+
     def set_search_options(self, **options: object) -> None:
         """ORT-GenAI style setter: set_search_options(max_length=..., temperature=..., do_sample=...,
         num_beams=...)."""
