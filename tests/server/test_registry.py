@@ -149,6 +149,7 @@ def test_two_models_ollama_keep_alive_and_ps(folders):
         assert c.generate(model="phi", prompt="").done_reason == "load"
         metrics = httpx.get(base + "/metrics", headers={"Authorization": "Bearer k"}).text
         assert 'slmkit_model_loads_total{model="gemma"} 2' in metrics
+        assert 'slmkit_model_unloads_total{model="gemma"} 1' in metrics  # Ollama's keep_alive 0 above
         assert 'slmkit_model_loaded{model="phi"} 1' in metrics
         bad = httpx.post(base + "/api/generate", headers={"Authorization": "Bearer k"},
                          json={"model": "phi", "prompt": "hi", "keep_alive": "soon"})

@@ -16,16 +16,22 @@ from .registry import Registry
 OPEN_PATHS = ("/health", "/")  # the page itself asks for the key
 
 
+def key_ok(headers: Any, api_key: str | None) -> bool:
+    """Whether request headers carry the key (a bearer token or an api-key header); True without a key."""
+    if not api_key:
+        return True
+    given = headers.get("authorization", "")
+    token = given[7:] if given.lower().startswith("bearer ") else headers.get("api-key", "")
+    return hmac.compare_digest(token.encode(), api_key.encode())
+
+
 def install_auth(app: Any, api_key: str | None) -> None:
     """401 for a request without the key (a bearer token or an api-key header), when there is one."""
 
     @app.middleware("http")
     async def auth(request: Request, call_next: Any) -> Any:
-        if api_key and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("api-key", "")
-            if not hmac.compare_digest(token.encode(), api_key.encode()):
-                return errors.error(401, "missing or wrong API key", "authentication_error", code="invalid_api_key")
+        if request.url.path not in OPEN_PATHS and not key_ok(request.headers, api_key):
+            return errors.error(401, "missing or wrong API key", "authentication_error", code="invalid_api_key")
         return await call_next(request)
 
 

@@ -12,6 +12,7 @@ from .registry import Registry
 _METRIC_TYPES = [
     "# TYPE slmkit_requests_total counter", "# TYPE slmkit_queue_depth gauge", "# TYPE slmkit_running gauge",
     "# TYPE slmkit_model_loaded gauge", "# TYPE slmkit_model_loads_total counter",
+    "# TYPE slmkit_model_unloads_total counter",
     "# TYPE slmkit_generated_tokens_total counter", "# TYPE slmkit_prompt_cache_tokens_total counter",
     "# TYPE slmkit_batch_size gauge", "# TYPE slmkit_batch_steps_total counter", "# TYPE slmkit_kv_slots_used gauge",
     "# TYPE slmkit_kv_bytes gauge", "# TYPE slmkit_expert_hits_total counter"]
@@ -23,7 +24,7 @@ def metrics_text(registry: Registry) -> str:
         sch, lab = e.scheduler, f'{{model="{n}"}}'
         lines += [f"slmkit_requests_total{lab} {sch.served}", f"slmkit_queue_depth{lab} {sch.queue_depth}",
                   f"slmkit_running{lab} {sch.running}", f"slmkit_model_loaded{lab} {int(e.loaded)}",
-                  f"slmkit_model_loads_total{lab} {e.loads}",
+                  f"slmkit_model_loads_total{lab} {e.loads}", f"slmkit_model_unloads_total{lab} {e.unloads}",
                   f"slmkit_generated_tokens_total{lab} {e.tokens_generated}",
                   f"slmkit_prompt_cache_tokens_total{lab} {e.reused_tokens}"]
         llm = e.llm  # once: an unload may clear it meanwhile
