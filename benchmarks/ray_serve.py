@@ -1,12 +1,13 @@
-"""The Ray Serve proxy's cost: `slm serve` direct vs `slm serve --ray` (one replica holding the same
-CPUs) on the same model, 1 and 8 concurrent streams: time to first token and aggregate tokens/s.
+"""The Ray path's cost: `slm serve` direct vs `slm serve --ray` (Ray's proxy, then the front deployment,
+then one model replica holding the same CPUs: two hops, each token streamed through both) on the same
+model, 1 and 8 concurrent streams: time to first token and aggregate tokens/s.
 
     .venv/bin/python benchmarks/ray_serve.py [--model /tmp/slmkit-bench/phi3-mini-random-int4-g32]
     .venv/bin/python benchmarks/ray_serve.py --quick      # a tiny random model, 1 and 2 streams: checks it runs
 
 Each server runs in its own process as users run it (continuous batching, 8 slots of 512 tokens),
 streams and timing as benchmarks/serve.py (its `run`: ~40-token prompts, 64 greedy tokens, httpx).
-On a 2-core machine two replicas cannot beat one, so this measures the hop, not scaling; the README's
+On a 2-core machine two replicas cannot beat one, so this measures the hops, not scaling; the README's
 scaling plan multiplies the per-replica figures. Prints a table, writes results/ray_serve.json.
 """
 from __future__ import annotations

@@ -25,7 +25,10 @@ def add_ray_args(srv: argparse.ArgumentParser, positive: Any) -> None:
     g.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs Ray reserves for each replica (default 0)")
     g.add_argument("--replica-memory", default=None, help="memory budget of a replica's models (e.g. 8G): "
                    "the models it keeps loaded at once follow from the memory planner; LRU beyond")
-    g.add_argument("--no-affinity", action="store_true", help="route x-session-id requests like any other")
+    g.add_argument("--no-affinity", action="store_true", help="route conversations (x-session-id, or the prompt's "
+                   "start) like any other request")
+    g.add_argument("--fronts", type=positive, default=1, help="replicas of the front deployment (no model; it "
+                   "forwards each request to a model replica; default 1)")
 
 
 def _max_loaded(a: argparse.Namespace, paths: dict[str, str], size: Any) -> int | None:
@@ -74,7 +77,7 @@ def serve_on_ray(a: argparse.Namespace, paths: dict[str, str], key: str | None, 
     config = ReplicaConfig(num_replicas=a.replicas, num_cpus=a.replica_cpus, num_gpus=a.replica_gpus,
                            min_replicas=a.min_replicas, max_replicas=a.max_replicas,
                            target_ongoing_requests=a.target_ongoing or float(a.slots),
-                           affinity=not a.no_affinity, server=server, load=load)
+                           affinity=not a.no_affinity, fronts=a.fronts, server=server, load=load)
     stop = threading.Event()  # Ctrl-C or a terminate: shut down between two waits, never inside Ray's calls
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

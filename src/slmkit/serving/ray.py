@@ -1,6 +1,6 @@
-"""`slm serve` as a Ray Serve application: the same OpenAI and Ollama routes (server.app's FastAPI app,
-as Ray Serve's FastAPI ingress), behind Ray Serve's HTTP proxy, each replica a slmkit engine
-(continuous batching inside) pinned to its CPUs or GPU.
+"""`slm serve` as a Ray Serve application: the same OpenAI and Ollama routes (server.app's FastAPI app)
+behind Ray Serve's HTTP proxy, each replica a slmkit engine (continuous batching inside) pinned to its
+CPUs or GPU.
 
     from ray import serve
     from slmkit.serving.ray import ReplicaConfig, application
@@ -8,28 +8,40 @@ as Ray Serve's FastAPI ingress), behind Ray Serve's HTTP proxy, each replica a s
     app = application({"phi": "./Phi-3.5-mini-instruct"}, ReplicaConfig(num_replicas=2, num_cpus=8))
     serve.run(app, name="slmkit", route_prefix="/")   # or compose it into your own Ray Serve app
 
-What Ray Serve does and what slmkit adds:
+Two deployments: the front (serving.ray_front; Ray's proxy sends every request there, a thin ASGI
+ingress with no model) and the model replicas, which run server.app's app per request and stream its
+answer back through a DeploymentHandle. What Ray Serve does and what slmkit adds:
 - replicas and autoscaling: Ray Serve's, from each replica's ongoing requests (queued + running rows):
   min/max replicas and a target of ongoing requests per replica; min_replicas=0 scales to zero after
   `keep_alive` seconds idle (the same keep-alive a single server unloads a model after).
-- many models: every replica serves every model name it is given, loading on demand and unloading the
-  least recently used idle one beyond `max_loaded` (server.registry's LRU; the CLI computes it from the
-  memory planner and --replica-memory). Loads and unloads show in the replica's /metrics.
-- conversation affinity: SessionAffinityRouter sends every request with the same `x-session-id` header
-  to the same replica (rendezvous hashing over the live replicas, so a replica's death only moves its
-  own sessions), the one holding that conversation's prompt cache; without the header, or when that
-  replica refuses (queue full), the least loaded of two random replicas (Ray's default).
-- every answer says which replica served it: the `x-slmkit-replica` header.
+- many models: Ray Serve's model multiplexing. The front passes the model a request names (its body's
+  `model`, else Ray's `serve_multiplexed_model_id` header) as the multiplexed model id, so Ray routes
+  it to a replica holding that model; every replica can load every model, and keeps at most
+  `max_loaded` (the registry's LRU; the CLI computes it from the memory planner and --replica-memory).
+  A replica reports the models it holds through serve.multiplexed; Ray's eviction of one unloads it
+  from the registry (now, or when its last request ends). Loads and unloads show in /metrics.
+- conversation affinity: SessionAffinityRouter sends every request with the same key to the same
+  replica among those holding its model (rendezvous hashing over the live replicas, so a replica's
+  death only moves its own keys): the `x-session-id` header, else the conversation's start (its
+  messages up to the first user turn, or the first characters of a prompt), so a continued
+  conversation finds its prompt cache; when that replica refuses (queue full), or there is no key,
+  the less loaded of two random replicas (Ray's default).
+- faults: a replica that dies before any of an answer went out has the request tried on another;
+  after that the stream ends with the protocol's error event (never a truncated success).
+- every answer says which replica served it and on which try: `x-slmkit-replica`, `x-slmkit-attempts`.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from ..errors import BackendUnavailableError
 
 REPLICA_HEADER = "x-slmkit-replica"
+ATTEMPTS_HEADER = "x-slmkit-attempts"
 SESSION_HEADER = "x-session-id"  # Ray Serve's own session header (RAY_SERVE_SESSION_ID_HEADER_KEY)
 
 
@@ -47,7 +59,8 @@ def require_ray() -> Any:
 class ReplicaConfig:
     """How the deployment scales. num_replicas: a fixed count; autoscaling instead when max_replicas is
     set (min_replicas..max_replicas, target_ongoing_requests each; 0 min = scale to zero after
-    keep_alive idle seconds). num_cpus / num_gpus: what Ray reserves (pins) for each replica."""
+    keep_alive idle seconds). num_cpus / num_gpus: what Ray reserves (pins) for each replica.
+    fronts: replicas of the front deployment (no model, no CPU reserved)."""
 
     num_replicas: int = 1
     num_cpus: float = 1.0
@@ -57,12 +70,31 @@ class ReplicaConfig:
     target_ongoing_requests: float = 2.0
     max_ongoing_requests: int = 16
     affinity: bool = True
+    fronts: int = 1
     server: dict[str, Any] = field(default_factory=dict)  # create_app's keyword arguments (api_key, max_queue, ...)
     load: dict[str, Any] = field(default_factory=dict)  # model_loader's (dtype, quant, slots, slot_context, ...)
 
 
+class Held:
+    """What Ray's model multiplexer keeps for a model a replica holds: its eviction (Ray's LRU, with the
+    registry's max_loaded as its size) unloads the model from the registry, now or when its last
+    request ends. Ray calls __del__ on eviction; Python may call it again: once is enough."""
+
+    def __init__(self, registry: Any, name: str):
+        self.registry, self.name, self.released = registry, name, False
+
+    def __del__(self) -> None:
+        if not self.released:
+            self.released = True
+            try:
+                self.registry.unload(self.name)
+            except Exception:  # noqa: BLE001 -- a registry closing down: nothing to unload
+                pass
+
+
 class SlmkitReplica:
-    """One replica: server.app's FastAPI app over the models (name -> path), built on the replica."""
+    """One replica: server.app's FastAPI app over the models (name -> path), built on the replica, run
+    on each request the front forwards (answer)."""
 
     def __init__(self, models: dict[str, str], server: dict[str, Any], load: dict[str, Any]):
         from ray import serve
@@ -79,6 +111,7 @@ class SlmkitReplica:
                  for n, p in models.items()}
         self.replica_id = rid
         self.slmkit_app = create_app(specs, **server)
+        self.registry = self.slmkit_app.state.registry
         ray_board.install(self.slmkit_app, rid, context.app_name)
 
         @self.slmkit_app.middleware("http")  # outermost: a 401 or an error answer names its replica too
@@ -87,14 +120,41 @@ class SlmkitReplica:
             response.headers[REPLICA_HEADER] = rid
             return response
 
-    def __serve_build_asgi_app__(self) -> Any:
-        return self.slmkit_app
+        registry = self.registry
+
+        async def hold(model_id: str) -> Held:
+            return Held(registry, model_id)
+
+        self._hold = serve.multiplexed(max_num_models_per_replica=registry.max_loaded or -1)(hold)
+        self._reporting = asyncio.get_running_loop().create_task(self._report_loaded())
+
+    async def _report_loaded(self) -> None:
+        """The models loaded at start, told to Ray's multiplexer (least recently used first)."""
+        for e in sorted(self.registry.loaded(), key=lambda e: e.last_used):
+            await self._hold(e.name)
+
+    async def answer(self, scope: dict, body: bytes) -> AsyncIterator[list[dict]]:
+        """The app's answer to a request the front forwards: its ASGI messages, streamed."""
+        from ray import serve
+
+        from .ray_front import run_asgi
+
+        model = serve.get_multiplexed_model_id()
+        if model in self.registry.entries:
+            await self._hold(model)  # Ray's multiplexer sees it held (and evicts past the budget)
+        async for batch in run_asgi(self.slmkit_app, scope, body):
+            yield batch
 
     def check_health(self) -> None:
         """Ray Serve's health probe: a replica whose engine stopped is restarted."""
-        for e in self.slmkit_app.state.registry.entries.values():
+        for e in self.registry.entries.values():
             if (why := e.engine_dead) is not None:
                 raise RuntimeError(f"model {e.name!r}: engine stopped ({why})")
+
+    def __del__(self) -> None:
+        registry = getattr(self, "registry", None)
+        if registry is not None:
+            registry.close()
 
 
 def rendezvous(key: str, replica_ids: list[str]) -> str:
@@ -103,10 +163,7 @@ def rendezvous(key: str, replica_ids: list[str]) -> str:
     return max(replica_ids, key=lambda r: hashlib.blake2b(f"{key}\0{r}".encode(), digest_size=8).digest())
 
 
-def application(models: dict[str, str], config: ReplicaConfig | None = None, *, name: str = "slmkit") -> Any:
-    """The Ray Serve application (a bound deployment) serving models (API name -> path or spec)."""
-    serve = require_ray()
-    c = config or ReplicaConfig()
+def _replica_options(c: ReplicaConfig, name: str) -> dict[str, Any]:
     options: dict[str, Any] = {"name": name, "ray_actor_options": {"num_cpus": c.num_cpus, "num_gpus": c.num_gpus},
                                "max_ongoing_requests": c.max_ongoing_requests}
     if c.max_replicas is not None:
@@ -125,5 +182,17 @@ def application(models: dict[str, str], config: ReplicaConfig | None = None, *, 
         router = "slmkit.serving.ray_router.SessionAffinityRouter"  # by name: Ray imports it where it routes
         # Ray takes the class or its import path; its annotation says class only (cast: with or without ray's stubs)
         options["request_router_config"] = RequestRouterConfig(request_router_class=cast(Any, router))
-    deployment = serve.deployment(**options)(serve.ingress()(SlmkitReplica))
-    return deployment.bind(models, c.server, c.load)
+    return options
+
+
+def application(models: dict[str, str], config: ReplicaConfig | None = None, *, name: str = "slmkit") -> Any:
+    """The Ray Serve application serving models (API name -> path or spec): the front deployment
+    (`{name}-front`, the ingress) bound to the model replicas' deployment (`name`)."""
+    serve = require_ray()
+    from .ray_front import SlmkitFront
+
+    c = config or ReplicaConfig()
+    replicas = serve.deployment(**_replica_options(c, name))(SlmkitReplica).bind(models, c.server, c.load)
+    front = serve.deployment(name=f"{name}-front", num_replicas=c.fronts, ray_actor_options={"num_cpus": 0},
+                             max_ongoing_requests=4096)(serve.ingress()(SlmkitFront))
+    return front.bind(replicas, list(models), c.server)
