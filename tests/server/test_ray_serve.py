@@ -73,7 +73,8 @@ def one_model(cluster, folders):
 def two_models(cluster, folders):
     """Two models on two replicas with a budget of one each (application "multi")."""
     serve.delete("slmkit")
-    config = ReplicaConfig(num_replicas=2, num_cpus=0.5, server={"max_loaded": 1}, load={"dtype": "float32", "slots": 2})
+    config = ReplicaConfig(num_replicas=2, num_cpus=0.5, server={"max_loaded": 1},
+                           load={"dtype": "float32", "slots": 2})
     serve.run(application(folders, config, name="multi"), name="multi", route_prefix="/")
     _wait_for_replicas(cluster, "multi", 2)
     return cluster
