@@ -152,17 +152,20 @@ class SlmkitFront:
     def __init__(self, replicas: Any, names: list[str], server: dict[str, Any]):
         self.replicas, self.names = replicas, list(names)
         self.api_key = server.get("api_key")
-        self.app = BodyLimit(self._http, max_bytes=server.get("max_body", DEFAULT_MAX_BODY),
+        self.bounded = BodyLimit(self._http, max_bytes=server.get("max_body", DEFAULT_MAX_BODY),
                              timeout_s=server.get("body_timeout", DEFAULT_BODY_TIMEOUT_S), refuse=errors.body_refused)
 
     def __serve_build_asgi_app__(self) -> Any:
-        return self.asgi
+        async def app(scope: dict, receive: Any, send: Any) -> None:  # a function: uvicorn takes it as ASGI 3
+            await self.asgi(scope, receive, send)
+
+        return app
 
     async def asgi(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             await _lifespan(receive, send)
         elif scope["type"] == "http":
-            await self.app(scope, receive, send)
+            await self.bounded(scope, receive, send)
 
     async def _http(self, scope: dict, receive: Any, send: Any) -> None:
         headers = Headers(scope=scope)
