@@ -4,14 +4,14 @@ parameters, vs llama.cpp on the same GGUF, and with RAM capped below the model s
     .venv/bin/python benchmarks/moe.py [--layers N] [--decode 64] [--cap-gb G]
     .venv/bin/python benchmarks/moe.py --tiny --layers 2      # a quick check of the plumbing (not a timing)
 
-Rows (one fresh process each):
-  moe int4        slmkit, the random Phi-3.5-MoE folder quantized at load (int4, experts per expert)
+Rows (one fresh process each; --reps rounds over all rows, the median decode reported with min/max):
+  moe int4        slmkit, the random Phi-3.5-MoE folder after `slm quantize --quant int4` (experts per expert)
   dense int4      slmkit, a Phi-3 with the same hidden size / attention and intermediate 2 x 6400 (the
-                  same active parameters per token as top-2 of 16 experts), int4
+                  same active parameters per token as top-2 of 16 experts), `slm quantize`d the same way
   moe gguf ours   slmkit on the MoE's Q4_0 GGUF (llama.cpp's quantizer), SparseMixer routing
   moe gguf llama  llama.cpp on the same GGUF (its own routing: renormalised softmax top-2)
-  moe capped      `moe int4` from `slm quantize`'s folder (mapped, not copied) under a memory limit
-                  below its size (systemd-run -p MemoryMax, when this machine allows it)
+  moe capped      `moe int4` (its folder is mapped, not copied) under a memory limit below its size
+                  (systemd-run -p MemoryMax, or a memory cgroup made here when running as root)
 Columns: load s, peak RSS, decode tok/s (greedy, after a 64-token prompt), weight bytes read per
 decoded token (attention + lm_head + the 2 chosen experts per layer), and the ratio to the dense row.
 Targets (issue 16): moe >= 0.8 x dense tok/s; ahead of llama.cpp on the same file. Run on an idle
@@ -150,13 +150,72 @@ def child(a: argparse.Namespace) -> dict:
     return slmkit_speed(a.path, prompt=64, decode=a.decode, **kw)
 
 
+def cgroup_dir(cap_bytes: int) -> tuple[Path, str] | None:
+    """A fresh memory cgroup limited to cap_bytes (v2 memory.max, else v1 memory.limit_in_bytes), or None."""
+    import os
+
+    for root, limit, swap in ((Path("/sys/fs/cgroup/unified"), "memory.max", "memory.swap.max"),
+                              (Path("/sys/fs/cgroup"), "memory.max", "memory.swap.max"),
+                              (Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes", "")):
+        if not (root / "cgroup.procs").is_file() or not os.access(root, os.W_OK):
+            continue
+        d = root / f"slmkit-bench-{os.getpid()}"
+        try:
+            d.mkdir(exist_ok=True)
+            (d / limit).write_text(str(cap_bytes))
+        except OSError:
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+            continue
+        if swap and (d / swap).is_file():
+            (d / swap).write_text("0")
+        return d, limit
+    return None
+
+
+def drop_cached(path: Path) -> None:
+    """Evict the model's files from the page cache, so the capped child pages them in under its own
+    limit (pages already cached are charged to whoever read them first, and would escape the cap)."""
+    import os
+
+    for f in ([path] if path.is_file() else sorted(path.iterdir())):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def capped(script: Path, args: list[str], cap_gb: float) -> dict:
-    """One child under MemoryMax (a transient systemd scope); an error row where that is not possible."""
-    if shutil.which("systemd-run") is None:
-        return {"error": "systemd-run not found: no memory cap on this machine"}
-    cmd = ["systemd-run", "--user", "--scope", "-q", "-p", f"MemoryMax={int(cap_gb * 2**30)}", "-p", "MemorySwapMax=0",
-           sys.executable, str(script), "--child", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    """One child under a memory limit: systemd-run -p MemoryMax where systemd runs, else a memory cgroup
+    made here (v2 or v1; needs root); an error row where neither is possible."""
+    cap = int(cap_gb * 2**30)
+    cmd = [sys.executable, str(script), "--child", *args]
+    drop_cached(Path(args[args.index("--path") + 1]))
+    if shutil.which("systemd-run") and subprocess.run(["systemd-run", "--user", "--scope", "-q", "true"],
+                                                      capture_output=True).returncode == 0:
+        proc = subprocess.run(["systemd-run", "--user", "--scope", "-q", "-p", f"MemoryMax={cap}", "-p",
+                               "MemorySwapMax=0", *cmd], capture_output=True, text=True)
+    elif (cg := cgroup_dir(cap)) is not None:
+        d, _ = cg
+        procs = str(d / "cgroup.procs")
+
+        def enter() -> None:
+            with open(procs, "w") as f:
+                f.write("0")  # this (forked) process, before it execs the child
+
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=enter)
+            fail = (d / "memory.failcnt").read_text().strip() if (d / "memory.failcnt").is_file() else "?"
+        finally:
+            d.rmdir()
+        if proc.returncode == 0:
+            return {**json.loads(proc.stdout.strip().splitlines()[-1]), "cgroup_limit_hits": fail}
+    else:
+        return {"error": "no memory cap here: systemd-run has no session and no writable memory cgroup"}
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -169,7 +228,8 @@ def main() -> None:
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--quant", help=argparse.SUPPRESS)
     ap.add_argument("--layers", type=int, default=None, help="layers (default: as many as fit at int4, up to 32)")
-    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--decode", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3, help="rounds over every row (the median decode is reported)")
     ap.add_argument("--tiny", action="store_true", help="small hidden sizes: a check that everything runs")
     ap.add_argument("--dir", default="/tmp/slmkit-bench/moe")
     ap.add_argument("--cap-gb", type=float, default=None, help="memory limit of the capped row "
@@ -180,51 +240,68 @@ def main() -> None:
         return
     from slmkit.loading.memory import available_bytes
 
+    script, gguf_error = Path(__file__).resolve(), ""
     per_layer_int4 = bytes_per_token(moe_config(1, a.tiny), 0.625) * 16 / 2  # all 16 experts of a layer, roughly
     layers = a.layers or max(1, min(32, int(0.6 * (available_bytes() or 8 << 30) // per_layer_int4)))
     moe, work = moe_config(layers, a.tiny), Path(a.dir) / ("tiny" if a.tiny else "full") / f"L{layers}"
     dense = dense_config(moe)
     moe_dir, dense_dir = make_folder(work / "moe", moe), make_folder(work / "dense", dense)
-    script, rows = Path(__file__).resolve(), []
-    rows.append({"row": "moe int4", **run_child(script, ["--engine", "slmkit", "--path", str(moe_dir),
-                                                          "--quant", "int4", "--decode", str(a.decode)]),
-                 "bytes_per_token": bytes_per_token(moe, 0.625)})
-    rows.append({"row": "dense int4", **run_child(script, ["--engine", "slmkit", "--path", str(dense_dir),
-                                                            "--quant", "int4", "--decode", str(a.decode)]),
-                 "bytes_per_token": bytes_per_token(dense, 0.625)})
+    from slmkit.api import quantize as slm_quantize
+
+    q_dirs = {}
+    for name, src in (("moe", moe_dir), ("dense", dense_dir)):  # `slm quantize`'s folders: mapped, not copied
+        q_dirs[name] = work / f"{name}-int4"
+        if not (q_dirs[name] / "config.json").is_file():
+            slm_quantize(src, q_dirs[name], quant="int4")
+    size_gb = sum(p.stat().st_size for p in q_dirs["moe"].glob("*.safetensors")) / 2**30
+    cap = a.cap_gb or size_gb / 2
+    dec = ["--decode", str(a.decode)]
+    specs: list[tuple[str, list[str], int, bool]] = [
+        ("moe int4", ["--engine", "slmkit", "--path", str(q_dirs["moe"]), *dec], bytes_per_token(moe, 0.625), False),
+        ("dense int4", ["--engine", "slmkit", "--path", str(q_dirs["dense"]), *dec], bytes_per_token(dense, 0.625),
+         False)]
     try:
         from gguf_load import quantize
 
         from tests.helpers.gguf_models import hf_to_gguf
 
         f16 = work / "moe-F16.gguf"
-        if not f16.is_file():
+        if not (work / "moe-Q4_0.gguf").is_file() and not f16.is_file():
             hf_to_gguf(moe_dir, f16, "F16")
-        q4 = quantize(f16, "Q4_0")
+        q4 = work / "moe-Q4_0.gguf" if (work / "moe-Q4_0.gguf").is_file() else quantize(f16, "Q4_0")
         for engine, name in (("slmkit", "moe gguf ours"), ("llama", "moe gguf llama")):
-            rows.append({"row": name, **run_child(script, ["--engine", engine, "--path", str(q4),
-                                                           "--decode", str(a.decode)]),
-                         "bytes_per_token": bytes_per_token(moe, 0.5625)})
+            specs.append((name, ["--engine", engine, "--path", str(q4), *dec], bytes_per_token(moe, 0.5625), False))
     except Exception as e:  # llama.cpp missing, or its quantizer refused the file: say so in the table
-        rows.append({"row": "moe gguf", "error": f"{type(e).__name__}: {e}"})
-    from slmkit.api import quantize as slm_quantize
-
-    q_dir = work / "moe-int4"
-    if not (q_dir / "config.json").is_file():
-        slm_quantize(moe_dir, q_dir, quant="int4")
-    size_gb = sum(p.stat().st_size for p in q_dir.glob("*.safetensors")) / 2**30
-    cap = a.cap_gb or size_gb / 2
-    rows.append({"row": f"moe capped {cap:.1f} GiB", **capped(script, ["--engine", "slmkit", "--path", str(q_dir),
-                                                                       "--decode", str(a.decode)], cap),
-                 "bytes_per_token": bytes_per_token(moe, 0.625)})
+        specs.append(("moe gguf", [], 0, False))
+        gguf_error = f"{type(e).__name__}: {e}"
+    specs.append((f"moe capped {cap:.1f} GiB", ["--engine", "slmkit", "--path", str(q_dirs["moe"]), *dec],
+                  bytes_per_token(moe, 0.625), True))
+    runs: dict[str, list[dict]] = {name: [] for name, *_ in specs}
+    for _ in range(a.reps):  # rounds, each row once per round: drift on a shared machine hits every row alike
+        for name, args, _, is_capped in specs:
+            if args:
+                runs[name].append(capped(script, args, cap) if is_capped else run_child(script, args))
+    rows = []
+    for name, _, nbytes, _ in specs:
+        ok = [r for r in runs[name] if "decode_tok_s" in r]
+        if not ok:
+            rows.append({"row": name, "error": (runs[name] or [{"error": gguf_error}])[0].get("error")})
+            continue
+        speeds = sorted(r["decode_tok_s"] for r in ok)
+        rows.append({"row": name, "load_s": ok[0]["load_s"], "load_s_warm": min(r["load_s"] for r in ok),
+                     "peak_rss_gb": max(r["peak_rss_gb"] for r in ok), "decode_tok_s": speeds[len(speeds) // 2],
+                     "decode_min": speeds[0], "decode_max": speeds[-1], "runs": len(ok), "bytes_per_token": nbytes,
+                     **{k: v for k, v in ok[0].items() if k == "cgroup_limit_hits"}})
     base = next((r.get("decode_tok_s") for r in rows if r["row"] == "dense int4"), None)
     for r in rows:
         if base and r.get("decode_tok_s"):
             r["vs_dense"] = r["decode_tok_s"] / base
     print(f"Phi-3.5-MoE shapes{' (tiny)' if a.tiny else ''}, {layers} layers, int4 folder {size_gb:.2f} GiB")
-    print_table(rows, [("row", "run", ""), ("load_s", "load s", ".1f"), ("peak_rss_gb", "peak RSS GB", ".2f"),
-                       ("decode_tok_s", "decode tok/s", ".2f"), ("bytes_per_token", "bytes/token", ",d"),
-                       ("vs_dense", "x dense", ".2f"), ("error", "error", "")])
+    print_table(rows, [("row", "run", ""), ("load_s", "load s", ".1f"), ("load_s_warm", "warm load s", ".1f"),
+                       ("peak_rss_gb", "peak RSS GB", ".2f"), ("decode_tok_s", "decode tok/s", ".2f"),
+                       ("decode_min", "min", ".1f"), ("decode_max", "max", ".1f"),
+                       ("bytes_per_token", "bytes/token", ",d"), ("vs_dense", "x dense", ".2f"),
+                       ("error", "error", "")])
     if not a.tiny:
         save_results("moe", layers=layers, rows=rows)
 

@@ -174,7 +174,8 @@ def hf_to_gguf(folder: Path, out: Path, qtype: str = "F32", expert_qtype: str | 
     for name, t in W:
         if ".block_sparse_moe.experts." in name:  # model.layers.N.block_sparse_moe.experts.E.wK.weight
             parts = name.split(".")
-            experts.setdefault((parts[2], parts[6]), {})[int(parts[5])] = t.float().numpy()
+            half = (expert_qtype or qtype) == "F16"  # a real-size F16 conversion must not sit in float32
+            experts.setdefault((parts[2], parts[6]), {})[int(parts[5])] = (t.half() if half else t.float()).numpy()
             continue
         if name == "lm_head.weight" and (mt == "gemma3_text" or cfg.get("tie_word_embeddings")):
             continue  # tied to the embedding: the converter writes no output.weight
@@ -186,7 +187,8 @@ def hf_to_gguf(folder: Path, out: Path, qtype: str = "F32", expert_qtype: str | 
         gname = gguf_name(name, table)
         tensors[gname] = (t.numpy(), (router_qtype if "gate_inp" in gname else qtype) if t.dim() == 2 else "F32")
     rng = np.random.default_rng(0)
-    for (layer, w), per in experts.items():  # [E, out, in], ggml's ne = (in, out, E)
+    for layer, w in list(experts):  # [E, out, in], ggml's ne = (in, out, E); each layer's copies freed as stacked
+        per = experts.pop((layer, w))
         kind = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}[w]
         stacked, et = np.stack([per[e] for e in sorted(per)]), expert_qtype or qtype
         if not has_reference_quantizer(et):  # K-quants (gguf-py cannot write them): valid random blocks

@@ -179,3 +179,20 @@ def test_batched_rows_choosing_different_experts_equal_solo_runs(moe_folder):
     for t in threads:
         t.join(timeout=120)
     assert got == solo
+
+
+def test_decode_step_dispatch_equals_the_grouped_path_in_bfloat16(moe_folder):
+    """A one-token step runs its two experts directly; in bf16 that gives the grouped path's bits
+    (zeros, then each chosen expert's weighted output added in ascending expert id)."""
+    llm = slmkit.load(moe_folder, dtype="bfloat16")
+    moe = llm.engine.model.model.layers[0].block_sparse_moe
+    g = torch.Generator().manual_seed(3)
+    for _ in range(8):
+        x = (torch.randn(1, 1, moe.gate.weight.shape[1], generator=g) * 3).to(torch.bfloat16)
+        ids, weights = moe.route(x.view(1, -1))
+        ref = torch.zeros_like(x.view(1, -1))
+        for e in sorted(ids[0].tolist()):
+            slot = ids[0].tolist().index(e)
+            ref.index_add_(0, torch.tensor([0]), (moe.experts[e](x.view(1, -1)) * weights[:, slot, None]).to(ref.dtype))
+        assert torch.equal(moe(x, None), ref.view(1, 1, -1))
+        assert ids[0, 0] != ids[0, 1]

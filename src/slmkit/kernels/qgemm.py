@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -232,20 +233,27 @@ def kernel_has(lib: ctypes.CDLL, symbol: str) -> bool:
     return _has[key]
 
 
-def qmatmul_kernel(lib: ctypes.CDLL, x: torch.Tensor, qw: QuantWeight, out_dtype: torch.dtype) -> torch.Tensor:
-    """x [M, K] (float32 or bfloat16, CPU) @ W.T -> [M, N] in out_dtype (float32 or bfloat16)."""
-    if x.dtype not in (torch.float32, torch.bfloat16):
-        x = x.float()
-    x = x.contiguous()
-    m = x.shape[0]
-    out = torch.empty(m, qw.n, dtype=out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32)
+def qgemm_weight_args(qw: QuantWeight) -> tuple[Any, ...]:
+    """slm_qgemm's arguments that describe the weight (pointers into its buffers and its shape):
+    computed once per weight by a caller that keeps them (QuantLinear), not once per call."""
     def ptr(t: torch.Tensor | None) -> int | None:
         return None if t is None else t.data_ptr()
 
-    rc = lib.slm_qgemm(x.data_ptr(), int(x.dtype == torch.bfloat16), m, qw.k, qw.k, qw.qweight.data_ptr(),
-                       qw.scales.data_ptr(), ptr(qw.mins), qw.scale_kind, ptr(qw.super_scales), ptr(qw.super_mins),
-                       qw.per_super, qw.bits, qw.tiles, qw.kp, qw.group, qw.zero, qw.n, out.data_ptr(),
-                       int(out.dtype == torch.bfloat16), qw.n, threads_for(m * qw.n * qw.k))
+    return (qw.k, qw.k, qw.qweight.data_ptr(), qw.scales.data_ptr(), ptr(qw.mins), qw.scale_kind,
+            ptr(qw.super_scales), ptr(qw.super_mins), qw.per_super, qw.bits, qw.tiles, qw.kp, qw.group, qw.zero, qw.n)
+
+
+def qmatmul_kernel(lib: ctypes.CDLL, x: torch.Tensor, qw: QuantWeight, out_dtype: torch.dtype,
+                   weight_args: tuple[Any, ...] | None = None) -> torch.Tensor:
+    """x [M, K] (float32 or bfloat16, CPU) @ W.T -> [M, N] in out_dtype (float32 or bfloat16).
+    weight_args: qgemm_weight_args(qw), when the caller keeps it (the same for every call)."""
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        x = x.float()
+    x = x.contiguous()
+    m, n = x.shape[0], qw.n
+    out = torch.empty(m, n, dtype=out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32)
+    rc = lib.slm_qgemm(x.data_ptr(), int(x.dtype == torch.bfloat16), m, *(weight_args or qgemm_weight_args(qw)),
+                       out.data_ptr(), int(out.dtype == torch.bfloat16), n, threads_for(m * n * qw.k))
     if rc:
         raise RuntimeError(f"slm_qgemm failed with code {rc}")
     return out if out.dtype == out_dtype else out.to(out_dtype)

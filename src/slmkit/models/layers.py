@@ -26,8 +26,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        # torch's rms_norm: x * rsqrt(mean(x^2) + eps), the same float32 bits as the written-out ops
+        # (tested), in fewer dispatches (a decode step runs 100+ norms)
+        h = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
         if self.fp32_weight:
             return (h * (self.offset + self.weight.float())).to(dtype)
         return self.weight * h.to(dtype)

@@ -14,13 +14,14 @@ import torch
 from torch import nn
 
 from ..errors import InvalidRequestError
-from ..kernels.qgemm import get_kernel, kernel_has, qmatmul_kernel
+from ..kernels.qgemm import get_kernel, kernel_has, qgemm_weight_args, qmatmul_kernel
 from .format import GROUPS, TILE, QuantWeight, dequantize_weight, qmatmul_reference, quantize
 from .recipe import MIXED, TWO_LEVEL, keeps_int8, quantize_mixed
 
 SCHEMES = {"int8": 8, "int4": 4, "int4-mixed": 4, "int4-k": 4}  # the mixed recipes: quant/recipe.py
 DEFAULT_GROUP = {"int8": 32, "int4": 32, "int4-mixed": 32, "int4-k": 32}
 _kernel_enabled = True
+_WEIGHT_BUFFERS = ("qweight", "scales", "mins", "super_scales", "super_mins")
 
 
 @contextlib.contextmanager
@@ -63,6 +64,18 @@ class QuantLinear(nn.Module):
         self.register_buffer("super_scales", qw.super_scales)
         self.register_buffer("super_mins", qw.super_mins)
         self.register_buffer("bias", bias)
+        self._kernel_args: tuple[tuple[torch.Tensor | None, ...], int, QuantWeight, tuple] | None = None
+
+    def _kernel_weight(self) -> tuple[QuantWeight, tuple]:
+        """weight_q and its kernel arguments, built once and rebuilt only when a buffer was replaced or
+        moved (.to(), a loader swapping tensors): a decode step calls hundreds of small linears."""
+        b, c = self._buffers, self._kernel_args
+        if (c is None or any(b[n] is not t for n, t in zip(_WEIGHT_BUFFERS, c[0]))
+                or c[1] != self.qweight.data_ptr()):
+            qw = self.weight_q
+            c = self._kernel_args = (tuple(b[n] for n in _WEIGHT_BUFFERS), qw.qweight.data_ptr(), qw,
+                                     qgemm_weight_args(qw))
+        return c[2], c[3]
 
     @property
     def weight_q(self) -> QuantWeight:
@@ -77,7 +90,8 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         lib = get_kernel() if _kernel_enabled and x.device.type == "cpu" else None
         if lib is not None and kernel_has(lib, self.kernel_symbol):
-            y = qmatmul_kernel(lib, x2, self.weight_q, x.dtype)
+            qw, args = self._kernel_weight()
+            y = qmatmul_kernel(lib, x2, qw, x.dtype, args)
         else:
             y = qmatmul_reference(x2, self.weight_q).to(x.dtype)
         if self.bias is not None:
