@@ -151,3 +151,26 @@ def test_cache_off_writes_nothing_and_an_unwritable_folder_still_loads(phi3_fold
     assert len(builds) == 3
     ids = ids_of(a)
     assert torch.equal(a.logits(ids), b.logits(ids))
+
+
+def test_a_load_builds_the_model_without_initialising_it_or_importing_dynamo(tmp_path):
+    """build_model constructs on the meta device with torch.nn.init skipped: the meta device's
+    normal_ (nn.Embedding's init) imported torch._dynamo, ~2 s of a load and used by nothing else.
+    In a fresh process, so that nothing imported it before; the skip is for that thread's build only."""
+    import subprocess
+    import sys
+
+    from tests.helpers.tiny_models import make_gemma3_folder
+
+    path = hf_to_gguf(make_gemma3_folder(tmp_path / "g3", num_hidden_layers=2, layer_types=None),
+                      tmp_path / "g.gguf", "Q8_0")
+    code = ("import sys, torch, slmkit\n"
+            f"llm = slmkit.load({str(path)!r})\n"
+            "assert llm.generate('Hi', max_new_tokens=2, ignore_eos=True).token_ids\n"
+            "print('dynamo' if 'torch._dynamo' in sys.modules else 'no dynamo')\n"
+            "e = torch.nn.Embedding(64, 8)\n"  # initialisation elsewhere is untouched
+            "print('init' if e.weight.abs().sum() > 0 else 'zeros')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "SLMKIT_GGUF_CACHE": "off"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["no", "dynamo", "init"]

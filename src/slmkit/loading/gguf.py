@@ -106,9 +106,13 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
     work = gguf_cache.read(f.path, mode, fp) if fp else None
     if work is None:
         work = _load_work(f, arch, module, dt, run_quantized)
-        work.tokenizer = gguf_cache.tokenizer_state(tokenizer_from_gguf_metadata(f.metadata))
+        tokenizer = tokenizer_from_gguf_metadata(f.metadata)
         if fp:
+            work.tokenizer = gguf_cache.tokenizer_state(tokenizer)
             gguf_cache.write(f.path, mode, fp, work)
+    else:  # the cached tokenizer (built from this very file: the fingerprint matched)
+        assert work.tokenizer is not None
+        tokenizer = gguf_cache.tokenizer_from_state(work.tokenizer)
     weights, quantized, requant, names = dict(work.weights), work.quantized, work.requant, work.names
     for target, view in work.views:  # the file's own bytes, mapped (never cached); "name#e": expert e of a stack
         name, _, expert = view.partition("#")
@@ -127,8 +131,6 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
 
             quantize_model(model, scheme, None, skip=skip)
     apply_quant(model, quant, group_size)
-    assert work.tokenizer is not None
-    tokenizer = gguf_cache.tokenizer_from_state(work.tokenizer)
     check_chat_template(tokenizer, "tokenizer.chat_template", f.path)
     if tokenizer.vocab_size > args.vocab_size:
         raise ConfigError("tokenizer.ggml.tokens", f"lists {tokenizer.vocab_size} tokens but the embedding has "

@@ -18,7 +18,6 @@ One cache file per source path and load mode, replaced when its source changes.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ import torch
 
 from ..quant.format import QuantWeight
 
-FORMAT = 1
+FORMAT = 2  # 2: the tokenizer state stored as it is (1 wrapped its JSON in JSON)
 SAMPLES = 64          # blocks of tensor data hashed into the fingerprint
 SAMPLE_BYTES = 4096
 _PARTS = ("qweight", "scales", "mins", "super_scales", "super_mins")
@@ -93,7 +92,7 @@ def read(path: str | Path, mode: str, fp: str) -> LoadWork | None:
             return None
         work = LoadWork(dict(obj["weights"]), {}, dict(obj["requant"]), dict(obj["names"]),
                         [(str(a), str(b)) for a, b in obj["views"]],
-                        json.loads(obj["tokenizer"]) if obj.get("tokenizer") else None)
+                        obj.get("tokenizer"))
         for name, m in obj["quantized"].items():
             t = {p: m.get(p) for p in _PARTS}
             work.quantized[name] = QuantWeight(int(m["bits"]), int(m["n"]), int(m["k"]), int(m["group"]),
@@ -117,7 +116,7 @@ def write(path: str | Path, mode: str, fp: str, work: LoadWork) -> Path | None:
     obj = {"format": FORMAT, "fingerprint": fp, "weights": {k: v.contiguous() for k, v in work.weights.items()},
            "quantized": quantized, "requant": work.requant, "names": work.names,
            "views": [list(v) for v in work.views],
-           "tokenizer": json.dumps(work.tokenizer) if work.tokenizer is not None else ""}
+           "tokenizer": work.tokenizer}
     tmp = None
     try:
         where.parent.mkdir(parents=True, exist_ok=True)
