@@ -107,9 +107,8 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
     if work is None:
         work = _load_work(f, arch, module, dt, run_quantized)
         tokenizer = tokenizer_from_gguf_metadata(f.metadata)
-        if fp:
-            work.tokenizer = gguf_cache.tokenizer_state(tokenizer)
-            gguf_cache.write(f.path, mode, fp, work)
+        if fp:  # written on a thread of its own: the model runs meanwhile
+            gguf_cache.write_soon(f.path, mode, fp, work, tokenizer)
     else:  # the cached tokenizer (built from this very file: the fingerprint matched)
         assert work.tokenizer is not None
         tokenizer = gguf_cache.tokenizer_from_state(work.tokenizer)
