@@ -1,14 +1,17 @@
 """Phi-3-mini-size GGUF files (random weights): load time, peak RSS, prefill and decode, slmkit vs llama.cpp.
 
     .venv/bin/python benchmarks/gguf_load.py [--types F16,Q4_0,Q4_K_M] [--layers N] [--builtin]
+    .venv/bin/python benchmarks/gguf_load.py --quick     # 2 layers, Q4_0, short runs: checks it runs (no JSON)
 
 The F16 file is written from benchmarks/decode.py's random bf16 folder with the metadata and
 tensor names llama.cpp's converter uses (tests/helpers/gguf_models.py's mapping); Q4_0 and Q4_K_M
 come from llama.cpp's own quantizer (llama_cpp.llama_model_quantize). slmkit runs the quantized
 blocks repacked into its kernel's layout (F16: bf16); llama.cpp runs them as they are.
 slmkit is measured twice per file, each in a fresh process: "first" with an empty GGUF load cache
-(it repacks, builds the tokenizer and writes the cache) and "repeated" with that cache (see
-slmkit/loading/gguf_cache.py); llama.cpp has no such cache, so its one load is beside both.
+(it repacks in the kernel library, builds the tokenizer and starts writing the cache: "first" is the
+time until the model runs; the cache is written on a thread of its own, which the child lets finish
+before timing prefill and decode) and "repeated" with that cache (see slmkit/loading/gguf_cache.py);
+llama.cpp has no such cache, so its one load is beside both.
 --builtin adds the built-in model's file (Gemma 3 270M Q4_K_M; downloaded if it is not yet).
 Prefill: 512-token prompt; decode: 128 greedy tokens after 64. One process per measurement.
 Prints a table, writes benchmarks/results/gguf_load.json. Run it on an otherwise idle machine.
@@ -94,8 +97,12 @@ def child(engine: str, path: str, prompt: int, decode: int, reps: int = 1) -> di
 def main() -> None:
     ap = child_parser("F16,Q4_0,Q4_K_M")
     ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="2 layers, Q4_0, short runs; nothing written")
     ap.add_argument("--builtin", action="store_true", help="also the built-in model's GGUF (if downloaded)")
     a = ap.parse_args()
+    if a.quick:  # a check that it runs, not a measurement
+        a.layers, a.prompt, a.decode = a.layers or 2, 32, 8
+        a.types = a.types if "--types" in sys.argv else "Q4_0"
     torch.set_num_threads(2)
     if a.child:
         print(json.dumps(child(a.engine, a.path, a.prompt, a.decode)))
@@ -121,6 +128,9 @@ def main() -> None:
                        ("load_s", "load s", ".2f"),
                        ("load_vs_llama", "load / llama.cpp", ".2f"), ("peak_rss_gb", "peak RSS GB", ".2f"),
                        ("prefill_tok_s", "prefill tok/s", ".1f"), ("decode_tok_s", "decode tok/s", ".2f")])
+    if a.quick:
+        print("\n--quick: nothing written")
+        return
     save_results("gguf_load", layers=a.layers or 32, rows=rows, llama_cpp=_llama_version())
 
 

@@ -54,6 +54,7 @@ def test_repeated_load_is_served_from_the_cache_and_runs_identically(qtype, kw, 
                                                                      builds, monkeypatch):
     path = hf_to_gguf(phi3_folders("gqa"), tmp_path / f"m-{qtype}.gguf", qtype)
     first = slmkit.load(path, **kw)
+    gguf_cache.wait()  # the cache is written on a thread of its own
     assert len(builds) == 1 and len(list(cache.glob("*.pt"))) == 1
     second = slmkit.load(path, **kw)
     assert len(builds) == 1  # served from the cache
@@ -68,6 +69,7 @@ def test_repeated_load_is_served_from_the_cache_and_runs_identically(qtype, kw, 
     assert second.engine.eos_token_ids == ref.engine.eos_token_ids
     # another load mode of the same file has its own cache entry
     slmkit.load(path, **({} if kw.get("quant") == "none" else {"dtype": "float32", "quant": "none"}))
+    gguf_cache.wait()
     assert len(builds) == 3 and len(list(cache.glob("*.pt"))) == 2
 
 
@@ -128,6 +130,7 @@ def test_a_changed_file_is_never_served_stale(change, phi3_folders, tmp_path, ca
 def test_a_damaged_cache_is_rebuilt(phi3_folders, tmp_path, cache, builds, monkeypatch):
     path = hf_to_gguf(phi3_folders("gqa"), tmp_path / "m.gguf", "Q4_0")
     ids = ids_of(slmkit.load(path))
+    gguf_cache.wait()
     (entry,) = cache.glob("*.pt")
     entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])  # truncated
     llm = slmkit.load(path)
@@ -151,3 +154,55 @@ def test_cache_off_writes_nothing_and_an_unwritable_folder_still_loads(phi3_fold
     assert len(builds) == 3
     ids = ids_of(a)
     assert torch.equal(a.logits(ids), b.logits(ids))
+
+
+def test_a_load_builds_the_model_without_initialising_it_or_importing_dynamo(tmp_path):
+    """build_model constructs on the meta device with torch.nn.init skipped: the meta device's
+    normal_ (nn.Embedding's init) imported torch._dynamo, ~2 s of a load and used by nothing else.
+    In a fresh process, so that nothing imported it before; the skip is for that thread's build only."""
+    import subprocess
+    import sys
+
+    from tests.helpers.tiny_models import make_gemma3_folder
+
+    path = hf_to_gguf(make_gemma3_folder(tmp_path / "g3", num_hidden_layers=2, layer_types=None),
+                      tmp_path / "g.gguf", "Q8_0")
+    code = ("import sys, torch, slmkit\n"
+            f"llm = slmkit.load({str(path)!r})\n"
+            "assert llm.generate('Hi', max_new_tokens=2, ignore_eos=True).token_ids\n"
+            "print('dynamo' if 'torch._dynamo' in sys.modules else 'no dynamo')\n"
+            "e = torch.nn.Embedding(64, 8)\n"  # initialisation elsewhere is untouched
+            "print('init' if e.weight.abs().sum() > 0 else 'zeros')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "SLMKIT_GGUF_CACHE": "off"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["no", "dynamo", "init"]
+
+
+def test_the_cache_is_written_while_the_model_runs_and_before_the_process_exits(phi3_folders, tmp_path, cache,
+                                                                                 builds, monkeypatch):
+    import subprocess
+    import sys
+    import threading
+
+    path = hf_to_gguf(phi3_folders("gqa"), tmp_path / "m.gguf", "Q4_0")
+    gate, real = threading.Event(), gguf_cache.write
+    monkeypatch.setattr(gguf_cache, "write", lambda *a: gate.wait(60) and real(*a))
+    llm = slmkit.load(path)  # returns with its cache write held at the gate
+    assert llm.generate("Hi", max_new_tokens=2).token_ids and not list(cache.glob("*.pt"))
+    gate.set()
+    gguf_cache.wait()
+    assert len(list(cache.glob("*.pt"))) == 1
+    # a process that exits right after a first load still leaves the whole cache behind
+    other = tmp_path / "cache2"
+    code = f"import slmkit; slmkit.load({str(path)!r})"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "SLMKIT_GGUF_CACHE": str(other)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(list(other.glob("*.pt"))) == 1
+    assert not [p for p in other.iterdir() if p.name.startswith(".")]  # no temporary left over
+    monkeypatch.setenv("SLMKIT_GGUF_CACHE", str(other))
+    again = slmkit.load(path)
+    assert len(builds) == 1  # only the first load above built: this one read the other process's cache
+    ids = ids_of(again)
+    assert torch.equal(again.logits(ids), llm.logits(ids))

@@ -1,4 +1,4 @@
-"""The AVX2 kernels (qgemm_avx2.cpp, attn_avx2.cpp, fgemm_avx2.cpp) against the AVX512 ones: the same
+"""The AVX2 kernels (qgemm_avx2.cpp, attn_avx2.cpp, fgemm_avx2.cpp, repack.cpp) against the AVX512 ones: the same
 bits for every weight format, the attention and the float matmul (bfloat16 float matmuls excepted
 where AVX512-BF16 pairs products: then within a stated tolerance); chosen by SLMKIT_KERNEL=avx2."""
 from __future__ import annotations
@@ -77,6 +77,30 @@ def test_qgemm_gguf_scale_kinds_same_bits(both, type_name):
         got = qmatmul_kernel(both[1], x, qw, torch.float32)
         assert torch.equal(got, qmatmul_kernel(both[0], x, qw, torch.float32))
         assert torch.equal(got, qmatmul_reference(x, qw))
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_repack_same_bytes_as_avx512(both, monkeypatch, type_name):
+    """The GGUF repack (repack.cpp) is built into both libraries: the same bytes from each, and from
+    the PyTorch repack."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+
+    from slmkit.quant import gguf_repack
+    from tests.helpers.gguf_files import random_blocks
+
+    shape = (200, 512)
+    raw = torch.from_numpy(np.ascontiguousarray(random_blocks(type_name, shape, np.random.default_rng(4)))
+                           .reshape(-1).copy())
+    outs = []
+    for lib in (*both, None):
+        monkeypatch.setattr(gguf_repack, "_repack_library", lambda kernel, lib=lib: lib)
+        outs.append(gguf_repack.repack(raw, int(Q[type_name]), shape))
+    for part in ("qweight", "scales", "mins", "super_scales", "super_mins"):
+        a, b, c = (getattr(q, part) for q in outs)
+        assert (a is None) == (b is None) == (c is None)
+        if a is not None:
+            assert torch.equal(a, b) and torch.equal(a, c), part
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -124,3 +124,99 @@ def test_bad_input_raises():
         repack(torch.zeros(18, dtype=torch.uint8), tid, (1, 16))   # K not a multiple of 32
     with pytest.raises(ValueError):
         repack(torch.zeros(18, dtype=torch.int8), tid, (1, 32))
+
+
+# ------------------------------------------------------------------ compiled repack (kernels/repack.cpp)
+_PARTS = ("qweight", "scales", "mins", "super_scales", "super_mins")
+
+
+def _kernel_or_skip():
+    from slmkit.kernels.qgemm import get_kernel, kernel_has
+
+    lib = get_kernel()
+    if lib is None or not kernel_has(lib, "slm_repack"):
+        pytest.skip("the compiled kernels do not run here (SLMKIT_KERNEL=0, no compiler, or not x86-64)")
+    return lib
+
+
+def _assert_same_bytes(a: QuantWeight, b: QuantWeight) -> None:
+    assert (a.bits, a.n, a.k, a.group, a.zero) == (b.bits, b.n, b.k, b.group, b.zero)
+    for part in _PARTS:
+        x, y = getattr(a, part), getattr(b, part)
+        assert (x is None) == (y is None), part
+        if x is not None:
+            assert x.dtype == y.dtype and x.shape == y.shape, part
+            assert torch.equal(x.view(torch.uint8), y.view(torch.uint8)), part  # NaN payloads, -0.0 included
+
+
+@pytest.mark.parametrize("shape", [*SHAPES, (100, 1024)])
+@pytest.mark.parametrize("type_name", HANDLED)
+def test_compiled_repack_writes_the_python_repacks_bytes(type_name, shape):
+    _kernel_or_skip()
+    tid = int(qtype(type_name))
+    raw = _raw(type_name, shape, seed=shape[0] + shape[1])
+    _assert_same_bytes(repack(raw, tid, shape, kernel=True), repack(raw, tid, shape, kernel=False))
+    # every bit pattern, the float16 scale fields too (NaN, inf, subnormal, -0.0)
+    block, size = block_sizes(type_name)
+    wild = torch.randint(0, 256, (shape[0] * shape[1] // block * size,), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(shape[0]))
+    _assert_same_bytes(repack(wild, tid, shape, kernel=True), repack(wild, tid, shape, kernel=False))
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K"])
+def test_compiled_repack_converts_every_float16_super_scale_as_torch(type_name):
+    """The K-quants' float16 d (and dmin) become float32 in the repack: all 65536 patterns, over a
+    tensor big enough for several threads."""
+    _kernel_or_skip()
+    block, size = block_sizes(type_name)
+    shape = (256, 256 * block)
+    b = torch.randint(0, 256, (65536, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+    every = torch.arange(65536, dtype=torch.int32)
+    d_at = 208 if type_name == "Q6_K" else 0
+    b[:, d_at:d_at + 2] = torch.stack((every & 0xFF, every >> 8), dim=1).to(torch.uint8)
+    if type_name != "Q6_K":  # dmin: another order of all patterns
+        perm = (every * 40503) & 0xFFFF
+        b[:, 2:4] = torch.stack((perm & 0xFF, perm >> 8), dim=1).to(torch.uint8)
+    tid = int(qtype(type_name))
+    ours = repack(b.reshape(-1), tid, shape, kernel=True)
+    _assert_same_bytes(ours, repack(b.reshape(-1), tid, shape, kernel=False))
+
+
+def test_slmkit_kernel_0_repacks_in_pytorch(monkeypatch):
+    from slmkit.quant import gguf_repack
+
+    calls = []
+    real = gguf_repack._repack_torch
+    monkeypatch.setattr(gguf_repack, "_repack_torch", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("SLMKIT_KERNEL", "0")
+    shape, tid = (40, 512), int(qtype("Q4_K"))
+    raw = _raw("Q4_K", shape, seed=1)
+    qw = repack(raw, tid, shape)
+    assert calls == [1]
+    with pytest.raises(RuntimeError, match="compiled repack"):
+        repack(raw, tid, shape, kernel=True)
+    assert qw is not None and torch.equal(dequantize_weight(qw), dequantize(raw, tid, shape))
+
+
+def test_a_gguf_file_loads_the_same_through_either_repack(phi3_folders, tmp_path, monkeypatch):
+    """The loader's quantized buffers (Q4_0 and Q8_0 linears, the quantized embedding) are the same
+    bytes whichever repack made them."""
+    _kernel_or_skip()
+    import slmkit
+    from slmkit.quant import gguf_repack
+    from tests.helpers.gguf_models import hf_to_gguf
+
+    monkeypatch.setenv("SLMKIT_GGUF_CACHE", "off")
+    states = []
+    for qt in ("Q4_0", "Q8_0"):
+        path = hf_to_gguf(phi3_folders("gqa"), tmp_path / f"m-{qt}.gguf", qt)
+        for kernel in (True, False):
+            with monkeypatch.context() as m:
+                m.setattr(gguf_repack, "_repack_library",
+                          gguf_repack._repack_library if kernel else (lambda kernel: None))
+                llm = slmkit.load(path)
+            states.append({k: v.clone() for k, v in llm.engine.model.state_dict().items()})
+        a, b = states[-2:]
+        assert a.keys() == b.keys() and any(k.endswith(".qweight") for k in a)
+        for k in a:
+            assert torch.equal(a[k], b[k]), k

@@ -1,5 +1,5 @@
-"""The compiled kernels (qgemm.cpp, fgemm.cpp): the quantized matmul, the attention (one or more new
-queries per row over strided KV-cache views) and the batch-invariant float matmul; build, load,
+"""The compiled kernels (qgemm.cpp, fgemm.cpp, repack.cpp): the quantized matmul, the attention (one or more new
+queries per row over strided KV-cache views), the batch-invariant float matmul and the GGUF repack; build, load,
 call; None where unavailable.
 
 Built once with the machine's C++ compiler (at `make` time, or on first use) into the package
@@ -30,7 +30,7 @@ import torch
 from ..quant.format import QuantWeight
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "qgemm.cpp", HERE / "fgemm.cpp"]
+SOURCES = [HERE / "qgemm.cpp", HERE / "fgemm.cpp", HERE / "repack.cpp"]
 FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl",
          "-mavx512vnni", "-mf16c", "-mfma", "-ffp-contract=off"]
 # The AVX2 build (CPUs without AVX512): its own translation units and flags, never -mavx512*. The
@@ -38,7 +38,7 @@ FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c++17", "-mavx512f", "-mav
 # has avx_vnni; left out where the compiler lacks -mavxvnni).
 AVX2_FLAGS = ["-O3", "-fPIC", "-fopenmp", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"]
 AVX2_UNITS = [(HERE / "qgemm_avx2.cpp", []), (HERE / "qgemm_avx2.cpp", ["-mavxvnni", "-DSLM_VNNI"]),
-              (HERE / "attn_avx2.cpp", []), (HERE / "fgemm_avx2.cpp", [])]
+              (HERE / "attn_avx2.cpp", []), (HERE / "fgemm_avx2.cpp", []), (HERE / "repack.cpp", [])]
 AVX2_HEADERS = [HERE / "avx2.h"]
 VARIANTS = ("avx512", "avx2")  # preferred first; SLMKIT_KERNEL=avx2 / =avx512 forces one, =0 none
 
@@ -164,6 +164,8 @@ def _declare(lib: ctypes.CDLL) -> None:
                                      ctypes.c_int]
     lib.slm_fgemm_rows.argtypes = [ptr, i64, i64, i64, ptr, i64, ctypes.c_int, i64, ptr, ptr, i64,
                                    ctypes.c_int]
+    lib.slm_repack.restype = ctypes.c_int  # repack.cpp: GGUF blocks -> QuantWeight (quant/gguf_repack.py)
+    lib.slm_repack.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
 
 
 def load_variant(which: str) -> ctypes.CDLL:

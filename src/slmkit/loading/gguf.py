@@ -7,6 +7,7 @@ chosen dtype. The GGUFFile stays open on the result so quantized blocks remain a
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -105,10 +106,19 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
     fp = gguf_cache.fingerprint(f.path, f.data_offset) if gguf_cache.cache_path(f.path, mode) else None
     work = gguf_cache.read(f.path, mode, fp) if fp else None
     if work is None:
-        work = _load_work(f, arch, module, dt, run_quantized)
-        work.tokenizer = gguf_cache.tokenizer_state(tokenizer_from_gguf_metadata(f.metadata))
-        if fp:
-            gguf_cache.write(f.path, mode, fp, work)
+        # the tensors on a thread of their own while this one builds the tokenizer: the repack runs in the
+        # kernel library without the GIL, the tokenizer build (Python, numpy, tokenizers) mostly with it
+        with ThreadPoolExecutor(1, thread_name_prefix="slmkit-gguf-load") as pool:
+            job = pool.submit(_load_work, f, arch, module, dt, run_quantized)
+            try:
+                tokenizer = tokenizer_from_gguf_metadata(f.metadata)
+            finally:
+                work = job.result()  # a weight error comes first, as when this ran before the tokenizer
+        if fp:  # written on a thread of its own: the model runs meanwhile
+            gguf_cache.write_soon(f.path, mode, fp, work, tokenizer)
+    else:  # the cached tokenizer (built from this very file: the fingerprint matched)
+        assert work.tokenizer is not None
+        tokenizer = gguf_cache.tokenizer_from_state(work.tokenizer)
     weights, quantized, requant, names = dict(work.weights), work.quantized, work.requant, work.names
     for target, view in work.views:  # the file's own bytes, mapped (never cached); "name#e": expert e of a stack
         name, _, expert = view.partition("#")
@@ -127,8 +137,6 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
 
             quantize_model(model, scheme, None, skip=skip)
     apply_quant(model, quant, group_size)
-    assert work.tokenizer is not None
-    tokenizer = gguf_cache.tokenizer_from_state(work.tokenizer)
     check_chat_template(tokenizer, "tokenizer.chat_template", f.path)
     if tokenizer.vocab_size > args.vocab_size:
         raise ConfigError("tokenizer.ggml.tokens", f"lists {tokenizer.vocab_size} tokens but the embedding has "

@@ -9,7 +9,8 @@ Never served stale: the cache records a fingerprint of its source - the file's s
 a hash of its header (metadata and tensor infos) and of blocks sampled evenly through the tensor
 data - and a load whose fingerprint differs rebuilds and replaces it. A cache that cannot be read
 (truncated, corrupt, another format) is rebuilt too; one that cannot be written only costs the
-speed-up. Writes are atomic (a temporary sibling renamed into place).
+speed-up. Writes are atomic (a temporary sibling renamed into place) and done on a thread of their
+own (write_soon): a first load does not wait for them, the process does before it exits.
 
 Where: ``$SLMKIT_GGUF_CACHE`` (a folder; ``0`` / ``off`` turns the cache off), else
 ``<slmkit home>/gguf`` (``$SLMKIT_HOME``, ``$XDG_CACHE_HOME/slmkit`` or ``~/.cache/slmkit``).
@@ -18,10 +19,10 @@ One cache file per source path and load mode, replaced when its source changes.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 
 from ..quant.format import QuantWeight
 
-FORMAT = 1
+FORMAT = 2  # 2: the tokenizer state stored as it is (1 wrapped its JSON in JSON)
 SAMPLES = 64          # blocks of tensor data hashed into the fingerprint
 SAMPLE_BYTES = 4096
 _PARTS = ("qweight", "scales", "mins", "super_scales", "super_mins")
@@ -85,7 +86,10 @@ def cache_path(path: str | Path, mode: str) -> Path | None:
 def read(path: str | Path, mode: str, fp: str) -> LoadWork | None:
     """The cached work for (path, mode) if its fingerprint is fp, else None (absent, stale, unreadable)."""
     where = cache_path(path, mode)
-    if where is None or not where.is_file():
+    if where is None:
+        return None
+    wait(where)  # this process's own write of it, if one is under way
+    if not where.is_file():
         return None
     try:
         obj = torch.load(where, mmap=True, weights_only=True, map_location="cpu")
@@ -93,7 +97,7 @@ def read(path: str | Path, mode: str, fp: str) -> LoadWork | None:
             return None
         work = LoadWork(dict(obj["weights"]), {}, dict(obj["requant"]), dict(obj["names"]),
                         [(str(a), str(b)) for a, b in obj["views"]],
-                        json.loads(obj["tokenizer"]) if obj.get("tokenizer") else None)
+                        obj.get("tokenizer"))
         for name, m in obj["quantized"].items():
             t = {p: m.get(p) for p in _PARTS}
             work.quantized[name] = QuantWeight(int(m["bits"]), int(m["n"]), int(m["k"]), int(m["group"]),
@@ -117,7 +121,7 @@ def write(path: str | Path, mode: str, fp: str, work: LoadWork) -> Path | None:
     obj = {"format": FORMAT, "fingerprint": fp, "weights": {k: v.contiguous() for k, v in work.weights.items()},
            "quantized": quantized, "requant": work.requant, "names": work.names,
            "views": [list(v) for v in work.views],
-           "tokenizer": json.dumps(work.tokenizer) if work.tokenizer is not None else ""}
+           "tokenizer": work.tokenizer}
     tmp = None
     try:
         where.parent.mkdir(parents=True, exist_ok=True)
@@ -130,6 +134,45 @@ def write(path: str | Path, mode: str, fp: str, work: LoadWork) -> Path | None:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         return None
+
+
+# Writes under way on threads of their own (write_soon), by cache file.
+_pending: dict[Path, threading.Thread] = {}
+_pending_lock = threading.Lock()
+
+
+def write_soon(path: str | Path, mode: str, fp: str, work: LoadWork, tokenizer: Any) -> None:
+    """write() (with tokenizer_state(tokenizer)) on a thread of its own, so that a first load returns
+    as soon as its model runs instead of after writing a copy of its weights (about as long as the
+    repack itself). Not a daemon: the process finishes the write before it exits. A later read() of
+    the same entry, and wait(), join it first."""
+    where = cache_path(path, mode)
+    if where is None:
+        return
+
+    def run() -> None:
+        try:
+            write(path, mode, fp, replace(work, tokenizer=tokenizer_state(tokenizer)))
+        except Exception:  # noqa: BLE001 -- an unwritable cache only costs the speed-up
+            pass
+        finally:
+            with _pending_lock:
+                if _pending.get(where) is thread:
+                    del _pending[where]
+
+    wait(where)  # one writer per entry at a time
+    thread = threading.Thread(target=run, name="slmkit-gguf-cache", daemon=False)
+    with _pending_lock:
+        _pending[where] = thread
+    thread.start()
+
+
+def wait(where: Path | None = None) -> None:
+    """Join the cache writes under way (all of them, or that of the cache file `where`)."""
+    with _pending_lock:
+        threads = list(_pending.values()) if where is None else [t for w, t in _pending.items() if w == where]
+    for t in threads:
+        t.join()
 
 
 def tokenizer_state(tok: Any) -> dict[str, Any]:

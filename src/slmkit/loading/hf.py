@@ -109,13 +109,25 @@ def load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """While a model is built on the meta device: torch.nn.init's in-place initialisers return their
+    tensor untouched (a meta tensor holds no values; the load assigns every weight). The meta device's
+    normal_ (nn.Embedding's init) imported torch._dynamo, ~2 s of a load, used nowhere else. A
+    TorchFunctionMode is per thread: other threads' initialisation is unaffected."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if getattr(func, "__module__", None) == "torch.nn.init" and func.__name__.endswith("_"):
+            return args[0] if args else (kwargs or {}).get("tensor")
+        return func(*args, **(kwargs or {}))
+
+
 def build_model(module: Any, args: Any, weights: dict[str, torch.Tensor], dtype: torch.dtype,
                 device: torch.device, source: object, quantized: dict[str, Any] | None = None) -> nn.Module:
     """Construct on the meta device, check every tensor, then assign (no random init, no copy).
     `quantized` maps linear weight names ("....weight") to QuantWeights: those modules become
     QuantLinear (slmkit.quant) instead of taking a float tensor."""
     weights = module.sanitize(weights, args)
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         model = module.Model(args)
     quant_state = _swap_quantized(model, quantized or {}, source, dtype) if quantized else {}
     for name in quantized or {}:
@@ -314,7 +326,7 @@ def check_ram(module: Any, args: Any, weights: Mapping[str, torch.Tensor], dtype
     avail = available_bytes()
     if not copies or avail is None:
         return
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         plan = ram_by_precision(module.Model(args))
     need = plan.get(precision, plan["float32"])
     if need > avail:

@@ -6,11 +6,17 @@ f32), so ``dequantize_weight(repack(...))`` equals ``slmkit.gguf.quants.dequanti
 The K-quants' ``d*sc*q - dmin*m`` becomes ``scale*u + min`` with ``min = -(dmin*m)``: IEEE
 subtraction *is* addition of the negation, so this is exact too. Types without such a mapping
 (float types, Q2_K, Q3_K, IQ*, ...) give None: the caller re-quantizes those from float.
+
+Two implementations write the same bytes: kernels/repack.cpp (in the compiled kernel library,
+multi-threaded over row tiles, reading the memory-mapped file's blocks in place and writing the
+result's tensors directly) where that library is loaded, and the PyTorch one below (the decoders
+of slmkit.gguf.quants; used with SLMKIT_KERNEL=0 or without a compiler), tested byte for byte
+against each other (tests/quant/test_gguf_repack.py).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -109,13 +115,18 @@ REPACKABLE: frozenset[int] = frozenset(_SPECS)
 
 # Rough bytes of temporaries per weight element while decoding and packing one row chunk.
 _TEMP_BYTES_PER_ELEMENT = 8
+# Below this many bytes a tensor is repacked by one thread (an OpenMP fork costs more than it saves).
+_SMALL_TENSOR = 1 << 20
 
 
 def repack(raw: torch.Tensor, ggml_type: int, shape: tuple[int, int], *,
-           chunk_bytes: int = 16 << 20) -> QuantWeight | None:
+           chunk_bytes: int = 16 << 20, kernel: bool | None = None) -> QuantWeight | None:
     """The GGUF bytes of a 2-D weight of torch shape ``(n, k)`` as a QuantWeight, losslessly;
-    None for a type in no lossless mapping. Rows are decoded in chunks of about ``chunk_bytes``
-    of temporaries, written straight into the result's preallocated tiled tensors."""
+    None for a type in no lossless mapping. kernel: None repacks in the compiled library
+    (kernels/repack.cpp: multi-threaded, straight from ``raw`` into the result) where it is
+    loaded, else in PyTorch; False forces PyTorch, True the library (RuntimeError without it).
+    Both write the same bytes. PyTorch decodes rows in chunks of about ``chunk_bytes`` of
+    temporaries, written into the result's preallocated tiled tensors."""
     spec = _SPECS.get(int(ggml_type))
     if spec is None:
         return None
@@ -131,7 +142,6 @@ def repack(raw: torch.Tensor, ggml_type: int, shape: tuple[int, int], *,
     flat = raw.reshape(-1)
     if flat.numel() != n * row_bytes:
         raise ValueError(f"shape {(n, k)} needs {n * row_bytes} bytes, got {flat.numel()}")
-    rows_raw = flat.view(n, row_bytes)
 
     bits, group = spec.bits, spec.group
     tiles, groups = padded(n, TILE) // TILE, k // group
@@ -142,6 +152,45 @@ def repack(raw: torch.Tensor, ggml_type: int, shape: tuple[int, int], *,
     supers = groups // spec.per_super if spec.per_super else 0
     s_sup = torch.empty(tiles, supers, TILE, dtype=_F32) if supers else None
     m_sup = torch.empty(tiles, supers, TILE, dtype=_F32) if supers and spec.has_min else None
+    qw = QuantWeight(bits, n, k, group, spec.zero, qweight, scales, mins, s_sup, m_sup)
+
+    lib = _repack_library(kernel)
+    if lib is not None:
+        _repack_kernel(lib, flat.contiguous(), int(ggml_type), qw)
+    else:
+        _repack_torch(spec, flat.view(n, row_bytes), size, qw, chunk_bytes)
+    return qw
+
+
+def _repack_library(kernel: bool | None) -> Any:
+    """The kernel library to repack with, or None for the PyTorch path (see repack's kernel)."""
+    if kernel is False:
+        return None
+    from slmkit.kernels.qgemm import get_kernel, kernel_has
+
+    lib = get_kernel()
+    if lib is not None and kernel_has(lib, "slm_repack"):
+        return lib
+    if kernel:
+        raise RuntimeError("the compiled repack is not available here (SLMKIT_KERNEL=0, or no kernel library)")
+    return None
+
+
+def _repack_kernel(lib: Any, flat: torch.Tensor, ggml_type: int, qw: QuantWeight) -> None:
+    """repack.cpp over the tiles (one thread for a small tensor, torch's count otherwise)."""
+    def ptr(t: torch.Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    threads = 1 if flat.numel() < _SMALL_TENSOR else torch.get_num_threads()
+    rc = lib.slm_repack(flat.data_ptr(), ggml_type, qw.n, qw.k, qw.qweight.data_ptr(), qw.scales.data_ptr(),
+                        ptr(qw.mins), ptr(qw.super_scales), ptr(qw.super_mins), threads)
+    if rc:
+        raise RuntimeError(f"slm_repack failed with code {rc} (ggml type {ggml_type}, shape {(qw.n, qw.k)})")
+
+
+def _repack_torch(spec: _Spec, rows_raw: torch.Tensor, size: int, qw: QuantWeight, chunk_bytes: int) -> None:
+    """The PyTorch repack (the fallback, and the reference the compiled one is tested against)."""
+    n, k, bits = qw.n, qw.k, qw.bits
 
     def put(dst: torch.Tensor | None, x: torch.Tensor | None, rows: int, rp: int, t0: int, t1: int) -> None:
         if dst is None or x is None:
@@ -160,9 +209,8 @@ def repack(raw: torch.Tensor, ggml_type: int, shape: tuple[int, int], *,
         if rp != rows:
             u = torch.nn.functional.pad(u, (0, 0, 0, rp - rows))
         t0, t1 = r0 // TILE, r0 // TILE + rp // TILE
-        qweight[t0:t1] = pack_codes(u, bits)
-        put(scales, s, rows, rp, t0, t1)
-        put(mins, m, rows, rp, t0, t1)
-        put(s_sup, ss, rows, rp, t0, t1)
-        put(m_sup, sm, rows, rp, t0, t1)
-    return QuantWeight(bits, n, k, group, spec.zero, qweight, scales, mins, s_sup, m_sup)
+        qw.qweight[t0:t1] = pack_codes(u, bits)
+        put(qw.scales, s, rows, rp, t0, t1)
+        put(qw.mins, m, rows, rp, t0, t1)
+        put(qw.super_scales, ss, rows, rp, t0, t1)
+        put(qw.super_mins, sm, rows, rp, t0, t1)

@@ -1,0 +1,223 @@
+// GGUF quantized blocks -> slmkit's tiled QuantWeight layout (src/slmkit/quant/format.py), the same
+// bytes as the Python repack (src/slmkit/quant/gguf_repack.py, the tested fallback) writes.
+//
+// Plain C++ (no intrinsics): built into both kernel libraries, the AVX512 one and the AVX2 one.
+// It reads the file's blocks where they lie (the memory map) and writes each row's codes, scales and
+// mins straight into the caller's preallocated tensors: no float or intermediate copy. OpenMP splits
+// the work over 16-row tiles, so every thread writes its own tiles only.
+//
+// Per row r of tile t = r / 16 (j = r % 16) and code u[c] of the row (ggml's element order):
+//   8-bit codes: qweight[t][c / 4][j * 4 + c % 4] = u[c]
+//   4-bit codes: qweight[t][c / 8][j * 4 + c % 4] = u[c] | u[c + 4] << 4      (c % 8 < 4)
+//   scales / mins: [t][group][j]; two-level supers (K-quants): [t][block][j] in float32
+// Rows past n (padding to the tile) get code 0, scale 0 and min 0, as the Python repack pads.
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+namespace {
+
+struct Spec {
+    int type, block, size, bits, group, scale_bytes, has_min, two_level;
+};
+
+// ggml type id, elements / bytes per block, code bits as stored, group, scale bytes (2: the file's
+// float16, 1: the K-quants' small integers), mins, float32 super-scale per block
+const Spec SPECS[] = {
+    {2, 32, 18, 4, 32, 2, 0, 0},     // Q4_0
+    {3, 32, 20, 4, 32, 2, 1, 0},     // Q4_1
+    {6, 32, 22, 8, 32, 2, 0, 0},     // Q5_0
+    {7, 32, 24, 8, 32, 2, 1, 0},     // Q5_1
+    {8, 32, 34, 8, 32, 2, 0, 0},     // Q8_0
+    {12, 256, 144, 4, 32, 1, 1, 1},  // Q4_K
+    {13, 256, 176, 8, 32, 1, 1, 1},  // Q5_K
+    {14, 256, 210, 8, 16, 1, 0, 1},  // Q6_K
+};
+
+const Spec* find_spec(int type) {
+    for (const Spec& s : SPECS)
+        if (s.type == type) return &s;
+    return nullptr;
+}
+
+// IEEE half -> float, as torch converts: exact for every finite value, a NaN comes back quiet
+// (the quiet bit set, its payload kept) as vcvtph2ps and torch's software path both give.
+float half_to_float(const uint8_t* p) {
+    uint32_t h = (uint32_t)p[0] | ((uint32_t)p[1] << 8);
+    uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu, bits;
+    if (exp == 0x1Fu) {
+        bits = sign | 0x7F800000u | (mant << 13) | (mant ? 0x00400000u : 0u);
+    } else if (exp) {
+        bits = sign | ((exp + 112u) << 23) | (mant << 13);
+    } else if (mant) {  // subnormal: normalise
+        int e = -1;
+        do {
+            mant <<= 1;
+            ++e;
+        } while (!(mant & 0x400u));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((mant & 0x3FFu) << 13);
+    } else {
+        bits = sign;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+// The codes of one block (ggml's element order) into u[block].
+void block_codes(int type, const uint8_t* p, uint8_t* u) {
+    switch (type) {
+        case 2:
+        case 3: {  // Q4_0 / Q4_1: 16 bytes of nibbles, low nibbles first
+            const uint8_t* qs = p + (type == 2 ? 2 : 4);
+            for (int i = 0; i < 16; ++i) {
+                u[i] = qs[i] & 0x0F;
+                u[i + 16] = qs[i] >> 4;
+            }
+            break;
+        }
+        case 6:
+        case 7: {  // Q5_0 / Q5_1: nibbles plus a fifth bit per element from a 32-bit mask
+            const uint8_t* h = p + (type == 6 ? 2 : 4);
+            const uint8_t* qs = h + 4;
+            uint32_t qh = (uint32_t)h[0] | ((uint32_t)h[1] << 8) | ((uint32_t)h[2] << 16) | ((uint32_t)h[3] << 24);
+            for (int i = 0; i < 16; ++i) {
+                u[i] = (uint8_t)((qs[i] & 0x0F) | (((qh >> i) & 1u) << 4));
+                u[i + 16] = (uint8_t)((qs[i] >> 4) | (((qh >> (i + 16)) & 1u) << 4));
+            }
+            break;
+        }
+        case 8:  // Q8_0: int8 q -> unsigned q + 128
+            for (int i = 0; i < 32; ++i) u[i] = p[2 + i] ^ 0x80;
+            break;
+        case 12:
+        case 13: {  // Q4_K / Q5_K: per 32 bytes, 32 low nibbles then 32 high nibbles (+ Q5_K's fifth bits)
+            const uint8_t* qs = p + (type == 12 ? 16 : 48);
+            for (int r = 0; r < 4; ++r)
+                for (int i = 0; i < 32; ++i) {
+                    u[64 * r + i] = qs[32 * r + i] & 0x0F;
+                    u[64 * r + 32 + i] = qs[32 * r + i] >> 4;
+                }
+            if (type == 13) {
+                const uint8_t* qh = p + 16;
+                for (int s = 0; s < 8; ++s)
+                    for (int i = 0; i < 32; ++i) u[32 * s + i] |= (uint8_t)(((qh[i] >> s) & 1) << 4);
+            }
+            break;
+        }
+        case 14: {  // Q6_K: per half, 64 bytes of nibbles (low then high) and 2 more bits from qh
+            const uint8_t* ql = p;
+            const uint8_t* qh = p + 128;
+            for (int h = 0; h < 2; ++h) {
+                for (int i = 0; i < 64; ++i) {
+                    u[128 * h + i] = ql[64 * h + i] & 0x0F;
+                    u[128 * h + 64 + i] = ql[64 * h + i] >> 4;
+                }
+                for (int s = 0; s < 4; ++s)
+                    for (int i = 0; i < 32; ++i)
+                        u[128 * h + 32 * s + i] |= (uint8_t)(((qh[32 * h + i] >> (2 * s)) & 3) << 4);
+            }
+            break;
+        }
+    }
+}
+
+// One block's group scales (and mins) into sc / mn (per group, scale_bytes each), and its float32
+// super-scale and super-min (K-quants): ggml's d and -dmin, as the Python repack forms them.
+void block_scales(int type, const uint8_t* p, uint8_t* sc, uint8_t* mn, float* ssup, float* msup) {
+    switch (type) {
+        case 2:
+        case 6:
+        case 8:
+            memcpy(sc, p, 2);
+            break;
+        case 3:
+        case 7:
+            memcpy(sc, p, 2);
+            memcpy(mn, p + 2, 2);
+            break;
+        case 12:
+        case 13: {  // 6-bit sub-scales and sub-mins packed in 12 bytes
+            const uint8_t* d = p + 4;
+            const uint8_t* m = p + 8;
+            const uint8_t* md = p + 12;
+            for (int i = 0; i < 4; ++i) {
+                sc[i] = d[i] & 0x3F;
+                sc[4 + i] = (uint8_t)((md[i] & 0x0F) | ((d[i] >> 2) & 0x30));
+                mn[i] = m[i] & 0x3F;
+                mn[4 + i] = (uint8_t)((md[i] >> 4) | ((m[i] >> 2) & 0x30));
+            }
+            *ssup = half_to_float(p);
+            *msup = -half_to_float(p + 2);
+            break;
+        }
+        case 14:
+            memcpy(sc, p + 192, 16);  // int8 sub-scales
+            *ssup = half_to_float(p + 208);
+            break;
+    }
+}
+
+// One row (r < n: its blocks at src; r >= n: padding, all zeros) into its slots of tile t.
+void repack_row(const Spec& s, const uint8_t* src, int64_t k, int64_t t, int j, uint8_t* qweight, uint8_t* scales,
+                uint8_t* mins, float* ssup, float* msup) {
+    const int64_t blocks = k / s.block, gpb = s.block / s.group, groups = blocks * gpb;
+    const int64_t chunks = s.bits == 4 ? k / 8 : k / 4;  // 64-byte chunks per tile
+    uint8_t* q = qweight + t * chunks * 64 + j * 4;
+    uint8_t u[256], sc[16 * 2], mn[16 * 2];
+    float ss = 0.f, ms = 0.f;
+    for (int64_t b = 0; b < blocks; ++b) {
+        if (src) {
+            const uint8_t* p = src + b * s.size;
+            block_codes(s.type, p, u);
+            block_scales(s.type, p, sc, mn, &ss, &ms);
+        } else {
+            memset(u, 0, sizeof u);
+            memset(sc, 0, sizeof sc);
+            memset(mn, 0, sizeof mn);
+        }
+        if (s.bits == 8) {
+            for (int c = 0; c < s.block; c += 4) memcpy(q + (b * s.block + c) / 4 * 64, u + c, 4);
+        } else {
+            for (int c = 0; c < s.block; c += 8) {
+                uint8_t* o = q + (b * s.block + c) / 8 * 64;
+                for (int i = 0; i < 4; ++i) o[i] = (uint8_t)(u[c + i] | (u[c + 4 + i] << 4));
+            }
+        }
+        for (int64_t g = 0; g < gpb; ++g) {
+            int64_t at = (t * groups + b * gpb + g) * 16 + j;
+            memcpy(scales + at * s.scale_bytes, sc + g * s.scale_bytes, s.scale_bytes);
+            if (s.has_min) memcpy(mins + at * s.scale_bytes, mn + g * s.scale_bytes, s.scale_bytes);
+        }
+        if (s.two_level) {
+            int64_t at = (t * blocks + b) * 16 + j;
+            ssup[at] = src ? ss : 0.f;
+            if (s.has_min) msup[at] = src ? ms : 0.f;
+        }
+    }
+}
+
+}  // namespace
+
+// raw: n rows of k / block blocks each (the tensor's GGUF bytes); the outputs as gguf_repack.py
+// allocates them: qweight [tiles, k / (8 | 4), 64], scales and mins [tiles, k / group, 16] (float16
+// or one byte each), super_scales and super_mins [tiles, k / 256, 16] float32 (two-level types only).
+// Returns 0, or -1 for a type it does not handle, -2 for a shape that does not fit the type.
+extern "C" int slm_repack(const uint8_t* raw, int type, int64_t n, int64_t k, uint8_t* qweight, void* scales,
+                          void* mins, float* super_scales, float* super_mins, int threads) {
+    const Spec* s = find_spec(type);
+    if (!s) return -1;
+    if (n <= 0 || k <= 0 || k % s->block) return -2;
+    const int64_t tiles = (n + 15) / 16, row_bytes = k / s->block * s->size;
+    uint8_t* sc = (uint8_t*)scales;
+    uint8_t* mn = (uint8_t*)mins;
+#pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+        for (int j = 0; j < 16; ++j) {
+            int64_t r = t * 16 + j;
+            repack_row(*s, r < n ? raw + r * row_bytes : nullptr, k, t, j, qweight, sc, mn, super_scales,
+                       super_mins);
+        }
+    }
+    return 0;
+}
