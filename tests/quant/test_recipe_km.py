@@ -26,13 +26,13 @@ def test_more_bits_layers_follow_llama_cpp():
     # llama.cpp: i < n/8 || i >= 7n/8 || (i - n/8) % 3 == 2 (integer division)
     assert [i for i in range(18) if more_bits(i, 18)] == [0, 1, 4, 7, 10, 13, 15, 16, 17]
     assert sum(more_bits(i, 32) for i in range(32)) == 16 and [i for i in range(3) if more_bits(i, 3)] == [2]
-    parts = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
+    parts = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")
     names = [f"model.layers.{i}.{p}" for i in range(8) for p in parts]
     int8 = km_int8_names([*names, "lm_head"])
     assert "lm_head" in int8 and all(f"model.layers.{i}.self_attn.v_proj" in int8 for i in range(8))
     downs = sorted(n for n in int8 if n.endswith("down_proj"))
     assert downs == [f"model.layers.{i}.mlp.down_proj" for i in (0, 3, 6, 7)]
-    assert not any(n.endswith("q_proj") for n in int8)
+    assert not any(n.endswith(("q_proj", "k_proj")) for n in int8)
 
 
 def test_weighted_fit_lowers_the_output_error_on_inputs_of_that_power():
