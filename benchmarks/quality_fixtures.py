@@ -3,7 +3,8 @@
 The built-in model exists only as a Q4_K_M GGUF, so its "float" weights are that file
 dequantized: every block already lies on Q5_0 / Q8_0 / Q4_K / Q6_K's grid. llama.cpp re-quantizing
 them to Q4_K_M picks the same types for the same tensors and lands back on (nearly) the same
-codes, an advantage no other quantizer has. Two ways off the grid, the same for every quantizer:
+codes, an advantage no other quantizer has. Two ways off the grid, the same for every
+quantizer (only the first turns out fair):
 
 - permuted: an exact, function-preserving relabelling of channels. The residual stream's channels
   (every input column of q/k/v/gate/up, output row of o/down, the norms, the embedding's columns),
@@ -12,7 +13,9 @@ codes, an advantage no other quantizer has. Two ways off the grid, the same for 
   32 inputs mixes weights from 32 different blocks of the original file while the model computes
   the same function (float perplexity equal up to summation order).
 - dithered: each quantized weight of the file plus uniform noise within +-half of its block's
-  quantization step (estimated from the block's values and type), a slightly different model.
+  quantization step (estimated from the block's values and type), a slightly worse model. Measured,
+  it does not remove the bias: re-rounding to the same types pulls the weights back toward the
+  original grid (and model), so only the permutation is fair.
 """
 from __future__ import annotations
 
