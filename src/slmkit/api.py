@@ -460,9 +460,10 @@ def load(model: str | Path = "builtin", *, dtype: str | torch.dtype = "auto", de
     (or, without it, oneDNN-packed bf16 ones): then a greedy request's tokens may depend on what
     else shares its batch.
     quant: None keeps float weights float and runs a GGUF file's quantized weights in their own
-    format (Q4_0/Q4_1/Q4_K as int4, Q5/Q6_K/Q8_0 as int8, losslessly); "int8" / "int4" quantize
-    the float linear weights after load (weight-only, per group of `group_size` = 32, 64, 128 or
-    256 inputs; default 32); "none" dequantizes a GGUF file into `dtype`.
+    format (Q4_0/Q4_1/Q4_K as int4, Q5/Q6_K/Q8_0 as int8, losslessly); "int8" / "int4" (or the
+    recipes "int4-mixed" / "int4-k" / "int4-km" of quant/recipe.py) quantize the float linear weights
+    after load (weight-only, per group of `group_size` = 32, 64, 128 or 256 inputs; default 32);
+    "none" dequantizes a GGUF file into `dtype`.
     """
     from .backends.registry import open_backend, split_spec
 

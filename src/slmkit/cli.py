@@ -169,11 +169,12 @@ def _seconds(text: str) -> float:
 
 
 def _add_quant_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    quants = ["int8", "int4", "int4-mixed", "int4-k"]
+    quants = ["int8", "int4", "int4-mixed", "int4-k", "int4-km"]
     p.add_argument("--quant", choices=quants if required else [*quants, "none"],
                    required=required, default=None,
                    help="weight-only quantization of the float weights (int4-mixed: int4 with the k/v "
-                        "projections at int8; int4-k: the same with two-level scales, fewer bits; GGUF files "
+                        "projections at int8; int4-k: the same with two-level scales, fewer bits; int4-km: int4-k "
+                        "with down_proj int8 where Q4_K_M keeps it at more bits and a calibrated fit; GGUF files "
                         "run their own quantized weights without it; 'none' dequantizes them)")
     p.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128, 256],
                    help="inputs per quantization group (default 32; larger is smaller and faster, less accurate)")

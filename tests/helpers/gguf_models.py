@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -197,8 +198,9 @@ def hf_to_gguf(folder: Path, out: Path, qtype: str = "F32", expert_qtype: str | 
     return write_gguf(out, a, meta, tensors)
 
 
-def dequantized_copy(src: Path, dst: Path) -> Path:
-    """The GGUF file src with every tensor dequantized to F32 (same metadata), written to dst."""
+def dequantized_copy(src: Path, dst: Path, transform: Callable[[str, np.ndarray], np.ndarray] | None = None) -> Path:
+    """The GGUF file src with every tensor dequantized to F32 (same metadata), written to dst;
+    transform(name, array) may change each tensor on the way (benchmarks/quality_fixtures.py)."""
     import gguf
 
     from slmkit.gguf import open_gguf
@@ -213,7 +215,8 @@ def dequantized_copy(src: Path, dst: Path) -> Path:
         w.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
     f = open_gguf(src)
     for name in f.tensors:
-        w.add_tensor(name, f.tensor(name).numpy())
+        a = f.tensor(name).numpy()
+        w.add_tensor(name, a if transform is None else np.ascontiguousarray(transform(name, a)))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -136,7 +136,7 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
                 return name not in todo
 
             quantize_model(model, scheme, None, skip=skip)
-    apply_quant(model, quant, group_size)
+    apply_quant(model, quant, group_size, tokenizer=tokenizer)  # int4-km calibrates with the tokenizer
     check_chat_template(tokenizer, "tokenizer.chat_template", f.path)
     if tokenizer.vocab_size > args.vocab_size:
         raise ConfigError("tokenizer.ggml.tokens", f"lists {tokenizer.vocab_size} tokens but the embedding has "

@@ -230,8 +230,8 @@ def load_hf_folder(path: str | Path, *, dtype: str | torch.dtype = "auto", devic
     check_ram(module, args, weights, dt, quant if not quantized else None, folder)
     model = build_model(module, args, weights, dt, dev, folder, quantized=quantized)
     maps = FileMappings()
-    apply_quant(model, quant, group_size, release=lambda t: release_pages(t, maps))
     tokenizer = Tokenizer.from_folder(folder)
+    apply_quant(model, quant, group_size, release=lambda t: release_pages(t, maps), tokenizer=tokenizer)
     check_chat_template(tokenizer, "chat_template", folder)
     gen_path = folder / "generation_config.json"
     gen_cfg = check_generation_config(read_json(gen_path, required=False) or {}, gen_path)

@@ -15,13 +15,16 @@ from torch import nn
 
 from ..errors import InvalidRequestError
 from ..kernels.qgemm import get_kernel, kernel_has, qgemm_weight_args, qmatmul_kernel
+from .calibrate import Encoder, calibration_ids, importance, input_power
+from .equalize import equalize
 from .format import GROUPS, TILE, QuantWeight, dequantize_weight, qmatmul_reference, quantize
-from .recipe import MIXED, TWO_LEVEL, keeps_int8, quantize_mixed
+from .recipe import KM, MIXED, TWO_LEVEL, keeps_int8, km_int8_names, quantize_mixed
 
-SCHEMES = {"int8": 8, "int4": 4, "int4-mixed": 4, "int4-k": 4}  # the mixed recipes: quant/recipe.py
-DEFAULT_GROUP = {"int8": 32, "int4": 32, "int4-mixed": 32, "int4-k": 32}
+SCHEMES = {"int8": 8, "int4": 4, "int4-mixed": 4, "int4-k": 4, "int4-km": 4}  # the mixed recipes: quant/recipe.py
+DEFAULT_GROUP = {"int8": 32, "int4": 32, "int4-mixed": 32, "int4-k": 32, "int4-km": 32}
 _kernel_enabled = True
 _WEIGHT_BUFFERS = ("qweight", "scales", "mins", "super_scales", "super_mins")
+EQUALIZE = True  # int4-km: fold activation-aware scales into the norms first (equalize.py)
 
 
 @contextlib.contextmanager
@@ -159,10 +162,12 @@ def check_scheme(quant: str, group_size: int | None) -> tuple[int, int]:
 
 def quantize_model(model: nn.Module, quant: str, group_size: int | None = None,
                    skip: Callable[[str], bool] | None = None,
-                   release: Callable[[torch.Tensor], None] | None = None) -> int:
+                   release: Callable[[torch.Tensor], None] | None = None,
+                   weights: dict[str, torch.Tensor] | None = None) -> int:
     """Swap every float nn.Linear of `model` (except names where skip(name) is true) for a
     QuantLinear; returns how many. Each float weight is dropped as soon as its copy is made
-    (`release(weight)` is called for weights no other module shares, e.g. to unmap file pages)."""
+    (`release(weight)` is called for weights no other module shares, e.g. to unmap file pages).
+    weights: per linear name, the importance of each input in the two-level fit (int4-k, int4-km)."""
     from ..models import keep_float_modules
 
     bits, group = check_scheme(quant, group_size)
@@ -178,7 +183,10 @@ def quantize_model(model: nn.Module, quant: str, group_size: int | None = None,
             continue
         bias = None if lin.bias is None else lin.bias.detach().clone()
         w = lin.weight.detach().float() if lin.weight.dtype != torch.float32 else lin.weight.detach()
-        q = quantize_mixed(w, group) if quant == TWO_LEVEL else quantize(w, bits, group)
+        if quant in (TWO_LEVEL, KM):
+            q = quantize_mixed(w, group, weights=None if weights is None else weights.get(full))
+        else:
+            q = quantize(w, bits, group)
         setattr(parent, name, QuantLinear(q, bias))
         if release is not None and lin.weight.data_ptr() not in shared:
             release(lin.weight)
@@ -187,17 +195,34 @@ def quantize_model(model: nn.Module, quant: str, group_size: int | None = None,
 
 
 def apply_quant(model: nn.Module, quant: str | None, group_size: int | None = None,
-                release: Callable[[torch.Tensor], None] | None = None) -> int:
+                release: Callable[[torch.Tensor], None] | None = None, tokenizer: Encoder | None = None) -> int:
     """The `load(quant=...)` pass over a model's remaining float linears. int4 keeps the output
     projection (lm_head) at int8, as llama.cpp's Q4 files keep theirs at Q6_K: its errors go
     straight into the logits. int4-mixed and int4-k (quant/recipe.py) also keep k_proj / v_proj at
-    int8; int4-k stores the rest's scales in two levels."""
+    int8; int4-k stores the rest's scales in two levels. int4-km also keeps down_proj int8 in
+    Q4_K_M's more-bits layers and, given the model's tokenizer, weights the two-level fit by each
+    input's mean square over the shipped calibration text (one forward pass of the float model;
+    without a tokenizer the fit is unweighted)."""
     if quant in (None, "none", "auto"):
         return 0
-    check_scheme(quant, group_size)
+    _, group = check_scheme(quant, group_size)
     n = 0
+    weights = None
     if quant == "int4":
         n += quantize_model(model, "int8", None, skip=lambda name: name != "lm_head", release=release)
     elif quant in (MIXED, TWO_LEVEL):
         n += quantize_model(model, "int8", None, skip=lambda name: not keeps_int8(name), release=release)
-    return n + quantize_model(model, quant, group_size, release=release)
+    elif quant == KM:
+        names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.is_floating_point()]
+        int8 = km_int8_names(names)
+        todo = [name for name in names if name not in int8]
+        if tokenizer is not None and todo:  # before anything is quantized: the float model's activations
+            ids = calibration_ids(tokenizer)
+            feeds: dict[str, set[str]] = {}
+            power = input_power(model, ids, names, feeds)
+            if EQUALIZE:
+                power.update(equalize(model, feeds, power, set(todo), ids=ids,
+                                      quantize=lambda w, imp: quantize_mixed(w, group, weights=imp)))
+            weights = {name: imp for name, p in power.items() if name in todo and (imp := importance(p)) is not None}
+        n += quantize_model(model, "int8", None, skip=lambda name: name not in int8, release=release)
+    return n + quantize_model(model, quant, group_size, release=release, weights=weights)

@@ -1,22 +1,35 @@
-"""Mixed-precision int4 recipes: `int4-mixed` and `int4-k` (two-level scales).
+"""Mixed-precision int4 recipes: `int4-mixed`, `int4-k` (two-level scales) and `int4-km`.
 
 Measured on the built-in Gemma 3 270M's float weights (weights quantized, activations float,
 256 tokens; the first notes of the h17 quant work, benchmarks/quality.py reruns it properly):
 - Quantizing one kind of projection at a time to int4 g32 (the rest float) costs +7.0% perplexity
   for v_proj, +1.9% k_proj, +2-3% each of gate / up / down, ~0% q_proj / o_proj; all of them
-  +17.3%. k_proj and v_proj are small (GQA: few KV heads), so both recipes keep them int8, as
+  +17.3%. k_proj and v_proj are small (GQA: few KV heads), so the recipes keep them int8, as
   Q4_K_M keeps attn_v at Q8_0 / Q6_K: int4-mixed (the rest plain int4 g32) measured +7.0% at
   5.21 bits per linear weight (plain int4 g32: 5.0 bits, +17.3%).
 - int4-k stores the rest as K-quants do: per group of 32 a scale and a min <= 0, searched over
-  clip ratios and refit by (weighted: importance()) least squares, kept as uint8 codes times a float32 super-scale /
+  clip ratios and refit by (weighted) least squares, kept as uint8 codes times a float32 super-scale /
   super-min per (at most) 256 inputs, with the weights re-rounded against the stored scales: 4.75
   bits (4.9 where a row has 20 groups, as K = 640), which the compiled kernel runs as it runs Q4_K
   (scale kind 2). Measured +8.3% there at ~5.06 bits per linear weight (+11.0% with llama.cpp's
   RMS + |w| importance): fewer bits, a little more loss.
-Neither reaches Q4_K_M's +1.17% on this model, which llama.cpp reaches at ~5.7 bits per linear
-weight (K = 640 rows cannot hold Q4_K blocks: they fall back to Q5_0; attn_v Q8_0, ffn_down Q6_K).
+- int4-km spends bits where Q4_K_M does and fits to the inputs: v_proj and, in Q4_K_M's "more
+  bits" layers (the first and last eighth, every third between: llama.cpp's use_more_bits),
+  down_proj at int8, the rest int4-k (k_proj too); given a tokenizer, one float forward pass over
+  the calibration text shipped in the package (calibrate.py) measures E[x_j**2] of every linear's
+  inputs: the linears fed by a norm are first rescaled per input channel with the inverse folded
+  into the norm (equalize.py, exact in float), and every fit weights each weight's error by its
+  input's power. On the fair (permuted) fixture of benchmarks/quality.py, mean over three
+  permutations: +6.1% perplexity (+2.6% to +8.1%) at 5.39 bits per linear weight, where
+  llama.cpp's Q4_K_M of the same weights gives +7.1% (+4.9% to +8.7%) at 5.43: on par, not
+  clearly better (which weights share a group moves every result by several points). K = 640
+  rows cannot hold Q4_K blocks, so Q4_K_M falls back to Q5_0 there; attn_v Q8_0 / Q5_0, ffn_down
+  Q6_K / Q4_K. On seed 0 (+2.6% vs +7.7%), without the equalization +5.8%, without any
+  calibration +9.6% (k_proj int8 there, 5.50 bits).
 """
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import nn
@@ -25,12 +38,31 @@ from .format import TILE, QuantWeight, _tile_groups, from_codes, padded
 
 MIXED = "int4-mixed"    # k/v int8, the rest plain int4 (fp16 scale and min per group)
 TWO_LEVEL = "int4-k"    # k/v int8, the rest with two-level scales (quantize_mixed)
+KM = "int4-km"          # v and some down_proj int8 (as Q4_K_M), the rest int4-k fitted to calibration
 INT8_SUFFIXES = ("k_proj", "v_proj")  # the sensitive small projections (see above); lm_head too
 CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def keeps_int8(name: str) -> bool:
     return name == "lm_head" or name.rsplit(".", 1)[-1] in INT8_SUFFIXES
+
+
+def more_bits(layer: int, layers: int) -> bool:
+    """llama.cpp's use_more_bits: the layers where Q4_K_M stores ffn_down (and attn_v) at Q6_K."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def km_int8_names(names: list[str]) -> set[str]:
+    """The linears int4-km keeps at int8, the ones Q4_K_M gives more bits: lm_head, v_proj (attn_v),
+    and down_proj in the more-bits layers (the layer count taken from the names: the largest
+    `layers.N.` index + 1). k_proj stays int4: equalized and fitted it costs little, and without it
+    the recipe fits in Q4_K_M's bits on the built-in model (5.39 against 5.43; with it 5.50)."""
+    index = {name: int(m.group(1)) for name in names if (m := _LAYER.search(name))}
+    layers = max(index.values(), default=-1) + 1
+    suffix = {name: name.rsplit(".", 1)[-1] for name in names}
+    return {name for name in names if name == "lm_head" or suffix[name] == "v_proj" or (
+        suffix[name] == "down_proj" and name in index and more_bits(index[name], layers))}
 
 
 def per_super(groups: int, group: int) -> int:
@@ -72,13 +104,6 @@ def _search(g: torch.Tensor, imp: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return best_s, best_m
 
 
-def importance(w: torch.Tensor) -> torch.Tensor:
-    """How much each weight's rounding error counts in the fit: uniform. (llama.cpp's rule without
-    an imatrix, the row's RMS + |w|, measured worse here: +11.0% against +8.3%; a calibration-based
-    importance would go here.)"""
-    return torch.ones_like(w)
-
-
 def _two_level(x: torch.Tensor, ps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x >= 0 [rows, groups] -> uint8 codes [rows, groups] and float32 supers [rows, groups // ps]
     with x ~ code * super (super = the block's max / 255)."""
@@ -88,10 +113,19 @@ def _two_level(x: torch.Tensor, ps: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x * inv).clamp_(0, 255).to(torch.uint8), sup
 
 
-def quantize_mixed(w: torch.Tensor, group: int = 32, *, rows_per_chunk: int = 256) -> QuantWeight:
-    """Asymmetric int4 with two-level (uint8 x float32) scales and mins of a float [n, k] weight."""
+def quantize_mixed(w: torch.Tensor, group: int = 32, *, weights: torch.Tensor | None = None,
+                   rows_per_chunk: int = 256) -> QuantWeight:
+    """Asymmetric int4 with two-level (uint8 x float32) scales and mins of a float [n, k] weight.
+    weights: how much each input's rounding error counts in the fit of scales and mins, [k] > 0
+    (calibrate.importance), or None: uniform. (llama.cpp's rule without an imatrix, the row's
+    RMS + |w|, measured worse than uniform on Gemma 3 270M: +11.0% against +8.3%.)"""
     n, k = w.shape
+    if weights is not None and tuple(weights.shape) != (k,):
+        raise ValueError(f"importance weights of shape {tuple(weights.shape)} for a weight of {k} inputs")
     ng = padded(k, group) // group
+    imp = torch.ones(k) if weights is None else weights.float()
+    # pad the last group with zeros of zero importance: the fit ignores them
+    imp = torch.nn.functional.pad(imp, (0, ng * group - k)).view(1, ng, group)
     ps = per_super(ng, group)
     u = torch.empty(n, ng * group, dtype=torch.uint8)
     sc = torch.empty(n, ng, dtype=torch.uint8)
@@ -101,12 +135,10 @@ def quantize_mixed(w: torch.Tensor, group: int = 32, *, rows_per_chunk: int = 25
     for r0 in range(0, n, rows_per_chunk):
         r1 = min(n, r0 + rows_per_chunk)
         chunk = w[r0:r1].float()
-        imp = importance(chunk)
-        if k % group:  # pad the last group with zeros of zero importance: the fit ignores them
+        if k % group:
             chunk = torch.nn.functional.pad(chunk, (0, ng * group - k))
-            imp = torch.nn.functional.pad(imp, (0, ng * group - k))
         g = chunk.view(r1 - r0, ng, group)
-        s, m = _search(g, imp.view_as(g))
+        s, m = _search(g, imp)
         sc[r0:r1], ss[r0:r1] = _two_level(s, ps)
         mc[r0:r1], sm[r0:r1] = _two_level(-m, ps)
         # re-round every weight against the scales and mins as stored (float32 products, as the kernel)

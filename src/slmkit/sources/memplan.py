@@ -29,7 +29,7 @@ HEADROOM_BYTES = 512 * 2**20  # as the batch engine keeps free: activations, tok
 KV_VALUE_BYTES = 2  # bf16 / fp16 cache
 QUANT_BITS = {"fp32": 32.0, "float32": 32.0, "bf16": 16.0, "bfloat16": 16.0, "fp16": 16.0, "float16": 16.0,
               "f16": 16.0, "int8": 8.5, "q8_0": 8.5, "int4": 4.5, "q4_0": 4.5, "q4_k_m": 4.85,
-              "int4-mixed": 5.2, "int4-k": 5.0}  # linears of a GQA model (k/v at int8): quant/recipe.py
+              "int4-mixed": 5.2, "int4-k": 5.0, "int4-km": 5.4}  # linears of a GQA model (k/v at int8): quant/recipe.py
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                       "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
