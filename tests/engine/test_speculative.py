@@ -200,19 +200,3 @@ def test_sampled_tokens_follow_the_target_distribution(models, mode):
     observed = torch.stack([counts[b].sum() for b in bins] + [draws - sum(counts[b].sum() for b in bins)])
     chi2 = float(((observed - expected) ** 2 / expected.clamp_min(1e-9)).sum())
     assert chi2 < 20.5, (observed.tolist(), expected.tolist())
-
-
-def test_draft_length_adapts_to_acceptance():
-    """Long drafts only while they are being accepted: doubled (to num_draft) after a full accept,
-    one more than was kept after a rejection."""
-    from types import SimpleNamespace
-
-    from slmkit.engine.speculative import Speculator
-
-    s = Speculator(SimpleNamespace(params=SimpleNamespace(num_draft=6)), "ngram")  # type: ignore[arg-type]
-    lengths = []
-    for drafted_ok in [(6, 1), (2, 2), (4, 4), (6, 6), (6, 0), (1, 1), (2, 0)]:
-        assert s.k_now == drafted_ok[0]
-        s.adapt(*drafted_ok)
-        lengths.append(s.k_now)
-    assert lengths == [2, 4, 6, 6, 1, 2, 1]

@@ -103,7 +103,6 @@ class Speculator:
 
     def __init__(self, gen: Generator, mode: str):
         self.mode, self.k = mode, gen.params.num_draft
-        self.k_now = self.k  # this step's draft length: adapted to how the last drafts fared (adapt)
         self.drafted = self.accepted = 0  # totals over the request, for usage
         self.draft_gen: Generator | None = None
         if mode == "draft":
@@ -126,7 +125,7 @@ class Speculator:
         """Up to min(k, room) drafted tokens after gen's sequence, and (draft model) the draft's
         processed probabilities at each (None: point masses)."""
         seq = gen.sequences[0]
-        k = min(self.k_now, room)
+        k = min(self.k, room)
         if k <= 0:
             return [], None
         if self.mode == "ngram":
@@ -184,19 +183,11 @@ class Speculator:
                 break
         self.drafted += len(drafts)
         self.accepted += accepted
-        self.adapt(len(drafts), accepted)
         cache = gen.cache
         assert cache is not None
         keep = min(length + accepted, length + len(out) - 1)  # keys of the kept drafts, less the last token
         cache.trim(cache.offset - keep)
         return out
-
-    def adapt(self, drafted: int, accepted: int) -> None:
-        """The next draft length: doubled (up to num_draft) after a fully accepted draft, else one more
-        than this one kept. Each drafted row costs a share of a step to verify (~6% per row for the
-        built-in model, whose 262k-entry output head is scored at every row), so long drafts pay only
-        inside a stretch the answer copies, and a rejected one falls back to short drafts at once."""
-        self.k_now = min(self.k, 2 * self.k_now) if accepted == drafted else max(1, accepted + 1)
 
     def _judge(self, x: torch.Tensor, d: int, q: torch.Tensor | None, gen: Generator) -> tuple[int, bool]:
         """(the token at this position, whether it is the drafted d)."""
