@@ -6,17 +6,8 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 OUT="$HERE/.llama-avx2"
-PY="${PY:-python3}"
 mkdir -p "$OUT"
-if [ -z "${LLAMA_SRC:-}" ]; then
-    VER="$("$PY" -c 'import llama_cpp; print(llama_cpp.__version__)')"
-    if [ ! -d "$OUT/src/vendor/llama.cpp" ]; then
-        "$PY" -m pip download --no-deps --no-binary llama-cpp-python "llama-cpp-python==$VER" -d "$OUT/sdist"
-        mkdir -p "$OUT/src"
-        tar -xzf "$OUT"/sdist/llama_cpp_python-*.tar.gz -C "$OUT/src" --strip-components=1
-    fi
-    LLAMA_SRC="$OUT/src/vendor/llama.cpp"
-fi
+LLAMA_SRC="$("$HERE/llama_src.sh")"
 # GGML_NATIVE=OFF: no -march=native; one CPU backend (no per-CPU variants chosen at run time)
 cmake -S "$LLAMA_SRC" -B "$OUT/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
     -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=OFF -DGGML_CPU_ALL_VARIANTS=OFF \
