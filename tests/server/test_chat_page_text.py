@@ -29,8 +29,12 @@ def _generated(base: str) -> int:
 def served(tmp_path_factory):
     from tests.helpers.tiny_models import make_phi3_folder
 
-    text = make_phi3_folder(tmp_path_factory.mktemp("page-text"), "gqa", max_position_embeddings=2048)
-    with slm_serve({"text": text}, "--dtype", "float32", "--api-key", KEY, "--slots", "1") as base:
+    # a long context, so that the stopped answer (7900 tokens asked) would run for many seconds had the
+    # server missed the disconnect: the tiny model decodes ~600 tok/s, and 1900 tokens once ran out before
+    # a loaded CI machine's disconnect reached the server
+    text = make_phi3_folder(tmp_path_factory.mktemp("page-text"), "gqa", max_position_embeddings=8192)
+    with slm_serve({"text": text}, "--dtype", "float32", "--api-key", KEY, "--slots", "1",
+                   "--slot-context", "8192") as base:
         yield base
 
 
@@ -90,10 +94,10 @@ def test_send_settings_stop_and_nothing_secret_in_the_url(browser, served, tmp_p
     assert re.fullmatch(rf"{n} tokens · [\d.]+ s · [\d.]+ tok/s", first.locator(".stats").inner_text())
 
     # stop mid-answer: a long answer (min_tokens added on the way, so the tiny model cannot end it early)
-    long = [1900]  # read when each request goes out (unroute() may still see a request through the handler)
+    long = [7900]  # read when each request goes out (unroute() may still see a request through the handler)
     page.route("**/v1/chat/completions", lambda route: route.continue_(
         post_data=json.dumps({**json.loads(route.request.post_data), **({"min_tokens": long[0]} if long else {})})))
-    page.fill("#max", "1900")
+    page.fill("#max", "7900")
     generated = _generated(served)
     # the user presses Stop as soon as some of the answer is shown (an observer in the page: no round trip)
     page.evaluate("""() => new MutationObserver((_, obs) => {
@@ -108,8 +112,8 @@ def test_send_settings_stop_and_nothing_secret_in_the_url(browser, served, tmp_p
     time.sleep(1.0)
     assert stopped.get_attribute("data-text") == shown  # it stopped growing
     assert re.fullmatch(r"stopped · \d+ tokens · [\d.]+ s · [\d.]+ tok/s", stopped.locator(".stats").inner_text())
-    assert bodies[-1]["max_tokens"] == 1900
-    for _ in range(50):  # the server saw the disconnect: nothing runs any more, long before 1900 tokens
+    assert bodies[-1]["max_tokens"] == 7900
+    for _ in range(50):  # the server saw the disconnect: nothing runs any more, long before 7900 tokens
         if httpx.get(served + "/health", headers=AUTH).json()["running"] == 0:
             break
         time.sleep(0.1)
