@@ -7,6 +7,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 struct V16 {
     __m256 a, b;  // lanes 0..7, 8..15
 };
@@ -43,20 +45,6 @@ static inline float v_hmax(V16 v) {
 // 8 bfloat16 / float16 -> float32
 static inline __m256 bf16x8(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch does
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 static inline int avx2_supported() {
     __builtin_cpu_init();

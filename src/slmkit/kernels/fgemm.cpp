@@ -25,17 +25,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 enum { F_F32 = 0, F_BF16 = 1, F_F16 = 2 };
 
 #define BF16_TARGET __attribute__((target("avx512bf16,avx512bw,avx512f")))
 
-static inline uint16_t to_bf16(float f) {  // round to nearest even, as torch does
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 static inline float from_dt(const void* p, int64_t i, int dt) {
     if (dt == F_F32) return ((const float*)p)[i];
@@ -48,7 +43,7 @@ static inline float from_dt(const void* p, int64_t i, int dt) {
 }
 
 static inline uint16_t to_dt16(float y, int dt) {
-    return dt == F_BF16 ? to_bf16(y) : _cvtss_sh(y, _MM_FROUND_TO_NEAREST_INT);
+    return dt == F_BF16 ? f32_to_bf16(y) : _cvtss_sh(y, _MM_FROUND_TO_NEAREST_INT);
 }
 
 // out[o] = y rounded to dt (+ bias[n], added after the rounding and rounded again in a 16-bit
@@ -63,7 +58,7 @@ static inline void put(void* out, int64_t o, float y, const void* bias, int64_t 
     ((uint16_t*)out)[o] = h;
 }
 
-// 16 float32 -> bfloat16, round to nearest even (NaN stays NaN), as to_bf16 does one at a time.
+// 16 float32 -> bfloat16, round to nearest even (NaN stays NaN), as f32_to_bf16 does one at a time.
 static inline __m256i to_bf16x16(__m512 v) {
     const __m512i u = _mm512_castps_si512(v);
     const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),

@@ -39,7 +39,8 @@ FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c++17", "-mavx512f", "-mav
 AVX2_FLAGS = ["-O3", "-fPIC", "-fopenmp", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"]
 AVX2_UNITS = [(HERE / "qgemm_avx2.cpp", []), (HERE / "qgemm_avx2.cpp", ["-mavxvnni", "-DSLM_VNNI"]),
               (HERE / "attn_avx2.cpp", []), (HERE / "fgemm_avx2.cpp", []), (HERE / "repack.cpp", [])]
-AVX2_HEADERS = [HERE / "avx2.h"]
+HEADERS = [HERE / "bf16.h"]  # included by both builds: part of both libraries' names
+AVX2_HEADERS = [HERE / "avx2.h", *HEADERS]
 VARIANTS = ("avx512", "avx2")  # preferred first; SLMKIT_KERNEL=avx2 / =avx512 forces one, =0 none
 
 _lock = threading.Lock()
@@ -52,7 +53,7 @@ variant: str | None = None  # the variant get_kernel() loaded ("avx512" / "avx2"
 
 def _lib_name(which: str = "avx512") -> str:
     if which == "avx512":
-        blob = b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode()
+        blob = b"".join(p.read_bytes() for p in [*SOURCES, *HEADERS]) + " ".join(FLAGS).encode()
         return f"libslmqgemm-{hashlib.sha256(blob).hexdigest()[:12]}.so"
     files = sorted({p for p, _ in AVX2_UNITS} | set(AVX2_HEADERS))
     blob = b"".join(p.read_bytes() for p in files) + repr((AVX2_FLAGS, AVX2_UNITS)).encode()
