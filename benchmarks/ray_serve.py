@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
 from common import print_table, save_results  # noqa: E402
-from serve import launch, run  # noqa: E402
+from serve import launch, measure  # noqa: E402
 
 
 def start(model: str, slots: int, ray_cpus: float | None):
@@ -49,12 +49,7 @@ def main() -> None:
     for how, cpus in (("direct", None), ("ray serve, 1 replica", a.replica_cpus)):
         base, proc = start(model, a.slots, cpus)
         try:
-            run(base, 1, "Warm-up")
-            for users in streams:
-                r = run(base, users, f"Run of {users} ({how})")
-                r["server"] = how
-                rows.append(r)
-                print(r, flush=True)
+            rows += measure(base, streams, how)
         finally:
             proc.send_signal(signal.SIGINT)  # --ray shuts its Serve app and local Ray instance down
             proc.wait(timeout=60)

@@ -140,6 +140,17 @@ def in_process(model: str, tokens: int) -> dict:
             "ttft_p95_s": ttft}
 
 
+def measure(base: str, users_list: tuple[int, ...], label: str) -> list[dict]:
+    """A warm-up request, then `run` at each concurrency; rows labelled with the server."""
+    run(base, 1, "Warm-up")
+    rows = []
+    for users in users_list:
+        r = {**run(base, users, f"Run of {users}"), "server": label}  # the same prompts for every server
+        rows.append(r)
+        print(r, flush=True)
+    return rows
+
+
 def quick_file(layers: int) -> str:
     """A Phi-3-mini-shaped Q4_0 GGUF of `layers` layers (random weights), built once with llama.cpp's quantizer."""
     from common import make_random_phi3
@@ -192,12 +203,7 @@ def main() -> None:
             base, proc = llama_server(a.llama_server, gguf, slots)
         else:
             base, proc = start(served, slots)
-        run(base, 1, "Warm-up")
-        for users in users_list:
-            r = run(base, users, f"Run of {users}")
-            r["server"] = mode
-            rows.append(r)
-            print(r, flush=True)
+        rows += measure(base, users_list, mode)
         proc.terminate()
         proc.wait(timeout=30)
     singles = {r["server"]: r["aggregate_tok_s"] for r in rows if r["streams"] == 1}

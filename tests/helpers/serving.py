@@ -40,10 +40,13 @@ def stop_server(srv: Any, t: threading.Thread) -> None:
 
 
 @contextmanager
-def slm_serve(models: dict[str, Any], *flags: str, env: dict[str, str] | None = None) -> Iterator[str]:
+def slm_serve(models: dict[str, Any], *flags: str, env: dict[str, str] | None = None, start_s: float = 60.0,
+              stop: int | None = None, clean_exit: bool = False) -> Iterator[str]:
     """`slm serve NAME=PATH ... FLAGS` in its own process on a free port: its base URL once /health
-    answers (the process's stderr in the failure if it stops first); terminated on exit."""
+    answers within start_s seconds (the process's stderr in the failure if it stops first); on exit
+    sent `stop` (a signal number; default SIGTERM) and, with clean_exit, required to exit with 0."""
     import os
+    import signal
     import subprocess
     import sys
 
@@ -56,7 +59,7 @@ def slm_serve(models: dict[str, Any], *flags: str, env: dict[str, str] | None = 
                             stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
+        for _ in range(int(start_s * 10)):
             if proc.poll() is not None:
                 raise RuntimeError(f"slm serve stopped: {proc.communicate()[1][-3000:]}")
             try:
@@ -66,9 +69,11 @@ def slm_serve(models: dict[str, Any], *flags: str, env: dict[str, str] | None = 
                 pass
             time.sleep(0.1)
         else:
-            raise RuntimeError("slm serve did not answer /health within 60 s")
+            raise RuntimeError(f"slm serve did not answer /health within {start_s:g} s")
         yield base
     finally:
         if proc.poll() is None:
-            proc.terminate()
-        proc.communicate(timeout=30)
+            proc.send_signal(signal.SIGTERM if stop is None else stop)
+        err = proc.communicate(timeout=90)[1]
+    if clean_exit and proc.returncode != 0:
+        raise AssertionError(f"slm serve exited with {proc.returncode}: {err[-3000:]}")

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 
 from slmkit.serving.ray import REPLICA_HEADER
-from tests.helpers.serving import free_port
+from tests.helpers.serving import slm_serve
 
 pytest.importorskip("ray.serve")
 
@@ -22,20 +20,10 @@ def test_slm_serve_ray_binds_its_host_and_applies_the_api_key(tmp_path):
     from tests.helpers.tiny_models import make_phi3_folder
 
     folder = make_phi3_folder(tmp_path / "phi", "gqa")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "slmkit.cli", "serve", f"phi={folder}", "--ray", "--port",
-                             str(port), "--api-key", "k", "--replica-cpus", "0.5", "--dtype", "float32"],
-                            stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(900):
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            try:
-                if httpx.get(base + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+    # Ctrl-C (SIGINT) must shut Serve and the local Ray instance down cleanly: exit status 0
+    with slm_serve({"phi": folder}, "--ray", "--api-key", "k", "--replica-cpus", "0.5", "--dtype", "float32",
+                   start_s=180, stop=signal.SIGINT, clean_exit=True) as base:
+        port = int(base.rsplit(":", 1)[1])
         body = {"model": "phi", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
         r = httpx.post(base + "/v1/chat/completions", json=body)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
@@ -45,7 +33,3 @@ def test_slm_serve_ray_binds_its_host_and_applies_the_api_key(tmp_path):
         assert httpx.get(base + "/metrics").status_code == 401
         listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
         assert listening and all("127.0.0.1:" in line for line in listening.splitlines()), listening
-    finally:
-        proc.send_signal(signal.SIGINT)
-        err = proc.communicate(timeout=90)[1]
-    assert proc.returncode == 0, err[-3000:]
