@@ -30,7 +30,7 @@ import torch
 from ..quant.format import QuantWeight
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "qgemm.cpp", HERE / "fgemm.cpp", HERE / "repack.cpp"]
+SOURCES = [HERE / "qgemm.cpp", HERE / "fgemm.cpp", HERE / "repack.cpp", HERE / "fused.cpp"]
 FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl",
          "-mavx512vnni", "-mf16c", "-mfma", "-ffp-contract=off"]
 # The AVX2 build (CPUs without AVX512): its own translation units and flags, never -mavx512*. The
@@ -38,7 +38,8 @@ FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c++17", "-mavx512f", "-mav
 # has avx_vnni; left out where the compiler lacks -mavxvnni).
 AVX2_FLAGS = ["-O3", "-fPIC", "-fopenmp", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"]
 AVX2_UNITS = [(HERE / "qgemm_avx2.cpp", []), (HERE / "qgemm_avx2.cpp", ["-mavxvnni", "-DSLM_VNNI"]),
-              (HERE / "attn_avx2.cpp", []), (HERE / "fgemm_avx2.cpp", []), (HERE / "repack.cpp", [])]
+              (HERE / "attn_avx2.cpp", []), (HERE / "fgemm_avx2.cpp", []), (HERE / "repack.cpp", []),
+              (HERE / "fused.cpp", [])]  # portable C++: the same source in both libraries
 HEADERS = [HERE / "bf16.h"]  # included by both builds: part of both libraries' names
 AVX2_HEADERS = [HERE / "avx2.h", *HEADERS]
 VARIANTS = ("avx512", "avx2")  # preferred first; SLMKIT_KERNEL=avx2 / =avx512 forces one, =0 none
@@ -167,6 +168,9 @@ def _declare(lib: ctypes.CDLL) -> None:
                                    ctypes.c_int]
     lib.slm_repack.restype = ctypes.c_int  # repack.cpp: GGUF blocks -> QuantWeight (quant/gguf_repack.py)
     lib.slm_repack.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    from .fused import declare  # fused.cpp: Gemma 3's norms, GeGLU and one-token decode step
+
+    declare(lib)
 
 
 def load_variant(which: str) -> ctypes.CDLL:

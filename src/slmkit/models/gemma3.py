@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..kernels import fused, qgemm
 from .base import MAX_POSITIONS, BaseArgs, gguf_value, require_float, require_int
 from .cache import KVCache, Step
 from .layers import ACTIVATIONS, RMSNorm, attention
@@ -102,9 +103,23 @@ class ModelArgs(BaseArgs):
         self.rope_local = rope(require_float("rope_local_base_freq", local["rope_theta"]), local)
 
 
-def _norm(dim: int, args: ModelArgs) -> RMSNorm:
-    """Gemma's RMSNorm: times (offset + weight) in float32 (offset 1 for HF weights, 0 for GGUF)."""
-    return RMSNorm(dim, args.rms_norm_eps, offset=args.norm_offset, fp32_weight=True)
+class GemmaNorm(RMSNorm):
+    """Gemma's RMSNorm: times (offset + weight) in float32 (offset 1 for HF weights, 0 for GGUF).
+    Through the compiled kernel where it runs (kernels/fused.py: the fused decode step's own norm,
+    so both paths give the same bits), else torch's ops (RMSNorm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = fused.rms_norm(x, self.weight, self.eps, self.offset)
+        return super().forward(x) if y is None else y
+
+    def add(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """h + self(x) (the residual add after a block), in one kernel call where it runs."""
+        y = fused.rms_norm(x, self.weight, self.eps, self.offset, residual=h)
+        return h + super().forward(x) if y is None else y
+
+
+def _norm(dim: int, args: ModelArgs) -> GemmaNorm:
+    return GemmaNorm(dim, args.rms_norm_eps, offset=args.norm_offset, fp32_weight=True)
 
 
 class Attention(nn.Module):
@@ -143,9 +158,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
         self.act = ACTIVATIONS[args.hidden_activation]
+        self.tanh_gelu = args.hidden_activation in ("gelu_pytorch_tanh", "gelu_new")  # the kernel's GeGLU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        y = fused.geglu(gate, up) if self.tanh_gelu else None
+        return self.down_proj(self.act(gate) * up if y is None else y)
 
 
 class DecoderLayer(nn.Module):
@@ -160,8 +178,8 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = _norm(H, args)
 
     def forward(self, h: torch.Tensor, rope: dict, step: Step) -> torch.Tensor:
-        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), rope, step))
-        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        h = self.post_attention_layernorm.add(h, self.self_attn(self.input_layernorm(h), rope, step))
+        return self.post_feedforward_layernorm.add(h, self.mlp(self.pre_feedforward_layernorm(h)))
 
 
 class Gemma3Model(nn.Module):
@@ -181,10 +199,31 @@ class Model(nn.Module):
         self.args = args
         self.model = Gemma3Model(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self._plan: tuple[int, Any, fused.DecodePlan | None] | None = None  # the fused decode step's (_decode_fused)
 
     @property
     def rope(self) -> Rope:
         return self.args.rope_global
+
+    def _apply(self, *args: Any, **kwargs: Any) -> Model:
+        self._plan = None  # .to() and the like move the weights the fused step points into
+        return super()._apply(*args, **kwargs)
+
+    def _decode_fused(self, h: torch.Tensor, cache: KVCache, rope: dict) -> bool:
+        """One token of one row through every layer in one kernel call (kernels/fused.cpp), h in
+        place; False where it cannot run (then the layers run one op at a time, the same bits)."""
+        lib = fused.kernel_lib()
+        if lib is None or not fused.fused_decode_enabled or not qgemm.decode_attention_enabled or h.shape[0] != 1:
+            return False
+        plan = self._plan
+        # id(self): a deepcopy carries the plan along, pointing into the original's weights
+        if plan is None or plan[0] != id(self) or plan[1] is not lib or plan[2] is not None and not plan[2].valid(lib):
+            p = fused.gemma3_plan(list(self.model.layers), self.args)
+            plan = self._plan = (id(self), lib, p)  # None: this model cannot run fused (kept, not retried)
+        if plan[2] is None:
+            return False
+        tables = [t.reshape(-1) for t in (*rope["global"], *rope["local"])]
+        return fused.gemma3_decode(plan[2], h, cache.k, cache.v, cache.offset, tables)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False,
                 hidden: bool = False) -> torch.Tensor:
@@ -196,8 +235,9 @@ class Model(nn.Module):
         positions = step.span.positions
         rope = {"global": self.args.rope_global.cos_sin(positions, "default", h.dtype),
                 "local": self.args.rope_local.cos_sin(positions, "default", h.dtype)}
-        for layer in self.model.layers:
-            h = layer(h, rope, step)
+        if not (S == 1 and type(cache) is KVCache and self._decode_fused(h, cache, rope)):
+            for layer in self.model.layers:
+                h = layer(h, rope, step)
         if cache is not None:
             cache.advance(S)
             cache.tag = "default"

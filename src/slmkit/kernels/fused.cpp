@@ -1,0 +1,191 @@
+// Gemma 3's small per-token ops, and its whole one-token decode step, in one call each.
+//
+// A decode step of the built-in model (Gemma 3 270M, 18 layers) spends most of its time on fixed
+// per-op costs (a Python call, a torch dispatch, a temporary) around ~140 tiny quantized matmuls
+// and ~110 norms, not on arithmetic. slm_gemma3_decode runs every layer of one token in one call:
+// the norms, RoPE, the KV-cache write and the GeGLU here, the matmuls through slm_qgemm and the
+// attention through slm_attn (the same entry points, so the same bits, as the per-op path).
+//
+// The per-op path (models/gemma3.py) runs its norms and GeGLU through slm_rms_norm / slm_geglu,
+// which call the very functions the step calls (rms_rows, geglu_rows: one copy of each, never
+// inlined), and its RoPE and residual adds are single float32 operations rounded to the activation
+// dtype, as here. So a token gets the same bits through either path, alone or batched, in a decode
+// step or a prefill chunk: greedy decoding stays batch-invariant.
+//
+// Portable C++ (no intrinsics): built into both libraries, AVX512 and AVX2, with their flags.
+// Activations are float32 (dtype 0) or bfloat16 (1); norm weights float32 or bfloat16.
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bf16.h"
+
+// qgemm.cpp / qgemm_avx2.cpp and qgemm.cpp / attn_avx2.cpp: the argument lists must stay the same
+extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_t ldx, const uint8_t* qw,
+                         const void* scales, const void* mins, int scale_kind, const float* super_scales,
+                         const float* super_mins, int64_t sbg, int bits, int64_t tiles, int64_t KP, int64_t G,
+                         int zero, int64_t N, void* out, int out_bf16, int64_t ldo, int nthreads);
+extern "C" int slm_attn(int dtype, int64_t B, int64_t S, int64_t H, int64_t Hkv, int64_t D, const void* q,
+                        int64_t qsb, int64_t qsh, int64_t qss, const void* k, int64_t ksb, int64_t ksh, int64_t kst,
+                        const void* v, int64_t vsb, int64_t vsh, int64_t vst, int64_t L, const int64_t* qpos,
+                        int64_t qpb, int64_t qps, int64_t window, float scale, void* out, int nthreads);
+
+static const int64_t SMALL_WORK = 1 << 18;  // kernels/qgemm.py threads_for: one thread below this
+
+static inline float ld(const void* p, int dt, int64_t i) {
+    return dt ? bf16_to_f32(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+}
+
+static inline void st(void* p, int dt, int64_t i, float v) {
+    if (dt) ((uint16_t*)p)[i] = f32_to_bf16(v);
+    else ((float*)p)[i] = v;
+}
+
+static inline float rnd(int dt, float v) { return dt ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+// rows x [rows, n] (row stride ldx) -> out (row stride ldo), each row
+//     h = x * (1 / sqrt(sum(x^2) / n + eps));  y = h * (offset + w)   (float32, rounded once to dt)
+// then, with a residual r: y = r + y (rounded to dt again), as `r + norm(x)` does in the model.
+// The sum of squares runs in 16 fixed lanes, combined pairwise: the same order for every row.
+__attribute__((noinline)) static void rms_rows(const void* x, int64_t ldx, int64_t rows, int64_t n, int dt,
+                                               const void* w, int wdt, float offset, float eps,
+                                               const void* res, int64_t ldr, void* out, int64_t ldo) {
+    for (int64_t r = 0; r < rows; ++r) {
+        float acc[16] = {0};
+        int64_t i = 0;
+        for (; i + 16 <= n; i += 16)
+            for (int l = 0; l < 16; ++l) {
+                const float v = ld(x, dt, r * ldx + i + l);
+                acc[l] += v * v;
+            }
+        for (int l = 0; i + l < n; ++l) {
+            const float v = ld(x, dt, r * ldx + i + l);
+            acc[l] += v * v;
+        }
+        for (int width = 8; width >= 1; width /= 2)
+            for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
+        const float inv = 1.0f / sqrtf(acc[0] / (float)n + eps);
+        for (int64_t j = 0; j < n; ++j) {
+            float y = rnd(dt, ld(x, dt, r * ldx + j) * inv * (offset + ld(w, wdt, j)));
+            if (res) y = y + ld(res, dt, r * ldr + j);
+            st(out, dt, r * ldo + j, y);
+        }
+    }
+}
+
+// out = gelu_tanh(gate) * up, each rounded to dt as the model's `act(gate) * up` rounds them.
+__attribute__((noinline)) static void geglu_rows(const void* gate, const void* up, int64_t n, int dt, void* out) {
+    const float beta = 0.7978845608028654f, kappa = 0.044715f;  // sqrt(2 / pi), as torch's tanh gelu
+    for (int64_t i = 0; i < n; ++i) {
+        const float g = ld(gate, dt, i);
+        const float inner = beta * (g + kappa * (g * g * g));
+        const float a = rnd(dt, 0.5f * g * (1.0f + tanhf(inner)));
+        st(out, dt, i, a * ld(up, dt, i));
+    }
+}
+
+// x [heads, D] in place: x * cos + rotate_half(x) * sin, each product and the sum rounded to dt.
+static void rope_heads(void* x, int64_t heads, int64_t D, int dt, const void* cs, const void* sn) {
+    const int64_t half = D / 2;
+    for (int64_t h = 0; h < heads; ++h) {
+        const int64_t b = h * D;
+        for (int64_t i = 0; i < half; ++i) {
+            const float x1 = ld(x, dt, b + i), x2 = ld(x, dt, b + i + half);
+            const float lo = rnd(dt, x1 * ld(cs, dt, i)) + rnd(dt, -x2 * ld(sn, dt, i));
+            const float hi = rnd(dt, x2 * ld(cs, dt, i + half)) + rnd(dt, x1 * ld(sn, dt, i + half));
+            st(x, dt, b + i, lo);
+            st(x, dt, b + i + half, hi);
+        }
+    }
+}
+
+extern "C" int slm_rms_norm(int dt, int64_t rows, int64_t n, const void* x, int64_t ldx, const void* w, int wdt,
+                            float offset, float eps, const void* res, int64_t ldr, void* out, int64_t ldo) {
+    if (dt < 0 || dt > 1 || wdt < 0 || wdt > 1 || n < 1 || rows < 0) return -1;
+    rms_rows(x, ldx, rows, n, dt, w, wdt, offset, eps, res, ldr, out, ldo);
+    return 0;
+}
+
+extern "C" int slm_geglu(int dt, int64_t n, const void* gate, const void* up, void* out) {
+    if (dt < 0 || dt > 1 || n < 0) return -1;
+    geglu_rows(gate, up, n, dt, out);
+    return 0;
+}
+
+// One layer's quantized linear: slm_qgemm's 15 weight arguments (kernels/qgemm.py qgemm_weight_args:
+// K, ldx, qweight, scales, mins, scale_kind, super_scales, super_mins, per_super, bits, tiles, KP,
+// group, zero, N) as int64, pointers included.
+static int qmm(const int64_t* a, const void* x, int dt, void* out, int nthreads) {
+    const int64_t K = a[0], N = a[14];
+    return slm_qgemm(x, dt, 1, K, a[1], (const uint8_t*)a[2], (const void*)a[3], (const void*)a[4], (int)a[5],
+                     (const float*)a[6], (const float*)a[7], a[8], (int)a[9], a[10], a[11], a[12], (int)a[13], N,
+                     out, dt, N, K * N < SMALL_WORK ? 1 : nthreads);
+}
+
+enum { Q, K_, V, O, GATE, UP, DOWN, NLIN };
+enum { N_IN, N_Q, N_K, N_POST_ATTN, N_PRE_FF, N_POST_FF, NNORM };
+static const int64_t LAYER_WORDS = NLIN * 15 + NNORM + 2;  // + window, uses the local rope
+
+// One token through every layer of a Gemma 3 decoder: h [hidden] (dt) in place. layers: n_layers
+// rows of LAYER_WORDS int64 (7 x 15 linear arguments in the order q, k, v, o, gate, up, down; 6 norm
+// weight pointers: input, q, k, post-attention, pre-feedforward, post-feedforward; the sliding
+// window, 0 for none; 1 where the layer uses the local rotary table). kv: per layer its key and value
+// cache, [n_kv, cap, D] each (one row), written at `pos`; attention reads positions 0..pos.
+// cos/sin: [D] for this position, global then local. Returns 0, or the first failing call's code.
+extern "C" int slm_gemma3_decode(int dt, int64_t n_layers, int64_t hidden, int64_t heads, int64_t kv_heads,
+                                 int64_t D, int64_t inter, const int64_t* layers, const int64_t* kv, int64_t cap,
+                                 int64_t pos, const void* const* rope, int wdt,
+                                 float offset, float eps, float scale, void* h, int nthreads) {
+    if (dt < 0 || dt > 1 || wdt < 0 || wdt > 1 || D % 2 || pos < 0 || pos >= cap || heads % kv_heads) return -1;
+    const size_t es = dt ? 2 : 4;
+    const int64_t qn = heads * D, kn = kv_heads * D;
+    char* buf = (char*)malloc(es * (size_t)(hidden * 2 + qn * 2 + kn * 2 + inter * 3));
+    if (!buf) return -2;
+    char* x = buf;                      // [hidden] a norm's output
+    char* o = x + es * hidden;          // [hidden] a block's output
+    char* q = o + es * hidden;          // [heads * D]
+    char* att = q + es * qn;            // [heads * D] attention output
+    char* k = att + es * qn;            // [kv_heads * D]
+    char* v = k + es * kn;
+    char* g = v + es * kn;              // [inter] gate, up, then gelu(gate) * up
+    char* u = g + es * inter;
+    char* a = u + es * inter;
+    int rc = 0;
+    for (int64_t l = 0; l < n_layers && !rc; ++l) {
+        const int64_t* p = layers + l * LAYER_WORDS;
+        const int64_t* lin = p;
+        const void* const* nw = (const void* const*)(p + NLIN * 15);
+        const int64_t window = p[NLIN * 15 + NNORM];
+        const void* cs = rope[p[NLIN * 15 + NNORM + 1] ? 2 : 0];
+        const void* sn = rope[p[NLIN * 15 + NNORM + 1] ? 3 : 1];
+        rms_rows(h, hidden, 1, hidden, dt, nw[N_IN], wdt, offset, eps, nullptr, 0, x, hidden);
+        if ((rc = qmm(lin + Q * 15, x, dt, q, nthreads)) || (rc = qmm(lin + K_ * 15, x, dt, k, nthreads)) ||
+            (rc = qmm(lin + V * 15, x, dt, v, nthreads)))
+            break;
+        rms_rows(q, D, heads, D, dt, nw[N_Q], wdt, offset, eps, nullptr, 0, q, D);
+        rms_rows(k, D, kv_heads, D, dt, nw[N_K], wdt, offset, eps, nullptr, 0, k, D);
+        rope_heads(q, heads, D, dt, cs, sn);
+        rope_heads(k, kv_heads, D, dt, cs, sn);
+        char* kc = (char*)kv[2 * l];
+        char* vc = (char*)kv[2 * l + 1];
+        for (int64_t j = 0; j < kv_heads; ++j) {  // cache [n_kv, cap, D]: head j at position pos
+            memcpy(kc + es * ((j * cap + pos) * D), k + es * (j * D), es * D);
+            memcpy(vc + es * ((j * cap + pos) * D), v + es * (j * D), es * D);
+        }
+        const int64_t L = pos + 1;
+        rc = slm_attn(dt, 1, 1, heads, kv_heads, D, q, qn, D, D, kc, kv_heads * cap * D, cap * D, D, vc,
+                      kv_heads * cap * D, cap * D, D, L, nullptr, 0, 0, window, scale, att,
+                      heads * L * D < SMALL_WORK ? 1 : nthreads);
+        if (rc || (rc = qmm(lin + O * 15, att, dt, o, nthreads))) break;
+        rms_rows(o, hidden, 1, hidden, dt, nw[N_POST_ATTN], wdt, offset, eps, h, hidden, h, hidden);
+        rms_rows(h, hidden, 1, hidden, dt, nw[N_PRE_FF], wdt, offset, eps, nullptr, 0, x, hidden);
+        if ((rc = qmm(lin + GATE * 15, x, dt, g, nthreads)) || (rc = qmm(lin + UP * 15, x, dt, u, nthreads)))
+            break;
+        geglu_rows(g, u, inter, dt, a);
+        if ((rc = qmm(lin + DOWN * 15, a, dt, o, nthreads))) break;
+        rms_rows(o, hidden, 1, hidden, dt, nw[N_POST_FF], wdt, offset, eps, h, hidden, h, hidden);
+    }
+    free(buf);
+    return rc;
+}

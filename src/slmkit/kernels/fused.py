@@ -1,0 +1,184 @@
+"""fused.cpp from Python: Gemma 3's norms and GeGLU in one call each, and its whole one-token decode
+step (every layer) in one call. Each returns None where the kernel cannot take the input (no
+kernel, switched off, a dtype or layout it lacks, autograd): the caller then runs torch's ops.
+
+The norms and GeGLU here and the decode step share their C++ functions, so the per-op path and
+the fused step give a token the same bits (tests/models/test_gemma3_fused.py); torch's own ops
+(SLMKIT_KERNEL=0) agree within rounding (float32: ~1e-6 relative).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .qgemm import get_kernel, kernel_has, qgemm_weight_args
+
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+LAYER_WORDS = 7 * 15 + 6 + 2  # fused.cpp: 7 linears' slm_qgemm arguments, 6 norm weights, window, local rope
+# SLMKIT_FUSED_DECODE=0: decode through the per-op path (the fused step's reference, and a switch for benchmarks)
+fused_decode_enabled = os.environ.get("SLMKIT_FUSED_DECODE", "1") not in ("0", "off", "false")
+
+
+def declare(lib: ctypes.CDLL) -> None:
+    i64, ptr, c_int, c_float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.slm_rms_norm.restype = lib.slm_geglu.restype = lib.slm_gemma3_decode.restype = c_int
+    lib.slm_rms_norm.argtypes = [c_int, i64, i64, ptr, i64, ptr, c_int, c_float, c_float, ptr, i64, ptr, i64]
+    lib.slm_geglu.argtypes = [c_int, i64, ptr, ptr, ptr]
+    lib.slm_gemma3_decode.argtypes = [c_int, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr, c_int,
+                                      c_float, c_float, c_float, ptr, c_int]
+
+
+def kernel_lib() -> ctypes.CDLL | None:
+    """The kernel library with fused.cpp's entry points; None where there is none or the kernels are
+    switched off (SLMKIT_KERNEL=0, or quant.linear.use_kernel(False), which switches these off too)."""
+    from ..quant import linear
+
+    lib = get_kernel() if linear._kernel_enabled else None
+    return lib if lib is not None and kernel_has(lib, "slm_gemma3_decode") else None
+
+
+def _lib(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """The kernel library where these tensors can go to it (CPU, float32 / bfloat16, no autograd)."""
+    lib = kernel_lib()
+    if lib is None:
+        return None
+    if any(t.device.type != "cpu" or t.dtype not in DTYPES for t in tensors):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    return lib
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Gemma's RMSNorm of x [..., n] (times offset + weight in float32, rounded to x's dtype), plus
+    `residual` (x's shape and dtype) when given: residual + norm(x). None where the kernel cannot."""
+    lib = _lib(x, weight) if residual is None else _lib(x, weight, residual)
+    n = x.shape[-1]
+    if lib is None or weight.shape != (n,) or (residual is not None and (
+            residual.shape != x.shape or residual.dtype != x.dtype)):
+        return None
+    x2 = x.reshape(-1, n)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    weight = weight.contiguous()
+    r2 = None if residual is None else residual.reshape(-1, n).contiguous()
+    out = torch.empty(x2.shape[0], n, dtype=x.dtype)
+    rc = lib.slm_rms_norm(DTYPES[x.dtype], x2.shape[0], n, x2.data_ptr(), x2.stride(0), weight.data_ptr(),
+                          DTYPES[weight.dtype], offset, eps, None if r2 is None else r2.data_ptr(), n,
+                          out.data_ptr(), n)
+    if rc:
+        raise RuntimeError(f"slm_rms_norm failed with code {rc}")
+    return out.view(x.shape)
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """gelu_tanh(gate) * up, each rounded to the dtype; None where the kernel cannot."""
+    lib = _lib(gate, up)
+    if lib is None or gate.shape != up.shape or gate.dtype != up.dtype:
+        return None
+    g, u = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(g)
+    rc = lib.slm_geglu(DTYPES[g.dtype], g.numel(), g.data_ptr(), u.data_ptr(), out.data_ptr())
+    if rc:
+        raise RuntimeError(f"slm_geglu failed with code {rc}")
+    return out
+
+
+@dataclass
+class DecodePlan:
+    """What slm_gemma3_decode reads for every layer, built once per model (kernels/fused.cpp)."""
+    lib: ctypes.CDLL
+    layers: torch.Tensor  # [n_layers, LAYER_WORDS] int64
+    refs: list[tuple[dict, str, Any]]  # (a module's _parameters / _buffers / _modules, name, what the plan read)
+    dims: tuple[int, int, int, int, int, int]  # n_layers, hidden, heads, kv_heads, head_dim, intermediate
+    wdt: int  # the norm weights' dtype
+    offset: float
+    eps: float
+    scale: float
+
+    def valid(self, lib: ctypes.CDLL | None) -> bool:
+        """Whether every tensor and module the plan read is still in place (none swapped)."""
+        return lib is self.lib and all(d.get(name) is t for d, name, t in self.refs)
+
+
+def _linear_args(lin: nn.Module, refs: list) -> tuple[Any, ...] | None:
+    from ..quant.linear import _WEIGHT_BUFFERS, QuantLinear
+
+    if type(lin) is not QuantLinear or lin.kernel_symbol != "slm_qgemm" or lin.bias is not None:
+        return None
+    qw = lin.weight_q
+    if qw.qweight.device.type != "cpu":
+        return None
+    refs.extend((lin._buffers, name, lin._buffers[name]) for name in _WEIGHT_BUFFERS)
+    return tuple(0 if a is None else int(a) for a in qgemm_weight_args(qw))
+
+
+def gemma3_plan(layers: Sequence[Any], args: Any) -> DecodePlan | None:
+    """The plan for Gemma 3 decoder layers (models/gemma3.py DecoderLayer, ModelArgs), or None where
+    they cannot run fused: a linear that is not a plain QuantLinear on slm_qgemm, another activation
+    than tanh GELU, norm weights of another dtype, partial rotary, no kernel."""
+    lib = kernel_lib()
+    if (lib is None or args.head_dim % 2 or args.num_attention_heads // args.num_key_value_heads > 64
+            or any(not layer.mlp.tanh_gelu or layer.self_attn.scale != layers[0].self_attn.scale for layer in layers)):
+        return None
+    if any(r.rotary_dim != args.head_dim for r in (args.rope_global, args.rope_local)):
+        return None
+    rows: list[list[int]] = []
+    refs: list[tuple[dict, str, Any]] = []
+    wdts: set[torch.dtype] = set()
+    for layer in layers:
+        att, mlp = layer.self_attn, layer.mlp
+        lin = [_linear_args(m, refs) for m in (att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj,
+                                              mlp.up_proj, mlp.down_proj)]
+        norms = [layer.input_layernorm, att.q_norm, att.k_norm, layer.post_attention_layernorm,
+                 layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm]
+        if any(a is None for a in lin) or any(
+                not n.weight.is_contiguous() or n.weight.dtype not in DTYPES or n.weight.device.type != "cpu"
+                or n.eps != args.rms_norm_eps or n.offset != args.norm_offset for n in norms):
+            return None
+        wdts.update(n.weight.dtype for n in norms)
+        refs.extend((parent._modules, name, child) for parent in (layer, att, mlp)
+                    for name, child in parent._modules.items())  # a module swapped later: rebuild
+        refs.extend((n._parameters, "weight", n.weight) for n in norms)
+        rows.append([v for a in lin if a is not None for v in a] + [n.weight.data_ptr() for n in norms]
+                    + [att.window or 0, int(att.sliding)])
+    if len(wdts) != 1:
+        return None
+    a = args
+    return DecodePlan(lib, torch.tensor(rows, dtype=torch.int64), refs,
+                      (len(rows), a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim,
+                       a.intermediate_size), DTYPES[wdts.pop()], float(a.norm_offset), float(a.rms_norm_eps),
+                      float(layers[0].self_attn.scale))
+
+
+def gemma3_decode(plan: DecodePlan, h: torch.Tensor, k_cache: Sequence[torch.Tensor],
+                  v_cache: Sequence[torch.Tensor], pos: int, rope: Sequence[torch.Tensor],
+                  kv_ptrs: torch.Tensor | None = None) -> bool:
+    """One token through every layer, in place: h [1, 1, hidden] (contiguous, float32 / bfloat16);
+    k_cache / v_cache: per layer [1, kv_heads, cap, head_dim] in h's dtype, written at `pos`; rope:
+    cos, sin of the global table, then of the local one, [head_dim] each in h's dtype. False (nothing
+    done) where the inputs do not fit; kv_ptrs: the caches' pointers, when the caller keeps them."""
+    n_layers, hidden, heads, kv_heads, D, inter = plan.dims
+    dt = DTYPES.get(h.dtype)
+    k0 = k_cache[0]
+    if (dt is None or h.shape != (1, 1, hidden) or not h.is_contiguous() or len(k_cache) != n_layers
+            or len(v_cache) != n_layers or k0.dtype != h.dtype or k0.shape[:2] != (1, kv_heads)
+            or k0.shape[3] != D or not k0.is_contiguous() or not 0 <= pos < k0.shape[2]
+            or any(t.shape != (D,) or t.dtype != h.dtype or not t.is_contiguous() for t in rope)):
+        return False
+    if kv_ptrs is None:
+        kv_ptrs = torch.tensor([t.data_ptr() for kv in zip(k_cache, v_cache) for t in kv], dtype=torch.int64)
+    rope_ptrs = (ctypes.c_void_p * 4)(*(t.data_ptr() for t in rope))
+    rc = plan.lib.slm_gemma3_decode(dt, n_layers, hidden, heads, kv_heads, D, inter, plan.layers.data_ptr(),
+                                    kv_ptrs.data_ptr(), k0.shape[2], pos, rope_ptrs, plan.wdt, plan.offset,
+                                    plan.eps, plan.scale, h.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"slm_gemma3_decode failed with code {rc}")
+    return True
