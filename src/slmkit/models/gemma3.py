@@ -205,6 +205,9 @@ class Model(nn.Module):
     def rope(self) -> Rope:
         return self.args.rope_global
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_plan": None}  # a copy (deepcopy, pickle) builds its own
+
     def _apply(self, *args: Any, **kwargs: Any) -> Model:
         self._plan = None  # .to() and the like move the weights the fused step points into
         return super()._apply(*args, **kwargs)

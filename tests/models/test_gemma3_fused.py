@@ -1,0 +1,166 @@
+"""Gemma 3's fused decode step (kernels/fused.cpp: every layer of one token in one call) against the
+per-op path it replaces: the same greedy tokens and the same logits, bit for bit, on a tiny random
+Gemma 3 (GQA, sliding and global layers, decode past the window), quantized int4 / int8, float32 and
+bfloat16, with both kernel variants. Torch's own ops (the kernels switched off) agree within a
+stated tolerance; the kernel's norm and GeGLU agree with torch's within float32 rounding."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import slmkit
+from slmkit.kernels import fused
+from slmkit.kernels.qgemm import get_kernel
+from slmkit.models.cache import KVCache
+from slmkit.models.layers import RMSNorm
+from slmkit.quant.linear import use_kernel
+from tests.helpers.tiny_models import make_gemma3_folder
+
+pytestmark = [pytest.mark.skipif(get_kernel() is None, reason="the fused step is part of the compiled kernels"),
+              pytest.mark.usefixtures("kernel_variant")]  # the picked kernel and AVX2 (tests/conftest.py)
+
+PROMPT, NEW = 7, 24  # 31 positions: past the sliding window of 8
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_gemma3_folder(tmp_path_factory.mktemp("g3-fused"))
+
+
+def decode(model, prompt: list[int], new: int, dtype: torch.dtype) -> tuple[list[int], torch.Tensor]:
+    """Greedy: prefill, then `new` one-token steps through model.forward; (tokens, logits [new, V])."""
+    a = model.args
+    cache = KVCache(a.num_hidden_layers, 1, a.num_key_value_heads, a.head_dim, 64, max_capacity=64, dtype=dtype)
+    tokens, logits = [], []
+    with torch.inference_mode():
+        out = model(torch.tensor([prompt]), cache, last_only=True)[0, -1]
+        for i in range(new):
+            logits.append(out.float())
+            tokens.append(int(out.argmax()))
+            if i + 1 < new:
+                out = model(torch.tensor([[tokens[-1]]]), cache)[0, -1]
+    return tokens, torch.stack(logits)
+
+
+def prompt_of(llm, seed: int = 1) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, llm.engine.vocab_size, (PROMPT,), generator=g).tolist()
+
+
+def counting(monkeypatch) -> list[bool]:
+    """Record what each call of the fused step returned (True: it ran)."""
+    calls: list[bool] = []
+    real = fused.gemma3_decode
+
+    def spy(*args, **kwargs):
+        calls.append(real(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(fused, "gemma3_decode", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype,quant", [("float32", "int4"), ("bfloat16", "int4"), ("float32", "int8"),
+                                         ("bfloat16", "int8")])
+def test_fused_step_equals_the_per_op_path_bit_for_bit(folder, monkeypatch, dtype, quant):
+    llm = slmkit.load(folder, dtype=dtype, quant=quant)
+    model, dt, prompt = llm.engine.model, getattr(torch, dtype), prompt_of(llm)
+    calls = counting(monkeypatch)
+    fast = decode(model, prompt, NEW, dt)
+    assert calls == [True] * (NEW - 1)  # every one-token step ran fused
+    monkeypatch.setattr(fused, "fused_decode_enabled", False)
+    slow = decode(model, prompt, NEW, dt)
+    assert len(calls) == NEW - 1  # ... and now none did
+    assert len(set(fast[0])) > 3 and fast[0] == slow[0]
+    assert torch.equal(fast[1], slow[1])
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-3), ("bfloat16", 0.15)])
+def test_fused_step_close_to_torch_ops(folder, dtype, tol):
+    """The kernels on (fused step, kernel norms, quantized kernel) vs off (torch's norms and GELU, the
+    PyTorch quantized matmul): the same weights, so the logits differ by rounding only (relative to
+    their largest magnitude: 1e-3 float32, 0.15 bfloat16, whose rounding the two paths do differently
+    in the matmul's activations)."""
+    llm = slmkit.load(folder, dtype=dtype, quant="int8")
+    model, dt, prompt = llm.engine.model, getattr(torch, dtype), prompt_of(llm, seed=2)
+    fast = decode(model, prompt, 8, dt)
+    with use_kernel(False):
+        slow = decode(model, prompt, 8, dt)
+    scale = slow[1].abs().max().item()
+    assert (fast[1][0] - slow[1][0]).abs().max().item() <= tol * scale  # the same prompt: same first logits
+    if dtype == "float32":
+        assert fast[0] == slow[0]
+        assert (fast[1] - slow[1]).abs().max().item() <= tol * scale
+
+
+def per_op(monkeypatch, *args) -> tuple[list[int], torch.Tensor]:
+    with monkeypatch.context() as m:
+        m.setattr(fused, "fused_decode_enabled", False)
+        return decode(*args)
+
+
+def test_plan_follows_copies_and_swapped_weights(folder, monkeypatch):
+    """A deepcopy decodes with its own weights; a linear swapped for another rebuilds the plan."""
+    llm = slmkit.load(folder, dtype="float32", quant="int8")
+    model, prompt = llm.engine.model, prompt_of(llm, seed=3)
+    want = decode(model, prompt, 10, torch.float32)
+    twin = copy.deepcopy(model)
+    first = twin.model.layers[0]
+    with torch.no_grad():
+        for n in (first.input_layernorm, first.mlp.down_proj):  # the copy's weights, not the original's
+            buf = n.weight if isinstance(n, RMSNorm) else n.scales
+            buf.mul_(1.5)
+    got = decode(twin, prompt, 10, torch.float32)
+    assert not torch.equal(got[1], want[1])
+    assert decode(model, prompt, 10, torch.float32)[1].equal(want[1])  # the original is untouched
+    assert torch.equal(got[1], per_op(monkeypatch, twin, prompt, 10, torch.float32)[1])
+    lin = model.model.layers[1].self_attn
+    lin.v_proj = copy.deepcopy(twin.model.layers[1].self_attn.v_proj)  # another module, other buffers
+    want = per_op(monkeypatch, model, prompt, 10, torch.float32)
+    assert torch.equal(decode(model, prompt, 10, torch.float32)[1], want[1])
+
+
+def test_float_weights_decode_per_op(folder, monkeypatch):
+    """Float (unquantized) linears have no fused step: the plan says so once; decoding still works."""
+    llm = slmkit.load(folder, dtype="float32")
+    calls = counting(monkeypatch)
+    tokens, _ = decode(llm.engine.model, prompt_of(llm), 5, torch.float32)
+    assert len(tokens) == 5 and calls == []
+    assert llm.engine.model._plan is not None and llm.engine.model._plan[2] is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_kernel_norm_and_geglu_close_to_torch(dtype):
+    g = torch.Generator().manual_seed(0)
+    for n, offset, scale in ((640, 0.0, 1.0), (256, 1.0, 30.0), (37, 1.0, 1e-3)):
+        norm = RMSNorm(n, 1e-6, offset=offset, fp32_weight=True)
+        norm.weight.copy_(torch.randn(n, generator=g))
+        x = (torch.randn(3, 5, n, generator=g) * scale).to(dtype)
+        res = torch.randn(3, 5, n, generator=g).to(dtype)
+        want = norm(x)  # torch's ops
+        got = fused.rms_norm(x, norm.weight, norm.eps, norm.offset)
+        added = fused.rms_norm(x, norm.weight, norm.eps, norm.offset, residual=res)
+        assert got is not None and added is not None and got.dtype == dtype and got.shape == x.shape
+        rtol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
+        assert torch.equal(added, res + got)  # the residual add rounds as `res + norm(x)` does
+    gate, up = torch.randn(2, 300, generator=g).to(dtype) * 3, torch.randn(2, 300, generator=g).to(dtype)
+    got = fused.geglu(gate, up)
+    assert got is not None
+    want = F.gelu(gate, approximate="tanh") * up
+    torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
+
+
+def test_kernel_ops_step_aside_where_they_cannot_run():
+    x = torch.randn(2, 8)
+    w = torch.randn(8)
+    assert fused.rms_norm(x.half(), w, 1e-6, 0.0) is None  # float16: torch's ops
+    assert fused.rms_norm(x, torch.randn(7), 1e-6, 0.0) is None  # a weight of the wrong size
+    assert fused.rms_norm(x, w.requires_grad_(), 1e-6, 0.0) is None  # autograd
+    assert fused.geglu(x, torch.randn(2, 7)) is None
+    with use_kernel(False):
+        assert fused.rms_norm(x, w.detach(), 1e-6, 0.0) is None and fused.kernel_lib() is None
