@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ..gguf import GGUFFile
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
+ROPE_BLOCK = 256  # positions per rotary table the fused decode step reads (Model._rope_rows)
 NORMS_IN_FLOAT32 = True  # Gemma norms multiply in float32: keep (1 + w) exact, as llama.cpp does
 
 
@@ -200,6 +201,7 @@ class Model(nn.Module):
         self.model = Gemma3Model(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self._plan: tuple[int, Any, fused.DecodePlan | None] | None = None  # the fused decode step's (_decode_fused)
+        self._rope_block: tuple[torch.dtype, int, list[torch.Tensor]] | None = None  # its rotary rows (_rope_rows)
 
     @property
     def rope(self) -> Rope:
@@ -212,7 +214,18 @@ class Model(nn.Module):
         self._plan = None  # .to() and the like move the weights the fused step points into
         return super()._apply(*args, **kwargs)
 
-    def _decode_fused(self, h: torch.Tensor, cache: KVCache, rope: dict) -> bool:
+    def _rope_rows(self, pos: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        """cos, sin (global), cos, sin (local) at `pos`, [head_dim] each: rows of tables computed
+        ROPE_BLOCK positions at a time by the same cos_sin (each row the bits a one-position call gives)."""
+        blk = self._rope_block
+        if blk is None or blk[0] != dtype or not blk[1] <= pos < blk[1] + ROPE_BLOCK:
+            positions = torch.arange(pos, pos + ROPE_BLOCK)[None]
+            tabs = [t[0] for r in (self.args.rope_global, self.args.rope_local)
+                    for t in r.cos_sin(positions, "default", dtype)]
+            blk = self._rope_block = (dtype, pos, tabs)
+        return [t[pos - blk[1]] for t in blk[2]]
+
+    def _decode_fused(self, h: torch.Tensor, cache: KVCache) -> bool:
         """One token of one row through every layer in one kernel call (kernels/fused.cpp), h in
         place; False where it cannot run (then the layers run one op at a time, the same bits)."""
         lib = fused.kernel_lib()
@@ -225,8 +238,7 @@ class Model(nn.Module):
             plan = self._plan = (id(self), lib, p)  # None: this model cannot run fused (kept, not retried)
         if plan[2] is None:
             return False
-        tables = [t.reshape(-1) for t in (*rope["global"], *rope["local"])]
-        return fused.gemma3_decode(plan[2], h, cache.k, cache.v, cache.offset, tables)
+        return fused.gemma3_decode(plan[2], h, cache.k, cache.v, cache.offset, self._rope_rows(cache.offset, h.dtype))
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False,
                 hidden: bool = False) -> torch.Tensor:
@@ -234,11 +246,11 @@ class Model(nn.Module):
         S = input_ids.shape[1]
         h = self.model.embed_tokens(input_ids)
         h = h * torch.tensor(self.args.hidden_size**0.5, dtype=h.dtype)  # rounded to the dtype, as HF does
-        step = Step.of(cache, S, input_ids.device)
-        positions = step.span.positions
-        rope = {"global": self.args.rope_global.cos_sin(positions, "default", h.dtype),
-                "local": self.args.rope_local.cos_sin(positions, "default", h.dtype)}
-        if not (S == 1 and type(cache) is KVCache and self._decode_fused(h, cache, rope)):
+        if not (S == 1 and type(cache) is KVCache and self._decode_fused(h, cache)):
+            step = Step.of(cache, S, input_ids.device)
+            positions = step.span.positions
+            rope = {"global": self.args.rope_global.cos_sin(positions, "default", h.dtype),
+                    "local": self.args.rope_local.cos_sin(positions, "default", h.dtype)}
             for layer in self.model.layers:
                 h = layer(h, rope, step)
         if cache is not None:

@@ -1,0 +1,153 @@
+"""The built-in model's decode speed (Gemma 3 270M Q4_K_M), slmkit vs llama.cpp on the same file.
+
+    .venv/bin/python benchmarks/builtin_decode.py                # 5 rounds of 128 greedy tokens
+    .venv/bin/python benchmarks/builtin_decode.py --profile      # + where one decode step's time goes
+
+One process, rounds interleaved (slmkit fused step, slmkit per-op step, llama-cpp-python), so a
+busy machine slows every engine alike; medians over rounds. Decode tok/s excludes the prefill
+(slmkit's timings; llama.cpp: a 1-token run's time subtracted). --profile times one step's parts
+with time.perf_counter: the layers (fused: the one kernel call; per-op: forward hooks on each
+module, which add their own overhead), the output head, the embedding and the rest, medians over
+steps. Writes benchmarks/results/builtin_decode.json. Do not run beside tests or other load.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median, print_table, save_results  # noqa: E402
+
+PROMPT = "Once upon a time, in a small village at the edge of a great forest, there lived"
+
+
+def slmkit_round(llm: Any, fused_step: bool, decode: int) -> float:
+    from slmkit.kernels import fused
+
+    fused.fused_decode_enabled = fused_step
+    r = llm.generate(PROMPT, max_new_tokens=decode, temperature=0, ignore_eos=True, speculative="none")
+    return r.timings.decode_tokens_per_s(r.usage.completion_tokens)
+
+
+def llama_round(ref: Any, decode: int) -> float:
+    ref.reset()
+    t = time.perf_counter()
+    ref.create_completion(PROMPT, max_tokens=1, temperature=0)
+    first = time.perf_counter() - t
+    ref.reset()
+    t = time.perf_counter()
+    r = ref.create_completion(PROMPT, max_tokens=decode, temperature=0, logit_bias={1: -1e9})  # no early stop
+    full = time.perf_counter() - t
+    n = r["usage"]["completion_tokens"]
+    return (n - 1) / (full - first) if n > 1 and full > first else float("nan")
+
+
+def profile(llm: Any, steps: int) -> dict[str, dict[str, float]]:
+    """ms per part of one decode step (medians over `steps`), fused and per-op."""
+    from slmkit.kernels import fused
+
+    eng, model = llm.engine, llm.engine.model
+    ids = eng.tokenizer.encode(PROMPT)
+    out: dict[str, dict[str, float]] = {}
+    for name, on in (("fused", True), ("per-op", False)):
+        fused.fused_decode_enabled = on
+        parts: dict[str, list[float]] = {}
+        marks: dict[str, float] = {}
+
+        def timed(key: str, mod: torch.nn.Module, marks: dict[str, float] = marks,
+                  parts: dict[str, list[float]] = parts) -> list[Any]:
+            def pre(*_: Any) -> None:
+                marks[key] = time.perf_counter()
+
+            def post(*_: Any) -> None:
+                parts.setdefault(key, []).append(time.perf_counter() - marks[key])
+            return [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+
+        hooks = timed("embedding", model.model.embed_tokens) + timed("output head", model.lm_head)
+        if not on:
+            for layer in model.model.layers:
+                for key, mod in (("layers", layer), ("  attention block", layer.self_attn), ("  mlp block", layer.mlp)):
+                    hooks += timed(key, mod)
+        real = fused.gemma3_decode
+
+        def step_timed(*a: Any, **k: Any) -> bool:
+            t = time.perf_counter()
+            ran = real(*a, **k)
+            parts.setdefault("layers", []).append(time.perf_counter() - t)
+            return ran
+
+        fused.gemma3_decode = step_timed  # type: ignore[assignment]
+        cache = eng.new_cache(1, len(ids) + steps + 8)
+        totals = []
+        with torch.inference_mode():
+            tok = int(eng.forward(torch.tensor([ids]), cache)[0, -1].argmax())
+            for p in parts.values():
+                p.clear()
+            for _ in range(steps):
+                t = time.perf_counter()
+                tok = int(eng.forward(torch.tensor([[tok]]), cache)[0, -1].argmax())
+                totals.append(time.perf_counter() - t)
+        fused.gemma3_decode = real  # type: ignore[assignment]
+        for h in hooks:
+            h.remove()
+        n = len(model.model.layers)
+        row = {key: median([sum(v[i * n:(i + 1) * n]) if len(v) == n * steps else v[i] for i in range(steps)]) * 1e3
+               for key, v in parts.items()}
+        step = row["step (forward + argmax)"] = median(totals) * 1e3
+        row["rest"] = step - sum(v for k, v in row.items() if not k.startswith(("  ", "step")))
+        out[name] = row
+    fused.fused_decode_enabled = True
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--decode", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--no-llama", action="store_true")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    import slmkit
+    from slmkit.sources.builtin import builtin_model_path
+
+    path = str(builtin_model_path())
+    llm = slmkit.load()
+    llm.generate("warm up", max_new_tokens=4, temperature=0)
+    ref = None
+    if not a.no_llama:
+        import llama_cpp
+
+        ref = llama_cpp.Llama(model_path=path, n_ctx=2048, n_threads=a.threads, verbose=False)
+        ref.create_completion("warm up", max_tokens=4, temperature=0)
+    speeds: dict[str, list[float]] = {"slmkit (fused step)": [], "slmkit (per-op step)": [], "llama.cpp": []}
+    for i in range(a.rounds):
+        speeds["slmkit (fused step)"].append(slmkit_round(llm, True, a.decode))
+        speeds["slmkit (per-op step)"].append(slmkit_round(llm, False, a.decode))
+        if ref is not None:
+            speeds["llama.cpp"].append(llama_round(ref, a.decode))
+        print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in speeds.items() if v), flush=True)
+    rows = [{"engine": k, "decode_tok_s": median(v), "runs": [round(x, 1) for x in v]} for k, v in speeds.items() if v]
+    llama = median(speeds["llama.cpp"]) if speeds["llama.cpp"] else None
+    for r in rows:
+        r["vs_llama"] = r["decode_tok_s"] / llama if llama else None
+    print()
+    print_table(rows, [("engine", "engine", ""), ("decode_tok_s", "decode tok/s", ".1f"),
+                       ("vs_llama", "x llama.cpp", ".2f")])
+    prof = profile(llm, 64) if a.profile else None
+    if prof:
+        print("\nms per decode step (medians):")
+        for name, row in prof.items():
+            print(f"  {name}: " + ", ".join(f"{k.strip()} {v:.2f}" for k, v in row.items()))
+    save_results("builtin_decode", model=path, decode_tokens=a.decode, rounds=a.rounds, threads=a.threads,
+                 rows=rows, profile_ms=prof)
+
+
+if __name__ == "__main__":
+    main()
