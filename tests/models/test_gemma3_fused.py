@@ -167,3 +167,16 @@ def test_kernel_ops_step_aside_where_they_cannot_run():
     assert fused.geglu(x, torch.randn(2, 7)) is None
     with use_kernel(False):
         assert fused.rms_norm(x, w.detach(), 1e-6, 0.0) is None and fused.kernel_lib() is None
+
+
+def test_kernel_argmax_is_torchs():
+    """The greedy draw's argmax: the first largest, as torch's (ties, -inf rows, a strided batch)."""
+    g = torch.Generator().manual_seed(0)
+    for v in (1, 15, 16, 17, 1000, 262144):
+        x = torch.randn(4, v, generator=g)
+        x[1, v // 3] = x[1, v // 2] = x[1].max() + 1  # a tie: the first one
+        x[2] = float("-inf")
+        x[3, -1] = x[3].max() + 1  # the tail after the 16-wide blocks
+        assert torch.equal(fused.argmax(x), x.argmax(-1))
+        assert torch.equal(fused.argmax(x[::2]), x[::2].argmax(-1))
+    assert fused.argmax(torch.randn(2, 8).double()) is None and fused.argmax(torch.randn(3, 8)[:, ::2]) is None

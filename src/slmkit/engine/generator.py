@@ -121,7 +121,8 @@ class Generator:
         self._logits: torch.Tensor | None = None  # [B, V] float32, logits for the next token
         self._prompt_len = 0
         self._next: list[int] = []
-        self.last_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []  # per row, last step
+        self._pending_logprobs: tuple[torch.Tensor, torch.Tensor, int] | None = None  # last_logprobs, not yet computed
+        self.last_logprobs = []  # per row, last step
         self.images: dict[int, ImageEntry] = {}  # the images whose tokens (negative ids) the sequences hold
 
     def configure(self, params: GeneratorParams | None = None) -> None:
@@ -319,14 +320,33 @@ class Generator:
 
     def _record_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> None:
         """The model's log-probabilities (before penalties and warpers) of the chosen tokens, and of
-        the top_logprobs most likely ones, per row: self.last_logprobs."""
-        logp = logits.log_softmax(dim=-1)
-        chosen = logp.gather(1, tokens.view(-1, 1)).squeeze(1).tolist()
-        tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
-        if self.params.top_logprobs:
-            v, i = logp.topk(self.params.top_logprobs, dim=-1)
-            tops = [list(zip(ii, vv)) for ii, vv in zip(i.tolist(), v.tolist())]
-        self.last_logprobs = [(t, lp, top) for t, lp, top in zip(tokens.tolist(), chosen, tops)]
+        the top_logprobs most likely ones, per row: self.last_logprobs. Computed when first read
+        (a log_softmax over the vocabulary costs ~0.2 ms a step, and most requests never ask);
+        logits the caller owns (external_logits) may be reused, so theirs are computed now."""
+        self._pending_logprobs = (logits, tokens, self.params.top_logprobs)
+        if self.external:
+            _ = self.last_logprobs
+
+    @property
+    def last_logprobs(self) -> list[tuple[int, float, list[tuple[int, float]]]]:
+        """Per row, the last step's (token, its log-probability, [(token, log-probability)] of the
+        top_logprobs most likely)."""
+        if self._pending_logprobs is not None:
+            logits, tokens, top = self._pending_logprobs
+            self._pending_logprobs = None
+            logp = logits.log_softmax(dim=-1)
+            chosen = logp.gather(1, tokens.view(-1, 1)).squeeze(1).tolist()
+            tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
+            if top:
+                v, i = logp.topk(top, dim=-1)
+                tops = [list(zip(ii, vv)) for ii, vv in zip(i.tolist(), v.tolist())]
+            self._last_logprobs = [(t, lp, tp) for t, lp, tp in zip(tokens.tolist(), chosen, tops)]
+        return self._last_logprobs
+
+    @last_logprobs.setter
+    def last_logprobs(self, value: list[tuple[int, float, list[tuple[int, float]]]]) -> None:
+        self._pending_logprobs = None
+        self._last_logprobs = value
 
     def is_done(self) -> bool:
         """True when every row stopped (eos / stop token) or reached max_length / max_new_tokens."""

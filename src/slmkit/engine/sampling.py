@@ -6,6 +6,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import InvalidRequestError
+from ..kernels import fused
 from .processors import apply_top_k, apply_top_p
 
 __all__ = ["apply_top_k", "apply_top_p", "draw", "finite_choice", "greedy", "make_sampler", "sample"]
@@ -31,7 +32,9 @@ def finite_choice(logits: torch.Tensor) -> torch.Tensor:
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
-    return finite_choice(logits).argmax(dim=-1)
+    x = finite_choice(logits)
+    ids = fused.argmax(x)  # the same index, one thread (torch's argmax: ~0.2 ms over 262144 logits)
+    return x.argmax(dim=-1) if ids is None else ids
 
 
 def draw(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -31,6 +31,8 @@ def declare(lib: ctypes.CDLL) -> None:
     lib.slm_rms_norm.restype = lib.slm_geglu.restype = lib.slm_gemma3_decode.restype = c_int
     lib.slm_rms_norm.argtypes = [c_int, i64, i64, ptr, i64, ptr, c_int, c_float, c_float, ptr, i64, ptr, i64]
     lib.slm_geglu.argtypes = [c_int, i64, ptr, ptr, ptr]
+    lib.slm_argmax.restype = i64
+    lib.slm_argmax.argtypes = [ptr, i64]
     lib.slm_gemma3_decode.argtypes = [c_int, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr, c_int,
                                       c_float, c_float, c_float, ptr, c_int]
 
@@ -90,6 +92,17 @@ def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     if rc:
         raise RuntimeError(f"slm_geglu failed with code {rc}")
     return out
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor | None:
+    """torch.argmax(x, dim=-1) of float32 logits [B, V] without NaN (sampling.finite_choice's
+    output), one thread; None where the kernel cannot take them."""
+    lib = kernel_lib()
+    if lib is None or x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(1) != 1 \
+            or x.shape[1] == 0:
+        return None
+    base, step, n = x.data_ptr(), x.stride(0) * 4, x.shape[1]
+    return torch.tensor([lib.slm_argmax(base + r * step, n) for r in range(x.shape[0])], dtype=torch.long)
 
 
 @dataclass
