@@ -229,7 +229,8 @@ class Model(nn.Module):
         """One token of one row through every layer in one kernel call (kernels/fused.cpp), h in
         place; False where it cannot run (then the layers run one op at a time, the same bits)."""
         lib = fused.kernel_lib()
-        if lib is None or not fused.fused_decode_enabled or not qgemm.decode_attention_enabled or h.shape[0] != 1:
+        if (lib is None or not fused.fused_decode_enabled or not qgemm.decode_attention_enabled or h.shape[0] != 1
+                or torch.is_grad_enabled()):  # autograd: the per-op path (whose norms then are torch's)
             return False
         plan = self._plan
         # id(self): a deepcopy carries the plan along, pointing into the original's weights
