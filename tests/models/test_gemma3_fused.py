@@ -26,6 +26,11 @@ pytestmark = [pytest.mark.skipif(get_kernel() is None, reason="the fused step is
 PROMPT, NEW = 7, 24  # 31 positions: past the sliding window of 8
 
 
+@pytest.fixture(autouse=True)
+def fused_on(monkeypatch):
+    monkeypatch.setattr(fused, "fused_decode_enabled", True)  # whatever SLMKIT_FUSED_DECODE says
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return make_gemma3_folder(tmp_path_factory.mktemp("g3-fused"))
