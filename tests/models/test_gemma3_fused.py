@@ -62,8 +62,9 @@ def counting(monkeypatch) -> list[bool]:
     real = fused.gemma3_decode
 
     def spy(*args, **kwargs):
-        calls.append(real(*args, **kwargs))
-        return calls[-1]
+        out = real(*args, **kwargs)
+        calls.append(out is not None)
+        return out
 
     monkeypatch.setattr(fused, "gemma3_decode", spy)
     return calls
@@ -123,10 +124,18 @@ def test_plan_follows_copies_and_swapped_weights(folder, monkeypatch):
             buf.mul_(1.5)
     got = decode(twin, prompt, 10, torch.float32)
     assert not torch.equal(got[1], want[1])
-    assert decode(model, prompt, 10, torch.float32)[1].equal(want[1])  # the original is untouched
+    before = decode(model, prompt, 10, torch.float32)
+    assert before[1].equal(want[1])  # the original is untouched
     assert torch.equal(got[1], per_op(monkeypatch, twin, prompt, 10, torch.float32)[1])
-    lin = model.model.layers[1].self_attn
-    lin.v_proj = copy.deepcopy(twin.model.layers[1].self_attn.v_proj)  # another module, other buffers
+    att = model.model.layers[1].self_attn
+    att.v_proj = copy.deepcopy(model.model.layers[0].self_attn.v_proj)  # another module, other weights
+    want = per_op(monkeypatch, model, prompt, 10, torch.float32)
+    assert not torch.equal(want[1], before[1])
+    assert torch.equal(decode(model, prompt, 10, torch.float32)[1], want[1])
+    att.o_proj.scales = att.o_proj.scales * 0.5  # a buffer replaced
+    want = per_op(monkeypatch, model, prompt, 10, torch.float32)
+    assert torch.equal(decode(model, prompt, 10, torch.float32)[1], want[1])
+    model.model.norm.weight = torch.nn.Parameter(model.model.norm.weight * 2)  # the final norm's weight
     want = per_op(monkeypatch, model, prompt, 10, torch.float32)
     assert torch.equal(decode(model, prompt, 10, torch.float32)[1], want[1])
 

@@ -132,11 +132,13 @@ static const int64_t LAYER_WORDS = NLIN * 15 + NNORM + 2;  // + window, uses the
 // weight pointers: input, q, k, post-attention, pre-feedforward, post-feedforward; the sliding
 // window, 0 for none; 1 where the layer uses the local rotary table). kv: per layer its key and value
 // cache, [n_kv, cap, D] each (one row), written at `pos`; attention reads positions 0..pos.
-// cos/sin: [D] for this position, global then local. Returns 0, or the first failing call's code.
+// cos/sin: [D] for this position, global then local. Then the final norm (weight final_w) of h into
+// normed [hidden]. Returns 0, or the first failing call's code.
 extern "C" int slm_gemma3_decode(int dt, int64_t n_layers, int64_t hidden, int64_t heads, int64_t kv_heads,
                                  int64_t D, int64_t inter, const int64_t* layers, const int64_t* kv, int64_t cap,
                                  int64_t pos, const void* const* rope, int wdt,
-                                 float offset, float eps, float scale, void* h, int nthreads) {
+                                 float offset, float eps, float scale, void* h, const void* final_w, void* normed,
+                                 int nthreads) {
     if (dt < 0 || dt > 1 || wdt < 0 || wdt > 1 || D % 2 || pos < 0 || pos >= cap || heads % kv_heads) return -1;
     const size_t es = dt ? 2 : 4;
     const int64_t qn = heads * D, kn = kv_heads * D;
@@ -186,6 +188,7 @@ extern "C" int slm_gemma3_decode(int dt, int64_t n_layers, int64_t hidden, int64
         if ((rc = qmm(lin + DOWN * 15, a, dt, o, nthreads))) break;
         rms_rows(o, hidden, 1, hidden, dt, nw[N_POST_FF], wdt, offset, eps, h, hidden, h, hidden);
     }
+    if (!rc) rms_rows(h, hidden, 1, hidden, dt, final_w, wdt, offset, eps, nullptr, 0, normed, hidden);
     free(buf);
     return rc;
 }

@@ -26,6 +26,21 @@ LAYER_WORDS = 7 * 15 + 6 + 2  # fused.cpp: 7 linears' slm_qgemm arguments, 6 nor
 fused_decode_enabled = os.environ.get("SLMKIT_FUSED_DECODE", "1") not in ("0", "off", "false")
 
 
+# Bumped by torch's global registration hooks whenever any module registers or replaces a
+# parameter, buffer or submodule (assignment, register_*, load_state_dict(assign=True)).
+_epoch = [0]
+
+
+def _bump(*_: Any) -> None:
+    _epoch[0] += 1
+
+
+for _register in (torch.nn.modules.module.register_module_buffer_registration_hook,
+                  torch.nn.modules.module.register_module_parameter_registration_hook,
+                  torch.nn.modules.module.register_module_module_registration_hook):
+    _register(_bump)
+
+
 def declare(lib: ctypes.CDLL) -> None:
     i64, ptr, c_int, c_float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.slm_rms_norm.restype = lib.slm_geglu.restype = lib.slm_gemma3_decode.restype = c_int
@@ -34,7 +49,7 @@ def declare(lib: ctypes.CDLL) -> None:
     lib.slm_argmax.restype = i64
     lib.slm_argmax.argtypes = [ptr, i64]
     lib.slm_gemma3_decode.argtypes = [c_int, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr, c_int,
-                                      c_float, c_float, c_float, ptr, c_int]
+                                      c_float, c_float, c_float, ptr, ptr, ptr, c_int]
 
 
 def kernel_lib() -> ctypes.CDLL | None:
@@ -119,14 +134,24 @@ class DecodePlan:
     dicts: list[dict]
     names: list[str]
     things: list[Any]
-    norms: list[torch.Tensor]  # the norm weights and where their data was (a submodule's .to() moves
-    norm_ptrs: list[int]       # a parameter's data in place)
+    norms: list[torch.Tensor]  # the norm weights and where their data was (a .to() moves a
+    norm_ptrs: list[int]       # parameter's data in place)
+    checked: int = -1  # the registration epoch at which all of the above was last found in place
 
     def valid(self, lib: ctypes.CDLL | None) -> bool:
         """Whether every tensor and module the plan read is still in place (none swapped, no norm
-        weight moved): C-level passes, tens of nanoseconds per item, every step."""
-        return (lib is self.lib and all(map(operator.is_, map(dict.get, self.dicts, self.names), self.things))
-                and list(map(torch.Tensor.data_ptr, self.norms)) == self.norm_ptrs)
+        weight moved). Checked item by item only when some module registered or replaced a
+        parameter, buffer or submodule since the last check (~1000 objects: 0.25 ms a step once the
+        output head has streamed them out of the caches); the whole model's .to() drops the plan
+        (gemma3.Model._apply). Not seen: a layer's own .to() or a tensor's .data replaced by hand."""
+        if lib is not self.lib:
+            return False
+        if self.checked != _epoch[0]:
+            if not (all(map(operator.is_, map(dict.get, self.dicts, self.names), self.things))
+                    and list(map(torch.Tensor.data_ptr, self.norms)) == self.norm_ptrs):
+                return False
+            self.checked = _epoch[0]
+        return True
 
 
 def _linear_args(lin: nn.Module, refs: list) -> tuple[Any, ...] | None:
@@ -141,10 +166,11 @@ def _linear_args(lin: nn.Module, refs: list) -> tuple[Any, ...] | None:
     return tuple(0 if a is None else int(a) for a in qgemm_weight_args(qw))
 
 
-def gemma3_plan(layers: Sequence[Any], args: Any) -> DecodePlan | None:
-    """The plan for Gemma 3 decoder layers (models/gemma3.py DecoderLayer, ModelArgs), or None where
-    they cannot run fused: a linear that is not a plain QuantLinear on slm_qgemm, another activation
-    than tanh GELU, norm weights of another dtype, partial rotary, no kernel."""
+def gemma3_plan(layers: Sequence[Any], final_norm: Any, args: Any) -> DecodePlan | None:
+    """The plan for Gemma 3 decoder layers and the final norm (models/gemma3.py DecoderLayer,
+    GemmaNorm, ModelArgs), or None where they cannot run fused: a linear that is not a plain
+    QuantLinear on slm_qgemm, another activation than tanh GELU, norm weights of another dtype,
+    partial rotary, no kernel."""
     lib = kernel_lib()
     if (lib is None or args.head_dim % 2 or args.num_attention_heads // args.num_key_value_heads > 64
             or any(not layer.mlp.tanh_gelu or layer.self_attn.scale != layers[0].self_attn.scale for layer in layers)):
@@ -171,6 +197,12 @@ def gemma3_plan(layers: Sequence[Any], args: Any) -> DecodePlan | None:
         norm_refs.extend((n._parameters, "weight", n.weight) for n in norms)
         rows.append([v for a in lin if a is not None for v in a] + [n.weight.data_ptr() for n in norms]
                     + [att.window or 0, int(att.sliding)])
+    n = final_norm
+    if (not n.weight.is_contiguous() or n.weight.device.type != "cpu" or n.eps != args.rms_norm_eps
+            or n.offset != args.norm_offset):
+        return None
+    wdts.add(n.weight.dtype)
+    norm_refs.append((n._parameters, "weight", n.weight))  # the last norm: gemma3_decode's final_w
     if len(wdts) != 1:
         return None
     a = args
@@ -185,11 +217,12 @@ def gemma3_plan(layers: Sequence[Any], args: Any) -> DecodePlan | None:
 
 def gemma3_decode(plan: DecodePlan, h: torch.Tensor, k_cache: Sequence[torch.Tensor],
                   v_cache: Sequence[torch.Tensor], pos: int, rope: Sequence[torch.Tensor],
-                  kv_ptrs: torch.Tensor | None = None) -> bool:
-    """One token through every layer, in place: h [1, 1, hidden] (contiguous, float32 / bfloat16);
-    k_cache / v_cache: per layer [1, kv_heads, cap, head_dim] in h's dtype, written at `pos`; rope:
-    cos, sin of the global table, then of the local one, [head_dim] each in h's dtype. False (nothing
-    done) where the inputs do not fit; kv_ptrs: the caches' pointers, when the caller keeps them."""
+                  kv_ptrs: torch.Tensor | None = None) -> torch.Tensor | None:
+    """One token through every layer, h [1, 1, hidden] (contiguous, float32 / bfloat16) in place,
+    and the final norm of the result, returned (h's shape and dtype). k_cache / v_cache: per layer
+    [1, kv_heads, cap, head_dim] in h's dtype, written at `pos`; rope: cos, sin of the global table,
+    then of the local one, [head_dim] each in h's dtype. None (nothing done) where the inputs do not
+    fit; kv_ptrs: the caches' pointers, when the caller keeps them."""
     n_layers, hidden, heads, kv_heads, D, inter = plan.dims
     dt = DTYPES.get(h.dtype)
     k0 = k_cache[0]
@@ -197,13 +230,15 @@ def gemma3_decode(plan: DecodePlan, h: torch.Tensor, k_cache: Sequence[torch.Ten
             or len(v_cache) != n_layers or k0.dtype != h.dtype or k0.shape[:2] != (1, kv_heads)
             or k0.shape[3] != D or not k0.is_contiguous() or not 0 <= pos < k0.shape[2]
             or any(t.shape != (D,) or t.dtype != h.dtype or not t.is_contiguous() for t in rope)):
-        return False
+        return None
     if kv_ptrs is None:
         kv_ptrs = torch.tensor([t.data_ptr() for kv in zip(k_cache, v_cache) for t in kv], dtype=torch.int64)
     rope_ptrs = (ctypes.c_void_p * 4)(*(t.data_ptr() for t in rope))
+    normed = torch.empty_like(h)
     rc = plan.lib.slm_gemma3_decode(dt, n_layers, hidden, heads, kv_heads, D, inter, plan.layers.data_ptr(),
                                     kv_ptrs.data_ptr(), k0.shape[2], pos, rope_ptrs, plan.wdt, plan.offset,
-                                    plan.eps, plan.scale, h.data_ptr(), torch.get_num_threads())
+                                    plan.eps, plan.scale, h.data_ptr(), plan.norm_ptrs[-1], normed.data_ptr(),
+                                    torch.get_num_threads())
     if rc:
         raise RuntimeError(f"slm_gemma3_decode failed with code {rc}")
-    return True
+    return normed

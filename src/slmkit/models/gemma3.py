@@ -225,20 +225,21 @@ class Model(nn.Module):
             blk = self._rope_block = (dtype, pos, tabs)
         return [t[pos - blk[1]] for t in blk[2]]
 
-    def _decode_fused(self, h: torch.Tensor, cache: KVCache) -> bool:
-        """One token of one row through every layer in one kernel call (kernels/fused.cpp), h in
-        place; False where it cannot run (then the layers run one op at a time, the same bits)."""
+    def _decode_fused(self, h: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
+        """One token of one row through every layer and the final norm in one kernel call
+        (kernels/fused.cpp): the normed hidden state (h itself is updated in place); None where it
+        cannot run (then the layers run one op at a time, with the same bits)."""
         lib = fused.kernel_lib()
         if (lib is None or not fused.fused_decode_enabled or not qgemm.decode_attention_enabled or h.shape[0] != 1
                 or torch.is_grad_enabled()):  # autograd: the per-op path (whose norms then are torch's)
-            return False
+            return None
         plan = self._plan
         # id(self): a deepcopy carries the plan along, pointing into the original's weights
         if plan is None or plan[0] != id(self) or plan[1] is not lib or plan[2] is not None and not plan[2].valid(lib):
-            p = fused.gemma3_plan(list(self.model.layers), self.args)
+            p = fused.gemma3_plan(list(self.model.layers), self.model.norm, self.args)
             plan = self._plan = (id(self), lib, p)  # None: this model cannot run fused (kept, not retried)
         if plan[2] is None:
-            return False
+            return None
         return fused.gemma3_decode(plan[2], h, cache.k, cache.v, cache.offset, self._rope_rows(cache.offset, h.dtype))
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False,
@@ -247,7 +248,8 @@ class Model(nn.Module):
         S = input_ids.shape[1]
         h = self.model.embed_tokens(input_ids)
         h = h * torch.tensor(self.args.hidden_size**0.5, dtype=h.dtype)  # rounded to the dtype, as HF does
-        if not (S == 1 and type(cache) is KVCache and self._decode_fused(h, cache)):
+        normed = self._decode_fused(h, cache) if S == 1 and type(cache) is KVCache else None
+        if normed is None:
             step = Step.of(cache, S, input_ids.device)
             positions = step.span.positions
             rope = {"global": self.args.rope_global.cos_sin(positions, "default", h.dtype),
@@ -257,9 +259,10 @@ class Model(nn.Module):
         if cache is not None:
             cache.advance(S)
             cache.tag = "default"
-        if last_only:
-            h = h[:, -1:]
-        h = self.model.norm(h)
+        if normed is not None:
+            h = normed
+        else:
+            h = self.model.norm(h[:, -1:] if last_only else h)
         if hidden:
             return h
         logits = self.lm_head(h)
