@@ -184,13 +184,20 @@ def test_kernel_ops_step_aside_where_they_cannot_run():
 
 
 def test_kernel_argmax_is_torchs():
-    """The greedy draw's argmax: the first largest, as torch's (ties, -inf rows, a strided batch)."""
+    """The greedy draw's argmax: the first largest, as torch's (ties, -inf entries, a strided
+    batch); None for what sampling.finite_choice must see (NaN, +inf, a row of -inf)."""
     g = torch.Generator().manual_seed(0)
     for v in (1, 15, 16, 17, 1000, 262144):
         x = torch.randn(4, v, generator=g)
         x[1, v // 3] = x[1, v // 2] = x[1].max() + 1  # a tie: the first one
-        x[2] = float("-inf")
+        x[2, : v // 2 + 1] = float("-inf")
+        x[2, -1] = 0.5
         x[3, -1] = x[3].max() + 1  # the tail after the 16-wide blocks
         assert torch.equal(fused.argmax(x), x.argmax(-1))
         assert torch.equal(fused.argmax(x[::2]), x[::2].argmax(-1))
+        for bad in (float("nan"), float("inf")):
+            y = x.clone()
+            y[1, v - 1] = bad
+            assert fused.argmax(y) is None
+        assert fused.argmax(torch.full((1, v), float("-inf"))) is None
     assert fused.argmax(torch.randn(2, 8).double()) is None and fused.argmax(torch.randn(3, 8)[:, ::2]) is None

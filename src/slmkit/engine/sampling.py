@@ -32,9 +32,10 @@ def finite_choice(logits: torch.Tensor) -> torch.Tensor:
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
-    x = finite_choice(logits)
-    ids = fused.argmax(x)  # the same index, one thread (torch's argmax: ~0.2 ms over 262144 logits)
-    return x.argmax(dim=-1) if ids is None else ids
+    # the usual case in one pass and one thread: every row free of NaN with a finite largest, the
+    # index torch's argmax gives (its argmax and finite_choice's amax: ~0.25 ms over 262144 logits)
+    ids = fused.argmax(logits)
+    return finite_choice(logits).argmax(dim=-1) if ids is None else ids
 
 
 def draw(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:

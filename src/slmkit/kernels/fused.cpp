@@ -193,19 +193,27 @@ extern "C" int slm_gemma3_decode(int dt, int64_t n_layers, int64_t hidden, int64
     return rc;
 }
 
-// The index of the first largest of x[0..n) (float32, no NaN: the caller checked), as torch.argmax
-// gives it (a greedy step's choice over a 262144-token vocabulary: one thread, no fork / join).
+// The index of the first largest of x[0..n) (float32), as torch.argmax gives it: a greedy step's
+// choice over a 262144-token vocabulary in one thread, no fork / join. -1 where the row has a NaN
+// or its largest is not finite (+inf, or every entry -inf): sampling.finite_choice's cases.
 extern "C" int64_t slm_argmax(const float* x, int64_t n) {
     if (n < 1) return -1;
     float m[16];
-    for (int l = 0; l < 16; ++l) m[l] = -INFINITY;
+    int nan[16];
+    for (int l = 0; l < 16; ++l) m[l] = -INFINITY, nan[l] = 0;
     int64_t i = 0;
     for (; i + 16 <= n; i += 16)
-        for (int l = 0; l < 16; ++l) m[l] = x[i + l] > m[l] ? x[i + l] : m[l];
+        for (int l = 0; l < 16; ++l) {
+            const float v = x[i + l];
+            m[l] = v > m[l] ? v : m[l];
+            nan[l] |= v != v;
+        }
     float best = -INFINITY;
-    for (int l = 0; l < 16; ++l) best = m[l] > best ? m[l] : best;
-    for (; i < n; ++i) best = x[i] > best ? x[i] : best;
+    int bad = 0;
+    for (int l = 0; l < 16; ++l) best = m[l] > best ? m[l] : best, bad |= nan[l];
+    for (; i < n; ++i) best = x[i] > best ? x[i] : best, bad |= x[i] != x[i];
+    if (bad || !isfinite(best)) return -1;
     for (i = 0; i < n; ++i)
         if (x[i] == best) return i;
-    return 0;
+    return -1;
 }

@@ -110,14 +110,16 @@ def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor | None:
-    """torch.argmax(x, dim=-1) of float32 logits [B, V] without NaN (sampling.finite_choice's
-    output), one thread; None where the kernel cannot take them."""
+    """torch.argmax(x, dim=-1) of float32 logits [B, V] in one pass per row, one thread; None where
+    the kernel cannot take them or a row has a NaN or a largest that is not finite (the caller then
+    runs sampling.finite_choice's checks)."""
     lib = kernel_lib()
     if lib is None or x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(1) != 1 \
             or x.shape[1] == 0:
         return None
     base, step, n = x.data_ptr(), x.stride(0) * 4, x.shape[1]
-    return torch.tensor([lib.slm_argmax(base + r * step, n) for r in range(x.shape[0])], dtype=torch.long)
+    ids = [lib.slm_argmax(base + r * step, n) for r in range(x.shape[0])]
+    return None if min(ids) < 0 else torch.tensor(ids, dtype=torch.long)
 
 
 @dataclass
