@@ -34,8 +34,12 @@ def test_lookup_equals_the_dequantized_table(type_name, dtype):
     assert torch.equal(out.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                        want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
     assert emb(torch.arange(37)).equal(table)
+    for i in (0, 15, 16, 36):  # one id (a decode step): its own path, the same rows
+        assert emb(torch.tensor([[i]])).equal(table[i].view(1, 1, -1)) and emb(torch.tensor(i)).equal(table[i])
     with pytest.raises(IndexError):
         emb(torch.tensor([37]))
+    with pytest.raises(IndexError):
+        emb(torch.tensor([[-1]]))
 
 
 @pytest.mark.parametrize(("kind", "qtype_name"), [("gqa", "Q4_0"), ("gemma3", "Q8_0")])

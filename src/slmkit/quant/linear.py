@@ -133,6 +133,8 @@ class QuantEmbedding(nn.Module):
                            self.qweight, self.scales, self.mins, self.super_scales, self.super_mins)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.numel() == 1:
+            return self._one(ids)
         flat = ids.reshape(-1).long()
         if flat.numel() and not (0 <= int(flat.min()) and int(flat.max()) < self.num_embeddings):
             raise IndexError(f"token id out of range [0, {self.num_embeddings})")
@@ -145,6 +147,19 @@ class QuantEmbedding(nn.Module):
                           parts["scales"], parts["mins"], parts["super_scales"], parts["super_mins"])  # type: ignore[arg-type]
         rows = dequantize_weight(sub, torch.float32)[inv * TILE + flat % TILE]
         return rows.to(self.dtype).view(*ids.shape, self.embedding_dim)
+
+    def _one(self, ids: torch.Tensor) -> torch.Tensor:
+        """One id (a decode step's token): its tile as views of the buffers, no unique / index_select
+        (the same tile through the same dequantize_weight, so the same bits)."""
+        i = int(ids.reshape(-1)[0])
+        if not 0 <= i < self.num_embeddings:
+            raise IndexError(f"token id out of range [0, {self.num_embeddings})")
+        t = i // TILE
+        qw = self.weight_q
+        parts = [None if x is None else x[t:t + 1]
+                 for x in (qw.qweight, qw.scales, qw.mins, qw.super_scales, qw.super_mins)]
+        sub = QuantWeight(qw.bits, TILE, qw.k, qw.group, qw.zero, *parts)  # type: ignore[arg-type]
+        return dequantize_weight(sub, torch.float32)[i % TILE].to(self.dtype).view(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int{self.bits} (quantized table), {self.dtype}"
