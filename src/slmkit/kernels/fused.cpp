@@ -196,24 +196,34 @@ extern "C" int slm_gemma3_decode(int dt, int64_t n_layers, int64_t hidden, int64
 // The index of the first largest of x[0..n) (float32), as torch.argmax gives it: a greedy step's
 // choice over a 262144-token vocabulary in one thread, no fork / join. -1 where the row has a NaN
 // or its largest is not finite (+inf, or every entry -inf): sampling.finite_choice's cases.
+typedef float f8v __attribute__((vector_size(32)));  // GCC / Clang vectors: ymm in both builds
+typedef int32_t i8v __attribute__((vector_size(32)));
+
 extern "C" int64_t slm_argmax(const float* x, int64_t n) {
     if (n < 1) return -1;
-    float m[16];
-    int nan[16];
-    for (int l = 0; l < 16; ++l) m[l] = -INFINITY, nan[l] = 0;
+    f8v m = -INFINITY - (f8v){};
+    i8v bad = {};
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int l = 0; l < 16; ++l) {
-            const float v = x[i + l];
-            m[l] = v > m[l] ? v : m[l];
-            nan[l] |= v != v;
-        }
+    for (; i + 8 <= n; i += 8) {
+        f8v v;
+        memcpy(&v, x + i, sizeof v);
+        m = v > m ? v : m;
+        bad |= v != v;
+    }
     float best = -INFINITY;
-    int bad = 0;
-    for (int l = 0; l < 16; ++l) best = m[l] > best ? m[l] : best, bad |= nan[l];
-    for (; i < n; ++i) best = x[i] > best ? x[i] : best, bad |= x[i] != x[i];
-    if (bad || !isfinite(best)) return -1;
-    for (i = 0; i < n; ++i)
+    int nan = 0;
+    for (int l = 0; l < 8; ++l) best = m[l] > best ? m[l] : best, nan |= bad[l];
+    for (; i < n; ++i) best = x[i] > best ? x[i] : best, nan |= x[i] != x[i];
+    if (nan || !isfinite(best)) return -1;
+    for (i = 0; i + 8 <= n; i += 8) {  // the first block holding it, then the first in that block
+        f8v v;
+        memcpy(&v, x + i, sizeof v);
+        const i8v hit = v == best;
+        int any = 0;
+        for (int l = 0; l < 8; ++l) any |= hit[l];
+        if (any) break;
+    }
+    for (; i < n; ++i)
         if (x[i] == best) return i;
     return -1;
 }
