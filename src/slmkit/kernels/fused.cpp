@@ -15,6 +15,7 @@
 // Portable C++ (no intrinsics): built into both libraries, AVX512 and AVX2, with their flags.
 // Activations are float32 (dtype 0) or bfloat16 (1); norm weights float32 or bfloat16.
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,7 +32,8 @@ extern "C" int slm_attn(int dtype, int64_t B, int64_t S, int64_t H, int64_t Hkv,
                         const void* v, int64_t vsb, int64_t vsh, int64_t vst, int64_t L, const int64_t* qpos,
                         int64_t qpb, int64_t qps, int64_t window, float scale, void* out, int nthreads);
 
-static const int64_t SMALL_WORK = 1 << 18;  // kernels/qgemm.py threads_for: one thread below this
+static const int64_t SMALL_WORK = 1 << 18;
+  // kernels/qgemm.py threads_for: one thread below this
 
 static inline float ld(const void* p, int dt, int64_t i) {
     return dt ? bf16_to_f32(((const uint16_t*)p)[i]) : ((const float*)p)[i];
@@ -168,6 +170,23 @@ static int qmm(const int64_t* a, const void* x, int dt, void* out, int nthreads)
                      out, dt, N, K * N < SMALL_WORK ? 1 : nthreads);
 }
 
+// Two linears of the same input at once, one thread each (nested slm_qgemm calls run on their
+// caller's thread): where each alone would leave the second core idle (k and v, below SMALL_WORK)
+// or wait at its own fork / join. Which thread computes an output never changes its bits.
+static int qmm_pair(const int64_t* a, void* oa, const int64_t* b, void* ob, const void* x, int dt, int nthreads) {
+    if (nthreads < 2) {
+        const int rc = qmm(a, x, dt, oa, 1);
+        return rc ? rc : qmm(b, x, dt, ob, 1);
+    }
+    int rc[2] = {0, 0};
+#pragma omp parallel num_threads(2)
+    {
+        const int t = omp_get_thread_num();
+        rc[t] = t ? qmm(b, x, dt, ob, 1) : qmm(a, x, dt, oa, 1);
+    }
+    return rc[0] ? rc[0] : rc[1];
+}
+
 enum { Q, K_, V, O, GATE, UP, DOWN, NLIN };
 enum { N_IN, N_Q, N_K, N_POST_ATTN, N_PRE_FF, N_POST_FF, NNORM };
 static const int64_t LAYER_WORDS = NLIN * 15 + NNORM + 2;  // + window, uses the local rope
@@ -207,8 +226,8 @@ extern "C" int slm_gemma3_decode(int dt, int64_t n_layers, int64_t hidden, int64
         const void* cs = rope[p[NLIN * 15 + NNORM + 1] ? 2 : 0];
         const void* sn = rope[p[NLIN * 15 + NNORM + 1] ? 3 : 1];
         rms_rows(h, hidden, 1, hidden, dt, nw[N_IN], wdt, offset, eps, nullptr, 0, x, hidden);
-        if ((rc = qmm(lin + Q * 15, x, dt, q, nthreads)) || (rc = qmm(lin + K_ * 15, x, dt, k, nthreads)) ||
-            (rc = qmm(lin + V * 15, x, dt, v, nthreads)))
+        if ((rc = qmm(lin + Q * 15, x, dt, q, nthreads)) || (rc = qmm_pair(lin + K_ * 15, k, lin + V * 15, v, x, dt,
+                                                                         nthreads)))
             break;
         rms_rows(q, D, heads, D, dt, nw[N_Q], wdt, offset, eps, nullptr, 0, q, D);
         rms_rows(k, D, kv_heads, D, dt, nw[N_K], wdt, offset, eps, nullptr, 0, k, D);
@@ -227,8 +246,7 @@ extern "C" int slm_gemma3_decode(int dt, int64_t n_layers, int64_t hidden, int64
         if (rc || (rc = qmm(lin + O * 15, att, dt, o, nthreads))) break;
         rms_rows(o, hidden, 1, hidden, dt, nw[N_POST_ATTN], wdt, offset, eps, h, hidden, h, hidden);
         rms_rows(h, hidden, 1, hidden, dt, nw[N_PRE_FF], wdt, offset, eps, nullptr, 0, x, hidden);
-        if ((rc = qmm(lin + GATE * 15, x, dt, g, nthreads)) || (rc = qmm(lin + UP * 15, x, dt, u, nthreads)))
-            break;
+        if ((rc = qmm_pair(lin + GATE * 15, g, lin + UP * 15, u, x, dt, nthreads))) break;
         geglu_rows(g, u, inter, dt, a);
         if ((rc = qmm(lin + DOWN * 15, a, dt, o, nthreads))) break;
         rms_rows(o, hidden, 1, hidden, dt, nw[N_POST_FF], wdt, offset, eps, h, hidden, h, hidden);
