@@ -32,8 +32,7 @@ extern "C" int slm_attn(int dtype, int64_t B, int64_t S, int64_t H, int64_t Hkv,
                         const void* v, int64_t vsb, int64_t vsh, int64_t vst, int64_t L, const int64_t* qpos,
                         int64_t qpb, int64_t qps, int64_t window, float scale, void* out, int nthreads);
 
-static const int64_t SMALL_WORK = 1 << 18;
-  // kernels/qgemm.py threads_for: one thread below this
+static const int64_t SMALL_WORK = 1 << 18;  // kernels/qgemm.py threads_for: one thread below this
 
 static inline float ld(const void* p, int dt, int64_t i) {
     return dt ? bf16_to_f32(((const uint16_t*)p)[i]) : ((const float*)p)[i];
