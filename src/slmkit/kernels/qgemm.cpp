@@ -1,7 +1,8 @@
 // slmkit quantized matmul for x86 CPUs with AVX512-VNNI: y[M, N] = x[M, K] @ W[N, K]^T.
 //
 // W is in slmkit's tiled layout (src/slmkit/quant/format.py): 16 rows x 4 codes per 64 bytes,
-// int4 packing two such chunks per 64 bytes as low / high nibbles; per (tile, group) 16 scales
+// int4 packing two such chunks per 64 bytes as low / high nibbles, 6 and 5 bits as such nibbles plus
+// a vector of the codes' top bits per 16 / 32 k; per (tile, group) 16 scales
 // (float16 or float32) and optional 16 mins.  x is quantized per group to int8 (scale = absmax /
 // 127, round half to even) exactly as qmatmul_reference does, and every group's dot product is an
 // exact int32 sum from vpdpbusd (unsigned codes x signed activations), then
@@ -75,6 +76,14 @@ static inline __m512 load16(const void* p, const float* sup, int64_t i, int64_t 
 }
 
 
+// The top bits of set i (at bit (BITS - 4) * i of each byte) moved to bit 4 (16-bit shifts: what
+// crosses a byte border lands outside the mask applied next).
+template <int BITS>
+static inline __m512i shift_to4(__m512i t, int i) {
+    const int sh = 4 - (BITS - 4) * i;
+    return sh >= 0 ? _mm512_slli_epi16(t, (unsigned)sh) : _mm512_srli_epi16(t, (unsigned)-sh);
+}
+
 struct QW {
     const uint8_t* qw;
     const void* sc;
@@ -92,9 +101,11 @@ static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, co
     const uint8_t* qw = w.qw;
     const int64_t ng = w.ng, G = w.G, KP = w.KP;
     const int zero = w.zero;
-    const int64_t tile_bytes = BITS == 4 ? KP * 8 : KP * 16;
-    const int64_t step = BITS == 4 ? 8 : 4;  // k per 64-byte load
+    constexpr int step = BITS == 8 ? 4 : BITS == 4 ? 8 : BITS == 6 ? 16 : 32;  // k per run of vectors
+    constexpr int vpr = BITS == 6 ? 3 : BITS == 5 ? 5 : 1;                       // 64-byte vectors per run
+    const int64_t tile_bytes = KP / step * vpr * 64;
     const __m512i low = _mm512_set1_epi8(0x0F);
+    const __m512i top_mask = _mm512_set1_epi8(BITS == 6 ? 0x30 : 0x10);  // the top bits' place in a code
     __m512 acc[T][MB];
     for (int t = 0; t < T; ++t)
         for (int m = 0; m < MB; ++m) acc[t][m] = _mm512_setzero_ps();
@@ -106,9 +117,25 @@ static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, co
         for (int64_t c = c0; c < c1; ++c) {
             const int64_t k0 = c * step;
             for (int t = 0; t < T; ++t) {
-                const uint8_t* p = qw + (t0 + t) * tile_bytes + c * 64;
+                const uint8_t* p = qw + (t0 + t) * tile_bytes + c * vpr * 64;
                 __m512i v = _mm512_loadu_si512((const void*)p);
-                if (BITS == 4) {
+                if (BITS == 5 || BITS == 6) {  // nibble vectors, then the top bits of all their sets
+                    const __m512i top = _mm512_loadu_si512((const void*)(p + (vpr - 1) * 64));
+#pragma GCC unroll 4
+                    for (int u = 0; u < vpr - 1; ++u) {
+                        const __m512i x = u ? _mm512_loadu_si512((const void*)(p + u * 64)) : v;
+                        // code = nibble | (top bits of set i, moved to bit 4): (A | (B & C)) = ternlog 0xF8
+                        const __m512i a = _mm512_ternarylogic_epi32(_mm512_and_si512(x, low),
+                                                                    shift_to4<BITS>(top, 2 * u), top_mask, 0xF8);
+                        const __m512i b = _mm512_ternarylogic_epi32(
+                            _mm512_and_si512(_mm512_srli_epi16(x, 4), low), shift_to4<BITS>(top, 2 * u + 1), top_mask,
+                            0xF8);
+                        for (int m = 0; m < MB; ++m) {
+                            is[t][m] = _mm512_dpbusd_epi32(is[t][m], a, bcast4(xq + m * KP + k0 + 8 * u));
+                            is2[t][m] = _mm512_dpbusd_epi32(is2[t][m], b, bcast4(xq + m * KP + k0 + 8 * u + 4));
+                        }
+                    }
+                } else if (BITS == 4) {
                     __m512i lo = _mm512_and_si512(v, low);
                     __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
                     for (int m = 0; m < MB; ++m) {  // one accumulator per row: fewer registers, no spills
@@ -182,7 +209,12 @@ static micro_fn pick_kind(int kind, int mins, int T, int MB) {
 }
 
 static micro_fn pick_all(int bits, int kind, int mins, int T, int MB) {
-    return bits == 4 ? pick_kind<4>(kind, mins, T, MB) : pick_kind<8>(kind, mins, T, MB);
+    switch (bits) {
+        case 4: return pick_kind<4>(kind, mins, T, MB);
+        case 5: return pick_kind<5>(kind, mins, T, MB);
+        case 6: return pick_kind<6>(kind, mins, T, MB);
+        default: return pick_kind<8>(kind, mins, T, MB);
+    }
 }
 
 // x: [M, K] (row stride ldx elements) float32 or bf16.  out: [M, N] (row stride ldo) float32 or bf16.
@@ -191,7 +223,8 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
                          const void* scales, const void* mins, int scale_kind, const float* super_scales,
                          const float* super_mins, int64_t sbg, int bits, int64_t tiles, int64_t KP, int64_t G,
                          int zero, int64_t N, void* out, int out_bf16, int64_t ldo, int nthreads) {
-    if (G <= 0 || G > 256 || G % 16 || KP % G || K > KP || N > tiles * 16 || (bits != 4 && bits != 8)) return -1;
+    if (G <= 0 || G > 256 || G % 16 || KP % G || K > KP || N > tiles * 16) return -1;
+    if ((bits != 4 && bits != 5 && bits != 6 && bits != 8) || (bits == 5 && G % 32)) return -1;
     if (scale_kind < 0 || scale_kind > 3) return -1;
     if (scale_kind >= 2 && (sbg <= 0 || (KP / G) % sbg || !super_scales || (mins && !super_mins))) return -1;
     const int64_t ng = KP / G;

@@ -84,6 +84,14 @@ static inline __m256 load8(const void* p, const float* sup, int64_t i, int64_t s
     return _mm256_loadu_ps((const float*)p + i);
 }
 
+// The top bits of set i (at bit (BITS - 4) * i of each byte) moved to bit 4 (16-bit shifts: what
+// crosses a byte border lands outside the mask applied next).
+template <int BITS>
+static inline __m256i shift_to4(__m256i t, int i) {
+    const int sh = 4 - (BITS - 4) * i;
+    return sh >= 0 ? _mm256_slli_epi16(t, sh) : _mm256_srli_epi16(t, -sh);
+}
+
 struct QW {
     const uint8_t* qw;
     const void* sc;
@@ -99,9 +107,11 @@ template <int BITS, int SK, bool MINS, int H, int MB>
 static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, const int32_t* xs, float* out,
                   int64_t ldo) {
     const int64_t ng = w.ng, G = w.G, KP = w.KP;
-    const int64_t tile_bytes = BITS == 4 ? KP * 8 : KP * 16;
-    const int64_t step = BITS == 4 ? 8 : 4;
+    constexpr int step = BITS == 8 ? 4 : BITS == 4 ? 8 : BITS == 6 ? 16 : 32;  // k per run of vectors
+    constexpr int vpr = BITS == 6 ? 3 : BITS == 5 ? 5 : 1;                       // 64-byte vectors per run
+    const int64_t tile_bytes = KP / step * vpr * 64;
     const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256i top_mask = _mm256_set1_epi8(BITS == 6 ? 0x30 : 0x10);  // the top bits' place in a code
     __m256 acc[H][MB];
     for (int h = 0; h < H; ++h)
         for (int m = 0; m < MB; ++m) acc[h][m] = _mm256_setzero_ps();
@@ -114,8 +124,25 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
             const int64_t k0 = c * step;
             for (int h = 0; h < H; ++h) {
                 const int64_t ht = h0 + h;
-                const uint8_t* p = w.qw + (ht / 2) * tile_bytes + c * 64 + (ht % 2) * 32;
+                const uint8_t* p = w.qw + (ht / 2) * tile_bytes + c * vpr * 64 + (ht % 2) * 32;
                 __m256i v = _mm256_loadu_si256((const __m256i*)p);
+                if (BITS == 5 || BITS == 6) {  // nibble vectors, then the top bits of all their sets;
+                    // codes < 64: vpmaddubsw's pair sums stay below int16's limit (2 * 63 * 127)
+                    const __m256i top = _mm256_loadu_si256((const __m256i*)(p + (vpr - 1) * 64));
+#pragma GCC unroll 4
+                    for (int u = 0; u < vpr - 1; ++u) {
+                        const __m256i x = u ? _mm256_loadu_si256((const __m256i*)(p + u * 64)) : v;
+                        const __m256i a = _mm256_or_si256(_mm256_and_si256(x, low),
+                                                          _mm256_and_si256(shift_to4<BITS>(top, 2 * u), top_mask));
+                        const __m256i b = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(x, 4), low),
+                                                          _mm256_and_si256(shift_to4<BITS>(top, 2 * u + 1), top_mask));
+                        for (int m = 0; m < MB; ++m) {
+                            is[h][m] = dot4(is[h][m], a, bcast4(xq + m * KP + k0 + 8 * u));
+                            is[h][m] = dot4(is[h][m], b, bcast4(xq + m * KP + k0 + 8 * u + 4));
+                        }
+                    }
+                    continue;
+                }
                 __m256i lo = _mm256_and_si256(v, low);
                 __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
                 for (int m = 0; m < MB; ++m) {
@@ -185,7 +212,8 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
         const void* mins, int scale_kind, const float* super_scales, const float* super_mins, int64_t sbg, int bits,
         int64_t tiles, int64_t KP, int64_t G, int zero, int64_t N, void* out, int out_bf16, int64_t ldo,
         int nthreads) {
-    if (G <= 0 || G > 256 || G % 16 || KP % G || K > KP || N > tiles * 16 || (bits != 4 && bits != 8)) return -1;
+    if (G <= 0 || G > 256 || G % 16 || KP % G || K > KP || N > tiles * 16) return -1;
+    if ((bits != 4 && bits != 5 && bits != 6 && bits != 8) || (bits == 5 && G % 32)) return -1;
     if (scale_kind < 0 || scale_kind > 3) return -1;
     if (scale_kind >= 2 && (sbg <= 0 || (KP / G) % sbg || !super_scales || (mins && !super_mins))) return -1;
     const int64_t ng = KP / G;
@@ -219,8 +247,10 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
                     const int mb = (int)(m1c - m0 < MBX ? m1c - m0 : MBX);
                     for (int64_t hs = 0; hs < hh; hs += (hh == H ? H : 2)) {
                         const int hcur = hh == H ? H : 2;
-                        micro_fn f = bits == 4 ? pick_kind<4>(scale_kind, mins != nullptr, hcur, mb)
-                                      : pick_kind<8>(scale_kind, mins != nullptr, hcur, mb);
+                        micro_fn f = bits == 4   ? pick_kind<4>(scale_kind, mins != nullptr, hcur, mb)
+                                     : bits == 5 ? pick_kind<5>(scale_kind, mins != nullptr, hcur, mb)
+                                     : bits == 6 ? pick_kind<6>(scale_kind, mins != nullptr, hcur, mb)
+                                                 : pick_kind<8>(scale_kind, mins != nullptr, hcur, mb);
                         f(w, hb + hs, xq + m0 * KP, dx + m0 * ng, xs + m0 * ng, tmp, 32);
                         for (int m = 0; m < mb; ++m) {
                             const int64_t r0 = (hb + hs) * 8;

@@ -9,6 +9,8 @@
 // Per row r of tile t = r / 16 (j = r % 16) and code u[c] of the row (ggml's element order):
 //   8-bit codes: qweight[t][c / 4][j * 4 + c % 4] = u[c]
 //   4-bit codes: qweight[t][c / 8][j * 4 + c % 4] = u[c] | u[c + 4] << 4      (c % 8 < 4)
+//   6 / 5-bit codes, in runs of S = 16 / 32 codes (format.py): the low 4 bits as 4-bit codes in
+//   S / 8 vectors, then one vector with the rest of each code (set i = c % S / 4 at bit (b - 4) * i)
 //   scales / mins: [t][group][j]; two-level supers (K-quants): [t][block][j] in float32
 // Rows past n (padding to the tile) get code 0, scale 0 and min 0, as the Python repack pads.
 #include <omp.h>
@@ -26,12 +28,12 @@ struct Spec {
 const Spec SPECS[] = {
     {2, 32, 18, 4, 32, 2, 0, 0},     // Q4_0
     {3, 32, 20, 4, 32, 2, 1, 0},     // Q4_1
-    {6, 32, 22, 8, 32, 2, 0, 0},     // Q5_0
-    {7, 32, 24, 8, 32, 2, 1, 0},     // Q5_1
+    {6, 32, 22, 5, 32, 2, 0, 0},     // Q5_0
+    {7, 32, 24, 5, 32, 2, 1, 0},     // Q5_1
     {8, 32, 34, 8, 32, 2, 0, 0},     // Q8_0
     {12, 256, 144, 4, 32, 1, 1, 1},  // Q4_K
-    {13, 256, 176, 8, 32, 1, 1, 1},  // Q5_K
-    {14, 256, 210, 8, 16, 1, 0, 1},  // Q6_K
+    {13, 256, 176, 5, 32, 1, 1, 1},  // Q5_K
+    {14, 256, 210, 6, 16, 1, 0, 1},  // Q6_K
 };
 
 const Spec* find_spec(int type) {
@@ -162,7 +164,10 @@ void block_scales(int type, const uint8_t* p, uint8_t* sc, uint8_t* mn, float* s
 void repack_row(const Spec& s, const uint8_t* src, int64_t k, int64_t t, int j, uint8_t* qweight, uint8_t* scales,
                 uint8_t* mins, float* ssup, float* msup) {
     const int64_t blocks = k / s.block, gpb = s.block / s.group, groups = blocks * gpb;
-    const int64_t chunks = s.bits == 4 ? k / 8 : k / 4;  // 64-byte chunks per tile
+    // 64-byte vectors per tile, and per run of S codes (S: 4 codes for 8 bits, 8 for 4, 16 for 6, 32 for 5)
+    const int S = s.bits == 8 ? 4 : s.bits == 4 ? 8 : s.bits == 6 ? 16 : 32;
+    const int vpr = s.bits == 6 ? 3 : s.bits == 5 ? 5 : 1;
+    const int64_t chunks = k / S * vpr;
     uint8_t* q = qweight + t * chunks * 64 + j * 4;
     uint8_t u[256], sc[16 * 2], mn[16 * 2];
     float ss = 0.f, ms = 0.f;
@@ -178,10 +183,23 @@ void repack_row(const Spec& s, const uint8_t* src, int64_t k, int64_t t, int j, 
         }
         if (s.bits == 8) {
             for (int c = 0; c < s.block; c += 4) memcpy(q + (b * s.block + c) / 4 * 64, u + c, 4);
-        } else {
+        } else if (s.bits == 4) {
             for (int c = 0; c < s.block; c += 8) {
                 uint8_t* o = q + (b * s.block + c) / 8 * 64;
                 for (int i = 0; i < 4; ++i) o[i] = (uint8_t)(u[c + i] | (u[c + 4 + i] << 4));
+            }
+        } else {
+            for (int c = 0; c < s.block; c += S) {
+                uint8_t* o = q + (b * s.block + c) / S * vpr * 64;
+                uint8_t top[4] = {0, 0, 0, 0};
+                for (int v = 0; v + 1 < vpr; ++v)
+                    for (int l = 0; l < 4; ++l) {
+                        const uint8_t a = u[c + 8 * v + l], h = u[c + 8 * v + 4 + l];
+                        o[v * 64 + l] = (uint8_t)((a & 0x0F) | ((h & 0x0F) << 4));
+                        top[l] |= (uint8_t)(((a >> 4) << ((s.bits - 4) * 2 * v)) |
+                                            ((h >> 4) << ((s.bits - 4) * (2 * v + 1))));
+                    }
+                memcpy(o + (vpr - 1) * 64, top, 4);
             }
         }
         for (int64_t g = 0; g < gpb; ++g) {
