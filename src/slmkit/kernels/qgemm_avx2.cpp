@@ -72,6 +72,12 @@ static inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
 #endif
 }
 
+// is += the int16 pair sums in p (widened: pairs of them added as int32, exact), p = 0.
+static inline void flush16(__m256i& is, __m256i& p) {
+    is = _mm256_add_epi32(is, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+    p = _mm256_setzero_si256();
+}
+
 // Scale kinds as in qgemm.cpp: 0 float32, 1 float16, 2 uint8 / 3 int8 x float32 super-scale.
 template <int SK>
 static inline __m256 load8(const void* p, const float* sup, int64_t i, int64_t si) {
@@ -117,8 +123,9 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
         for (int m = 0; m < MB; ++m) acc[h][m] = _mm256_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
         __m256i is[H][MB], hi8[H][MB];  // hi8: int8 codes' high nibbles (x16 at the end), without VNNI
+        __m256i p16[H][MB];              // without VNNI: int16 pair sums not yet widened into is
         for (int h = 0; h < H; ++h)
-            for (int m = 0; m < MB; ++m) is[h][m] = hi8[h][m] = _mm256_setzero_si256();
+            for (int m = 0; m < MB; ++m) is[h][m] = hi8[h][m] = p16[h][m] = _mm256_setzero_si256();
         const int64_t c0 = g * G / step, c1 = (g + 1) * G / step;
         for (int64_t c = c0; c < c1; ++c) {
             const int64_t k0 = c * step;
@@ -137,8 +144,16 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
                         const __m256i b = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(x, 4), low),
                                                           _mm256_and_si256(shift_to4<BITS>(top, 2 * u + 1), top_mask));
                         for (int m = 0; m < MB; ++m) {
+#ifdef SLM_VNNI
                             is[h][m] = dot4(is[h][m], a, bcast4(xq + m * KP + k0 + 8 * u));
                             is[h][m] = dot4(is[h][m], b, bcast4(xq + m * KP + k0 + 8 * u + 4));
+#else  // int16 pair sums: |each| <= 2 * 63 * 127 (6 bits) or 2 * 31 * 127 (5 bits): 2 or 4 fit
+                            p16[h][m] = _mm256_add_epi16(p16[h][m],
+                                                         _mm256_maddubs_epi16(a, bcast4(xq + m * KP + k0 + 8 * u)));
+                            p16[h][m] = _mm256_add_epi16(
+                                p16[h][m], _mm256_maddubs_epi16(b, bcast4(xq + m * KP + k0 + 8 * u + 4)));
+                            if (BITS == 6 || (u & 1)) flush16(is[h][m], p16[h][m]);
+#endif
                         }
                     }
                     continue;
@@ -148,8 +163,13 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
                 for (int m = 0; m < MB; ++m) {
                     const __m256i xa = bcast4(xq + m * KP + k0);
                     if (BITS == 4) {
+#ifdef SLM_VNNI
                         is[h][m] = dot4(is[h][m], lo, xa);
                         is[h][m] = dot4(is[h][m], hi, bcast4(xq + m * KP + k0 + 4));
+#else  // int16 pair sums (|each| <= 2 * 15 * 127) of up to 4 chunks, then widened once
+                        p16[h][m] = _mm256_add_epi16(p16[h][m], _mm256_maddubs_epi16(lo, xa));
+                        p16[h][m] = _mm256_add_epi16(p16[h][m], _mm256_maddubs_epi16(hi, bcast4(xq + m * KP + k0 + 4)));
+#endif
                     } else {
 #ifdef SLM_VNNI
                         is[h][m] = dot4(is[h][m], v, xa);
@@ -160,6 +180,11 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
                     }
                 }
             }
+#ifndef SLM_VNNI
+            if (BITS == 4 && (((c - c0) & 3) == 3 || c == c1 - 1))  // 4-bit: every 4 chunks (8 pair sums)
+                for (int h = 0; h < H; ++h)
+                    for (int m = 0; m < MB; ++m) flush16(is[h][m], p16[h][m]);
+#endif
         }
         for (int h = 0; h < H; ++h) {
             const int64_t ht = h0 + h, t = ht / 2, off = (ht % 2) * 8;
