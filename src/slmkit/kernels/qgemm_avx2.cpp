@@ -3,9 +3,9 @@
 //
 // Every group's dot product is an exact int32 sum, as with vpdpbusd in qgemm.cpp: with AVX-VNNI its
 // 256-bit form (this file compiled a second time with -mavxvnni -DSLM_VNNI, used where the CPU has
-// avx_vnni); without it vpmaddubsw on 4-bit values (an int4 code, or an int8 code's low and high
-// nibble: products and pair sums stay far below int16's limit, so nothing saturates), widened by
-// vpmaddwd. Then the same float32 steps in the same order as qgemm.cpp:
+// avx_vnni); without it vpmaddubsw (4-, 5- and 6-bit codes as they are, their int16 pair sums added
+// a few at a time; int8 codes as |u - 128| times the activation with u - 128's sign: nothing
+// saturates), widened by vpmaddwd. Then the same float32 steps in the same order as qgemm.cpp:
 //     y += (isum - zero * xsum) * (scale * dx);  y += min * (dx * xsum)
 // Never executes an AVX512 instruction (compiled without -mavx512*).
 #include <omp.h>
@@ -67,7 +67,7 @@ static inline __m256i bcast4(const int8_t* p) {
 static inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
 #ifdef SLM_VNNI
     return _mm256_dpbusd_avx_epi32(acc, u, s);
-#else  // u < 16 here: |pair sums| <= 2 * 15 * 128, no int16 saturation
+#else  // the callers keep |pair sums| below 2^15 (no int16 saturation)
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 #endif
 }
@@ -122,10 +122,10 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
     for (int h = 0; h < H; ++h)
         for (int m = 0; m < MB; ++m) acc[h][m] = _mm256_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
-        __m256i is[H][MB], hi8[H][MB];  // hi8: int8 codes' high nibbles (x16 at the end), without VNNI
-        __m256i p16[H][MB];              // without VNNI: int16 pair sums not yet widened into is
+        __m256i is[H][MB];
+        __m256i p16[H][MB];  // without VNNI: int16 pair sums not yet widened into is
         for (int h = 0; h < H; ++h)
-            for (int m = 0; m < MB; ++m) is[h][m] = hi8[h][m] = p16[h][m] = _mm256_setzero_si256();
+            for (int m = 0; m < MB; ++m) is[h][m] = p16[h][m] = _mm256_setzero_si256();
         const int64_t c0 = g * G / step, c1 = (g + 1) * G / step;
         for (int64_t c = c0; c < c1; ++c) {
             const int64_t k0 = c * step;
@@ -173,9 +173,10 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
                     } else {
 #ifdef SLM_VNNI
                         is[h][m] = dot4(is[h][m], v, xa);
-#else
-                        is[h][m] = dot4(is[h][m], lo, xa);
-                        hi8[h][m] = dot4(hi8[h][m], hi, xa);
+#else  // signed codes w = u - 128: |w| x sign(x, w) pair sums <= 2 * 128 * 127 (|x| <= 127), exact;
+       // the 128 * sum(x) this leaves out is added back in the epilogue
+                        const __m256i ws = _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80));
+                        is[h][m] = dot4(is[h][m], _mm256_abs_epi8(ws), _mm256_sign_epi8(xa, ws));
 #endif
                     }
                 }
@@ -193,9 +194,13 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
             __m256 s = load8<SK>(w.sc, w.ssc, si, ssi);
             __m256 mv = MINS ? load8<SK == 3 ? 2 : SK>(w.mn, w.smn, si, ssi) : _mm256_setzero_ps();
             for (int m = 0; m < MB; ++m) {
-                __m256i i = BITS == 8 ? _mm256_add_epi32(is[h][m], _mm256_slli_epi32(hi8[h][m], 4)) : is[h][m];
                 const float d = dx[m * ng + g];
                 const int32_t qs = xs[m * ng + g];
+#ifdef SLM_VNNI
+                __m256i i = is[h][m];
+#else
+                __m256i i = BITS == 8 ? _mm256_add_epi32(is[h][m], _mm256_set1_epi32(128 * qs)) : is[h][m];
+#endif
                 if (w.zero) i = _mm256_sub_epi32(i, _mm256_set1_epi32(w.zero * qs));
                 acc[h][m] = _mm256_add_ps(acc[h][m],
                                           _mm256_mul_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(s, _mm256_set1_ps(d))));
