@@ -168,25 +168,34 @@ inline void block_scales(int type, const uint8_t* p, uint8_t* sc, uint8_t* mn, f
 // codes 8v..8v+3 low and 8v+4..8v+7 high, so vectors 0, 1 come from the low nibbles, 2, 3 from the
 // high ones. Q5: a fifth vector, bit i of byte l = the fifth bit of code 4i + l (qh bit 4i + l).
 // scales / mins: this row's slot of the block's group (stride 16 float16 values).
+// 16 bytes of nibbles (byte i: code i low, code i + 16 high) -> our 4-bit vectors' 4 bytes for codes
+// 0..7 and 8..15 (from the low nibbles) at lo, lo + 64, and 16..23, 24..31 (the high ones) at hi, hi + 64.
+__attribute__((always_inline)) inline void nibble_chunks(const uint8_t* src, uint8_t* lo, uint8_t* hi) {
+    const __m128i m = _mm_set1_epi8(0x0F);
+    const __m128i Q = _mm_loadu_si128((const __m128i*)src);
+    const __m128i L = _mm_and_si128(Q, m), H = _mm_and_si128(_mm_srli_epi16(Q, 4), m);
+    // bytes 0..3 and 8..11: nibbles of codes 0..3 | 4..7 << 4, and 8..11 | 12..15 << 4
+    const __m128i A = _mm_or_si128(L, _mm_slli_epi16(_mm_srli_si128(L, 4), 4));
+    const __m128i B = _mm_or_si128(H, _mm_slli_epi16(_mm_srli_si128(H, 4), 4));
+    const int32_t v[4] = {_mm_cvtsi128_si32(A), _mm_extract_epi32(A, 2), _mm_cvtsi128_si32(B),
+                          _mm_extract_epi32(B, 2)};
+    memcpy(lo, &v[0], 4);
+    memcpy(lo + 64, &v[1], 4);
+    memcpy(hi, &v[2], 4);
+    memcpy(hi + 64, &v[3], 4);
+}
+
 template <int TYPE>
 inline void legacy_row(const uint8_t* src, int64_t blocks, uint8_t* q, uint8_t* scales, uint8_t* mins) {
     constexpr bool five = TYPE == 6 || TYPE == 7, with_min = TYPE == 3 || TYPE == 7;
     constexpr int size = TYPE == 2 ? 18 : TYPE == 3 ? 20 : TYPE == 6 ? 22 : 24;
     constexpr int head = with_min ? 4 : 2, qs_at = head + (five ? 4 : 0), vpb = five ? 5 : 4;
-    const __m128i m = _mm_set1_epi8(0x0F);
     for (int64_t b = 0; b < blocks; ++b) {
         const uint8_t* p = src + b * size;
         memcpy(scales + b * 32, p, 2);
         if (with_min) memcpy(mins + b * 32, p + 2, 2);
-        const __m128i Q = _mm_loadu_si128((const __m128i*)(p + qs_at));
-        const __m128i L = _mm_and_si128(Q, m), H = _mm_and_si128(_mm_srli_epi16(Q, 4), m);
-        // bytes 0..3 and 8..11 of A: low nibbles of codes 0..3 | 4..7 << 4, and 8..11 | 12..15 << 4
-        const __m128i A = _mm_or_si128(L, _mm_slli_epi16(_mm_srli_si128(L, 4), 4));
-        const __m128i B = _mm_or_si128(H, _mm_slli_epi16(_mm_srli_si128(H, 4), 4));
         uint8_t* o = q + b * vpb * 64;
-        const int32_t v[4] = {_mm_cvtsi128_si32(A), _mm_extract_epi32(A, 2), _mm_cvtsi128_si32(B),
-                              _mm_extract_epi32(B, 2)};
-        for (int i = 0; i < 4; ++i) memcpy(o + i * 64, &v[i], 4);
+        nibble_chunks(p + qs_at, o, o + 128);
         if (five) {
             uint32_t qh;
             memcpy(&qh, p + head, 4);
@@ -229,7 +238,15 @@ void repack_row(const uint8_t* src, int64_t k, int64_t t, int j, uint8_t* qweigh
         }
     }
     for (int64_t b = 0; b < blocks; ++b) {
-        if (src) {
+        if (TYPE == 12 && src) {  // Q4_K: the codes 16 bytes at a time, straight into place
+            const uint8_t* p = src + b * s.size;
+            block_scales(s.type, p, sc, mn, &ss, &ms);
+            uint8_t* o = q + b * 32 * 64;
+            for (int h = 0; h < 8; ++h) {  // qs bytes 16h..16h+15: sub-block r = h / 2, its half h % 2
+                const int r = h / 2, half = h % 2;
+                nibble_chunks(p + 16 + 16 * h, o + (8 * r + 2 * half) * 64, o + (8 * r + 4 + 2 * half) * 64);
+            }
+        } else if (src) {
             const uint8_t* p = src + b * s.size;
             block_codes(s.type, p, u);
             block_scales(s.type, p, sc, mn, &ss, &ms);
@@ -238,7 +255,9 @@ void repack_row(const uint8_t* src, int64_t k, int64_t t, int j, uint8_t* qweigh
             memset(sc, 0, sizeof sc);
             memset(mn, 0, sizeof mn);
         }
-        if (s.bits == 8) {
+        if (TYPE == 12 && src) {
+            // written above
+        } else if (s.bits == 8) {
             for (int c = 0; c < s.block; c += 4) memcpy(q + (b * s.block + c) / 4 * 64, u + c, 4);
         } else if (s.bits == 4) {
             for (int c = 0; c < s.block; c += 8) {
