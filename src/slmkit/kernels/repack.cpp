@@ -185,6 +185,27 @@ __attribute__((always_inline)) inline void nibble_chunks(const uint8_t* src, uin
     memcpy(hi + 64, &v[3], 4);
 }
 
+// One Q6_K block's 256 codes as 16 runs of our 6-bit layout at o (3 vectors of 64 bytes a run; this
+// row's 4 bytes in each). Code 128h + 32s + i (half h, quarter s, i < 32): low 4 bits from ql byte
+// 64h + 32(s % 2) + i (its low nibble for s < 2, high for s >= 2), top 2 bits from qh byte 32h + i
+// at bit 2s. A run of 16 codes has its nibbles in 16 consecutive ql bytes and its top bits in 16 qh bytes.
+inline void q6k_runs(const uint8_t* p, uint8_t* o) {
+    const __m128i m4 = _mm_set1_epi8(0x0F), m2 = _mm_set1_epi8(0x03);
+    for (int r = 0; r < 16; ++r) {  // codes 16r..16r+15: h = r / 8, s = r / 2 % 4, e = r % 2
+        const int h = r / 8, sq = r / 2 % 4, e = r % 2;
+        const __m128i L = _mm_loadu_si128((const __m128i*)(p + 64 * h + 32 * (sq % 2) + 16 * e));
+        const __m128i N = sq < 2 ? _mm_and_si128(L, m4) : _mm_and_si128(_mm_srli_epi16(L, 4), m4);
+        const __m128i A = _mm_or_si128(N, _mm_slli_epi16(_mm_srli_si128(N, 4), 4));  // bytes 0..3, 8..11
+        const __m128i Hq = _mm_loadu_si128((const __m128i*)(p + 128 + 32 * h + 16 * e));
+        const __m128i T = _mm_and_si128(_mm_srl_epi16(Hq, _mm_cvtsi32_si128(2 * sq)), m2);
+        __m128i top = _mm_or_si128(T, _mm_slli_epi16(_mm_srli_si128(T, 4), 2));
+        top = _mm_or_si128(top, _mm_slli_epi16(_mm_srli_si128(T, 8), 4));
+        top = _mm_or_si128(top, _mm_slli_epi16(_mm_srli_si128(T, 12), 6));
+        const int32_t v[3] = {_mm_cvtsi128_si32(A), _mm_extract_epi32(A, 2), _mm_cvtsi128_si32(top)};
+        for (int i = 0; i < 3; ++i) memcpy(o + (3 * r + i) * 64, &v[i], 4);
+    }
+}
+
 template <int TYPE>
 inline void legacy_row(const uint8_t* src, int64_t blocks, uint8_t* q, uint8_t* scales, uint8_t* mins) {
     constexpr bool five = TYPE == 6 || TYPE == 7, with_min = TYPE == 3 || TYPE == 7;
@@ -238,7 +259,11 @@ void repack_row(const uint8_t* src, int64_t k, int64_t t, int j, uint8_t* qweigh
         }
     }
     for (int64_t b = 0; b < blocks; ++b) {
-        if (TYPE == 12 && src) {  // Q4_K: the codes 16 bytes at a time, straight into place
+        if (TYPE == 14 && src) {  // Q6_K: a run of 16 codes at a time, straight into place
+            const uint8_t* p = src + b * s.size;
+            block_scales(s.type, p, sc, mn, &ss, &ms);
+            q6k_runs(p, q + b * 16 * 3 * 64);
+        } else if (TYPE == 12 && src) {  // Q4_K: the codes 16 bytes at a time, straight into place
             const uint8_t* p = src + b * s.size;
             block_scales(s.type, p, sc, mn, &ss, &ms);
             uint8_t* o = q + b * 32 * 64;
@@ -255,7 +280,7 @@ void repack_row(const uint8_t* src, int64_t k, int64_t t, int j, uint8_t* qweigh
             memset(sc, 0, sizeof sc);
             memset(mn, 0, sizeof mn);
         }
-        if (TYPE == 12 && src) {
+        if ((TYPE == 12 || TYPE == 14) && src) {
             // written above
         } else if (s.bits == 8) {
             for (int c = 0; c < s.block; c += 4) memcpy(q + (b * s.block + c) / 4 * 64, u + c, 4);
