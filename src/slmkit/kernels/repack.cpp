@@ -206,6 +206,39 @@ inline void q6k_runs(const uint8_t* p, uint8_t* o) {
     }
 }
 
+// One Q5_K block's 256 codes as 8 runs of our 5-bit layout at o (5 vectors a run; this row's 4 bytes
+// in each). Run s (codes 32s..32s+31): low 4 bits from qs bytes 32(s / 2)..+31 (low nibbles for even
+// s, high for odd), the fifth bit of code 32s + j from bit s of qh byte j.
+inline void q5k_runs(const uint8_t* p, uint8_t* o) {
+    const __m128i m4 = _mm_set1_epi8(0x0F), m1 = _mm_set1_epi8(0x01);
+    const uint8_t* qh = p + 16;
+    const uint8_t* qs = p + 48;
+    for (int s = 0; s < 8; ++s) {
+        uint8_t* out = o + s * 5 * 64;
+        for (int half = 0; half < 2; ++half) {  // codes 16 * half .. + 15 of the run: vectors 2 half, 2 half + 1
+            const __m128i L = _mm_loadu_si128((const __m128i*)(qs + 32 * (s / 2) + 16 * half));
+            const __m128i N = s % 2 ? _mm_and_si128(_mm_srli_epi16(L, 4), m4) : _mm_and_si128(L, m4);
+            const __m128i A = _mm_or_si128(N, _mm_slli_epi16(_mm_srli_si128(N, 4), 4));
+            const int32_t v[2] = {_mm_cvtsi128_si32(A), _mm_extract_epi32(A, 2)};
+            memcpy(out + (2 * half) * 64, &v[0], 4);
+            memcpy(out + (2 * half + 1) * 64, &v[1], 4);
+        }
+        const __m128i sh = _mm_cvtsi32_si128(s);
+        const __m128i T0 = _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128((const __m128i*)qh), sh), m1);
+        const __m128i T1 = _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128((const __m128i*)(qh + 16)), sh), m1);
+        // bit i of byte l: code 4i + l's fifth bit (from T0 for i < 4, T1 for i >= 4)
+        __m128i top = _mm_or_si128(T0, _mm_slli_epi16(_mm_srli_si128(T0, 4), 1));
+        top = _mm_or_si128(top, _mm_slli_epi16(_mm_srli_si128(T0, 8), 2));
+        top = _mm_or_si128(top, _mm_slli_epi16(_mm_srli_si128(T0, 12), 3));
+        top = _mm_or_si128(top, _mm_slli_epi16(T1, 4));
+        top = _mm_or_si128(top, _mm_slli_epi16(_mm_srli_si128(T1, 4), 5));
+        top = _mm_or_si128(top, _mm_slli_epi16(_mm_srli_si128(T1, 8), 6));
+        top = _mm_or_si128(top, _mm_slli_epi16(_mm_srli_si128(T1, 12), 7));
+        const int32_t t = _mm_cvtsi128_si32(top);
+        memcpy(out + 4 * 64, &t, 4);
+    }
+}
+
 template <int TYPE>
 inline void legacy_row(const uint8_t* src, int64_t blocks, uint8_t* q, uint8_t* scales, uint8_t* mins) {
     constexpr bool five = TYPE == 6 || TYPE == 7, with_min = TYPE == 3 || TYPE == 7;
@@ -263,6 +296,10 @@ void repack_row(const uint8_t* src, int64_t k, int64_t t, int j, uint8_t* qweigh
             const uint8_t* p = src + b * s.size;
             block_scales(s.type, p, sc, mn, &ss, &ms);
             q6k_runs(p, q + b * 16 * 3 * 64);
+        } else if (TYPE == 13 && src) {  // Q5_K: a run of 32 codes at a time, straight into place
+            const uint8_t* p = src + b * s.size;
+            block_scales(s.type, p, sc, mn, &ss, &ms);
+            q5k_runs(p, q + b * 8 * 5 * 64);
         } else if (TYPE == 12 && src) {  // Q4_K: the codes 16 bytes at a time, straight into place
             const uint8_t* p = src + b * s.size;
             block_scales(s.type, p, sc, mn, &ss, &ms);
@@ -280,7 +317,7 @@ void repack_row(const uint8_t* src, int64_t k, int64_t t, int j, uint8_t* qweigh
             memset(sc, 0, sizeof sc);
             memset(mn, 0, sizeof mn);
         }
-        if ((TYPE == 12 || TYPE == 14) && src) {
+        if ((TYPE == 12 || TYPE == 13 || TYPE == 14) && src) {
             // written above
         } else if (s.bits == 8) {
             for (int c = 0; c < s.block; c += 4) memcpy(q + (b * s.block + c) / 4 * 64, u + c, 4);
