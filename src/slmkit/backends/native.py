@@ -191,25 +191,24 @@ class NativeBackend:
                                                              session, images))
             return
         if self.batch is not None and session is None:
-            if options.speculative in ("ngram", "draft"):  # "auto" decodes plainly there
+            if options.speculative == "draft":  # rows draft by prompt lookup ("ngram"; "auto" for long prompts)
                 raise UnsupportedByBackendError("speculative", "native continuous-batching",
-                                                "rows of a batch step decode one token each; speculative='auto' "
-                                                "or 'none' runs there")
+                                                "rows of a batch step draft by prompt lookup only; "
+                                                "speculative='ngram', 'auto' or 'none' runs there")
             steps = self.batch.submit(ids, params, want, entries, want_routing=options.return_routing)
         elif self.prompt_cache and session is None:
             steps = self._cached(ids, params, want, entries)
         else:
             steps = self._generate(ids, params, session, want, entries)
-        for item in steps:  # (token, reason, lp[, routing] | [, drafted, accepted]); lp: (token, logprob, top) or None
+        for item in steps:  # (token, reason, lp[, routing][, drafted, accepted]); lp: (token, logprob, top) or None
             token, reason, lp = item[:3]
             self.tokens_generated += 1
-            extra = item[3:]
-            if extra and isinstance(extra[0], dict):  # the batch engine's (layer -> (ids, weights)) for this row
-                step = TokenStep(token, reason)
-                step.routing = _token_routing(extra[0])
-            else:  # the Generator's speculative totals (none in a batch)
-                drafted, accepted = extra[:2] if len(extra) >= 2 else (0, 0)
-                step = TokenStep(token, reason, drafted=drafted, accepted=accepted)
+            extra = list(item[3:])
+            routing = extra.pop(0) if extra and isinstance(extra[0], dict) else None  # the batch engine's, this row's
+            drafted, accepted = extra[:2] if len(extra) >= 2 else (0, 0)  # speculative totals so far
+            step = TokenStep(token, reason, drafted=drafted, accepted=accepted)
+            if routing is not None:
+                step.routing = _token_routing(routing)
             if lp is not None:
                 step.logprob, step.top_logprobs = lp[1], (lp[2] if options.top_logprobs else None)
             yield step

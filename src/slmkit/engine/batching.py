@@ -13,6 +13,15 @@ LongRoPE (Phi-3 128k, Phi-3.5): each row takes the frequency set of its own leng
 grows past original_max is re-prefilled in its slot with the long set (the Generator's rule), and
 a prompt already longer than that is prefilled in one piece.
 
+Speculative decoding (prompt lookup, engine/speculative.py): a row whose request speculates (the
+Generator's rule: "ngram", or "auto" with a long prompt) drafts from its own sequence; the step's
+one pass then feeds each row its pending token and its drafts, every row padded to the widest
+(padding sits past the row's last real position, so the causal mask hides it from the row's own
+queries and later steps overwrite it). Each row's drafts are verified on its logits by the same
+Speculator as a single request's, its cache length rolls back to the kept tokens, and those go
+out through its Generator one by one (stops, limits, logprobs as in plain decoding). The width
+never takes a row past its slot or a short-regime row past the LongRoPE crossover.
+
 Faults stay as small as they can: an error in one row's sampling, grammar or prefill ends that
 request alone (its iterator raises it); an error in a shared forward pass ends the rows of that
 step; the engine goes on. Should the thread stop anyway, it first marks itself dead (`dead`,
@@ -33,6 +42,7 @@ from ..streams import END as _END
 from ..streams import Stream
 from .generator import FINISH_LENGTH, Generator, GeneratorParams
 from .images import ImageEntry
+from .speculative import Speculator
 
 KV_HEADROOM_BYTES = 512 * 2**20  # left free for activations, the tokenizer, the server
 
@@ -46,6 +56,7 @@ class _Request:
     out: Stream = field(default_factory=Stream)
     cancelled: threading.Event = field(default_factory=threading.Event)
     cache: KVCache | None = None  # the prompt's own cache while it prefills
+    spec: Speculator | None = None  # its drafter / verifier, when it speculates
 
 
 class BatchEngine:
@@ -86,16 +97,18 @@ class BatchEngine:
 
     def submit(self, prompt: Sequence[int], params: GeneratorParams, want_logprobs: bool = False,
                images: Mapping[int, ImageEntry] | None = None, want_routing: bool = False) -> Iterator[tuple]:
-        """Queue a request; yields (token, finish_reason, logprob info[, routing]) as the engine
-        produces them: with want_routing, each step's expert choices (layer -> (ids, weights)) of
-        its row in the pass that chose the token. Closing the iterator early cancels the request
-        (its slot is freed before the next step)."""
+        """Queue a request; yields (token, finish_reason, logprob info[, routing][, drafted,
+        accepted]) as the engine produces them: with want_routing, each step's expert choices
+        (layer -> (ids, weights)) of its row in the pass that chose the token; when it speculates,
+        its drafted / accepted totals so far. Closing the iterator early cancels the request (its
+        slot is freed before the next step)."""
         gen = Generator(self.engine, params, external_logits=True)
         gen.max_length = min(gen.max_length, self.slot_context)
         if images:
             gen.add_images(images)  # the prompt's image tokens (engine.attach_images)
         gen.append_tokens(list(prompt))  # validates ids and length in the caller's thread
-        req = _Request(gen, list(prompt), want_logprobs, want_routing)
+        spec = gen.speculate_for_caller()  # and the drafting mode (refusals by name, here too)
+        req = _Request(gen, list(prompt), want_logprobs, want_routing, spec=spec)
         with self._life:  # a request queued here is either failed by _die or run, never left waiting
             if self.dead is not None:
                 raise EngineError(f"the batch engine has stopped ({self.dead}); restart the server or "
@@ -211,15 +224,75 @@ class BatchEngine:
                 continue
             if self.engine.rope_crossover is not None:
                 self._cross_long_rope()
-            ids = torch.tensor([[r.gen.get_next_tokens()[0]] for r in self.rows], device=self.engine.device)
+            if self.rows:
+                self._decode()
+
+    def _decode(self) -> None:
+        """One pass for every row: its pending token, then (a row that speculates) its drafts,
+        every row padded to the widest; then each row's tokens out."""
+        drafts = self._drafts()
+        width = 1 + max(len(d) for d in drafts)
+        pending = [r.gen.get_next_tokens()[0] for r in self.rows]
+        if width == 1:  # no drafts: a plain decode step
+            ids = torch.tensor([[t] for t in pending], device=self.engine.device)
             logits = self.engine.forward_slots(ids, self.cache)
             self.steps += 1
             for i in reversed(range(len(self.rows))):
                 self._step(i, logits[i:i + 1])
+            return
+        ids = torch.tensor([[t] + d + [t] * (width - 1 - len(d)) for t, d in zip(pending, drafts)],
+                           device=self.engine.device)
+        logits = self.engine.forward_slots(ids, self.cache, last_only=False)  # [n, width, V]
+        self.steps += 1
+        for i in reversed(range(len(self.rows))):  # reversed: a leaving row's slot takes the last row
+            self.cache.lens[i] -= width - 1  # the pending token's key stays; drafts' keys as verified
+            if drafts[i]:
+                self._verify(i, drafts[i], logits[i, :len(drafts[i]) + 1])
+            else:
+                self._step(i, logits[i, :1], pos=0)
+
+    def _drafts(self) -> list[list[int]]:
+        """Each row's drafts for this step ([] for a plain row): as many as its Speculator plans
+        (room for the tokens after them, its own crossover), and no more than keep the widest
+        row of the pass inside every slot and every short-regime row short of the LongRoPE
+        crossover (a row's frequency set follows the last position it is fed, padding included)."""
+        if not any(r.spec is not None for r in self.rows):
+            return [[] for _ in self.rows]
+        lens = [int(n) for n in self.cache.lens[: len(self.rows)]]
+        width = min(self.cache.capacity - n for n in lens)
+        crossover = self.engine.rope_crossover
+        if crossover is not None:
+            width = min([width] + [crossover - n for n in lens if n < crossover])
+        return [r.spec.plan(r.gen, width - 1)[0] if r.spec is not None and width > 1 else [] for r in self.rows]
+
+    def _verify(self, i: int, drafts: list[int], logits: torch.Tensor) -> None:
+        """Row i's drafts against its logits [len(drafts) + 1, V]: the kept tokens go out one by
+        one through its Generator until it stops; its cache keeps their keys, less the last."""
+        req = self.rows[i]
+        assert req.spec is not None
+        try:  # the row's processors and draws, as in _step: a failure ends this request only
+            out = req.spec.verify(req.gen, drafts, None, logits)
+        except Exception as e:  # noqa: BLE001
+            return self._fail(i, e)
+        self.cache.lens[i] += len(out) - 1
+        self._emit(i, out, 0)
+
+    def _emit(self, i: int, out: list, first: int) -> None:
+        """A verified run of row i (its cache already holds the kept tokens' keys, less the last):
+        the tokens go out one by one through its Generator until it stops. first: the position in
+        the pass of the logits that chose out[0]."""
+        req = self.rows[i]
+        req.gen.queue_verified(out)
+        for j in range(len(out)):
+            self._step(i, None, first + j)
+            if i >= len(self.rows) or self.rows[i] is not req:  # it finished (or failed): the slot is gone
+                return
 
     def _prefill_chunk(self, req: _Request, budget: int) -> int:
         """The next chunk (at most `budget` tokens) of a pending prompt; when it is all in, the
-        request joins the batch and its first token goes out. Returns the tokens it ran."""
+        request joins the batch and its first token goes out (a request that speculates feeds its
+        drafts with the last chunk and its first tokens are the verified run, as a single request's
+        first step gives them). Returns the tokens it ran."""
         chunk: list[int] = []
         try:
             if req.cache is None:
@@ -228,16 +301,26 @@ class BatchEngine:
             done = req.cache.offset
             whole = self.engine.rope_switches(len(req.prompt))
             chunk = req.prompt[done:] if whole else req.prompt[done: done + budget]  # one frequency set
-            logits = self.engine.forward(torch.tensor([chunk], device=self.engine.device), req.cache,
-                                         images=req.gen.images)[:, -1]
-            if req.cache.offset < len(req.prompt):
+            last = done + len(chunk) == len(req.prompt)
+            drafts = req.spec.plan(req.gen)[0] if last and req.spec is not None else []
+            logits = self.engine.forward(torch.tensor([chunk + drafts], device=self.engine.device), req.cache,
+                                         images=req.gen.images, last_only=not drafts)[0, -(len(drafts) + 1):]
+            if not last:
                 return len(chunk)
+            out = []
+            if drafts:
+                assert req.spec is not None
+                out = req.spec.verify(req.gen, drafts, None, logits)
+                req.cache.trim(req.cache.offset - (len(req.prompt) - 1 + len(out)))  # the kept drafts' keys
             self.pending.remove(req)
             row = self.cache.add_row()
             self.rows.append(req)
             self.cache.load_row(row, req.cache, req.cache.offset)
             req.cache = None
-            self._step(row, logits)
+            if out:
+                self._emit(row, out, -len(logits))
+            else:
+                self._step(row, logits)
         except Exception as e:  # noqa: BLE001 -- a bad request fails alone
             if req in self.pending:
                 self.pending.remove(req)
@@ -273,26 +356,31 @@ class BatchEngine:
             self.cache.load_row(i, tmp, len(seq))
             self._step(i, logits)
 
-    def _step(self, i: int, logits: torch.Tensor) -> None:
+    def _step(self, i: int, logits: torch.Tensor | None, pos: int = -1) -> None:
+        """Row i's next token: drawn from logits [1, V] (the model's own, as a Generator's forward
+        gives them), or with None the next of a verified run its Generator has queued. pos: the
+        position of the pass that chose it (for the routing record)."""
         req = self.rows[i]
         gen = req.gen
-        gen.set_logits(logits, validate=False)  # the model's own, as a Generator's forward gives them
+        if logits is not None:
+            gen.set_logits(logits, validate=False)
         try:  # this row's processors, grammar and draw: whatever fails there ends this request only
             gen.generate_next_token()
         except Exception as e:  # noqa: BLE001
             return self._fail(i, e)
         token, reason = gen.get_next_tokens()[0], gen.finish_reasons[0]
-        if reason is None and int(self.cache.lens[i]) + 1 >= self.slot_context:
+        if reason is None and len(gen.sequences[0]) >= self.slot_context:
             reason = FINISH_LENGTH  # the slot is full
         lp = gen.last_logprobs[0] if req.want_logprobs else None
         routing = None
         if req.want_routing:  # the last pass chose this token: a decode step (row i) or this row's prefill (row 0)
             last = self.engine.model.routing.passes[-1]
             row = i if next(iter(last.values()))[0].shape[0] > 1 else 0
-            routing = {layer: (ids[row, -1], w[row, -1]) for layer, (ids, w) in last.items()}
+            routing = {layer: (ids[row, pos], w[row, pos]) for layer, (ids, w) in last.items()}
         if reason is not None:  # freed before the last token goes out: whoever has it finds the slot free
             self._remove(i, keep=True)
-        req.out.put((token, reason, lp) if routing is None else (token, reason, lp, routing))
+        item: tuple = (token, reason, lp) + (() if routing is None else (routing,))
+        req.out.put(item if req.spec is None else item + (req.spec.drafted, req.spec.accepted))
         if reason is not None:
             req.out.put(_END)
 
@@ -316,9 +404,10 @@ class BatchEngine:
     def _remove(self, i: int, keep: bool = False) -> None:
         kept = None
         if keep:  # the tokens whose keys/values the row holds, when valid for reuse
-            n = int(self.cache.lens[i])
+            seq = self.rows[i].gen.sequences[0]
+            n = min(int(self.cache.lens[i]), len(seq) - 1)  # a run that stopped early: its keys up to the stop
             if not self.engine.rope_switches(n):
-                kept = self.rows[i].gen.sequences[0][:n]
+                kept = seq[:n]
         self.cache.remove_row(i, kept)
         last = self.rows.pop()
         if i < len(self.rows):

@@ -111,6 +111,7 @@ class Generator:
         self.params = params or GeneratorParams()
         self._queue: list[tuple[int, LogprobRecord]] = []  # tokens a speculative step produced, not yet emitted
         self.speculator: Speculator | None = None
+        self.caller_verifies = False  # an external_logits caller drafts and verifies (speculate_for_caller)
         self.last_processed: torch.Tensor | None = None  # the last step's processed logits (a draft's q)
         self.configure()
         self.engine.tokenizer.reset_stream()  # tokenizer.stream_decode follows this generation from here on
@@ -159,7 +160,9 @@ class Generator:
         """Whether this step drafts (speculative decoding, engine/speculative.py)."""
         if not self._spec_checked:
             self._spec_checked = True
-            if self.external:  # the caller runs the model: nothing to verify drafts with
+            if self.external:  # the caller runs the model: it verifies drafts (speculate_for_caller) or none run
+                if self.caller_verifies:
+                    return False
                 if self.params.speculative in ("ngram", "draft") or self.params.draft is not None:
                     raise InvalidRequestError(f"speculative={self.params.speculative!r} needs the Generator to run "
                                               "the model (not external_logits)", param="speculative")
@@ -176,6 +179,26 @@ class Generator:
             else:
                 self.speculator = Speculator(self, mode)
         return self.speculator is not None
+
+    def speculate_for_caller(self) -> Speculator | None:
+        """For an external_logits generator whose caller runs the verification passes (the batch
+        engine, prompt lookup only): this request's Speculator, chosen by the Generator's own rule
+        (mode_for; "auto" never picks a draft model here, "draft" is refused by name), or None when
+        it decodes plainly. The caller then plans drafts, verifies them on its logits and hands the
+        tokens to queue_verified(). Call after append_tokens (the rule needs the prompt)."""
+        mode = mode_for(self.params, self._prompt_len, draft_ok=False)
+        if mode == "draft":
+            raise InvalidRequestError("speculative='draft' runs where the Generator runs the model (one request); "
+                                      "the caller's passes verify prompt lookup only", param="speculative")
+        self.caller_verifies, self._spec_checked = True, True
+        self.speculator = None if mode == "none" else Speculator(self, mode)
+        return self.speculator
+
+    def queue_verified(self, tokens: list[tuple[int, LogprobRecord]]) -> None:
+        """The tokens of the caller's verification pass (Speculator.verify): the next
+        generate_next_token() calls emit them one by one, with stops and limits, as the
+        Generator's own speculative steps do (set_logits or a rewind drops what is left)."""
+        self._queue = list(tokens)
 
     # ------------------------------------------------------------------ input
     def append_tokens(self, tokens: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor) -> None:
