@@ -187,8 +187,12 @@ class NativeBackend:
         if options.draft is not None:
             check_draft_model(self.engine, options.draft)
         if options.return_routing and (self.batch is None or session is not None):
-            yield from self._with_routing(self.stream_tokens(prompt_ids, options.replace(return_routing=False),
-                                                             session, images))
+            # one pass per token here (a verified run's tokens would share one): "auto" decodes plainly
+            if options.speculative in ("ngram", "draft"):
+                raise InvalidRequestError(f"speculative={options.speculative!r} cannot be combined with "
+                                          "return_routing outside continuous batching", param="speculative")
+            plain = options.replace(return_routing=False, speculative="none", draft=None)
+            yield from self._with_routing(self.stream_tokens(prompt_ids, plain, session, images))
             return
         if self.batch is not None and session is None:
             if options.speculative == "draft":  # rows draft by prompt lookup ("ngram"; "auto" for long prompts)
