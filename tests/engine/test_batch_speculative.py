@@ -289,3 +289,47 @@ def test_a_wide_pass_keeps_a_short_row_short_of_the_crossover(phi3_folders):
         batch.close()
     assert [[item[0] for item in items] for items in got] == want
     assert got[0][-1][3] >= 8 * 3  # it drafted in full while the others crossed
+
+
+def test_a_row_whose_processor_fails_while_verifying_ends_alone(llm):
+    """A speculating row whose scorer raises part-way through a verification: that request gets
+    the error, the speculating row beside it its plain tokens, and both slots are freed."""
+    from slmkit.errors import EngineError
+
+    good_p, bad_p = prompts(3)[1], prompts(3)[2]
+    kw = dict(max_new_tokens=16, temperature=0.0, ignore_eos=True)
+    want = solo(llm, good_p, **kw)
+    calls = []
+
+    def breaks_on_its_eighth_position(ids, logits):
+        calls.append(len(ids))
+        if len(calls) == 8:
+            raise RuntimeError("the scorer broke")
+        return logits
+
+    batch = BatchEngine(llm.engine, slots=2, slot_context=128, start=False)
+    try:
+        reqs = [(good_p, dict(kw, speculative="ngram", num_draft=4)),
+                (bad_p, dict(kw, speculative="ngram", num_draft=4, scorers=[breaks_on_its_eighth_position]))]
+        got: list = [None, None]
+
+        def run(i: int) -> None:
+            try:
+                got[i] = [item[0] for item in batch.submit(reqs[i][0], GeneratorParams(**reqs[i][1]))]
+            except EngineError as e:
+                got[i] = e
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        while batch.incoming.qsize() < 2:
+            threading.Event().wait(0.01)
+        batch.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert isinstance(got[1], EngineError) and "the scorer broke" in str(got[1])
+        assert got[0] == want
+        assert batch.alive and batch.cache.n == 0
+        assert [item[0] for item in batch.submit(good_p, GeneratorParams(**reqs[0][1]))] == want  # it goes on
+    finally:
+        batch.close()
