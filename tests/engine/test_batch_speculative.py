@@ -75,20 +75,31 @@ def run_batch(batch: BatchEngine, reqs: list[tuple[list[int], dict]], late: int 
     return got
 
 
-def test_mixed_rows_give_plain_decodings_tokens(llm):
+@pytest.mark.parametrize("extra", [None, 6])
+def test_mixed_rows_give_plain_decodings_tokens(llm, monkeypatch, extra):
     """Speculating rows (num_draft 2..6, "auto" with a long prompt) beside plain ones, prompts of
-    several lengths, one row joining mid-way: every row's tokens are its plain solo run's."""
+    several lengths, one row joining mid-way: every row's tokens are its plain solo run's; with a
+    bound on a pass's extra tokens, no pass holds more."""
     ps = prompts(6) + [prompts(2, length=140, seed=7)[1]]
     modes = ["ngram", "none", "ngram", "ngram", "none", "ngram", "auto"]
     reqs = [(p[: 24 + 3 * i] if i < 6 else p, dict(max_new_tokens=18 + i, temperature=0.0, ignore_eos=True,
                                                      speculative=m, num_draft=2 + i % 5))
             for i, (p, m) in enumerate(zip(ps, modes))]
     want = [solo(llm, p, **{k: v for k, v in kw.items() if k not in ("speculative", "num_draft")}) for p, kw in reqs]
-    batch = BatchEngine(llm.engine, slots=4, slot_context=256, prefill_chunk=32, start=False)
+    batch = BatchEngine(llm.engine, slots=4, slot_context=256, prefill_chunk=32, spec_extra_tokens=extra, start=False)
+    shapes = []
+    forward_slots = llm.engine.forward_slots
+    monkeypatch.setattr(llm.engine, "forward_slots", lambda ids, *a, **kw: (shapes.append(tuple(ids.shape)),
+                                                                            forward_slots(ids, *a, **kw))[1])
     try:
         got = run_batch(batch, reqs, late=2)
     finally:
         batch.close()
+    extras = [n * (w - 1) for n, w in shapes]
+    if extra is None:
+        assert max(w for _, w in shapes) >= 5 and max(extras) > 6  # wide passes of several rows
+    else:
+        assert max(extras) <= extra and max(w for n, w in shapes if n > 1) > 1  # bounded, still speculating
     assert [[item[0] for item in items] for items in got] == want
     for (_, kw), items in zip(reqs, got):
         if kw["speculative"] == "none":
@@ -110,7 +121,7 @@ def test_longrope_rows_cross_original_max_like_plain_runs(phi3_folders):
                                                        speculative="ngram" if i != 3 else "none", num_draft=8))
             for i, (n, m) in enumerate(shapes)]
     want = [solo(llm, p, max_new_tokens=kw["max_new_tokens"], temperature=0.0, ignore_eos=True) for p, kw in reqs]
-    batch = BatchEngine(llm.engine, slots=3, slot_context=128, prefill_chunk=8, start=False)
+    batch = BatchEngine(llm.engine, slots=3, slot_context=128, prefill_chunk=8, spec_extra_tokens=None, start=False)
     try:
         got = run_batch(batch, reqs, late=1)
     finally:
@@ -282,7 +293,8 @@ def test_a_wide_pass_keeps_a_short_row_short_of_the_crossover(phi3_folders):
     reqs += [(list(range(40 + i, 40 + n + i)), dict(max_new_tokens=12, temperature=0.0, ignore_eos=True,
                                                      speculative="none")) for i, n in enumerate((26, 29))]
     want = [solo(llm, p, **{k: v for k, v in kw.items() if k not in ("speculative", "num_draft")}) for p, kw in reqs]
-    batch = BatchEngine(llm.engine, slots=3, slot_context=len(every) + 64, prefill_chunk=1024, start=False)
+    batch = BatchEngine(llm.engine, slots=3, slot_context=len(every) + 64, prefill_chunk=1024, spec_extra_tokens=None,
+                        start=False)
     try:
         got = run_batch(batch, reqs)
     finally:

@@ -20,7 +20,10 @@ one pass then feeds each row its pending token and its drafts, every row padded 
 queries and later steps overwrite it). Each row's drafts are verified on its logits by the same
 Speculator as a single request's, its cache length rolls back to the kept tokens, and those go
 out through its Generator one by one (stops, limits, logprobs as in plain decoding). The width
-never takes a row past its slot or a short-regime row past the LongRoPE crossover.
+never takes a row past its slot or a short-regime row past the LongRoPE crossover. Every row pays
+for the width, so a pass holds at most `spec_extra_tokens` tokens beyond one per row (a lone
+stream drafts in full; a full batch, whose step already computes many rows, drafts little or not
+at all): a bound on the padding's cost, not yet tuned by measurement (benchmarks/speculative.py).
 
 Faults stay as small as they can: an error in one row's sampling, grammar or prefill ends that
 request alone (its iterator raises it); an error in a shared forward pass ends the rows of that
@@ -45,6 +48,7 @@ from .images import ImageEntry
 from .speculative import Speculator
 
 KV_HEADROOM_BYTES = 512 * 2**20  # left free for activations, the tokenizer, the server
+SPEC_EXTRA_TOKENS = 8  # a speculative pass's tokens beyond one per row: n rows draft up to 8 // n each
 
 
 @dataclass
@@ -61,7 +65,7 @@ class _Request:
 
 class BatchEngine:
     def __init__(self, engine, *, slots: int = 8, slot_context: int | None = None, prefill_chunk: int = 128,
-                 start: bool = True):
+                 spec_extra_tokens: int | None = SPEC_EXTRA_TOKENS, start: bool = True):
         self.engine = engine
         a = engine.args
         self.slot_context = min(slot_context or engine.context_length, engine.context_length)
@@ -73,6 +77,7 @@ class BatchEngine:
         self.rows: list[_Request] = []
         self.pending: list[_Request] = []  # admitted, prefilling chunk by chunk
         self.prefill_chunk = prefill_chunk
+        self.spec_extra_tokens = spec_extra_tokens  # drafted (or padding) tokens a pass may add; None: no bound
         self.incoming: queue.Queue[_Request | None] = queue.Queue()  # None: close
         self.steps = 0
         self.reused_tokens = 0  # prompt tokens taken from a finished request's slot, not prefilled
@@ -253,13 +258,16 @@ class BatchEngine:
 
     def _drafts(self) -> list[list[int]]:
         """Each row's drafts for this step ([] for a plain row): as many as its Speculator plans
-        (room for the tokens after them, its own crossover), and no more than keep the widest
-        row of the pass inside every slot and every short-regime row short of the LongRoPE
-        crossover (a row's frequency set follows the last position it is fed, padding included)."""
+        (room for the tokens after them, its own crossover), and no more than keep the pass within
+        spec_extra_tokens, the widest row inside every slot and every short-regime row short of the
+        LongRoPE crossover (a row's frequency set follows the last position it is fed, padding
+        included)."""
         if not any(r.spec is not None for r in self.rows):
             return [[] for _ in self.rows]
         lens = [int(n) for n in self.cache.lens[: len(self.rows)]]
         width = min(self.cache.capacity - n for n in lens)
+        if self.spec_extra_tokens is not None:  # every row is padded to the width: n * (width - 1) extra tokens
+            width = min(width, 1 + self.spec_extra_tokens // len(lens))
         crossover = self.engine.rope_crossover
         if crossover is not None:
             width = min([width] + [crossover - n for n in lens if n < crossover])
