@@ -345,3 +345,39 @@ def test_a_row_whose_processor_fails_while_verifying_ends_alone(llm):
         assert [item[0] for item in batch.submit(good_p, GeneratorParams(**reqs[0][1]))] == want  # it goes on
     finally:
         batch.close()
+
+
+@pytest.mark.skipif(get_kernel() is None, reason="bit-equal logits need the compiled kernels")
+@pytest.mark.parametrize("dtype,quant", [("bfloat16", None), ("float32", "int8"), ("bfloat16", "int4")])
+def test_verified_tokens_have_plain_decodings_logprobs_to_the_bit(phi3_folders, dtype, quant):
+    """Speculating rows (drafts of several widths in one ragged pass) on the bf16 and quantized
+    kernel paths: every token and its log-probability equal a plain solo run's, bit for bit."""
+    llm = slmkit.load(phi3_folders("gqa"), dtype=dtype, quant=quant)
+    reqs = [(p[: 30 + 4 * i], 14) for i, p in enumerate(prompts(6, seed=9)) if i % 3]
+    want = []
+    for p, n in reqs:
+        gen = Generator(llm, GeneratorParams(max_new_tokens=n, ignore_eos=True, speculative="none"))
+        gen.append_tokens(p)
+        run = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            run.append((gen.get_next_tokens()[0], gen.last_logprobs[0][1]))
+        want.append(run)
+    batch = BatchEngine(llm.engine, slots=4, slot_context=128, prefill_chunk=16, spec_extra_tokens=None, start=False)
+    got: list = [None] * len(reqs)
+
+    def run_one(i: int) -> None:
+        params = GeneratorParams(max_new_tokens=reqs[i][1], ignore_eos=True, speculative="ngram", num_draft=2 + i)
+        got[i] = [(item[0], item[2][1], item[4]) for item in batch.submit(reqs[i][0], params, want_logprobs=True)]
+
+    threads = [threading.Thread(target=run_one, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    while batch.incoming.qsize() < len(reqs):
+        threading.Event().wait(0.01)
+    batch.start()
+    for t in threads:
+        t.join(timeout=120)
+    batch.close()
+    assert [[(t, lp) for t, lp, _ in g] for g in got] == want
+    assert sum(g[-1][2] for g in got) > 0  # drafts were kept
