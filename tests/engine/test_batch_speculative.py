@@ -381,3 +381,25 @@ def test_verified_tokens_have_plain_decodings_logprobs_to_the_bit(phi3_folders, 
     batch.close()
     assert [[(t, lp) for t, lp, _ in g] for g in got] == want
     assert sum(g[-1][2] for g in got) > 0  # drafts were kept
+
+
+@pytest.mark.parametrize("kind", ["phi3-sliding", "gemma3"])
+def test_rows_past_a_sliding_window_give_plain_decodings_tokens(phi3_folders, tmp_path, kind):
+    """Window 8: verification passes of several rows straddle the window's edge."""
+    if kind == "gemma3":
+        from tests.helpers.tiny_models import make_gemma3_folder
+
+        llm = slmkit.load(make_gemma3_folder(tmp_path / "g3", num_hidden_layers=3, layer_types=[
+            "sliding_attention", "full_attention", "sliding_attention"]), dtype="float32")
+    else:
+        llm = slmkit.load(phi3_folders("mha_sliding"), dtype="float32")
+    reqs = [(p[: 20 + 3 * i], dict(max_new_tokens=16, temperature=0.0, ignore_eos=True, speculative="ngram",
+                                   num_draft=6)) for i, p in enumerate(prompts(5, seed=2)) if i % 3]
+    want = [solo(llm, p, max_new_tokens=16, temperature=0.0, ignore_eos=True) for p, _ in reqs]
+    batch = BatchEngine(llm.engine, slots=3, slot_context=128, spec_extra_tokens=None, start=False)
+    try:
+        got = run_batch(batch, reqs)
+    finally:
+        batch.close()
+    assert [[item[0] for item in items] for items in got] == want
+    assert sum(items[-1][3] for items in got) > 0
