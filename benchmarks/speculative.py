@@ -194,9 +194,11 @@ def main() -> None:
             continue
         results[f"slmkit-{mode}"] = child("slmkit", path=path, mode=mode, draft=a.draft, tasks=tasks,
                                           decode=decode, reps=reps, k=a.num_draft)
-    for mode in ("none", "ngram") if a.batch_streams > 0 else ():  # a draft model does not run in a batch
-        results[f"slmkit-batch-{mode}"] = child("slmkit", path=path, mode=mode, draft=None, tasks=tasks, decode=decode,
-                                                reps=reps, k=a.num_draft, streams=a.batch_streams)
+    for mode in SLMKIT_MODES if a.batch_streams > 0 else ():
+        if mode == "draft" and not a.draft:
+            continue
+        results[f"slmkit-batch-{mode}"] = child("slmkit", path=path, mode=mode, draft=a.draft, tasks=tasks,
+                                                decode=decode, reps=reps, k=a.num_draft, streams=a.batch_streams)
     for mode in LLAMA_MODES:
         results[f"llama.cpp-{mode}"] = child("llama", path=path, mode=mode, tasks=tasks, decode=decode, reps=reps,
                                              k=a.num_draft, threads=a.threads)

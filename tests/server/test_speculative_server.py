@@ -1,7 +1,6 @@
 """Speculative decoding through the server (the extension body fields speculative / num_draft) and
 the CLI flags: the same greedy text as plain decoding and the same drafted / accepted counts as in
-process, alone and as a row of continuous batching (OpenAI non-streamed and streamed, Ollama); a
-draft model refused by name in a batch."""
+process, alone and as a row of continuous batching (OpenAI non-streamed and streamed, Ollama)."""
 from __future__ import annotations
 
 import json
@@ -87,19 +86,6 @@ def test_single_stream_speculates_alone_and_as_a_batch_row(llm):
     finally:
         srv.should_exit = True
         t.join(timeout=10)
-        llm.backend.batch.close()
-        llm.backend.batch = None
-
-
-def test_a_draft_model_is_refused_by_name_in_a_batch(llm):
-    from slmkit.errors import UnsupportedByBackendError
-
-    llm.enable_batching(slots=2, context=128)
-    try:
-        with pytest.raises(UnsupportedByBackendError) as e:
-            llm.generate(PROMPT, max_new_tokens=4, speculative="draft", draft=llm)
-        assert e.value.param == "speculative" and "prompt lookup" in str(e.value)
-    finally:
         llm.backend.batch.close()
         llm.backend.batch = None
 

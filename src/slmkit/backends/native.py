@@ -11,7 +11,7 @@ import torch
 from ..engine.engine import Engine
 from ..engine.generator import Generator, GeneratorParams
 from ..engine.speculative import check_draft_model
-from ..errors import InvalidRequestError, UnsupportedByBackendError, UnsupportedInputError
+from ..errors import InvalidRequestError, UnsupportedInputError
 from ..loading.files import is_regular_file
 from ..loading.hf import load_hf_folder
 from ..loading.memory import ram_by_precision
@@ -195,10 +195,6 @@ class NativeBackend:
             yield from self._with_routing(self.stream_tokens(prompt_ids, plain, session, images))
             return
         if self.batch is not None and session is None:
-            if options.speculative == "draft":  # rows draft by prompt lookup ("ngram"; "auto" for long prompts)
-                raise UnsupportedByBackendError("speculative", "native continuous-batching",
-                                                "rows of a batch step draft by prompt lookup only; "
-                                                "speculative='ngram', 'auto' or 'none' runs there")
             steps = self.batch.submit(ids, params, want, entries, want_routing=options.return_routing)
         elif self.prompt_cache and session is None:
             steps = self._cached(ids, params, want, entries)

@@ -13,9 +13,10 @@ LongRoPE (Phi-3 128k, Phi-3.5): each row takes the frequency set of its own leng
 grows past original_max is re-prefilled in its slot with the long set (the Generator's rule), and
 a prompt already longer than that is prefilled in one piece.
 
-Speculative decoding (prompt lookup, engine/speculative.py): a row whose request speculates (the
-Generator's rule: "ngram", or "auto" with a long prompt) drafts from its own sequence; the step's
-one pass then feeds each row its pending token and its drafts, every row padded to the widest
+Speculative decoding (engine/speculative.py): a row whose request speculates (the Generator's rule:
+"ngram", "draft", or "auto": a draft model if given, else prompt lookup for a long prompt) drafts
+from its own sequence (a draft model runs its k steps for that row alone, before the pass); the
+step's one pass then feeds each row its pending token and its drafts, every row padded to the widest
 (padding sits past the row's last real position, so the causal mask hides it from the row's own
 queries and later steps overwrite it). Each row's drafts are verified on its logits by the same
 Speculator as a single request's, its cache length rolls back to the kept tokens, and those go
@@ -235,7 +236,8 @@ class BatchEngine:
     def _decode(self) -> None:
         """One pass for every row: its pending token, then (a row that speculates) its drafts,
         every row padded to the widest; then each row's tokens out."""
-        drafts = self._drafts()
+        plans = self._drafts()
+        drafts = [d for d, _ in plans]
         width = 1 + max(len(d) for d in drafts)
         pending = [r.gen.get_next_tokens()[0] for r in self.rows]
         if width == 1:  # no drafts: a plain decode step
@@ -252,18 +254,19 @@ class BatchEngine:
         for i in reversed(range(len(self.rows))):  # reversed: a leaving row's slot takes the last row
             self.cache.lens[i] -= width - 1  # the pending token's key stays; drafts' keys as verified
             if drafts[i]:
-                self._verify(i, drafts[i], logits[i, :len(drafts[i]) + 1])
+                self._verify(i, plans[i], logits[i, :len(drafts[i]) + 1])
             else:
                 self._step(i, logits[i, :1], pos=0)
 
-    def _drafts(self) -> list[list[int]]:
-        """Each row's drafts for this step ([] for a plain row): as many as its Speculator plans
+    def _drafts(self) -> list[tuple[list[int], list[torch.Tensor] | None]]:
+        """Each row's drafts for this step ([] for a plain row) and, from a draft model that
+        samples, its probabilities: as many as its Speculator plans
         (room for the tokens after them, its own crossover), and no more than keep the pass within
         spec_extra_tokens, the widest row inside every slot and every short-regime row short of the
         LongRoPE crossover (a row's frequency set follows the last position it is fed, padding
         included)."""
         if not any(r.spec is not None for r in self.rows):
-            return [[] for _ in self.rows]
+            return [([], None) for _ in self.rows]
         lens = [int(n) for n in self.cache.lens[: len(self.rows)]]
         width = min(self.cache.capacity - n for n in lens)
         if self.spec_extra_tokens is not None:  # every row is padded to the width: n * (width - 1) extra tokens
@@ -271,15 +274,16 @@ class BatchEngine:
         crossover = self.engine.rope_crossover
         if crossover is not None:
             width = min([width] + [crossover - n for n in lens if n < crossover])
-        return [r.spec.plan(r.gen, width - 1)[0] if r.spec is not None and width > 1 else [] for r in self.rows]
+        return [r.spec.plan(r.gen, width - 1) if r.spec is not None and width > 1 else ([], None) for r in self.rows]
 
-    def _verify(self, i: int, drafts: list[int], logits: torch.Tensor) -> None:
-        """Row i's drafts against its logits [len(drafts) + 1, V]: the kept tokens go out one by
-        one through its Generator until it stops; its cache keeps their keys, less the last."""
+    def _verify(self, i: int, plan: tuple[list[int], list[torch.Tensor] | None], logits: torch.Tensor) -> None:
+        """Row i's drafts (and their draft probabilities) against its logits [len(drafts) + 1, V]:
+        the kept tokens go out one by one through its Generator until it stops; its cache keeps
+        their keys, less the last."""
         req = self.rows[i]
         assert req.spec is not None
         try:  # the row's processors and draws, as in _step: a failure ends this request only
-            out = req.spec.verify(req.gen, drafts, None, logits)
+            out = req.spec.verify(req.gen, plan[0], plan[1], logits)
         except Exception as e:  # noqa: BLE001
             return self._fail(i, e)
         self.cache.lens[i] += len(out) - 1
@@ -310,7 +314,7 @@ class BatchEngine:
             whole = self.engine.rope_switches(len(req.prompt))
             chunk = req.prompt[done:] if whole else req.prompt[done: done + budget]  # one frequency set
             last = done + len(chunk) == len(req.prompt)
-            drafts = req.spec.plan(req.gen)[0] if last and req.spec is not None else []
+            drafts, q = req.spec.plan(req.gen) if last and req.spec is not None else ([], None)
             logits = self.engine.forward(torch.tensor([chunk + drafts], device=self.engine.device), req.cache,
                                          images=req.gen.images, last_only=not drafts)[0, -(len(drafts) + 1):]
             if not last:
@@ -318,7 +322,7 @@ class BatchEngine:
             out = []
             if drafts:
                 assert req.spec is not None
-                out = req.spec.verify(req.gen, drafts, None, logits)
+                out = req.spec.verify(req.gen, drafts, q, logits)
                 req.cache.trim(req.cache.offset - (len(req.prompt) - 1 + len(out)))  # the kept drafts' keys
             self.pending.remove(req)
             row = self.cache.add_row()

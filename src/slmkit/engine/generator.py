@@ -182,14 +182,10 @@ class Generator:
 
     def speculate_for_caller(self) -> Speculator | None:
         """For an external_logits generator whose caller runs the verification passes (the batch
-        engine, prompt lookup only): this request's Speculator, chosen by the Generator's own rule
-        (mode_for; "auto" never picks a draft model here, "draft" is refused by name), or None when
-        it decodes plainly. The caller then plans drafts, verifies them on its logits and hands the
-        tokens to queue_verified(). Call after append_tokens (the rule needs the prompt)."""
-        mode = mode_for(self.params, self._prompt_len, draft_ok=False)
-        if mode == "draft":
-            raise InvalidRequestError("speculative='draft' runs where the Generator runs the model (one request); "
-                                      "the caller's passes verify prompt lookup only", param="speculative")
+        engine): this request's Speculator, chosen by the Generator's own rule (mode_for), or None
+        when it decodes plainly. The caller then plans drafts, verifies them on its logits and hands
+        the tokens to queue_verified(). Call after append_tokens (the rule needs the prompt)."""
+        mode = mode_for(self.params, self._prompt_len)
         self.caller_verifies, self._spec_checked = True, True
         self.speculator = None if mode == "none" else Speculator(self, mode)
         return self.speculator

@@ -21,8 +21,9 @@ tasks: summarise, rewrite, extract, edit code, where the answer repeats the prom
 model when one is given; structured output and multi-row generators decode plainly under "auto"
 (and refuse "ngram" / "draft" by name).
 
-The continuous-batching engine (engine/batching.py) drafts by prompt lookup for its rows with the
-same Speculator (plan, then verify on the row's logits of its own batched pass).
+The continuous-batching engine (engine/batching.py) drafts for its rows with the same Speculator
+(plan, then verify on the row's logits of its own batched pass); a row's draft model runs its
+draft steps for that row alone.
 """
 from __future__ import annotations
 
@@ -82,15 +83,13 @@ def _vocab(tokenizer: Any) -> dict[str, int]:
     return dict(backend.get_vocab(with_added_tokens=True)) if backend is not None else {}
 
 
-def mode_for(params: Any, prompt_len: int, draft_ok: bool = True) -> str:
-    """The drafting a request runs: "none", "ngram" or "draft" (params.speculative resolved).
-    draft_ok=False (a row of the batch engine, which verifies prompt lookup only): "auto" leaves a
-    draft model aside and follows the prompt-lookup rule."""
+def mode_for(params: Any, prompt_len: int) -> str:
+    """The drafting a request runs: "none", "ngram" or "draft" (params.speculative resolved)."""
     mode = params.speculative
     if mode == "auto":
         if params.batch_size != 1 or params._grammar is not None:
             return "none"
-        if params.draft is not None and draft_ok:
+        if params.draft is not None:
             return "draft"
         return "ngram" if prompt_len >= AUTO_MIN_PROMPT else "none"
     if mode != "none":
