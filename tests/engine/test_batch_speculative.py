@@ -445,3 +445,48 @@ def test_rows_past_a_sliding_window_give_plain_decodings_tokens(phi3_folders, tm
         batch.close()
     assert [[item[0] for item in items] for items in got] == want
     assert sum(items[-1][3] for items in got) > 0
+
+
+def test_a_row_whose_draft_model_fails_ends_alone(llm, drafts, monkeypatch):
+    """The draft model raises while drafting for one row: that request gets the error; a row
+    drafting by prompt lookup beside it goes on to its plain tokens."""
+    from slmkit.errors import EngineError
+
+    broken = drafts["other"].engine.model
+    real, calls = broken.forward, []
+
+    def fails_on_the_tenth_pass(*a, **kw):
+        calls.append(True)
+        if len(calls) == 10:
+            raise RuntimeError("the draft model broke")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(broken, "forward", fails_on_the_tenth_pass)
+    kw = dict(max_new_tokens=16, temperature=0.0, ignore_eos=True)
+    good_p, bad_p = prompts(3, seed=6)[1], prompts(3, seed=6)[2]
+    want = solo(llm, good_p, **kw)
+    batch = BatchEngine(llm.engine, slots=2, slot_context=128, start=False)
+    got: list = [None, None]
+    reqs = [(good_p, GeneratorParams(speculative="ngram", **kw)),
+            (bad_p, GeneratorParams(speculative="draft", draft=drafts["other"], **kw))]
+
+    def run(i: int) -> None:
+        try:
+            got[i] = [item[0] for item in batch.submit(*reqs[i])]
+        except EngineError as e:
+            got[i] = e
+
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        while batch.incoming.qsize() < 2:
+            threading.Event().wait(0.01)
+        batch.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert isinstance(got[1], EngineError) and "the draft model broke" in str(got[1])
+        assert got[0] == want and len(calls) >= 10
+        assert batch.alive and batch.cache.n == 0
+    finally:
+        batch.close()

@@ -237,6 +237,8 @@ class BatchEngine:
         """One pass for every row: its pending token, then (a row that speculates) its drafts,
         every row padded to the widest; then each row's tokens out."""
         plans = self._drafts()
+        if not self.rows:  # each failed while drafting
+            return
         drafts = [d for d, _ in plans]
         width = 1 + max(len(d) for d in drafts)
         pending = [r.gen.get_next_tokens()[0] for r in self.rows]
@@ -274,7 +276,14 @@ class BatchEngine:
         crossover = self.engine.rope_crossover
         if crossover is not None:
             width = min([width] + [crossover - n for n in lens if n < crossover])
-        return [r.spec.plan(r.gen, width - 1) if r.spec is not None and width > 1 else ([], None) for r in self.rows]
+        plans: dict[int, tuple[list[int], list[torch.Tensor] | None]] = {}
+        for i in reversed(range(len(self.rows))):  # reversed: a failed row's slot takes the last row
+            req = self.rows[i]
+            try:  # a draft model's steps run for this row alone: what fails there ends this request only
+                plans[id(req)] = req.spec.plan(req.gen, width - 1) if req.spec is not None and width > 1 else ([], None)
+            except Exception as e:  # noqa: BLE001
+                self._fail(i, e)
+        return [plans[id(r)] for r in self.rows]
 
     def _verify(self, i: int, plan: tuple[list[int], list[torch.Tensor] | None], logits: torch.Tensor) -> None:
         """Row i's drafts (and their draft probabilities) against its logits [len(drafts) + 1, V]:
