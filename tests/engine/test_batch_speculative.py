@@ -18,6 +18,19 @@ from slmkit.engine.speculative import Speculator, lookup_draft
 from slmkit.kernels.qgemm import get_kernel
 
 
+@pytest.fixture(autouse=True)
+def rows_never_run_the_model_themselves(monkeypatch):
+    """A batch row's Generator takes its logits from the engine's passes: its own verification
+    pass (forward_all, a single request's) must never run on the engine thread."""
+    forward_all = Generator.forward_all
+
+    def guarded(self, extra):
+        assert threading.current_thread().name != "slmkit-batch", "a batch row ran its own verification pass"
+        return forward_all(self, extra)
+
+    monkeypatch.setattr(Generator, "forward_all", guarded)
+
+
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     from tests.helpers.tiny_models import make_phi3_folder
@@ -75,7 +88,7 @@ def run_batch(batch: BatchEngine, reqs: list[tuple[list[int], dict]], late: int 
     return got
 
 
-@pytest.mark.parametrize("extra", [None, 6])
+@pytest.mark.parametrize("extra", [None, 6, 0])
 def test_mixed_rows_give_plain_decodings_tokens(llm, monkeypatch, extra):
     """Speculating rows (num_draft 2..6, "auto" with a long prompt) beside plain ones, prompts of
     several lengths, one row joining mid-way: every row's tokens are its plain solo run's; with a
@@ -98,6 +111,8 @@ def test_mixed_rows_give_plain_decodings_tokens(llm, monkeypatch, extra):
     extras = [n * (w - 1) for n, w in shapes]
     if extra is None:
         assert max(w for _, w in shapes) >= 5 and max(extras) > 6  # wide passes of several rows
+    elif extra == 0:
+        assert max(w for _, w in shapes) == 1  # rows draft only in passes of their own (a prompt's last chunk)
     else:
         assert max(extras) <= extra and max(w for n, w in shapes if n > 1) > 1  # bounded, still speculating
     assert [[item[0] for item in items] for items in got] == want
@@ -108,9 +123,10 @@ def test_mixed_rows_give_plain_decodings_tokens(llm, monkeypatch, extra):
             drafted, accepted = items[-1][3:]
             assert drafted >= accepted >= 0
     totals = [items[-1][3:] for (_, kw), items in zip(reqs, got) if kw["speculative"] != "none"]
-    assert sum(d for d, _ in totals) > 0 and sum(a for _, a in totals) > 0
-    assert batch.steps < sum(len(w) for w in want)  # runs of accepted drafts took fewer passes
-    assert batch.cache.n == 0
+    assert sum(d for d, _ in totals) > 0 and batch.cache.n == 0
+    if extra != 0:
+        assert sum(a for _, a in totals) > 0
+        assert batch.steps < sum(len(w) for w in want)  # runs of accepted drafts took fewer passes
 
 
 def test_longrope_rows_cross_original_max_like_plain_runs(phi3_folders):
@@ -128,6 +144,25 @@ def test_longrope_rows_cross_original_max_like_plain_runs(phi3_folders):
         batch.close()
     assert [[item[0] for item in items] for items in got] == want
     assert sum(items[-1][3] for items in got if len(items[-1]) == 5) > 0
+
+
+def test_a_row_speculating_across_the_crossover_equals_in_process(phi3_folders):
+    """Past original_max a speculating row is re-prefilled with its drafts, as a single request's
+    step there: greedy and seeded sampled rows give the in-process tokens and counts."""
+    llm = slmkit.load(phi3_folders("longrope"), dtype="float32")  # original_max 32
+    p = [q for j, q in enumerate(prompts(3, length=24, seed=8)) if j % 3][0]
+    cases = [dict(temperature=0.0)] + ([dict(temperature=0.9, top_k=40, seed=5)] if get_kernel() else [])
+    kw = dict(max_new_tokens=30, ignore_eos=True, speculative="ngram", num_draft=8)
+    alone = [llm.generate(p, **kw, **c) for c in cases]
+    llm.enable_batching(slots=2, context=128)
+    try:
+        got = [llm.generate(p, **kw, **c) for c in cases]
+    finally:
+        llm.backend.batch.close()
+        llm.backend.batch = None
+    for a, g in zip(alone, got):
+        assert g.token_ids == a.token_ids and a.usage.drafted_tokens > 0
+        assert (g.usage.drafted_tokens, g.usage.accepted_tokens) == (a.usage.drafted_tokens, a.usage.accepted_tokens)
 
 
 def verified_runs(monkeypatch) -> list[tuple[int, list[int]]]:

@@ -322,17 +322,10 @@ class BatchEngine:
             done = req.cache.offset
             whole = self.engine.rope_switches(len(req.prompt))
             chunk = req.prompt[done:] if whole else req.prompt[done: done + budget]  # one frequency set
-            last = done + len(chunk) == len(req.prompt)
-            drafts, q = req.spec.plan(req.gen) if last and req.spec is not None else ([], None)
-            logits = self.engine.forward(torch.tensor([chunk + drafts], device=self.engine.device), req.cache,
-                                         images=req.gen.images, last_only=not drafts)[0, -(len(drafts) + 1):]
-            if not last:
+            if done + len(chunk) < len(req.prompt):
+                self.engine.forward(torch.tensor([chunk], device=self.engine.device), req.cache, images=req.gen.images)
                 return len(chunk)
-            out = []
-            if drafts:
-                assert req.spec is not None
-                out = req.spec.verify(req.gen, drafts, q, logits)
-                req.cache.trim(req.cache.offset - (len(req.prompt) - 1 + len(out)))  # the kept drafts' keys
+            logits, out = self._pass_alone(req, chunk, req.cache)
             self.pending.remove(req)
             row = self.cache.add_row()
             self.rows.append(req)
@@ -365,17 +358,40 @@ class BatchEngine:
 
     def _cross_long_rope(self) -> None:
         """Rows whose pending token takes them past original_max: re-prefill the whole sequence
-        (with the long frequency set, as the Generator does) into the slot, then step them."""
+        (with the long frequency set, as the Generator does) into the slot, with the row's drafts
+        when it speculates (as a single request's step there does), then step them."""
         for i in reversed(range(len(self.rows))):
             n = int(self.cache.lens[i])  # cached; with the pending token, n + 1
             if self.engine.rope_switches(n) or not self.engine.rope_switches(n + 1):
                 continue
-            seq = self.rows[i].gen.sequences[0]  # the cached tokens and the pending one
+            req = self.rows[i]
+            seq = req.gen.sequences[0]  # the cached tokens and the pending one
             tmp = self.engine.new_cache(1, len(seq))
-            logits = self.engine.forward(torch.tensor([seq], device=self.engine.device), tmp,
-                                         images=self.rows[i].gen.images)[:, -1]
-            self.cache.load_row(i, tmp, len(seq))
-            self._step(i, logits)
+            try:  # this row's own pass: what fails there ends this request only
+                logits, out = self._pass_alone(req, seq, tmp)
+            except Exception as e:  # noqa: BLE001
+                self._fail(i, e)
+                continue
+            self.cache.load_row(i, tmp, tmp.offset)
+            if out:
+                self._emit(i, out, -len(logits))
+            else:
+                self._step(i, logits)
+
+    def _pass_alone(self, req: _Request, ids: list[int], cache: KVCache) -> tuple[torch.Tensor, list]:
+        """ids (a prompt's last chunk, or a whole sequence) after what `cache` holds, in a pass of
+        this request's own, with its drafts when it speculates: (logits [1 or k + 1, V] at the end,
+        the verified run or [] for a plain step). The cache then holds the keys of every token but
+        the run's last, as after a single request's speculative step."""
+        drafts, q = req.spec.plan(req.gen) if req.spec is not None else ([], None)
+        logits = self.engine.forward(torch.tensor([ids + drafts], device=self.engine.device), cache,
+                                     images=req.gen.images, last_only=not drafts)[0, -(len(drafts) + 1):]
+        if not drafts:
+            return logits, []
+        assert req.spec is not None
+        out = req.spec.verify(req.gen, drafts, q, logits)
+        cache.trim(len(drafts) + 1 - len(out))  # the rejected drafts' keys
+        return logits, out
 
     def _step(self, i: int, logits: torch.Tensor | None, pos: int = -1) -> None:
         """Row i's next token: drawn from logits [1, V] (the model's own, as a Generator's forward

@@ -158,11 +158,11 @@ class Generator:
 
     def _speculating(self) -> bool:
         """Whether this step drafts (speculative decoding, engine/speculative.py)."""
+        if self.caller_verifies:  # its caller plans and verifies the drafts (speculate_for_caller)
+            return False
         if not self._spec_checked:
             self._spec_checked = True
-            if self.external:  # the caller runs the model: it verifies drafts (speculate_for_caller) or none run
-                if self.caller_verifies:
-                    return False
+            if self.external:  # the caller runs the model: nothing to verify drafts with
                 if self.params.speculative in ("ngram", "draft") or self.params.draft is not None:
                     raise InvalidRequestError(f"speculative={self.params.speculative!r} needs the Generator to run "
                                               "the model (not external_logits)", param="speculative")
