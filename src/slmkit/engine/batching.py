@@ -262,11 +262,10 @@ class BatchEngine:
 
     def _drafts(self) -> list[tuple[list[int], list[torch.Tensor] | None]]:
         """Each row's drafts for this step ([] for a plain row) and, from a draft model that
-        samples, its probabilities: as many as its Speculator plans
-        (room for the tokens after them, its own crossover), and no more than keep the pass within
-        spec_extra_tokens, the widest row inside every slot and every short-regime row short of the
-        LongRoPE crossover (a row's frequency set follows the last position it is fed, padding
-        included)."""
+        samples, its probabilities: as many as its Speculator plans (room for the tokens after
+        them, its own crossover), and no more than keep the pass within spec_extra_tokens, the
+        widest row inside every slot and every short-regime row short of the LongRoPE crossover
+        (a row's frequency set follows the last position it is fed, padding included)."""
         if not any(r.spec is not None for r in self.rows):
             return [([], None) for _ in self.rows]
         lens = [int(n) for n in self.cache.lens[: len(self.rows)]]
