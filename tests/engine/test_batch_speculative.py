@@ -2,7 +2,8 @@
 plain decoding's tokens, alone or mixed with plain rows of other lengths and with a row joining
 mid-way, across the LongRoPE crossover, with stops and limits inside a verified run; sampled rows
 follow the target distribution (chi-square) and, with a seed, draw what a single request draws;
-usage counts what was drafted and accepted, as in process."""
+usage counts what was drafted and accepted, as in process. Draft models and faults:
+test_batch_speculative_drafts.py."""
 from __future__ import annotations
 
 import random
@@ -16,19 +17,7 @@ from slmkit.engine.batching import BatchEngine
 from slmkit.engine.generator import Generator, GeneratorParams
 from slmkit.engine.speculative import Speculator, lookup_draft
 from slmkit.kernels.qgemm import get_kernel
-
-
-@pytest.fixture(autouse=True)
-def rows_never_run_the_model_themselves(monkeypatch):
-    """A batch row's Generator takes its logits from the engine's passes: its own verification
-    pass (forward_all, a single request's) must never run on the engine thread."""
-    forward_all = Generator.forward_all
-
-    def guarded(self, extra):
-        assert threading.current_thread().name != "slmkit-batch", "a batch row ran its own verification pass"
-        return forward_all(self, extra)
-
-    monkeypatch.setattr(Generator, "forward_all", guarded)
+from tests.helpers.batch_rows import prompts, rows_never_run_the_model_themselves, run_batch, solo  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -36,56 +25,6 @@ def llm(tmp_path_factory):
     from tests.helpers.tiny_models import make_phi3_folder
 
     return slmkit.load(make_phi3_folder(tmp_path_factory.mktemp("bspec"), "gqa"), dtype="float32")
-
-
-def prompts(n: int, length: int = 40, seed: int = 0) -> list[list[int]]:
-    """Prompts that repeat themselves (prompt lookup finds drafts), every third one random."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        base = [rng.randrange(3, 400) for _ in range(length // 2)]
-        out.append(base + base if i % 3 else [rng.randrange(3, 400) for _ in range(length)])
-    return out
-
-
-def solo(llm, prompt: list[int], **kw) -> list[int]:
-    gen = Generator(llm, GeneratorParams(speculative="none", **kw))
-    gen.append_tokens(prompt)
-    out = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        out.append(gen.get_next_tokens()[0])
-    return out
-
-
-def run_batch(batch: BatchEngine, reqs: list[tuple[list[int], dict]], late: int = 0) -> list[list[tuple]]:
-    """Submit every request from its own thread, all queued before the engine starts; the last
-    `late` ones join once the others have produced a few tokens. Returns each one's items."""
-    got: list = [None] * len(reqs)
-    started = threading.Event()
-
-    def run(i: int) -> None:
-        prompt, kw = reqs[i]
-        items = []
-        for item in batch.submit(prompt, GeneratorParams(**kw)):
-            items.append(item)
-            if len(items) == 3:
-                started.set()
-        got[i] = items
-
-    early = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs) - late)]
-    for t in early:
-        t.start()
-    while batch.incoming.qsize() < len(early):
-        threading.Event().wait(0.01)
-    batch.start()
-    assert started.wait(60)
-    later = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs) - late, len(reqs))]
-    for t in later:
-        t.start()
-    for t in early + later:
-        t.join(timeout=120)
-    return got
 
 
 @pytest.mark.parametrize("extra", [None, 6, 0])
@@ -313,52 +252,6 @@ def test_structured_output_cannot_speculate_in_a_row_either(llm):
         batch.close()
 
 
-@pytest.fixture(scope="module")
-def drafts(tmp_path_factory, llm):
-    """Draft models for llm: the same weights (drafts mostly kept) and another random model (mostly not)."""
-    from tests.helpers.tiny_models import make_phi3_folder
-
-    root = tmp_path_factory.mktemp("bspec-drafts")
-    return {"twin": slmkit.load(make_phi3_folder(root / "t", "gqa"), dtype="float32"),
-            "other": slmkit.load(make_phi3_folder(root / "o", "gqa", seed=1), dtype="float32")}
-
-
-def test_draft_model_rows_equal_in_process_runs(llm, drafts):
-    """Rows drafting with a draft model (each its own), beside prompt-lookup and plain rows: greedy
-    tokens and drafted / accepted counts equal in-process runs; sampled ones (a seed) draw what a
-    single request draws, where the logits are batch-invariant."""
-    ps = prompts(6, seed=4)
-    cases = [(ps[0], dict(speculative="draft", draft=drafts["twin"])),
-             (ps[1], dict(draft=drafts["other"])),  # "auto" with a draft model: the draft model
-             (ps[2], dict(speculative="ngram")), (ps[3], dict(speculative="none")),
-             (ps[4], dict(speculative="draft", draft=drafts["twin"], temperature=0.9, top_k=40, seed=3))]
-    if get_kernel() is None:
-        cases.pop()
-    base = dict(max_new_tokens=16, temperature=0.0, ignore_eos=True, num_draft=4)
-    alone = [llm.generate(p, **dict(base, **kw)) for p, kw in cases]
-    assert alone[0].usage.accepted_tokens > 0 and alone[1].usage.drafted_tokens > 0
-    llm.enable_batching(slots=4, context=128)
-    llm.backend.batch.spec_extra_tokens = None  # every row drafts in full, as alone
-    got: list = [None] * len(cases)
-
-    def run(i: int) -> None:
-        got[i] = llm.generate(cases[i][0], **dict(base, **cases[i][1]))
-
-    try:
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-    finally:
-        llm.backend.batch.close()
-        llm.backend.batch = None
-    for (_, kw), a, g in zip(cases, alone, got):
-        assert g.token_ids == a.token_ids, kw
-        assert (g.usage.drafted_tokens, g.usage.accepted_tokens) == (a.usage.drafted_tokens,
-                                                                     a.usage.accepted_tokens), kw
-
-
 def test_a_wide_pass_keeps_a_short_row_short_of_the_crossover(phi3_folders):
     """A row that drafts num_draft tokens at every step (its prompt holds every token, so each
     last token has a continuation to look up) beside plain rows walking up to original_max: the
@@ -378,50 +271,6 @@ def test_a_wide_pass_keeps_a_short_row_short_of_the_crossover(phi3_folders):
         batch.close()
     assert [[item[0] for item in items] for items in got] == want
     assert got[0][-1][3] >= 8 * 3  # it drafted in full while the others crossed
-
-
-def test_a_row_whose_processor_fails_while_verifying_ends_alone(llm):
-    """A speculating row whose scorer raises part-way through a verification: that request gets
-    the error, the speculating row beside it its plain tokens, and both slots are freed."""
-    from slmkit.errors import EngineError
-
-    good_p, bad_p = prompts(3)[1], prompts(3)[2]
-    kw = dict(max_new_tokens=16, temperature=0.0, ignore_eos=True)
-    want = solo(llm, good_p, **kw)
-    calls = []
-
-    def breaks_on_its_eighth_position(ids, logits):
-        calls.append(len(ids))
-        if len(calls) == 8:
-            raise RuntimeError("the scorer broke")
-        return logits
-
-    batch = BatchEngine(llm.engine, slots=2, slot_context=128, start=False)
-    try:
-        reqs = [(good_p, dict(kw, speculative="ngram", num_draft=4)),
-                (bad_p, dict(kw, speculative="ngram", num_draft=4, scorers=[breaks_on_its_eighth_position]))]
-        got: list = [None, None]
-
-        def run(i: int) -> None:
-            try:
-                got[i] = [item[0] for item in batch.submit(reqs[i][0], GeneratorParams(**reqs[i][1]))]
-            except EngineError as e:
-                got[i] = e
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        while batch.incoming.qsize() < 2:
-            threading.Event().wait(0.01)
-        batch.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert isinstance(got[1], EngineError) and "the scorer broke" in str(got[1])
-        assert got[0] == want
-        assert batch.alive and batch.cache.n == 0
-        assert [item[0] for item in batch.submit(good_p, GeneratorParams(**reqs[0][1]))] == want  # it goes on
-    finally:
-        batch.close()
 
 
 @pytest.mark.skipif(get_kernel() is None, reason="bit-equal logits need the compiled kernels")
@@ -480,48 +329,3 @@ def test_rows_past_a_sliding_window_give_plain_decodings_tokens(phi3_folders, tm
         batch.close()
     assert [[item[0] for item in items] for items in got] == want
     assert sum(items[-1][3] for items in got) > 0
-
-
-def test_a_row_whose_draft_model_fails_ends_alone(llm, drafts, monkeypatch):
-    """The draft model raises while drafting for one row: that request gets the error; a row
-    drafting by prompt lookup beside it goes on to its plain tokens."""
-    from slmkit.errors import EngineError
-
-    broken = drafts["other"].engine.model
-    real, calls = broken.forward, []
-
-    def fails_on_the_tenth_pass(*a, **kw):
-        calls.append(True)
-        if len(calls) == 10:
-            raise RuntimeError("the draft model broke")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(broken, "forward", fails_on_the_tenth_pass)
-    kw = dict(max_new_tokens=16, temperature=0.0, ignore_eos=True)
-    good_p, bad_p = prompts(3, seed=6)[1], prompts(3, seed=6)[2]
-    want = solo(llm, good_p, **kw)
-    batch = BatchEngine(llm.engine, slots=2, slot_context=128, start=False)
-    got: list = [None, None]
-    reqs = [(good_p, GeneratorParams(speculative="ngram", **kw)),
-            (bad_p, GeneratorParams(speculative="draft", draft=drafts["other"], **kw))]
-
-    def run(i: int) -> None:
-        try:
-            got[i] = [item[0] for item in batch.submit(*reqs[i])]
-        except EngineError as e:
-            got[i] = e
-
-    try:
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        while batch.incoming.qsize() < 2:
-            threading.Event().wait(0.01)
-        batch.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert isinstance(got[1], EngineError) and "the draft model broke" in str(got[1])
-        assert got[0] == want and len(calls) >= 10
-        assert batch.alive and batch.cache.n == 0
-    finally:
-        batch.close()
