@@ -157,3 +157,26 @@ def test_kernel_runs_gguf_blocks_like_the_reference(type_name, m):
     if lib is None:
         pytest.skip("the compiled kernel is unavailable on this machine")
     assert torch.equal(qmatmul_kernel(lib, x, qw, torch.float32), ref)
+
+
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
+@pytest.mark.parametrize("sign", [1, -1])
+@pytest.mark.parametrize("m", [1, 2, 9])
+def test_extreme_codes_and_activations_do_not_saturate(bits, sign, m):
+    """Every code at its largest (or 0) and every activation at +-127 (a constant row): the largest
+    integer sums any path forms (the AVX2 kernel adds vpmaddubsw's int16 pair sums a few at a time,
+    and runs int8 codes as |u - 128| with the activation's sign), exactly as the reference does."""
+    lib = get_kernel()
+    if lib is None:
+        pytest.skip("the compiled kernel is unavailable on this machine")
+    n, k, group = 48, 512, 256
+    top = (1 << bits) - 1
+    u = torch.full((n, k), top, dtype=torch.uint8)
+    u[1::3] = 0  # the most negative codes too (zero below)
+    s = torch.full((n, k // group), 0.01, dtype=torch.float16)
+    qw = from_codes(u, s, None, bits=bits, group=group, zero=1 << (bits - 1), n=n, k=k)
+    x = torch.full((m, k), 0.5 * sign)
+    got = qmatmul_kernel(lib, x, qw, torch.float32)
+    assert torch.equal(got, qmatmul_reference(x, qw))
+    want, _ = exact(x, qw)
+    assert torch.allclose(got.double(), want, rtol=1e-6)
