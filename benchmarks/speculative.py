@@ -8,7 +8,10 @@ the binding offers no draft-model mode), on the same GGUF file.
 
 Part 1, real weights (so acceptance is real): input-grounded tasks (summarise, rewrite, extract,
 code edit: the answer repeats the prompt) and open-ended prose, greedy, --decode tokens; decode
-tok/s (clock after the first token), tokens per forward pass and accepted / drafted tokens.
+tok/s (clock after the first token), tokens per forward pass and accepted / drafted tokens. The
+slmkit-batch rows run the same tasks through the continuous-batching engine (`slm serve`'s path),
+--batch-streams copies of each task at once (default 1: one server stream; 0 skips them); their
+tok/s is per stream, the median over the streams.
 Part 2, Phi-3-mini size with random weights at int4 (--layers, default 8): the cost of verifying k
 drafted tokens (one pass over k + 1 rows) against one plain step, k = 2..8, and the speed-up the
 measured acceptance rate gives there: E[tokens per pass] = (1 - a^(k+1)) / (1 - a), over the cost.
@@ -68,18 +71,32 @@ LLAMA_MODES = ("plain", "lookup")
 
 
 # ------------------------------------------------------------------ part 1: real weights
-def child_slmkit(path: str, mode: str, draft: str | None, tasks: list[str], decode: int, reps: int, k: int
-                 ) -> dict[str, Any]:
+def child_slmkit(path: str, mode: str, draft: str | None, tasks: list[str], decode: int, reps: int, k: int,
+                 streams: int = 0) -> dict[str, Any]:
+    """streams > 0: through continuous batching, that many copies of each task at once."""
     import slmkit
 
     llm = slmkit.load(path)
     extra: dict[str, Any] = {"speculative": mode, "num_draft": k}
     if mode == "draft":
         extra["draft"] = slmkit.load(draft) if draft else None
+    if streams:
+        llm.enable_batching(slots=max(streams, 2), context=2048)
     llm.generate("warm up", max_new_tokens=4, temperature=0, speculative="none")
+
+    def once(prompt: str) -> Any:
+        if not streams:
+            return llm.generate(prompt, max_new_tokens=decode, temperature=0, **extra)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(streams) as pool:
+            got = list(pool.map(lambda _: llm.generate(prompt, max_new_tokens=decode, temperature=0, **extra),
+                                range(streams)))
+        return sorted(got, key=lambda x: x.timings.decode_tokens_per_s(x.usage.completion_tokens))[streams // 2]
+
     out = {}
     for name in tasks:
-        runs = [llm.generate(TASKS[name][1], max_new_tokens=decode, temperature=0, **extra) for _ in range(reps)]
+        runs = [once(TASKS[name][1]) for _ in range(reps)]
         r = runs[-1]
         n, acc = r.usage.completion_tokens, r.usage.accepted_tokens
         out[name] = {"decode_tok_s": median([x.timings.decode_tokens_per_s(x.usage.completion_tokens) for x in runs]),
@@ -151,6 +168,8 @@ def main() -> None:
                     "the cost ratio of k rows to one barely depends on depth)")
     ap.add_argument("--folder", default="/tmp/slmkit-bench/phi3-mini-random")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 2 tasks, 16 tokens, 1 rep, 2 layers")
+    ap.add_argument("--batch-streams", type=int, default=1, help="streams of each task at once through continuous "
+                    "batching, for the slmkit-batch rows (0: skip them)")
     a = ap.parse_args()
     if a.child:
         kw = json.loads(a.args)
@@ -175,6 +194,11 @@ def main() -> None:
             continue
         results[f"slmkit-{mode}"] = child("slmkit", path=path, mode=mode, draft=a.draft, tasks=tasks,
                                           decode=decode, reps=reps, k=a.num_draft)
+    for mode in SLMKIT_MODES if a.batch_streams > 0 else ():
+        if mode == "draft" and not a.draft:
+            continue
+        results[f"slmkit-batch-{mode}"] = child("slmkit", path=path, mode=mode, draft=a.draft, tasks=tasks,
+                                                decode=decode, reps=reps, k=a.num_draft, streams=a.batch_streams)
     for mode in LLAMA_MODES:
         results[f"llama.cpp-{mode}"] = child("llama", path=path, mode=mode, tasks=tasks, decode=decode, reps=reps,
                                              k=a.num_draft, threads=a.threads)
@@ -212,6 +236,7 @@ def main() -> None:
     else:
         print(f"\nverification cost: {cost['error']}")
     save_results("speculative_quick" if a.quick else "speculative", model=path, draft=a.draft, decode=decode, reps=reps,
+                 batch_streams=a.batch_streams,
                  quick=a.quick, rows=rows, verify_cost=cost, projection=proj)
 
 

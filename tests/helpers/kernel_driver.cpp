@@ -61,11 +61,11 @@ int main(int argc, char** argv) {
     int (*pairs)(int) = (int (*)(int))dlsym(lib, "slm_fgemm_pairs");
     // qgemm: every bit width x scale kind x mins, decode and prefill M, 1 and 2 threads
     const int64_t N = 40, K = 500, KP = 512, G = 32, tiles = 3, ng = KP / G, sbg = 8;
-    for (int bits = 4; bits <= 8; bits += 4)
+    for (int bits : {4, 5, 6, 8})
         for (int kind = 0; kind < 4; ++kind)
             for (int mins = 0; mins < 2; ++mins)
                 for (int64_t M : {1, 2, 5}) {
-                    std::vector<uint8_t> qw(tiles * KP * (bits == 4 ? 8 : 16));
+                    std::vector<uint8_t> qw(tiles * KP * (bits == 8 ? 16 : bits * 2));  // 64-byte vectors: format.py
                     for (auto& c : qw) c = (uint8_t)next();
                     const size_t nsc = tiles * ng * 16;
                     std::vector<uint8_t> sc(nsc * 4), mn(nsc * 4);
@@ -80,7 +80,7 @@ int main(int argc, char** argv) {
                     for (auto& f : x) f = uni() * 3;
                     std::vector<float> out(M * N);
                     const int rc = qgemm(x.data(), 0, M, K, K, qw.data(), sc.data(), mins ? mn.data() : nullptr, kind,
-                                         ss.data(), sm.data(), sbg, bits, tiles, KP, G, mins ? 0 : (bits == 4 ? 8 : 128), N,
+                                         ss.data(), sm.data(), sbg, bits, tiles, KP, G, mins ? 0 : 1 << (bits - 1), N,
                                          out.data(), 0, N, M > 2 ? 2 : 1);
                     printf("qgemm-b%d-k%d-m%d-M%ld %d %016llx\n", bits, kind, mins, (long)M, rc,
                            (unsigned long long)fnv(out.data(), out.size() * 4));

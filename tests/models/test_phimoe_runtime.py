@@ -82,6 +82,44 @@ def test_return_routing_under_continuous_batching_equals_solo_runs(folder):
             assert all(gw == pytest.approx(sw) for gw, sw in zip(a.weights, b.weights))
 
 
+def test_speculating_batch_rows_report_each_tokens_own_routing(folder):
+    """Rows that verify drafts in the batch's pass: each token's routing is that of the position
+    that chose it (as plain decoding alone gives it), beside a plain row."""
+    import random
+    import threading
+
+    llm = slmkit.load(folder, dtype="float32")
+    rng = random.Random(4)
+    halves = [[rng.randrange(5, 300) for _ in range(12)] for _ in range(3)]
+    reqs = [h + h for h in halves]  # self-repeating: prompt lookup finds drafts
+    kw = dict(max_new_tokens=16, temperature=0, ignore_eos=True, return_routing=True)
+    solo = [llm.generate(p, speculative="none", **kw) for p in reqs]
+    with pytest.raises(InvalidRequestError) as e:  # alone, each token's routing needs a pass of its own
+        llm.generate(reqs[0], speculative="ngram", **kw)
+    assert e.value.param == "speculative"
+    long = (halves[0] * 12)[:140]  # "auto" would draft for it: with routing it decodes plainly
+    r = llm.generate(long, **dict(kw, max_new_tokens=6))
+    assert r.usage.drafted_tokens == 0 and len(r.routing) == 6
+    assert llm.generate(long, max_new_tokens=6, temperature=0, ignore_eos=True).usage.drafted_tokens > 0
+    llm.enable_batching(slots=3, context=96)
+    got: list = [None] * 3
+
+    def run(i: int) -> None:
+        got[i] = llm.generate(reqs[i], speculative="ngram" if i else "none", num_draft=4, **kw)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sum(g.usage.accepted_tokens for g in got) > 0  # runs of several tokens from one pass
+    for g, s in zip(got, solo):
+        assert g.token_ids == s.token_ids
+        assert [r.experts for r in g.routing] == [r.experts for r in s.routing]
+        for a, b in zip(g.routing, s.routing):
+            assert all(gw == pytest.approx(sw) for gw, sw in zip(a.weights, b.weights))
+
+
 def test_expert_hits_count_every_token_of_every_layer(folder):
     llm = slmkit.load(folder, dtype="float32")
     assert sum(map(sum, llm.stats().expert_hits)) == 0

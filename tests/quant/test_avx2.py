@@ -34,12 +34,12 @@ def both():
 
 def codes_weight(n, k, group, bits, scales, seed=2):
     g = torch.Generator().manual_seed(seed)
-    u = torch.randint(0, 16 if bits == 4 else 256, (n, k), generator=g, dtype=torch.uint8)
+    u = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
     ng = -(-k // group)
     dt = torch.float32 if scales == "float32" else torch.float16
     s = (torch.rand(n, ng, generator=g) * 0.02).to(dt)
     mins = (torch.randn(n, ng, generator=g) * 0.05).to(dt) if scales == "mins" else None
-    return from_codes(u, s, mins, bits=bits, group=group, zero=0 if mins is not None else (8 if bits == 4 else 128),
+    return from_codes(u, s, mins, bits=bits, group=group, zero=0 if mins is not None else 1 << (bits - 1),
                       n=n, k=k)
 
 

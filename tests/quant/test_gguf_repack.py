@@ -21,9 +21,9 @@ SHAPES = [(16, 256), (40, 512), (33, 768), (1, 256)]
 # (bits, group, zero, scale dtype, has mins) per type
 LAYOUT = {
     "Q4_0": (4, 32, 8, torch.float16, False), "Q4_1": (4, 32, 0, torch.float16, True),
-    "Q5_0": (8, 32, 16, torch.float16, False), "Q5_1": (8, 32, 0, torch.float16, True),
+    "Q5_0": (5, 32, 16, torch.float16, False), "Q5_1": (5, 32, 0, torch.float16, True),
     "Q8_0": (8, 32, 128, torch.float16, False), "Q4_K": (4, 32, 0, torch.uint8, True),
-    "Q5_K": (8, 32, 0, torch.uint8, True), "Q6_K": (8, 16, 32, torch.int8, False),
+    "Q5_K": (5, 32, 0, torch.uint8, True), "Q6_K": (6, 16, 32, torch.int8, False),
 }
 # K-quants keep their two levels: integer sub-scales x a float32 super-scale per 256 inputs
 SUPER = {"Q4_K": 8, "Q5_K": 8, "Q6_K": 16}
@@ -43,12 +43,13 @@ def _check_exact(raw: torch.Tensor, type_name: str, shape: tuple[int, int], **kw
     assert qw.scales.dtype == dtype and (qw.mins is not None) == has_min
     assert qw.mins is None or qw.mins.dtype == dtype
     assert qw.per_super == SUPER.get(type_name, 1) and (qw.super_scales is not None) == (type_name in SUPER)
-    if bits == 4 or type_name == "Q8_0":  # 4-bit codes and Q8_0 cost what the file costs (rows padded to
-        # 16); Q4_K's 6-bit sub-scales and float16 supers take a byte and a float32 here: +5.6%
-        from slmkit.gguf.quants import GGML_QUANT_SIZES
-        block, size = GGML_QUANT_SIZES[tid]
-        file_bytes = -(-shape[0] // 16) * 16 * shape[1] // block * size
-        assert qw.nbytes <= file_bytes * (1.056 if type_name == "Q4_K" else 1.0), (qw.nbytes, type_name)
+    # every type costs what the file costs (rows padded to 16), codes at their own bits, but for the
+    # K-quants' 6-bit sub-scales (a byte here) and float16 supers (float32 here)
+    from slmkit.gguf.quants import GGML_QUANT_SIZES
+    block, size = GGML_QUANT_SIZES[tid]
+    file_bytes = -(-shape[0] // 16) * 16 * shape[1] // block * size
+    allow = {"Q4_K": 152 / 144, "Q5_K": 184 / 176, "Q6_K": 212 / 210}.get(type_name, 1.0)
+    assert qw.nbytes <= file_bytes * allow, (qw.nbytes, type_name)
     ref = dequantize(raw, tid, shape, torch.float32)
     ours = dequantize_weight(qw, torch.float32)
     assert ours.shape == ref.shape

@@ -22,6 +22,9 @@ SHAPES = [  # (n, k, group, bits, m): odd K, N off the 16-row tile, every group 
     (16, 32, 32, 4, 1), (40, 100, 32, 4, 1), (33, 257, 64, 4, 3), (100, 384, 128, 4, 5), (17, 512, 256, 4, 2),
     (70, 96, 32, 8, 1), (64, 200, 64, 8, 7), (48, 130, 128, 8, 2), (50, 512, 128, 8, 9), (129, 64, 32, 4, 70),
     (1, 33, 32, 8, 1), (8, 3072, 128, 4, 1),
+    # 6 and 5 bits (GGUF's Q6_K and Q5_* at their own size): codes from from_codes (quantize makes 4 / 8)
+    (16, 32, 16, 6, 1), (40, 100, 16, 6, 1), (33, 257, 64, 6, 3), (129, 64, 32, 6, 70), (17, 512, 256, 6, 2),
+    (16, 32, 32, 5, 1), (40, 100, 32, 5, 5), (50, 512, 128, 5, 9), (129, 64, 32, 5, 70), (8, 3072, 256, 5, 1),
 ]
 
 
@@ -37,7 +40,17 @@ def exact(x: torch.Tensor, qw) -> tuple[torch.Tensor, torch.Tensor]:
 
 def weights(n: int, k: int, group: int, bits: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    return quantize(torch.randn(n, k, generator=g) * 0.05, bits, group), torch.randn(3, k, generator=g)
+    w = torch.randn(n, k, generator=g) * 0.05
+    if bits in (4, 8):
+        return quantize(w, bits, group), torch.randn(3, k, generator=g)
+    # 5 / 6 bits: symmetric round to nearest with the middle code as zero (as Q5_0 / Q6_K store it)
+    half = 1 << (bits - 1)
+    ng = -(-k // group)
+    wp = torch.nn.functional.pad(w, (0, ng * group - k)).view(n, ng, group)
+    s = (wp.abs().amax(-1) / (half - 1)).to(torch.float16)
+    u = (torch.round(wp / s.float().clamp_min(1e-12)[..., None]).clamp(-half, half - 1) + half).to(torch.uint8)
+    qw = from_codes(u.view(n, -1)[:, :k], s, None, bits=bits, group=group, zero=half, n=n, k=k)
+    return qw, torch.randn(3, k, generator=g)
 
 
 @pytest.mark.parametrize("n,k,group,bits,m", SHAPES)
@@ -56,13 +69,12 @@ def test_kernel_equals_float64_and_fallback(n, k, group, bits, m, scales):
     if lib is None:
         pytest.skip("the compiled kernel is unavailable on this machine")
     g = torch.Generator().manual_seed(2)
-    u = torch.randint(0, 16 if bits == 4 else 256, (n, k), generator=g, dtype=torch.uint8)
+    u = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
     ng = -(-k // group)
     dt = torch.float32 if scales == "float32" else torch.float16
     s = (torch.rand(n, ng, generator=g) * 0.02).to(dt)
     mins = (torch.randn(n, ng, generator=g) * 0.05).to(dt) if scales == "mins" else None
-    qw = from_codes(u, s, mins, bits=bits, group=group, zero=0 if mins is not None else (8 if bits == 4 else 128),
-                    n=n, k=k)
+    qw = from_codes(u, s, mins, bits=bits, group=group, zero=0 if mins is not None else 1 << (bits - 1), n=n, k=k)
     x = torch.randn(m, k, generator=g)
     want, scale = exact(x, qw)
     got = qmatmul_kernel(lib, x, qw, torch.float32).double()
@@ -83,9 +95,9 @@ def test_kernel_bfloat16_in_and_out_rounds_like_torch():
     assert torch.equal(y32, qmatmul_kernel(lib, xb.float(), qw, torch.float32))
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
 def test_pack_unpack_round_trip(bits):
-    u = torch.randint(0, 16 if bits == 4 else 256, (48, 64), dtype=torch.uint8)
+    u = torch.randint(0, 1 << bits, (48, 64), dtype=torch.uint8)
     assert torch.equal(unpack_codes(pack_codes(u, bits), bits), u)
 
 
@@ -145,3 +157,26 @@ def test_kernel_runs_gguf_blocks_like_the_reference(type_name, m):
     if lib is None:
         pytest.skip("the compiled kernel is unavailable on this machine")
     assert torch.equal(qmatmul_kernel(lib, x, qw, torch.float32), ref)
+
+
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
+@pytest.mark.parametrize("sign", [1, -1])
+@pytest.mark.parametrize("m", [1, 2, 9])
+def test_extreme_codes_and_activations_do_not_saturate(bits, sign, m):
+    """Every code at its largest (or 0) and every activation at +-127 (a constant row): the largest
+    integer sums any path forms (the AVX2 kernel adds vpmaddubsw's int16 pair sums a few at a time,
+    and runs int8 codes as |u - 128| with the activation's sign), exactly as the reference does."""
+    lib = get_kernel()
+    if lib is None:
+        pytest.skip("the compiled kernel is unavailable on this machine")
+    n, k, group = 48, 512, 256
+    top = (1 << bits) - 1
+    u = torch.full((n, k), top, dtype=torch.uint8)
+    u[1::3] = 0  # the most negative codes too (zero below)
+    s = torch.full((n, k // group), 0.01, dtype=torch.float16)
+    qw = from_codes(u, s, None, bits=bits, group=group, zero=1 << (bits - 1), n=n, k=k)
+    x = torch.full((m, k), 0.5 * sign)
+    got = qmatmul_kernel(lib, x, qw, torch.float32)
+    assert torch.equal(got, qmatmul_reference(x, qw))
+    want, _ = exact(x, qw)
+    assert torch.allclose(got.double(), want, rtol=1e-6)

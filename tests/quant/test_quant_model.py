@@ -61,7 +61,7 @@ def test_fallback_runs_bfloat16_models(phi3_folders):
     assert len(out.token_ids) == 4
 
 
-@pytest.mark.parametrize("qtype,bits", [("Q4_0", 4), ("Q8_0", 8), ("Q5_1", 8)])
+@pytest.mark.parametrize("qtype,bits", [("Q4_0", 4), ("Q8_0", 8), ("Q5_1", 5), ("Q5_0", 5)])
 def test_gguf_blocks_run_without_dequantizing(phi3_folders, tmp_path, qtype, bits):
     path = hf_to_gguf(phi3_folders("gqa"), tmp_path / f"m-{qtype}.gguf", qtype)
     direct = slmkit.load(path, dtype="float32")

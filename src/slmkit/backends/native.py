@@ -11,7 +11,7 @@ import torch
 from ..engine.engine import Engine
 from ..engine.generator import Generator, GeneratorParams
 from ..engine.speculative import check_draft_model
-from ..errors import InvalidRequestError, UnsupportedByBackendError, UnsupportedInputError
+from ..errors import InvalidRequestError, UnsupportedInputError
 from ..loading.files import is_regular_file
 from ..loading.hf import load_hf_folder
 from ..loading.memory import ram_by_precision
@@ -187,29 +187,28 @@ class NativeBackend:
         if options.draft is not None:
             check_draft_model(self.engine, options.draft)
         if options.return_routing and (self.batch is None or session is not None):
-            yield from self._with_routing(self.stream_tokens(prompt_ids, options.replace(return_routing=False),
-                                                             session, images))
+            # one pass per token here (a verified run's tokens would share one): "auto" decodes plainly
+            if options.speculative in ("ngram", "draft"):
+                raise InvalidRequestError(f"speculative={options.speculative!r} cannot be combined with "
+                                          "return_routing outside continuous batching", param="speculative")
+            plain = options.replace(return_routing=False, speculative="none", draft=None)
+            yield from self._with_routing(self.stream_tokens(prompt_ids, plain, session, images))
             return
         if self.batch is not None and session is None:
-            if options.speculative in ("ngram", "draft"):  # "auto" decodes plainly there
-                raise UnsupportedByBackendError("speculative", "native continuous-batching",
-                                                "rows of a batch step decode one token each; speculative='auto' "
-                                                "or 'none' runs there")
             steps = self.batch.submit(ids, params, want, entries, want_routing=options.return_routing)
         elif self.prompt_cache and session is None:
             steps = self._cached(ids, params, want, entries)
         else:
             steps = self._generate(ids, params, session, want, entries)
-        for item in steps:  # (token, reason, lp[, routing] | [, drafted, accepted]); lp: (token, logprob, top) or None
+        for item in steps:  # (token, reason, lp[, routing][, drafted, accepted]); lp: (token, logprob, top) or None
             token, reason, lp = item[:3]
             self.tokens_generated += 1
-            extra = item[3:]
-            if extra and isinstance(extra[0], dict):  # the batch engine's (layer -> (ids, weights)) for this row
-                step = TokenStep(token, reason)
-                step.routing = _token_routing(extra[0])
-            else:  # the Generator's speculative totals (none in a batch)
-                drafted, accepted = extra[:2] if len(extra) >= 2 else (0, 0)
-                step = TokenStep(token, reason, drafted=drafted, accepted=accepted)
+            extra = list(item[3:])
+            routing = extra.pop(0) if extra and isinstance(extra[0], dict) else None  # the batch engine's, this row's
+            drafted, accepted = extra[:2] if len(extra) >= 2 else (0, 0)  # speculative totals so far
+            step = TokenStep(token, reason, drafted=drafted, accepted=accepted)
+            if routing is not None:
+                step.routing = _token_routing(routing)
             if lp is not None:
                 step.logprob, step.top_logprobs = lp[1], (lp[2] if options.top_logprobs else None)
             yield step

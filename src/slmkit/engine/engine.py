@@ -139,17 +139,19 @@ class Engine:
         return self._run(ids, cache, last_only, images).float()
 
     @torch.inference_mode()
-    def forward_slots(self, ids: torch.Tensor, cache: SlotCache) -> torch.Tensor:
-        """One decode step for every row in use of a slot cache (continuous batching), each at its
-        own length: ids [n, 1] -> float32 logits [n, vocab]; every row's length advances by one.
+    def forward_slots(self, ids: torch.Tensor, cache: SlotCache, *, last_only: bool = True) -> torch.Tensor:
+        """One step for every row in use of a slot cache (continuous batching), each at its own
+        length: ids [n, S] (S = 1: a decode step; more: each row's pending token and its drafts,
+        padded to S) -> float32 logits [n, vocab] at the last position, or with last_only=False
+        [n, S, vocab]; every row's length advances by S (the caller rolls back what it rejects).
         The caller keeps each row within the slot capacity."""
         if cache.n == 1:  # alone: the plain one-row path (no per-row masks or indexed writes)
             view = cache.row_cache(0)
-            logits = self.model(ids, view)
+            logits = self.model(ids, view, last_only=last_only)
             cache.lens[0] = view.offset
         else:
-            logits = self.model(ids, cache)  # the model advances the cache
-        return logits.float()[:, -1]
+            logits = self.model(ids, cache, last_only=last_only)  # the model advances the cache
+        return logits.float()[:, -1] if last_only else logits.float()
 
     @torch.inference_mode()
     def logits(self, ids: Sequence[int], images: Mapping[int, ImageEntry] | None = None) -> torch.Tensor:

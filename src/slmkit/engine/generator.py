@@ -111,6 +111,7 @@ class Generator:
         self.params = params or GeneratorParams()
         self._queue: list[tuple[int, LogprobRecord]] = []  # tokens a speculative step produced, not yet emitted
         self.speculator: Speculator | None = None
+        self.caller_verifies = False  # an external_logits caller drafts and verifies (speculate_for_caller)
         self.last_processed: torch.Tensor | None = None  # the last step's processed logits (a draft's q)
         self.configure()
         self.engine.tokenizer.reset_stream()  # tokenizer.stream_decode follows this generation from here on
@@ -158,6 +159,8 @@ class Generator:
 
     def _speculating(self) -> bool:
         """Whether this step drafts (speculative decoding, engine/speculative.py)."""
+        if self.caller_verifies:  # its caller plans and verifies the drafts (speculate_for_caller)
+            return False
         if not self._spec_checked:
             self._spec_checked = True
             if self.external:  # the caller runs the model: nothing to verify drafts with
@@ -177,6 +180,22 @@ class Generator:
             else:
                 self.speculator = Speculator(self, mode)
         return self.speculator is not None
+
+    def speculate_for_caller(self) -> Speculator | None:
+        """For an external_logits generator whose caller runs the verification passes (the batch
+        engine): this request's Speculator, chosen by the Generator's own rule (mode_for), or None
+        when it decodes plainly. The caller then plans drafts, verifies them on its logits and hands
+        the tokens to queue_verified(). Call after append_tokens (the rule needs the prompt)."""
+        mode = mode_for(self.params, self._prompt_len)
+        self.caller_verifies, self._spec_checked = True, True
+        self.speculator = None if mode == "none" else Speculator(self, mode)
+        return self.speculator
+
+    def queue_verified(self, tokens: list[tuple[int, LogprobRecord]]) -> None:
+        """The tokens of the caller's verification pass (Speculator.verify): the next
+        generate_next_token() calls emit them one by one, with stops and limits, as the
+        Generator's own speculative steps do (set_logits or a rewind drops what is left)."""
+        self._queue = list(tokens)
 
     # ------------------------------------------------------------------ input
     def append_tokens(self, tokens: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor) -> None:

@@ -20,6 +20,10 @@ Generator's re-prefill there runs as in plain decoding.
 tasks: summarise, rewrite, extract, edit code, where the answer repeats the prompt), or the draft
 model when one is given; structured output and multi-row generators decode plainly under "auto"
 (and refuse "ngram" / "draft" by name).
+
+The continuous-batching engine (engine/batching.py) drafts for its rows with the same Speculator
+(plan, then verify on the row's logits of its own batched pass); a row's draft model runs its
+draft steps for that row alone.
 """
 from __future__ import annotations
 
@@ -151,25 +155,44 @@ class Speculator:
         return drafts, (None if greedy else probs)
 
     # ------------------------------------------------------------------ verification
-    def step(self, gen: Generator) -> list[tuple[int, LogprobRecord]]:
-        """One drafted step: the tokens plain decoding would produce next (greedy: exactly; sampled:
-        in distribution), with their log-probability records; [] when nothing was drafted (the
-        caller then takes a plain step)."""
+    def plan(self, gen: Generator, limit: int | None = None) -> tuple[list[int], list[torch.Tensor] | None]:
+        """The drafts of the next verification pass over gen's sequence (and the draft model's
+        probabilities): at most `limit` tokens, leaving room for the token after the last one
+        within max_length / max_new_tokens, and never past the LongRoPE crossover."""
         seq, p = gen.sequences[0], gen.params
         length = len(seq)
         room = gen.max_length - length
         if p.max_new_tokens is not None:
             room = min(room, p.max_new_tokens - (length - gen._prompt_len))
         engine = gen.engine
-        regime = engine.rope_regime(length)
-        if engine.rope_crossover is not None and regime == "short":
+        if engine.rope_crossover is not None and engine.rope_regime(length) == "short":
             room = min(room, engine.rope_crossover - length + 1)  # the pass stays on this side of it
-        drafts, q = self.propose(gen, room - 1)  # room for the token after the last draft
+        room -= 1  # room for the token after the last draft
+        return self.propose(gen, room if limit is None else min(room, limit))
+
+    def step(self, gen: Generator) -> list[tuple[int, LogprobRecord]]:
+        """One drafted step: the tokens plain decoding would produce next (greedy: exactly; sampled:
+        in distribution), with their log-probability records; [] when nothing was drafted (the
+        caller then takes a plain step)."""
+        length = len(gen.sequences[0])
+        drafts, q = self.plan(gen)
         if not drafts:
             return []
-        logits = gen.forward_all(drafts)  # [k + 1, V]: after seq, after each draft token
+        out = self.verify(gen, drafts, q, gen.forward_all(drafts))
+        cache = gen.cache
+        assert cache is not None
+        cache.trim(cache.offset - (length + len(out) - 1))  # keys of the kept drafts, less the last token
+        return out
+
+    def verify(self, gen: Generator, drafts: list[int], q: list[torch.Tensor] | None,
+               logits: torch.Tensor) -> list[tuple[int, LogprobRecord]]:
+        """The tokens a verification pass yields, left to right, with their log-probability records:
+        logits [len(drafts) + 1, V] are the model's after gen's sequence and after each draft (one
+        pass: the Generator's own, or a row of the batch engine's). The drafts kept, then the
+        target's token where the first one is rejected (or the bonus token after them all); an
+        end-of-sequence token ends the run. Counts drafted / accepted for usage."""
         out: list[tuple[int, LogprobRecord]] = []
-        accepted, ctx = 0, list(seq)
+        accepted, ctx = 0, list(gen.sequences[0])
         for j in range(len(drafts) + 1):
             x = gen.chain(logits[j:j + 1], [ctx], gen._prompt_len, sorted(gen.eos))
             if j < len(drafts):
@@ -183,10 +206,6 @@ class Speculator:
                 break
         self.drafted += len(drafts)
         self.accepted += accepted
-        cache = gen.cache
-        assert cache is not None
-        keep = min(length + accepted, length + len(out) - 1)  # keys of the kept drafts, less the last token
-        cache.trim(cache.offset - keep)
         return out
 
     def _judge(self, x: torch.Tensor, d: int, q: torch.Tensor | None, gen: Generator) -> tuple[int, bool]:

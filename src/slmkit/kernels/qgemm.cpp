@@ -1,7 +1,8 @@
 // slmkit quantized matmul for x86 CPUs with AVX512-VNNI: y[M, N] = x[M, K] @ W[N, K]^T.
 //
 // W is in slmkit's tiled layout (src/slmkit/quant/format.py): 16 rows x 4 codes per 64 bytes,
-// int4 packing two such chunks per 64 bytes as low / high nibbles; per (tile, group) 16 scales
+// int4 packing two such chunks per 64 bytes as low / high nibbles, 6 and 5 bits as such nibbles plus
+// a vector of the codes' top bits per 16 / 32 k; per (tile, group) 16 scales
 // (float16 or float32) and optional 16 mins.  x is quantized per group to int8 (scale = absmax /
 // 127, round half to even) exactly as qmatmul_reference does, and every group's dot product is an
 // exact int32 sum from vpdpbusd (unsigned codes x signed activations), then
@@ -75,6 +76,14 @@ static inline __m512 load16(const void* p, const float* sup, int64_t i, int64_t 
 }
 
 
+// The top bits of set i (at bit (BITS - 4) * i of each byte) moved to bit 4 (16-bit shifts: what
+// crosses a byte border lands outside the mask applied next).
+template <int BITS>
+static inline __m512i shift_to4(__m512i t, int i) {
+    const int sh = 4 - (BITS - 4) * i;
+    return sh >= 0 ? _mm512_slli_epi16(t, (unsigned)sh) : _mm512_srli_epi16(t, (unsigned)-sh);
+}
+
 struct QW {
     const uint8_t* qw;
     const void* sc;
@@ -83,6 +92,7 @@ struct QW {
     const float* smn;
     int64_t ng, G, KP, sbg;
     int zero;
+    int64_t qt0;  // the row tile qw starts at (0, or a block's first tile in an unpacked copy)
 };
 
 // T row tiles x MB activation rows, all groups of K.
@@ -92,9 +102,11 @@ static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, co
     const uint8_t* qw = w.qw;
     const int64_t ng = w.ng, G = w.G, KP = w.KP;
     const int zero = w.zero;
-    const int64_t tile_bytes = BITS == 4 ? KP * 8 : KP * 16;
-    const int64_t step = BITS == 4 ? 8 : 4;  // k per 64-byte load
+    constexpr int step = BITS == 8 ? 4 : BITS == 4 ? 8 : BITS == 6 ? 16 : 32;  // k per run of vectors
+    constexpr int vpr = BITS == 6 ? 3 : BITS == 5 ? 5 : 1;                       // 64-byte vectors per run
+    const int64_t tile_bytes = KP / step * vpr * 64;
     const __m512i low = _mm512_set1_epi8(0x0F);
+    const __m512i top_mask = _mm512_set1_epi8(BITS == 6 ? 0x30 : 0x10);  // the top bits' place in a code
     __m512 acc[T][MB];
     for (int t = 0; t < T; ++t)
         for (int m = 0; m < MB; ++m) acc[t][m] = _mm512_setzero_ps();
@@ -106,9 +118,25 @@ static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, co
         for (int64_t c = c0; c < c1; ++c) {
             const int64_t k0 = c * step;
             for (int t = 0; t < T; ++t) {
-                const uint8_t* p = qw + (t0 + t) * tile_bytes + c * 64;
+                const uint8_t* p = qw + (t0 + t - w.qt0) * tile_bytes + c * vpr * 64;
                 __m512i v = _mm512_loadu_si512((const void*)p);
-                if (BITS == 4) {
+                if (BITS == 5 || BITS == 6) {  // nibble vectors, then the top bits of all their sets
+                    const __m512i top = _mm512_loadu_si512((const void*)(p + (vpr - 1) * 64));
+#pragma GCC unroll 4
+                    for (int u = 0; u < vpr - 1; ++u) {
+                        const __m512i x = u ? _mm512_loadu_si512((const void*)(p + u * 64)) : v;
+                        // code = nibble | (top bits of set i, moved to bit 4): (A | (B & C)) = ternlog 0xF8
+                        const __m512i a = _mm512_ternarylogic_epi32(_mm512_and_si512(x, low),
+                                                                    shift_to4<BITS>(top, 2 * u), top_mask, 0xF8);
+                        const __m512i b = _mm512_ternarylogic_epi32(
+                            _mm512_and_si512(_mm512_srli_epi16(x, 4), low), shift_to4<BITS>(top, 2 * u + 1), top_mask,
+                            0xF8);
+                        for (int m = 0; m < MB; ++m) {  // one accumulator per row, as int4: no spills
+                            is[t][m] = _mm512_dpbusd_epi32(is[t][m], a, bcast4(xq + m * KP + k0 + 8 * u));
+                            is[t][m] = _mm512_dpbusd_epi32(is[t][m], b, bcast4(xq + m * KP + k0 + 8 * u + 4));
+                        }
+                    }
+                } else if (BITS == 4) {
                     __m512i lo = _mm512_and_si512(v, low);
                     __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
                     for (int m = 0; m < MB; ++m) {  // one accumulator per row: fewer registers, no spills
@@ -117,7 +145,7 @@ static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, co
                     }
                 } else {
                     for (int m = 0; m < MB; ++m) {
-                        if (c & 1) is2[t][m] = _mm512_dpbusd_epi32(is2[t][m], v, bcast4(xq + m * KP + k0));
+                        if (MB == 1 && (c & 1)) is2[t][m] = _mm512_dpbusd_epi32(is2[t][m], v, bcast4(xq + m * KP + k0));
                         else is[t][m] = _mm512_dpbusd_epi32(is[t][m], v, bcast4(xq + m * KP + k0));
                     }
                 }
@@ -146,6 +174,36 @@ static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, co
 }
 
 typedef void (*micro_fn)(const QW&, int64_t, const int8_t*, const float*, const int32_t*, float*, int64_t);
+
+// From this many activation rows 6 / 5-bit codes are unpacked per block of tiles (measured on Phi-3
+// shapes, Zen 4, one thread: at 8 rows Q5_K 193 vs 154 GOP/s in registers, at 128 rows 228 vs 153,
+// Q6_K 227 vs 190; at 3-4 rows in registers wins).
+constexpr int UNPACK_ROWS = 8;
+
+// 6 / 5-bit codes of nt row tiles -> the 8-bit layout (each code vector in order: set i of run c is
+// 8-bit vector c * sets + i), for prefill: unpacked once per block of tiles instead of once per 4
+// activation rows, then run by the 8-bit loop, which forms the same integer sums (the same bits).
+template <int BITS>
+static void unpack_tiles(const uint8_t* src, int64_t nt, int64_t KP, uint8_t* dst) {
+    constexpr int step = BITS == 6 ? 16 : 32, vpr = BITS == 6 ? 3 : 5;
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    const __m512i top_mask = _mm512_set1_epi8(BITS == 6 ? 0x30 : 0x10);
+    const int64_t runs = nt * (KP / step);
+    for (int64_t r = 0; r < runs; ++r) {
+        const uint8_t* p = src + r * vpr * 64;
+        uint8_t* o = dst + r * (step / 4) * 64;
+        const __m512i top = _mm512_loadu_si512((const void*)(p + (vpr - 1) * 64));
+#pragma GCC unroll 4
+        for (int u = 0; u < vpr - 1; ++u) {
+            const __m512i x = _mm512_loadu_si512((const void*)(p + u * 64));
+            _mm512_storeu_si512((void*)(o + 128 * u), _mm512_ternarylogic_epi32(_mm512_and_si512(x, low),
+                                                                             shift_to4<BITS>(top, 2 * u), top_mask, 0xF8));
+            _mm512_storeu_si512((void*)(o + 128 * u + 64),
+                                _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(x, 4), low),
+                                                          shift_to4<BITS>(top, 2 * u + 1), top_mask, 0xF8));
+        }
+    }
+}
 
 template <int BITS, int SK, bool MINS>
 static micro_fn pick(int T, int MB) {
@@ -182,7 +240,12 @@ static micro_fn pick_kind(int kind, int mins, int T, int MB) {
 }
 
 static micro_fn pick_all(int bits, int kind, int mins, int T, int MB) {
-    return bits == 4 ? pick_kind<4>(kind, mins, T, MB) : pick_kind<8>(kind, mins, T, MB);
+    switch (bits) {
+        case 4: return pick_kind<4>(kind, mins, T, MB);
+        case 5: return pick_kind<5>(kind, mins, T, MB);
+        case 6: return pick_kind<6>(kind, mins, T, MB);
+        default: return pick_kind<8>(kind, mins, T, MB);
+    }
 }
 
 // x: [M, K] (row stride ldx elements) float32 or bf16.  out: [M, N] (row stride ldo) float32 or bf16.
@@ -191,11 +254,12 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
                          const void* scales, const void* mins, int scale_kind, const float* super_scales,
                          const float* super_mins, int64_t sbg, int bits, int64_t tiles, int64_t KP, int64_t G,
                          int zero, int64_t N, void* out, int out_bf16, int64_t ldo, int nthreads) {
-    if (G <= 0 || G > 256 || G % 16 || KP % G || K > KP || N > tiles * 16 || (bits != 4 && bits != 8)) return -1;
+    if (G <= 0 || G > 256 || G % 16 || KP % G || K > KP || N > tiles * 16) return -1;
+    if ((bits != 4 && bits != 5 && bits != 6 && bits != 8) || (bits == 5 && G % 32)) return -1;
     if (scale_kind < 0 || scale_kind > 3) return -1;
     if (scale_kind >= 2 && (sbg <= 0 || (KP / G) % sbg || !super_scales || (mins && !super_mins))) return -1;
     const int64_t ng = KP / G;
-    const QW w = {qw, scales, mins, super_scales, super_mins, ng, G, KP, sbg, zero};
+    const QW w = {qw, scales, mins, super_scales, super_mins, ng, G, KP, sbg, zero, 0};
     int8_t* xq = (int8_t*)aligned_alloc(64, (size_t)((M * KP + 63) / 64 * 64));
     float* dx = (float*)malloc(sizeof(float) * M * ng);
     int32_t* xs = (int32_t*)malloc(sizeof(int32_t) * M * ng);
@@ -216,14 +280,32 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
     const int MBX = M <= 2 ? 2 : 4;
     mc = mc < MBX ? MBX : mc / MBX * MBX;
     const int64_t blocks = (tiles + T - 1) / T;
+    // 6 / 5-bit codes with many rows: unpack each block of tiles to bytes once (see unpack_tiles)
+    const int unpack = (bits == 5 || bits == 6) && M >= UNPACK_ROWS;
+    const int run_bits = unpack ? 8 : bits;
+    const int64_t src_tile_bytes = KP / (bits == 6 ? 16 : 32) * (bits == 6 ? 3 : 5) * 64;
     if (nthreads < 1) nthreads = 1;
+    int err = 0;
 #pragma omp parallel num_threads(nthreads)
     {
         float tmp[8 * 64];
+        uint8_t* buf = unpack ? (uint8_t*)aligned_alloc(64, (size_t)(T * 16 * KP)) : nullptr;
+        if (unpack && !buf) {
+#pragma omp atomic write
+            err = -2;
+        }
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; ++b) {
             const int64_t t0 = b * T;
             const int tt = (int)(tiles - t0 < T ? tiles - t0 : T);
+            QW wb = w;
+            if (unpack) {
+                if (!buf) continue;
+                if (bits == 6) unpack_tiles<6>(qw + t0 * src_tile_bytes, tt, KP, buf);
+                else unpack_tiles<5>(qw + t0 * src_tile_bytes, tt, KP, buf);
+                wb.qw = buf;
+                wb.qt0 = t0;
+            }
             for (int64_t m0c = 0; m0c < M; m0c += mc) {
                 const int64_t m1c = m0c + mc < M ? m0c + mc : M;
                 for (int64_t m0 = m0c; m0 < m1c; m0 += MBX) {
@@ -231,8 +313,8 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
                     for (int64_t ts = 0; ts < tt;) {
                         // a short block at the end of N goes one tile at a time
                         const int tcur = (tt == T) ? T : 1;
-                        micro_fn f = pick_all(bits, scale_kind, mins != nullptr, tcur, mb);
-                        f(w, t0 + ts, xq + m0 * KP, dx + m0 * ng, xs + m0 * ng, tmp, 64);
+                        micro_fn f = pick_all(run_bits, scale_kind, mins != nullptr, tcur, mb);
+                        f(wb, t0 + ts, xq + m0 * KP, dx + m0 * ng, xs + m0 * ng, tmp, 64);
                         for (int m = 0; m < mb; ++m) {
                             const int64_t r0 = (t0 + ts) * 16;
                             int64_t nr = N - r0 < tcur * 16 ? N - r0 : tcur * 16;
@@ -249,11 +331,12 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
                 }
             }
         }
+        free(buf);
     }
     free(xq);
     free(dx);
     free(xs);
-    return 0;
+    return err;
 }
 
 // ---------------------------------------------------------------------------------------------

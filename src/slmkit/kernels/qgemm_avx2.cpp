@@ -3,9 +3,9 @@
 //
 // Every group's dot product is an exact int32 sum, as with vpdpbusd in qgemm.cpp: with AVX-VNNI its
 // 256-bit form (this file compiled a second time with -mavxvnni -DSLM_VNNI, used where the CPU has
-// avx_vnni); without it vpmaddubsw on 4-bit values (an int4 code, or an int8 code's low and high
-// nibble: products and pair sums stay far below int16's limit, so nothing saturates), widened by
-// vpmaddwd. Then the same float32 steps in the same order as qgemm.cpp:
+// avx_vnni); without it vpmaddubsw (4-, 5- and 6-bit codes as they are, their int16 pair sums added
+// a few at a time; int8 codes as |u - 128| times the activation with u - 128's sign: nothing
+// saturates), widened by vpmaddwd. Then the same float32 steps in the same order as qgemm.cpp:
 //     y += (isum - zero * xsum) * (scale * dx);  y += min * (dx * xsum)
 // Never executes an AVX512 instruction (compiled without -mavx512*).
 #include <omp.h>
@@ -67,9 +67,15 @@ static inline __m256i bcast4(const int8_t* p) {
 static inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
 #ifdef SLM_VNNI
     return _mm256_dpbusd_avx_epi32(acc, u, s);
-#else  // u < 16 here: |pair sums| <= 2 * 15 * 128, no int16 saturation
+#else  // the callers keep |pair sums| below 2^15 (no int16 saturation)
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 #endif
+}
+
+// is += the int16 pair sums in p (widened: pairs of them added as int32, exact), p = 0.
+static inline void flush16(__m256i& is, __m256i& p) {
+    is = _mm256_add_epi32(is, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+    p = _mm256_setzero_si256();
 }
 
 // Scale kinds as in qgemm.cpp: 0 float32, 1 float16, 2 uint8 / 3 int8 x float32 super-scale.
@@ -82,6 +88,14 @@ static inline __m256 load8(const void* p, const float* sup, int64_t i, int64_t s
         return _mm256_mul_ps(_mm256_cvtepi32_ps(w), _mm256_loadu_ps(sup + si));
     }
     return _mm256_loadu_ps((const float*)p + i);
+}
+
+// The top bits of set i (at bit (BITS - 4) * i of each byte) moved to bit 4 (16-bit shifts: what
+// crosses a byte border lands outside the mask applied next).
+template <int BITS>
+static inline __m256i shift_to4(__m256i t, int i) {
+    const int sh = 4 - (BITS - 4) * i;
+    return sh >= 0 ? _mm256_slli_epi16(t, sh) : _mm256_srli_epi16(t, -sh);
 }
 
 struct QW {
@@ -99,40 +113,79 @@ template <int BITS, int SK, bool MINS, int H, int MB>
 static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, const int32_t* xs, float* out,
                   int64_t ldo) {
     const int64_t ng = w.ng, G = w.G, KP = w.KP;
-    const int64_t tile_bytes = BITS == 4 ? KP * 8 : KP * 16;
-    const int64_t step = BITS == 4 ? 8 : 4;
+    constexpr int step = BITS == 8 ? 4 : BITS == 4 ? 8 : BITS == 6 ? 16 : 32;  // k per run of vectors
+    constexpr int vpr = BITS == 6 ? 3 : BITS == 5 ? 5 : 1;                       // 64-byte vectors per run
+    const int64_t tile_bytes = KP / step * vpr * 64;
     const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256i top_mask = _mm256_set1_epi8(BITS == 6 ? 0x30 : 0x10);  // the top bits' place in a code
     __m256 acc[H][MB];
     for (int h = 0; h < H; ++h)
         for (int m = 0; m < MB; ++m) acc[h][m] = _mm256_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
-        __m256i is[H][MB], hi8[H][MB];  // hi8: int8 codes' high nibbles (x16 at the end), without VNNI
+        __m256i is[H][MB];
+        __m256i p16[H][MB];  // without VNNI: int16 pair sums not yet widened into is
         for (int h = 0; h < H; ++h)
-            for (int m = 0; m < MB; ++m) is[h][m] = hi8[h][m] = _mm256_setzero_si256();
+            for (int m = 0; m < MB; ++m) is[h][m] = p16[h][m] = _mm256_setzero_si256();
         const int64_t c0 = g * G / step, c1 = (g + 1) * G / step;
         for (int64_t c = c0; c < c1; ++c) {
             const int64_t k0 = c * step;
             for (int h = 0; h < H; ++h) {
                 const int64_t ht = h0 + h;
-                const uint8_t* p = w.qw + (ht / 2) * tile_bytes + c * 64 + (ht % 2) * 32;
+                const uint8_t* p = w.qw + (ht / 2) * tile_bytes + c * vpr * 64 + (ht % 2) * 32;
                 __m256i v = _mm256_loadu_si256((const __m256i*)p);
+                if (BITS == 5 || BITS == 6) {  // nibble vectors, then the top bits of all their sets;
+                    // codes < 64: vpmaddubsw's pair sums stay below int16's limit (2 * 63 * 127)
+                    const __m256i top = _mm256_loadu_si256((const __m256i*)(p + (vpr - 1) * 64));
+#pragma GCC unroll 4
+                    for (int u = 0; u < vpr - 1; ++u) {
+                        const __m256i x = u ? _mm256_loadu_si256((const __m256i*)(p + u * 64)) : v;
+                        const __m256i a = _mm256_or_si256(_mm256_and_si256(x, low),
+                                                          _mm256_and_si256(shift_to4<BITS>(top, 2 * u), top_mask));
+                        const __m256i b = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(x, 4), low),
+                                                          _mm256_and_si256(shift_to4<BITS>(top, 2 * u + 1), top_mask));
+                        for (int m = 0; m < MB; ++m) {
+#ifdef SLM_VNNI
+                            is[h][m] = dot4(is[h][m], a, bcast4(xq + m * KP + k0 + 8 * u));
+                            is[h][m] = dot4(is[h][m], b, bcast4(xq + m * KP + k0 + 8 * u + 4));
+#else  // int16 pair sums: |each| <= 2 * 63 * 127 (6 bits) or 2 * 31 * 127 (5 bits): 2 or 4 fit
+                            p16[h][m] = _mm256_add_epi16(p16[h][m],
+                                                         _mm256_maddubs_epi16(a, bcast4(xq + m * KP + k0 + 8 * u)));
+                            p16[h][m] = _mm256_add_epi16(
+                                p16[h][m], _mm256_maddubs_epi16(b, bcast4(xq + m * KP + k0 + 8 * u + 4)));
+                            if (BITS == 6 || (u & 1)) flush16(is[h][m], p16[h][m]);
+#endif
+                        }
+                    }
+                    continue;
+                }
                 __m256i lo = _mm256_and_si256(v, low);
                 __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
                 for (int m = 0; m < MB; ++m) {
                     const __m256i xa = bcast4(xq + m * KP + k0);
                     if (BITS == 4) {
+#ifdef SLM_VNNI
                         is[h][m] = dot4(is[h][m], lo, xa);
                         is[h][m] = dot4(is[h][m], hi, bcast4(xq + m * KP + k0 + 4));
+#else  // int16 pair sums (|each| <= 2 * 15 * 127) of up to 4 chunks, then widened once
+                        p16[h][m] = _mm256_add_epi16(p16[h][m], _mm256_maddubs_epi16(lo, xa));
+                        p16[h][m] = _mm256_add_epi16(p16[h][m], _mm256_maddubs_epi16(hi, bcast4(xq + m * KP + k0 + 4)));
+#endif
                     } else {
 #ifdef SLM_VNNI
                         is[h][m] = dot4(is[h][m], v, xa);
-#else
-                        is[h][m] = dot4(is[h][m], lo, xa);
-                        hi8[h][m] = dot4(hi8[h][m], hi, xa);
+#else  // signed codes w = u - 128: |w| x sign(x, w) pair sums <= 2 * 128 * 127 (|x| <= 127), exact;
+       // the 128 * sum(x) this leaves out is added back in the epilogue
+                        const __m256i ws = _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80));
+                        is[h][m] = dot4(is[h][m], _mm256_abs_epi8(ws), _mm256_sign_epi8(xa, ws));
 #endif
                     }
                 }
             }
+#ifndef SLM_VNNI
+            if (BITS == 4 && (((c - c0) & 3) == 3 || c == c1 - 1))  // 4-bit: every 4 chunks (8 pair sums)
+                for (int h = 0; h < H; ++h)
+                    for (int m = 0; m < MB; ++m) flush16(is[h][m], p16[h][m]);
+#endif
         }
         for (int h = 0; h < H; ++h) {
             const int64_t ht = h0 + h, t = ht / 2, off = (ht % 2) * 8;
@@ -141,9 +194,13 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
             __m256 s = load8<SK>(w.sc, w.ssc, si, ssi);
             __m256 mv = MINS ? load8<SK == 3 ? 2 : SK>(w.mn, w.smn, si, ssi) : _mm256_setzero_ps();
             for (int m = 0; m < MB; ++m) {
-                __m256i i = BITS == 8 ? _mm256_add_epi32(is[h][m], _mm256_slli_epi32(hi8[h][m], 4)) : is[h][m];
                 const float d = dx[m * ng + g];
                 const int32_t qs = xs[m * ng + g];
+#ifdef SLM_VNNI
+                __m256i i = is[h][m];
+#else
+                __m256i i = BITS == 8 ? _mm256_add_epi32(is[h][m], _mm256_set1_epi32(128 * qs)) : is[h][m];
+#endif
                 if (w.zero) i = _mm256_sub_epi32(i, _mm256_set1_epi32(w.zero * qs));
                 acc[h][m] = _mm256_add_ps(acc[h][m],
                                           _mm256_mul_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(s, _mm256_set1_ps(d))));
@@ -185,7 +242,8 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
         const void* mins, int scale_kind, const float* super_scales, const float* super_mins, int64_t sbg, int bits,
         int64_t tiles, int64_t KP, int64_t G, int zero, int64_t N, void* out, int out_bf16, int64_t ldo,
         int nthreads) {
-    if (G <= 0 || G > 256 || G % 16 || KP % G || K > KP || N > tiles * 16 || (bits != 4 && bits != 8)) return -1;
+    if (G <= 0 || G > 256 || G % 16 || KP % G || K > KP || N > tiles * 16) return -1;
+    if ((bits != 4 && bits != 5 && bits != 6 && bits != 8) || (bits == 5 && G % 32)) return -1;
     if (scale_kind < 0 || scale_kind > 3) return -1;
     if (scale_kind >= 2 && (sbg <= 0 || (KP / G) % sbg || !super_scales || (mins && !super_mins))) return -1;
     const int64_t ng = KP / G;
@@ -219,8 +277,10 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
                     const int mb = (int)(m1c - m0 < MBX ? m1c - m0 : MBX);
                     for (int64_t hs = 0; hs < hh; hs += (hh == H ? H : 2)) {
                         const int hcur = hh == H ? H : 2;
-                        micro_fn f = bits == 4 ? pick_kind<4>(scale_kind, mins != nullptr, hcur, mb)
-                                      : pick_kind<8>(scale_kind, mins != nullptr, hcur, mb);
+                        micro_fn f = bits == 4   ? pick_kind<4>(scale_kind, mins != nullptr, hcur, mb)
+                                     : bits == 5 ? pick_kind<5>(scale_kind, mins != nullptr, hcur, mb)
+                                     : bits == 6 ? pick_kind<6>(scale_kind, mins != nullptr, hcur, mb)
+                                                 : pick_kind<8>(scale_kind, mins != nullptr, hcur, mb);
                         f(w, hb + hs, xq + m0 * KP, dx + m0 * ng, xs + m0 * ng, tmp, 32);
                         for (int m = 0; m < mb; ++m) {
                             const int64_t r0 = (hb + hs) * 8;

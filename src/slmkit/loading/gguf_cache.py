@@ -30,7 +30,7 @@ import torch
 
 from ..quant.format import QuantWeight
 
-FORMAT = 2  # 2: the tokenizer state stored as it is (1 wrapped its JSON in JSON)
+FORMAT = 3  # 3: Q5_*, Q6_K codes at 5 and 6 bits (2 held them as bytes); 2: the tokenizer state as it is
 SAMPLES = 64          # blocks of tensor data hashed into the fingerprint
 SAMPLE_BYTES = 4096
 _PARTS = ("qweight", "scales", "mins", "super_scales", "super_mins")

@@ -4,11 +4,14 @@ One layout serves int8 and int4, our own quantizers and GGUF blocks alike:
 
     w[n, k] = scale[n, g] * (u[n, k] - zero) + min[n, g]        g = k // group
 
-- `u` is an unsigned code: 0..15 (int4) or 0..255 (int8); `zero` a per-tensor integer (8 for
-  Q4_0, 128 for symmetric int8, 32 for Q6_K, 0 for asymmetric schemes that carry `min`).
-- Rows come in tiles of 16 and K in chunks of 4, so that one 64-byte load is 16 rows x 4 codes:
-  what one AVX512-VNNI `vpdpbusd` consumes. int4 packs two chunks per 64 bytes (low nibbles:
-  k0..k0+3, high nibbles: k0+4..k0+7). N and K are padded with zeros to the tile and group.
+- `u` is an unsigned code of 4, 5, 6 or 8 bits; `zero` a per-tensor integer (8 for Q4_0, 16 for
+  Q5_0, 32 for Q6_K, 128 for symmetric int8, 0 for asymmetric schemes that carry `min`).
+- Rows come in tiles of 16 and K in sets of 4, so that one 64-byte vector of codes is 16 rows x 4
+  codes: what one AVX512-VNNI `vpdpbusd` consumes. int8: one set per 64 bytes. int4: two sets per
+  64 bytes (low nibbles: k0..k0+3, high nibbles: k0+4..k0+7). 6 and 5 bits (GGUF's Q6_K, Q5_K,
+  Q5_0, Q5_1 at their own size): the low 4 bits as int4 in 2 (6-bit) or 4 (5-bit) vectors, then one
+  vector with the remaining bits of all their sets, set i's at bits (b - 4) * i of each byte
+  (`CHUNK`: K per such run of vectors). N and K are padded with zeros to the tile and group.
 - scales / mins: [tiles, groups, 16] in float16 (where exact, e.g. Q4_0, Q8_0, our quantizers) or
   float32, or two-level as the K-quants store them: small integers per group (uint8, or int8 for
   Q6_K's scales) times a float32 super-scale (super-min) per 256 inputs, `super_scales` /
@@ -26,16 +29,26 @@ import torch
 
 TILE = 16
 GROUPS = (16, 32, 64, 128, 256)
+BITS = (4, 5, 6, 8)
+# K per run of 64-byte code vectors, and vectors per run: int8 one set of 4; int4 two sets in one
+# vector; 6 bits 4 sets in 2 nibble vectors + 1 of high bits; 5 bits 8 sets in 4 + 1.
+CHUNK = {8: 4, 4: 8, 6: 16, 5: 32}
+_VECTORS = {8: 1, 4: 1, 6: 3, 5: 5}
+
+
+def code_vectors(bits: int, kp: int) -> int:
+    """64-byte code vectors per row tile for kp inputs (kp a multiple of CHUNK[bits])."""
+    return kp // CHUNK[bits] * _VECTORS[bits]
 
 
 @dataclass
 class QuantWeight:
-    bits: int                    # 4 or 8
+    bits: int                    # 4, 5, 6 or 8
     n: int                       # out features
     k: int                       # in features
     group: int
     zero: int
-    qweight: torch.Tensor        # uint8 [tiles, kp // (8 if bits == 4 else 4), 64]
+    qweight: torch.Tensor        # uint8 [tiles, code_vectors(bits, kp), 64]
     scales: torch.Tensor         # float16 / float32 / uint8 / int8 [tiles, kp // group, 16]
     mins: torch.Tensor | None    # same shape (float16 / float32 / uint8), or None
     super_scales: torch.Tensor | None = None  # float32 [tiles, groups // per_super, 16] for integer scales
@@ -91,20 +104,37 @@ def padded(n: int, m: int) -> int:
 
 # ----------------------------------------------------------------------------------- layout
 def pack_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
-    """[np, kp] uint8 codes (np % 16 == 0, kp % 8 == 0) -> the tiled layout. Works on int32 views
-    (4 codes of a row = one int32 = one lane of a 64-byte chunk): 4x fewer elements to move."""
+    """[np, kp] uint8 codes (np % 16 == 0, kp % CHUNK[bits] == 0) -> the tiled layout. Works on int32
+    views (4 codes of a row = one int32 = one lane of a 64-byte vector): 4x fewer elements to move."""
     np_, kp = u.shape
     w = u.contiguous().view(torch.int32).view(np_ // TILE, TILE, kp // 4).transpose(1, 2)  # [tiles, kp/4, 16]
+    tiles = np_ // TILE
     if bits == 8:
-        return w.contiguous().view(torch.uint8).view(np_ // TILE, kp // 4, 64)
-    # nibble values < 16: shifting the int32 by 4 moves every byte's code into its high nibble
-    return (w[:, 0::2] | (w[:, 1::2] << 4)).contiguous().view(torch.uint8).view(np_ // TILE, kp // 8, 64)
+        return w.contiguous().view(torch.uint8).view(tiles, kp // 4, 64)
+    if bits == 4:  # nibble values < 16: shifting the int32 by 4 moves every byte's code into its high nibble
+        return (w[:, 0::2] | (w[:, 1::2] << 4)).contiguous().view(torch.uint8).view(tiles, kp // 8, 64)
+    sets = CHUNK[bits] // 4
+    w = w.reshape(tiles, kp // CHUNK[bits], sets, TILE)
+    lo, hi = w & 0x0F0F0F0F, (w >> 4) & 0x0F0F0F0F  # per byte: the low 4 bits and the rest (< 4)
+    vec = lo[:, :, 0::2] | (lo[:, :, 1::2] << 4)
+    top = hi[:, :, 0]
+    for i in range(1, sets):
+        top = top | (hi[:, :, i] << ((bits - 4) * i))
+    out = torch.cat([vec, top[:, :, None]], dim=2)
+    return out.contiguous().view(torch.uint8).view(tiles, code_vectors(bits, kp), 64)
 
 
 def unpack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
     """The tiled layout -> [np, kp] uint8 codes."""
     tiles = q.shape[0]
-    if bits == 4:
+    if bits in (5, 6):
+        runs, nv = q.shape[1] // _VECTORS[bits], _VECTORS[bits] - 1
+        w = q.reshape(tiles, runs, nv + 1, 64)
+        nib = torch.stack((w[:, :, :nv] & 0x0F, w[:, :, :nv] >> 4), dim=3).reshape(tiles, runs, 2 * nv, 64)
+        mask = (1 << (bits - 4)) - 1
+        top = torch.stack([(w[:, :, nv] >> ((bits - 4) * i)) & mask for i in range(2 * nv)], dim=2)
+        q = nib | (top << 4)                                              # [tiles, runs, sets, 64]
+    elif bits == 4:
         q = torch.stack((q & 0x0F, q >> 4), dim=2)                        # [tiles, kp/8, 2, 64]
     t = q.reshape(tiles, -1, TILE, 4)                                    # [tiles, kp/4, 16, 4]
     return t.permute(0, 2, 1, 3).reshape(tiles * TILE, -1)
@@ -122,8 +152,10 @@ def _untile_groups(x: torch.Tensor) -> torch.Tensor:
 def from_codes(u: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, *, bits: int, group: int,
                zero: int, n: int, k: int) -> QuantWeight:
     """Build a QuantWeight from row-major codes [n, k] and per-group scales / mins [n, k // group]."""
-    if group not in GROUPS or group % (8 if bits == 4 else 4):
-        raise ValueError(f"group size {group} is not one of {GROUPS}")
+    if bits not in BITS:
+        raise ValueError(f"{bits}-bit codes are not one of {BITS}")
+    if group not in GROUPS or group % CHUNK[bits]:
+        raise ValueError(f"group size {group} is not one of {GROUPS} (a multiple of {CHUNK[bits]} for {bits} bits)")
     np_, kp = padded(n, TILE), padded(k, group)
     uu = torch.zeros(np_, kp, dtype=torch.uint8)
     uu[:n, :k] = u

@@ -31,7 +31,7 @@ from slmkit.gguf.quants import (
     q5_k_codes,
     q6_k_codes,
 )
-from slmkit.quant.format import TILE, QuantWeight, _tile_groups, pack_codes, padded
+from slmkit.quant.format import TILE, QuantWeight, _tile_groups, code_vectors, pack_codes, padded
 
 __all__ = ["REPACKABLE", "repack"]
 
@@ -103,12 +103,12 @@ class _Spec(NamedTuple):
 _SPECS: dict[int, _Spec] = {
     2: _Spec(4, 32, 8, _F16, False, 0, _q4_0),
     3: _Spec(4, 32, 0, _F16, True, 0, _q4_1),
-    6: _Spec(8, 32, 16, _F16, False, 0, _q5_0),
-    7: _Spec(8, 32, 0, _F16, True, 0, _q5_1),
+    6: _Spec(5, 32, 16, _F16, False, 0, _q5_0),
+    7: _Spec(5, 32, 0, _F16, True, 0, _q5_1),
     8: _Spec(8, 32, 128, _F16, False, 0, _q8_0),
     12: _Spec(4, 32, 0, _U8, True, 8, _q4_k),
-    13: _Spec(8, 32, 0, _U8, True, 8, _q5_k),
-    14: _Spec(8, 16, 32, torch.int8, False, 16, _q6_k),
+    13: _Spec(5, 32, 0, _U8, True, 8, _q5_k),
+    14: _Spec(6, 16, 32, torch.int8, False, 16, _q6_k),
 }
 
 REPACKABLE: frozenset[int] = frozenset(_SPECS)
@@ -145,7 +145,7 @@ def repack(raw: torch.Tensor, ggml_type: int, shape: tuple[int, int], *,
 
     bits, group = spec.bits, spec.group
     tiles, groups = padded(n, TILE) // TILE, k // group
-    qweight = torch.empty(tiles, k // (8 if bits == 4 else 4), 64, dtype=_U8)
+    qweight = torch.empty(tiles, code_vectors(bits, k), 64, dtype=_U8)
     scales = torch.empty(tiles, groups, TILE, dtype=spec.dtype)
     mdt = _U8 if spec.per_super else spec.dtype
     mins = torch.empty(tiles, groups, TILE, dtype=mdt) if spec.has_min else None

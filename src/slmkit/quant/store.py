@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import ModelFileError, WeightError
 from ..loading.files import parse_json
-from .format import TILE, QuantWeight, padded
+from .format import BITS, CHUNK, GROUPS, TILE, QuantWeight, code_vectors, padded
 from .linear import QuantEmbedding, QuantLinear
 
 FORMAT = 1
@@ -140,7 +140,7 @@ def split_quantized(weights: dict[str, torch.Tensor], folder: Path) -> dict[str,
                                                                "super_mins")}
         if parts["qweight"] is None or parts["scales"] is None:
             raise WeightError(f"{name}.qweight", "listed as quantized but missing (with its scales)", path=folder)
-        if bits not in (4, 8) or group not in (16, 32, 64, 128, 256) or zero > (15 if bits == 4 else 255):
+        if bits not in BITS or group not in GROUPS or group % CHUNK[bits] or not 0 <= zero < 1 << bits:
             raise WeightError(f"{name}.qweight", f"unsupported scheme bits={bits} group={group} zero={zero}",
                               path=folder)
         tiles, kp = padded(n, TILE) // TILE, padded(k, group)
@@ -149,7 +149,7 @@ def split_quantized(weights: dict[str, torch.Tensor], folder: Path) -> dict[str,
         two_level = sc_dtype in (torch.uint8, torch.int8)
         sup = parts["super_scales"]
         n_sup = sup.shape[1] if two_level and sup is not None and sup.dim() == 3 and sup.shape[1] else 1
-        want = {"qweight": ((tiles, kp // (8 if bits == 4 else 4), 64), (torch.uint8,)),
+        want = {"qweight": ((tiles, code_vectors(bits, kp), 64), (torch.uint8,)),
                 "scales": ((tiles, ng, TILE), (torch.float16, torch.float32, torch.uint8, torch.int8)),
                 "mins": ((tiles, ng, TILE), (torch.uint8,) if two_level else (sc_dtype,)),
                 "super_scales": ((tiles, n_sup, TILE), (torch.float32,)),

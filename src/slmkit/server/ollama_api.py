@@ -17,7 +17,8 @@ _OPTION_NAMES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k
                  "num_predict": "max_new_tokens", "stop": "stop", "repeat_penalty": "repetition_penalty",
                  "repeat_last_n": "repetition_window", "presence_penalty": "presence_penalty",
                  "frequency_penalty": "frequency_penalty", "min_p": "min_p", "typical_p": "typical_p",
-                 "num_ctx": "max_length"}
+                 "num_ctx": "max_length",
+                 "speculative": "speculative", "num_draft": "num_draft"}  # extensions, as on the OpenAI routes
 _FIELD_OF = {option: f"options.{name}" for name, option in _OPTION_NAMES.items()}
 
 
@@ -90,10 +91,13 @@ def iso(ts: float) -> str:
 
 def final_fields(last: Any, t0: float, load_s: float = 0.0) -> dict:
     u, t = last.usage, last.timings
-    return {"done": True, "done_reason": last.finish_reason, "total_duration": int((time.perf_counter() - t0) * 1e9),
-            "load_duration": int(load_s * 1e9), "prompt_eval_count": u.prompt_tokens,
-            "prompt_eval_duration": int(t.prefill_s * 1e9), "eval_count": u.completion_tokens,
-            "eval_duration": int(t.decode_s * 1e9)}
+    out = {"done": True, "done_reason": last.finish_reason, "total_duration": int((time.perf_counter() - t0) * 1e9),
+           "load_duration": int(load_s * 1e9), "prompt_eval_count": u.prompt_tokens,
+           "prompt_eval_duration": int(t.prefill_s * 1e9), "eval_count": u.completion_tokens,
+           "eval_duration": int(t.decode_s * 1e9)}
+    if getattr(u, "drafted_tokens", 0):  # an extension (as in OpenAI usage): speculative decoding's counts
+        out.update(drafted_tokens=u.drafted_tokens, accepted_tokens=u.accepted_tokens)
+    return out
 
 
 def chat_lines(chunks: Iterator[Any], model: str, t0: float, load_s: float = 0.0, tools: bool = False

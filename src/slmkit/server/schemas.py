@@ -39,6 +39,10 @@ _RESPONSE_FORMAT = {"type": "object", "required": ["type"], "properties": {
     "type": {"enum": ["text", "json_object", "json_schema"]},
     "json_schema": {"type": "object", "required": ["schema"], "properties": {"name": _STR, "schema": _OBJ}}}}
 
+_SPECULATIVE: dict[str, Any] = {  # extensions; usage then reports drafted_tokens / accepted_tokens
+    "speculative": {"enum": ["auto", "none", "ngram"], "description": "prompt-lookup drafting (auto: long prompts)"},
+    "num_draft": {"type": "integer", "minimum": 1, "maximum": 16, "description": "tokens drafted per pass"}}
+
 _OPENAI_SAMPLING: dict[str, Any] = {
     "model": _STR,
     "max_tokens": {"type": "integer", "minimum": 1, "description": "at most the model's (slot) context"},
@@ -64,6 +68,7 @@ _OPENAI_SAMPLING: dict[str, Any] = {
     "stream_options": {"type": "object", "properties": {"include_usage": _BOOL}},
     "num_ctx": {"type": "integer", "minimum": 1, "description": "this request's context (extra_body)"},
     "keep_alive": _KEEP_ALIVE,
+    **_SPECULATIVE,
 }
 
 CHAT_COMPLETIONS = {"type": "object", "required": ["messages"], "properties": {
@@ -89,7 +94,7 @@ _OLLAMA_OPTIONS = {"type": "object", "properties": {
     "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
     "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
     "min_p": {"type": "number", "minimum": 0, "maximum": 1},
-    "typical_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}}}
+    "typical_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, **_SPECULATIVE}}
 _OLLAMA_COMMON = {"model": _STR, "stream": _BOOL, "keep_alive": _KEEP_ALIVE, "options": _OLLAMA_OPTIONS,
                   "format": {"anyOf": [{"const": "json"}, _OBJ]}}
 _IMAGES = {"type": "array", "items": _STR, "description": "base64-encoded images"}
