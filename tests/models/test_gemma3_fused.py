@@ -87,6 +87,24 @@ def test_fused_step_equals_the_per_op_path_bit_for_bit(folder, monkeypatch, dtyp
     assert torch.equal(fast[1], slow[1])
 
 
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q4_1", "Q8_0"])
+def test_gguf_blocks_fused_equals_per_op(folder, tmp_path, monkeypatch, qtype):
+    """A GGUF file's blocks kept at their own bits (5-bit codes, 4-bit with mins, 8-bit), as the
+    built-in model runs them: the fused step gives the per-op path's tokens and logits."""
+    from slmkit.gguf import open_gguf
+    from tests.helpers.gguf_models import hf_to_gguf
+
+    path = hf_to_gguf(folder, tmp_path / f"g3-{qtype}.gguf", qtype)
+    assert qtype in {i.type_name for i in open_gguf(path).tensors.values()}
+    llm = slmkit.load(path)
+    model, dt, prompt = llm.engine.model, llm.engine.dtype, prompt_of(llm, seed=4)
+    calls = counting(monkeypatch)
+    fast = decode(model, prompt, 12, dt)
+    assert calls == [True] * 11
+    slow = per_op(monkeypatch, model, prompt, 12, dt)
+    assert fast[0] == slow[0] and torch.equal(fast[1], slow[1])
+
+
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-3), ("bfloat16", 0.15)])
 def test_fused_step_close_to_torch_ops(folder, dtype, tol):
     """The kernels on (fused step, kernel norms, quantized kernel) vs off (torch's norms and GELU, the
