@@ -1,6 +1,6 @@
-"""The compiled kernels (qgemm.cpp, fgemm.cpp, repack.cpp): the quantized matmul, the attention (one or more new
-queries per row over strided KV-cache views), the batch-invariant float matmul and the GGUF repack; build, load,
-call; None where unavailable.
+"""The compiled kernels (qgemm.cpp, fgemm.cpp, repack.cpp, fused.cpp): the quantized matmul, the attention (one or
+more new queries per row over strided KV-cache views), the batch-invariant float matmul, the GGUF repack and Gemma 3's
+fused decode step (kernels/fused.py); build, load, call; None where unavailable.
 
 Built once with the machine's C++ compiler (at `make` time, or on first use) into the package
 folder when writable, else `$SLMKIT_HOME/kernels` / `~/.cache/slmkit/kernels`; the file name
