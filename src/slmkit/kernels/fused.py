@@ -4,7 +4,8 @@ kernel, switched off, a dtype or layout it lacks, autograd): the caller then run
 
 The norms and GeGLU here and the decode step share their C++ functions, so the per-op path and
 the fused step give a token the same bits (tests/models/test_gemma3_fused.py); torch's own ops
-(SLMKIT_KERNEL=0) agree within rounding (float32: ~1e-6 relative).
+(SLMKIT_KERNEL=0) agree within float32 rounding (the norm: ~1e-6 relative; GeGLU's tanh: ~5e-7
+absolute, as torch's own float32 tanh GELU).
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from torch import nn
 from .qgemm import get_kernel, kernel_has, qgemm_weight_args
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-LAYER_WORDS = 7 * 15 + 6 + 2  # fused.cpp: 7 linears' slm_qgemm arguments, 6 norm weights, window, local rope
+QGEMM_WEIGHT_ARGS = 15  # fused.cpp's qmm: slm_qgemm's weight arguments (qgemm.py qgemm_weight_args)
+LAYER_WORDS = 7 * QGEMM_WEIGHT_ARGS + 6 + 2  # fused.cpp per layer: 7 linears, 6 norm weights, window, local rope
 # SLMKIT_FUSED_DECODE=0: decode through the per-op path (the fused step's reference, and a switch for benchmarks)
 fused_decode_enabled = os.environ.get("SLMKIT_FUSED_DECODE", "1") not in ("0", "off", "false")
 
@@ -164,8 +166,11 @@ def _linear_args(lin: nn.Module, refs: list) -> tuple[Any, ...] | None:
     qw = lin.weight_q
     if qw.qweight.device.type != "cpu":
         return None
+    args = qgemm_weight_args(qw)
+    if len(args) != QGEMM_WEIGHT_ARGS:  # slm_qgemm's signature moved on without fused.cpp: run per op
+        return None
     refs.extend((lin._buffers, name, lin._buffers[name]) for name in _WEIGHT_BUFFERS)
-    return tuple(0 if a is None else int(a) for a in qgemm_weight_args(qw))
+    return tuple(0 if a is None else int(a) for a in args)
 
 
 def gemma3_plan(layers: Sequence[Any], final_norm: Any, args: Any) -> DecodePlan | None:
@@ -207,6 +212,7 @@ def gemma3_plan(layers: Sequence[Any], final_norm: Any, args: Any) -> DecodePlan
     norm_refs.append((n._parameters, "weight", n.weight))  # the last norm: gemma3_decode's final_w
     if len(wdts) != 1:
         return None
+    assert all(len(r) == LAYER_WORDS for r in rows)
     a = args
     dicts, names, things = (list(c) for c in zip(*(refs + norm_refs)))
     norm_ws = [t for _, _, t in norm_refs]
