@@ -219,3 +219,19 @@ def test_kernel_argmax_is_torchs():
             assert fused.argmax(y) is None
         assert fused.argmax(torch.full((1, v), float("-inf"))) is None
     assert fused.argmax(torch.randn(2, 8).double()) is None and fused.argmax(torch.randn(3, 8)[:, ::2]) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_kernel_ops_split_over_threads_give_the_same_bits(dtype):
+    """A prefill's norm and GeGLU (many rows, split over threads) equal the same rows one at a time."""
+    g = torch.Generator().manual_seed(1)
+    x, res = (torch.randn(300, 640, generator=g) * 4).to(dtype), torch.randn(300, 640, generator=g).to(dtype)
+    w = torch.randn(640, generator=g)
+    whole = fused.rms_norm(x, w, 1e-6, 1.0, residual=res)
+    rows = torch.cat([fused.rms_norm(x[i:i + 1], w, 1e-6, 1.0, residual=res[i:i + 1]) for i in range(300)])
+    assert torch.equal(whole, rows)
+    gate, up = (torch.randn(2, 70001, generator=g) * 3).to(dtype), torch.randn(2, 70001, generator=g).to(dtype)
+    whole = fused.geglu(gate, up)
+    parts = torch.cat([fused.geglu(gate[:, i:i + 999], up[:, i:i + 999]) for i in range(0, 70001, 999)], dim=1)
+    assert torch.equal(whole, parts)

@@ -146,16 +146,38 @@ static void rope_heads(void* x, int64_t heads, int64_t D, int dt, const void* cs
     }
 }
 
+// The per-op entry points (a prefill's many rows: split over torch's threads in whole rows or
+// 4096-element chunks; which thread computes an element never changes its bits).
+static const int64_t SPLIT = 1 << 16;  // elements below which one thread does it all
+
 extern "C" int slm_rms_norm(int dt, int64_t rows, int64_t n, const void* x, int64_t ldx, const void* w, int wdt,
                             float offset, float eps, const void* res, int64_t ldr, void* out, int64_t ldo) {
     if (dt < 0 || dt > 1 || wdt < 0 || wdt > 1 || n < 1 || rows < 0) return -1;
-    rms_rows(x, ldx, rows, n, dt, w, wdt, offset, eps, res, ldr, out, ldo);
+    if (rows < 2 || rows * n < SPLIT) {
+        rms_rows(x, ldx, rows, n, dt, w, wdt, offset, eps, res, ldr, out, ldo);
+        return 0;
+    }
+    const size_t es = dt ? 2 : 4;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r)
+        rms_rows((const char*)x + es * r * ldx, ldx, 1, n, dt, w, wdt, offset, eps,
+                 res ? (const char*)res + es * r * ldr : nullptr, ldr, (char*)out + es * r * ldo, ldo);
     return 0;
 }
 
 extern "C" int slm_geglu(int dt, int64_t n, const void* gate, const void* up, void* out) {
     if (dt < 0 || dt > 1 || n < 0) return -1;
-    geglu_rows(gate, up, n, dt, out);
+    if (n < SPLIT) {
+        geglu_rows(gate, up, n, dt, out);
+        return 0;
+    }
+    const size_t es = dt ? 2 : 4;
+    const int64_t chunk = 4096, chunks = (n + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t i = c * chunk, m = n - i < chunk ? n - i : chunk;
+        geglu_rows((const char*)gate + es * i, (const char*)up + es * i, m, dt, (char*)out + es * i);
+    }
     return 0;
 }
 
