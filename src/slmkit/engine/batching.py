@@ -33,8 +33,10 @@ which the server's /health reports) and fails every queued request, and later on
 """
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -85,6 +87,17 @@ class BatchEngine:
         self.dead: str | None = None  # why the engine thread stopped, once it has
         self._life = threading.Lock()  # orders "queue a request" against "die and fail the queue"
         self._thread = threading.Thread(target=self._loop, name="slmkit-batch", daemon=True)
+        # at interpreter exit the thread finishes its step and stops before finalization: a daemon
+        # thread still inside a native op then aborts the process ("terminate called ...")
+        ref = weakref.ref(self)
+
+        def close_at_exit() -> None:
+            engine = ref()
+            if engine is not None:
+                engine.close()
+
+        self._close_at_exit = close_at_exit
+        atexit.register(close_at_exit)
         if start:
             self._thread.start()
 
@@ -151,8 +164,9 @@ class BatchEngine:
     def close(self) -> None:
         """Stop the engine thread: requests still running or queued end at once (their iterators
         finish without a finish reason); the slots' memory goes with this object."""
+        atexit.unregister(self._close_at_exit)
         self.incoming.put(None)
-        if threading.current_thread() is not self._thread:
+        if threading.current_thread() is not self._thread and self._thread.is_alive():
             self._thread.join(timeout=30)
 
     def _shutdown(self) -> None:
