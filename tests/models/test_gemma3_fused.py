@@ -57,13 +57,15 @@ def prompt_of(llm, seed: int = 1) -> list[int]:
 
 
 def counting(monkeypatch) -> list[bool]:
-    """Record what each call of the fused step returned (True: it ran)."""
+    """Record what each one-token call of the fused step returned (True: it ran); a short prompt's
+    prefill (up to fused.MAX_FUSED_TOKENS tokens) runs fused too, unrecorded."""
     calls: list[bool] = []
     real = fused.gemma3_decode
 
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls.append(out is not None)
+    def spy(plan, h, *args, **kwargs):
+        out = real(plan, h, *args, **kwargs)
+        if h.shape[1] == 1:
+            calls.append(out is not None)
         return out
 
     monkeypatch.setattr(fused, "gemma3_decode", spy)
@@ -235,3 +237,43 @@ def test_kernel_ops_split_over_threads_give_the_same_bits(dtype):
     whole = fused.geglu(gate, up)
     parts = torch.cat([fused.geglu(gate[:, i:i + 999], up[:, i:i + 999]) for i in range(0, 70001, 999)], dim=1)
     assert torch.equal(whole, parts)
+
+
+def chunks(model, tokens: list[int], sizes: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """tokens fed in chunks of these sizes through model.forward; the logits of every position."""
+    a = model.args
+    cache = KVCache(a.num_hidden_layers, 1, a.num_key_value_heads, a.head_dim, 64, max_capacity=64, dtype=dtype)
+    out, at = [], 0
+    with torch.inference_mode():
+        for n in sizes:
+            out.append(model(torch.tensor([tokens[at:at + n]]), cache)[0].float())
+            at += n
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("dtype,quant", [("float32", "int4"), ("bfloat16", "int8")])
+def test_a_few_tokens_at_once_run_fused_with_one_token_bits(folder, monkeypatch, dtype, quant):
+    """A speculative verification's pass (the pending token and its drafts: up to
+    fused.MAX_FUSED_TOKENS new tokens of one row) runs fused, and every position's logits are the
+    bits one-token steps (fused) and the per-op path give, across the sliding window."""
+    llm = slmkit.load(folder, dtype=dtype, quant=quant)
+    model, dt = llm.engine.model, getattr(torch, dtype)
+    tokens = prompt_of(llm, seed=5) + prompt_of(llm, seed=6) + prompt_of(llm, seed=7)[:6]  # 20 positions
+    sizes = [7, 5, 1, 3, 4]
+    seen: list[tuple[int, bool]] = []
+    real = fused.gemma3_decode
+
+    def spy(plan, h, *args, **kwargs):
+        out = real(plan, h, *args, **kwargs)
+        seen.append((h.shape[1], out is not None))
+        return out
+
+    monkeypatch.setattr(fused, "gemma3_decode", spy)
+    many = chunks(model, tokens, sizes, dt)
+    assert seen == [(n, True) for n in sizes]
+    ones = chunks(model, tokens, [1] * len(tokens), dt)
+    monkeypatch.setattr(fused, "fused_decode_enabled", False)
+    slow = chunks(model, tokens, sizes, dt)
+    assert torch.equal(many, ones) and torch.equal(many, slow)
+    big = chunks(model, tokens, [fused.MAX_FUSED_TOKENS + 1, 3], dt)  # past the bound: per op, same bits
+    assert torch.equal(big, slow)

@@ -184,26 +184,27 @@ extern "C" int slm_geglu(int dt, int64_t n, const void* gate, const void* up, vo
 // One layer's quantized linear: slm_qgemm's 15 weight arguments (kernels/qgemm.py qgemm_weight_args:
 // K, ldx, qweight, scales, mins, scale_kind, super_scales, super_mins, per_super, bits, tiles, KP,
 // group, zero, N) as int64, pointers included.
-static int qmm(const int64_t* a, const void* x, int dt, void* out, int nthreads) {
+static int qmm(const int64_t* a, const void* x, int dt, void* out, int nthreads, int64_t M = 1) {
     const int64_t K = a[0], N = a[14];
-    return slm_qgemm(x, dt, 1, K, a[1], (const uint8_t*)a[2], (const void*)a[3], (const void*)a[4], (int)a[5],
+    return slm_qgemm(x, dt, M, K, a[1], (const uint8_t*)a[2], (const void*)a[3], (const void*)a[4], (int)a[5],
                      (const float*)a[6], (const float*)a[7], a[8], (int)a[9], a[10], a[11], a[12], (int)a[13], N,
-                     out, dt, N, K * N < SMALL_WORK ? 1 : nthreads);
+                     out, dt, N, M * K * N < SMALL_WORK ? 1 : nthreads);
 }
 
 // Two linears of the same input at once, one thread each (nested slm_qgemm calls run on their
 // caller's thread): where each alone would leave the second core idle (k and v, below SMALL_WORK)
 // or wait at its own fork / join. Which thread computes an output never changes its bits.
-static int qmm_pair(const int64_t* a, void* oa, const int64_t* b, void* ob, const void* x, int dt, int nthreads) {
+static int qmm_pair(const int64_t* a, void* oa, const int64_t* b, void* ob, const void* x, int dt, int nthreads,
+                    int64_t M = 1) {
     if (nthreads < 2) {
-        const int rc = qmm(a, x, dt, oa, 1);
-        return rc ? rc : qmm(b, x, dt, ob, 1);
+        const int rc = qmm(a, x, dt, oa, 1, M);
+        return rc ? rc : qmm(b, x, dt, ob, 1, M);
     }
     int rc[2] = {0, 0};
 #pragma omp parallel num_threads(2)
     {
         const int t = omp_get_thread_num();
-        rc[t] = t ? qmm(b, x, dt, ob, 1) : qmm(a, x, dt, oa, 1);
+        rc[t] = t ? qmm(b, x, dt, ob, 1, M) : qmm(a, x, dt, oa, 1, M);
     }
     return rc[0] ? rc[0] : rc[1];
 }
@@ -212,67 +213,73 @@ enum { Q, K_, V, O, GATE, UP, DOWN, NLIN };
 enum { N_IN, N_Q, N_K, N_POST_ATTN, N_PRE_FF, N_POST_FF, NNORM };
 static const int64_t LAYER_WORDS = NLIN * 15 + NNORM + 2;  // + window, uses the local rope
 
-// One token through every layer of a Gemma 3 decoder: h [hidden] (dt) in place. layers: n_layers
+// S new tokens of one row through every layer of a Gemma 3 decoder: h [S, hidden] (dt) in place (a
+// decode step: S = 1; a speculative verification: the pending token and its drafts). layers: n_layers
 // rows of LAYER_WORDS int64 (7 x 15 linear arguments in the order q, k, v, o, gate, up, down; 6 norm
 // weight pointers: input, q, k, post-attention, pre-feedforward, post-feedforward; the sliding
 // window, 0 for none; 1 where the layer uses the local rotary table). kv: per layer its key and value
-// cache, [n_kv, cap, D] each (one row), written at `pos`; attention reads positions 0..pos.
-// cos/sin: [D] for this position, global then local. Then the final norm (weight final_w) of h into
-// normed [hidden]. Returns 0, or the first failing call's code.
+// cache, [n_kv, cap, D] each (one row), written at positions pos..pos + S - 1; token s attends to
+// positions 0..pos + s. rope: cos, sin of the global table, then of the local one, [S, D] each (the
+// rows of positions pos..). Then the final norm (weight final_w) of h into normed [S, hidden]. Every
+// token gets the bits it gets alone (each op is row by row, the matmuls and attention batch-invariant).
+// Returns 0, or the first failing call's code.
 extern "C" int slm_gemma3_decode(int dt, int64_t n_layers, int64_t hidden, int64_t heads, int64_t kv_heads,
                                  int64_t D, int64_t inter, const int64_t* layers, const int64_t* kv, int64_t cap,
-                                 int64_t pos, const void* const* rope, int wdt,
+                                 int64_t pos, int64_t S, const void* const* rope, int wdt,
                                  float offset, float eps, float scale, void* h, const void* final_w, void* normed,
                                  int nthreads) {
-    if (dt < 0 || dt > 1 || wdt < 0 || wdt > 1 || D % 2 || pos < 0 || pos >= cap || heads % kv_heads) return -1;
+    if (dt < 0 || dt > 1 || wdt < 0 || wdt > 1 || D % 2 || pos < 0 || S < 1 || pos + S > cap || heads % kv_heads)
+        return -1;
     const size_t es = dt ? 2 : 4;
     const int64_t qn = heads * D, kn = kv_heads * D;
-    char* buf = (char*)malloc(es * (size_t)(hidden * 2 + qn * 2 + kn * 2 + inter * 3));
+    char* buf = (char*)malloc(es * (size_t)(S * (hidden * 2 + qn * 2 + kn * 2 + inter * 3)));
     if (!buf) return -2;
-    char* x = buf;                      // [hidden] a norm's output
-    char* o = x + es * hidden;          // [hidden] a block's output
-    char* q = o + es * hidden;          // [heads * D]
-    char* att = q + es * qn;            // [heads * D] attention output
-    char* k = att + es * qn;            // [kv_heads * D]
-    char* v = k + es * kn;
-    char* g = v + es * kn;              // [inter] gate, up, then gelu(gate) * up
-    char* u = g + es * inter;
-    char* a = u + es * inter;
+    char* x = buf;                      // [S, hidden] a norm's output
+    char* o = x + es * S * hidden;      // [S, hidden] a block's output
+    char* q = o + es * S * hidden;      // [S, heads * D]
+    char* att = q + es * S * qn;        // [S, heads * D] attention output
+    char* k = att + es * S * qn;        // [S, kv_heads * D]
+    char* v = k + es * S * kn;
+    char* g = v + es * S * kn;          // [S, inter] gate, up, then gelu(gate) * up
+    char* u = g + es * S * inter;
+    char* a = u + es * S * inter;
     int rc = 0;
     for (int64_t l = 0; l < n_layers && !rc; ++l) {
         const int64_t* p = layers + l * LAYER_WORDS;
         const int64_t* lin = p;
         const void* const* nw = (const void* const*)(p + NLIN * 15);
         const int64_t window = p[NLIN * 15 + NNORM];
-        const void* cs = rope[p[NLIN * 15 + NNORM + 1] ? 2 : 0];
-        const void* sn = rope[p[NLIN * 15 + NNORM + 1] ? 3 : 1];
-        rms_rows(h, hidden, 1, hidden, dt, nw[N_IN], wdt, offset, eps, nullptr, 0, x, hidden);
-        if ((rc = qmm(lin + Q * 15, x, dt, q, nthreads)) || (rc = qmm_pair(lin + K_ * 15, k, lin + V * 15, v, x, dt,
-                                                                         nthreads)))
+        const char* cs = (const char*)rope[p[NLIN * 15 + NNORM + 1] ? 2 : 0];
+        const char* sn = (const char*)rope[p[NLIN * 15 + NNORM + 1] ? 3 : 1];
+        rms_rows(h, hidden, S, hidden, dt, nw[N_IN], wdt, offset, eps, nullptr, 0, x, hidden);
+        if ((rc = qmm(lin + Q * 15, x, dt, q, nthreads, S)) ||
+            (rc = qmm_pair(lin + K_ * 15, k, lin + V * 15, v, x, dt, nthreads, S)))
             break;
-        rms_rows(q, D, heads, D, dt, nw[N_Q], wdt, offset, eps, nullptr, 0, q, D);
-        rms_rows(k, D, kv_heads, D, dt, nw[N_K], wdt, offset, eps, nullptr, 0, k, D);
-        rope_heads(q, heads, D, dt, cs, sn);
-        rope_heads(k, kv_heads, D, dt, cs, sn);
+        rms_rows(q, D, S * heads, D, dt, nw[N_Q], wdt, offset, eps, nullptr, 0, q, D);
+        rms_rows(k, D, S * kv_heads, D, dt, nw[N_K], wdt, offset, eps, nullptr, 0, k, D);
         char* kc = (char*)kv[2 * l];
         char* vc = (char*)kv[2 * l + 1];
-        for (int64_t j = 0; j < kv_heads; ++j) {  // cache [n_kv, cap, D]: head j at position pos
-            memcpy(kc + es * ((j * cap + pos) * D), k + es * (j * D), es * D);
-            memcpy(vc + es * ((j * cap + pos) * D), v + es * (j * D), es * D);
+        for (int64_t s = 0; s < S; ++s) {
+            rope_heads(q + es * s * qn, heads, D, dt, cs + es * s * D, sn + es * s * D);
+            rope_heads(k + es * s * kn, kv_heads, D, dt, cs + es * s * D, sn + es * s * D);
+            for (int64_t j = 0; j < kv_heads; ++j) {  // cache [n_kv, cap, D]: head j at position pos + s
+                memcpy(kc + es * ((j * cap + pos + s) * D), k + es * (s * kn + j * D), es * D);
+                memcpy(vc + es * ((j * cap + pos + s) * D), v + es * (s * kn + j * D), es * D);
+            }
         }
-        const int64_t L = pos + 1;
-        rc = slm_attn(dt, 1, 1, heads, kv_heads, D, q, qn, D, D, kc, kv_heads * cap * D, cap * D, D, vc,
+        const int64_t L = pos + S;  // query s sits at L - S + s
+        rc = slm_attn(dt, 1, S, heads, kv_heads, D, q, S * qn, D, qn, kc, kv_heads * cap * D, cap * D, D, vc,
                       kv_heads * cap * D, cap * D, D, L, nullptr, 0, 0, window, scale, att,
-                      heads * L * D < SMALL_WORK ? 1 : nthreads);
-        if (rc || (rc = qmm(lin + O * 15, att, dt, o, nthreads))) break;
-        rms_rows(o, hidden, 1, hidden, dt, nw[N_POST_ATTN], wdt, offset, eps, h, hidden, h, hidden);
-        rms_rows(h, hidden, 1, hidden, dt, nw[N_PRE_FF], wdt, offset, eps, nullptr, 0, x, hidden);
-        if ((rc = qmm_pair(lin + GATE * 15, g, lin + UP * 15, u, x, dt, nthreads))) break;
-        geglu_rows(g, u, inter, dt, a);
-        if ((rc = qmm(lin + DOWN * 15, a, dt, o, nthreads))) break;
-        rms_rows(o, hidden, 1, hidden, dt, nw[N_POST_FF], wdt, offset, eps, h, hidden, h, hidden);
+                      S * heads * L * D < SMALL_WORK ? 1 : nthreads);
+        if (rc || (rc = qmm(lin + O * 15, att, dt, o, nthreads, S))) break;
+        rms_rows(o, hidden, S, hidden, dt, nw[N_POST_ATTN], wdt, offset, eps, h, hidden, h, hidden);
+        rms_rows(h, hidden, S, hidden, dt, nw[N_PRE_FF], wdt, offset, eps, nullptr, 0, x, hidden);
+        if ((rc = qmm_pair(lin + GATE * 15, g, lin + UP * 15, u, x, dt, nthreads, S))) break;
+        geglu_rows(g, u, S * inter, dt, a);
+        if ((rc = qmm(lin + DOWN * 15, a, dt, o, nthreads, S))) break;
+        rms_rows(o, hidden, S, hidden, dt, nw[N_POST_FF], wdt, offset, eps, h, hidden, h, hidden);
     }
-    if (!rc) rms_rows(h, hidden, 1, hidden, dt, final_w, wdt, offset, eps, nullptr, 0, normed, hidden);
+    if (!rc) rms_rows(h, hidden, S, hidden, dt, final_w, wdt, offset, eps, nullptr, 0, normed, hidden);
     free(buf);
     return rc;
 }

@@ -22,6 +22,7 @@ from torch import nn
 from .qgemm import get_kernel, kernel_has, qgemm_weight_args
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+MAX_FUSED_TOKENS = 16  # new tokens a fused step takes (a decode step: 1; a verification: 1 + its drafts)
 QGEMM_WEIGHT_ARGS = 15  # fused.cpp's qmm: slm_qgemm's weight arguments (qgemm.py qgemm_weight_args)
 LAYER_WORDS = 7 * QGEMM_WEIGHT_ARGS + 6 + 2  # fused.cpp per layer: 7 linears, 6 norm weights, window, local rope
 # SLMKIT_FUSED_DECODE=0: decode through the per-op path (the fused step's reference, and a switch for benchmarks)
@@ -50,7 +51,7 @@ def declare(lib: ctypes.CDLL) -> None:
     lib.slm_geglu.argtypes = [c_int, i64, ptr, ptr, ptr]
     lib.slm_argmax.restype = i64
     lib.slm_argmax.argtypes = [ptr, i64]
-    lib.slm_gemma3_decode.argtypes = [c_int, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr, c_int,
+    lib.slm_gemma3_decode.argtypes = [c_int, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, c_int,
                                       c_float, c_float, c_float, ptr, ptr, ptr, c_int]
 
 
@@ -226,25 +227,28 @@ def gemma3_plan(layers: Sequence[Any], final_norm: Any, args: Any) -> DecodePlan
 def gemma3_decode(plan: DecodePlan, h: torch.Tensor, k_cache: Sequence[torch.Tensor],
                   v_cache: Sequence[torch.Tensor], pos: int, rope: Sequence[torch.Tensor],
                   kv_ptrs: torch.Tensor | None = None) -> torch.Tensor | None:
-    """One token through every layer, h [1, 1, hidden] (contiguous, float32 / bfloat16) in place,
-    and the final norm of the result, returned (h's shape and dtype). k_cache / v_cache: per layer
-    [1, kv_heads, cap, head_dim] in h's dtype, written at `pos`; rope: cos, sin of the global table,
-    then of the local one, [head_dim] each in h's dtype. None (nothing done) where the inputs do not
-    fit; kv_ptrs: the caches' pointers, when the caller keeps them."""
+    """S new tokens of one row (a decode step: 1; a speculative verification: the pending token and
+    its drafts) through every layer, h [1, S, hidden] (contiguous, float32 / bfloat16) in place, and
+    the final norm of the result, returned (h's shape and dtype). k_cache / v_cache: per layer
+    [1, kv_heads, cap, head_dim] in h's dtype, written at pos..pos + S - 1; rope: cos, sin of the
+    global table, then of the local one, [S, head_dim] each in h's dtype. None (nothing done) where
+    the inputs do not fit; kv_ptrs: the caches' pointers, when the caller keeps them."""
     n_layers, hidden, heads, kv_heads, D, inter = plan.dims
     dt = DTYPES.get(h.dtype)
     k0 = k_cache[0]
-    if (dt is None or h.shape != (1, 1, hidden) or not h.is_contiguous() or len(k_cache) != n_layers
-            or len(v_cache) != n_layers or k0.dtype != h.dtype or k0.shape[:2] != (1, kv_heads)
-            or k0.shape[3] != D or not k0.is_contiguous() or not 0 <= pos < k0.shape[2]
-            or any(t.shape != (D,) or t.dtype != h.dtype or not t.is_contiguous() for t in rope)):
+    S = h.shape[1] if h.dim() == 3 else 0
+    if (dt is None or h.shape != (1, S, hidden) or not 1 <= S <= MAX_FUSED_TOKENS or not h.is_contiguous()
+            or len(k_cache) != n_layers or len(v_cache) != n_layers or k0.dtype != h.dtype
+            or k0.shape[:2] != (1, kv_heads) or k0.shape[3] != D or not k0.is_contiguous()
+            or not (0 <= pos and pos + S <= k0.shape[2])
+            or any(t.shape != (S, D) or t.dtype != h.dtype or not t.is_contiguous() for t in rope)):
         return None
     if kv_ptrs is None:
         kv_ptrs = torch.tensor([t.data_ptr() for kv in zip(k_cache, v_cache) for t in kv], dtype=torch.int64)
     rope_ptrs = (ctypes.c_void_p * 4)(*(t.data_ptr() for t in rope))
     normed = torch.empty_like(h)
     rc = plan.lib.slm_gemma3_decode(dt, n_layers, hidden, heads, kv_heads, D, inter, plan.layers.data_ptr(),
-                                    kv_ptrs.data_ptr(), k0.shape[2], pos, rope_ptrs, plan.wdt, plan.offset,
+                                    kv_ptrs.data_ptr(), k0.shape[2], pos, S, rope_ptrs, plan.wdt, plan.offset,
                                     plan.eps, plan.scale, h.data_ptr(), plan.norm_ptrs[-1], normed.data_ptr(),
                                     torch.get_num_threads())
     if rc:

@@ -214,21 +214,23 @@ class Model(nn.Module):
         self._plan = None  # .to() and the like move the weights the fused step points into
         return super()._apply(*args, **kwargs)
 
-    def _rope_rows(self, pos: int, dtype: torch.dtype) -> list[torch.Tensor]:
-        """cos, sin (global), cos, sin (local) at `pos`, [head_dim] each: rows of tables computed
-        ROPE_BLOCK positions at a time by the same cos_sin (each row the bits a one-position call gives)."""
+    def _rope_rows(self, pos: int, n: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        """cos, sin (global), cos, sin (local) at positions pos..pos + n - 1, [n, head_dim] each: rows
+        of tables computed ROPE_BLOCK positions at a time by the same cos_sin (each row the bits a
+        one-position call gives)."""
         blk = self._rope_block
-        if blk is None or blk[0] != dtype or not blk[1] <= pos < blk[1] + ROPE_BLOCK:
-            positions = torch.arange(pos, pos + ROPE_BLOCK)[None]
+        if blk is None or blk[0] != dtype or not (blk[1] <= pos and pos + n <= blk[1] + len(blk[2][0])):
+            positions = torch.arange(pos, pos + max(ROPE_BLOCK, n))[None]
             tabs = [t[0] for r in (self.args.rope_global, self.args.rope_local)
                     for t in r.cos_sin(positions, "default", dtype)]
             blk = self._rope_block = (dtype, pos, tabs)
-        return [t[pos - blk[1]] for t in blk[2]]
+        return [t[pos - blk[1]:pos - blk[1] + n] for t in blk[2]]
 
     def _decode_fused(self, h: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
-        """One token of one row through every layer and the final norm in one kernel call
-        (kernels/fused.cpp): the normed hidden state (h itself is updated in place); None where it
-        cannot run (then the layers run one op at a time, with the same bits)."""
+        """A few new tokens of one row (a decode step's one; a verification's pending token and
+        drafts) through every layer and the final norm in one kernel call (kernels/fused.cpp): the
+        normed hidden states (h itself is updated in place); None where it cannot run (then the
+        layers run one op at a time, with the same bits)."""
         lib = fused.kernel_lib()
         if (lib is None or not fused.fused_decode_enabled or not qgemm.decode_attention_enabled or h.shape[0] != 1
                 or torch.is_grad_enabled()):  # autograd: the per-op path (whose norms then are torch's)
@@ -240,7 +242,9 @@ class Model(nn.Module):
             plan = self._plan = (id(self), lib, p)  # None: this model cannot run fused (kept, not retried)
         if plan[2] is None:
             return None
-        return fused.gemma3_decode(plan[2], h, cache.k, cache.v, cache.offset, self._rope_rows(cache.offset, h.dtype))
+        S = h.shape[1]
+        return fused.gemma3_decode(plan[2], h, cache.k, cache.v, cache.offset,
+                                   self._rope_rows(cache.offset, S, h.dtype))
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False,
                 hidden: bool = False) -> torch.Tensor:
@@ -248,7 +252,7 @@ class Model(nn.Module):
         S = input_ids.shape[1]
         h = self.model.embed_tokens(input_ids)
         h = h * torch.tensor(self.args.hidden_size**0.5, dtype=h.dtype)  # rounded to the dtype, as HF does
-        normed = self._decode_fused(h, cache) if S == 1 and type(cache) is KVCache else None
+        normed = self._decode_fused(h, cache) if S <= fused.MAX_FUSED_TOKENS and type(cache) is KVCache else None
         if normed is None:
             step = Step.of(cache, S, input_ids.device)
             positions = step.span.positions
@@ -260,7 +264,7 @@ class Model(nn.Module):
             cache.advance(S)
             cache.tag = "default"
         if normed is not None:
-            h = normed
+            h = normed[:, -1:] if last_only else normed
         else:
             h = self.model.norm(h[:, -1:] if last_only else h)
         if hidden:
