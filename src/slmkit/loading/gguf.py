@@ -21,7 +21,7 @@ from ..models import GGUF_ARCHITECTURES, get_model_module
 from ..text.gguf_tokenizer import tokenizer_from_gguf_metadata
 from . import gguf_cache
 from .hf import LoadedModel, build_model, check_chat_template, check_config_sizes, parse_device, resolve_dtype
-from .memory import FileMappings, huge_pages, release_pages
+from .memory import FileMappings, release_pages
 
 # llama.cpp tensor names outside the layers (per layer "blk.N.<name>": each model's GGUF_LAYER_NAMES)
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -174,7 +174,7 @@ def _load_work(f: GGUFFile, arch: str, module: Any, dt: torch.dtype, run_quantiz
                 and not name.endswith(float_only)):
             # the embedding stays quantized too (a QuantEmbedding; tied: the output head's very buffers)
             linear = "lm_head.weight" if name == "token_embd.weight" and tied else target
-            qw = repack(f.raw(name), info.ggml_type, info.shape, advise=huge_pages)  # huge pages: faster writes
+            qw = repack(f.raw(name), info.ggml_type, info.shape)
             work.names.setdefault(linear, name)
             if qw is not None:
                 work.quantized[linear] = work.quantized[target] = qw
@@ -211,7 +211,7 @@ def _load_experts(f: GGUFFile, name: str, experts: list[str], work: gguf_cache.L
     slabs = f.raw(name).view(len(experts), -1)
     for e, target in enumerate(experts):
         work.names[target] = name
-        qw = repack(slabs[e], info.ggml_type, (info.shape[1], info.shape[2]), advise=huge_pages)
+        qw = repack(slabs[e], info.ggml_type, (info.shape[1], info.shape[2]))
         if qw is not None:
             work.quantized[target] = qw
         else:

@@ -123,20 +123,3 @@ def ram_by_precision(model: torch.nn.Module) -> dict[str, int]:
         head_per = _LINEAR_BYTES["int8"] if prec == "int4" else per
         out[prec] = int(linear * per + head * head_per + other * float_bytes)
     return out
-
-
-MADV_HUGEPAGE = 14
-_HUGE = 2 << 20
-
-
-def huge_pages(t: torch.Tensor) -> None:
-    """Ask for transparent huge pages under a large, not yet touched tensor (MADV_HUGEPAGE, for
-    systems whose THP mode is "madvise"): 512x fewer page faults when it is first written (a GGUF
-    repack's output: a first load of the 16-layer Phi-3 Q4_0 file went from ~0.6 to ~0.5 s here),
-    fewer TLB misses when it is streamed. Linux only; advice, never an error."""
-    if sys.platform != "linux":
-        return
-    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-    lo, hi = -(-start // _HUGE) * _HUGE, end // _HUGE * _HUGE
-    if hi > lo:
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_HUGEPAGE)

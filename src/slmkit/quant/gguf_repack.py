@@ -119,15 +119,14 @@ _TEMP_BYTES_PER_ELEMENT = 8
 _SMALL_TENSOR = 1 << 20
 
 
-def repack(raw: torch.Tensor, ggml_type: int, shape: tuple[int, int], *, chunk_bytes: int = 16 << 20,
-           kernel: bool | None = None, advise: Callable[[torch.Tensor], None] | None = None) -> QuantWeight | None:
+def repack(raw: torch.Tensor, ggml_type: int, shape: tuple[int, int], *,
+           chunk_bytes: int = 16 << 20, kernel: bool | None = None) -> QuantWeight | None:
     """The GGUF bytes of a 2-D weight of torch shape ``(n, k)`` as a QuantWeight, losslessly;
     None for a type in no lossless mapping. kernel: None repacks in the compiled library
     (kernels/repack.cpp: multi-threaded, straight from ``raw`` into the result) where it is
     loaded, else in PyTorch; False forces PyTorch, True the library (RuntimeError without it).
     Both write the same bytes. PyTorch decodes rows in chunks of about ``chunk_bytes`` of
-    temporaries, written into the result's preallocated tiled tensors. advise: called on the codes'
-    tensor before anything is written to it (the loader asks for huge pages there)."""
+    temporaries, written into the result's preallocated tiled tensors."""
     spec = _SPECS.get(int(ggml_type))
     if spec is None:
         return None
@@ -147,8 +146,6 @@ def repack(raw: torch.Tensor, ggml_type: int, shape: tuple[int, int], *, chunk_b
     bits, group = spec.bits, spec.group
     tiles, groups = padded(n, TILE) // TILE, k // group
     qweight = torch.empty(tiles, code_vectors(bits, k), 64, dtype=_U8)
-    if advise is not None:
-        advise(qweight)
     scales = torch.empty(tiles, groups, TILE, dtype=spec.dtype)
     mdt = _U8 if spec.per_super else spec.dtype
     mins = torch.empty(tiles, groups, TILE, dtype=mdt) if spec.has_min else None
