@@ -143,8 +143,17 @@ def _builtin_path() -> Path:
     return builtin_model_path()
 
 
+def warm(path: Path) -> None:
+    """Read the file through once, so that every engine's load starts with it in the page cache (this
+    VM reclaims cold page cache: a file left alone for minutes came back from disk, at ~1 s a GB)."""
+    with open(path, "rb") as f:
+        while f.read(64 << 20):
+            pass
+
+
 def measure(label: str, path: Path, prompt: int, decode: int) -> list[dict]:
-    """slmkit's first load (empty cache) and repeated load (that cache), then llama.cpp, one process each."""
+    """slmkit's first load (empty cache) and repeated load (that cache), then llama.cpp, one process
+    each, each after the file was read through once (warm)."""
     rows = []
     args = ["--path", str(path), "--prompt", str(prompt), "--decode", str(decode)]
     with tempfile.TemporaryDirectory(prefix="slmkit-gguf-cache-") as cache:
@@ -152,6 +161,7 @@ def measure(label: str, path: Path, prompt: int, decode: int) -> list[dict]:
         os.environ["SLMKIT_GGUF_CACHE"] = cache  # the children inherit it
         try:
             for load in ("first", "repeated"):
+                warm(path)
                 r = run_child(Path(__file__), ["--engine", "slmkit", *args])
                 rows.append({"file": label, "engine": "slmkit", "load": load, **r})
                 print(f"  slmkit ({load} load): {r}", flush=True)
@@ -160,6 +170,7 @@ def measure(label: str, path: Path, prompt: int, decode: int) -> list[dict]:
                 os.environ.pop("SLMKIT_GGUF_CACHE", None)
             else:
                 os.environ["SLMKIT_GGUF_CACHE"] = env_before
+    warm(path)
     r = run_child(Path(__file__), ["--engine", "llama.cpp", *args])
     rows.append({"file": label, "engine": "llama.cpp", "load": "every", **r})
     print(f"  llama.cpp: {r}", flush=True)
