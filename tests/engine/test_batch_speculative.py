@@ -17,7 +17,13 @@ from slmkit.engine.batching import BatchEngine
 from slmkit.engine.generator import Generator, GeneratorParams
 from slmkit.engine.speculative import Speculator, lookup_draft
 from slmkit.kernels.qgemm import get_kernel
-from tests.helpers.batch_rows import prompts, rows_never_run_the_model_themselves, run_batch, solo  # noqa: F401
+from tests.helpers.batch_rows import (  # noqa: F401
+    first_token_chi2,
+    prompts,
+    rows_never_run_the_model_themselves,
+    run_batch,
+    solo,
+)
 
 
 @pytest.fixture(scope="module")
@@ -228,12 +234,8 @@ def test_sampled_first_tokens_follow_the_target_distribution(llm):
             counts[item[0]] += 1
     finally:
         batch.close()
-    others = [int(i) for i in p.argsort(descending=True) if int(i) != drafted][:4]
-    bins = [[drafted]] + [[i] for i in others]
-    expected = torch.stack([p[b].sum() for b in bins] + [1 - sum(p[b].sum() for b in bins)]) * draws
-    observed = torch.stack([counts[b].sum() for b in bins] + [draws - sum(counts[b].sum() for b in bins)])
-    chi2 = float(((observed - expected) ** 2 / expected.clamp_min(1e-9)).sum())
-    assert chi2 < 20.5, (observed.tolist(), expected.tolist())
+    chi2 = first_token_chi2(p, drafted, counts, draws)
+    assert chi2 < 20.5, chi2
 
 
 def test_structured_output_cannot_speculate_in_a_row_either(llm):

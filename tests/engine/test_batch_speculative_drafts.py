@@ -11,7 +11,12 @@ import slmkit
 from slmkit.engine.batching import BatchEngine
 from slmkit.engine.generator import GeneratorParams
 from slmkit.kernels.qgemm import get_kernel
-from tests.helpers.batch_rows import prompts, rows_never_run_the_model_themselves, solo  # noqa: F401
+from tests.helpers.batch_rows import (  # noqa: F401
+    prompts,
+    rows_never_run_the_model_themselves,
+    solo,
+    submit_two_then_start,
+)
 
 
 @pytest.fixture(scope="module")
@@ -85,28 +90,15 @@ def test_a_row_whose_processor_fails_while_verifying_ends_alone(llm):
 
     batch = BatchEngine(llm.engine, slots=2, slot_context=128, start=False)
     try:
-        reqs = [(good_p, dict(kw, speculative="ngram", num_draft=4)),
-                (bad_p, dict(kw, speculative="ngram", num_draft=4, scorers=[breaks_on_its_eighth_position]))]
-        got: list = [None, None]
-
-        def run(i: int) -> None:
-            try:
-                got[i] = [item[0] for item in batch.submit(reqs[i][0], GeneratorParams(**reqs[i][1]))]
-            except EngineError as e:
-                got[i] = e
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        while batch.incoming.qsize() < 2:
-            threading.Event().wait(0.01)
-        batch.start()
-        for t in threads:
-            t.join(timeout=120)
+        reqs = [(good_p, GeneratorParams(**dict(kw, speculative="ngram", num_draft=4))),
+                (bad_p, GeneratorParams(**dict(kw, speculative="ngram", num_draft=4,
+                                                scorers=[breaks_on_its_eighth_position])))]
+        got = submit_two_then_start(batch, reqs)
         assert isinstance(got[1], EngineError) and "the scorer broke" in str(got[1])
         assert got[0] == want
         assert batch.alive and batch.cache.n == 0
-        assert [item[0] for item in batch.submit(good_p, GeneratorParams(**reqs[0][1]))] == want  # it goes on
+        again = GeneratorParams(**dict(kw, speculative="ngram", num_draft=4))
+        assert [item[0] for item in batch.submit(good_p, again)] == want  # it goes on
     finally:
         batch.close()
 
@@ -132,25 +124,10 @@ def test_a_row_whose_draft_model_fails_ends_alone(llm, drafts, monkeypatch):
     good_p, bad_p = prompts(3, seed=6)[1], prompts(3, seed=6)[2]
     want = solo(llm, good_p, **kw)
     batch = BatchEngine(llm.engine, slots=2, slot_context=128, start=False)
-    got: list = [None, None]
     reqs = [(good_p, GeneratorParams(speculative="ngram", **kw)),
             (bad_p, GeneratorParams(speculative="draft", draft=drafts["other"], **kw))]
-
-    def run(i: int) -> None:
-        try:
-            got[i] = [item[0] for item in batch.submit(*reqs[i])]
-        except EngineError as e:
-            got[i] = e
-
     try:
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        while batch.incoming.qsize() < 2:
-            threading.Event().wait(0.01)
-        batch.start()
-        for t in threads:
-            t.join(timeout=120)
+        got = submit_two_then_start(batch, reqs)
         assert isinstance(got[1], EngineError) and "the draft model broke" in str(got[1])
         assert got[0] == want and len(calls) >= 10
         assert batch.alive and batch.cache.n == 0

@@ -11,6 +11,7 @@ import torch
 import slmkit
 from slmkit import Generator, GeneratorParams, InvalidRequestError
 from slmkit.engine.speculative import AUTO_MIN_PROMPT, lookup_draft
+from tests.helpers.batch_rows import first_token_chi2
 
 
 @pytest.fixture(scope="module")
@@ -194,9 +195,5 @@ def test_sampled_tokens_follow_the_target_distribution(models, mode):
     assert 0.2 < float(p[drafted]) < 0.9
     draws = 400
     counts = first_token_counts(llm, prompt, params, draws)
-    others = [int(i) for i in p.argsort(descending=True) if int(i) != drafted][:4]
-    bins = [[drafted]] + [[i] for i in others]
-    expected = torch.stack([p[b].sum() for b in bins] + [1 - sum(p[b].sum() for b in bins)]) * draws
-    observed = torch.stack([counts[b].sum() for b in bins] + [draws - sum(counts[b].sum() for b in bins)])
-    chi2 = float(((observed - expected) ** 2 / expected.clamp_min(1e-9)).sum())
-    assert chi2 < 20.5, (observed.tolist(), expected.tolist())
+    chi2 = first_token_chi2(p, drafted, counts, draws)
+    assert chi2 < 20.5, chi2

@@ -73,3 +73,39 @@ def run_batch(batch: BatchEngine, reqs: list[tuple[list[int], dict]], late: int 
     for t in early + later:
         t.join(timeout=120)
     return got
+
+
+def submit_two_then_start(batch: BatchEngine, reqs: list[tuple[list[int], GeneratorParams]]) -> list:
+    """Two requests submitted from threads to a batch engine not yet started (so both join its first
+    step), then the engine started: each request's token ids, or the EngineError it ended with."""
+    from slmkit.errors import EngineError
+
+    got: list = [None, None]
+
+    def run(i: int) -> None:
+        try:
+            got[i] = [item[0] for item in batch.submit(*reqs[i])]
+        except EngineError as e:
+            got[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    while batch.incoming.qsize() < 2:
+        threading.Event().wait(0.01)
+    batch.start()
+    for t in threads:
+        t.join(timeout=120)
+    return got
+
+
+def first_token_chi2(p, drafted: int, counts, draws: int) -> float:
+    """Pearson's chi-square of first-token counts against the target distribution p, in bins: the
+    drafted token, the four likeliest others, the rest."""
+    import torch
+
+    others = [int(i) for i in p.argsort(descending=True) if int(i) != drafted][:4]
+    bins = [[drafted]] + [[i] for i in others]
+    expected = torch.stack([p[b].sum() for b in bins] + [1 - sum(p[b].sum() for b in bins)]) * draws
+    observed = torch.stack([counts[b].sum() for b in bins] + [draws - sum(counts[b].sum() for b in bins)])
+    return float(((observed - expected) ** 2 / expected.clamp_min(1e-9)).sum())
