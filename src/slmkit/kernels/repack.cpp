@@ -1,8 +1,8 @@
 // GGUF quantized blocks -> slmkit's tiled QuantWeight layout (src/slmkit/quant/format.py), the same
 // bytes as the Python repack (src/slmkit/quant/gguf_repack.py, the tested fallback) writes.
 //
-// Plain C++ but for SSE4.1 in the legacy types' rows: built into both kernel libraries, the AVX512
-// one and the AVX2 one.
+// Plain C++ and SSE4.1 (each type's codes a vector's worth at a time): built into both kernel
+// libraries, the AVX512 one and the AVX2 one.
 // It reads the file's blocks where they lie (the memory map) and writes each row's codes, scales and
 // mins straight into the caller's preallocated tensors: no float or intermediate copy. OpenMP splits
 // the work over 16-row tiles, so every thread writes its own tiles only.
@@ -68,64 +68,6 @@ float half_to_float(const uint8_t* p) {
     return f;
 }
 
-// The codes of one block (ggml's element order) into u[block].
-inline void block_codes(int type, const uint8_t* p, uint8_t* u) {
-    switch (type) {
-        case 2:
-        case 3: {  // Q4_0 / Q4_1: 16 bytes of nibbles, low nibbles first
-            const uint8_t* qs = p + (type == 2 ? 2 : 4);
-            for (int i = 0; i < 16; ++i) {
-                u[i] = qs[i] & 0x0F;
-                u[i + 16] = qs[i] >> 4;
-            }
-            break;
-        }
-        case 6:
-        case 7: {  // Q5_0 / Q5_1: nibbles plus a fifth bit per element from a 32-bit mask
-            const uint8_t* h = p + (type == 6 ? 2 : 4);
-            const uint8_t* qs = h + 4;
-            uint32_t qh = (uint32_t)h[0] | ((uint32_t)h[1] << 8) | ((uint32_t)h[2] << 16) | ((uint32_t)h[3] << 24);
-            for (int i = 0; i < 16; ++i) {
-                u[i] = (uint8_t)((qs[i] & 0x0F) | (((qh >> i) & 1u) << 4));
-                u[i + 16] = (uint8_t)((qs[i] >> 4) | (((qh >> (i + 16)) & 1u) << 4));
-            }
-            break;
-        }
-        case 8:  // Q8_0: int8 q -> unsigned q + 128
-            for (int i = 0; i < 32; ++i) u[i] = p[2 + i] ^ 0x80;
-            break;
-        case 12:
-        case 13: {  // Q4_K / Q5_K: per 32 bytes, 32 low nibbles then 32 high nibbles (+ Q5_K's fifth bits)
-            const uint8_t* qs = p + (type == 12 ? 16 : 48);
-            for (int r = 0; r < 4; ++r)
-                for (int i = 0; i < 32; ++i) {
-                    u[64 * r + i] = qs[32 * r + i] & 0x0F;
-                    u[64 * r + 32 + i] = qs[32 * r + i] >> 4;
-                }
-            if (type == 13) {
-                const uint8_t* qh = p + 16;
-                for (int s = 0; s < 8; ++s)
-                    for (int i = 0; i < 32; ++i) u[32 * s + i] |= (uint8_t)(((qh[i] >> s) & 1) << 4);
-            }
-            break;
-        }
-        case 14: {  // Q6_K: per half, 64 bytes of nibbles (low then high) and 2 more bits from qh
-            const uint8_t* ql = p;
-            const uint8_t* qh = p + 128;
-            for (int h = 0; h < 2; ++h) {
-                for (int i = 0; i < 64; ++i) {
-                    u[128 * h + i] = ql[64 * h + i] & 0x0F;
-                    u[128 * h + 64 + i] = ql[64 * h + i] >> 4;
-                }
-                for (int s = 0; s < 4; ++s)
-                    for (int i = 0; i < 32; ++i)
-                        u[128 * h + 32 * s + i] |= (uint8_t)(((qh[32 * h + i] >> (2 * s)) & 3) << 4);
-            }
-            break;
-        }
-    }
-}
-
 // One block's group scales (and mins) into sc / mn (per group, scale_bytes each), and its float32
 // super-scale and super-min (K-quants): ggml's d and -dmin, as the Python repack forms them.
 inline void block_scales(int type, const uint8_t* p, uint8_t* sc, uint8_t* mn, float* ssup, float* msup) {
@@ -162,7 +104,6 @@ inline void block_scales(int type, const uint8_t* p, uint8_t* sc, uint8_t* mn, f
     }
 }
 
-// One row (r < n: its blocks at src; r >= n: padding, all zeros) into its slots of tile t.
 // Q4_0 / Q4_1 / Q5_0 / Q5_1 rows, 16 bytes of nibbles a block at a time (SSE4.1: both builds have
 // it): file byte i holds codes i (low) and i + 16 (high); our 4-bit vectors for codes 8v..8v+7 hold
 // codes 8v..8v+3 low and 8v+4..8v+7 high, so vectors 0, 1 come from the low nibbles, 2, 3 from the
@@ -270,8 +211,30 @@ constexpr Spec spec_of(int type) {
     return SPECS[0];
 }
 
-// One instance per type (TYPE a constant): the type switches fold away and the block loops have
-// constant bounds, so the compiler unrolls and vectorizes them (a generic loop ran Q4_0 at ~0.4 GB/s).
+// One two-level (or Q8_0) block's codes straight into place: its row's 4 bytes in each of the
+// block's 64-byte vectors, starting at o.
+template <int TYPE>
+inline void block_codes(const uint8_t* p, uint8_t* o) {
+    if constexpr (TYPE == 8) {  // Q8_0: int8 q -> unsigned q + 128, 4 codes a vector
+        for (int c = 0; c < 32; c += 4) {
+            uint32_t w;
+            memcpy(&w, p + 2 + c, 4);
+            w ^= 0x80808080u;
+            memcpy(o + c / 4 * 64, &w, 4);
+        }
+    } else if constexpr (TYPE == 12) {  // Q4_K: qs bytes 16h..16h+15 are sub-block h / 2's half h % 2
+        for (int h = 0; h < 8; ++h)
+            nibble_chunks(p + 16 + 16 * h, o + (8 * (h / 2) + 2 * (h % 2)) * 64, o + (8 * (h / 2) + 4 + 2 * (h % 2)) * 64);
+    } else if constexpr (TYPE == 13) {
+        q5k_runs(p, o);
+    } else {
+        q6k_runs(p, o);
+    }
+}
+
+// One row (r < n: its blocks at src; r >= n: padding, all zeros) into its slots of tile t. One
+// instance per type (TYPE a constant): the type switches fold away and the block loops have constant
+// bounds, so the compiler unrolls and vectorizes them (a generic loop ran Q4_0 at ~0.4 GB/s).
 template <int TYPE>
 void repack_row(const uint8_t* src, int64_t k, int64_t t, int j, uint8_t* qweight, uint8_t* scales,
                 uint8_t* mins, float* ssup, float* msup) {
@@ -283,72 +246,37 @@ void repack_row(const uint8_t* src, int64_t k, int64_t t, int j, uint8_t* qweigh
     constexpr int vpr = s.bits == 6 ? 3 : s.bits == 5 ? 5 : 1;
     const int64_t chunks = k / S * vpr;
     uint8_t* q = qweight + t * chunks * 64 + j * 4;
-    uint8_t u[256], sc[16 * 2], mn[16 * 2];
-    float ss = 0.f, ms = 0.f;
-    if constexpr (TYPE == 2 || TYPE == 3 || TYPE == 6 || TYPE == 7) {
-        if (src) {
-            legacy_row<TYPE>(src, blocks, q, scales + (t * groups * 16 + j) * 2, mins + (t * groups * 16 + j) * 2);
-            return;
+    if (!src) {  // padding: code 0, scale 0 and min 0 (as the Python repack pads)
+        for (int64_t c = 0; c < chunks; ++c) memset(q + c * 64, 0, 4);
+        for (int64_t g = 0; g < groups; ++g) {
+            const int64_t at = (t * groups + g) * 16 + j;
+            memset(scales + at * s.scale_bytes, 0, s.scale_bytes);
+            if (s.has_min) memset(mins + at * s.scale_bytes, 0, s.scale_bytes);
         }
+        for (int64_t b = 0; s.two_level && b < blocks; ++b) {
+            ssup[(t * blocks + b) * 16 + j] = 0.f;
+            if (s.has_min) msup[(t * blocks + b) * 16 + j] = 0.f;
+        }
+        return;
     }
-    for (int64_t b = 0; b < blocks; ++b) {
-        if (TYPE == 14 && src) {  // Q6_K: a run of 16 codes at a time, straight into place
+    if constexpr (TYPE == 2 || TYPE == 3 || TYPE == 6 || TYPE == 7) {
+        legacy_row<TYPE>(src, blocks, q, scales + (t * groups * 16 + j) * 2, mins + (t * groups * 16 + j) * 2);
+    } else {
+        uint8_t sc[16], mn[16];
+        float ss = 0.f, ms = 0.f;
+        for (int64_t b = 0; b < blocks; ++b) {
             const uint8_t* p = src + b * s.size;
             block_scales(s.type, p, sc, mn, &ss, &ms);
-            q6k_runs(p, q + b * 16 * 3 * 64);
-        } else if (TYPE == 13 && src) {  // Q5_K: a run of 32 codes at a time, straight into place
-            const uint8_t* p = src + b * s.size;
-            block_scales(s.type, p, sc, mn, &ss, &ms);
-            q5k_runs(p, q + b * 8 * 5 * 64);
-        } else if (TYPE == 12 && src) {  // Q4_K: the codes 16 bytes at a time, straight into place
-            const uint8_t* p = src + b * s.size;
-            block_scales(s.type, p, sc, mn, &ss, &ms);
-            uint8_t* o = q + b * 32 * 64;
-            for (int h = 0; h < 8; ++h) {  // qs bytes 16h..16h+15: sub-block r = h / 2, its half h % 2
-                const int r = h / 2, half = h % 2;
-                nibble_chunks(p + 16 + 16 * h, o + (8 * r + 2 * half) * 64, o + (8 * r + 4 + 2 * half) * 64);
+            block_codes<TYPE>(p, q + b * (s.block / S) * vpr * 64);
+            for (int64_t g = 0; g < gpb; ++g) {
+                const int64_t at = (t * groups + b * gpb + g) * 16 + j;
+                memcpy(scales + at * s.scale_bytes, sc + g * s.scale_bytes, s.scale_bytes);
+                if (s.has_min) memcpy(mins + at * s.scale_bytes, mn + g * s.scale_bytes, s.scale_bytes);
             }
-        } else if (src) {
-            const uint8_t* p = src + b * s.size;
-            block_codes(s.type, p, u);
-            block_scales(s.type, p, sc, mn, &ss, &ms);
-        } else {
-            memset(u, 0, sizeof u);
-            memset(sc, 0, sizeof sc);
-            memset(mn, 0, sizeof mn);
-        }
-        if ((TYPE == 12 || TYPE == 13 || TYPE == 14) && src) {
-            // written above
-        } else if (s.bits == 8) {
-            for (int c = 0; c < s.block; c += 4) memcpy(q + (b * s.block + c) / 4 * 64, u + c, 4);
-        } else if (s.bits == 4) {
-            for (int c = 0; c < s.block; c += 8) {
-                uint8_t* o = q + (b * s.block + c) / 8 * 64;
-                for (int i = 0; i < 4; ++i) o[i] = (uint8_t)(u[c + i] | (u[c + 4 + i] << 4));
+            if (s.two_level) {
+                ssup[(t * blocks + b) * 16 + j] = ss;
+                if (s.has_min) msup[(t * blocks + b) * 16 + j] = ms;
             }
-        } else {
-            for (int c = 0; c < s.block; c += S) {
-                uint8_t* o = q + (b * s.block + c) / S * vpr * 64;
-                uint8_t top[4] = {0, 0, 0, 0};
-                for (int v = 0; v + 1 < vpr; ++v)
-                    for (int l = 0; l < 4; ++l) {
-                        const uint8_t a = u[c + 8 * v + l], h = u[c + 8 * v + 4 + l];
-                        o[v * 64 + l] = (uint8_t)((a & 0x0F) | ((h & 0x0F) << 4));
-                        top[l] |= (uint8_t)(((a >> 4) << ((s.bits - 4) * 2 * v)) |
-                                            ((h >> 4) << ((s.bits - 4) * (2 * v + 1))));
-                    }
-                memcpy(o + (vpr - 1) * 64, top, 4);
-            }
-        }
-        for (int64_t g = 0; g < gpb; ++g) {
-            int64_t at = (t * groups + b * gpb + g) * 16 + j;
-            memcpy(scales + at * s.scale_bytes, sc + g * s.scale_bytes, s.scale_bytes);
-            if (s.has_min) memcpy(mins + at * s.scale_bytes, mn + g * s.scale_bytes, s.scale_bytes);
-        }
-        if (s.two_level) {
-            int64_t at = (t * blocks + b) * 16 + j;
-            ssup[at] = src ? ss : 0.f;
-            if (s.has_min) msup[at] = src ? ms : 0.f;
         }
     }
 }
