@@ -26,13 +26,6 @@ from tests.helpers.batch_rows import (  # noqa: F401
 )
 
 
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    from tests.helpers.tiny_models import make_phi3_folder
-
-    return slmkit.load(make_phi3_folder(tmp_path_factory.mktemp("bspec"), "gqa"), dtype="float32")
-
-
 @pytest.mark.parametrize("extra", [None, 6, 0])
 def test_mixed_rows_give_plain_decodings_tokens(llm, monkeypatch, extra):
     """Speculating rows (num_draft 2..6, "auto" with a long prompt) beside plain ones, prompts of

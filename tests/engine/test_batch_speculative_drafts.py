@@ -20,13 +20,6 @@ from tests.helpers.batch_rows import (  # noqa: F401
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    from tests.helpers.tiny_models import make_phi3_folder
-
-    return slmkit.load(make_phi3_folder(tmp_path_factory.mktemp("bspec"), "gqa"), dtype="float32")
-
-
-@pytest.fixture(scope="module")
 def drafts(tmp_path_factory, llm):
     """Draft models for llm: the same weights (drafts mostly kept) and another random model (mostly not)."""
     from tests.helpers.tiny_models import make_phi3_folder
