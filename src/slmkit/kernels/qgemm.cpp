@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "layout.h"
 
 extern "C" int slm_supported(void) {
     __builtin_cpu_init();
@@ -102,9 +103,8 @@ static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, co
     const uint8_t* qw = w.qw;
     const int64_t ng = w.ng, G = w.G, KP = w.KP;
     const int zero = w.zero;
-    constexpr int step = BITS == 8 ? 4 : BITS == 4 ? 8 : BITS == 6 ? 16 : 32;  // k per run of vectors
-    constexpr int vpr = BITS == 6 ? 3 : BITS == 5 ? 5 : 1;                       // 64-byte vectors per run
-    const int64_t tile_bytes = KP / step * vpr * 64;
+    constexpr int step = run_k(BITS), vpr = run_vectors(BITS);
+    const int64_t tile_bytes = tile_code_bytes(BITS, KP);
     const __m512i low = _mm512_set1_epi8(0x0F);
     const __m512i top_mask = _mm512_set1_epi8(BITS == 6 ? 0x30 : 0x10);  // the top bits' place in a code
     __m512 acc[T][MB];
@@ -185,7 +185,7 @@ constexpr int UNPACK_ROWS = 8;
 // activation rows, then run by the 8-bit loop, which forms the same integer sums (the same bits).
 template <int BITS>
 static void unpack_tiles(const uint8_t* src, int64_t nt, int64_t KP, uint8_t* dst) {
-    constexpr int step = BITS == 6 ? 16 : 32, vpr = BITS == 6 ? 3 : 5;
+    constexpr int step = run_k(BITS), vpr = run_vectors(BITS);
     const __m512i low = _mm512_set1_epi8(0x0F);
     const __m512i top_mask = _mm512_set1_epi8(BITS == 6 ? 0x30 : 0x10);
     const int64_t runs = nt * (KP / step);
@@ -283,7 +283,7 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
     // 6 / 5-bit codes with many rows: unpack each block of tiles to bytes once (see unpack_tiles)
     const int unpack = (bits == 5 || bits == 6) && M >= UNPACK_ROWS;
     const int run_bits = unpack ? 8 : bits;
-    const int64_t src_tile_bytes = KP / (bits == 6 ? 16 : 32) * (bits == 6 ? 3 : 5) * 64;
+    const int64_t src_tile_bytes = tile_code_bytes(bits, KP);
     if (nthreads < 1) nthreads = 1;
     int err = 0;
 #pragma omp parallel num_threads(nthreads)

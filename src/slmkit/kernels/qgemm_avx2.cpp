@@ -13,6 +13,7 @@
 #include <math.h>
 
 #include "avx2.h"
+#include "layout.h"
 
 #ifdef SLM_VNNI
 #define QGEMM_NAME slm_avx2_qgemm_vnni
@@ -113,9 +114,8 @@ template <int BITS, int SK, bool MINS, int H, int MB>
 static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, const int32_t* xs, float* out,
                   int64_t ldo) {
     const int64_t ng = w.ng, G = w.G, KP = w.KP;
-    constexpr int step = BITS == 8 ? 4 : BITS == 4 ? 8 : BITS == 6 ? 16 : 32;  // k per run of vectors
-    constexpr int vpr = BITS == 6 ? 3 : BITS == 5 ? 5 : 1;                       // 64-byte vectors per run
-    const int64_t tile_bytes = KP / step * vpr * 64;
+    constexpr int step = run_k(BITS), vpr = run_vectors(BITS);
+    const int64_t tile_bytes = tile_code_bytes(BITS, KP);
     const __m256i low = _mm256_set1_epi8(0x0F);
     const __m256i top_mask = _mm256_set1_epi8(BITS == 6 ? 0x30 : 0x10);  // the top bits' place in a code
     __m256 acc[H][MB];

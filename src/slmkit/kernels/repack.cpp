@@ -19,6 +19,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "layout.h"
+
 namespace {
 
 struct Spec {
@@ -241,10 +243,8 @@ void repack_row(const uint8_t* src, int64_t k, int64_t t, int j, uint8_t* qweigh
     constexpr Spec s = spec_of(TYPE);
     constexpr int64_t gpb = s.block / s.group;
     const int64_t blocks = k / s.block, groups = blocks * gpb;
-    // 64-byte vectors per tile, and per run of S codes (S: 4 codes for 8 bits, 8 for 4, 16 for 6, 32 for 5)
-    constexpr int S = s.bits == 8 ? 4 : s.bits == 4 ? 8 : s.bits == 6 ? 16 : 32;
-    constexpr int vpr = s.bits == 6 ? 3 : s.bits == 5 ? 5 : 1;
-    const int64_t chunks = k / S * vpr;
+    constexpr int S = run_k(s.bits), vpr = run_vectors(s.bits);  // codes / vectors per run
+    const int64_t chunks = tile_code_bytes(s.bits, k) / 64;      // 64-byte vectors per tile
     uint8_t* q = qweight + t * chunks * 64 + j * 4;
     if (!src) {  // padding: code 0, scale 0 and min 0 (as the Python repack pads)
         for (int64_t c = 0; c < chunks; ++c) memset(q + c * 64, 0, 4);
