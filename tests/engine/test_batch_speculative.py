@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import slmkit
+from slmkit.engine import speculative
 from slmkit.engine.batching import BatchEngine
 from slmkit.engine.generator import Generator, GeneratorParams
 from slmkit.engine.speculative import Speculator, lookup_draft
@@ -247,10 +248,12 @@ def test_structured_output_cannot_speculate_in_a_row_either(llm):
         batch.close()
 
 
-def test_a_wide_pass_keeps_a_short_row_short_of_the_crossover(phi3_folders):
+def test_a_wide_pass_keeps_a_short_row_short_of_the_crossover(phi3_folders, monkeypatch):
     """A row that drafts num_draft tokens at every step (its prompt holds every token, so each
-    last token has a continuation to look up) beside plain rows walking up to original_max: the
-    pass is never so wide that their padding takes them into the long frequency set early."""
+    last token has a continuation to look up; one-token matches draft in full here) beside plain
+    rows walking up to original_max: the pass is never so wide that their padding takes them into
+    the long frequency set early."""
+    monkeypatch.setattr(speculative, "UNIGRAM_DRAFT", 8)
     llm = slmkit.load(phi3_folders("longrope"), dtype="float32")  # original_max 32
     every = list(range(3, llm.engine.vocab_size))
     random.Random(5).shuffle(every)

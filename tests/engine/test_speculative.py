@@ -10,7 +10,7 @@ import torch
 
 import slmkit
 from slmkit import Generator, GeneratorParams, InvalidRequestError
-from slmkit.engine.speculative import AUTO_MIN_PROMPT, lookup_draft
+from slmkit.engine.speculative import AUTO_MIN_PROMPT, UNIGRAM_DRAFT, lookup_draft
 from tests.helpers.batch_rows import first_token_chi2
 
 
@@ -41,6 +41,10 @@ def test_lookup_draft_continues_the_latest_ngram():
     assert lookup_draft(seq, 1) == [4]
     assert lookup_draft([1, 2, 3], 4) == []
     assert lookup_draft([5, 6, -1, 5], 3) == [6]  # image placeholders are never drafted
+    # a one-token match drafts at most UNIGRAM_DRAFT tokens; a longer one all k
+    seq = [7, 1, 2, 3, 4, 5, 6, 8, 1]
+    assert lookup_draft(seq, 5) == [2, 3, 4, 5, 6][:UNIGRAM_DRAFT]
+    assert lookup_draft(seq + [2], 5) == [3, 4, 5, 6, 8]
 
 
 @pytest.mark.parametrize("mode", ["ngram", "draft-twin", "draft-other"])
