@@ -28,7 +28,7 @@ from .engine import Engine
 from .images import ImageEntry
 from .processors import LogitsChain
 from .sampling import make_sampler
-from .speculative import LogprobRecord, Speculator, mode_for
+from .speculative import Speculator, Verified, mode_for
 from .structured import Constraint, grammar_for
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
@@ -109,7 +109,7 @@ class Generator:
         self.engine: Engine = engine  # type: ignore[assignment]  # or a LogitsSource, as said
         self.external = external_logits
         self.params = params or GeneratorParams()
-        self._queue: list[tuple[int, LogprobRecord]] = []  # tokens a speculative step produced, not yet emitted
+        self._queue: list[Verified] = []  # tokens a speculative step produced, not yet emitted
         self.speculator: Speculator | None = None
         self.caller_verifies = False  # an external_logits caller drafts and verifies (speculate_for_caller)
         self.last_processed: torch.Tensor | None = None  # the last step's processed logits (a draft's q)
@@ -191,7 +191,7 @@ class Generator:
         self.speculator = None if mode == "none" else Speculator(self, mode)
         return self.speculator
 
-    def queue_verified(self, tokens: list[tuple[int, LogprobRecord]]) -> None:
+    def queue_verified(self, tokens: list[Verified]) -> None:
         """The tokens of the caller's verification pass (Speculator.verify): the next
         generate_next_token() calls emit them one by one, with stops and limits, as the
         Generator's own speculative steps do (set_logits or a rewind drops what is left)."""
@@ -288,11 +288,6 @@ class Generator:
         self._logits = None
         return self.engine.forward(ids, cache, last_only=False, images=self.images)[0, -(len(extra) + 1):]
 
-    def logprob_record(self, logits: torch.Tensor, token: int) -> LogprobRecord:
-        """(token, its log-probability, the top alternatives) under logits [1, V] (row 0)."""
-        self._record_logprobs(logits, torch.tensor([token], device=logits.device))
-        return self.last_logprobs[0]
-
     def generate_next_token(self) -> None:
         if self.is_done():
             raise InvalidRequestError("generation is done; append tokens or rewind first", param="generator")
@@ -304,8 +299,9 @@ class Generator:
             assert self.speculator is not None
             self._queue = self.speculator.step(self)
         if self._queue:  # a speculative step's tokens come out one per call, as plain decoding's do
-            token, record = self._queue.pop(0)
-            self._next, self.last_logprobs = [token], [record]
+            token, logits = self._queue.pop(0)
+            self._next = [token]
+            self._pending_logprobs = (logits, torch.tensor([token], device=logits.device), self.params.top_logprobs)
             self._advance()
             return
         logits = self._compute_logits()

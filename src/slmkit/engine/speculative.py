@@ -41,7 +41,8 @@ MAX_NGRAM, MIN_NGRAM = 3, 1  # the n-gram lengths prompt lookup tries, longest f
 # tokens drafted after a one-token match: such drafts are mostly wrong, and a pass of k + 1 rows costs
 # ~1 + 0.2 k plain steps (benchmarks/speculative.py); a longer match is found again once they are kept
 UNIGRAM_DRAFT = 1
-LogprobRecord = tuple[int, float, list[tuple[int, float]]]
+# a verified token and its logits [1, V] (its log-probability record is computed from them when read)
+Verified = tuple[int, torch.Tensor]
 
 
 def lookup_draft(seq: list[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM) -> list[int]:
@@ -174,7 +175,7 @@ class Speculator:
         room -= 1  # room for the token after the last draft
         return self.propose(gen, room if limit is None else min(room, limit))
 
-    def step(self, gen: Generator) -> list[tuple[int, LogprobRecord]]:
+    def step(self, gen: Generator) -> list[Verified]:
         """One drafted step: the tokens plain decoding would produce next (greedy: exactly; sampled:
         in distribution), with their log-probability records; [] when nothing was drafted (the
         caller then takes a plain step)."""
@@ -189,13 +190,15 @@ class Speculator:
         return out
 
     def verify(self, gen: Generator, drafts: list[int], q: list[torch.Tensor] | None,
-               logits: torch.Tensor) -> list[tuple[int, LogprobRecord]]:
+               logits: torch.Tensor) -> list[Verified]:
         """The tokens a verification pass yields, left to right, with their log-probability records:
         logits [len(drafts) + 1, V] are the model's after gen's sequence and after each draft (one
         pass: the Generator's own, or a row of the batch engine's). The drafts kept, then the
         target's token where the first one is rejected (or the bonus token after them all); an
-        end-of-sequence token ends the run. Counts drafted / accepted for usage."""
-        out: list[tuple[int, LogprobRecord]] = []
+        end-of-sequence token ends the run. Counts drafted / accepted for usage. Each token comes
+        with its logits (a view of the pass's own output, never reused): its log-probability record
+        (a log-softmax over the vocabulary, ~0.2 ms) is computed only if read."""
+        out: list[Verified] = []
         accepted, ctx = 0, list(gen.sequences[0])
         for j in range(len(drafts) + 1):
             x = gen.chain(logits[j:j + 1], [ctx], gen._prompt_len, sorted(gen.eos))
@@ -203,7 +206,7 @@ class Speculator:
                 t, ok = self._judge(x, drafts[j], None if q is None else q[j], gen)
             else:
                 t, ok = int(gen.sampler(x, gen.rng)[0]), False  # every draft kept: the bonus token
-            out.append((t, gen.logprob_record(logits[j:j + 1], t)))
+            out.append((t, logits[j:j + 1]))
             ctx.append(t)
             accepted += ok
             if not ok or t in gen.eos:
