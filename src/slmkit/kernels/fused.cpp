@@ -1,4 +1,4 @@
-// Gemma 3's small per-token ops, and its whole one-token decode step, in one call each.
+// Gemma 3's and Phi-3's small per-token ops, and their whole decode steps, in one call each.
 //
 // A decode step of the built-in model (Gemma 3 270M, 18 layers) spends most of its time on fixed
 // per-op costs (a Python call, a torch dispatch, a temporary) around ~140 tiny quantized matmuls
@@ -56,7 +56,9 @@ static inline float rnd(int dt, float v) { return dt ? bf16_to_f32(f32_to_bf16(v
 // in the model. The sum of squares runs in 16 fixed lanes, combined pairwise: the same order for
 // every row. The dtypes are template arguments so the compiler vectorizes the lanes (the same
 // operations per lane, so the same bits as one lane at a time).
-template <int DT, int WDT>
+// LLAMA (Llama / Phi: transformers' LlamaRMSNorm): h rounded to dt first, then y = w * h (rounded
+// to dt); offset and a residual are Gemma's only.
+template <int DT, int WDT, int LLAMA>
 static inline void rms_row(const void* x, int64_t n, const void* w, float offset, float eps, const void* res,
                            void* out) {
     float acc[16] = {0};
@@ -73,7 +75,9 @@ static inline void rms_row(const void* x, int64_t n, const void* w, float offset
     for (int width = 8; width >= 1; width /= 2)
         for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
     const float inv = 1.0f / sqrtf(acc[0] / (float)n + eps);
-    if (res)
+    if (LLAMA)
+        for (int64_t j = 0; j < n; ++j) st(out, DT, j, ld(w, WDT, j) * rnd(DT, ld(x, DT, j) * inv));
+    else if (res)
         for (int64_t j = 0; j < n; ++j)
             st(out, DT, j, rnd(DT, ld(x, DT, j) * inv * (offset + ld(w, WDT, j))) + ld(res, DT, j));
     else
@@ -83,25 +87,29 @@ static inline void rms_row(const void* x, int64_t n, const void* w, float offset
 // rows x [rows, n] (row stride ldx) -> out (row stride ldo): rms_row on each.
 __attribute__((noinline)) static void rms_rows(const void* x, int64_t ldx, int64_t rows, int64_t n, int dt,
                                                const void* w, int wdt, float offset, float eps,
-                                               const void* res, int64_t ldr, void* out, int64_t ldo) {
+                                               const void* res, int64_t ldr, void* out, int64_t ldo,
+                                               int llama = 0) {
     const size_t es = dt ? 2 : 4;
     for (int64_t r = 0; r < rows; ++r) {
         const void* xr = (const char*)x + es * r * ldx;
         const void* rr = res ? (const char*)res + es * r * ldr : nullptr;
         void* o = (char*)out + es * r * ldo;
-        if (dt && wdt) rms_row<1, 1>(xr, n, w, offset, eps, rr, o);
-        else if (dt) rms_row<1, 0>(xr, n, w, offset, eps, rr, o);
-        else if (wdt) rms_row<0, 1>(xr, n, w, offset, eps, rr, o);
-        else rms_row<0, 0>(xr, n, w, offset, eps, rr, o);
+        if (llama) {
+            if (dt && wdt) rms_row<1, 1, 1>(xr, n, w, 0, eps, nullptr, o);
+            else if (dt) rms_row<1, 0, 1>(xr, n, w, 0, eps, nullptr, o);
+            else if (wdt) rms_row<0, 1, 1>(xr, n, w, 0, eps, nullptr, o);
+            else rms_row<0, 0, 1>(xr, n, w, 0, eps, nullptr, o);
+        } else if (dt && wdt) rms_row<1, 1, 0>(xr, n, w, offset, eps, rr, o);
+        else if (dt) rms_row<1, 0, 0>(xr, n, w, offset, eps, rr, o);
+        else if (wdt) rms_row<0, 1, 0>(xr, n, w, offset, eps, rr, o);
+        else rms_row<0, 0, 0>(xr, n, w, offset, eps, rr, o);
     }
 }
 
-// tanh(y) = 1 - 2 / (exp(2y) + 1), exp from a degree-6 polynomial on [-ln2/2, ln2/2] scaled by 2^k
+// tanh(y) = 1 - 2 / (exp(2y) + 1), exp (exp_approx) from a degree-6 polynomial on [-ln2/2, ln2/2] scaled by 2^k
 // (Cephes' expf coefficients): branch-free, so the GeGLU loop vectorizes (libm's tanhf made it
 // ~14 us per layer). Absolute error ~1e-7, which is what 1 + tanh in the GELU needs.
-static inline float tanh_approx(float y) {
-    y = y < -10.0f ? -10.0f : (y > 10.0f ? 10.0f : y);  // tanh is +-1 in float32 beyond 9.01
-    const float x = 2.0f * y;
+static inline float exp_approx(float x) {  // x in [-87, 87]
     const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
     const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -110,8 +118,12 @@ static inline float tanh_approx(float y) {
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
-    const float e = (p * (r * r) + r + 1.0f) * bits_to_f32((uint32_t)((int32_t)k + 127) << 23);
-    return 1.0f - 2.0f / (e + 1.0f);
+    return (p * (r * r) + r + 1.0f) * bits_to_f32((uint32_t)((int32_t)k + 127) << 23);
+}
+
+static inline float tanh_approx(float y) {
+    y = y < -10.0f ? -10.0f : (y > 10.0f ? 10.0f : y);  // tanh is +-1 in float32 beyond 9.01
+    return 1.0f - 2.0f / (exp_approx(2.0f * y) + 1.0f);
 }
 
 // out = gelu_tanh(gate) * up, each rounded to dt as the model's `act(gate) * up` rounds them.
@@ -131,9 +143,30 @@ __attribute__((noinline)) static void geglu_rows(const void* gate, const void* u
     else geglu_row<0>(gate, up, n, out);
 }
 
-// x [heads, D] in place: x * cos + rotate_half(x) * sin, each product and the sum rounded to dt.
-static void rope_heads(void* x, int64_t heads, int64_t D, int dt, const void* cs, const void* sn) {
-    const int64_t half = D / 2;
+// out = silu(gate) * up, each rounded to dt as the model's `up * act(gate)` rounds them (silu(g) =
+// g / (1 + exp(-g)), exp_approx's relative error ~1e-7, as torch's own float32 silu).
+template <int DT>
+static inline void silu_row(const void* gate, const void* up, int64_t n, void* out) {
+    for (int64_t i = 0; i < n; ++i) {
+        const float g = ld(gate, DT, i), e = -g < -87.0f ? -87.0f : (-g > 87.0f ? 87.0f : -g);
+        st(out, DT, i, rnd(DT, g / (1.0f + exp_approx(e))) * ld(up, DT, i));
+    }
+}
+
+// rows of gate and up (row stride ld elements) -> out [rows, n] contiguous
+__attribute__((noinline)) static void silu_rows(const void* gate, const void* up, int64_t ld_, int64_t rows,
+                                                int64_t n, int dt, void* out) {
+    const size_t es = dt ? 2 : 4;
+    for (int64_t r = 0; r < rows; ++r) {
+        if (dt) silu_row<1>((const char*)gate + es * r * ld_, (const char*)up + es * r * ld_, n, (char*)out + es * r * n);
+        else silu_row<0>((const char*)gate + es * r * ld_, (const char*)up + es * r * ld_, n, (char*)out + es * r * n);
+    }
+}
+
+// x [heads, D] in place: x * cos + rotate_half(x) * sin on its first rd dims (cos, sin [rd]; the
+// rest as it is: partial rotary), each product and the sum rounded to dt.
+static void rope_heads(void* x, int64_t heads, int64_t D, int dt, const void* cs, const void* sn, int64_t rd) {
+    const int64_t half = rd / 2;
     for (int64_t h = 0; h < heads; ++h) {
         const int64_t b = h * D;
         for (int64_t i = 0; i < half; ++i) {
@@ -151,17 +184,33 @@ static void rope_heads(void* x, int64_t heads, int64_t D, int dt, const void* cs
 static const int64_t SPLIT = 1 << 16;  // elements below which one thread does it all
 
 extern "C" int slm_rms_norm(int dt, int64_t rows, int64_t n, const void* x, int64_t ldx, const void* w, int wdt,
-                            float offset, float eps, const void* res, int64_t ldr, void* out, int64_t ldo) {
-    if (dt < 0 || dt > 1 || wdt < 0 || wdt > 1 || n < 1 || rows < 0) return -1;
+                            float offset, float eps, const void* res, int64_t ldr, void* out, int64_t ldo,
+                            int llama) {
+    if (dt < 0 || dt > 1 || wdt < 0 || wdt > 1 || n < 1 || rows < 0 || (llama && res)) return -1;
     if (rows < 2 || rows * n < SPLIT) {
-        rms_rows(x, ldx, rows, n, dt, w, wdt, offset, eps, res, ldr, out, ldo);
+        rms_rows(x, ldx, rows, n, dt, w, wdt, offset, eps, res, ldr, out, ldo, llama);
         return 0;
     }
     const size_t es = dt ? 2 : 4;
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r)
         rms_rows((const char*)x + es * r * ldx, ldx, 1, n, dt, w, wdt, offset, eps,
-                 res ? (const char*)res + es * r * ldr : nullptr, ldr, (char*)out + es * r * ldo, ldo);
+                 res ? (const char*)res + es * r * ldr : nullptr, ldr, (char*)out + es * r * ldo, ldo, llama);
+    return 0;
+}
+
+extern "C" int slm_silu_mul(int dt, int64_t rows, int64_t n, const void* gate, const void* up, int64_t ld_,
+                            void* out) {
+    if (dt < 0 || dt > 1 || n < 0 || rows < 0 || ld_ < n) return -1;
+    if (rows < 2 || rows * n < SPLIT) {
+        silu_rows(gate, up, ld_, rows, n, dt, out);
+        return 0;
+    }
+    const size_t es = dt ? 2 : 4;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r)
+        silu_rows((const char*)gate + es * r * ld_, (const char*)up + es * r * ld_, ld_, 1, n, dt,
+                  (char*)out + es * r * n);
     return 0;
 }
 
@@ -260,8 +309,8 @@ extern "C" int slm_gemma3_decode(int dt, int64_t n_layers, int64_t hidden, int64
         char* kc = (char*)kv[2 * l];
         char* vc = (char*)kv[2 * l + 1];
         for (int64_t s = 0; s < S; ++s) {
-            rope_heads(q + es * s * qn, heads, D, dt, cs + es * s * D, sn + es * s * D);
-            rope_heads(k + es * s * kn, kv_heads, D, dt, cs + es * s * D, sn + es * s * D);
+            rope_heads(q + es * s * qn, heads, D, dt, cs + es * s * D, sn + es * s * D, D);
+            rope_heads(k + es * s * kn, kv_heads, D, dt, cs + es * s * D, sn + es * s * D, D);
             for (int64_t j = 0; j < kv_heads; ++j) {  // cache [n_kv, cap, D]: head j at position pos + s
                 memcpy(kc + es * ((j * cap + pos + s) * D), k + es * (s * kn + j * D), es * D);
                 memcpy(vc + es * ((j * cap + pos + s) * D), v + es * (s * kn + j * D), es * D);
@@ -280,6 +329,68 @@ extern "C" int slm_gemma3_decode(int dt, int64_t n_layers, int64_t hidden, int64
         rms_rows(o, hidden, S, hidden, dt, nw[N_POST_FF], wdt, offset, eps, h, hidden, h, hidden);
     }
     if (!rc) rms_rows(h, hidden, S, hidden, dt, final_w, wdt, offset, eps, nullptr, 0, normed, hidden);
+    free(buf);
+    return rc;
+}
+
+enum { P_QKV, P_O, P_GATE_UP, P_DOWN, P_NLIN };
+static const int64_t PHI3_LAYER_WORDS = P_NLIN * 15 + 2;  // + the input and post-attention norm weights
+
+// S new tokens of one row through every layer of a Phi-3 decoder (transformers' Phi3DecoderLayer:
+// pre-norm, fused qkv and gate_up), as slm_gemma3_decode does for Gemma 3: h [S, hidden] (dt) in
+// place; layers: n_layers rows of PHI3_LAYER_WORDS int64 (4 x 15 linear arguments: qkv, o, gate_up,
+// down; the 2 norm weight pointers); kv: per layer its key and value cache [n_kv, cap, D], written at
+// pos..pos + S - 1; cos, sin [S, rd] (rd <= D rotary dims: partial rotary leaves the rest); window:
+// the sliding window, 0 for none. Then the final norm (final_w) of h into normed [S, hidden].
+extern "C" int slm_phi3_decode(int dt, int64_t n_layers, int64_t hidden, int64_t heads, int64_t kv_heads,
+                               int64_t D, int64_t rd, int64_t inter, const int64_t* layers, const int64_t* kv,
+                               int64_t cap, int64_t pos, int64_t S, const void* cs, const void* sn, int wdt,
+                               float eps, float scale, int64_t window, void* h, const void* final_w, void* normed,
+                               int nthreads) {
+    if (dt < 0 || dt > 1 || wdt < 0 || wdt > 1 || rd % 2 || rd > D || rd < 2 || pos < 0 || S < 1 || pos + S > cap
+        || heads % kv_heads || window < 0)
+        return -1;
+    const size_t es = dt ? 2 : 4;
+    const int64_t qn = heads * D, kn = kv_heads * D, W = qn + 2 * kn;
+    char* buf = (char*)malloc(es * (size_t)(S * (hidden * 2 + W + qn + inter * 3)));
+    if (!buf) return -2;
+    char* x = buf;                     // [S, hidden] a norm's output
+    char* o = x + es * S * hidden;     // [S, hidden] a block's output
+    char* qkv = o + es * S * hidden;   // [S, W]: q | k | v per token
+    char* att = qkv + es * S * W;      // [S, heads * D]
+    char* gu = att + es * S * qn;      // [S, 2 * inter]: gate | up per token
+    char* a = gu + es * S * 2 * inter; // [S, inter] silu(gate) * up
+    int rc = 0;
+    for (int64_t l = 0; l < n_layers && !rc; ++l) {
+        const int64_t* lin = layers + l * PHI3_LAYER_WORDS;
+        const void* const* nw = (const void* const*)(lin + P_NLIN * 15);
+        rms_rows(h, hidden, S, hidden, dt, nw[0], wdt, 0, eps, nullptr, 0, x, hidden, 1);
+        if ((rc = qmm(lin + P_QKV * 15, x, dt, qkv, nthreads, S))) break;
+        char* kc = (char*)kv[2 * l];
+        char* vc = (char*)kv[2 * l + 1];
+        for (int64_t s = 0; s < S; ++s) {
+            char* q = qkv + es * s * W;
+            rope_heads(q, heads, D, dt, (const char*)cs + es * s * rd, (const char*)sn + es * s * rd, rd);
+            rope_heads(q + es * qn, kv_heads, D, dt, (const char*)cs + es * s * rd, (const char*)sn + es * s * rd,
+                       rd);
+            for (int64_t j = 0; j < kv_heads; ++j) {  // cache [n_kv, cap, D]: head j at position pos + s
+                memcpy(kc + es * ((j * cap + pos + s) * D), q + es * (qn + j * D), es * D);
+                memcpy(vc + es * ((j * cap + pos + s) * D), q + es * (qn + kn + j * D), es * D);
+            }
+        }
+        const int64_t L = pos + S;  // query s sits at L - S + s
+        rc = slm_attn(dt, 1, S, heads, kv_heads, D, qkv, S * W, D, W, kc, kv_heads * cap * D, cap * D, D, vc,
+                      kv_heads * cap * D, cap * D, D, L, nullptr, 0, 0, window, scale, att,
+                      S * heads * L * D < SMALL_WORK ? 1 : nthreads);
+        if (rc || (rc = qmm(lin + P_O * 15, att, dt, o, nthreads, S))) break;
+        for (int64_t i = 0; i < S * hidden; ++i) st(h, dt, i, ld(h, dt, i) + ld(o, dt, i));
+        rms_rows(h, hidden, S, hidden, dt, nw[1], wdt, 0, eps, nullptr, 0, x, hidden, 1);
+        if ((rc = qmm(lin + P_GATE_UP * 15, x, dt, gu, nthreads, S))) break;
+        silu_rows(gu, gu + es * inter, 2 * inter, S, inter, dt, a);
+        if ((rc = qmm(lin + P_DOWN * 15, a, dt, o, nthreads, S))) break;
+        for (int64_t i = 0; i < S * hidden; ++i) st(h, dt, i, ld(h, dt, i) + ld(o, dt, i));
+    }
+    if (!rc) rms_rows(h, hidden, S, hidden, dt, final_w, wdt, 0, eps, nullptr, 0, normed, hidden, 1);
     free(buf);
     return rc;
 }

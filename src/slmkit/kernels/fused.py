@@ -1,5 +1,5 @@
-"""fused.cpp from Python: Gemma 3's norms and GeGLU in one call each, and its whole one-token decode
-step (every layer) in one call. Each returns None where the kernel cannot take the input (no
+"""fused.cpp from Python: Gemma 3's and Phi-3's norms and gated activations in one call each, and
+their whole decode steps (every layer) in one call. Each returns None where the kernel cannot take the input (no
 kernel, switched off, a dtype or layout it lacks, autograd): the caller then runs torch's ops.
 
 The norms and GeGLU here and the decode step share their C++ functions, so the per-op path and
@@ -25,6 +25,7 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 MAX_FUSED_TOKENS = 16  # new tokens a fused step takes (a decode step: 1; a verification: 1 + its drafts)
 QGEMM_WEIGHT_ARGS = 15  # fused.cpp's qmm: slm_qgemm's weight arguments (qgemm.py qgemm_weight_args)
 LAYER_WORDS = 7 * QGEMM_WEIGHT_ARGS + 6 + 2  # fused.cpp per layer: 7 linears, 6 norm weights, window, local rope
+PHI3_LAYER_WORDS = 4 * QGEMM_WEIGHT_ARGS + 2  # slm_phi3_decode per layer: 4 linears, 2 norm weights
 # SLMKIT_FUSED_DECODE=0: decode through the per-op path (the fused step's reference, and a switch for benchmarks)
 fused_decode_enabled = os.environ.get("SLMKIT_FUSED_DECODE", "1") not in ("0", "off", "false")
 
@@ -47,8 +48,12 @@ for _register in (torch.nn.modules.module.register_module_buffer_registration_ho
 def declare(lib: ctypes.CDLL) -> None:
     i64, ptr, c_int, c_float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.slm_rms_norm.restype = lib.slm_geglu.restype = lib.slm_gemma3_decode.restype = c_int
-    lib.slm_rms_norm.argtypes = [c_int, i64, i64, ptr, i64, ptr, c_int, c_float, c_float, ptr, i64, ptr, i64]
+    lib.slm_silu_mul.restype = lib.slm_phi3_decode.restype = c_int
+    lib.slm_rms_norm.argtypes = [c_int, i64, i64, ptr, i64, ptr, c_int, c_float, c_float, ptr, i64, ptr, i64, c_int]
     lib.slm_geglu.argtypes = [c_int, i64, ptr, ptr, ptr]
+    lib.slm_silu_mul.argtypes = [c_int, i64, i64, ptr, ptr, i64, ptr]
+    lib.slm_phi3_decode.argtypes = [c_int, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr,
+                                    c_int, c_float, c_float, i64, ptr, ptr, ptr, c_int]
     lib.slm_argmax.restype = i64
     lib.slm_argmax.argtypes = [ptr, i64]
     lib.slm_gemma3_decode.argtypes = [c_int, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, c_int,
@@ -61,7 +66,7 @@ def kernel_lib() -> ctypes.CDLL | None:
     from ..quant import linear
 
     lib = get_kernel() if linear._kernel_enabled else None
-    return lib if lib is not None and kernel_has(lib, "slm_gemma3_decode") else None
+    return lib if lib is not None and kernel_has(lib, "slm_phi3_decode") else None
 
 
 def _lib(*tensors: torch.Tensor) -> ctypes.CDLL | None:
@@ -76,14 +81,18 @@ def _lib(*tensors: torch.Tensor) -> ctypes.CDLL | None:
     return lib
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
-             residual: torch.Tensor | None = None) -> torch.Tensor | None:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
+             residual: torch.Tensor | None = None, *, llama: bool = False) -> torch.Tensor | None:
     """Gemma's RMSNorm of x [..., n] (times offset + weight in float32, rounded to x's dtype), plus
-    `residual` (x's shape and dtype) when given: residual + norm(x). None where the kernel cannot."""
+    `residual` (x's shape and dtype) when given: residual + norm(x). llama: Llama's / Phi's instead
+    (the normalized x rounded to its dtype, times weight; a weight of x's dtype, no offset or
+    residual). None where the kernel cannot."""
     lib = _lib(x, weight) if residual is None else _lib(x, weight, residual)
     n = x.shape[-1]
     if lib is None or weight.shape != (n,) or (residual is not None and (
             residual.shape != x.shape or residual.dtype != x.dtype)):
+        return None
+    if llama and (weight.dtype != x.dtype or residual is not None or offset):
         return None
     x2 = x.reshape(-1, n)
     if x2.stride(1) != 1:
@@ -93,7 +102,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
     out = torch.empty(x2.shape[0], n, dtype=x.dtype)
     rc = lib.slm_rms_norm(DTYPES[x.dtype], x2.shape[0], n, x2.data_ptr(), x2.stride(0), weight.data_ptr(),
                           DTYPES[weight.dtype], offset, eps, None if r2 is None else r2.data_ptr(), n,
-                          out.data_ptr(), n)
+                          out.data_ptr(), n, int(llama))
     if rc:
         raise RuntimeError(f"slm_rms_norm failed with code {rc}")
     return out.view(x.shape)
@@ -110,6 +119,24 @@ def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     if rc:
         raise RuntimeError(f"slm_geglu failed with code {rc}")
     return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up of gate_up [..., 2n] (gate first, as Phi-3's gate_up_proj writes them), each
+    rounded to the dtype: [..., n]. None where the kernel cannot."""
+    lib = _lib(gate_up)
+    if lib is None or gate_up.shape[-1] % 2 or gate_up.stride(-1) != 1:
+        return None
+    n = gate_up.shape[-1] // 2
+    x = gate_up.reshape(-1, 2 * n)
+    if x.shape[0] > 1 and x.stride(0) != 2 * n:
+        x = x.contiguous()
+    out = torch.empty(x.shape[0], n, dtype=x.dtype)
+    rc = lib.slm_silu_mul(DTYPES[x.dtype], x.shape[0], n, x.data_ptr(), x.data_ptr() + n * x.element_size(),
+                          2 * n, out.data_ptr())
+    if rc:
+        raise RuntimeError(f"slm_silu_mul failed with code {rc}")
+    return out.view(*gate_up.shape[:-1], n)
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor | None:
@@ -130,7 +157,7 @@ class DecodePlan:
     """What slm_gemma3_decode reads for every layer, built once per model (kernels/fused.cpp)."""
     lib: ctypes.CDLL
     layers: torch.Tensor  # [n_layers, LAYER_WORDS] int64
-    dims: tuple[int, int, int, int, int, int]  # n_layers, hidden, heads, kv_heads, head_dim, intermediate
+    dims: tuple[int, ...]  # n_layers, hidden, heads, kv_heads, head_dim, intermediate (Phi-3: + rotary dims, window)
     wdt: int  # the norm weights' dtype
     offset: float
     eps: float
@@ -215,13 +242,86 @@ def gemma3_plan(layers: Sequence[Any], final_norm: Any, args: Any) -> DecodePlan
         return None
     assert all(len(r) == LAYER_WORDS for r in rows)
     a = args
+    return _plan(lib, rows, (len(rows), a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim,
+                             a.intermediate_size), DTYPES[wdts.pop()], float(a.norm_offset), float(a.rms_norm_eps),
+                 float(layers[0].self_attn.scale), refs, norm_refs)
+
+
+def _plan(lib: ctypes.CDLL, rows: list[list[int]], dims: tuple[int, ...], wdt: int, offset: float, eps: float,
+          scale: float, refs: list[tuple[dict, str, Any]], norm_refs: list[tuple[dict, str, Any]]) -> DecodePlan:
     dicts, names, things = (list(c) for c in zip(*(refs + norm_refs)))
     norm_ws = [t for _, _, t in norm_refs]
-    return DecodePlan(lib, torch.tensor(rows, dtype=torch.int64),
-                      (len(rows), a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim,
-                       a.intermediate_size), DTYPES[wdts.pop()], float(a.norm_offset), float(a.rms_norm_eps),
-                      float(layers[0].self_attn.scale), dicts, names, things, norm_ws,
-                      [t.data_ptr() for t in norm_ws])
+    return DecodePlan(lib, torch.tensor(rows, dtype=torch.int64), dims, wdt, offset, eps, scale, dicts, names,
+                      things, norm_ws, [t.data_ptr() for t in norm_ws])
+
+
+def phi3_plan(layers: Sequence[Any], final_norm: Any, args: Any) -> DecodePlan | None:
+    """The plan for Phi-3 decoder layers and the final norm (models/phi3.py DecoderLayer, RMSNorm,
+    ModelArgs), or None where they cannot run fused: a linear that is not a plain QuantLinear on
+    slm_qgemm, another activation than SiLU, norm weights of mixed dtypes, no kernel."""
+    lib = kernel_lib()
+    rd = args.rope.rotary_dim
+    if (lib is None or rd % 2 or rd > args.head_dim or args.num_attention_heads // args.num_key_value_heads > 64
+            or args.hidden_act not in ("silu", "swish")):
+        return None
+    rows: list[list[int]] = []
+    refs: list[tuple[dict, str, Any]] = []
+    norm_refs: list[tuple[dict, str, Any]] = []
+    for layer in layers:
+        att, mlp = layer.self_attn, layer.mlp
+        lin = [_linear_args(m, refs) for m in (att.qkv_proj, att.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
+        if any(a is None for a in lin) or any(n.fp32_weight or n.offset or n.eps != args.rms_norm_eps for n in norms):
+            return None
+        refs.extend((parent._modules, name, child) for parent in (layer, att, mlp)
+                    for name, child in parent._modules.items())  # a module swapped later: rebuild
+        norm_refs.extend((n._parameters, "weight", n.weight) for n in norms)
+        rows.append([v for a in lin if a is not None for v in a] + [n.weight.data_ptr() for n in norms])
+    norm_refs.append((final_norm._parameters, "weight", final_norm.weight))  # phi3_decode's final_w
+    if (final_norm.fp32_weight or final_norm.offset or final_norm.eps != args.rms_norm_eps
+            or any(not t.is_contiguous() or t.dtype not in DTYPES or t.device.type != "cpu" for _, _, t in norm_refs)
+            or len({t.dtype for _, _, t in norm_refs}) != 1):
+        return None
+    assert all(len(r) == PHI3_LAYER_WORDS for r in rows)
+    a = args
+    return _plan(lib, rows, (len(rows), a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim,
+                             a.intermediate_size, rd, a.sliding_window or 0), DTYPES[norm_refs[0][2].dtype], 0.0,
+                 float(a.rms_norm_eps), float(layers[0].self_attn.scale), refs, norm_refs)
+
+
+def phi3_decode(plan: DecodePlan, h: torch.Tensor, k_cache: Sequence[torch.Tensor], v_cache: Sequence[torch.Tensor],
+                pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """gemma3_decode for a Phi-3 plan: S new tokens of one row, h [1, S, hidden] in place, their
+    final-normed states returned; cos, sin [S, rotary dims] in h's dtype. None where the inputs do
+    not fit (the norm weights' dtype must be h's, as the per-op path's kernel norms need)."""
+    n_layers, hidden, heads, kv_heads, D, inter, rd, window = plan.dims
+    dt = DTYPES.get(h.dtype)
+    S = h.shape[1] if h.dim() == 3 else 0
+    if (dt != plan.wdt or not _fits(h, k_cache, v_cache, pos, n_layers, hidden, kv_heads, D)
+            or any(t.shape != (S, rd) or t.dtype != h.dtype or not t.is_contiguous() for t in (cos, sin))):
+        return None
+    kv_ptrs = torch.tensor([t.data_ptr() for kv in zip(k_cache, v_cache) for t in kv], dtype=torch.int64)
+    normed = torch.empty_like(h)
+    rc = plan.lib.slm_phi3_decode(dt, n_layers, hidden, heads, kv_heads, D, rd, inter, plan.layers.data_ptr(),
+                                  kv_ptrs.data_ptr(), k_cache[0].shape[2], pos, S, cos.data_ptr(), sin.data_ptr(),
+                                  plan.wdt, plan.eps, plan.scale, window, h.data_ptr(), plan.norm_ptrs[-1],
+                                  normed.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"slm_phi3_decode failed with code {rc}")
+    return normed
+
+
+def _fits(h: torch.Tensor, k_cache: Sequence[torch.Tensor], v_cache: Sequence[torch.Tensor], pos: int,
+          n_layers: int, hidden: int, kv_heads: int, D: int) -> bool:
+    """Whether h [1, S, hidden] and the per-layer caches [1, kv_heads, cap, D] of its dtype can take
+    S tokens at pos in a fused step."""
+    S = h.shape[1] if h.dim() == 3 else 0
+    if (h.dtype not in DTYPES or h.shape != (1, S, hidden) or not 1 <= S <= MAX_FUSED_TOKENS or not h.is_contiguous()
+            or len(k_cache) != n_layers or len(v_cache) != n_layers):
+        return False
+    k0 = k_cache[0]  # (one cache allocates every layer's alike)
+    return (k0.dtype == h.dtype and k0.shape[:2] == (1, kv_heads) and k0.shape[3] == D and k0.is_contiguous()
+            and 0 <= pos and pos + S <= k0.shape[2])
 
 
 def gemma3_decode(plan: DecodePlan, h: torch.Tensor, k_cache: Sequence[torch.Tensor],
@@ -237,10 +337,7 @@ def gemma3_decode(plan: DecodePlan, h: torch.Tensor, k_cache: Sequence[torch.Ten
     dt = DTYPES.get(h.dtype)
     k0 = k_cache[0]
     S = h.shape[1] if h.dim() == 3 else 0
-    if (dt is None or h.shape != (1, S, hidden) or not 1 <= S <= MAX_FUSED_TOKENS or not h.is_contiguous()
-            or len(k_cache) != n_layers or len(v_cache) != n_layers or k0.dtype != h.dtype
-            or k0.shape[:2] != (1, kv_heads) or k0.shape[3] != D or not k0.is_contiguous()
-            or not (0 <= pos and pos + S <= k0.shape[2])
+    if (not _fits(h, k_cache, v_cache, pos, n_layers, hidden, kv_heads, D)
             or any(t.shape != (S, D) or t.dtype != h.dtype or not t.is_contiguous() for t in rope)):
         return None
     if kv_ptrs is None:

@@ -168,7 +168,7 @@ def _declare(lib: ctypes.CDLL) -> None:
                                    ctypes.c_int]
     lib.slm_repack.restype = ctypes.c_int  # repack.cpp: GGUF blocks -> QuantWeight (quant/gguf_repack.py)
     lib.slm_repack.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
-    from .fused import declare  # fused.cpp: Gemma 3's norms, GeGLU and one-token decode step
+    from .fused import declare  # fused.cpp: Gemma 3's and Phi-3's norms, gated activations and decode steps
 
     declare(lib)
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import fused
 from ..kernels.qgemm import decode_attention
 from .cache import Aligned, Ragged
 
@@ -14,7 +15,9 @@ from .cache import Aligned, Ragged
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps) in float32, then the weight, in transformers' order per family.
 
-    Llama/Phi: cast back to the input dtype, then times weight. Gemma (`fp32_weight=True`): times
+    Llama/Phi: cast back to the input dtype, then times weight (through the compiled kernel where it
+    runs, kernels/fused.py: Phi-3's fused decode step shares its code; torch's ops agree within
+    float32 rounding). Gemma (`fp32_weight=True`): times
     (offset + weight) in float32, then cast; offset is 1 for HF checkpoints (weights stored as
     w - 1) and 0 for llama.cpp's GGUF files, whose converter already added the 1.
     """
@@ -25,6 +28,10 @@ class RMSNorm(nn.Module):
         self.eps, self.offset, self.fp32_weight = eps, offset, fp32_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fp32_weight and not self.offset:  # the compiled kernel's: a fused decode step's own bits
+            y = fused.rms_norm(x, self.weight, self.eps, llama=True)
+            if y is not None:
+                return y
         dtype = x.dtype
         # torch's rms_norm: x * rsqrt(mean(x^2) + eps), the same float32 bits as the written-out ops
         # (tested), in fewer dispatches (a decode step runs 100+ norms)

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..kernels import fused, qgemm
 from .base import MAX_POSITIONS, BaseArgs, gguf_value, require_float, require_int
 from .cache import KVCache, Ragged, Step
 from .layers import ACTIVATIONS, RMSNorm, attention
@@ -121,8 +123,13 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[args.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # first half is the gate
-        return self.down_proj(up * self.act(gate))
+        gate_up = self.gate_up_proj(x)
+        # SiLU through the kernel where it runs: the fused decode step's own (the same bits)
+        a = fused.silu_mul(gate_up) if self.act is F.silu else None
+        if a is None:
+            gate, up = gate_up.chunk(2, dim=-1)  # first half is the gate
+            a = up * self.act(gate)
+        return self.down_proj(a)
 
 
 class DecoderLayer(nn.Module):
@@ -154,10 +161,36 @@ class Model(nn.Module):
         self.args = args
         self.model = Phi3Model(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self._plan: tuple[int, Any, fused.DecodePlan | None] | None = None  # the fused decode step's (_decode_fused)
 
     @property
     def rope(self) -> Rope:
         return self.args.rope
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_plan": None}  # a copy (deepcopy, pickle) builds its own
+
+    def _apply(self, *args: Any, **kwargs: Any) -> Model:
+        self._plan = None  # .to() and the like move the weights the fused step points into
+        return super()._apply(*args, **kwargs)
+
+    def _decode_fused(self, h: torch.Tensor, cache: KVCache, regime: str) -> torch.Tensor | None:
+        """A few new tokens of one row through every layer and the final norm in one kernel call
+        (kernels/fused.cpp, as gemma3.Model's): the normed hidden states (h is updated in place);
+        None where it cannot run (then the layers run one op at a time, with the same bits)."""
+        lib = fused.kernel_lib()
+        if (lib is None or not fused.fused_decode_enabled or not qgemm.decode_attention_enabled or h.shape[0] != 1
+                or torch.is_grad_enabled()):
+            return None
+        plan = self._plan
+        if plan is None or plan[0] != id(self) or plan[1] is not lib or plan[2] is not None and not plan[2].valid(lib):
+            p = fused.phi3_plan(list(self.model.layers), self.model.norm, self.args)
+            plan = self._plan = (id(self), lib, p)  # None: this model cannot run fused (kept, not retried)
+        if plan[2] is None:
+            return None
+        pos, S = cache.offset, h.shape[1]
+        cos, sin = self.rope.cos_sin(torch.arange(pos, pos + S), regime, h.dtype)
+        return fused.phi3_decode(plan[2], h, cache.k, cache.v, pos, cos, sin)
 
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The token embeddings [B, S, hidden] (what a multimodal prompt overwrites at its image positions)."""
@@ -169,21 +202,27 @@ class Model(nn.Module):
         hidden: return the final-normed hidden states [B, S, hidden] (what lm_head reads) instead of logits."""
         S = input_ids.shape[1]
         h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        step = Step.of(cache, S, input_ids.device)
-        positions = step.span.positions
-        regime = self.rope.regime(int(positions.max()) + 1)
-        if isinstance(step.span, Ragged):  # rows at their own lengths: a frequency set per row
-            rope = self.rope.cos_sin_rows(positions, h.dtype)
-        else:
-            rope = self.rope.cos_sin(positions, regime, h.dtype)
-        for layer in self.model.layers:
-            h = layer(h, rope, step)
+        normed = None
+        if S <= fused.MAX_FUSED_TOKENS and type(cache) is KVCache and inputs_embeds is None:
+            regime = self.rope.regime(cache.offset + S)
+            normed = self._decode_fused(h, cache, regime)  # h: a fresh lookup, updated in place
+        if normed is None:
+            step = Step.of(cache, S, input_ids.device)
+            positions = step.span.positions
+            regime = self.rope.regime(int(positions.max()) + 1)
+            if isinstance(step.span, Ragged):  # rows at their own lengths: a frequency set per row
+                rope = self.rope.cos_sin_rows(positions, h.dtype)
+            else:
+                rope = self.rope.cos_sin(positions, regime, h.dtype)
+            for layer in self.model.layers:
+                h = layer(h, rope, step)
         if cache is not None:
             cache.advance(S)
             cache.tag = regime
-        if last_only:
-            h = h[:, -1:]
-        h = self.model.norm(h)
+        if normed is not None:
+            h = normed[:, -1:] if last_only else normed
+        else:
+            h = self.model.norm(h[:, -1:] if last_only else h)
         return h if hidden else self.lm_head(h)
 
 
