@@ -1,7 +1,9 @@
-"""The built-in model's decode speed (Gemma 3 270M Q4_K_M), slmkit vs llama.cpp on the same file.
+"""The built-in model's decode speed (Gemma 3 270M Q4_K_M), slmkit vs llama.cpp on the same file;
+or any GGUF file's (--model: Phi-3 files run their own fused step).
 
     .venv/bin/python benchmarks/builtin_decode.py                # 5 rounds of 128 greedy tokens
     .venv/bin/python benchmarks/builtin_decode.py --profile      # + where one decode step's time goes
+    .venv/bin/python benchmarks/builtin_decode.py --model /tmp/slmkit-bench/phi3-mini-random-16l-Q4_K_M.gguf
 
 One process, rounds interleaved (slmkit fused step, slmkit per-op step, llama-cpp-python), so a
 busy machine slows every engine alike; medians over rounds, and the best round of each (on a
@@ -9,7 +11,8 @@ busy machine the best rounds are the ones nothing else ran in). Decode tok/s exc
 (slmkit's timings; llama.cpp: a 1-token run's time subtracted). --profile times one step's parts
 with time.perf_counter: the layers (fused: the one kernel call; per-op: forward hooks on each
 module, which add their own overhead), the output head, the embedding and the rest, medians over
-steps. Writes benchmarks/results/builtin_decode.json. Do not run beside tests or other load.
+steps (the built-in model only). Writes benchmarks/results/builtin_decode.json (--model:
+decode_<file stem>.json). Do not run beside tests or other load.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ def llama_round(ref: Any, decode: int) -> float:
     first = time.perf_counter() - t
     ref.reset()
     t = time.perf_counter()
-    r = ref.create_completion(PROMPT, max_tokens=decode, temperature=0, logit_bias={1: -1e9})  # no early stop
+    r = ref.create_completion(PROMPT, max_tokens=decode, temperature=0, logit_bias={ref.token_eos(): -1e9})
     full = time.perf_counter() - t
     n = r["usage"]["completion_tokens"]
     return (n - 1) / (full - first) if n > 1 and full > first else float("nan")
@@ -116,13 +119,16 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--best", action="store_true", help="profile: each part's minimum (a busy machine)")
+    ap.add_argument("--model", default=None, help="a GGUF file (default: the built-in model's)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     import slmkit
     from slmkit.sources.builtin import builtin_model_path
 
-    path = str(builtin_model_path())
-    llm = slmkit.load()
+    path = a.model or str(builtin_model_path())
+    if a.profile and a.model:
+        ap.error("--profile times the built-in model's step only")
+    llm = slmkit.load(path)
     llm.generate("warm up", max_new_tokens=4, temperature=0)
     ref = None
     if not a.no_llama:
@@ -152,7 +158,8 @@ def main() -> None:
         print(f"\nms per decode step ({'minimum' if a.best else 'median'}s):")
         for name, row in prof.items():
             print(f"  {name}: " + ", ".join(f"{k.strip()} {v:.2f}" for k, v in row.items()))
-    save_results("builtin_decode", model=path, decode_tokens=a.decode, rounds=a.rounds, threads=a.threads,
+    name = "builtin_decode" if not a.model else f"decode_{Path(a.model).stem}"
+    save_results(name, model=path, decode_tokens=a.decode, rounds=a.rounds, threads=a.threads,
                  rows=rows, profile_ms=prof, profile_stat="min" if a.best else "median")
 
 

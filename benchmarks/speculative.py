@@ -15,7 +15,9 @@ tok/s is per stream, the median over the streams.
 Part 2, Phi-3-mini size with random weights at int4 (--layers, default 8): the cost of verifying k
 drafted tokens (one pass over k + 1 rows) against one plain step, k = 2..8, and the speed-up the
 measured acceptance rate gives there: E[tokens per pass] = (1 - a^(k+1)) / (1 - a), over the cost.
-Each engine runs in its own process. Prints tables; writes benchmarks/results/speculative.json.
+Each engine runs in its own process; slmkit's modes share one, interleaved (every rep runs plain,
+ngram and draft in turn: "x its own plain" compares runs of the same minutes on this noisy VM).
+Prints tables; writes benchmarks/results/speculative.json.
 Do not run beside tests or other load.
 """
 from __future__ import annotations
@@ -71,20 +73,22 @@ LLAMA_MODES = ("plain", "lookup")
 
 
 # ------------------------------------------------------------------ part 1: real weights
-def child_slmkit(path: str, mode: str, draft: str | None, tasks: list[str], decode: int, reps: int, k: int,
+def child_slmkit(path: str, modes: list[str], draft: str | None, tasks: list[str], decode: int, reps: int, k: int,
                  streams: int = 0) -> dict[str, Any]:
-    """streams > 0: through continuous batching, that many copies of each task at once."""
+    """Every mode on one loaded model, interleaved (each rep runs the modes in turn, so a busy or
+    drifting machine slows them alike): {mode: {task: result}}. streams > 0: through continuous
+    batching, that many copies of each task at once."""
     import slmkit
 
     llm = slmkit.load(path)
-    extra: dict[str, Any] = {"speculative": mode, "num_draft": k}
-    if mode == "draft":
-        extra["draft"] = slmkit.load(draft) if draft else None
+    extras: dict[str, dict[str, Any]] = {m: {"speculative": m, "num_draft": k} for m in modes}
+    if "draft" in extras:
+        extras["draft"]["draft"] = slmkit.load(draft) if draft else None
     if streams:
         llm.enable_batching(slots=max(streams, 2), context=2048)
     llm.generate("warm up", max_new_tokens=4, temperature=0, speculative="none")
 
-    def once(prompt: str) -> Any:
+    def once(prompt: str, extra: dict[str, Any]) -> Any:
         if not streams:
             return llm.generate(prompt, max_new_tokens=decode, temperature=0, **extra)
         from concurrent.futures import ThreadPoolExecutor
@@ -94,14 +98,19 @@ def child_slmkit(path: str, mode: str, draft: str | None, tasks: list[str], deco
                                 range(streams)))
         return sorted(got, key=lambda x: x.timings.decode_tokens_per_s(x.usage.completion_tokens))[streams // 2]
 
-    out = {}
+    out: dict[str, dict[str, Any]] = {m: {} for m in modes}
     for name in tasks:
-        runs = [once(TASKS[name][1]) for _ in range(reps)]
-        r = runs[-1]
-        n, acc = r.usage.completion_tokens, r.usage.accepted_tokens
-        out[name] = {"decode_tok_s": median([x.timings.decode_tokens_per_s(x.usage.completion_tokens) for x in runs]),
-                     "tokens": n, "drafted": r.usage.drafted_tokens, "accepted": acc,
-                     "tokens_per_pass": n / max(1, n - acc), "text": r.text[:80]}
+        runs: dict[str, list[Any]] = {m: [] for m in modes}
+        for _ in range(reps):
+            for m in modes:
+                runs[m].append(once(TASKS[name][1], extras[m]))
+        for m in modes:
+            r = runs[m][-1]
+            n, acc = r.usage.completion_tokens, r.usage.accepted_tokens
+            out[m][name] = {"decode_tok_s": median([x.timings.decode_tokens_per_s(x.usage.completion_tokens)
+                                                    for x in runs[m]]),
+                            "tokens": n, "drafted": r.usage.drafted_tokens, "accepted": acc,
+                            "tokens_per_pass": n / max(1, n - acc), "text": r.text[:80]}
     return out
 
 
@@ -189,16 +198,14 @@ def main() -> None:
         return run_child(me, [kind, "--args", json.dumps(kw)])
 
     results: dict[str, dict[str, Any]] = {}
-    for mode in SLMKIT_MODES:
-        if mode == "draft" and not a.draft:
+    modes = [m for m in SLMKIT_MODES if m != "draft" or a.draft]
+    for prefix, streams in (("slmkit", 0), ("slmkit-batch", a.batch_streams)):
+        if prefix == "slmkit-batch" and streams <= 0:
             continue
-        results[f"slmkit-{mode}"] = child("slmkit", path=path, mode=mode, draft=a.draft, tasks=tasks,
-                                          decode=decode, reps=reps, k=a.num_draft)
-    for mode in SLMKIT_MODES if a.batch_streams > 0 else ():
-        if mode == "draft" and not a.draft:
-            continue
-        results[f"slmkit-batch-{mode}"] = child("slmkit", path=path, mode=mode, draft=a.draft, tasks=tasks,
-                                                decode=decode, reps=reps, k=a.num_draft, streams=a.batch_streams)
+        got = child("slmkit", path=path, modes=modes, draft=a.draft, tasks=tasks, decode=decode, reps=reps,
+                    k=a.num_draft, streams=streams)
+        for mode in modes:
+            results[f"{prefix}-{mode}"] = got if "error" in got else got[mode]
     for mode in LLAMA_MODES:
         results[f"llama.cpp-{mode}"] = child("llama", path=path, mode=mode, tasks=tasks, decode=decode, reps=reps,
                                              k=a.num_draft, threads=a.threads)
@@ -212,9 +219,13 @@ def main() -> None:
             r = dict(per_task[name], engine=engine, task=name, kind=TASKS[name][0])
             ref = base.get(name, {}).get("decode_tok_s") if isinstance(base, dict) and "error" not in base else None
             r["vs_llama_plain"] = r["decode_tok_s"] / ref if ref else None
+            own = results.get(engine.rsplit("-", 1)[0] + "-none", {}) if engine.startswith("slmkit") else {}
+            own_ref = own.get(name, {}).get("decode_tok_s") if "error" not in own else None
+            r["vs_own_plain"] = r["decode_tok_s"] / own_ref if own_ref else None
             rows.append(r)
     print_table(rows, [("task", "task", ""), ("kind", "kind", ""), ("engine", "engine", ""),
                        ("decode_tok_s", "decode tok/s", ".1f"), ("vs_llama_plain", "x llama.cpp plain", ".2f"),
+                       ("vs_own_plain", "x its own plain", ".2f"),
                        ("tokens_per_pass", "tok/pass", ".2f"), ("drafted", "drafted", ""),
                        ("accepted", "accepted", ""), ("error", "error", "")])
     # part 2: the verification cost at Phi-3-mini size, and what the measured acceptance gives there
