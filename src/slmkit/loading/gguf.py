@@ -116,9 +116,14 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
                 work = job.result()  # a weight error comes first, as when this ran before the tokenizer
         if fp:  # written on a thread of its own: the model runs meanwhile
             gguf_cache.write_soon(f.path, mode, fp, work, tokenizer)
-    else:  # the cached tokenizer (built from this very file: the fingerprint matched)
-        assert work.tokenizer is not None
-        tokenizer = gguf_cache.tokenizer_from_state(work.tokenizer)
+    else:  # the cached tokenizer, if it was built from this very file (the fingerprint matches)
+        assert fp is not None  # (work came from the cache)
+        cached = gguf_cache.read_tokenizer(f.path, mode, fp)
+        if cached is None:  # absent or damaged beside valid weights: built again, and stored
+            tokenizer = tokenizer_from_gguf_metadata(f.metadata)
+            gguf_cache.write_soon(f.path, mode, fp, None, tokenizer)
+        else:
+            tokenizer = cached
     weights, quantized, requant, names = dict(work.weights), work.quantized, work.requant, work.names
     for target, view in work.views:  # the file's own bytes, mapped (never cached); "name#e": expert e of a stack
         name, _, expert = view.partition("#")
