@@ -169,9 +169,9 @@ def write_soon(path: str | Path, mode: str, fp: str, work: LoadWork | None, toke
 
     def run() -> None:
         try:
-            write_tokenizer(path, mode, fp, tokenizer)
-            if work is not None:
+            if work is not None:  # first: mostly file I/O, off the GIL, while the load finishes
                 write(path, mode, fp, work)
+            write_tokenizer(path, mode, fp, tokenizer)  # then the tokenizer's state, Python-heavy
         except Exception:  # noqa: BLE001 -- an unwritable cache only costs the speed-up
             pass
         finally:
