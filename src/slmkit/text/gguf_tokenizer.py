@@ -114,10 +114,10 @@ def tokenizer_from_gguf_metadata(meta: Mapping[str, Any]) -> Tokenizer:
     eos_id = _token_id(meta, "tokenizer.ggml.eos_token_id", len(tokens), eos_default)
 
     if model == "llama":
-        tk = _spm_tokenizer(meta, tokens, vocab)
+        tk, merges, options = _spm_tokenizer(meta, tokens, vocab)
         add_bos_default = True
     else:
-        tk, add_bos_default = _bpe_tokenizer(meta, tokens, vocab)
+        tk, merges, options, add_bos_default = _bpe_tokenizer(meta, tokens, vocab)
     _add_text_matched_tokens(tk, meta, tokens, types)
 
     add_bos = _flag(meta, "tokenizer.ggml.add_bos_token", add_bos_default)
@@ -129,9 +129,12 @@ def tokenizer_from_gguf_metadata(meta: Mapping[str, Any]) -> Tokenizer:
                                    ("tokenizer.ggml.eos_token_id", eos_id, "add_eos_token", add_eos)):
         if wanted and tid is None:
             raise ConfigError(key, f"missing, but tokenizer.ggml.{flag} is true")
-    return Tokenizer.from_tokenizer(tk, bos_token=None if bos_id is None else tokens[bos_id],
-                                    eos_token=None if eos_id is None else tokens[eos_id],
-                                    add_bos=add_bos, add_eos=add_eos, chat_template=template)
+    out = Tokenizer.from_tokenizer(tk, bos_token=None if bos_id is None else tokens[bos_id],
+                                   eos_token=None if eos_id is None else tokens[eos_id],
+                                   add_bos=add_bos, add_eos=add_eos, chat_template=template)
+    if len(vocab) == len(tokens):  # tokens in id order: what the GGUF load cache stores (bpe_parts)
+        out.bpe_parts = (tokens, merges, options)
+    return out
 
 
 # -- metadata ---------------------------------------------------------------------------------------------------------
@@ -325,14 +328,18 @@ def _split_candidates_loop(tokens: list[str], ids: Iterable[int]) -> tuple[np.nd
     return arr[:, 0], arr[:, 1], arr[:, 2]
 
 
-def _spm_tokenizer(meta: Mapping[str, Any], tokens: list[str], vocab: dict[str, int]) -> tokenizers.Tokenizer:
+def _spm_tokenizer(meta: Mapping[str, Any], tokens: list[str],
+                   vocab: dict[str, int]) -> tuple[tokenizers.Tokenizer, list[tuple[str, str]], dict[str, Any]]:
+    """The tokenizer, and its BPE model's merges and options."""
     scores = _numbers(meta, "tokenizer.ggml.scores", len(tokens), float)
     if scores is None:
         raise ConfigError("tokenizer.ggml.scores", "missing (a SentencePiece vocabulary needs its piece scores)")
     unk_id = _token_id(meta, "tokenizer.ggml.unknown_token_id", len(tokens), 0)
-    bpe = models.BPE(vocab=vocab, merges=spm_merges(tokens, scores),
-                     unk_token=None if unk_id is None else tokens[unk_id], fuse_unk=True, byte_fallback=True)
-    tk = tokenizers.Tokenizer(bpe)
+    merges = spm_merges(tokens, scores)
+    options: dict[str, Any] = {"fuse_unk": True, "byte_fallback": True}
+    if unk_id is not None:
+        options["unk_token"] = tokens[unk_id]
+    tk = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, **options))
     prefix = _flag(meta, "tokenizer.ggml.add_space_prefix", True)
     replace = normalizers.Replace(" ", "▁")
     tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), replace]) if prefix else replace
@@ -340,12 +347,13 @@ def _spm_tokenizer(meta: Mapping[str, Any], tokens: list[str], vocab: dict[str, 
     if prefix:
         steps.append(decoders.Strip(" ", 1, 0))
     tk.decoder = decoders.Sequence(steps)
-    return tk
+    return tk, merges, options
 
 
 # -- byte-level BPE ("gpt2") ------------------------------------------------------------------------------------------
-def _bpe_tokenizer(meta: Mapping[str, Any], tokens: list[str],
-                   vocab: dict[str, int]) -> tuple[tokenizers.Tokenizer, bool]:
+def _bpe_tokenizer(meta: Mapping[str, Any], tokens: list[str], vocab: dict[str, int]
+                   ) -> tuple[tokenizers.Tokenizer, list[tuple[str, str]], dict[str, Any], bool]:
+    """The tokenizer, its BPE model's merges and options, and whether the pre-tokenizer adds BOS."""
     pre = meta.get("tokenizer.ggml.pre", "default")
     if not isinstance(pre, str):
         raise ConfigError("tokenizer.ggml.pre", f"expected a string, got {type(pre).__name__}")
@@ -369,12 +377,13 @@ def _bpe_tokenizer(meta: Mapping[str, Any], tokens: list[str],
         left, right = m[:cut], m[cut + 1:]
         if left in vocab and right in vocab and left + right in vocab:  # others can never yield a token
             merges.append((left, right))
-    tk = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
+    options = {"ignore_merges": ignore_merges}
+    tk = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, **options))
     splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
     tk.pre_tokenizer = pre_tokenizers.Sequence(
         [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
     tk.decoder = decoders.ByteLevel()
-    return tk, add_bos_default
+    return tk, merges, options, add_bos_default
 
 
 # -- tokens llama.cpp splits out of the text --------------------------------------------------------------------------

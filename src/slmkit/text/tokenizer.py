@@ -150,6 +150,9 @@ class Tokenizer:
         self.special_ids: set[int] = {i for i, t in tk.get_added_tokens_decoder().items() if t.special}
         self._stream: TokenizerStream | None = None
         self._byte_ids: frozenset[int] | None = None
+        # a BPE model's inputs where this tokenizer was built from them (GGUF metadata): tokens in id order,
+        # merges, options; the GGUF load cache stores them instead of parsing the model's JSON back
+        self.bpe_parts: tuple[list[str], list[tuple[str, str]], dict[str, Any]] | None = None
 
     @property
     def byte_piece_ids(self) -> frozenset[int]:
