@@ -15,9 +15,9 @@ import slmkit
 from slmkit.kernels import fused
 from slmkit.kernels.qgemm import get_kernel
 from slmkit.models import gemma3
-from slmkit.models.cache import KVCache
 from slmkit.models.layers import RMSNorm
 from slmkit.quant.linear import use_kernel
+from tests.helpers.fused_steps import decode, new_cache, spying
 from tests.helpers.tiny_models import make_gemma3_folder
 
 pytestmark = [pytest.mark.skipif(get_kernel() is None, reason="the fused step is part of the compiled kernels"),
@@ -36,40 +36,15 @@ def folder(tmp_path_factory):
     return make_gemma3_folder(tmp_path_factory.mktemp("g3-fused"))
 
 
-def decode(model, prompt: list[int], new: int, dtype: torch.dtype) -> tuple[list[int], torch.Tensor]:
-    """Greedy: prefill, then `new` one-token steps through model.forward; (tokens, logits [new, V])."""
-    a = model.args
-    cache = KVCache(a.num_hidden_layers, 1, a.num_key_value_heads, a.head_dim, 64, max_capacity=64, dtype=dtype)
-    tokens, logits = [], []
-    with torch.inference_mode():
-        out = model(torch.tensor([prompt]), cache, last_only=True)[0, -1]
-        for i in range(new):
-            logits.append(out.float())
-            tokens.append(int(out.argmax()))
-            if i + 1 < new:
-                out = model(torch.tensor([[tokens[-1]]]), cache)[0, -1]
-    return tokens, torch.stack(logits)
-
-
 def prompt_of(llm, seed: int = 1) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, llm.engine.vocab_size, (PROMPT,), generator=g).tolist()
 
 
-def counting(monkeypatch) -> list[bool]:
-    """Record what each one-token call of the fused step returned (True: it ran); a short prompt's
-    prefill (up to fused.MAX_FUSED_TOKENS tokens) runs fused too, unrecorded."""
-    calls: list[bool] = []
-    real = fused.gemma3_decode
-
-    def spy(plan, h, *args, **kwargs):
-        out = real(plan, h, *args, **kwargs)
-        if h.shape[1] == 1:
-            calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(fused, "gemma3_decode", spy)
-    return calls
+def ones(seen: list[tuple[int, bool]]) -> list[bool]:
+    """What each one-token call of the fused step did (True: it ran); a short prompt's prefill (up to
+    fused.MAX_FUSED_TOKENS tokens) runs fused too, left out."""
+    return [ran for n, ran in seen if n == 1]
 
 
 @pytest.mark.parametrize("dtype,quant", [("float32", "int4"), ("bfloat16", "int4"), ("float32", "int8"),
@@ -79,12 +54,12 @@ def test_fused_step_equals_the_per_op_path_bit_for_bit(folder, monkeypatch, dtyp
     model, dt, prompt = llm.engine.model, getattr(torch, dtype), prompt_of(llm)
     if quant == "int4":  # rotary rows from tables of 5 positions: several refills in one run
         monkeypatch.setattr(gemma3, "ROPE_BLOCK", 5)
-    calls = counting(monkeypatch)
+    calls = spying(monkeypatch, "gemma3_decode")
     fast = decode(model, prompt, NEW, dt)
-    assert calls == [True] * (NEW - 1)  # every one-token step ran fused
+    assert ones(calls) == [True] * (NEW - 1)  # every one-token step ran fused
     monkeypatch.setattr(fused, "fused_decode_enabled", False)
     slow = decode(model, prompt, NEW, dt)
-    assert len(calls) == NEW - 1  # ... and now none did
+    assert len(ones(calls)) == NEW - 1  # ... and now none did
     assert len(set(fast[0])) > 3 and fast[0] == slow[0]
     assert torch.equal(fast[1], slow[1])
 
@@ -100,9 +75,9 @@ def test_gguf_blocks_fused_equals_per_op(folder, tmp_path, monkeypatch, qtype):
     assert qtype in {i.type_name for i in open_gguf(path).tensors.values()}
     llm = slmkit.load(path)
     model, dt, prompt = llm.engine.model, llm.engine.dtype, prompt_of(llm, seed=4)
-    calls = counting(monkeypatch)
+    calls = spying(monkeypatch, "gemma3_decode")
     fast = decode(model, prompt, 12, dt)
-    assert calls == [True] * 11
+    assert ones(calls) == [True] * 11
     slow = per_op(monkeypatch, model, prompt, 12, dt)
     assert fast[0] == slow[0] and torch.equal(fast[1], slow[1])
 
@@ -163,10 +138,10 @@ def test_plan_follows_copies_and_swapped_weights(folder, monkeypatch):
 def test_float_weights_decode_per_op(folder, monkeypatch):
     """Float (unquantized) linears have no fused step: the plan says so once; decoding still works."""
     llm = slmkit.load(folder, dtype="float32")
-    calls = counting(monkeypatch)
+    calls = spying(monkeypatch, "gemma3_decode")
     tokens, _ = decode(llm.engine.model, prompt_of(llm), 5, torch.float32)
     assert len(tokens) == 5 and calls == []
-    assert llm.engine.model._plan is not None and llm.engine.model._plan[2] is None
+    assert llm.engine.model._plan.decided and llm.engine.model._plan.plan is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -241,8 +216,7 @@ def test_kernel_ops_split_over_threads_give_the_same_bits(dtype):
 
 def chunks(model, tokens: list[int], sizes: list[int], dtype: torch.dtype) -> torch.Tensor:
     """tokens fed in chunks of these sizes through model.forward; the logits of every position."""
-    a = model.args
-    cache = KVCache(a.num_hidden_layers, 1, a.num_key_value_heads, a.head_dim, 64, max_capacity=64, dtype=dtype)
+    cache = new_cache(model, dtype)
     out, at = [], 0
     with torch.inference_mode():
         for n in sizes:
@@ -260,15 +234,7 @@ def test_a_few_tokens_at_once_run_fused_with_one_token_bits(folder, monkeypatch,
     model, dt = llm.engine.model, getattr(torch, dtype)
     tokens = prompt_of(llm, seed=5) + prompt_of(llm, seed=6) + prompt_of(llm, seed=7)[:6]  # 20 positions
     sizes = [7, 5, 1, 3, 4]
-    seen: list[tuple[int, bool]] = []
-    real = fused.gemma3_decode
-
-    def spy(plan, h, *args, **kwargs):
-        out = real(plan, h, *args, **kwargs)
-        seen.append((h.shape[1], out is not None))
-        return out
-
-    monkeypatch.setattr(fused, "gemma3_decode", spy)
+    seen = spying(monkeypatch, "gemma3_decode")
     many = chunks(model, tokens, sizes, dt)
     assert seen == [(n, True) for n in sizes]
     ones = chunks(model, tokens, [1] * len(tokens), dt)

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 import slmkit
 from slmkit.kernels import fused
 from slmkit.kernels.qgemm import get_kernel
-from slmkit.models.cache import KVCache
 from slmkit.models.layers import RMSNorm
 from slmkit.quant.linear import use_kernel
+from tests.helpers.fused_steps import decode, new_cache, spying
 from tests.helpers.tiny_models import make_phi4_folder
 
 pytestmark = [pytest.mark.skipif(get_kernel() is None, reason="the fused step is part of the compiled kernels"),
@@ -36,25 +36,6 @@ def phi4_mini(tmp_path_factory):
     return make_phi4_folder(tmp_path_factory.mktemp("phi4-mini-fused"), "phi4-mini")
 
 
-def new_cache(model, dtype: torch.dtype) -> KVCache:
-    a = model.args
-    return KVCache(a.num_hidden_layers, 1, a.num_key_value_heads, a.head_dim, 64, max_capacity=64, dtype=dtype)
-
-
-def decode(model, prompt: list[int], new: int, dtype: torch.dtype) -> tuple[list[int], torch.Tensor]:
-    """Greedy: prefill, then `new` one-token steps through model.forward; (tokens, logits [new, V])."""
-    cache = new_cache(model, dtype)
-    tokens, logits = [], []
-    with torch.inference_mode():
-        out = model(torch.tensor([prompt]), cache, last_only=True)[0, -1]
-        for i in range(new):
-            logits.append(out.float())
-            tokens.append(int(out.argmax()))
-            if i + 1 < new:
-                out = model(torch.tensor([[tokens[-1]]]), cache)[0, -1]
-    return tokens, torch.stack(logits)
-
-
 def per_op(monkeypatch, *args) -> tuple[list[int], torch.Tensor]:
     with monkeypatch.context() as m:
         m.setattr(fused, "fused_decode_enabled", False)
@@ -66,20 +47,6 @@ def prompt_of(llm, seed: int = 1, n: int = PROMPT) -> list[int]:
     return torch.randint(3, llm.engine.vocab_size, (n,), generator=g).tolist()
 
 
-def spying(monkeypatch) -> list[tuple[int, bool]]:
-    """(tokens, whether it ran) of every call of the fused step."""
-    seen: list[tuple[int, bool]] = []
-    real = fused.phi3_decode
-
-    def spy(plan, h, *args, **kwargs):
-        out = real(plan, h, *args, **kwargs)
-        seen.append((h.shape[1], out is not None))
-        return out
-
-    monkeypatch.setattr(fused, "phi3_decode", spy)
-    return seen
-
-
 @pytest.mark.parametrize("variant", ["mha_sliding", "gqa", "longrope", "partial_rotary", "phi4-mini"])
 @pytest.mark.parametrize("dtype,quant", [("float32", "int4"), ("bfloat16", "int8")])
 def test_fused_step_equals_the_per_op_path_bit_for_bit(phi3_folders, phi4_mini, monkeypatch, variant, dtype,
@@ -87,7 +54,7 @@ def test_fused_step_equals_the_per_op_path_bit_for_bit(phi3_folders, phi4_mini, 
     folder = phi4_mini if variant == "phi4-mini" else phi3_folders(variant)
     llm = slmkit.load(folder, dtype=dtype, quant=quant)
     model, dt, prompt = llm.engine.model, getattr(torch, dtype), prompt_of(llm)
-    seen = spying(monkeypatch)
+    seen = spying(monkeypatch, "phi3_decode")
     fast = decode(model, prompt, NEW, dt)
     assert seen == [(PROMPT, True)] + [(1, True)] * (NEW - 1)  # the short prefill and every step ran fused
     slow = per_op(monkeypatch, model, prompt, NEW, dt)
@@ -113,7 +80,7 @@ def test_a_few_tokens_at_once_run_fused_with_one_token_bits(phi3_folders, monkey
                 at += n
         return torch.cat(out)
 
-    seen = spying(monkeypatch)
+    seen = spying(monkeypatch, "phi3_decode")
     many = chunks(sizes)
     assert seen == [(n, True) for n in sizes]
     ones = chunks([1] * len(tokens))
@@ -159,9 +126,9 @@ def test_plan_follows_copies_swaps_and_float_weights(phi3_folders, monkeypatch):
     assert not torch.equal(swapped[1], want[1])
     assert torch.equal(decode(model, prompt, 8, torch.float32)[1], swapped[1])
     plain = slmkit.load(phi3_folders("gqa"), dtype="float32")
-    seen = spying(monkeypatch)
+    seen = spying(monkeypatch, "phi3_decode")
     assert len(decode(plain.engine.model, prompt, 4, torch.float32)[0]) == 4
-    assert seen == [] and plain.engine.model._plan is not None and plain.engine.model._plan[2] is None
+    assert seen == [] and plain.engine.model._plan.decided and plain.engine.model._plan.plan is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import operator
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,6 +184,49 @@ class DecodePlan:
                 return False
             self.checked = _epoch[0]
         return True
+
+
+def step_lib(h: torch.Tensor) -> ctypes.CDLL | None:
+    """The kernel library where a fused decode step may run on h [B, S, hidden]: one row, the fused
+    step and the compiled attention switched on, no autograd (whose per-op norms are torch's)."""
+    from .qgemm import decode_attention_enabled
+
+    lib = kernel_lib()
+    if lib is None or not fused_decode_enabled or not decode_attention_enabled or h.shape[0] != 1 \
+            or torch.is_grad_enabled():
+        return None
+    return lib
+
+
+class PlanCache:
+    """A model's fused-step plan: built once, kept while valid (DecodePlan.valid), rebuilt for another
+    kernel library or for another object (a deepcopy carries the cache along, pointing into the
+    original's weights). A model that cannot run fused keeps its None (not retried). clear() after
+    .to() and the like, which move the weights the plan points into."""
+
+    def __init__(self) -> None:
+        self._entry: tuple[int, ctypes.CDLL, DecodePlan | None] | None = None
+
+    def clear(self) -> None:
+        self._entry = None
+
+    @property
+    def decided(self) -> bool:
+        """Whether a plan (or that there is none) is kept."""
+        return self._entry is not None
+
+    @property
+    def plan(self) -> DecodePlan | None:
+        return None if self._entry is None else self._entry[2]
+
+    def get(self, owner: object, lib: ctypes.CDLL, build: Callable[[], DecodePlan | None]) -> DecodePlan | None:
+        e = self._entry
+        if e is None or e[0] != id(owner) or e[1] is not lib or (e[2] is not None and not e[2].valid(lib)):
+            e = self._entry = (id(owner), lib, build())
+        return e[2]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_entry": None}  # a copy (deepcopy, pickle) builds its own
 
 
 def _linear_args(lin: nn.Module, refs: list) -> tuple[Any, ...] | None:

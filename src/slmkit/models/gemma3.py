@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..kernels import fused, qgemm
+from ..kernels import fused
 from .base import MAX_POSITIONS, BaseArgs, gguf_value, require_float, require_int
 from .cache import KVCache, Step
 from .layers import ACTIVATIONS, RMSNorm, attention
@@ -200,18 +200,15 @@ class Model(nn.Module):
         self.args = args
         self.model = Gemma3Model(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        self._plan: tuple[int, Any, fused.DecodePlan | None] | None = None  # the fused decode step's (_decode_fused)
+        self._plan = fused.PlanCache()  # the fused decode step's (_decode_fused)
         self._rope_block: tuple[torch.dtype, int, list[torch.Tensor]] | None = None  # its rotary rows (_rope_rows)
 
     @property
     def rope(self) -> Rope:
         return self.args.rope_global
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "_plan": None}  # a copy (deepcopy, pickle) builds its own
-
     def _apply(self, *args: Any, **kwargs: Any) -> Model:
-        self._plan = None  # .to() and the like move the weights the fused step points into
+        self._plan.clear()  # .to() and the like move the weights the fused step points into
         return super()._apply(*args, **kwargs)
 
     def _rope_rows(self, pos: int, n: int, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -231,20 +228,13 @@ class Model(nn.Module):
         drafts) through every layer and the final norm in one kernel call (kernels/fused.cpp): the
         normed hidden states (h itself is updated in place); None where it cannot run (then the
         layers run one op at a time, with the same bits)."""
-        lib = fused.kernel_lib()
-        if (lib is None or not fused.fused_decode_enabled or not qgemm.decode_attention_enabled or h.shape[0] != 1
-                or torch.is_grad_enabled()):  # autograd: the per-op path (whose norms then are torch's)
-            return None
-        plan = self._plan
-        # id(self): a deepcopy carries the plan along, pointing into the original's weights
-        if plan is None or plan[0] != id(self) or plan[1] is not lib or plan[2] is not None and not plan[2].valid(lib):
-            p = fused.gemma3_plan(list(self.model.layers), self.model.norm, self.args)
-            plan = self._plan = (id(self), lib, p)  # None: this model cannot run fused (kept, not retried)
-        if plan[2] is None:
+        lib = fused.step_lib(h)
+        plan = None if lib is None else self._plan.get(
+            self, lib, lambda: fused.gemma3_plan(list(self.model.layers), self.model.norm, self.args))
+        if plan is None:
             return None
         S = h.shape[1]
-        return fused.gemma3_decode(plan[2], h, cache.k, cache.v, cache.offset,
-                                   self._rope_rows(cache.offset, S, h.dtype))
+        return fused.gemma3_decode(plan, h, cache.k, cache.v, cache.offset, self._rope_rows(cache.offset, S, h.dtype))
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False,
                 hidden: bool = False) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..kernels import fused, qgemm
+from ..kernels import fused
 from .base import MAX_POSITIONS, BaseArgs, gguf_value, require_float, require_int
 from .cache import KVCache, Ragged, Step
 from .layers import ACTIVATIONS, RMSNorm, attention
@@ -161,36 +161,28 @@ class Model(nn.Module):
         self.args = args
         self.model = Phi3Model(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        self._plan: tuple[int, Any, fused.DecodePlan | None] | None = None  # the fused decode step's (_decode_fused)
+        self._plan = fused.PlanCache()  # the fused decode step's (_decode_fused)
 
     @property
     def rope(self) -> Rope:
         return self.args.rope
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "_plan": None}  # a copy (deepcopy, pickle) builds its own
-
     def _apply(self, *args: Any, **kwargs: Any) -> Model:
-        self._plan = None  # .to() and the like move the weights the fused step points into
+        self._plan.clear()  # .to() and the like move the weights the fused step points into
         return super()._apply(*args, **kwargs)
 
     def _decode_fused(self, h: torch.Tensor, cache: KVCache, regime: str) -> torch.Tensor | None:
         """A few new tokens of one row through every layer and the final norm in one kernel call
         (kernels/fused.cpp, as gemma3.Model's): the normed hidden states (h is updated in place);
         None where it cannot run (then the layers run one op at a time, with the same bits)."""
-        lib = fused.kernel_lib()
-        if (lib is None or not fused.fused_decode_enabled or not qgemm.decode_attention_enabled or h.shape[0] != 1
-                or torch.is_grad_enabled()):
-            return None
-        plan = self._plan
-        if plan is None or plan[0] != id(self) or plan[1] is not lib or plan[2] is not None and not plan[2].valid(lib):
-            p = fused.phi3_plan(list(self.model.layers), self.model.norm, self.args)
-            plan = self._plan = (id(self), lib, p)  # None: this model cannot run fused (kept, not retried)
-        if plan[2] is None:
+        lib = fused.step_lib(h)
+        plan = None if lib is None else self._plan.get(
+            self, lib, lambda: fused.phi3_plan(list(self.model.layers), self.model.norm, self.args))
+        if plan is None:
             return None
         pos, S = cache.offset, h.shape[1]
         cos, sin = self.rope.cos_sin(torch.arange(pos, pos + S), regime, h.dtype)
-        return fused.phi3_decode(plan[2], h, cache.k, cache.v, pos, cos, sin)
+        return fused.phi3_decode(plan, h, cache.k, cache.v, pos, cos, sin)
 
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The token embeddings [B, S, hidden] (what a multimodal prompt overwrites at its image positions)."""
