@@ -177,8 +177,8 @@ class Speculator:
 
     def step(self, gen: Generator) -> list[Verified]:
         """One drafted step: the tokens plain decoding would produce next (greedy: exactly; sampled:
-        in distribution), with their log-probability records; [] when nothing was drafted (the
-        caller then takes a plain step)."""
+        in distribution), each with its logits (Verified); [] when nothing was drafted (the caller
+        then takes a plain step)."""
         length = len(gen.sequences[0])
         drafts, q = self.plan(gen)
         if not drafts:
@@ -191,7 +191,7 @@ class Speculator:
 
     def verify(self, gen: Generator, drafts: list[int], q: list[torch.Tensor] | None,
                logits: torch.Tensor) -> list[Verified]:
-        """The tokens a verification pass yields, left to right, with their log-probability records:
+        """The tokens a verification pass yields, left to right, each with its logits (Verified):
         logits [len(drafts) + 1, V] are the model's after gen's sequence and after each draft (one
         pass: the Generator's own, or a row of the batch engine's). The drafts kept, then the
         target's token where the first one is rejected (or the bonus token after them all); an
