@@ -248,7 +248,7 @@ def tokenizer_from_state(state: dict[str, Any]) -> Any:
     if "json" in state:
         return Tokenizer.from_tokenizer(tokenizers.Tokenizer.from_str(state["json"]), **flags)
     tokens = state["tokens"]
-    tk = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, state["merges"], **state["bpe"]))
+    tk = tokenizers.Tokenizer(models.BPE(dict(zip(tokens, range(len(tokens)))), state["merges"], **state["bpe"]))
     shell = tokenizers.Tokenizer.from_str(state["shell"])
     for part in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
         if getattr(shell, part) is not None:
