@@ -343,7 +343,7 @@ def phi3_decode(plan: DecodePlan, h: torch.Tensor, k_cache: Sequence[torch.Tenso
     if (dt != plan.wdt or not _fits(h, k_cache, v_cache, pos, n_layers, hidden, kv_heads, D)
             or any(t.shape != (S, rd) or t.dtype != h.dtype or not t.is_contiguous() for t in (cos, sin))):
         return None
-    kv_ptrs = torch.tensor([t.data_ptr() for kv in zip(k_cache, v_cache) for t in kv], dtype=torch.int64)
+    kv_ptrs = _kv_ptrs(k_cache, v_cache)
     normed = torch.empty_like(h)
     rc = plan.lib.slm_phi3_decode(dt, n_layers, hidden, heads, kv_heads, D, rd, inter, plan.layers.data_ptr(),
                                   kv_ptrs.data_ptr(), k_cache[0].shape[2], pos, S, cos.data_ptr(), sin.data_ptr(),
@@ -352,6 +352,11 @@ def phi3_decode(plan: DecodePlan, h: torch.Tensor, k_cache: Sequence[torch.Tenso
     if rc:
         raise RuntimeError(f"slm_phi3_decode failed with code {rc}")
     return normed
+
+
+def _kv_ptrs(k_cache: Sequence[torch.Tensor], v_cache: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per layer its key and value cache's address, as the fused steps' kv argument reads them."""
+    return torch.tensor([t.data_ptr() for kv in zip(k_cache, v_cache) for t in kv], dtype=torch.int64)
 
 
 def _fits(h: torch.Tensor, k_cache: Sequence[torch.Tensor], v_cache: Sequence[torch.Tensor], pos: int,
@@ -368,14 +373,13 @@ def _fits(h: torch.Tensor, k_cache: Sequence[torch.Tensor], v_cache: Sequence[to
 
 
 def gemma3_decode(plan: DecodePlan, h: torch.Tensor, k_cache: Sequence[torch.Tensor],
-                  v_cache: Sequence[torch.Tensor], pos: int, rope: Sequence[torch.Tensor],
-                  kv_ptrs: torch.Tensor | None = None) -> torch.Tensor | None:
+                  v_cache: Sequence[torch.Tensor], pos: int, rope: Sequence[torch.Tensor]) -> torch.Tensor | None:
     """S new tokens of one row (a decode step: 1; a speculative verification: the pending token and
     its drafts) through every layer, h [1, S, hidden] (contiguous, float32 / bfloat16) in place, and
     the final norm of the result, returned (h's shape and dtype). k_cache / v_cache: per layer
     [1, kv_heads, cap, head_dim] in h's dtype, written at pos..pos + S - 1; rope: cos, sin of the
     global table, then of the local one, [S, head_dim] each in h's dtype. None (nothing done) where
-    the inputs do not fit; kv_ptrs: the caches' pointers, when the caller keeps them."""
+    the inputs do not fit."""
     n_layers, hidden, heads, kv_heads, D, inter = plan.dims
     dt = DTYPES.get(h.dtype)
     k0 = k_cache[0]
@@ -383,8 +387,7 @@ def gemma3_decode(plan: DecodePlan, h: torch.Tensor, k_cache: Sequence[torch.Ten
     if (not _fits(h, k_cache, v_cache, pos, n_layers, hidden, kv_heads, D)
             or any(t.shape != (S, D) or t.dtype != h.dtype or not t.is_contiguous() for t in rope)):
         return None
-    if kv_ptrs is None:
-        kv_ptrs = torch.tensor([t.data_ptr() for kv in zip(k_cache, v_cache) for t in kv], dtype=torch.int64)
+    kv_ptrs = _kv_ptrs(k_cache, v_cache)
     rope_ptrs = (ctypes.c_void_p * 4)(*(t.data_ptr() for t in rope))
     normed = torch.empty_like(h)
     rc = plan.lib.slm_gemma3_decode(dt, n_layers, hidden, heads, kv_heads, D, inter, plan.layers.data_ptr(),

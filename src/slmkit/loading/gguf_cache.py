@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import pickle
 import tempfile
@@ -199,42 +198,26 @@ _ADDED_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
 
 
 def tokenizer_state(tok: Any) -> dict[str, Any]:
-    """A Tokenizer built from GGUF metadata as plain data: a BPE model as its tokens in id order and
-    its merges (sharing the token strings), the rest of its JSON, its added tokens in id order and
-    the wrapper's flags; another model as its whole JSON. Where the tokenizer kept its BPE model's
-    inputs (bpe_parts) the model's JSON is never written out and parsed back (~1.5 s of the GIL
-    for the built-in model, on the thread that writes the cache beside the first answer)."""
+    """A Tokenizer as plain data. One built from GGUF metadata kept its BPE model's inputs
+    (bpe_parts): those (its tokens in id order and its merges, sharing the token strings), the rest
+    of its JSON without the model, its added tokens in id order, and the wrapper's flags; the model's
+    JSON is never written out and parsed back (~1.6 s of the GIL for the built-in model, on the
+    thread that writes the cache beside the first answer). Any other as its whole JSON."""
     import tokenizers
     from tokenizers import models
 
     state: dict[str, Any] = {k: getattr(tok, k) for k in _FLAGS}
     tk = tok.backend
-    if tok.bpe_parts is not None:
-        tokens, merges, options = tok.bpe_parts
-        shell = tokenizers.Tokenizer(models.BPE())
-        for part in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
-            if getattr(tk, part) is not None:
-                setattr(shell, part, getattr(tk, part))
-        added = [{"id": i, "content": a.content, **{k: getattr(a, k) for k in _ADDED_FLAGS}}
-                 for i, a in sorted(tk.get_added_tokens_decoder().items())]
-        return {**state, "tokens": tokens, "merges": merges, "bpe": options, "shell": shell.to_str(), "added": added}
-    data = json.loads(tk.to_str())
-    model = data.get("model") or {}
-    vocab, pairs = model.get("vocab"), model.get("merges")
-    if (model.get("type") != "BPE" or not isinstance(vocab, dict) or sorted(vocab.values()) != list(range(len(vocab)))
-            or not isinstance(pairs, list) or not all(isinstance(m, list) and len(m) == 2 for m in pairs)):
+    if tok.bpe_parts is None:
         return {**state, "json": tk.to_str()}
-    tokens = [""] * len(vocab)
-    for t, i in vocab.items():
-        tokens[i] = t
-    by_text = {t: t for t in tokens}  # one string object per token: the pickle shares them
-    merges = [(by_text.get(a, a), by_text.get(b, b)) for a, b in pairs]
-    options = {k: v for k, v in model.items() if k not in ("type", "vocab", "merges") and v is not None}
-    shell_data = {**data, "added_tokens": [], "model": {**model, "vocab": {}, "merges": []}}
-    added = [{"id": a["id"], "content": a["content"], **{k: a[k] for k in _ADDED_FLAGS}}
-             for a in sorted(data.get("added_tokens") or [], key=lambda a: a["id"])]
-    return {**state, "tokens": tokens, "merges": merges, "bpe": options, "shell": json.dumps(shell_data),
-            "added": added}
+    tokens, merges, options = tok.bpe_parts
+    shell = tokenizers.Tokenizer(models.BPE())
+    for part in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
+        if getattr(tk, part) is not None:
+            setattr(shell, part, getattr(tk, part))
+    added = [{"id": i, "content": a.content, **{k: getattr(a, k) for k in _ADDED_FLAGS}}
+             for i, a in sorted(tk.get_added_tokens_decoder().items())]
+    return {**state, "tokens": tokens, "merges": merges, "bpe": options, "shell": shell.to_str(), "added": added}
 
 
 def tokenizer_from_state(state: dict[str, Any]) -> Any:
