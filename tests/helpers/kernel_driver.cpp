@@ -62,8 +62,8 @@ int main(int argc, char** argv) {
     // qgemm: every bit width x scale kind x mins, decode and prefill M, 1 and 2 threads
     const int64_t N = 40, K = 500, KP = 512, G = 32, tiles = 3, ng = KP / G, sbg = 8;
     for (int bits : {4, 5, 6, 8})
-        for (int kind = 0; kind < 4; ++kind)
-            for (int mins = 0; mins < 2; ++mins)
+        for (int kind : {0, 1, 2, 3, 6, 7})  // 6, 7: 2, 3 with scales and mins paired (format.py)
+            for (int mins = kind >= 6; mins < 2; ++mins)
                 for (int64_t M : {1, 2, 5}) {
                     std::vector<uint8_t> qw(tiles * KP * (bits == 8 ? 16 : bits * 2));  // 64-byte vectors: format.py
                     for (auto& c : qw) c = (uint8_t)next();
@@ -76,12 +76,18 @@ int main(int argc, char** argv) {
                     }
                     std::vector<float> ss(tiles * (ng / sbg) * 16), sm(ss.size());
                     for (size_t i = 0; i < ss.size(); ++i) { ss[i] = uni() * 0.01f; sm[i] = uni() * 0.01f; }
+                    std::vector<uint8_t> rec(nsc * 2);  // paired: a (tile, group)'s 16 scales, then its 16 mins
+                    std::vector<float> srec(ss.size() * 2);
+                    for (size_t i = 0; i < nsc; ++i) rec[i / 16 * 32 + i % 16] = sc[i], rec[i / 16 * 32 + 16 + i % 16] = mn[i];
+                    for (size_t i = 0; i < ss.size(); ++i) srec[i / 16 * 32 + i % 16] = ss[i], srec[i / 16 * 32 + 16 + i % 16] = sm[i];
+                    const bool pr = kind >= 6;
                     std::vector<float> x(M * K);
                     for (auto& f : x) f = uni() * 3;
                     std::vector<float> out(M * N);
-                    const int rc = qgemm(x.data(), 0, M, K, K, qw.data(), sc.data(), mins ? mn.data() : nullptr, kind,
-                                         ss.data(), sm.data(), sbg, bits, tiles, KP, G, mins ? 0 : 1 << (bits - 1), N,
-                                         out.data(), 0, N, M > 2 ? 2 : 1);
+                    const int rc = qgemm(x.data(), 0, M, K, K, qw.data(), pr ? rec.data() : sc.data(),
+                                         pr ? rec.data() + 16 : mins ? mn.data() : nullptr, kind,
+                                         pr ? srec.data() : ss.data(), pr ? srec.data() + 16 : sm.data(), sbg, bits,
+                                         tiles, KP, G, mins ? 0 : 1 << (bits - 1), N, out.data(), 0, N, M > 2 ? 2 : 1);
                     printf("qgemm-b%d-k%d-m%d-M%ld %d %016llx\n", bits, kind, mins, (long)M, rc,
                            (unsigned long long)fnv(out.data(), out.size() * 4));
                 }

@@ -31,9 +31,9 @@ SHAPES = [  # (n, k, group, bits, m): odd K, N off the 16-row tile, every group 
 def exact(x: torch.Tensor, qw) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 product of the int8-rounded activations and the dequantized weight, and its error scale
     (|x_hat| @ |w|.T): float32 accumulation may differ from float64 by a small multiple of eps of it."""
-    q, d, _ = quantize_activations(x, qw.group, qw.kp)
+    q, d, _ = quantize_activations(x, qw.group, qw.kp, qw.activation_group)
     m = x.shape[0]
-    xh = (q.view(m, -1, qw.group) * d[..., None]).view(m, -1)[:, : qw.k].double()
+    xh = (q.view(m, -1, qw.activation_group) * d[..., None]).view(m, -1)[:, : qw.k].double()
     w = dequantize_weight(qw).double()
     return xh @ w.t(), xh.abs() @ w.abs().t()
 
@@ -180,3 +180,81 @@ def test_extreme_codes_and_activations_do_not_saturate(bits, sign, m):
     assert torch.equal(got, qmatmul_reference(x, qw))
     want, _ = exact(x, qw)
     assert torch.allclose(got.double(), want, rtol=1e-6)
+
+
+def _two_level(u: torch.Tensor, sub: torch.Tensor, mins: torch.Tensor | None, *, bits: int, group: int, zero: int,
+               per_super: int, dtype: torch.dtype = torch.uint8):
+    """A two-level weight from row-major codes [n, k] and integer sub-scales / sub-mins [n, groups]."""
+    from dataclasses import replace
+
+    from slmkit.quant.format import _tile_groups
+
+    n, k = u.shape
+    qw = from_codes(u, sub.to(dtype), None if mins is None else mins.to(torch.uint8), bits=bits, group=group,
+                    zero=zero, n=n, k=k)
+    supers = k // group // per_super
+    np_ = -(-n // 16) * 16
+    ss = torch.linspace(1e-3, 3e-3, np_ * supers).view(np_, supers)
+    sm = None if mins is None else -torch.linspace(2e-3, 1e-3, np_ * supers).view(np_, supers)
+    return replace(qw, super_scales=_tile_groups(ss), super_mins=None if sm is None else _tile_groups(sm))
+
+
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
+@pytest.mark.parametrize("sign", [1, -1])
+@pytest.mark.parametrize("m", [1, 2, 9])
+def test_two_level_integer_sums_do_not_overflow(bits, sign, m):
+    """Two-level scales sum sub_scale x group sum over a whole super-block of 256 inputs in int32:
+    with every code, sub-scale (255) and sub-min at its largest and every activation at +-127 the
+    sums come within 2% of 2**31 at 8 bits, and the kernel still equals the (float64) reference."""
+    lib = get_kernel()
+    if lib is None:
+        pytest.skip("the compiled kernel is unavailable on this machine")
+    n, k, group = 48, 512, 32
+    top = (1 << bits) - 1
+    u = torch.full((n, k), top, dtype=torch.uint8)
+    u[1::3] = 0
+    sub = torch.full((n, k // group), 255)
+    qw = _two_level(u, sub, sub.clone(), bits=bits, group=group, zero=0, per_super=8)
+    assert qw.scale_kind == 6 and qw.activation_group == 256
+    x = torch.full((m, k), 0.5 * sign)
+    got = qmatmul_kernel(lib, x, qw, torch.float32)
+    assert torch.equal(got, qmatmul_reference(x, qw))
+    want, _ = exact(x, qw)
+    assert torch.allclose(got.double(), want, rtol=1e-6)
+
+
+def test_two_level_scales_and_mins_are_paired_whatever_the_source():
+    """A two-level weight built from four separate tensors keeps them paired (one record per group,
+    one per super-block: views of two buffers), with the same values; the kernel refuses a paired
+    kind whose mins do not sit beside the scales."""
+    from slmkit.kernels.qgemm import qgemm_weight_args
+
+    g = torch.Generator().manual_seed(5)
+    n, k = 40, 512
+    u = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    sub, mn = torch.randint(0, 64, (n, 16), generator=g), torch.randint(0, 64, (n, 16), generator=g)
+    qw = _two_level(u, sub, mn, bits=4, group=32, zero=0, per_super=8)
+    assert qw.paired and qw.scale_kind == 6
+    assert qw.mins.untyped_storage().data_ptr() == qw.scales.untyped_storage().data_ptr()
+    assert qw.super_mins.untyped_storage().data_ptr() == qw.super_scales.untyped_storage().data_ptr()
+    from slmkit.quant.format import _untile_groups
+
+    assert torch.equal(_untile_groups(qw.scales)[:n], sub.to(torch.uint8))
+    assert torch.equal(_untile_groups(qw.mins)[:n], mn.to(torch.uint8))
+    plain = _two_level(u, sub, None, bits=4, group=32, zero=0, per_super=8, dtype=torch.int8)
+    assert not plain.paired and plain.scale_kind == 3 and plain.scales.is_contiguous()
+    x = torch.randn(3, k, generator=g)
+    want, scale = exact(x, qw)
+    ref = qmatmul_reference(x, qw)
+    assert ((ref.double() - want).abs() <= 1e-5 * scale + 1e-6).all()
+    lib = get_kernel()
+    if lib is None:
+        pytest.skip("the compiled kernel is unavailable on this machine")
+    assert torch.equal(qmatmul_kernel(lib, x, qw, torch.float32), ref)
+    args = list(qgemm_weight_args(qw))
+    separate = qw.mins.contiguous()
+    args[4] = separate.data_ptr()  # paired kind, mins elsewhere: refused, never misread
+    out = torch.empty(3, n)
+    xc = x.contiguous()
+    rc = lib.slm_qgemm(xc.data_ptr(), 0, 3, *args, out.data_ptr(), 0, n, 1)
+    assert rc == -1

@@ -7,6 +7,11 @@
 // 127, round half to even) exactly as qmatmul_reference does, and every group's dot product is an
 // exact int32 sum from vpdpbusd (unsigned codes x signed activations), then
 //     y += (isum - zero * xsum) * (scale * dx);  y += min * (dx * xsum)     (group by group, in order)
+// Two-level scales (the K-quants': a small integer per group times a float per super-block of <= 256
+// inputs) stay in integers as long as they can, as llama.cpp's K-quant dot products do: x is
+// quantized per super-block, and per super-block
+//     I = sum_g sub_scale_g * (isum_g - zero * xsum_g);  Imin = sum_g sub_min_g * xsum_g   (exact int32)
+//     y += I * (super_scale * dx);  y += Imin * (super_min * dx)
 // One loop serves decode (M = 1: several row tiles at once for independent accumulator chains)
 // and prefill (M blocks of 4 that reuse each unpacked weight chunk, M chunks sized for L2).
 // Threads: OpenMP (torch's own libgomp when loaded from torch), split over row tiles.
@@ -27,33 +32,37 @@ extern "C" int slm_supported(void) {
 }
 
 
-// One activation row -> int8 codes (kp, zero padded), per-group scale and code sum.
-static void quant_row(const void* x, int x_bf16, int64_t K, int64_t KP, int64_t G, int8_t* q, float* d,
-                      int32_t* s) {
+// One activation row -> int8 codes (kp, zero padded), a scale per AG inputs (scale = absmax / 127) and a
+// code sum per G inputs (AG a multiple of G: the weight's group, or its super-block for two-level scales).
+static void quant_row(const void* x, int x_bf16, int64_t K, int64_t KP, int64_t AG, int64_t G, int8_t* q,
+                      float* d, int32_t* s) {
     float buf[256];
-    for (int64_t g0 = 0; g0 < KP; g0 += G) {
-        int64_t n = K - g0 < G ? (K - g0 > 0 ? K - g0 : 0) : G;
-        for (int64_t i = 0; i < G; ++i) {
+    for (int64_t g0 = 0; g0 < KP; g0 += AG) {
+        int64_t n = K - g0 < AG ? (K - g0 > 0 ? K - g0 : 0) : AG;
+        for (int64_t i = 0; i < AG; ++i) {
             float v = 0.f;
             if (i < n) v = x_bf16 ? bf16_to_f32(((const uint16_t*)x)[g0 + i]) : ((const float*)x)[g0 + i];
             buf[i] = v;
         }
         __m512 amax = _mm512_setzero_ps();
-        for (int64_t i = 0; i < G; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(buf + i)));
+        for (int64_t i = 0; i < AG; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(buf + i)));
         float am = _mm512_reduce_max_ps(amax);
         float dd = am / 127.f;
         float id = dd > 0.f ? 1.f / dd : 0.f;
         __m512 vid = _mm512_set1_ps(id);
         __m512i sum = _mm512_setzero_si512();
-        for (int64_t i = 0; i < G; i += 16) {
+        for (int64_t i = 0; i < AG; i += 16) {
             __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(buf + i), vid),
                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             __m512i qi = _mm512_cvtps_epi32(r);
             sum = _mm512_add_epi32(sum, qi);
             _mm_storeu_si128((__m128i*)(q + g0 + i), _mm512_cvtsepi32_epi8(qi));
+            if ((i + 16) % G == 0) {
+                s[(g0 + i) / G] = _mm512_reduce_add_epi32(sum);
+                sum = _mm512_setzero_si512();
+            }
         }
-        d[g0 / G] = dd;
-        s[g0 / G] = _mm512_reduce_add_epi32(sum);
+        d[g0 / AG] = dd;
     }
 }
 
@@ -64,15 +73,11 @@ static inline __m512i bcast4(const int8_t* p) {
 }
 
 // Scale kinds: 0 float32, 1 float16, 2 uint8 x float32 super-scale, 3 int8 x float32 super-scale
-// (the K-quants' two levels: d per 256 inputs times a small integer per group, formed in float32).
+// (the K-quants' two levels: a float per super-block of <= 256 inputs times a small integer per
+// group; see super_end). A group's 16 float scales (kinds 0, 1):
 template <int SK>
-static inline __m512 load16(const void* p, const float* sup, int64_t i, int64_t si) {
+static inline __m512 load16(const void* p, int64_t i) {
     if (SK == 1) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i)));
-    if (SK == 2 || SK == 3) {
-        __m128i b = _mm_loadu_si128((const __m128i*)((const uint8_t*)p + i));
-        __m512i w = SK == 2 ? _mm512_cvtepu8_epi32(b) : _mm512_cvtepi8_epi32(b);
-        return _mm512_mul_ps(_mm512_cvtepi32_ps(w), _mm512_loadu_ps(sup + si));
-    }
     return _mm512_loadu_ps((const float*)p + i);
 }
 
@@ -96,6 +101,58 @@ struct QW {
     int64_t qt0;  // the row tile qw starts at (0, or a block's first tile in an unpacked copy)
 };
 
+// Two-level scales keep their float sums in the output block (updated once per super-block) where
+// registers would not hold them beside the int32 ones: with more than 8 (tile, row) pairs.
+template <int T, int MB>
+constexpr bool mem_acc() { return T * MB > 8; }
+
+// A group's integer sub-scales of 16 rows (kind 2 uint8, 3 int8) as int32.
+template <int SK>
+static inline __m512i sub16(const void* p, int64_t i) {
+    const __m128i b = _mm_loadu_si128((const __m128i*)((const uint8_t*)p + i));
+    return (SK & 3) == 3 ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b);
+}
+
+// Elements from one (tile, group) record of sub-scales (or mins) to the next, and from one (tile,
+// super-block) record of super-scales (or super-mins) to the next: paired kinds (+4) keep scales and
+// mins side by side (format.py two_level_parts), so a tile's metadata is two streams, not four.
+constexpr int record_stride(int sk) { return sk & 4 ? 32 : 16; }
+
+// The end of a super-block (groups g0 .. g0 + sbg - 1) under two-level scales, per tile and row:
+//     y += (float)ib * (super_scale * dx);  y += (float)(sum_g min_g * xsum_g) * (super_min * dx)
+// with dx the activations' scale over the super-block; ib is zeroed.
+template <int SK, bool MINS, int T, int MB>
+static inline void super_end(const QW& w, int64_t t0, int64_t g0, const float* dx, const int32_t* xs,
+                             __m512i (&ib)[T][MB], __m512 (&acc)[T][MB], float* out, int64_t ldo) {
+    constexpr bool MEM_ACC = mem_acc<T, MB>();
+    constexpr int RS = record_stride(SK);
+    const int64_t ng = w.ng, nsb = ng / w.sbg, b = g0 / w.sbg;
+    for (int t = 0; t < T; ++t) {
+        const int64_t ssi = ((t0 + t) * nsb + b) * RS;
+        const __m512 ss = _mm512_loadu_ps(w.ssc + ssi);
+        __m512i mi[MB];
+        if (MINS) {
+            for (int m = 0; m < MB; ++m) mi[m] = _mm512_setzero_si512();
+            for (int64_t g = g0; g < g0 + w.sbg; ++g) {
+                const __m512i mn = sub16<2>(w.mn, ((t0 + t) * ng + g) * RS);
+                for (int m = 0; m < MB; ++m)
+                    mi[m] = _mm512_add_epi32(mi[m], _mm512_mullo_epi32(mn, _mm512_set1_epi32(xs[m * ng + g])));
+            }
+        }
+        for (int m = 0; m < MB; ++m) {
+            const __m512 d = _mm512_set1_ps(dx[m * ng + b]);  // dx rows keep ng entries
+            __m512 a = MEM_ACC ? _mm512_loadu_ps(out + m * ldo + t * 16) : acc[t][m];
+            a = _mm512_add_ps(a, _mm512_mul_ps(_mm512_cvtepi32_ps(ib[t][m]), _mm512_mul_ps(ss, d)));
+            if (MINS)
+                a = _mm512_add_ps(a, _mm512_mul_ps(_mm512_cvtepi32_ps(mi[m]),
+                                                   _mm512_mul_ps(_mm512_loadu_ps(w.smn + ssi), d)));
+            if (MEM_ACC) _mm512_storeu_ps(out + m * ldo + t * 16, a);
+            else acc[t][m] = a;
+            ib[t][m] = _mm512_setzero_si512();
+        }
+    }
+}
+
 // T row tiles x MB activation rows, all groups of K.
 template <int BITS, int SK, bool MINS, int T, int MB>
 static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, const int32_t* xs, float* out,
@@ -104,12 +161,19 @@ static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, co
     const int64_t ng = w.ng, G = w.G, KP = w.KP;
     const int zero = w.zero;
     constexpr int step = run_k(BITS), vpr = run_vectors(BITS);
+    constexpr bool MEM_ACC = mem_acc<T, MB>();
     const int64_t tile_bytes = tile_code_bytes(BITS, KP);
     const __m512i low = _mm512_set1_epi8(0x0F);
     const __m512i top_mask = _mm512_set1_epi8(BITS == 6 ? 0x30 : 0x10);  // the top bits' place in a code
+    constexpr bool SUPER = (SK & 3) >= 2;
     __m512 acc[T][MB];
+    __m512i ib[T][MB];  // two-level scales: the super-block's sum of sub-scale x group sum, exact in int32
     for (int t = 0; t < T; ++t)
-        for (int m = 0; m < MB; ++m) acc[t][m] = _mm512_setzero_ps();
+        for (int m = 0; m < MB; ++m) {
+            acc[t][m] = _mm512_setzero_ps();
+            ib[t][m] = _mm512_setzero_si512();
+            if (SUPER && MEM_ACC) _mm512_storeu_ps(out + m * ldo + t * 16, acc[t][m]);
+        }
     for (int64_t g = 0; g < ng; ++g) {
         __m512i is[T][MB], is2[T][MB];
         for (int t = 0; t < T; ++t)
@@ -151,11 +215,21 @@ static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, co
                 }
             }
         }
-        for (int t = 0; t < T; ++t) {
+        if constexpr (SUPER) {  // the group's integer sums times its integer sub-scales, summed per super-block
+            for (int t = 0; t < T; ++t) {
+                const __m512i sc = sub16<SK>(w.sc, ((t0 + t) * ng + g) * record_stride(SK));
+                for (int m = 0; m < MB; ++m) {
+                    __m512i i = _mm512_add_epi32(is[t][m], is2[t][m]);
+                    if (zero) i = _mm512_sub_epi32(i, _mm512_set1_epi32(zero * xs[m * ng + g]));
+                    ib[t][m] = _mm512_add_epi32(ib[t][m], _mm512_mullo_epi32(i, sc));
+                }
+            }
+            if ((g + 1) % w.sbg == 0) super_end<SK, MINS, T, MB>(w, t0, g + 1 - w.sbg, dx, xs, ib, acc, out, ldo);
+        } else {
+          for (int t = 0; t < T; ++t) {
             const int64_t si = ((t0 + t) * ng + g) * 16;
-            const int64_t ssi = SK >= 2 ? ((t0 + t) * (ng / w.sbg) + g / w.sbg) * 16 : 0;
-            __m512 s = load16<SK>(w.sc, w.ssc, si, ssi);
-            __m512 mv = MINS ? load16<SK == 3 ? 2 : SK>(w.mn, w.smn, si, ssi) : _mm512_setzero_ps();
+            __m512 s = load16<SK>(w.sc, si);
+            __m512 mv = MINS ? load16<SK>(w.mn, si) : _mm512_setzero_ps();
             for (int m = 0; m < MB; ++m) {
                 __m512i i = _mm512_add_epi32(is[t][m], is2[t][m]);
                 const float d = dx[m * ng + g];
@@ -167,8 +241,10 @@ static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, co
                                           _mm512_mul_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(s, _mm512_set1_ps(d))));
                 if (MINS) acc[t][m] = _mm512_add_ps(acc[t][m], _mm512_mul_ps(mv, _mm512_set1_ps(d * (float)qs)));
             }
+          }
         }
     }
+    if (SUPER && MEM_ACC) return;
     for (int t = 0; t < T; ++t)
         for (int m = 0; m < MB; ++m) _mm512_storeu_ps(out + m * ldo + t * 16, acc[t][m]);
 }
@@ -235,7 +311,9 @@ static micro_fn pick_kind(int kind, int mins, int T, int MB) {
         case 0: return pick_mins<BITS, 0>(mins, T, MB);
         case 1: return pick_mins<BITS, 1>(mins, T, MB);
         case 2: return pick_mins<BITS, 2>(mins, T, MB);
-        default: return pick_mins<BITS, 3>(mins, T, MB);
+        case 3: return pick_mins<BITS, 3>(mins, T, MB);
+        case 6: return pick<BITS, 6, true>(T, MB);  // paired: always with mins
+        default: return pick<BITS, 7, true>(T, MB);
     }
 }
 
@@ -256,9 +334,13 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
                          int zero, int64_t N, void* out, int out_bf16, int64_t ldo, int nthreads) {
     if (G <= 0 || G > 256 || G % 16 || KP % G || K > KP || N > tiles * 16) return -1;
     if ((bits != 4 && bits != 5 && bits != 6 && bits != 8) || (bits == 5 && G % 32)) return -1;
-    if (scale_kind < 0 || scale_kind > 3) return -1;
+    if (scale_kind < 0 || scale_kind > 7 || scale_kind == 4 || scale_kind == 5) return -1;
+    if (scale_kind >= 6 && (!mins || mins != (const uint8_t*)scales + 16 || super_mins != super_scales + 16)) return -1;
     if (scale_kind >= 2 && (sbg <= 0 || (KP / G) % sbg || !super_scales || (mins && !super_mins))) return -1;
+    // two-level scales: <= 256 inputs a super-block, so every int32 sum is exact (see super_end)
+    if (scale_kind >= 2 && G * sbg > 256) return -1;
     const int64_t ng = KP / G;
+    const int64_t AG = scale_kind >= 2 ? G * sbg : G;  // inputs per activation scale
     const QW w = {qw, scales, mins, super_scales, super_mins, ng, G, KP, sbg, zero, 0};
     int8_t* xq = (int8_t*)aligned_alloc(64, (size_t)((M * KP + 63) / 64 * 64));
     float* dx = (float*)malloc(sizeof(float) * M * ng);
@@ -269,7 +351,7 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
     }
     const size_t xe = x_bf16 ? 2 : 4;
     for (int64_t m = 0; m < M; ++m)
-        quant_row((const char*)x + m * ldx * xe, x_bf16, K, KP, G, xq + m * KP, dx + m * ng, xs + m * ng);
+        quant_row((const char*)x + m * ldx * xe, x_bf16, K, KP, AG, G, xq + m * KP, dx + m * ng, xs + m * ng);
 
     // M chunks whose int8 activations stay in L2 while every row tile streams past them.
     int64_t mc = (256 << 10) / KP;

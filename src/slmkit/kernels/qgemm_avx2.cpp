@@ -7,6 +7,7 @@
 // a few at a time; int8 codes as |u - 128| times the activation with u - 128's sign: nothing
 // saturates), widened by vpmaddwd. Then the same float32 steps in the same order as qgemm.cpp:
 //     y += (isum - zero * xsum) * (scale * dx);  y += min * (dx * xsum)
+// and, for two-level scales, qgemm.cpp's integer sums per super-block.
 // Never executes an AVX512 instruction (compiled without -mavx512*).
 #include <omp.h>
 #include <stdlib.h>
@@ -21,20 +22,21 @@
 #define QGEMM_NAME slm_avx2_qgemm_plain
 #endif
 
-// One activation row -> int8 codes (kp, zero padded), per-group scale and code sum (as qgemm.cpp).
-static void quant_row(const void* x, int x_bf16, int64_t K, int64_t KP, int64_t G, int8_t* q, float* d,
-                      int32_t* s) {
+// One activation row -> int8 codes (kp, zero padded), a scale per AG inputs and a code sum per G inputs
+// (as qgemm.cpp).
+static void quant_row(const void* x, int x_bf16, int64_t K, int64_t KP, int64_t AG, int64_t G, int8_t* q,
+                      float* d, int32_t* s) {
     float buf[256];
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    for (int64_t g0 = 0; g0 < KP; g0 += G) {
-        int64_t n = K - g0 < G ? (K - g0 > 0 ? K - g0 : 0) : G;
-        for (int64_t i = 0; i < G; ++i) {
+    for (int64_t g0 = 0; g0 < KP; g0 += AG) {
+        int64_t n = K - g0 < AG ? (K - g0 > 0 ? K - g0 : 0) : AG;
+        for (int64_t i = 0; i < AG; ++i) {
             float v = 0.f;
             if (i < n) v = x_bf16 ? bf16_to_f32(((const uint16_t*)x)[g0 + i]) : ((const float*)x)[g0 + i];
             buf[i] = v;
         }
         V16 amax = v_zero();
-        for (int64_t i = 0; i < G; i += 16) {
+        for (int64_t i = 0; i < AG; i += 16) {
             const V16 b = v_load(buf + i);
             amax = v_max(amax, V16{_mm256_and_ps(b.a, absmask), _mm256_and_ps(b.b, absmask)});
         }
@@ -43,18 +45,21 @@ static void quant_row(const void* x, int x_bf16, int64_t K, int64_t KP, int64_t 
         float id = dd > 0.f ? 1.f / dd : 0.f;
         __m256 vid = _mm256_set1_ps(id);
         __m256i sum = _mm256_setzero_si256();
-        for (int64_t i = 0; i < G; i += 8) {
+        for (int64_t i = 0; i < AG; i += 8) {
             __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(buf + i), vid),
                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             __m256i qi = _mm256_cvtps_epi32(r);
             sum = _mm256_add_epi32(sum, qi);
             __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
             _mm_storel_epi64((__m128i*)(q + g0 + i), _mm_packs_epi16(w16, w16));  // signed saturation
+            if ((i + 8) % G == 0) {
+                __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+                s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+                s[(g0 + i) / G] = _mm_cvtsi128_si32(s4) + _mm_extract_epi32(s4, 1);
+                sum = _mm256_setzero_si256();
+            }
         }
-        d[g0 / G] = dd;
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
-        s[g0 / G] = _mm_cvtsi128_si32(s4) + _mm_extract_epi32(s4, 1);
+        d[g0 / AG] = dd;
     }
 }
 
@@ -79,17 +84,22 @@ static inline void flush16(__m256i& is, __m256i& p) {
     p = _mm256_setzero_si256();
 }
 
-// Scale kinds as in qgemm.cpp: 0 float32, 1 float16, 2 uint8 / 3 int8 x float32 super-scale.
+// Scale kinds as in qgemm.cpp: 0 float32, 1 float16, 2 uint8 / 3 int8 x float32 super-scale, +4
+// paired. A group's 8 float scales (kinds 0, 1):
 template <int SK>
-static inline __m256 load8(const void* p, const float* sup, int64_t i, int64_t si) {
+static inline __m256 load8(const void* p, int64_t i) {
     if (SK == 1) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i)));
-    if (SK == 2 || SK == 3) {
-        __m128i b = _mm_loadl_epi64((const __m128i*)((const uint8_t*)p + i));
-        __m256i w = SK == 2 ? _mm256_cvtepu8_epi32(b) : _mm256_cvtepi8_epi32(b);
-        return _mm256_mul_ps(_mm256_cvtepi32_ps(w), _mm256_loadu_ps(sup + si));
-    }
     return _mm256_loadu_ps((const float*)p + i);
 }
+
+// A group's integer sub-scales of 8 rows (kind 2 uint8, 3 int8) as int32.
+template <int SK>
+static inline __m256i sub8(const void* p, int64_t i) {
+    const __m128i b = _mm_loadl_epi64((const __m128i*)((const uint8_t*)p + i));
+    return (SK & 3) == 3 ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
+}
+
+constexpr int record_stride(int sk) { return sk & 4 ? 32 : 16; }  // as qgemm.cpp
 
 // The top bits of set i (at bit (BITS - 4) * i of each byte) moved to bit 4 (16-bit shifts: what
 // crosses a byte border lands outside the mask applied next).
@@ -118,9 +128,16 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
     const int64_t tile_bytes = tile_code_bytes(BITS, KP);
     const __m256i low = _mm256_set1_epi8(0x0F);
     const __m256i top_mask = _mm256_set1_epi8(BITS == 6 ? 0x30 : 0x10);  // the top bits' place in a code
+    constexpr bool SUPER = (SK & 3) >= 2;
+    constexpr int RS = record_stride(SK);
     __m256 acc[H][MB];
+    __m256i ib[H][MB];  // two-level scales: the super-block's integer sum (floats kept in out: registers are few)
     for (int h = 0; h < H; ++h)
-        for (int m = 0; m < MB; ++m) acc[h][m] = _mm256_setzero_ps();
+        for (int m = 0; m < MB; ++m) {
+            acc[h][m] = _mm256_setzero_ps();
+            ib[h][m] = _mm256_setzero_si256();
+            if (SUPER) _mm256_storeu_ps(out + m * ldo + h * 8, acc[h][m]);
+        }
     for (int64_t g = 0; g < ng; ++g) {
         __m256i is[H][MB];
         __m256i p16[H][MB];  // without VNNI: int16 pair sums not yet widened into is
@@ -187,27 +204,71 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
                     for (int m = 0; m < MB; ++m) flush16(is[h][m], p16[h][m]);
 #endif
         }
-        for (int h = 0; h < H; ++h) {
-            const int64_t ht = h0 + h, t = ht / 2, off = (ht % 2) * 8;
-            const int64_t si = (t * ng + g) * 16 + off;
-            const int64_t ssi = SK >= 2 ? (t * (ng / w.sbg) + g / w.sbg) * 16 + off : 0;
-            __m256 s = load8<SK>(w.sc, w.ssc, si, ssi);
-            __m256 mv = MINS ? load8<SK == 3 ? 2 : SK>(w.mn, w.smn, si, ssi) : _mm256_setzero_ps();
-            for (int m = 0; m < MB; ++m) {
-                const float d = dx[m * ng + g];
-                const int32_t qs = xs[m * ng + g];
+        if constexpr (SUPER) {
+            for (int h = 0; h < H; ++h) {
+                const int64_t ht = h0 + h, t = ht / 2, off = (ht % 2) * 8;
+                const __m256i sc = sub8<SK>(w.sc, (t * ng + g) * RS + off);
+                for (int m = 0; m < MB; ++m) {
+                    const int32_t qs = xs[m * ng + g];
 #ifdef SLM_VNNI
-                __m256i i = is[h][m];
+                    __m256i i = is[h][m];
 #else
-                __m256i i = BITS == 8 ? _mm256_add_epi32(is[h][m], _mm256_set1_epi32(128 * qs)) : is[h][m];
+                    __m256i i = BITS == 8 ? _mm256_add_epi32(is[h][m], _mm256_set1_epi32(128 * qs)) : is[h][m];
 #endif
-                if (w.zero) i = _mm256_sub_epi32(i, _mm256_set1_epi32(w.zero * qs));
-                acc[h][m] = _mm256_add_ps(acc[h][m],
-                                          _mm256_mul_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(s, _mm256_set1_ps(d))));
-                if (MINS) acc[h][m] = _mm256_add_ps(acc[h][m], _mm256_mul_ps(mv, _mm256_set1_ps(d * (float)qs)));
+                    if (w.zero) i = _mm256_sub_epi32(i, _mm256_set1_epi32(w.zero * qs));
+                    ib[h][m] = _mm256_add_epi32(ib[h][m], _mm256_mullo_epi32(i, sc));
+                }
+            }
+            if ((g + 1) % w.sbg == 0) {  // super-block end (qgemm.cpp super_end)
+                const int64_t g0 = g + 1 - w.sbg, nsb = ng / w.sbg, b = g0 / w.sbg;
+                for (int h = 0; h < H; ++h) {
+                    const int64_t ht = h0 + h, t = ht / 2, off = (ht % 2) * 8;
+                    const int64_t ssi = (t * nsb + b) * RS + off;
+                    __m256i mi[MB];
+                    if (MINS) {
+                        for (int m = 0; m < MB; ++m) mi[m] = _mm256_setzero_si256();
+                        for (int64_t gg = g0; gg <= g; ++gg) {
+                            const __m256i mn = sub8<2>(w.mn, (t * ng + gg) * RS + off);
+                            for (int m = 0; m < MB; ++m)
+                                mi[m] = _mm256_add_epi32(mi[m], _mm256_mullo_epi32(mn, _mm256_set1_epi32(xs[m * ng + gg])));
+                        }
+                    }
+                    for (int m = 0; m < MB; ++m) {
+                        const __m256 d = _mm256_set1_ps(dx[m * ng + b]);
+                        __m256 a = _mm256_loadu_ps(out + m * ldo + h * 8);
+                        a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_cvtepi32_ps(ib[h][m]),
+                                                           _mm256_mul_ps(_mm256_loadu_ps(w.ssc + ssi), d)));
+                        if (MINS)
+                            a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_cvtepi32_ps(mi[m]),
+                                                               _mm256_mul_ps(_mm256_loadu_ps(w.smn + ssi), d)));
+                        _mm256_storeu_ps(out + m * ldo + h * 8, a);
+                        ib[h][m] = _mm256_setzero_si256();
+                    }
+                }
+            }
+        } else {
+            for (int h = 0; h < H; ++h) {
+                const int64_t ht = h0 + h, t = ht / 2, off = (ht % 2) * 8;
+                const int64_t si = (t * ng + g) * 16 + off;
+                __m256 s = load8<SK>(w.sc, si);
+                __m256 mv = MINS ? load8<SK>(w.mn, si) : _mm256_setzero_ps();
+                for (int m = 0; m < MB; ++m) {
+                    const float d = dx[m * ng + g];
+                    const int32_t qs = xs[m * ng + g];
+#ifdef SLM_VNNI
+                    __m256i i = is[h][m];
+#else
+                    __m256i i = BITS == 8 ? _mm256_add_epi32(is[h][m], _mm256_set1_epi32(128 * qs)) : is[h][m];
+#endif
+                    if (w.zero) i = _mm256_sub_epi32(i, _mm256_set1_epi32(w.zero * qs));
+                    acc[h][m] = _mm256_add_ps(acc[h][m],
+                                              _mm256_mul_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(s, _mm256_set1_ps(d))));
+                    if (MINS) acc[h][m] = _mm256_add_ps(acc[h][m], _mm256_mul_ps(mv, _mm256_set1_ps(d * (float)qs)));
+                }
             }
         }
     }
+    if (SUPER) return;
     for (int h = 0; h < H; ++h)
         for (int m = 0; m < MB; ++m) _mm256_storeu_ps(out + m * ldo + h * 8, acc[h][m]);
 }
@@ -223,6 +284,7 @@ static micro_fn pick(int H, int MB) {
 
 template <int BITS>
 static micro_fn pick_kind(int kind, int mins, int H, int MB) {
+    if (kind >= 6) return kind == 6 ? pick<BITS, 6, true>(H, MB) : pick<BITS, 7, true>(H, MB);  // paired
     switch (kind * 2 + (mins ? 1 : 0)) {
         case 0: return pick<BITS, 0, false>(H, MB);
         case 1: return pick<BITS, 0, true>(H, MB);
@@ -244,9 +306,12 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
         int nthreads) {
     if (G <= 0 || G > 256 || G % 16 || KP % G || K > KP || N > tiles * 16) return -1;
     if ((bits != 4 && bits != 5 && bits != 6 && bits != 8) || (bits == 5 && G % 32)) return -1;
-    if (scale_kind < 0 || scale_kind > 3) return -1;
+    if (scale_kind < 0 || scale_kind > 7 || scale_kind == 4 || scale_kind == 5) return -1;
+    if (scale_kind >= 6 && (!mins || mins != (const uint8_t*)scales + 16 || super_mins != super_scales + 16)) return -1;
     if (scale_kind >= 2 && (sbg <= 0 || (KP / G) % sbg || !super_scales || (mins && !super_mins))) return -1;
+    if (scale_kind >= 2 && G * sbg > 256) return -1;
     const int64_t ng = KP / G;
+    const int64_t AG = scale_kind >= 2 ? G * sbg : G;  // inputs per activation scale
     const QW w = {qw, scales, mins, super_scales, super_mins, ng, G, KP, sbg, zero};
     int8_t* xq = (int8_t*)aligned_alloc(64, (size_t)((M * KP + 63) / 64 * 64));
     float* dx = (float*)malloc(sizeof(float) * M * ng);
@@ -257,7 +322,7 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
     }
     const size_t xe = x_bf16 ? 2 : 4;
     for (int64_t m = 0; m < M; ++m)
-        quant_row((const char*)x + m * ldx * xe, x_bf16, K, KP, G, xq + m * KP, dx + m * ng, xs + m * ng);
+        quant_row((const char*)x + m * ldx * xe, x_bf16, K, KP, AG, G, xq + m * KP, dx + m * ng, xs + m * ng);
     const int64_t halves = tiles * 2;
     const int H = M == 1 ? 4 : 2, MBX = M == 1 ? 1 : 2;
     int64_t mc = (256 << 10) / KP;

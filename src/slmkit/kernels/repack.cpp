@@ -12,7 +12,9 @@
 //   4-bit codes: qweight[t][c / 8][j * 4 + c % 4] = u[c] | u[c + 4] << 4      (c % 8 < 4)
 //   6 / 5-bit codes, in runs of S = 16 / 32 codes (format.py): the low 4 bits as 4-bit codes in
 //   S / 8 vectors, then one vector with the rest of each code (set i = c % S / 4 at bit (b - 4) * i)
-//   scales / mins: [t][group][j]; two-level supers (K-quants): [t][block][j] in float32
+//   scales / mins: [t][group][j]; two-level supers (K-quants): [t][block][j] in float32; two-level
+//   types with mins pair them (format.py two_level_parts): a (t, group) record of 16 scales then 16
+//   mins (mins = scales + 16), a (t, block) record of 16 super-scales then 16 super-mins
 // Rows past n (padding to the tile) get code 0, scale 0 and min 0, as the Python repack pads.
 #include <immintrin.h>
 #include <omp.h>
@@ -245,17 +247,18 @@ void repack_row(const uint8_t* src, int64_t k, int64_t t, int j, uint8_t* qweigh
     const int64_t blocks = k / s.block, groups = blocks * gpb;
     constexpr int S = run_k(s.bits), vpr = run_vectors(s.bits);  // codes / vectors per run
     const int64_t chunks = tile_code_bytes(s.bits, k) / 64;      // 64-byte vectors per tile
+    constexpr int P = s.two_level && s.has_min ? 2 : 1;           // paired records: twice the stride
     uint8_t* q = qweight + t * chunks * 64 + j * 4;
     if (!src) {  // padding: code 0, scale 0 and min 0 (as the Python repack pads)
         for (int64_t c = 0; c < chunks; ++c) memset(q + c * 64, 0, 4);
         for (int64_t g = 0; g < groups; ++g) {
-            const int64_t at = (t * groups + g) * 16 + j;
+            const int64_t at = (t * groups + g) * 16 * P + j;
             memset(scales + at * s.scale_bytes, 0, s.scale_bytes);
             if (s.has_min) memset(mins + at * s.scale_bytes, 0, s.scale_bytes);
         }
         for (int64_t b = 0; s.two_level && b < blocks; ++b) {
-            ssup[(t * blocks + b) * 16 + j] = 0.f;
-            if (s.has_min) msup[(t * blocks + b) * 16 + j] = 0.f;
+            ssup[(t * blocks + b) * 16 * P + j] = 0.f;
+            if (s.has_min) msup[(t * blocks + b) * 16 * P + j] = 0.f;
         }
         return;
     }
@@ -269,13 +272,13 @@ void repack_row(const uint8_t* src, int64_t k, int64_t t, int j, uint8_t* qweigh
             block_scales(s.type, p, sc, mn, &ss, &ms);
             block_codes<TYPE>(p, q + b * (s.block / S) * vpr * 64);
             for (int64_t g = 0; g < gpb; ++g) {
-                const int64_t at = (t * groups + b * gpb + g) * 16 + j;
+                const int64_t at = (t * groups + b * gpb + g) * 16 * P + j;
                 memcpy(scales + at * s.scale_bytes, sc + g * s.scale_bytes, s.scale_bytes);
                 if (s.has_min) memcpy(mins + at * s.scale_bytes, mn + g * s.scale_bytes, s.scale_bytes);
             }
             if (s.two_level) {
-                ssup[(t * blocks + b) * 16 + j] = ss;
-                if (s.has_min) msup[(t * blocks + b) * 16 + j] = ms;
+                ssup[(t * blocks + b) * 16 * P + j] = ss;
+                if (s.has_min) msup[(t * blocks + b) * 16 * P + j] = ms;
             }
         }
     }
@@ -285,7 +288,8 @@ void repack_row(const uint8_t* src, int64_t k, int64_t t, int j, uint8_t* qweigh
 
 // raw: n rows of k / block blocks each (the tensor's GGUF bytes); the outputs as gguf_repack.py
 // allocates them: qweight [tiles, k / (8 | 4), 64], scales and mins [tiles, k / group, 16] (float16
-// or one byte each), super_scales and super_mins [tiles, k / 256, 16] float32 (two-level types only).
+// or one byte each), super_scales and super_mins [tiles, k / 256, 16] float32 (two-level types only;
+// Q4_K and Q5_K paired: mins = scales + 16 and super_mins = super_scales + 16, every record twice as far).
 // Returns 0, or -1 for a type it does not handle, -2 for a shape that does not fit the type.
 extern "C" int slm_repack(const uint8_t* raw, int type, int64_t n, int64_t k, uint8_t* qweight, void* scales,
                           void* mins, float* super_scales, float* super_mins, int threads) {

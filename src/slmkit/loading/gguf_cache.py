@@ -39,7 +39,7 @@ import torch
 
 from ..quant.format import QuantWeight
 
-FORMAT = 4  # 4: the tokenizer in a file of its own; 3: Q5_*, Q6_K codes at 5 and 6 bits (2: as bytes)
+FORMAT = 5  # 5: two-level scales and mins paired; 4: the tokenizer in a file of its own; 3: Q5_*, Q6_K at 5, 6 bits
 SAMPLES = 64          # blocks of tensor data hashed into the fingerprint
 SAMPLE_BYTES = 4096
 _PARTS = ("qweight", "scales", "mins", "super_scales", "super_mins")

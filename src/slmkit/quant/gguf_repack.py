@@ -31,7 +31,7 @@ from slmkit.gguf.quants import (
     q5_k_codes,
     q6_k_codes,
 )
-from slmkit.quant.format import TILE, QuantWeight, _tile_groups, code_vectors, pack_codes, padded
+from slmkit.quant.format import TILE, QuantWeight, _tile_groups, code_vectors, pack_codes, padded, two_level_parts
 
 __all__ = ["REPACKABLE", "repack"]
 
@@ -146,12 +146,13 @@ def repack(raw: torch.Tensor, ggml_type: int, shape: tuple[int, int], *,
     bits, group = spec.bits, spec.group
     tiles, groups = padded(n, TILE) // TILE, k // group
     qweight = torch.empty(tiles, code_vectors(bits, k), 64, dtype=_U8)
-    scales = torch.empty(tiles, groups, TILE, dtype=spec.dtype)
-    mdt = _U8 if spec.per_super else spec.dtype
-    mins = torch.empty(tiles, groups, TILE, dtype=mdt) if spec.has_min else None
-    supers = groups // spec.per_super if spec.per_super else 0
-    s_sup = torch.empty(tiles, supers, TILE, dtype=_F32) if supers else None
-    m_sup = torch.empty(tiles, supers, TILE, dtype=_F32) if supers and spec.has_min else None
+    s_sup = m_sup = None
+    if spec.per_super:  # two-level: paired scales and mins (repack.cpp writes them so)
+        scales, mins, s_sup, m_sup = two_level_parts(tiles, groups, groups // spec.per_super, spec.dtype,
+                                                     spec.has_min)
+    else:
+        scales = torch.empty(tiles, groups, TILE, dtype=spec.dtype)
+        mins = torch.empty(tiles, groups, TILE, dtype=spec.dtype) if spec.has_min else None
     qw = QuantWeight(bits, n, k, group, spec.zero, qweight, scales, mins, s_sup, m_sup)
 
     lib = _repack_library(kernel)

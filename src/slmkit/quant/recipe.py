@@ -30,6 +30,7 @@ Measured on the built-in Gemma 3 270M's float weights (weights quantized, activa
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -151,8 +152,7 @@ def quantize_mixed(w: torch.Tensor, group: int = 32, *, weights: torch.Tensor | 
     sup_s = torch.zeros(np_, ng // ps, dtype=torch.float32)
     sup_m = torch.zeros(np_, ng // ps, dtype=torch.float32)
     sup_s[:n], sup_m[:n] = ss, -sm
-    qw.super_scales, qw.super_mins = _tile_groups(sup_s), _tile_groups(sup_m)
-    return qw
+    return replace(qw, super_scales=_tile_groups(sup_s), super_mins=_tile_groups(sup_m))  # pairs them
 
 
 def bits_per_weight(model: nn.Module, *, include_lm_head: bool = False) -> float:
