@@ -15,11 +15,13 @@ One layout serves int8 and int4, our own quantizers and GGUF blocks alike:
 - scales / mins: [tiles, groups, 16] in float16 (where exact, e.g. Q4_0, Q8_0, our quantizers) or
   float32, or two-level as the K-quants store them: small integers per group (uint8, or int8 for
   Q6_K's scales) times a float32 super-scale (super-min) per 256 inputs, `super_scales` /
-  `super_mins` [tiles, groups // per_super, 16]; the product is formed in float32 (exact).
+  `super_mins` [tiles, groups // per_super, 16]; the product is formed in float32 (exact). With
+  mins the four are paired views of two buffers (`two_level_parts`).
 
-The reference matmul (`qmatmul_reference`) quantizes activations per group to int8 exactly as the
-compiled kernel does (scale = absmax / 127, round half to even), takes exact integer dot products
-per group, and combines them in float32: kernel and fallback agree to float rounding.
+The reference matmul (`qmatmul_reference`) quantizes activations to int8 exactly as the compiled
+kernel does (per group, or per super-block under two-level scales; scale = absmax / 127, round half
+to even), takes exact integer dot products per group, and combines them as the kernel does (integer
+sums per super-block under two-level scales, then float32): kernel and fallback agree bit for bit.
 """
 from __future__ import annotations
 
