@@ -8,9 +8,9 @@ import torch
 from slmkit.gguf.quants import SUPPORTED_TYPES, dequantize
 from slmkit.quant.format import (
     QuantWeight,
+    activation_values,
     dequantize_weight,
     qmatmul_reference,
-    quantize_activations,
     unpack_codes,
 )
 from slmkit.quant.gguf_repack import REPACKABLE, repack
@@ -101,8 +101,7 @@ def test_reference_matmul_matches_float64(type_name):
     assert qw is not None
     w = dequantize(raw, int(qtype(type_name)), shape, torch.float32).double()
     x = torch.randn(5, shape[1], generator=torch.Generator().manual_seed(0))
-    q, d, _ = quantize_activations(x, qw.group, qw.kp, qw.activation_group)
-    x_hat = (q.view(5, -1, qw.activation_group) * d[..., None]).view(5, -1).double()   # exact in f32
+    x_hat = activation_values(x, qw)                                         # exact
     ref = x_hat @ w.T
     bound = x_hat.abs() @ w.abs().T                                          # scale of the sum
     err = (qmatmul_reference(x, qw).double() - ref).abs()

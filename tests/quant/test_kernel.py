@@ -6,12 +6,12 @@ import torch
 
 from slmkit.kernels.qgemm import get_kernel, qmatmul_kernel
 from slmkit.quant.format import (
+    activation_values,
     dequantize_weight,
     from_codes,
     pack_codes,
     qmatmul_reference,
     quantize,
-    quantize_activations,
     unpack_codes,
 )
 
@@ -31,9 +31,7 @@ SHAPES = [  # (n, k, group, bits, m): odd K, N off the 16-row tile, every group 
 def exact(x: torch.Tensor, qw) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 product of the int8-rounded activations and the dequantized weight, and its error scale
     (|x_hat| @ |w|.T): float32 accumulation may differ from float64 by a small multiple of eps of it."""
-    q, d, _ = quantize_activations(x, qw.group, qw.kp, qw.activation_group)
-    m = x.shape[0]
-    xh = (q.view(m, -1, qw.activation_group) * d[..., None]).view(m, -1)[:, : qw.k].double()
+    xh = activation_values(x, qw)[:, : qw.k]
     w = dequantize_weight(qw).double()
     return xh @ w.t(), xh.abs() @ w.abs().t()
 

@@ -114,12 +114,22 @@ def test_int4_km_model_calibrates_keeps_int8_and_counts_bits(phi3_folders):
 def test_int4_km_kernel_equals_fallback(phi3_folders):
     if get_kernel() is None:
         pytest.skip("the compiled kernel is unavailable on this machine")
+    """Every quantized linear of an int4-km model, fed what it saw in a forward pass, gives the same
+    bits through the kernel as through the PyTorch fallback. (Whole-model logits are not compared:
+    the norms' own float rounding differs between the two paths, and int8 activations turn a 1e-7
+    difference into a different code now and then.)"""
     llm = slmkit.load(phi3_folders("gqa"), dtype="float32", quant="int4-km")
+    seen: list[tuple[QuantLinear, torch.Tensor, torch.Tensor]] = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: seen.append((mod, i[0].detach().clone(), o.detach().clone())))
+             for m in llm.engine.model.modules() if isinstance(m, QuantLinear)]
     with use_kernel(True):
-        fast = llm.logits(PROMPT)
+        llm.logits(PROMPT)
+    for h in hooks:
+        h.remove()
+    assert len(seen) >= len(hooks) and any(mod.super_scales is not None for mod, _, _ in seen)
     with use_kernel(False):
-        slow = llm.logits(PROMPT)
-    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+        for mod, x, y in seen:
+            assert torch.equal(mod(x), y)
 
 
 def test_quantize_cli_int4_km_folder_round_trip(phi3_folders, tmp_path):

@@ -32,11 +32,15 @@ extern "C" int slm_supported(void) {
 }
 
 
-// One activation row -> int8 codes (kp, zero padded), a scale per AG inputs (scale = absmax / 127) and a
-// code sum per G inputs (AG a multiple of G: the weight's group, or its super-block for two-level scales).
-static void quant_row(const void* x, int x_bf16, int64_t K, int64_t KP, int64_t AG, int64_t G, int8_t* q,
-                      float* d, int32_t* s) {
-    float buf[256];
+// One activation row -> int8 codes (kp, zero padded), a scale per AG inputs (absmax / 127) and a code
+// sum per G inputs (AG a multiple of G: the weight's group, or its super-block for two-level scales).
+// With E > 0 (two-level scales) a group may take a finer scale: the block's over 2^e, e <= E the
+// largest with the group's absmax x 2^e <= the block's. Its codes are then round(x * (2^e / scale)),
+// its code sum is stored times 2^(E - e), sh[group] = E - e, and d is the block's scale / 2^E: a
+// group's integer sums shifted left by sh all share d (exact), and small groups keep their precision.
+static void quant_row(const void* x, int x_bf16, int64_t K, int64_t KP, int64_t AG, int64_t G, int E, int8_t* q,
+                      float* d, int32_t* s, int32_t* sh) {
+    float buf[256], gmax[16];
     for (int64_t g0 = 0; g0 < KP; g0 += AG) {
         int64_t n = K - g0 < AG ? (K - g0 > 0 ? K - g0 : 0) : AG;
         for (int64_t i = 0; i < AG; ++i) {
@@ -44,25 +48,32 @@ static void quant_row(const void* x, int x_bf16, int64_t K, int64_t KP, int64_t 
             if (i < n) v = x_bf16 ? bf16_to_f32(((const uint16_t*)x)[g0 + i]) : ((const float*)x)[g0 + i];
             buf[i] = v;
         }
-        __m512 amax = _mm512_setzero_ps();
-        for (int64_t i = 0; i < AG; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(buf + i)));
-        float am = _mm512_reduce_max_ps(amax);
-        float dd = am / 127.f;
-        float id = dd > 0.f ? 1.f / dd : 0.f;
-        __m512 vid = _mm512_set1_ps(id);
-        __m512i sum = _mm512_setzero_si512();
-        for (int64_t i = 0; i < AG; i += 16) {
-            __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(buf + i), vid),
-                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            __m512i qi = _mm512_cvtps_epi32(r);
-            sum = _mm512_add_epi32(sum, qi);
-            _mm_storeu_si128((__m128i*)(q + g0 + i), _mm512_cvtsepi32_epi8(qi));
-            if ((i + 16) % G == 0) {
-                s[(g0 + i) / G] = _mm512_reduce_add_epi32(sum);
-                sum = _mm512_setzero_si512();
-            }
+        float am = 0.f;
+        for (int64_t j = 0; j < AG / G; ++j) {
+            __m512 amax = _mm512_setzero_ps();
+            for (int64_t i = j * G; i < (j + 1) * G; i += 16)
+                amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(buf + i)));
+            gmax[j] = _mm512_reduce_max_ps(amax);
+            am = gmax[j] > am ? gmax[j] : am;
         }
-        d[g0 / AG] = dd;
+        const float dd = am / 127.f;
+        const float id = dd > 0.f ? 1.f / dd : 0.f;
+        d[g0 / AG] = dd * (1.f / (float)(1 << E));
+        for (int64_t j = 0; j < AG / G; ++j) {
+            int e = E;
+            while (e > 0 && !(gmax[j] * (float)(1 << e) <= am)) --e;
+            const __m512 vid = _mm512_set1_ps(id * (float)(1 << e));
+            __m512i sum = _mm512_setzero_si512();
+            for (int64_t i = j * G; i < (j + 1) * G; i += 16) {
+                __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(buf + i), vid),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                __m512i qi = _mm512_cvtps_epi32(r);
+                sum = _mm512_add_epi32(sum, qi);
+                _mm_storeu_si128((__m128i*)(q + g0 + i), _mm512_cvtsepi32_epi8(qi));
+            }
+            s[g0 / G + j] = _mm512_reduce_add_epi32(sum) * (1 << (E - e));
+            if (sh) sh[g0 / G + j] = E - e;
+        }
     }
 }
 
@@ -118,6 +129,12 @@ static inline __m512i sub16(const void* p, int64_t i) {
 // mins side by side (format.py two_level_parts), so a tile's metadata is two streams, not four.
 constexpr int record_stride(int sk) { return sk & 4 ? 32 : 16; }
 
+// Two-level scales: how many powers of two finer than its super-block's a group's activation scale
+// may be (quant_row). The bound keeps every super-block sum exact in int32 whatever the scale kind:
+// 256 inputs x (2^bits - 1) x 127 x 255 (a uint8 sub-scale) x 2^E < 2^31: 4 bits 0.99e9 at E = 3,
+// 5 bits 2.06e9 at 3, 6 bits 2.09e9 at 2, 8 bits 2.11e9 at 0 (format.py ACT_SHIFT_MAX).
+constexpr int act_shift_max(int bits) { return bits == 8 ? 0 : bits == 6 ? 2 : 3; }
+
 // The end of a super-block (groups g0 .. g0 + sbg - 1) under two-level scales, per tile and row:
 //     y += (float)ib * (super_scale * dx);  y += (float)(sum_g min_g * xsum_g) * (super_min * dx)
 // with dx the activations' scale over the super-block; ib is zeroed.
@@ -155,8 +172,8 @@ static inline void super_end(const QW& w, int64_t t0, int64_t g0, const float* d
 
 // T row tiles x MB activation rows, all groups of K.
 template <int BITS, int SK, bool MINS, int T, int MB>
-static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, const int32_t* xs, float* out,
-                  int64_t ldo) {
+static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, const int32_t* xs,
+                  const int32_t* xsh, float* out, int64_t ldo) {
     const uint8_t* qw = w.qw;
     const int64_t ng = w.ng, G = w.G, KP = w.KP;
     const int zero = w.zero;
@@ -219,7 +236,8 @@ static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, co
             for (int t = 0; t < T; ++t) {
                 const __m512i sc = sub16<SK>(w.sc, ((t0 + t) * ng + g) * record_stride(SK));
                 for (int m = 0; m < MB; ++m) {
-                    __m512i i = _mm512_add_epi32(is[t][m], is2[t][m]);
+                    __m512i i = _mm512_sllv_epi32(_mm512_add_epi32(is[t][m], is2[t][m]),
+                                                  _mm512_set1_epi32(xsh[m * ng + g]));  // see quant_row
                     if (zero) i = _mm512_sub_epi32(i, _mm512_set1_epi32(zero * xs[m * ng + g]));
                     ib[t][m] = _mm512_add_epi32(ib[t][m], _mm512_mullo_epi32(i, sc));
                 }
@@ -249,7 +267,8 @@ static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, co
         for (int m = 0; m < MB; ++m) _mm512_storeu_ps(out + m * ldo + t * 16, acc[t][m]);
 }
 
-typedef void (*micro_fn)(const QW&, int64_t, const int8_t*, const float*, const int32_t*, float*, int64_t);
+typedef void (*micro_fn)(const QW&, int64_t, const int8_t*, const float*, const int32_t*, const int32_t*, float*,
+                         int64_t);
 
 // From this many activation rows 6 / 5-bit codes are unpacked per block of tiles (measured on Phi-3
 // shapes, Zen 4, one thread: at 8 rows Q5_K 193 vs 154 GOP/s in registers, at 128 rows 228 vs 153,
@@ -345,13 +364,16 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
     int8_t* xq = (int8_t*)aligned_alloc(64, (size_t)((M * KP + 63) / 64 * 64));
     float* dx = (float*)malloc(sizeof(float) * M * ng);
     int32_t* xs = (int32_t*)malloc(sizeof(int32_t) * M * ng);
-    if (!xq || !dx || !xs) {
-        free(xq); free(dx); free(xs);
+    int32_t* xsh = (int32_t*)malloc(sizeof(int32_t) * M * ng);
+    if (!xq || !dx || !xs || !xsh) {
+        free(xq); free(dx); free(xs); free(xsh);
         return -2;
     }
     const size_t xe = x_bf16 ? 2 : 4;
+    const int E = scale_kind >= 2 ? act_shift_max(bits) : 0;
     for (int64_t m = 0; m < M; ++m)
-        quant_row((const char*)x + m * ldx * xe, x_bf16, K, KP, AG, G, xq + m * KP, dx + m * ng, xs + m * ng);
+        quant_row((const char*)x + m * ldx * xe, x_bf16, K, KP, AG, G, E, xq + m * KP, dx + m * ng, xs + m * ng,
+                  xsh + m * ng);
 
     // M chunks whose int8 activations stay in L2 while every row tile streams past them.
     int64_t mc = (256 << 10) / KP;
@@ -396,7 +418,7 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
                         // a short block at the end of N goes one tile at a time
                         const int tcur = (tt == T) ? T : 1;
                         micro_fn f = pick_all(run_bits, scale_kind, mins != nullptr, tcur, mb);
-                        f(wb, t0 + ts, xq + m0 * KP, dx + m0 * ng, xs + m0 * ng, tmp, 64);
+                        f(wb, t0 + ts, xq + m0 * KP, dx + m0 * ng, xs + m0 * ng, xsh + m0 * ng, tmp, 64);
                         for (int m = 0; m < mb; ++m) {
                             const int64_t r0 = (t0 + ts) * 16;
                             int64_t nr = N - r0 < tcur * 16 ? N - r0 : tcur * 16;
@@ -418,6 +440,7 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
     free(xq);
     free(dx);
     free(xs);
+    free(xsh);
     return err;
 }
 

@@ -22,11 +22,11 @@
 #define QGEMM_NAME slm_avx2_qgemm_plain
 #endif
 
-// One activation row -> int8 codes (kp, zero padded), a scale per AG inputs and a code sum per G inputs
-// (as qgemm.cpp).
-static void quant_row(const void* x, int x_bf16, int64_t K, int64_t KP, int64_t AG, int64_t G, int8_t* q,
-                      float* d, int32_t* s) {
-    float buf[256];
+// One activation row -> int8 codes (kp, zero padded), a scale per AG inputs, a code sum per G inputs,
+// and with E > 0 a finer scale for small groups (as qgemm.cpp's quant_row, which says how).
+static void quant_row(const void* x, int x_bf16, int64_t K, int64_t KP, int64_t AG, int64_t G, int E, int8_t* q,
+                      float* d, int32_t* s, int32_t* sh) {
+    float buf[256], gmax[16];
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int64_t g0 = 0; g0 < KP; g0 += AG) {
         int64_t n = K - g0 < AG ? (K - g0 > 0 ? K - g0 : 0) : AG;
@@ -35,31 +35,37 @@ static void quant_row(const void* x, int x_bf16, int64_t K, int64_t KP, int64_t 
             if (i < n) v = x_bf16 ? bf16_to_f32(((const uint16_t*)x)[g0 + i]) : ((const float*)x)[g0 + i];
             buf[i] = v;
         }
-        V16 amax = v_zero();
-        for (int64_t i = 0; i < AG; i += 16) {
-            const V16 b = v_load(buf + i);
-            amax = v_max(amax, V16{_mm256_and_ps(b.a, absmask), _mm256_and_ps(b.b, absmask)});
-        }
-        float am = v_hmax(amax);
-        float dd = am / 127.f;
-        float id = dd > 0.f ? 1.f / dd : 0.f;
-        __m256 vid = _mm256_set1_ps(id);
-        __m256i sum = _mm256_setzero_si256();
-        for (int64_t i = 0; i < AG; i += 8) {
-            __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(buf + i), vid),
-                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            __m256i qi = _mm256_cvtps_epi32(r);
-            sum = _mm256_add_epi32(sum, qi);
-            __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
-            _mm_storel_epi64((__m128i*)(q + g0 + i), _mm_packs_epi16(w16, w16));  // signed saturation
-            if ((i + 8) % G == 0) {
-                __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-                s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
-                s[(g0 + i) / G] = _mm_cvtsi128_si32(s4) + _mm_extract_epi32(s4, 1);
-                sum = _mm256_setzero_si256();
+        float am = 0.f;
+        for (int64_t j = 0; j < AG / G; ++j) {
+            V16 amax = v_zero();
+            for (int64_t i = j * G; i < (j + 1) * G; i += 16) {
+                const V16 b = v_load(buf + i);
+                amax = v_max(amax, V16{_mm256_and_ps(b.a, absmask), _mm256_and_ps(b.b, absmask)});
             }
+            gmax[j] = v_hmax(amax);
+            am = gmax[j] > am ? gmax[j] : am;
         }
-        d[g0 / AG] = dd;
+        const float dd = am / 127.f;
+        const float id = dd > 0.f ? 1.f / dd : 0.f;
+        d[g0 / AG] = dd * (1.f / (float)(1 << E));
+        for (int64_t j = 0; j < AG / G; ++j) {
+            int e = E;
+            while (e > 0 && !(gmax[j] * (float)(1 << e) <= am)) --e;
+            const __m256 vid = _mm256_set1_ps(id * (float)(1 << e));
+            __m256i sum = _mm256_setzero_si256();
+            for (int64_t i = j * G; i < (j + 1) * G; i += 8) {
+                __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(buf + i), vid),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                __m256i qi = _mm256_cvtps_epi32(r);
+                sum = _mm256_add_epi32(sum, qi);
+                __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
+                _mm_storel_epi64((__m128i*)(q + g0 + i), _mm_packs_epi16(w16, w16));  // signed saturation
+            }
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+            s[g0 / G + j] = (_mm_cvtsi128_si32(s4) + _mm_extract_epi32(s4, 1)) * (1 << (E - e));
+            if (sh) sh[g0 / G + j] = E - e;
+        }
     }
 }
 
@@ -100,6 +106,7 @@ static inline __m256i sub8(const void* p, int64_t i) {
 }
 
 constexpr int record_stride(int sk) { return sk & 4 ? 32 : 16; }  // as qgemm.cpp
+constexpr int act_shift_max(int bits) { return bits == 8 ? 0 : bits == 6 ? 2 : 3; }  // as qgemm.cpp
 
 // The top bits of set i (at bit (BITS - 4) * i of each byte) moved to bit 4 (16-bit shifts: what
 // crosses a byte border lands outside the mask applied next).
@@ -121,8 +128,8 @@ struct QW {
 
 // H half tiles (8 rows each, h0 the first) x MB activation rows, all groups of K.
 template <int BITS, int SK, bool MINS, int H, int MB>
-static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, const int32_t* xs, float* out,
-                  int64_t ldo) {
+static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, const int32_t* xs,
+                  const int32_t* xsh, float* out, int64_t ldo) {
     const int64_t ng = w.ng, G = w.G, KP = w.KP;
     constexpr int step = run_k(BITS), vpr = run_vectors(BITS);
     const int64_t tile_bytes = tile_code_bytes(BITS, KP);
@@ -212,9 +219,11 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
                     const int32_t qs = xs[m * ng + g];
 #ifdef SLM_VNNI
                     __m256i i = is[h][m];
-#else
-                    __m256i i = BITS == 8 ? _mm256_add_epi32(is[h][m], _mm256_set1_epi32(128 * qs)) : is[h][m];
+#else  // 8-bit codes: the 128 * (unshifted) code sum the sign trick left out
+                    __m256i i = BITS == 8 ? _mm256_add_epi32(is[h][m], _mm256_set1_epi32(128 * (qs >> xsh[m * ng + g])))
+                                          : is[h][m];
 #endif
+                    i = _mm256_sllv_epi32(i, _mm256_set1_epi32(xsh[m * ng + g]));  // see quant_row
                     if (w.zero) i = _mm256_sub_epi32(i, _mm256_set1_epi32(w.zero * qs));
                     ib[h][m] = _mm256_add_epi32(ib[h][m], _mm256_mullo_epi32(i, sc));
                 }
@@ -273,7 +282,8 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
         for (int m = 0; m < MB; ++m) _mm256_storeu_ps(out + m * ldo + h * 8, acc[h][m]);
 }
 
-typedef void (*micro_fn)(const QW&, int64_t, const int8_t*, const float*, const int32_t*, float*, int64_t);
+typedef void (*micro_fn)(const QW&, int64_t, const int8_t*, const float*, const int32_t*, const int32_t*, float*,
+                         int64_t);
 
 // 4 half tiles x 1 row (decode), 2 x 2 otherwise: 8 float and 8 int accumulators in 16 registers
 template <int BITS, int SK, bool MINS>
@@ -316,13 +326,16 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
     int8_t* xq = (int8_t*)aligned_alloc(64, (size_t)((M * KP + 63) / 64 * 64));
     float* dx = (float*)malloc(sizeof(float) * M * ng);
     int32_t* xs = (int32_t*)malloc(sizeof(int32_t) * M * ng);
-    if (!xq || !dx || !xs) {
-        free(xq); free(dx); free(xs);
+    int32_t* xsh = (int32_t*)malloc(sizeof(int32_t) * M * ng);
+    if (!xq || !dx || !xs || !xsh) {
+        free(xq); free(dx); free(xs); free(xsh);
         return -2;
     }
     const size_t xe = x_bf16 ? 2 : 4;
+    const int E = scale_kind >= 2 ? act_shift_max(bits) : 0;
     for (int64_t m = 0; m < M; ++m)
-        quant_row((const char*)x + m * ldx * xe, x_bf16, K, KP, AG, G, xq + m * KP, dx + m * ng, xs + m * ng);
+        quant_row((const char*)x + m * ldx * xe, x_bf16, K, KP, AG, G, E, xq + m * KP, dx + m * ng, xs + m * ng,
+                  xsh + m * ng);
     const int64_t halves = tiles * 2;
     const int H = M == 1 ? 4 : 2, MBX = M == 1 ? 1 : 2;
     int64_t mc = (256 << 10) / KP;
@@ -346,7 +359,7 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
                                      : bits == 5 ? pick_kind<5>(scale_kind, mins != nullptr, hcur, mb)
                                      : bits == 6 ? pick_kind<6>(scale_kind, mins != nullptr, hcur, mb)
                                                  : pick_kind<8>(scale_kind, mins != nullptr, hcur, mb);
-                        f(w, hb + hs, xq + m0 * KP, dx + m0 * ng, xs + m0 * ng, tmp, 32);
+                        f(w, hb + hs, xq + m0 * KP, dx + m0 * ng, xs + m0 * ng, xsh + m0 * ng, tmp, 32);
                         for (int m = 0; m < mb; ++m) {
                             const int64_t r0 = (hb + hs) * 8;
                             const int64_t nr = N - r0 < hcur * 8 ? N - r0 : hcur * 8;
@@ -366,6 +379,7 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
     free(xq);
     free(dx);
     free(xs);
+    free(xsh);
     return 0;
 }
 

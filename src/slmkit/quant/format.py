@@ -307,19 +307,52 @@ def quantize(w: torch.Tensor, bits: int, group: int, *, rows_per_chunk: int = 25
 
 
 # ------------------------------------------------------------------------ reference matmul
-def quantize_activations(x: torch.Tensor, group: int, kp: int, scale_group: int | None = None,
+# Two-level scales: how many powers of two finer than its super-block's a group's activation scale may
+# be, per code width (kernels/qgemm.cpp act_shift_max: every super-block sum stays exact in int32).
+ACT_SHIFT_MAX = {4: 3, 5: 3, 6: 2, 8: 0}
+
+
+def quantize_activations(x: torch.Tensor, group: int, kp: int, scale_group: int | None = None, shift_max: int = 0,
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [M, K] -> int8 codes [M, kp] as float32, scales [M, kp // scale_group] (one per scale_group
-    inputs, default group), code sums [M, kp // group] (the compiled kernel computes exactly these)."""
+    """x [M, K] -> int8 codes [M, kp] as float32, scales [M, kp // scale_group], code sums [M, kp //
+    group]: _quantize_activations' first three (the compiled kernel computes exactly these)."""
+    return _quantize_activations(x, group, kp, scale_group, shift_max)[:3]
+
+
+def _quantize_activations(x: torch.Tensor, group: int, kp: int, scale_group: int | None = None,
+                          shift_max: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] -> int8 codes [M, kp] as float32, scales [M, kp // scale_group] (absmax / 127 per
+    scale_group inputs, default group), code sums [M, kp // group] and what each group's integer
+    sums count (1, or 2^(E - e) below) [M, kp // group]. With shift_max E > 0 a group takes the finer
+    scale (its block's) / 2^e, e <= E the largest with its absmax x 2^e <= the block's: its codes are
+    round(x * (2^e / scale)), its sum is returned times 2^(E - e), and the scales returned are the
+    blocks' / 2^E (qgemm.cpp quant_row): small groups keep their precision, sums stay exact."""
     sg = scale_group or group
     xf = x.float()
+    m = xf.shape[0]
     if kp != xf.shape[1]:
         xf = torch.nn.functional.pad(xf, (0, kp - xf.shape[1]))
-    g = xf.view(xf.shape[0], kp // sg, sg)
-    d = g.abs().amax(dim=-1) / 127
+    g = xf.view(m, kp // sg, sg // group, group)
+    gmax = g.abs().amax(dim=-1)                                          # [M, blocks, groups a block]
+    amax = gmax.amax(dim=-1)
+    d = amax / 127
     inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
-    q = torch.round(g * inv[..., None]).view(xf.shape[0], kp)
-    return q, d, q.view(xf.shape[0], kp // group, group).sum(dim=-1)
+    e = torch.zeros_like(gmax, dtype=torch.int32)
+    for cand in range(1, shift_max + 1):                                 # the largest that holds wins
+        e = torch.where(gmax * 2.0 ** cand <= amax[..., None], cand, e)
+    q = torch.round(g * (inv[..., None] * torch.exp2(e.float()))[..., None]).view(m, kp)  # exact products
+    mult = torch.exp2((shift_max - e).float()).view(m, -1)               # 2^(E - e) per group
+    return q, d * 2.0 ** -shift_max, q.view(m, -1, group).sum(dim=-1) * mult, mult
+
+
+def activation_values(x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
+    """The values [M, kp] (float64, exact) that x's int8 codes stand for in a matmul with qw."""
+    shift = ACT_SHIFT_MAX[qw.bits] if qw.super_scales is not None else 0
+    q, d, _, mult = _quantize_activations(x, qw.group, qw.kp, qw.activation_group, shift)
+    m, ng = q.shape[0], qw.kp // qw.group
+    per = qw.activation_group // qw.group
+    scale = d.double().repeat_interleave(per, dim=1) * mult.double()          # [M, ng]
+    return (q.double().view(m, ng, qw.group) * scale[..., None]).view(m, -1)
 
 
 def qmatmul_reference(x: torch.Tensor, qw: QuantWeight, *, chunk_bytes: int = 64 << 20) -> torch.Tensor:
@@ -373,13 +406,14 @@ def _qmatmul_two_level(x: torch.Tensor, qw: QuantWeight, chunk_bytes: int) -> to
     m, ps = x.shape[0], qw.per_super
     ng = qw.kp // qw.group
     nsb = ng // ps
-    q, d, qs = quantize_activations(x, qw.group, qw.kp, qw.activation_group)  # d [M, nsb], qs [M, ng]
+    q, d, qs, mult = _quantize_activations(x, qw.group, qw.kp, qw.activation_group, ACT_SHIFT_MAX[qw.bits])
     qg = q.view(m, ng, qw.group).transpose(0, 1)
-    qs64 = qs.double().t()[:, :, None]                                    # [ng, M, 1]
+    qs64 = qs.double().t()[:, :, None]                                    # [ng, M, 1], counted 2^(E - e) times
+    shift = mult.double().t()[:, :, None]
     out = torch.empty(m, qw.n, dtype=torch.float32, device=x.device)
     assert qw.super_scales is not None
     for r0, r1, t0, t1 in _row_chunks(qw, (2 * ng + 2 * nsb) * m * 8 + qw.kp * 4, chunk_bytes):
-        isum = _group_sums(qg, qw, t0, t1).double()                       # [ng, M, rows]
+        isum = _group_sums(qg, qw, t0, t1).double() * shift                # [ng, M, rows]
         if qw.zero:
             isum -= qw.zero * qs64
         sub = qw.scales[t0:t1].permute(1, 0, 2).reshape(ng, 1, -1).double()
