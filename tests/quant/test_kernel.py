@@ -36,6 +36,17 @@ def exact(x: torch.Tensor, qw) -> tuple[torch.Tensor, torch.Tensor]:
     return xh @ w.t(), xh.abs() @ w.abs().t()
 
 
+def reference_and_kernel_agree(x: torch.Tensor, qw) -> None:
+    """The reference within float32 rounding of the float64 product; the kernel equal to it bit for bit."""
+    want, scale = exact(x, qw)
+    ref = qmatmul_reference(x, qw)
+    assert ((ref.double() - want).abs() <= 1e-5 * scale + 1e-6).all()
+    lib = get_kernel()
+    if lib is None:
+        pytest.skip("the compiled kernel is unavailable on this machine")
+    assert torch.equal(qmatmul_kernel(lib, x, qw, torch.float32), ref)
+
+
 def weights(n: int, k: int, group: int, bits: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.05
@@ -147,14 +158,7 @@ def test_kernel_runs_gguf_blocks_like_the_reference(type_name, m):
     raw = torch.from_numpy(np.ascontiguousarray(random_blocks(type_name, shape, np.random.default_rng(3)))
                            .reshape(-1).copy())
     qw = repack(raw, int(Q[type_name]), shape)
-    x = torch.randn(m, shape[1], generator=torch.Generator().manual_seed(4))
-    want, scale = exact(x, qw)
-    ref = qmatmul_reference(x, qw)
-    assert ((ref.double() - want).abs() <= 1e-5 * scale + 1e-6).all()
-    lib = get_kernel()
-    if lib is None:
-        pytest.skip("the compiled kernel is unavailable on this machine")
-    assert torch.equal(qmatmul_kernel(lib, x, qw, torch.float32), ref)
+    reference_and_kernel_agree(torch.randn(m, shape[1], generator=torch.Generator().manual_seed(4)), qw)
 
 
 @pytest.mark.parametrize("bits", [4, 5, 6, 8])
@@ -242,13 +246,8 @@ def test_two_level_scales_and_mins_are_paired_whatever_the_source():
     plain = _two_level(u, sub, None, bits=4, group=32, zero=0, per_super=8, dtype=torch.int8)
     assert not plain.paired and plain.scale_kind == 3 and plain.scales.is_contiguous()
     x = torch.randn(3, k, generator=g)
-    want, scale = exact(x, qw)
-    ref = qmatmul_reference(x, qw)
-    assert ((ref.double() - want).abs() <= 1e-5 * scale + 1e-6).all()
+    reference_and_kernel_agree(x, qw)
     lib = get_kernel()
-    if lib is None:
-        pytest.skip("the compiled kernel is unavailable on this machine")
-    assert torch.equal(qmatmul_kernel(lib, x, qw, torch.float32), ref)
     args = list(qgemm_weight_args(qw))
     separate = qw.mins.contiguous()
     args[4] = separate.data_ptr()  # paired kind, mins elsewhere: refused, never misread

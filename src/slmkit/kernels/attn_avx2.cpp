@@ -1,4 +1,4 @@
-// slm_attn (qgemm.cpp) for CPUs with AVX2 + FMA + F16C: the same float32 operations per lane in the
+// slm_attn (attn.cpp) for CPUs with AVX2 + FMA + F16C: the same float32 operations per lane in the
 // same order, and the same pairing of lanes in every horizontal sum, so the same bits as the AVX512
 // kernel; each query's result independent of B, S, L, strides and threads as there.
 #include <omp.h>
@@ -26,7 +26,7 @@ static inline V16 ld16(const void* p, int64_t i, int n) {
     return {bf16x8(h0), bf16x8(h1)};
 }
 
-// qgemm.cpp's exp512, 8 lanes: 2^n as exponent bits (n >= -126 for x >= -87.3, a normal float),
+// attn.cpp's exp512, 8 lanes: 2^n as exponent bits (n >= -126 for x >= -87.3, a normal float),
 // so p * 2^n rounds once, as vscalefps does.
 static inline __m256 exp8(__m256 x) {
     const __m256 lo = _mm256_set1_ps(-87.3f);
@@ -48,7 +48,7 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
 
-// qgemm.cpp's hsum16 for one key: per 128-bit quarter (l0 + l2) + (l1 + l3), then (q0 + q1) + (q2 + q3).
+// attn.cpp's hsum16 for one key: per 128-bit quarter (l0 + l2) + (l1 + l3), then (q0 + q1) + (q2 + q3).
 static inline float qsum(__m128 x) {
     const __m128 s = _mm_add_ps(x, _mm_movehl_ps(x, x));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
@@ -124,7 +124,7 @@ static void attn_task(const void* q, const void* k, const void* v, void* out, in
     }
 }
 
-// slm_attn of qgemm.cpp: the same arguments, checks and task split.
+// slm_attn of attn.cpp: the same arguments, checks and task split.
 extern "C" int slm_attn(int dtype, int64_t B, int64_t S, int64_t H, int64_t Hkv, int64_t D, const void* q,
                         int64_t qsb, int64_t qsh, int64_t qss, const void* k, int64_t ksb, int64_t ksh, int64_t kst,
                         const void* v, int64_t vsb, int64_t vsh, int64_t vst, int64_t L, const int64_t* qpos,

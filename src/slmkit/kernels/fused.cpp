@@ -22,7 +22,7 @@
 
 #include "bf16.h"
 
-// qgemm.cpp / qgemm_avx2.cpp and qgemm.cpp / attn_avx2.cpp: the argument lists must stay the same
+// qgemm.cpp / qgemm_avx2.cpp and attn.cpp / attn_avx2.cpp: the argument lists must stay the same
 extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_t ldx, const uint8_t* qw,
                          const void* scales, const void* mins, int scale_kind, const float* super_scales,
                          const float* super_mins, int64_t sbg, int bits, int64_t tiles, int64_t KP, int64_t G,

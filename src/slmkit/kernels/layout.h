@@ -10,3 +10,22 @@ constexpr int run_vectors(int bits) { return bits == 6 ? 3 : bits == 5 ? 5 : 1; 
 
 // Bytes of one row tile's codes over KP inputs (KP a multiple of run_k(bits)).
 constexpr int64_t tile_code_bytes(int bits, int64_t KP) { return KP / run_k(bits) * run_vectors(bits) * 64; }
+
+// Two-level scales (the K-quants'), kernel kinds 6 / 7 = 2 / 3 paired (format.py two_level_parts): elements
+// from one (tile, group) record of sub-scales (or mins) to the next, and from one (tile, super-block) record
+// of super-scales (or super-mins) to the next. Pairing keeps a tile's metadata in two streams, not four.
+constexpr int record_stride(int scale_kind) { return scale_kind & 4 ? 32 : 16; }
+
+// Two-level scales: how many powers of two finer than its super-block's a group's activation scale may be
+// (quant_row). The bound keeps every super-block sum exact in int32 whatever the scale kind: 256 inputs x
+// (2^bits - 1) x 127 x 255 (a uint8 sub-scale) x 2^E < 2^31: 4 bits 0.99e9 at E = 3, 5 bits 2.06e9 at 3,
+// 6 bits 2.09e9 at 2, 8 bits 2.11e9 at 0 (format.py ACT_SHIFT_MAX).
+constexpr int act_shift_max(int bits) { return bits == 8 ? 0 : bits == 6 ? 2 : 3; }
+
+// The e <= E of a group of absmax gmax in a block of absmax am: the largest with gmax x 2^e <= am (exact
+// float products), so the group's codes round(x * 2^e / scale) stay within the block's int8 range.
+static inline int group_exp(float gmax, float am, int E) {
+    int e = E;
+    while (e > 0 && !(gmax * (float)(1 << e) <= am)) --e;
+    return e;
+}

@@ -1,6 +1,6 @@
-"""The compiled kernels (qgemm.cpp, fgemm.cpp, repack.cpp, fused.cpp): the quantized matmul, the attention (one or
-more new queries per row over strided KV-cache views), the batch-invariant float matmul, the GGUF repack and Gemma 3's
-fused decode step (kernels/fused.py); build, load, call; None where unavailable.
+"""The compiled kernels (qgemm.cpp, attn.cpp, fgemm.cpp, repack.cpp, fused.cpp): the quantized matmul, the
+attention (one or more new queries per row over strided KV-cache views), the batch-invariant float matmul, the GGUF
+repack and Gemma 3's fused decode step (kernels/fused.py); build, load, call; None where unavailable.
 
 Built once with the machine's C++ compiler (at `make` time, or on first use) into the package
 folder when writable, else `$SLMKIT_HOME/kernels` / `~/.cache/slmkit/kernels`; the file name
@@ -30,7 +30,7 @@ import torch
 from ..quant.format import QuantWeight
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "qgemm.cpp", HERE / "fgemm.cpp", HERE / "repack.cpp", HERE / "fused.cpp"]
+SOURCES = [HERE / "qgemm.cpp", HERE / "attn.cpp", HERE / "fgemm.cpp", HERE / "repack.cpp", HERE / "fused.cpp"]
 FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl",
          "-mavx512vnni", "-mf16c", "-mfma", "-ffp-contract=off"]
 # The AVX2 build (CPUs without AVX512): its own translation units and flags, never -mavx512*. The
@@ -339,7 +339,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, qpos:
     H a multiple of Hkv) -> [B, H, S, D], or None where the kernel cannot take it (the caller then
     uses SDPA). Query s of row b sits at position qpos[b, s] (None: L - S + s, every row) and sees
     keys j <= its position with, given a window W, j > position - W. float32 throughout, output in
-    q's dtype. Each query's result is the same bits whatever the batch, S or L (see qgemm.cpp)."""
+    q's dtype. Each query's result is the same bits whatever the batch, S or L (see attn.cpp)."""
     lib = get_kernel() if decode_attention_enabled else None
     if lib is None or q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         return None

@@ -49,8 +49,7 @@ static void quant_row(const void* x, int x_bf16, int64_t K, int64_t KP, int64_t 
         const float id = dd > 0.f ? 1.f / dd : 0.f;
         d[g0 / AG] = dd * (1.f / (float)(1 << E));
         for (int64_t j = 0; j < AG / G; ++j) {
-            int e = E;
-            while (e > 0 && !(gmax[j] * (float)(1 << e) <= am)) --e;
+            const int e = group_exp(gmax[j], am, E);
             const __m256 vid = _mm256_set1_ps(id * (float)(1 << e));
             __m256i sum = _mm256_setzero_si256();
             for (int64_t i = j * G; i < (j + 1) * G; i += 8) {
@@ -105,8 +104,6 @@ static inline __m256i sub8(const void* p, int64_t i) {
     return (SK & 3) == 3 ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
 }
 
-constexpr int record_stride(int sk) { return sk & 4 ? 32 : 16; }  // as qgemm.cpp
-constexpr int act_shift_max(int bits) { return bits == 8 ? 0 : bits == 6 ? 2 : 3; }  // as qgemm.cpp
 
 // The top bits of set i (at bit (BITS - 4) * i of each byte) moved to bit 4 (16-bit shifts: what
 // crosses a byte border lands outside the mask applied next).
