@@ -142,17 +142,43 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
             ib[h][m] = _mm256_setzero_si256();
             if (SUPER) _mm256_storeu_ps(out + m * ldo + h * 8, acc[h][m]);
         }
+    const uint8_t* base[H];  // half tile h's codes
+    for (int h = 0; h < H; ++h) base[h] = w.qw + ((h0 + h) / 2) * tile_bytes + ((h0 + h) % 2) * 32;
     for (int64_t g = 0; g < ng; ++g) {
         __m256i is[H][MB];
         __m256i p16[H][MB];  // without VNNI: int16 pair sums not yet widened into is
         for (int h = 0; h < H; ++h)
             for (int m = 0; m < MB; ++m) is[h][m] = p16[h][m] = _mm256_setzero_si256();
         const int64_t c0 = g * G / step, c1 = (g + 1) * G / step;
+#ifndef SLM_VNNI
+        if constexpr (BITS == 4) {  // int16 pair sums of up to 4 chunks (|each| <= 2 * 15 * 127), then widened
+            for (int64_t cb = c0; cb < c1; cb += 4) {
+                __m256i p[H][MB];
+                for (int h = 0; h < H; ++h)
+                    for (int m = 0; m < MB; ++m) p[h][m] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+                for (int cc = 0; cc < 4; ++cc) {
+                    if (cb + cc >= c1) break;  // groups of 16: 2 chunks
+                    const int64_t k0 = (cb + cc) * step;
+                    for (int h = 0; h < H; ++h) {
+                        const __m256i v = _mm256_loadu_si256((const __m256i*)(base[h] + (cb + cc) * 64));
+                        const __m256i lo = _mm256_and_si256(v, low);
+                        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                        for (int m = 0; m < MB; ++m) {
+                            p[h][m] = _mm256_add_epi16(p[h][m], _mm256_maddubs_epi16(lo, bcast4(xq + m * KP + k0)));
+                            p[h][m] = _mm256_add_epi16(p[h][m], _mm256_maddubs_epi16(hi, bcast4(xq + m * KP + k0 + 4)));
+                        }
+                    }
+                }
+                for (int h = 0; h < H; ++h)
+                    for (int m = 0; m < MB; ++m) flush16(is[h][m], p[h][m]);
+            }
+        } else
+#endif
         for (int64_t c = c0; c < c1; ++c) {
             const int64_t k0 = c * step;
             for (int h = 0; h < H; ++h) {
-                const int64_t ht = h0 + h;
-                const uint8_t* p = w.qw + (ht / 2) * tile_bytes + c * vpr * 64 + (ht % 2) * 32;
+                const uint8_t* p = base[h] + c * vpr * 64;
                 __m256i v = _mm256_loadu_si256((const __m256i*)p);
                 if (BITS == 5 || BITS == 6) {  // nibble vectors, then the top bits of all their sets;
                     // codes < 64: vpmaddubsw's pair sums stay below int16's limit (2 * 63 * 127)
@@ -183,14 +209,9 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
                 __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
                 for (int m = 0; m < MB; ++m) {
                     const __m256i xa = bcast4(xq + m * KP + k0);
-                    if (BITS == 4) {
-#ifdef SLM_VNNI
+                    if (BITS == 4) {  // with VNNI (without: the block above)
                         is[h][m] = dot4(is[h][m], lo, xa);
                         is[h][m] = dot4(is[h][m], hi, bcast4(xq + m * KP + k0 + 4));
-#else  // int16 pair sums (|each| <= 2 * 15 * 127) of up to 4 chunks, then widened once
-                        p16[h][m] = _mm256_add_epi16(p16[h][m], _mm256_maddubs_epi16(lo, xa));
-                        p16[h][m] = _mm256_add_epi16(p16[h][m], _mm256_maddubs_epi16(hi, bcast4(xq + m * KP + k0 + 4)));
-#endif
                     } else {
 #ifdef SLM_VNNI
                         is[h][m] = dot4(is[h][m], v, xa);
@@ -202,11 +223,6 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
                     }
                 }
             }
-#ifndef SLM_VNNI
-            if (BITS == 4 && (((c - c0) & 3) == 3 || c == c1 - 1))  // 4-bit: every 4 chunks (8 pair sums)
-                for (int h = 0; h < H; ++h)
-                    for (int m = 0; m < MB; ++m) flush16(is[h][m], p16[h][m]);
-#endif
         }
         if constexpr (SUPER) {
             for (int h = 0; h < H; ++h) {
