@@ -255,3 +255,12 @@ def test_two_level_scales_and_mins_are_paired_whatever_the_source():
     xc = x.contiguous()
     rc = lib.slm_qgemm(xc.data_ptr(), 0, 3, *args, out.data_ptr(), 0, n, 1)
     assert rc == -1
+
+
+def test_two_level_super_blocks_over_256_inputs_are_refused():
+    """A super-scale over more than 256 inputs would let the kernel's int32 sums overflow: a clear
+    ValueError at construction, naming the numbers."""
+    u = torch.zeros(16, 1024, dtype=torch.uint8)
+    sub = torch.ones(16, 16)
+    with pytest.raises(ValueError, match="512 inputs per super-scale"):
+        _two_level(u, sub, sub.clone(), bits=4, group=64, zero=0, per_super=8)

@@ -57,6 +57,9 @@ class QuantWeight:
     super_mins: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        if self.super_scales is not None and self.activation_group > 256:  # the kernel's int32 bound
+            raise ValueError(f"two-level scales of {self.activation_group} inputs per super-scale "
+                             f"(group {self.group} x {self.per_super}): at most 256")
         # two-level scales with mins are kept paired (see two_level_parts): views of two buffers
         if self.super_scales is not None and self.mins is not None and not self.paired:
             sc, mn, ss, sm = two_level_parts(self.scales.shape[0], self.scales.shape[1],
