@@ -254,7 +254,10 @@ def test_requests_queued_on_a_dying_replica_are_served_by_the_survivor(one_model
     results, serving, _ = _kill_during(one_model, sessions, pick=victim)
     _check_whole_or_error_event(results, serving, victim, want)
     moved = [r for r in results.values() if not isinstance(r, BaseException) and r[2] == survivor]
-    assert moved and all(int(attempts) >= 2 for *_, attempts in moved)
+    # the queued ones are sent again (attempt 2); a stream whose request reached the router only after
+    # the kill goes to the survivor at once (attempt 1: seen once on a loaded machine)
+    assert moved and any(int(attempts) == 2 for *_, attempts in moved)
+    assert all(int(attempts) in (1, 2) for *_, attempts in moved)
     _wait_for_replicas(one_model, "slmkit", 2)
 
 
