@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "attn_driver.h"
 
 // Attention of S new queries per row: y[b, s, h] = softmax(scale * q[b, h, s] . K[b, h/G, j]) V over
 // the keys j in [start, p] with p the query's position and start = max(0, p - window + 1) (window 0:
@@ -21,7 +22,6 @@
 // other rows, or as one of a prefill chunk of any size. Greedy decoding relies on that to be batch-
 // and chunk-invariant (a prompt prefilled in one piece, in chunks, or reused from a kept slot).
 
-enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
 template <int DT>
 static inline __m512 ld16(const void* p, int64_t i, __mmask16 m) {
@@ -138,71 +138,7 @@ static void attn_task(const void* q, const void* k, const void* v, void* out, in
             for (int c = 0; c < cn; ++c) _mm512_storeu_ps(acc + (g * nc + c0 + c) * 16, r[c]);
         }
     }
-    for (int64_t g = 0; g < G; ++g) {
-        const float inv = 1.f / sum[g];
-        float* a = acc + g * nc * 16;
-        for (int64_t d = 0; d < D; ++d) {
-            const float y = a[d] * inv;
-            if (DT == DT_F32) ((float*)out)[g * D + d] = y;
-            else if (DT == DT_BF16) ((uint16_t*)out)[g * D + d] = f32_to_bf16(y);
-            else ((uint16_t*)out)[g * D + d] = _cvtss_sh(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        }
-    }
+    attn_store<DT>(acc, sum, out, G, D, nc);
 }
 
-// q: [B, H, S, D] with strides (qsb, qsh, qss, 1); k, v: base pointers, strides (row, kv head,
-// position, 1); L: keys in the view (positions 0..L-1); qpos: [B, S] (strides qpb, qps) query
-// positions, or NULL for L - S + s in every row. Returns 0, or a negative code for bad arguments (the
-// Python side checks them first).
-extern "C" int slm_attn(int dtype, int64_t B, int64_t S, int64_t H, int64_t Hkv, int64_t D, const void* q,
-                        int64_t qsb, int64_t qsh, int64_t qss, const void* k, int64_t ksb, int64_t ksh, int64_t kst,
-                        const void* v, int64_t vsb, int64_t vsh, int64_t vst, int64_t L, const int64_t* qpos,
-                        int64_t qpb, int64_t qps, int64_t window, float scale, void* out, int nthreads) {
-    if (B < 1 || S < 1 || Hkv < 1 || H % Hkv || D < 1 || L < 1 || S > L || dtype < 0 || dtype > 2) return -1;
-    const int64_t G = H / Hkv;
-    if (G > 64) return -1;
-    int64_t nmax = 0;
-    for (int64_t b = 0; b < B; ++b)
-        for (int64_t i = 0; i < S; ++i) {
-            const int64_t p = qpos ? qpos[b * qpb + i * qps] : L - S + i;
-            if (p < 0 || p >= L) return -1;
-            const int64_t st = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
-            if (p + 1 - st > nmax) nmax = p + 1 - st;
-        }
-    const int64_t nc = (D + 15) / 16;
-    const size_t es = dtype == DT_F32 ? 4 : 2;
-    const int64_t tasks = B * S * Hkv;
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > tasks) nthreads = (int)tasks;
-    int err = 0;
-#pragma omp parallel num_threads(nthreads)
-    {
-        float* buf = (float*)malloc(sizeof(float) * (G * nmax + 2 * G * nc * 16 + 16));
-        if (!buf) {
-#pragma omp atomic write
-            err = -2;
-        }
-        // dynamic: in a prefill chunk later queries see more keys (which thread runs a task never
-        // changes its result)
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < tasks; ++t) {
-            if (!buf) continue;
-            const int64_t b = t / (S * Hkv), i = t / Hkv % S, hk = t % Hkv;
-            const int64_t p = qpos ? qpos[b * qpb + i * qps] : L - S + i;
-            const int64_t st = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
-            const void* qb = (const char*)q + (b * qsb + i * qss + hk * G * qsh) * es;
-            const void* kb = (const char*)k + (b * ksb + hk * ksh + st * kst) * es;
-            const void* vb = (const char*)v + (b * vsb + hk * vsh + st * vst) * es;
-            void* ob = (char*)out + (((b * S + i) * H + hk * G) * D) * es;
-            float* s = buf;
-            float* acc = buf + G * nmax;
-            float* qf = acc + G * nc * 16;
-            const int64_t n = p + 1 - st;
-            if (dtype == DT_F32) attn_task<DT_F32>(qb, kb, vb, ob, G, D, n, kst, vst, qsh, scale, s, acc, qf);
-            else if (dtype == DT_BF16) attn_task<DT_BF16>(qb, kb, vb, ob, G, D, n, kst, vst, qsh, scale, s, acc, qf);
-            else attn_task<DT_F16>(qb, kb, vb, ob, G, D, n, kst, vst, qsh, scale, s, acc, qf);
-        }
-        free(buf);
-    }
-    return err;
-}
+SLM_ATTN_ENTRY

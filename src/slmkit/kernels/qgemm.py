@@ -40,7 +40,8 @@ AVX2_FLAGS = ["-O3", "-fPIC", "-fopenmp", "-std=c++17", "-mavx2", "-mfma", "-mf1
 AVX2_UNITS = [(HERE / "qgemm_avx2.cpp", []), (HERE / "qgemm_avx2.cpp", ["-mavxvnni", "-DSLM_VNNI"]),
               (HERE / "attn_avx2.cpp", []), (HERE / "fgemm_avx2.cpp", []), (HERE / "repack.cpp", []),
               (HERE / "fused.cpp", [])]  # portable C++: the same source in both libraries
-HEADERS = [HERE / "bf16.h", HERE / "layout.h"]  # included by both builds: part of both libraries' names
+# included by both builds: part of both libraries' names
+HEADERS = [HERE / "bf16.h", HERE / "layout.h", HERE / "attn_driver.h"]
 AVX2_HEADERS = [HERE / "avx2.h", *HEADERS]
 VARIANTS = ("avx512", "avx2")  # preferred first; SLMKIT_KERNEL=avx2 / =avx512 forces one, =0 none
 

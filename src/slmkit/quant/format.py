@@ -94,6 +94,11 @@ class QuantWeight:
         return self.group if self.super_scales is None else self.group * self.per_super
 
     @property
+    def activation_shift(self) -> int:
+        """How many powers of two finer than its block's a group's activation scale may be (two-level scales)."""
+        return 0 if self.super_scales is None else ACT_SHIFT_MAX[self.bits]
+
+    @property
     def per_super(self) -> int:
         return 1 if self.super_scales is None else self.scales.shape[1] // self.super_scales.shape[1]
 
@@ -315,14 +320,7 @@ def quantize(w: torch.Tensor, bits: int, group: int, *, rows_per_chunk: int = 25
 ACT_SHIFT_MAX = {4: 3, 5: 3, 6: 2, 8: 0}
 
 
-def quantize_activations(x: torch.Tensor, group: int, kp: int, scale_group: int | None = None, shift_max: int = 0,
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [M, K] -> int8 codes [M, kp] as float32, scales [M, kp // scale_group], code sums [M, kp //
-    group]: _quantize_activations' first three (the compiled kernel computes exactly these)."""
-    return _quantize_activations(x, group, kp, scale_group, shift_max)[:3]
-
-
-def _quantize_activations(x: torch.Tensor, group: int, kp: int, scale_group: int | None = None,
+def quantize_activations(x: torch.Tensor, group: int, kp: int, scale_group: int | None = None,
                           shift_max: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K] -> int8 codes [M, kp] as float32, scales [M, kp // scale_group] (absmax / 127 per
     scale_group inputs, default group), code sums [M, kp // group] and what each group's integer
@@ -350,8 +348,7 @@ def _quantize_activations(x: torch.Tensor, group: int, kp: int, scale_group: int
 
 def activation_values(x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
     """The values [M, kp] (float64, exact) that x's int8 codes stand for in a matmul with qw."""
-    shift = ACT_SHIFT_MAX[qw.bits] if qw.super_scales is not None else 0
-    q, d, _, mult = _quantize_activations(x, qw.group, qw.kp, qw.activation_group, shift)
+    q, d, _, mult = quantize_activations(x, qw.group, qw.kp, qw.activation_group, qw.activation_shift)
     m, ng = q.shape[0], qw.kp // qw.group
     per = qw.activation_group // qw.group
     scale = d.double().repeat_interleave(per, dim=1) * mult.double()          # [M, ng]
@@ -369,7 +366,7 @@ def qmatmul_reference(x: torch.Tensor, qw: QuantWeight, *, chunk_bytes: int = 64
     if qw.super_scales is not None:
         return _qmatmul_two_level(x, qw, chunk_bytes)
     m = x.shape[0]
-    q, d, qs = quantize_activations(x, qw.group, qw.kp)
+    q, d, qs, _ = quantize_activations(x, qw.group, qw.kp)
     ng = qw.kp // qw.group
     qg = q.view(m, ng, qw.group).transpose(0, 1)                          # [ng, M, G]
     dq = d * qs                                                           # [M, ng]
@@ -409,7 +406,7 @@ def _qmatmul_two_level(x: torch.Tensor, qw: QuantWeight, chunk_bytes: int) -> to
     m, ps = x.shape[0], qw.per_super
     ng = qw.kp // qw.group
     nsb = ng // ps
-    q, d, qs, mult = _quantize_activations(x, qw.group, qw.kp, qw.activation_group, ACT_SHIFT_MAX[qw.bits])
+    q, d, qs, mult = quantize_activations(x, qw.group, qw.kp, qw.activation_group, qw.activation_shift)
     qg = q.view(m, ng, qw.group).transpose(0, 1)
     qs64 = qs.double().t()[:, :, None]                                    # [ng, M, 1], counted 2^(E - e) times
     shift = mult.double().t()[:, :, None]
