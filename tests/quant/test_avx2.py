@@ -61,7 +61,8 @@ def test_qgemm_same_bits_as_avx512_and_the_fallback(both, monkeypatch, n, k, gro
 
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K"])
 def test_qgemm_gguf_scale_kinds_same_bits(both, type_name):
-    """The two-level (uint8 / int8 x float32) scales of the K-quants, and the GGUF block formats."""
+    """The two-level (uint8 / int8 x float32) scales of the K-quants, and the GGUF block formats; decode,
+    a few rows, and prefill (8 rows and more: the AVX2 kernel unpacks each tile once, 3 rows at a time)."""
     import numpy as np
     from gguf import GGMLQuantizationType as Q
 
@@ -72,7 +73,7 @@ def test_qgemm_gguf_scale_kinds_same_bits(both, type_name):
     raw = torch.from_numpy(np.ascontiguousarray(random_blocks(type_name, shape, np.random.default_rng(3)))
                            .reshape(-1).copy())
     qw = repack(raw, int(Q[type_name]), shape)
-    for m in (1, 2, 5):
+    for m in (1, 2, 5, 11):
         x = torch.randn(m, shape[1], generator=torch.Generator().manual_seed(m))
         got = qmatmul_kernel(both[1], x, qw, torch.float32)
         assert torch.equal(got, qmatmul_kernel(both[0], x, qw, torch.float32))

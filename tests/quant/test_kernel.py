@@ -215,14 +215,17 @@ def _two_level(u: torch.Tensor, sub: torch.Tensor, mins: torch.Tensor | None, *,
 @pytest.mark.parametrize("bits", [4, 5, 6, 8])
 @pytest.mark.parametrize("sign", [1, -1])
 @pytest.mark.parametrize("m", [1, 2, 9])
-def test_two_level_integer_sums_do_not_overflow(bits, sign, m):
+@pytest.mark.parametrize("group", [32, 64])
+def test_two_level_integer_sums_do_not_overflow(bits, sign, m, group):
     """Two-level scales sum sub_scale x group sum over a whole super-block of 256 inputs in int32:
     with every code, sub-scale (255) and sub-min at its largest and every activation at +-127 the
     sums come within 2% of 2**31 at 8 bits (4% at 5 and 6 bits, with their activation shifts), and the
-    kernel still equals the (float64) reference."""
-    n, k, group = 48, 512, 32
+    kernel still equals the (float64) reference. Groups of 32 keep every group's activation sum within
+    int16 (the AVX2 kernel then takes the mins two groups a vpmaddwd); groups of 64 do not."""
+    n, k = 48, 512
     sub = torch.full((n, k // group), 255)
-    qw = _two_level(extreme_codes(n, k, bits), sub, sub.clone(), bits=bits, group=group, zero=0, per_super=8)
+    qw = _two_level(extreme_codes(n, k, bits), sub, sub.clone(), bits=bits, group=group, zero=0,
+                    per_super=256 // group)
     assert qw.scale_kind == 6 and qw.activation_group == 256
     kernel_exact_on_a_constant_row(qw, m, sign)
 

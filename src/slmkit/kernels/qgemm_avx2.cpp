@@ -7,7 +7,12 @@
 // a few at a time; int8 codes as |u - 128| times the activation with u - 128's sign: nothing
 // saturates), widened by vpmaddwd. Then the same float32 steps in the same order as qgemm.cpp:
 //     y += (isum - zero * xsum) * (scale * dx);  y += min * (dx * xsum)
-// and, for two-level scales, qgemm.cpp's integer sums per super-block.
+// and, for two-level scales, qgemm.cpp's integer sums per super-block (without VNNI, the sub-scale
+// enters in the vpmaddwd that widens the pair sums: scale_pairs).
+//
+// Blocking (measured on Zen 4 forced to this path, benchmarks/avx2.py): decode walks one 16-row tile at
+// a time, its codes prefetched ahead; prefill without VNNI unpacks each tile once (one byte a code,
+// qgemm_avx2_codes.h unpack_tile) and runs it against 3 activation rows at a time.
 // Never executes an AVX512 instruction (compiled without -mavx512*).
 #include <omp.h>
 #include <stdlib.h>
@@ -15,6 +20,7 @@
 
 #include "avx2.h"
 #include "layout.h"
+#include "qgemm_avx2_codes.h"
 
 #ifdef SLM_VNNI
 #define QGEMM_NAME slm_avx2_qgemm_vnni
@@ -68,27 +74,6 @@ static void quant_row(const void* x, int x_bf16, int64_t K, int64_t KP, int64_t 
     }
 }
 
-static inline __m256i bcast4(const int8_t* p) {
-    int32_t a;
-    memcpy(&a, p, 4);
-    return _mm256_set1_epi32(a);
-}
-
-// acc + the 4-code dot products of u (unsigned) and s (signed) per 32-bit lane, exact.
-static inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
-#ifdef SLM_VNNI
-    return _mm256_dpbusd_avx_epi32(acc, u, s);
-#else  // the callers keep |pair sums| below 2^15 (no int16 saturation)
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
-#endif
-}
-
-// is += the int16 pair sums in p (widened: pairs of them added as int32, exact), p = 0.
-static inline void flush16(__m256i& is, __m256i& p) {
-    is = _mm256_add_epi32(is, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
-    p = _mm256_setzero_si256();
-}
-
 // Scale kinds as in qgemm.cpp: 0 float32, 1 float16, 2 uint8 / 3 int8 x float32 super-scale, +4
 // paired. A group's 8 float scales (kinds 0, 1):
 template <int SK>
@@ -105,12 +90,35 @@ static inline __m256i sub8(const void* p, int64_t i) {
 }
 
 
-// The top bits of set i (at bit (BITS - 4) * i of each byte) moved to bit 4 (16-bit shifts: what
-// crosses a byte border lands outside the mask applied next).
-template <int BITS>
-static inline __m256i shift_to4(__m256i t, int i) {
-    const int sh = 4 - (BITS - 4) * i;
-    return sh >= 0 ? _mm256_slli_epi16(t, sh) : _mm256_srli_epi16(t, -sh);
+static inline __m256i bcast8(const uint8_t* p) {
+    int64_t a;
+    memcpy(&a, p, 8);
+    return _mm256_set1_epi64x(a);
+}
+
+// A half tile's 8 integer sub-scales of one group as int16 pairs times 2^sh: both int16 halves of
+// 32-bit lane r hold scale r << sh, so vpmaddwd of a row's int16 pair sums with it is scale x 2^sh x
+// their sum, exact (|pair sums| < 2^15, |scale| x 2^sh <= 255 x 8). vpshufb puts byte r in the high
+// byte of both halves (scale x 256), and a shift right by 8 - sh (arithmetic for int8 scales) ends it.
+template <int SK>
+static inline __m256i scale_pairs(const uint8_t* p, __m128i right) {
+    const __m256i hi = _mm256_shuffle_epi8(
+            bcast8(p), _mm256_setr_epi8(-1, 0, -1, 0, -1, 1, -1, 1, -1, 2, -1, 2, -1, 3, -1, 3,
+                                        -1, 4, -1, 4, -1, 5, -1, 5, -1, 6, -1, 6, -1, 7, -1, 7));
+    return (SK & 3) == 3 ? _mm256_sra_epi16(hi, right) : _mm256_srl_epi16(hi, right);
+}
+
+// Two groups' 8 uint8 mins (a, b) as int16 pairs: lane r = (a_r, b_r), for vpmaddwd with a row's two
+// code sums packed the same way (pair16 below).
+static inline __m256i min_pairs(const uint8_t* a, const uint8_t* b) {
+    const __m256i ma = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,
+                                        4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
+    const __m256i lo = _mm256_shuffle_epi8(bcast8(a), ma);
+    return b ? _mm256_or_si256(lo, _mm256_slli_epi32(_mm256_shuffle_epi8(bcast8(b), ma), 16)) : lo;
+}
+
+static inline __m256i pair16(int32_t a, int32_t b) {
+    return _mm256_set1_epi32((int32_t)((uint32_t)(uint16_t)a | ((uint32_t)(uint16_t)b << 16)));
 }
 
 struct QW {
@@ -121,18 +129,63 @@ struct QW {
     const float* smn;
     int64_t ng, G, KP, sbg;
     int zero;
+    bool sums16;  // every activation code sum fits int16 (G x 127 x 2^E < 2^15): mins go through vpmaddwd
 };
 
-// H half tiles (8 rows each, h0 the first) x MB activation rows, all groups of K.
-template <int BITS, int SK, bool MINS, int H, int MB>
+// Two-level scales at a super-block's end (qgemm.cpp super_end): out += ib x (super-scale x dx), and
+// with mins out += (sum over its groups of min x code sum) x (super-min x dx); ib is zeroed.
+template <int SK, bool MINS, int H, int MB>
+static inline void super_end(const QW& w, const uint8_t* const* mnp, const float* const* sscp,
+                             const float* const* smnp, int64_t g0, int64_t g1, int64_t b, const float* dx,
+                             const int32_t* xs, __m256i (&ib)[H][MB], float* out, int64_t ldo) {
+    constexpr int RS = record_stride(SK);
+    const int64_t ng = w.ng;
+    for (int h = 0; h < H; ++h) {
+        __m256i mi[MB];
+        if (MINS) {
+            for (int m = 0; m < MB; ++m) mi[m] = _mm256_setzero_si256();
+            if (w.sums16) {  // two groups a vpmaddwd
+                for (int64_t g = g0; g < g1; g += 2) {
+                    const bool two = g + 1 < g1;
+                    const __m256i mn = min_pairs(mnp[h] + g * RS, two ? mnp[h] + (g + 1) * RS : nullptr);
+                    for (int m = 0; m < MB; ++m)
+                        mi[m] = _mm256_add_epi32(
+                                mi[m], _mm256_madd_epi16(mn, pair16(xs[m * ng + g], two ? xs[m * ng + g + 1] : 0)));
+                }
+            } else {
+                for (int64_t g = g0; g < g1; ++g) {
+                    const __m256i mn = sub8<2>(mnp[h], g * RS);
+                    for (int m = 0; m < MB; ++m)
+                        mi[m] = _mm256_add_epi32(mi[m], _mm256_mullo_epi32(mn, _mm256_set1_epi32(xs[m * ng + g])));
+                }
+            }
+        }
+        for (int m = 0; m < MB; ++m) {
+            const __m256 d = _mm256_set1_ps(dx[m * ng + b]);
+            __m256 a = _mm256_loadu_ps(out + m * ldo + h * 8);
+            a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_cvtepi32_ps(ib[h][m]), _mm256_mul_ps(_mm256_loadu_ps(sscp[h] + b * RS), d)));
+            if (MINS)
+                a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_cvtepi32_ps(mi[m]), _mm256_mul_ps(_mm256_loadu_ps(smnp[h] + b * RS), d)));
+            _mm256_storeu_ps(out + m * ldo + h * 8, a);
+            ib[h][m] = _mm256_setzero_si256();
+        }
+    }
+}
+
+// H half tiles (8 rows each, h0 the first) x MB activation rows, all groups of K; U: from ub, h0's tile
+// unpacked by unpack_tile.
+template <int BITS, int SK, bool MINS, int H, int MB, bool U>
 static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, const int32_t* xs,
-                  const int32_t* xsh, float* out, int64_t ldo) {
-    const int64_t ng = w.ng, G = w.G, KP = w.KP;
-    constexpr int step = run_k(BITS), vpr = run_vectors(BITS);
+                  const int32_t* xsh, float* out, int64_t ldo, const uint8_t* ub) {
+    const int64_t ng = w.ng, G = w.G, KP = w.KP, nsb = ng / w.sbg;
+    constexpr int step = run_k(BITS);
     const int64_t tile_bytes = tile_code_bytes(BITS, KP);
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    const __m256i top_mask = _mm256_set1_epi8(BITS == 6 ? 0x30 : 0x10);  // the top bits' place in a code
     constexpr bool SUPER = (SK & 3) >= 2;
+#ifdef SLM_VNNI
+    constexpr bool FUSE = false;
+#else  // two-level scales: sub-scales applied in vpmaddwd (scale_pairs), 8-bit codes excepted (sign trick)
+    constexpr bool FUSE = SUPER && BITS != 8;
+#endif
     constexpr int RS = record_stride(SK);
     __m256 acc[H][MB];
     __m256i ib[H][MB];  // two-level scales: the super-block's integer sum (floats kept in out: registers are few)
@@ -142,92 +195,39 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
             ib[h][m] = _mm256_setzero_si256();
             if (SUPER) _mm256_storeu_ps(out + m * ldo + h * 8, acc[h][m]);
         }
-    const uint8_t* base[H];  // half tile h's codes
-    for (int h = 0; h < H; ++h) base[h] = w.qw + ((h0 + h) / 2) * tile_bytes + ((h0 + h) % 2) * 32;
+    // half tile h's codes, its two-level sub-scales and mins (bytes, record g at g * RS) and super-scales
+    const uint8_t *base[H], *scp[H], *mnp[H];
+    const float *sscp[H], *smnp[H];
+    for (int h = 0; h < H; ++h) {
+        const int64_t ht = h0 + h, t = ht / 2, off = (ht % 2) * 8;
+        base[h] = U ? ub + (ht % 2) * KP * 8 : w.qw + t * tile_bytes + off * 4;
+        scp[h] = (const uint8_t*)w.sc + t * ng * RS + off;
+        mnp[h] = (const uint8_t*)w.mn + t * ng * RS + off;
+        sscp[h] = w.ssc + t * nsb * RS + off;
+        smnp[h] = w.smn + t * nsb * RS + off;
+    }
+    const __m256i ones = _mm256_set1_epi16(1);
+    int64_t gs = 0, sb = 0;  // groups into the super-block, its index
     for (int64_t g = 0; g < ng; ++g) {
-        __m256i is[H][MB];
-        __m256i p16[H][MB];  // without VNNI: int16 pair sums not yet widened into is
+        __m256i is[H][MB], mul[H][MB];
         for (int h = 0; h < H; ++h)
-            for (int m = 0; m < MB; ++m) is[h][m] = p16[h][m] = _mm256_setzero_si256();
-        const int64_t c0 = g * G / step, c1 = (g + 1) * G / step;
-#ifndef SLM_VNNI
-        if constexpr (BITS == 4) {  // int16 pair sums of up to 4 chunks (|each| <= 2 * 15 * 127), then widened
-            for (int64_t cb = c0; cb < c1; cb += 4) {
-                __m256i p[H][MB];
-                for (int h = 0; h < H; ++h)
-                    for (int m = 0; m < MB; ++m) p[h][m] = _mm256_setzero_si256();
-#pragma GCC unroll 4
-                for (int cc = 0; cc < 4; ++cc) {
-                    if (cb + cc >= c1) break;  // groups of 16: 2 chunks
-                    const int64_t k0 = (cb + cc) * step;
-                    for (int h = 0; h < H; ++h) {
-                        const __m256i v = _mm256_loadu_si256((const __m256i*)(base[h] + (cb + cc) * 64));
-                        const __m256i lo = _mm256_and_si256(v, low);
-                        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-                        for (int m = 0; m < MB; ++m) {
-                            p[h][m] = _mm256_add_epi16(p[h][m], _mm256_maddubs_epi16(lo, bcast4(xq + m * KP + k0)));
-                            p[h][m] = _mm256_add_epi16(p[h][m], _mm256_maddubs_epi16(hi, bcast4(xq + m * KP + k0 + 4)));
-                        }
-                    }
-                }
-                for (int h = 0; h < H; ++h)
-                    for (int m = 0; m < MB; ++m) flush16(is[h][m], p[h][m]);
+            for (int m = 0; m < MB; ++m) {
+                is[h][m] = _mm256_setzero_si256();
+                mul[h][m] = FUSE ? scale_pairs<SK>(scp[h] + g * RS, _mm_cvtsi32_si128(8 - xsh[m * ng + g])) : ones;
             }
-        } else
-#endif
-        for (int64_t c = c0; c < c1; ++c) {
-            const int64_t k0 = c * step;
-            for (int h = 0; h < H; ++h) {
-                const uint8_t* p = base[h] + c * vpr * 64;
-                __m256i v = _mm256_loadu_si256((const __m256i*)p);
-                if (BITS == 5 || BITS == 6) {  // nibble vectors, then the top bits of all their sets;
-                    // codes < 64: vpmaddubsw's pair sums stay below int16's limit (2 * 63 * 127)
-                    const __m256i top = _mm256_loadu_si256((const __m256i*)(p + (vpr - 1) * 64));
-#pragma GCC unroll 4
-                    for (int u = 0; u < vpr - 1; ++u) {
-                        const __m256i x = u ? _mm256_loadu_si256((const __m256i*)(p + u * 64)) : v;
-                        const __m256i a = _mm256_or_si256(_mm256_and_si256(x, low),
-                                                          _mm256_and_si256(shift_to4<BITS>(top, 2 * u), top_mask));
-                        const __m256i b = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(x, 4), low),
-                                                          _mm256_and_si256(shift_to4<BITS>(top, 2 * u + 1), top_mask));
-                        for (int m = 0; m < MB; ++m) {
-#ifdef SLM_VNNI
-                            is[h][m] = dot4(is[h][m], a, bcast4(xq + m * KP + k0 + 8 * u));
-                            is[h][m] = dot4(is[h][m], b, bcast4(xq + m * KP + k0 + 8 * u + 4));
-#else  // int16 pair sums: |each| <= 2 * 63 * 127 (6 bits) or 2 * 31 * 127 (5 bits): 2 or 4 fit
-                            p16[h][m] = _mm256_add_epi16(p16[h][m],
-                                                         _mm256_maddubs_epi16(a, bcast4(xq + m * KP + k0 + 8 * u)));
-                            p16[h][m] = _mm256_add_epi16(
-                                p16[h][m], _mm256_maddubs_epi16(b, bcast4(xq + m * KP + k0 + 8 * u + 4)));
-                            if (BITS == 6 || (u & 1)) flush16(is[h][m], p16[h][m]);
-#endif
-                        }
-                    }
-                    continue;
+        __m256i(&sums)[H][MB] = FUSE ? ib : is;
+        if constexpr (U) group_codes_u<BITS, H, MB>(base, g * G / 4, (g + 1) * G / 4, xq, KP, sums, mul);
+        else group_codes<BITS, H, MB>(base, g * G / step, (g + 1) * G / step, xq, KP, sums, mul);
+        if constexpr (FUSE) {
+            if (w.zero)
+                for (int h = 0; h < H; ++h) {
+                    const __m256i sc = sub8<SK>(scp[h], g * RS);
+                    for (int m = 0; m < MB; ++m)
+                        ib[h][m] = _mm256_add_epi32(ib[h][m], _mm256_mullo_epi32(sc, _mm256_set1_epi32(-w.zero * xs[m * ng + g])));
                 }
-                __m256i lo = _mm256_and_si256(v, low);
-                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-                for (int m = 0; m < MB; ++m) {
-                    const __m256i xa = bcast4(xq + m * KP + k0);
-                    if (BITS == 4) {  // with VNNI (without: the block above)
-                        is[h][m] = dot4(is[h][m], lo, xa);
-                        is[h][m] = dot4(is[h][m], hi, bcast4(xq + m * KP + k0 + 4));
-                    } else {
-#ifdef SLM_VNNI
-                        is[h][m] = dot4(is[h][m], v, xa);
-#else  // signed codes w = u - 128: |w| x sign(x, w) pair sums <= 2 * 128 * 127 (|x| <= 127), exact;
-       // the 128 * sum(x) this leaves out is added back in the epilogue
-                        const __m256i ws = _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80));
-                        is[h][m] = dot4(is[h][m], _mm256_abs_epi8(ws), _mm256_sign_epi8(xa, ws));
-#endif
-                    }
-                }
-            }
-        }
-        if constexpr (SUPER) {
+        } else if constexpr (SUPER) {
             for (int h = 0; h < H; ++h) {
-                const int64_t ht = h0 + h, t = ht / 2, off = (ht % 2) * 8;
-                const __m256i sc = sub8<SK>(w.sc, (t * ng + g) * RS + off);
+                const __m256i sc = sub8<SK>(scp[h], g * RS);
                 for (int m = 0; m < MB; ++m) {
                     const int32_t qs = xs[m * ng + g];
 #ifdef SLM_VNNI
@@ -239,33 +239,6 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
                     i = _mm256_sllv_epi32(i, _mm256_set1_epi32(xsh[m * ng + g]));  // see quant_row
                     if (w.zero) i = _mm256_sub_epi32(i, _mm256_set1_epi32(w.zero * qs));
                     ib[h][m] = _mm256_add_epi32(ib[h][m], _mm256_mullo_epi32(i, sc));
-                }
-            }
-            if ((g + 1) % w.sbg == 0) {  // super-block end (qgemm.cpp super_end)
-                const int64_t g0 = g + 1 - w.sbg, nsb = ng / w.sbg, b = g0 / w.sbg;
-                for (int h = 0; h < H; ++h) {
-                    const int64_t ht = h0 + h, t = ht / 2, off = (ht % 2) * 8;
-                    const int64_t ssi = (t * nsb + b) * RS + off;
-                    __m256i mi[MB];
-                    if (MINS) {
-                        for (int m = 0; m < MB; ++m) mi[m] = _mm256_setzero_si256();
-                        for (int64_t gg = g0; gg <= g; ++gg) {
-                            const __m256i mn = sub8<2>(w.mn, (t * ng + gg) * RS + off);
-                            for (int m = 0; m < MB; ++m)
-                                mi[m] = _mm256_add_epi32(mi[m], _mm256_mullo_epi32(mn, _mm256_set1_epi32(xs[m * ng + gg])));
-                        }
-                    }
-                    for (int m = 0; m < MB; ++m) {
-                        const __m256 d = _mm256_set1_ps(dx[m * ng + b]);
-                        __m256 a = _mm256_loadu_ps(out + m * ldo + h * 8);
-                        a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_cvtepi32_ps(ib[h][m]),
-                                                           _mm256_mul_ps(_mm256_loadu_ps(w.ssc + ssi), d)));
-                        if (MINS)
-                            a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_cvtepi32_ps(mi[m]),
-                                                               _mm256_mul_ps(_mm256_loadu_ps(w.smn + ssi), d)));
-                        _mm256_storeu_ps(out + m * ldo + h * 8, a);
-                        ib[h][m] = _mm256_setzero_si256();
-                    }
                 }
             }
         } else {
@@ -289,6 +262,10 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
                 }
             }
         }
+        if (SUPER && ++gs == w.sbg) {  // a super-block's end (a counter: no division per group)
+            super_end<SK, MINS, H, MB>(w, mnp, sscp, smnp, g + 1 - w.sbg, g + 1, sb++, dx, xs, ib, out, ldo);
+            gs = 0;
+        }
     }
     if (SUPER) return;
     for (int h = 0; h < H; ++h)
@@ -296,27 +273,61 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
 }
 
 typedef void (*micro_fn)(const QW&, int64_t, const int8_t*, const float*, const int32_t*, const int32_t*, float*,
-                         int64_t);
+                         int64_t, const uint8_t*);
 
-// 4 half tiles x 1 row (decode), 2 x 2 otherwise: 8 float and 8 int accumulators in 16 registers
+// A tile (2 half tiles) x 1 row (decode: one tile a thread keeps its streams few, which measured ~15%
+// faster than two) or x 2 rows, on the tile's codes; without VNNI, x 3 rows on the tile unpacked (U,
+// prefill: best of 1 x 4, 1 x 6, 2 x 2, 2 x 3 and 2 x 4 measured). The compiler keeps what does not fit
+// in 16 registers (the sub-scales of scale_pairs, read once a group) in memory.
 template <int BITS, int SK, bool MINS>
-static micro_fn pick(int H, int MB) {
-    if (H == 4) return micro<BITS, SK, MINS, 4, 1>;
-    return MB == 1 ? micro<BITS, SK, MINS, 2, 1> : micro<BITS, SK, MINS, 2, 2>;
+static micro_fn pick(int MB, bool U) {
+#ifndef SLM_VNNI
+    if constexpr (BITS != 8)
+        if (U) return micro<BITS, SK, MINS, 2, 3, true>;
+#endif
+    (void)U;
+    return MB == 1 ? micro<BITS, SK, MINS, 2, 1, false> : micro<BITS, SK, MINS, 2, 2, false>;
 }
 
 template <int BITS>
-static micro_fn pick_kind(int kind, int mins, int H, int MB) {
-    if (kind >= 6) return kind == 6 ? pick<BITS, 6, true>(H, MB) : pick<BITS, 7, true>(H, MB);  // paired
+static micro_fn pick_kind(int kind, int mins, int MB, bool U) {
+    if (kind >= 6) return kind == 6 ? pick<BITS, 6, true>(MB, U) : pick<BITS, 7, true>(MB, U);  // paired
     switch (kind * 2 + (mins ? 1 : 0)) {
-        case 0: return pick<BITS, 0, false>(H, MB);
-        case 1: return pick<BITS, 0, true>(H, MB);
-        case 2: return pick<BITS, 1, false>(H, MB);
-        case 3: return pick<BITS, 1, true>(H, MB);
-        case 4: return pick<BITS, 2, false>(H, MB);
-        case 5: return pick<BITS, 2, true>(H, MB);
-        case 6: return pick<BITS, 3, false>(H, MB);
-        default: return pick<BITS, 3, true>(H, MB);
+        case 0: return pick<BITS, 0, false>(MB, U);
+        case 1: return pick<BITS, 0, true>(MB, U);
+        case 2: return pick<BITS, 1, false>(MB, U);
+        case 3: return pick<BITS, 1, true>(MB, U);
+        case 4: return pick<BITS, 2, false>(MB, U);
+        case 5: return pick<BITS, 2, true>(MB, U);
+        case 6: return pick<BITS, 3, false>(MB, U);
+        default: return pick<BITS, 3, true>(MB, U);
+    }
+}
+
+static micro_fn pick_fn(int bits, int kind, int mins, int MB, bool U) {
+    return bits == 4   ? pick_kind<4>(kind, mins, MB, U)
+           : bits == 5 ? pick_kind<5>(kind, mins, MB, U)
+           : bits == 6 ? pick_kind<6>(kind, mins, MB, U)
+                       : pick_kind<8>(kind, mins, MB, U);
+}
+
+static void unpack_fn(int bits, const uint8_t* codes, int64_t KP, uint8_t* ub) {
+    if (bits == 4) unpack_tile<4>(codes, KP, ub);
+    else if (bits == 5) unpack_tile<5>(codes, KP, ub);
+    else unpack_tile<6>(codes, KP, ub);
+}
+
+// Rows m0.. (mb of them) of a tile's 16 outputs, from tmp (16 floats a row), to out.
+static void store_rows(const float* tmp, int mb, int64_t m0, int64_t r0, int64_t N, void* out, int out_bf16,
+                       int64_t ldo) {
+    const int64_t nr = N - r0 < 16 ? N - r0 : 16;
+    for (int m = 0; m < mb && nr > 0; ++m) {
+        if (out_bf16) {
+            uint16_t* o = (uint16_t*)out + (m0 + m) * ldo + r0;
+            for (int64_t r = 0; r < nr; ++r) o[r] = f32_to_bf16(tmp[m * 16 + r]);
+        } else {
+            memcpy((float*)out + (m0 + m) * ldo + r0, tmp + m * 16, sizeof(float) * nr);
+        }
     }
 }
 
@@ -335,7 +346,8 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
     if (scale_kind >= 2 && G * sbg > 256) return -1;
     const int64_t ng = KP / G;
     const int64_t AG = scale_kind >= 2 ? G * sbg : G;  // inputs per activation scale
-    const QW w = {qw, scales, mins, super_scales, super_mins, ng, G, KP, sbg, zero};
+    const int E = scale_kind >= 2 ? act_shift_max(bits) : 0;
+    const QW w = {qw, scales, mins, super_scales, super_mins, ng, G, KP, sbg, zero, G * 127 << E < 32768};
     int8_t* xq = (int8_t*)aligned_alloc(64, (size_t)((M * KP + 63) / 64 * 64));
     float* dx = (float*)malloc(sizeof(float) * M * ng);
     int32_t* xs = (int32_t*)malloc(sizeof(int32_t) * M * ng);
@@ -345,49 +357,47 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
         return -2;
     }
     const size_t xe = x_bf16 ? 2 : 4;
-    const int E = scale_kind >= 2 ? act_shift_max(bits) : 0;
     for (int64_t m = 0; m < M; ++m)
         quant_row((const char*)x + m * ldx * xe, x_bf16, K, KP, AG, G, E, xq + m * KP, dx + m * ng, xs + m * ng,
                   xsh + m * ng);
-    const int64_t halves = tiles * 2;
-    const int H = M == 1 ? 4 : 2, MBX = M == 1 ? 1 : 2;
+#ifdef SLM_VNNI
+    const bool unpack = false;
+#else  // prefill without VNNI: each tile unpacked once for all rows (4-, 5-, 6-bit codes)
+    const bool unpack = M >= 8 && bits != 8;
+#endif
+    const int MBX = unpack ? 3 : M == 1 ? 1 : 2;
     int64_t mc = (256 << 10) / KP;
     mc = mc < MBX ? MBX : mc / MBX * MBX;
-    const int64_t blocks = (halves + H - 1) / H;
+    const int64_t tile_bytes = tile_code_bytes(bits, KP);
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads)
     {
-        float tmp[2 * 32];
+        float tmp[3 * 16];
+        uint8_t* ub = unpack ? (uint8_t*)aligned_alloc(64, (size_t)(16 * KP)) : nullptr;
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < blocks; ++b) {
-            const int64_t hb = b * H;
-            const int hh = (int)(halves - hb < H ? halves - hb : H);  // halves come in pairs: 2 or 4
+        for (int64_t t = 0; t < tiles; ++t) {
+            if (ub) unpack_fn(bits, qw + t * tile_bytes, KP, ub);
             for (int64_t m0c = 0; m0c < M; m0c += mc) {
                 const int64_t m1c = m0c + mc < M ? m0c + mc : M;
                 for (int64_t m0 = m0c; m0 < m1c; m0 += MBX) {
                     const int mb = (int)(m1c - m0 < MBX ? m1c - m0 : MBX);
-                    for (int64_t hs = 0; hs < hh; hs += (hh == H ? H : 2)) {
-                        const int hcur = hh == H ? H : 2;
-                        micro_fn f = bits == 4   ? pick_kind<4>(scale_kind, mins != nullptr, hcur, mb)
-                                     : bits == 5 ? pick_kind<5>(scale_kind, mins != nullptr, hcur, mb)
-                                     : bits == 6 ? pick_kind<6>(scale_kind, mins != nullptr, hcur, mb)
-                                                 : pick_kind<8>(scale_kind, mins != nullptr, hcur, mb);
-                        f(w, hb + hs, xq + m0 * KP, dx + m0 * ng, xs + m0 * ng, xsh + m0 * ng, tmp, 32);
-                        for (int m = 0; m < mb; ++m) {
-                            const int64_t r0 = (hb + hs) * 8;
-                            const int64_t nr = N - r0 < hcur * 8 ? N - r0 : hcur * 8;
-                            if (nr <= 0) continue;
-                            if (out_bf16) {
-                                uint16_t* o = (uint16_t*)out + (m0 + m) * ldo + r0;
-                                for (int64_t r = 0; r < nr; ++r) o[r] = f32_to_bf16(tmp[m * 32 + r]);
-                            } else {
-                                memcpy((float*)out + (m0 + m) * ldo + r0, tmp + m * 32, sizeof(float) * nr);
-                            }
+                    const int64_t xo = m0 * KP, so = m0 * ng;
+                    if (ub && mb == 3) {
+                        pick_fn(bits, scale_kind, mins != nullptr, 3, true)(w, 2 * t, xq + xo, dx + so, xs + so,
+                                                                            xsh + so, tmp, 16, ub);
+                    } else {  // decode, VNNI, 8-bit codes, the rows left over, or no memory for ub
+                        for (int m = 0; m < mb; m += 2) {
+                            const int n2 = mb - m < 2 ? mb - m : 2;
+                            micro_fn f = pick_fn(bits, scale_kind, mins != nullptr, n2, false);
+                            f(w, 2 * t, xq + xo + m * KP, dx + so + m * ng, xs + so + m * ng, xsh + so + m * ng,
+                              tmp + m * 16, 16, nullptr);
                         }
                     }
+                    store_rows(tmp, mb, m0, t * 16, N, out, out_bf16, ldo);
                 }
             }
         }
+        free(ub);
     }
     free(xq);
     free(dx);
