@@ -159,6 +159,8 @@ static inline void super_end(const QW& w, int64_t t0, int64_t g0, const float* d
     }
 }
 
+constexpr int DECODE_PREFETCH = 4096;
+
 // T row tiles x MB activation rows, all groups of K.
 template <int BITS, int SK, bool MINS, int T, int MB>
 static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, const int32_t* xs,
@@ -189,6 +191,8 @@ static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, co
             const int64_t k0 = c * step;
             for (int t = 0; t < T; ++t) {
                 const uint8_t* p = qw + (t0 + t - w.qt0) * tile_bytes + c * vpr * 64;
+                if constexpr (T == 1 && MB == 1)  // decode: see slm_qgemm
+                    for (int j = 0; j < vpr; ++j) _mm_prefetch((const char*)p + j * 64 + DECODE_PREFETCH, _MM_HINT_T0);
                 __m512i v = _mm512_loadu_si512((const void*)p);
                 if (BITS == 5 || BITS == 6) {  // nibble vectors, then the top bits of all their sets
                     const __m512i top = _mm512_loadu_si512((const void*)(p + (vpr - 1) * 64));
@@ -366,10 +370,12 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
 
     // M chunks whose int8 activations stay in L2 while every row tile streams past them.
     int64_t mc = (256 << 10) / KP;
-    // decode: 4 row tiles at once (independent chains); 2 rows: 4 tiles x 2; more: 3 tiles x 4 rows
-    // (measured on Phi-3-mini's layers, Zen 4: 3x4 beat 1x8 by 20-30% from 8 to 64 rows, 2x4 by
-    // 7-10%; 24 accumulators, no spills)
-    const int T = M <= 2 ? 4 : 3;
+    // decode: one row tile at a time, its codes prefetched DECODE_PREFETCH bytes ahead (Phi-3-mini's
+    // Q4_K_M layers from memory, Zen 4: 5-7% more tok/s than 4 tiles at once, whose more streams a
+    // thread walks the prefetch only slowed; 8-bit codes excepted: one tile's two vpdpbusd chains
+    // lost 8%); 2 rows: 4 tiles x 2; more: 3 tiles x 4 rows (3x4 beat 1x8 by 20-30% from 8 to 64
+    // rows, 2x4 by 7-10%; 24 accumulators, no spills)
+    const int T = M == 1 && bits != 8 ? 1 : M <= 2 ? 4 : 3;
     const int MBX = M <= 2 ? 2 : 4;
     mc = mc < MBX ? MBX : mc / MBX * MBX;
     const int64_t blocks = (tiles + T - 1) / T;
