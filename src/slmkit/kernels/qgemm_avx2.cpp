@@ -172,12 +172,67 @@ static inline void super_end(const QW& w, const uint8_t* const* mnp, const float
     }
 }
 
+// A group's end: its integer sums scaled. Two-level scales: added to the super-block's integer sum ib
+// (FUSE: the sub-scales are in already, the zero's part is added); otherwise the float32 steps, into acc.
+template <int BITS, int SK, bool MINS, int H, int MB, bool FUSE>
+static inline void group_end(const QW& w, int64_t h0, int64_t g, const uint8_t* const* scp, const float* dx,
+                             const int32_t* xs, const int32_t* xsh, const __m256i (&is)[H][MB], __m256i (&ib)[H][MB],
+                             __m256 (&acc)[H][MB]) {
+    constexpr bool SUPER = (SK & 3) >= 2;
+    constexpr int RS = record_stride(SK);
+    const int64_t ng = w.ng;
+    if constexpr (FUSE) {
+        if (w.zero)
+            for (int h = 0; h < H; ++h) {
+                const __m256i sc = sub8<SK>(scp[h], g * RS);
+                for (int m = 0; m < MB; ++m)
+                    ib[h][m] = _mm256_add_epi32(ib[h][m], _mm256_mullo_epi32(sc, _mm256_set1_epi32(-w.zero * xs[m * ng + g])));
+            }
+    } else if constexpr (SUPER) {
+        for (int h = 0; h < H; ++h) {
+            const __m256i sc = sub8<SK>(scp[h], g * RS);
+            for (int m = 0; m < MB; ++m) {
+                const int32_t qs = xs[m * ng + g];
+#ifdef SLM_VNNI
+                __m256i i = is[h][m];
+#else  // 8-bit codes: the 128 * (unshifted) code sum the sign trick left out
+                __m256i i = BITS == 8 ? _mm256_add_epi32(is[h][m], _mm256_set1_epi32(128 * (qs >> xsh[m * ng + g])))
+                                      : is[h][m];
+#endif
+                i = _mm256_sllv_epi32(i, _mm256_set1_epi32(xsh[m * ng + g]));  // see quant_row
+                if (w.zero) i = _mm256_sub_epi32(i, _mm256_set1_epi32(w.zero * qs));
+                ib[h][m] = _mm256_add_epi32(ib[h][m], _mm256_mullo_epi32(i, sc));
+            }
+        }
+    } else {
+        for (int h = 0; h < H; ++h) {
+            const int64_t ht = h0 + h, t = ht / 2, off = (ht % 2) * 8;
+            const int64_t si = (t * ng + g) * 16 + off;
+            __m256 s = load8<SK>(w.sc, si);
+            __m256 mv = MINS ? load8<SK>(w.mn, si) : _mm256_setzero_ps();
+            for (int m = 0; m < MB; ++m) {
+                const float d = dx[m * ng + g];
+                const int32_t qs = xs[m * ng + g];
+#ifdef SLM_VNNI
+                __m256i i = is[h][m];
+#else
+                __m256i i = BITS == 8 ? _mm256_add_epi32(is[h][m], _mm256_set1_epi32(128 * qs)) : is[h][m];
+#endif
+                if (w.zero) i = _mm256_sub_epi32(i, _mm256_set1_epi32(w.zero * qs));
+                acc[h][m] = _mm256_add_ps(acc[h][m],
+                                          _mm256_mul_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(s, _mm256_set1_ps(d))));
+                if (MINS) acc[h][m] = _mm256_add_ps(acc[h][m], _mm256_mul_ps(mv, _mm256_set1_ps(d * (float)qs)));
+            }
+        }
+    }
+}
+
 // H half tiles (8 rows each, h0 the first) x MB activation rows, all groups of K; U: from ub, h0's tile
 // unpacked by unpack_tile.
 template <int BITS, int SK, bool MINS, int H, int MB, bool U>
 static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, const int32_t* xs,
                   const int32_t* xsh, float* out, int64_t ldo, const uint8_t* ub) {
-    const int64_t ng = w.ng, G = w.G, KP = w.KP, nsb = ng / w.sbg;
+    const int64_t ng = w.ng, G = w.G, KP = w.KP;
     constexpr int step = run_k(BITS);
     const int64_t tile_bytes = tile_code_bytes(BITS, KP);
     constexpr bool SUPER = (SK & 3) >= 2;
@@ -195,16 +250,21 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
             ib[h][m] = _mm256_setzero_si256();
             if (SUPER) _mm256_storeu_ps(out + m * ldo + h * 8, acc[h][m]);
         }
-    // half tile h's codes, its two-level sub-scales and mins (bytes, record g at g * RS) and super-scales
-    const uint8_t *base[H], *scp[H], *mnp[H];
-    const float *sscp[H], *smnp[H];
+    // half tile h's codes; two-level scales: its sub-scales and mins (bytes, record g at g * RS) and
+    // super-scales and super-mins (record b at b * RS)
+    const uint8_t *base[H], *scp[H] = {}, *mnp[H] = {};
+    const float *sscp[H] = {}, *smnp[H] = {};
     for (int h = 0; h < H; ++h) {
         const int64_t ht = h0 + h, t = ht / 2, off = (ht % 2) * 8;
         base[h] = U ? ub + (ht % 2) * KP * 8 : w.qw + t * tile_bytes + off * 4;
+        if (!SUPER) continue;
+        const int64_t nsb = ng / w.sbg;
         scp[h] = (const uint8_t*)w.sc + t * ng * RS + off;
-        mnp[h] = (const uint8_t*)w.mn + t * ng * RS + off;
         sscp[h] = w.ssc + t * nsb * RS + off;
-        smnp[h] = w.smn + t * nsb * RS + off;
+        if (MINS) {
+            mnp[h] = (const uint8_t*)w.mn + t * ng * RS + off;
+            smnp[h] = w.smn + t * nsb * RS + off;
+        }
     }
     const __m256i ones = _mm256_set1_epi16(1);
     int64_t gs = 0, sb = 0;  // groups into the super-block, its index
@@ -218,50 +278,7 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
         __m256i(&sums)[H][MB] = FUSE ? ib : is;
         if constexpr (U) group_codes_u<BITS, H, MB>(base, g * G / 4, (g + 1) * G / 4, xq, KP, sums, mul);
         else group_codes<BITS, H, MB>(base, g * G / step, (g + 1) * G / step, xq, KP, sums, mul);
-        if constexpr (FUSE) {
-            if (w.zero)
-                for (int h = 0; h < H; ++h) {
-                    const __m256i sc = sub8<SK>(scp[h], g * RS);
-                    for (int m = 0; m < MB; ++m)
-                        ib[h][m] = _mm256_add_epi32(ib[h][m], _mm256_mullo_epi32(sc, _mm256_set1_epi32(-w.zero * xs[m * ng + g])));
-                }
-        } else if constexpr (SUPER) {
-            for (int h = 0; h < H; ++h) {
-                const __m256i sc = sub8<SK>(scp[h], g * RS);
-                for (int m = 0; m < MB; ++m) {
-                    const int32_t qs = xs[m * ng + g];
-#ifdef SLM_VNNI
-                    __m256i i = is[h][m];
-#else  // 8-bit codes: the 128 * (unshifted) code sum the sign trick left out
-                    __m256i i = BITS == 8 ? _mm256_add_epi32(is[h][m], _mm256_set1_epi32(128 * (qs >> xsh[m * ng + g])))
-                                          : is[h][m];
-#endif
-                    i = _mm256_sllv_epi32(i, _mm256_set1_epi32(xsh[m * ng + g]));  // see quant_row
-                    if (w.zero) i = _mm256_sub_epi32(i, _mm256_set1_epi32(w.zero * qs));
-                    ib[h][m] = _mm256_add_epi32(ib[h][m], _mm256_mullo_epi32(i, sc));
-                }
-            }
-        } else {
-            for (int h = 0; h < H; ++h) {
-                const int64_t ht = h0 + h, t = ht / 2, off = (ht % 2) * 8;
-                const int64_t si = (t * ng + g) * 16 + off;
-                __m256 s = load8<SK>(w.sc, si);
-                __m256 mv = MINS ? load8<SK>(w.mn, si) : _mm256_setzero_ps();
-                for (int m = 0; m < MB; ++m) {
-                    const float d = dx[m * ng + g];
-                    const int32_t qs = xs[m * ng + g];
-#ifdef SLM_VNNI
-                    __m256i i = is[h][m];
-#else
-                    __m256i i = BITS == 8 ? _mm256_add_epi32(is[h][m], _mm256_set1_epi32(128 * qs)) : is[h][m];
-#endif
-                    if (w.zero) i = _mm256_sub_epi32(i, _mm256_set1_epi32(w.zero * qs));
-                    acc[h][m] = _mm256_add_ps(acc[h][m],
-                                              _mm256_mul_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(s, _mm256_set1_ps(d))));
-                    if (MINS) acc[h][m] = _mm256_add_ps(acc[h][m], _mm256_mul_ps(mv, _mm256_set1_ps(d * (float)qs)));
-                }
-            }
-        }
+        group_end<BITS, SK, MINS, H, MB, FUSE>(w, h0, g, scp, dx, xs, xsh, is, ib, acc);
         if (SUPER && ++gs == w.sbg) {  // a super-block's end (a counter: no division per group)
             super_end<SK, MINS, H, MB>(w, mnp, sscp, smnp, g + 1 - w.sbg, g + 1, sb++, dx, xs, ib, out, ldo);
             gs = 0;
