@@ -117,8 +117,13 @@ static inline __m256i min_pairs(const uint8_t* a, const uint8_t* b) {
     return b ? _mm256_or_si256(lo, _mm256_slli_epi32(_mm256_shuffle_epi8(bcast8(b), ma), 16)) : lo;
 }
 
-static inline __m256i pair16(int32_t a, int32_t b) {
-    return _mm256_set1_epi32((int32_t)((uint32_t)(uint16_t)a | ((uint32_t)(uint16_t)b << 16)));
+// A row's code sums of the groups of each super-block two by two, as int16 pairs (the second 0 past the
+// block's end), at the first group's index: what min_pairs' vpmaddwd takes. Once a call, for all tiles.
+static void pair_sums(const int32_t* xs, int64_t ng, int64_t sbg, int32_t* xp) {
+    for (int64_t g = 0; g < ng; ++g) {
+        const bool first = (g % sbg) % 2 == 0, two = (g % sbg) + 1 < sbg;
+        xp[g] = first ? (int32_t)((uint32_t)(uint16_t)xs[g] | (two ? (uint32_t)(uint16_t)xs[g + 1] << 16 : 0u)) : 0;
+    }
 }
 
 struct QW {
@@ -129,7 +134,6 @@ struct QW {
     const float* smn;
     int64_t ng, G, KP, sbg;
     int zero;
-    bool sums16;  // every activation code sum fits int16 (G x 127 x 2^E < 2^15): mins go through vpmaddwd
 };
 
 // Two-level scales at a super-block's end (qgemm.cpp super_end): out += ib x (super-scale x dx), and
@@ -137,20 +141,18 @@ struct QW {
 template <int SK, bool MINS, int H, int MB>
 static inline void super_end(const QW& w, const uint8_t* const* mnp, const float* const* sscp,
                              const float* const* smnp, int64_t g0, int64_t g1, int64_t b, const float* dx,
-                             const int32_t* xs, __m256i (&ib)[H][MB], float* out, int64_t ldo) {
+                             const int32_t* xs, const int32_t* xp, __m256i (&ib)[H][MB], float* out, int64_t ldo) {
     constexpr int RS = record_stride(SK);
     const int64_t ng = w.ng;
     for (int h = 0; h < H; ++h) {
         __m256i mi[MB];
         if (MINS) {
             for (int m = 0; m < MB; ++m) mi[m] = _mm256_setzero_si256();
-            if (w.sums16) {  // two groups a vpmaddwd
+            if (xp) {  // two groups a vpmaddwd (xp: their code sums packed, pair_sums)
                 for (int64_t g = g0; g < g1; g += 2) {
-                    const bool two = g + 1 < g1;
-                    const __m256i mn = min_pairs(mnp[h] + g * RS, two ? mnp[h] + (g + 1) * RS : nullptr);
+                    const __m256i mn = min_pairs(mnp[h] + g * RS, g + 1 < g1 ? mnp[h] + (g + 1) * RS : nullptr);
                     for (int m = 0; m < MB; ++m)
-                        mi[m] = _mm256_add_epi32(
-                                mi[m], _mm256_madd_epi16(mn, pair16(xs[m * ng + g], two ? xs[m * ng + g + 1] : 0)));
+                        mi[m] = _mm256_add_epi32(mi[m], _mm256_madd_epi16(mn, _mm256_set1_epi32(xp[m * ng + g])));
                 }
             } else {
                 for (int64_t g = g0; g < g1; ++g) {
@@ -231,7 +233,7 @@ static inline void group_end(const QW& w, int64_t h0, int64_t g, const uint8_t* 
 // unpacked by unpack_tile.
 template <int BITS, int SK, bool MINS, int H, int MB, bool U>
 static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, const int32_t* xs,
-                  const int32_t* xsh, float* out, int64_t ldo, const uint8_t* ub) {
+                  const int32_t* xsh, const int32_t* xp, float* out, int64_t ldo, const uint8_t* ub) {
     const int64_t ng = w.ng, G = w.G, KP = w.KP;
     constexpr int step = run_k(BITS);
     const int64_t tile_bytes = tile_code_bytes(BITS, KP);
@@ -280,7 +282,7 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
         else group_codes<BITS, H, MB>(base, g * G / step, (g + 1) * G / step, xq, KP, sums, mul);
         group_end<BITS, SK, MINS, H, MB, FUSE>(w, h0, g, scp, dx, xs, xsh, is, ib, acc);
         if (SUPER && ++gs == w.sbg) {  // a super-block's end (a counter: no division per group)
-            super_end<SK, MINS, H, MB>(w, mnp, sscp, smnp, g + 1 - w.sbg, g + 1, sb++, dx, xs, ib, out, ldo);
+            super_end<SK, MINS, H, MB>(w, mnp, sscp, smnp, g + 1 - w.sbg, g + 1, sb++, dx, xs, xp, ib, out, ldo);
             gs = 0;
         }
     }
@@ -289,8 +291,8 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
         for (int m = 0; m < MB; ++m) _mm256_storeu_ps(out + m * ldo + h * 8, acc[h][m]);
 }
 
-typedef void (*micro_fn)(const QW&, int64_t, const int8_t*, const float*, const int32_t*, const int32_t*, float*,
-                         int64_t, const uint8_t*);
+typedef void (*micro_fn)(const QW&, int64_t, const int8_t*, const float*, const int32_t*, const int32_t*,
+                         const int32_t*, float*, int64_t, const uint8_t*);
 
 // A tile (2 half tiles) x 1 row (decode: one tile a thread keeps its streams few, which measured ~15%
 // faster than two) or x 2 rows, on the tile's codes; without VNNI, x 3 rows on the tile unpacked (U,
@@ -364,19 +366,24 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
     const int64_t ng = KP / G;
     const int64_t AG = scale_kind >= 2 ? G * sbg : G;  // inputs per activation scale
     const int E = scale_kind >= 2 ? act_shift_max(bits) : 0;
-    const QW w = {qw, scales, mins, super_scales, super_mins, ng, G, KP, sbg, zero, G * 127 << E < 32768};
+    const QW w = {qw, scales, mins, super_scales, super_mins, ng, G, KP, sbg, zero};
+    // mins two groups a vpmaddwd (super_end) where every code sum fits int16: G x 127 x 2^E < 2^15
+    const bool pairs = scale_kind >= 2 && mins && G * 127 << E < 32768;
     int8_t* xq = (int8_t*)aligned_alloc(64, (size_t)((M * KP + 63) / 64 * 64));
     float* dx = (float*)malloc(sizeof(float) * M * ng);
     int32_t* xs = (int32_t*)malloc(sizeof(int32_t) * M * ng);
     int32_t* xsh = (int32_t*)malloc(sizeof(int32_t) * M * ng);
-    if (!xq || !dx || !xs || !xsh) {
-        free(xq); free(dx); free(xs); free(xsh);
+    int32_t* xp = pairs ? (int32_t*)malloc(sizeof(int32_t) * M * ng) : nullptr;
+    if (!xq || !dx || !xs || !xsh || (pairs && !xp)) {
+        free(xq); free(dx); free(xs); free(xsh); free(xp);
         return -2;
     }
     const size_t xe = x_bf16 ? 2 : 4;
     for (int64_t m = 0; m < M; ++m)
         quant_row((const char*)x + m * ldx * xe, x_bf16, K, KP, AG, G, E, xq + m * KP, dx + m * ng, xs + m * ng,
                   xsh + m * ng);
+    if (xp)
+        for (int64_t m = 0; m < M; ++m) pair_sums(xs + m * ng, ng, sbg, xp + m * ng);
 #ifdef SLM_VNNI
     const bool unpack = false;
 #else  // prefill without VNNI: each tile unpacked once for all rows (4-, 5-, 6-bit codes)
@@ -399,15 +406,16 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
                 for (int64_t m0 = m0c; m0 < m1c; m0 += MBX) {
                     const int mb = (int)(m1c - m0 < MBX ? m1c - m0 : MBX);
                     const int64_t xo = m0 * KP, so = m0 * ng;
+                    const int32_t* xps = xp ? xp + so : nullptr;
                     if (ub && mb == 3) {
                         pick_fn(bits, scale_kind, mins != nullptr, 3, true)(w, 2 * t, xq + xo, dx + so, xs + so,
-                                                                            xsh + so, tmp, 16, ub);
+                                                                            xsh + so, xps, tmp, 16, ub);
                     } else {  // decode, VNNI, 8-bit codes, the rows left over, or no memory for ub
                         for (int m = 0; m < mb; m += 2) {
                             const int n2 = mb - m < 2 ? mb - m : 2;
                             micro_fn f = pick_fn(bits, scale_kind, mins != nullptr, n2, false);
                             f(w, 2 * t, xq + xo + m * KP, dx + so + m * ng, xs + so + m * ng, xsh + so + m * ng,
-                              tmp + m * 16, 16, nullptr);
+                              xps ? xps + m * ng : nullptr, tmp + m * 16, 16, nullptr);
                         }
                     }
                     store_rows(tmp, mb, m0, t * 16, N, out, out_bf16, ldo);
@@ -420,6 +428,7 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
     free(dx);
     free(xs);
     free(xsh);
+    free(xp);
     return 0;
 }
 
