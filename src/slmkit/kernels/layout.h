@@ -29,3 +29,13 @@ static inline int group_exp(float gmax, float am, int E) {
     while (e > 0 && !(gmax * (float)(1 << e) <= am)) --e;
     return e;
 }
+
+// A row's code sums of the groups of each super-block two by two, as int16 pairs (the second 0 past
+// the block's end), at the first group's index: what the kernels' vpmaddwd / vpdpwssd of paired mins
+// take (qgemm_avx2.cpp min_pairs, qgemm.cpp super_end). Once a call, for all tiles.
+static inline void pair_sums(const int32_t* xs, int64_t ng, int64_t sbg, int32_t* xp) {
+    for (int64_t g = 0; g < ng; ++g) {
+        const bool first = (g % sbg) % 2 == 0, two = (g % sbg) + 1 < sbg;
+        xp[g] = first ? (int32_t)((uint32_t)(uint16_t)xs[g] | (two ? (uint32_t)(uint16_t)xs[g + 1] << 16 : 0u)) : 0;
+    }
+}

@@ -127,20 +127,28 @@ static inline __m512i sub16(const void* p, int64_t i) {
 // The end of a super-block (groups g0 .. g0 + sbg - 1) under two-level scales, per tile and row:
 //     y += (float)ib * (super_scale * dx);  y += (float)(sum_g min_g * xsum_g) * (super_min * dx)
 // with dx the activations' scale over the super-block; ib is zeroed.
+// With xp (pair_sums: every code sum fits int16) the mins go two groups a vpdpwssd.
 template <int SK, bool MINS, int T, int MB>
-static inline void super_end(const QW& w, int64_t t0, int64_t g0, const float* dx, const int32_t* xs,
-                             __m512i (&ib)[T][MB], __m512 (&acc)[T][MB], float* out, int64_t ldo) {
+static inline void super_end(const QW& w, int64_t t0, int64_t g0, int64_t b, const float* dx, const int32_t* xs,
+                             const int32_t* xp, __m512i (&ib)[T][MB], __m512 (&acc)[T][MB], float* out, int64_t ldo) {
     constexpr bool MEM_ACC = mem_acc<T, MB>();
     constexpr int RS = record_stride(SK);
-    const int64_t ng = w.ng, nsb = ng / w.sbg, b = g0 / w.sbg;
+    const int64_t ng = w.ng, nsb = ng / w.sbg, g1 = g0 + w.sbg;
     for (int t = 0; t < T; ++t) {
         const int64_t ssi = ((t0 + t) * nsb + b) * RS;
         const __m512 ss = _mm512_loadu_ps(w.ssc + ssi);
         __m512i mi[MB];
         if (MINS) {
             for (int m = 0; m < MB; ++m) mi[m] = _mm512_setzero_si512();
-            for (int64_t g = g0; g < g0 + w.sbg; ++g) {
-                const __m512i mn = sub16<2>(w.mn, ((t0 + t) * ng + g) * RS);
+            const uint8_t* mp = (const uint8_t*)w.mn + (t0 + t) * ng * RS;
+            for (int64_t g = g0; xp && g < g1; g += 2) {  // int16 lanes 2r, 2r + 1: row r's mins of g, g + 1
+                const __m128i a = _mm_loadu_si128((const __m128i*)(mp + g * RS));
+                const __m128i c = g + 1 < g1 ? _mm_loadu_si128((const __m128i*)(mp + (g + 1) * RS)) : _mm_setzero_si128();
+                const __m512i mn = _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_unpackhi_epi8(a, c), _mm_unpacklo_epi8(a, c)));
+                for (int m = 0; m < MB; ++m) mi[m] = _mm512_dpwssd_epi32(mi[m], mn, _mm512_set1_epi32(xp[m * ng + g]));
+            }
+            for (int64_t g = g0; !xp && g < g1; ++g) {
+                const __m512i mn = sub16<2>(mp, g * RS);
                 for (int m = 0; m < MB; ++m)
                     mi[m] = _mm512_add_epi32(mi[m], _mm512_mullo_epi32(mn, _mm512_set1_epi32(xs[m * ng + g])));
             }
@@ -164,7 +172,7 @@ constexpr int DECODE_PREFETCH = 4096;
 // T row tiles x MB activation rows, all groups of K.
 template <int BITS, int SK, bool MINS, int T, int MB>
 static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, const int32_t* xs,
-                  const int32_t* xsh, float* out, int64_t ldo) {
+                  const int32_t* xsh, const int32_t* xp, float* out, int64_t ldo) {
     const uint8_t* qw = w.qw;
     const int64_t ng = w.ng, G = w.G, KP = w.KP;
     const int zero = w.zero;
@@ -182,6 +190,7 @@ static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, co
             ib[t][m] = _mm512_setzero_si512();
             if (SUPER && MEM_ACC) _mm512_storeu_ps(out + m * ldo + t * 16, acc[t][m]);
         }
+    int64_t gs = 0, sb = 0;  // two-level scales: groups into the super-block, its index
     for (int64_t g = 0; g < ng; ++g) {
         __m512i is[T][MB], is2[T][MB];
         for (int t = 0; t < T; ++t)
@@ -235,7 +244,10 @@ static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, co
                     ib[t][m] = _mm512_add_epi32(ib[t][m], _mm512_mullo_epi32(i, sc));
                 }
             }
-            if ((g + 1) % w.sbg == 0) super_end<SK, MINS, T, MB>(w, t0, g + 1 - w.sbg, dx, xs, ib, acc, out, ldo);
+            if (++gs == w.sbg) {  // a counter: no division per group
+                super_end<SK, MINS, T, MB>(w, t0, g + 1 - w.sbg, sb++, dx, xs, xp, ib, acc, out, ldo);
+                gs = 0;
+            }
         } else {
           for (int t = 0; t < T; ++t) {
             const int64_t si = ((t0 + t) * ng + g) * 16;
@@ -260,8 +272,8 @@ static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, co
         for (int m = 0; m < MB; ++m) _mm512_storeu_ps(out + m * ldo + t * 16, acc[t][m]);
 }
 
-typedef void (*micro_fn)(const QW&, int64_t, const int8_t*, const float*, const int32_t*, const int32_t*, float*,
-                         int64_t);
+typedef void (*micro_fn)(const QW&, int64_t, const int8_t*, const float*, const int32_t*, const int32_t*,
+                         const int32_t*, float*, int64_t);
 
 // From this many activation rows 6 / 5-bit codes are unpacked per block of tiles (measured on Phi-3
 // shapes, Zen 4, one thread: at 8 rows Q5_K 193 vs 154 GOP/s in registers, at 128 rows 228 vs 153,
@@ -357,16 +369,21 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
     int8_t* xq = (int8_t*)aligned_alloc(64, (size_t)((M * KP + 63) / 64 * 64));
     float* dx = (float*)malloc(sizeof(float) * M * ng);
     int32_t* xs = (int32_t*)malloc(sizeof(int32_t) * M * ng);
+    const int E = scale_kind >= 2 ? act_shift_max(bits) : 0;
+    // mins two groups a vpdpwssd (super_end) where every code sum fits int16: G x 127 x 2^E < 2^15
+    const bool pairs = scale_kind >= 2 && mins && G * 127 << E < 32768;
     int32_t* xsh = (int32_t*)malloc(sizeof(int32_t) * M * ng);
-    if (!xq || !dx || !xs || !xsh) {
-        free(xq); free(dx); free(xs); free(xsh);
+    int32_t* xp = pairs ? (int32_t*)malloc(sizeof(int32_t) * M * ng) : nullptr;
+    if (!xq || !dx || !xs || !xsh || (pairs && !xp)) {
+        free(xq); free(dx); free(xs); free(xsh); free(xp);
         return -2;
     }
     const size_t xe = x_bf16 ? 2 : 4;
-    const int E = scale_kind >= 2 ? act_shift_max(bits) : 0;
     for (int64_t m = 0; m < M; ++m)
         quant_row((const char*)x + m * ldx * xe, x_bf16, K, KP, AG, G, E, xq + m * KP, dx + m * ng, xs + m * ng,
                   xsh + m * ng);
+    if (xp)
+        for (int64_t m = 0; m < M; ++m) pair_sums(xs + m * ng, ng, sbg, xp + m * ng);
 
     // M chunks whose int8 activations stay in L2 while every row tile streams past them.
     int64_t mc = (256 << 10) / KP;
@@ -413,7 +430,8 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
                         // a short block at the end of N goes one tile at a time
                         const int tcur = (tt == T) ? T : 1;
                         micro_fn f = pick_all(run_bits, scale_kind, mins != nullptr, tcur, mb);
-                        f(wb, t0 + ts, xq + m0 * KP, dx + m0 * ng, xs + m0 * ng, xsh + m0 * ng, tmp, 64);
+                        f(wb, t0 + ts, xq + m0 * KP, dx + m0 * ng, xs + m0 * ng, xsh + m0 * ng,
+                          xp ? xp + m0 * ng : nullptr, tmp, 64);
                         for (int m = 0; m < mb; ++m) {
                             const int64_t r0 = (t0 + ts) * 16;
                             int64_t nr = N - r0 < tcur * 16 ? N - r0 : tcur * 16;
@@ -436,5 +454,6 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
     free(dx);
     free(xs);
     free(xsh);
+    free(xp);
     return err;
 }

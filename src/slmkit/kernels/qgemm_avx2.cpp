@@ -109,21 +109,12 @@ static inline __m256i scale_pairs(const uint8_t* p, __m128i right) {
 }
 
 // Two groups' 8 uint8 mins (a, b) as int16 pairs: lane r = (a_r, b_r), for vpmaddwd with a row's two
-// code sums packed the same way (pair16 below).
+// code sums packed the same way (layout.h pair_sums).
 static inline __m256i min_pairs(const uint8_t* a, const uint8_t* b) {
     const __m256i ma = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,
                                         4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
     const __m256i lo = _mm256_shuffle_epi8(bcast8(a), ma);
     return b ? _mm256_or_si256(lo, _mm256_slli_epi32(_mm256_shuffle_epi8(bcast8(b), ma), 16)) : lo;
-}
-
-// A row's code sums of the groups of each super-block two by two, as int16 pairs (the second 0 past the
-// block's end), at the first group's index: what min_pairs' vpmaddwd takes. Once a call, for all tiles.
-static void pair_sums(const int32_t* xs, int64_t ng, int64_t sbg, int32_t* xp) {
-    for (int64_t g = 0; g < ng; ++g) {
-        const bool first = (g % sbg) % 2 == 0, two = (g % sbg) + 1 < sbg;
-        xp[g] = first ? (int32_t)((uint32_t)(uint16_t)xs[g] | (two ? (uint32_t)(uint16_t)xs[g + 1] << 16 : 0u)) : 0;
-    }
 }
 
 struct QW {
