@@ -80,6 +80,56 @@ def test_qgemm_gguf_scale_kinds_same_bits(both, type_name):
         assert torch.equal(got, qmatmul_reference(x, qw))
 
 
+@pytest.fixture(scope="module")
+def vnni_through_evex(tmp_path_factory):
+    """The AVX2 library with its AVX-VNNI unit built on AVX512-VL's vpdpbusd (the same instruction, EVEX
+    encoded; SLM_VNNI_EVEX, tests only) and that unit switched on: where the CPU has AVX512-VNNI but not
+    AVX-VNNI (as here), the path AVX-VNNI machines take runs, which no emulator here can run."""
+    import ctypes
+
+    flags = qgemm.cpu_flags() or set()
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if not {"avx512vl", "avx512_vnni", "avx2", "fma", "f16c"} <= flags or cxx is None:
+        pytest.skip("needs a CPU with AVX512-VL and AVX512-VNNI, and a C++ compiler")
+    d = tmp_path_factory.mktemp("vnni")
+    objs = []
+    for i, (src, extra) in enumerate(qgemm.AVX2_UNITS):
+        if "-DSLM_VNNI" in extra:
+            extra = ["-mavx512vl", "-mavx512vnni", "-DSLM_VNNI", "-DSLM_VNNI_EVEX"]
+        elif src.name == "qgemm_avx2.cpp":
+            extra = ["-DSLM_VNNI_EVEX"]
+        objs.append(str(d / f"{i}.o"))
+        r = _run([cxx, *qgemm.AVX2_FLAGS, *extra, "-c", str(src), "-o", objs[-1]])
+        assert r.returncode == 0, r.stderr[-2000:]
+    r = _run([cxx, "-shared", "-fopenmp", *objs, "-o", str(d / "lib.so")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    lib = ctypes.CDLL(str(d / "lib.so"))
+    qgemm._declare(lib)
+    assert lib.slm_avx_vnni() == 1
+    return lib
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_avx_vnni_path_same_bits(both, vnni_through_evex, type_name):
+    """The AVX-VNNI path (vpdpbusd sums, no unpacked prefill) gives the plain AVX2 path's bits and the
+    reference's, decode to prefill."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+
+    from slmkit.quant.gguf_repack import repack
+    from tests.helpers.gguf_files import random_blocks
+
+    shape = (72, 512)
+    raw = torch.from_numpy(np.ascontiguousarray(random_blocks(type_name, shape, np.random.default_rng(4)))
+                           .reshape(-1).copy())
+    qw = repack(raw, int(Q[type_name]), shape)
+    for m in (1, 2, 5, 11):
+        x = torch.randn(m, shape[1], generator=torch.Generator().manual_seed(m)) * 2
+        got = qmatmul_kernel(vnni_through_evex, x, qw, torch.float32)
+        assert torch.equal(got, qmatmul_kernel(both[1], x, qw, torch.float32))
+        assert torch.equal(got, qmatmul_reference(x, qw))
+
+
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
 def test_repack_same_bytes_as_avx512(both, monkeypatch, type_name):
     """The GGUF repack (repack.cpp) is built into both libraries: the same bytes from each, and from

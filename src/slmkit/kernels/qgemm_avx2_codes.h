@@ -16,7 +16,9 @@ static inline __m256i bcast4(const int8_t* p) {
 
 // acc + the 4-code dot products of u (unsigned) and s (signed) per 32-bit lane, exact.
 static inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
-#ifdef SLM_VNNI
+#if defined(SLM_VNNI) && defined(SLM_VNNI_EVEX)  // tests only: the same instruction in AVX512-VL's encoding,
+    return _mm256_dpbusd_epi32(acc, u, s);         // so a CPU with AVX512-VNNI but not AVX-VNNI runs this path
+#elif defined(SLM_VNNI)
     return _mm256_dpbusd_avx_epi32(acc, u, s);
 #else  // the callers keep |pair sums| below 2^15 (no int16 saturation)
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
