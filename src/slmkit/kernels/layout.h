@@ -30,6 +30,10 @@ static inline int group_exp(float gmax, float am, int E) {
     return e;
 }
 
+// Whether every group's activation code sum fits int16 (|sum| <= G x 127 x 2^E, quant_row), so the kernels may
+// take the mins two groups at a time (pair_sums).
+static inline bool sums_fit_int16(int64_t G, int E) { return G * 127 << E < 32768; }
+
 // A row's code sums of the groups of each super-block two by two, as int16 pairs (the second 0 past
 // the block's end), at the first group's index: what the kernels' vpmaddwd / vpdpwssd of paired mins
 // take (qgemm_avx2.cpp min_pairs, qgemm.cpp super_end). Once a call, for all tiles.

@@ -370,8 +370,7 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
     float* dx = (float*)malloc(sizeof(float) * M * ng);
     int32_t* xs = (int32_t*)malloc(sizeof(int32_t) * M * ng);
     const int E = scale_kind >= 2 ? act_shift_max(bits) : 0;
-    // mins two groups a vpdpwssd (super_end) where every code sum fits int16: G x 127 x 2^E < 2^15
-    const bool pairs = scale_kind >= 2 && mins && G * 127 << E < 32768;
+    const bool pairs = scale_kind >= 2 && mins && sums_fit_int16(G, E);  // mins two groups a vpdpwssd (super_end)
     int32_t* xsh = (int32_t*)malloc(sizeof(int32_t) * M * ng);
     int32_t* xp = pairs ? (int32_t*)malloc(sizeof(int32_t) * M * ng) : nullptr;
     if (!xq || !dx || !xs || !xsh || (pairs && !xp)) {

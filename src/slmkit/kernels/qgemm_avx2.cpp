@@ -358,8 +358,7 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
     const int64_t AG = scale_kind >= 2 ? G * sbg : G;  // inputs per activation scale
     const int E = scale_kind >= 2 ? act_shift_max(bits) : 0;
     const QW w = {qw, scales, mins, super_scales, super_mins, ng, G, KP, sbg, zero};
-    // mins two groups a vpmaddwd (super_end) where every code sum fits int16: G x 127 x 2^E < 2^15
-    const bool pairs = scale_kind >= 2 && mins && G * 127 << E < 32768;
+    const bool pairs = scale_kind >= 2 && mins && sums_fit_int16(G, E);  // mins two groups a vpmaddwd (super_end)
     int8_t* xq = (int8_t*)aligned_alloc(64, (size_t)((M * KP + 63) / 64 * 64));
     float* dx = (float*)malloc(sizeof(float) * M * ng);
     int32_t* xs = (int32_t*)malloc(sizeof(int32_t) * M * ng);
