@@ -98,14 +98,18 @@ static inline __m256i bcast8(const uint8_t* p) {
 
 // A half tile's 8 integer sub-scales of one group as int16 pairs times 2^sh: both int16 halves of
 // 32-bit lane r hold scale r << sh, so vpmaddwd of a row's int16 pair sums with it is scale x 2^sh x
-// their sum, exact (|pair sums| < 2^15, |scale| x 2^sh <= 255 x 8). vpshufb puts byte r in the high
-// byte of both halves (scale x 256), and a shift right by 8 - sh (arithmetic for int8 scales) ends it.
+// their sum, exact (|pair sums| < 2^15, |scale| x 2^sh <= 255 x 8). scale_bytes puts byte r in the
+// high byte of both halves (scale x 256), once for all rows; scale_pairs' shift right by 8 - sh
+// (arithmetic for int8 scales), a row's, ends it.
+static inline __m256i scale_bytes(const uint8_t* p) {
+    return _mm256_shuffle_epi8(bcast8(p), _mm256_setr_epi8(-1, 0, -1, 0, -1, 1, -1, 1, -1, 2, -1, 2, -1, 3, -1, 3,
+                                                           -1, 4, -1, 4, -1, 5, -1, 5, -1, 6, -1, 6, -1, 7, -1, 7));
+}
+
 template <int SK>
-static inline __m256i scale_pairs(const uint8_t* p, __m128i right) {
-    const __m256i hi = _mm256_shuffle_epi8(
-            bcast8(p), _mm256_setr_epi8(-1, 0, -1, 0, -1, 1, -1, 1, -1, 2, -1, 2, -1, 3, -1, 3,
-                                        -1, 4, -1, 4, -1, 5, -1, 5, -1, 6, -1, 6, -1, 7, -1, 7));
-    return (SK & 3) == 3 ? _mm256_sra_epi16(hi, right) : _mm256_srl_epi16(hi, right);
+static inline __m256i scale_pairs(__m256i bytes, int sh) {
+    const __m128i right = _mm_cvtsi32_si128(8 - sh);
+    return (SK & 3) == 3 ? _mm256_sra_epi16(bytes, right) : _mm256_srl_epi16(bytes, right);
 }
 
 // Two groups' 8 uint8 mins (a, b) as int16 pairs: lane r = (a_r, b_r), for vpmaddwd with a row's two
@@ -263,11 +267,13 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
     int64_t gs = 0, sb = 0;  // groups into the super-block, its index
     for (int64_t g = 0; g < ng; ++g) {
         __m256i is[H][MB], mul[H][MB];
-        for (int h = 0; h < H; ++h)
+        for (int h = 0; h < H; ++h) {
+            const __m256i bytes = FUSE ? scale_bytes(scp[h] + g * RS) : ones;
             for (int m = 0; m < MB; ++m) {
                 is[h][m] = _mm256_setzero_si256();
-                mul[h][m] = FUSE ? scale_pairs<SK>(scp[h] + g * RS, _mm_cvtsi32_si128(8 - xsh[m * ng + g])) : ones;
+                mul[h][m] = FUSE ? scale_pairs<SK>(bytes, xsh[m * ng + g]) : ones;
             }
+        }
         __m256i(&sums)[H][MB] = FUSE ? ib : is;
         if constexpr (U) group_codes_u<BITS, H, MB>(base, g * G / 4, (g + 1) * G / 4, xq, KP, sums, mul);
         else group_codes<BITS, H, MB>(base, g * G / step, (g + 1) * G / step, xq, KP, sums, mul);
