@@ -156,3 +156,33 @@ def test_attention_routes_prefill_chunks_to_the_kernel(monkeypatch):
     torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=2e-6)
     torch.testing.assert_close(whole.double(), reference(q, k[:, :, :5], v[:, :, :5], torch.arange(5)[None], 3, 0.2),
                                atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [40, 96, 256])
+@pytest.mark.parametrize("window", [None, 4, 9])
+def test_queries_taken_together_keep_their_own_bits(dtype, D, window):
+    """The kernel takes up to 4 queries of a row at once (each key read once for all of them): with
+    positions in any order, repeated, or far apart, and windows that start them at other keys, each
+    query's result is the bits it has alone."""
+    g = torch.Generator().manual_seed(D)
+    B, H, Hkv, L = 2, 8, 2, 30
+    kc, vc = (torch.randn(4, Hkv, L + 3, D, generator=g).to(dtype) for _ in range(2))
+    k, v = kc[:B, :, :L], vc[:B, :, :L]
+    qpos = torch.tensor([[3, 4, 5, 6, 7, 20, 21, 29, 0, 1, 2],
+                         [29, 28, 12, 12, 13, 5, 6, 7, 8, 25, 26]])
+    S = qpos.shape[1]
+    q = torch.randn(B, S, H, D, generator=g).to(dtype).transpose(1, 2)
+    got = decode_attention(q, k, v, qpos=qpos, window=window, scale=D**-0.5)
+    assert got is not None and got.shape == (B, H, S, D)
+    for b in range(B):
+        for s in range(S):
+            alone = decode_attention(q[b:b + 1, :, s:s + 1], k[b:b + 1], v[b:b + 1], qpos=qpos[b:b + 1, s:s + 1],
+                                     window=window, scale=D**-0.5)
+            assert torch.equal(got[b:b + 1, :, s:s + 1], alone), (b, s)
+    want = reference(q, k, v, qpos, window, D**-0.5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=2e-6)
+    else:
+        ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+        assert ((got.double() - want).abs() <= ulp * want.abs() + 1e-5).all()

@@ -14,8 +14,8 @@
 // none). q [B, H, S, D] (row / head / query strides given, last dim contiguous), K and V of any
 // strides (elements; last dim contiguous), all of one dtype (0 float32, 1 bfloat16, 2 float16); out
 // [B, S, H, D] contiguous in that dtype. Everything in float32: scores, max-subtracted softmax, the
-// weighted V sum, divided by the sum at the end. One task per (row, query, kv head) handles its G
-// query heads (K and V blocks are re-read per head from cache).
+// weighted V sum, divided by the sum at the end. One task per (row, up to ATTN_QB queries, kv head)
+// handles their G query heads (K and V blocks are re-read per head from cache).
 //
 // Each query's result is computed by the same instructions in the same order whatever B, S, L, the
 // strides or the thread count: a query gives the same bits alone in a decode step, batched with
@@ -67,78 +67,153 @@ static inline __m512 hsum16(const __m512* a) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, 0x88), _mm512_shuffle_f32x4(y01, y23, 0xdd));
 }
 
-template <int DT>
-static void attn_task(const void* q, const void* k, const void* v, void* out, int64_t G, int64_t D, int64_t n,
-                      int64_t kst, int64_t vst, int64_t qsh, float scale, float* s, float* acc, float* qf) {
+// Chunks of 16 values of D whose weighted V sums stay in registers: QB x chunks accumulators, a V chunk
+// and QB weights within 32 registers.
+template <int QB>
+constexpr int PV_CHUNKS = QB == 1 ? 8 : 24 / QB;
+
+// acc_r[c] = sum_j p_r[j] v_j[c0 + c] over query r's keys j < nn[r], in order, for CN chunks (c < CN);
+// p_r at p + r * pst. Keys every query sees first, then each query's last ones alone.
+template <int DT, int QB, int CN>
+static void pv_chunks(const float* p, int64_t pst, const void* v, int64_t vst, int64_t c0, int64_t nc, __mmask16 tail,
+                      int64_t n, int64_t nmin, const int64_t* nn, float* acc, int64_t ast) {
+    const size_t es = DT == DT_F32 ? 4 : 2;
+    __m512 ra[QB][CN];
+#pragma GCC unroll 8
+    for (int r = 0; r < QB; ++r)
+#pragma GCC unroll 8
+        for (int c = 0; c < CN; ++c) ra[r][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < nmin; ++j) {
+        const char* vj = (const char*)v + j * vst * es;
+        __m512 w[QB];
+#pragma GCC unroll 8
+        for (int r = 0; r < QB; ++r) w[r] = _mm512_set1_ps(p[r * pst + j]);
+#pragma GCC unroll 8
+        for (int c = 0; c < CN; ++c) {
+            const __m512 vc = ld16<DT>(vj, (c0 + c) * 16, c0 + c == nc - 1 ? tail : 0xffff);
+#pragma GCC unroll 8
+            for (int r = 0; r < QB; ++r) ra[r][c] = _mm512_fmadd_ps(w[r], vc, ra[r][c]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < QB; ++r)
+#pragma GCC unroll 8
+        for (int c = 0; c < CN; ++c) _mm512_storeu_ps(acc + r * ast + c * 16, ra[r][c]);
+    for (int64_t j = nmin; j < n; ++j) {  // from memory: ra is not indexed at run time (it stays in registers)
+        const char* vj = (const char*)v + j * vst * es;
+        for (int r = 0; r < QB; ++r) {
+            if (j >= nn[r]) continue;
+            const __m512 w = _mm512_set1_ps(p[r * pst + j]);
+            for (int c = 0; c < CN; ++c) {
+                float* a = acc + r * ast + c * 16;
+                _mm512_storeu_ps(a, _mm512_fmadd_ps(w, ld16<DT>(vj, (c0 + c) * 16, c0 + c == nc - 1 ? tail : 0xffff),
+                                                    _mm512_loadu_ps(a)));
+            }
+        }
+    }
+}
+
+typedef void (*pv_t)(const float*, int64_t, const void*, int64_t, int64_t, int64_t, __mmask16, int64_t, int64_t,
+                     const int64_t*, float*, int64_t);
+
+template <int DT, int QB, int CN = PV_CHUNKS<QB>>
+static pv_t pv_fn(int64_t cn) {
+    if constexpr (CN == 1) return pv_chunks<DT, QB, 1>;
+    else return cn == CN ? pv_chunks<DT, QB, CN> : pv_fn<DT, QB, CN - 1>(cn);
+}
+
+// QB queries (see attn_driver.h), query r over n[r] keys: each key's K and V vectors are read once for all
+// of them. Query r's scores, softmax and weighted sums are exactly the one-query operations in the same
+// order (its FMA chains, the same hsum16 tree, keys past its n[r] never added), so its bits do not depend
+// on QB or on the other queries.
+template <int DT, int QB>
+static void attn_block(const void* q, int64_t qss, const void* k, const void* v, void* out, int64_t ost,
+                       const int64_t* nn, int64_t G, int64_t D, int64_t kst, int64_t vst, int64_t qsh, float scale,
+                       float* s, float* acc, float* qf) {
     const size_t es = DT == DT_F32 ? 4 : 2;
     const int64_t nc = (D + 15) / 16;
     const __mmask16 tail = (D % 16) ? (__mmask16)((1u << (D % 16)) - 1) : (__mmask16)0xffff;
-    // queries in float32, zero padded to nc * 16
-    for (int64_t g = 0; g < G; ++g)
-        for (int64_t c = 0; c < nc; ++c)
-            _mm512_storeu_ps(qf + g * nc * 16 + c * 16,
-                             ld16<DT>((const char*)q + g * qsh * es, c * 16, c == nc - 1 ? tail : 0xffff));
-    // scores s[g * n + j] = scale * q_g . k_j, sixteen keys at a time: each key's 16 lane sums
-    // are reduced by one transposing tree (hsum16), the same tree for every key, so a score
-    // depends on q_g and k_j only (a partial last block is padded with zero vectors)
+    int64_t n = 0, nmin = nn[0];  // n: the longest query's keys (the score rows' stride)
+    for (int r = 0; r < QB; ++r) {
+        n = nn[r] > n ? nn[r] : n;
+        nmin = nn[r] < nmin ? nn[r] : nmin;
+    }
+    // queries in float32, zero padded to nc * 16: query r's head g at qf + (r * G + g) * nc * 16
+    for (int r = 0; r < QB; ++r)
+        for (int64_t g = 0; g < G; ++g)
+            for (int64_t c = 0; c < nc; ++c)
+                _mm512_storeu_ps(qf + ((r * G + g) * nc + c) * 16,
+                                 ld16<DT>((const char*)q + (r * qss + g * qsh) * es, c * 16, c == nc - 1 ? tail : 0xffff));
+    // scores s[(r * G + g) * n + j] = scale * q . k_j, sixteen keys at a time: each key's 16 lane sums
+    // are reduced by one transposing tree (hsum16), the same tree for every key, so a score depends on
+    // q and k_j only (a partial last block is padded with zero vectors)
     for (int64_t g = 0; g < G; ++g) {
-        const float* qg = qf + g * nc * 16;
         for (int64_t j0 = 0; j0 < n; j0 += 16) {
             const int64_t m = n - j0 < 16 ? n - j0 : 16;
-            __m512 a[16];
-            for (int t = 0; t < 16; ++t) a[t] = _mm512_setzero_ps();
+            __m512 a[QB][16];
+            for (int r = 0; r < QB; ++r)
+                for (int t = 0; t < 16; ++t) a[r][t] = _mm512_setzero_ps();
             for (int64_t t = 0; t < m; ++t) {
                 const char* kj = (const char*)k + (j0 + t) * kst * es;
-                __m512 acc = _mm512_setzero_ps();
-                for (int64_t c = 0; c < nc; ++c)
-                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16), ld16<DT>(kj, c * 16, c == nc - 1 ? tail : 0xffff),
-                                          acc);
-                a[t] = acc;
+                __m512 sum[QB];
+#pragma GCC unroll 4
+                for (int r = 0; r < QB; ++r) sum[r] = _mm512_setzero_ps();
+                for (int64_t c = 0; c < nc; ++c) {
+                    const __m512 kc = ld16<DT>(kj, c * 16, c == nc - 1 ? tail : 0xffff);
+#pragma GCC unroll 4
+                    for (int r = 0; r < QB; ++r)
+                        sum[r] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + ((r * G + g) * nc + c) * 16), kc, sum[r]);
+                }
+#pragma GCC unroll 4
+                for (int r = 0; r < QB; ++r) a[r][t] = sum[r];
             }
-            const __m512 sc = _mm512_mul_ps(hsum16(a), _mm512_set1_ps(scale));
-            _mm512_mask_storeu_ps(s + g * n + j0, m == 16 ? (__mmask16)0xffff : (__mmask16)((1u << m) - 1), sc);
+            const __mmask16 mk = m == 16 ? (__mmask16)0xffff : (__mmask16)((1u << m) - 1);
+            for (int r = 0; r < QB; ++r)
+                _mm512_mask_storeu_ps(s + (r * G + g) * n + j0, mk, _mm512_mul_ps(hsum16(a[r]), _mm512_set1_ps(scale)));
         }
     }
-    // softmax numerators, and their sums
-    float sum[64];
-    for (int64_t g = 0; g < G; ++g) {
-        float* sg = s + g * n;
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        int64_t j = 0;
-        for (; j + 16 <= n; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sg + j));
-        float m = _mm512_reduce_max_ps(mx);
-        for (; j < n; ++j) m = sg[j] > m ? sg[j] : m;
-        const __m512 vm = _mm512_set1_ps(m);
-        __m512 tot = _mm512_setzero_ps();
-        for (j = 0; j < n; j += 16) {
-            __mmask16 mk = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
-            __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sg + j), vm));
-            e = _mm512_maskz_mov_ps(mk, e);
-            tot = _mm512_add_ps(tot, e);
-            _mm512_mask_storeu_ps(sg + j, mk, e);
-        }
-        sum[g] = _mm512_reduce_add_ps(tot);
-    }
-    // acc_g = sum_j p_gj v_j, in registers per block of up to 8 chunks (128 values) of D; each
-    // value is summed over j in order, whatever the chunking
-    for (int64_t g = 0; g < G; ++g) {
-        const float* sg = s + g * n;
-        for (int64_t c0 = 0; c0 < nc; c0 += 8) {
-            const int64_t cn = nc - c0 < 8 ? nc - c0 : 8;
-            __m512 r[8];
-            for (int c = 0; c < 8; ++c) r[c] = _mm512_setzero_ps();
-            for (int64_t j = 0; j < n; ++j) {
-                const char* vj = (const char*)v + j * vst * es;
-                const __m512 p = _mm512_set1_ps(sg[j]);
-#pragma GCC unroll 8
-                for (int c = 0; c < 8; ++c)
-                    if (c < cn)
-                        r[c] = _mm512_fmadd_ps(p, ld16<DT>(vj, (c0 + c) * 16, c0 + c == nc - 1 ? tail : 0xffff), r[c]);
+    // softmax numerators over each query's own keys, and their sums
+    float sum[QB * 64];
+    for (int r = 0; r < QB; ++r)
+        for (int64_t g = 0; g < G; ++g) {
+            float* sg = s + (r * G + g) * n;
+            const int64_t nr = nn[r];
+            __m512 mx = _mm512_set1_ps(-INFINITY);
+            int64_t j = 0;
+            for (; j + 16 <= nr; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sg + j));
+            float mv = _mm512_reduce_max_ps(mx);
+            for (; j < nr; ++j) mv = sg[j] > mv ? sg[j] : mv;
+            const __m512 vm = _mm512_set1_ps(mv);
+            __m512 tot = _mm512_setzero_ps();
+            for (j = 0; j < nr; j += 16) {
+                __mmask16 mk = nr - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (nr - j)) - 1);
+                __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sg + j), vm));
+                e = _mm512_maskz_mov_ps(mk, e);
+                tot = _mm512_add_ps(tot, e);
+                _mm512_mask_storeu_ps(sg + j, mk, e);
             }
-            for (int c = 0; c < cn; ++c) _mm512_storeu_ps(acc + (g * nc + c0 + c) * 16, r[c]);
+            sum[r * G + g] = _mm512_reduce_add_ps(tot);
         }
-    }
-    attn_store<DT>(acc, sum, out, G, D, nc);
+    // acc = sum_j p_j v_j per query, in registers per block of chunks of D; each value is summed over j in
+    // order, whatever the chunking
+    for (int64_t g = 0; g < G; ++g)
+        for (int64_t c0 = 0; c0 < nc; c0 += PV_CHUNKS<QB>) {
+            const int64_t cn = nc - c0 < PV_CHUNKS<QB> ? nc - c0 : PV_CHUNKS<QB>;
+            pv_fn<DT, QB>(cn)(s + g * n, G * n, v, vst, c0, nc, tail, n, nmin, nn, acc + (g * nc + c0) * 16, G * nc * 16);
+        }
+    for (int r = 0; r < QB; ++r)
+        attn_store<DT>(acc + r * G * nc * 16, sum + r * G, (char*)out + r * ost * es, G, D, nc);
+}
+
+template <int DT>
+static void attn_queries(const void* q, int64_t qss, const void* k, const void* v, void* out, int64_t ost, int nq,
+                         const int64_t* n, int64_t G, int64_t D, int64_t kst, int64_t vst, int64_t qsh, float scale,
+                         float* s, float* acc, float* qf) {
+    if (nq == ATTN_QB) return attn_block<DT, ATTN_QB>(q, qss, k, v, out, ost, n, G, D, kst, vst, qsh, scale, s, acc, qf);
+    const size_t es = DT == DT_F32 ? 4 : 2;
+    for (int r = 0; r < nq; ++r)  // a short run: one query at a time
+        attn_block<DT, 1>((const char*)q + r * qss * es, qss, k, v, (char*)out + r * ost * es, ost, n + r, G, D, kst,
+                          vst, qsh, scale, s, acc, qf);
 }
 
 SLM_ATTN_ENTRY

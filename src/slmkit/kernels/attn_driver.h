@@ -11,10 +11,15 @@
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
-// One task: G query heads of one (row, query, kv head) over n keys; s, acc, qf: its scratch.
-typedef void (*attn_task_fn)(const void* q, const void* k, const void* v, void* out, int64_t G, int64_t D,
-                             int64_t n, int64_t kst, int64_t vst, int64_t qsh, float scale, float* s, float* acc,
-                             float* qf);
+// Queries are taken up to ATTN_QB at a time (consecutive queries of one row that see the same first key),
+// so each key and value read serves all of them; each query's operations stay the same, in the same order.
+constexpr int ATTN_QB = 4;
+
+// One task: G query heads of nq queries (query r at q + r * qss elements, its output at out + r * ost) of one
+// (row, kv head), query r over keys 0 .. n[r] - 1 from k / v; s, acc, qf: its scratch.
+typedef void (*attn_task_fn)(const void* q, int64_t qss, const void* k, const void* v, void* out, int64_t ost, int nq,
+                             const int64_t* n, int64_t G, int64_t D, int64_t kst, int64_t vst, int64_t qsh, float scale,
+                             float* s, float* acc, float* qf);
 
 // out[g, d] = acc[g, d] / sum[g] in the output dtype (acc rows padded to nc * 16).
 template <int DT>
@@ -53,14 +58,15 @@ static inline int attn_run(const attn_task_fn task[3], int dtype, int64_t B, int
         }
     const int64_t nc = (D + 15) / 16;
     const size_t es = dtype == DT_F32 ? 4 : 2;
-    const int64_t tasks = B * S * Hkv;
+    const int64_t nblk = (S + ATTN_QB - 1) / ATTN_QB;
+    const int64_t tasks = B * nblk * Hkv;
     if (nthreads < 1) nthreads = 1;
     if (nthreads > tasks) nthreads = (int)tasks;
     const attn_task_fn run = task[dtype];
     int err = 0;
 #pragma omp parallel num_threads(nthreads)
     {
-        float* buf = (float*)malloc(sizeof(float) * (G * nmax + 2 * G * nc * 16 + 16));
+        float* buf = (float*)malloc(sizeof(float) * ATTN_QB * (G * nmax + 2 * G * nc * 16 + 16));
         if (!buf) {
 #pragma omp atomic write
             err = -2;
@@ -70,29 +76,41 @@ static inline int attn_run(const attn_task_fn task[3], int dtype, int64_t B, int
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < tasks; ++t) {
             if (!buf) continue;
-            const int64_t b = t / (S * Hkv), i = t / Hkv % S, hk = t % Hkv;
-            const int64_t p = qpos ? qpos[b * qpb + i * qps] : L - S + i;
-            const int64_t st = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
-            const void* qb = (const char*)q + (b * qsb + i * qss + hk * G * qsh) * es;
-            const void* kb = (const char*)k + (b * ksb + hk * ksh + st * kst) * es;
-            const void* vb = (const char*)v + (b * vsb + hk * vsh + st * vst) * es;
-            void* ob = (char*)out + (((b * S + i) * H + hk * G) * D) * es;
-            float* acc = buf + G * nmax;
-            run(qb, kb, vb, ob, G, D, p + 1 - st, kst, vst, qsh, scale, buf, acc, acc + G * nc * 16);
+            const int64_t b = t / (nblk * Hkv), i0 = t / Hkv % nblk * ATTN_QB, hk = t % Hkv;
+            const int64_t i1 = i0 + ATTN_QB < S ? i0 + ATTN_QB : S;
+            int64_t st[ATTN_QB], n[ATTN_QB];
+            for (int64_t i = i0; i < i1; ++i) {
+                const int64_t p = qpos ? qpos[b * qpb + i * qps] : L - S + i;
+                st[i - i0] = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+                n[i - i0] = p + 1 - st[i - i0];
+            }
+            for (int64_t i = i0; i < i1;) {  // runs of queries that start at the same key
+                int64_t e = i + 1;
+                while (e < i1 && st[e - i0] == st[i - i0]) ++e;
+                const int64_t s0 = st[i - i0];
+                const void* qb = (const char*)q + (b * qsb + i * qss + hk * G * qsh) * es;
+                const void* kb = (const char*)k + (b * ksb + hk * ksh + s0 * kst) * es;
+                const void* vb = (const char*)v + (b * vsb + hk * vsh + s0 * vst) * es;
+                void* ob = (char*)out + (((b * S + i) * H + hk * G) * D) * es;
+                float* acc = buf + ATTN_QB * G * nmax;
+                run(qb, qss, kb, vb, ob, H * D, (int)(e - i), n + (i - i0), G, D, kst, vst, qsh, scale, buf, acc,
+                    acc + ATTN_QB * G * nc * 16);
+                i = e;
+            }
         }
         free(buf);
     }
     return err;
 }
 
-// slm_attn itself, in each file: attn_run over that file's attn_task instances.
+// slm_attn itself, in each file: attn_run over that file's attn_queries instances.
 #define SLM_ATTN_ENTRY                                                                                          \
     extern "C" int slm_attn(int dtype, int64_t B, int64_t S, int64_t H, int64_t Hkv, int64_t D, const void* q, \
                             int64_t qsb, int64_t qsh, int64_t qss, const void* k, int64_t ksb, int64_t ksh,     \
                             int64_t kst, const void* v, int64_t vsb, int64_t vsh, int64_t vst, int64_t L,       \
                             const int64_t* qpos, int64_t qpb, int64_t qps, int64_t window, float scale,         \
                             void* out, int nthreads) {                                                          \
-        static const attn_task_fn task[3] = {attn_task<DT_F32>, attn_task<DT_BF16>, attn_task<DT_F16>};          \
+        static const attn_task_fn task[3] = {attn_queries<DT_F32>, attn_queries<DT_BF16>, attn_queries<DT_F16>};          \
         return attn_run(task, dtype, B, S, H, Hkv, D, q, qsb, qsh, qss, k, ksb, ksh, kst, v, vsb, vsh, vst, L,  \
                         qpos, qpb, qps, window, scale, out, nthreads);                                          \
     }
