@@ -172,10 +172,9 @@ constexpr int DECODE_PREFETCH = 4096;
 // T row tiles x MB activation rows, all groups of K.
 template <int BITS, int SK, bool MINS, int T, int MB>
 static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, const int32_t* xs,
-                  const int32_t* xsh, const int32_t* xp, float* out, int64_t ldo) {
+                  const int32_t* xsh, const int32_t* xp, const int32_t* xz, float* out, int64_t ldo) {
     const uint8_t* qw = w.qw;
     const int64_t ng = w.ng, G = w.G, KP = w.KP;
-    const int zero = w.zero;
     constexpr int step = run_k(BITS), vpr = run_vectors(BITS);
     constexpr bool MEM_ACC = mem_acc<T, MB>();
     const int64_t tile_bytes = tile_code_bytes(BITS, KP);
@@ -192,9 +191,12 @@ static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, co
         }
     int64_t gs = 0, sb = 0;  // two-level scales: groups into the super-block, its index
     for (int64_t g = 0; g < ng; ++g) {
-        __m512i is[T][MB], is2[T][MB];
+        __m512i is[T][MB], is2[T][MB];  // two-level scales with a zero point: from -zero x the codes' sum (xz)
         for (int t = 0; t < T; ++t)
-            for (int m = 0; m < MB; ++m) is[t][m] = is2[t][m] = _mm512_setzero_si512();
+            for (int m = 0; m < MB; ++m) {
+                is[t][m] = SUPER && xz ? _mm512_set1_epi32(xz[m * ng + g]) : _mm512_setzero_si512();
+                is2[t][m] = _mm512_setzero_si512();
+            }
         const int64_t c0 = g * G / step, c1 = (g + 1) * G / step;
         for (int64_t c = c0; c < c1; ++c) {
             const int64_t k0 = c * step;
@@ -238,9 +240,8 @@ static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, co
             for (int t = 0; t < T; ++t) {
                 const __m512i sc = sub16<SK>(w.sc, ((t0 + t) * ng + g) * record_stride(SK));
                 for (int m = 0; m < MB; ++m) {
-                    __m512i i = _mm512_sllv_epi32(_mm512_add_epi32(is[t][m], is2[t][m]),
-                                                  _mm512_set1_epi32(xsh[m * ng + g]));  // see quant_row
-                    if (zero) i = _mm512_sub_epi32(i, _mm512_set1_epi32(zero * xs[m * ng + g]));
+                    const __m512i i = _mm512_sllv_epi32(_mm512_add_epi32(is[t][m], is2[t][m]),
+                                                        _mm512_set1_epi32(xsh[m * ng + g]));  // see quant_row
                     ib[t][m] = _mm512_add_epi32(ib[t][m], _mm512_mullo_epi32(i, sc));
                 }
             }
@@ -257,7 +258,7 @@ static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, co
                 __m512i i = _mm512_add_epi32(is[t][m], is2[t][m]);
                 const float d = dx[m * ng + g];
                 const int32_t qs = xs[m * ng + g];
-                if (zero) i = _mm512_sub_epi32(i, _mm512_set1_epi32(zero * qs));
+                if (w.zero) i = _mm512_sub_epi32(i, _mm512_set1_epi32(w.zero * qs));
                 // separate multiply and add (no FMA, -ffp-contract=off): the PyTorch fallback
                 // performs exactly these roundings in this order, so the two agree bit for bit
                 acc[t][m] = _mm512_add_ps(acc[t][m],
@@ -273,7 +274,7 @@ static void micro(const QW& w, int64_t t0, const int8_t* xq, const float* dx, co
 }
 
 typedef void (*micro_fn)(const QW&, int64_t, const int8_t*, const float*, const int32_t*, const int32_t*,
-                         const int32_t*, float*, int64_t);
+                         const int32_t*, const int32_t*, float*, int64_t);
 
 // From this many activation rows 6 / 5-bit codes are unpacked per block of tiles (measured on Phi-3
 // shapes, Zen 4, one thread: at 8 rows Q5_K 193 vs 154 GOP/s in registers, at 128 rows 228 vs 153,
@@ -373,8 +374,10 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
     const bool pairs = scale_kind >= 2 && mins && sums_fit_int16(G, E);  // mins two groups a vpdpwssd (super_end)
     int32_t* xsh = (int32_t*)malloc(sizeof(int32_t) * M * ng);
     int32_t* xp = pairs ? (int32_t*)malloc(sizeof(int32_t) * M * ng) : nullptr;
-    if (!xq || !dx || !xs || !xsh || (pairs && !xp)) {
-        free(xq); free(dx); free(xs); free(xsh); free(xp);
+    const bool zinit = zero && scale_kind >= 2;  // two-level scales: the zero point where each group's sum starts
+    int32_t* xz = zinit ? (int32_t*)malloc(sizeof(int32_t) * M * ng) : nullptr;
+    if (!xq || !dx || !xs || !xsh || (pairs && !xp) || (zinit && !xz)) {
+        free(xq); free(dx); free(xs); free(xsh); free(xp); free(xz);
         return -2;
     }
     const size_t xe = x_bf16 ? 2 : 4;
@@ -383,6 +386,10 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
                   xsh + m * ng);
     if (xp)
         for (int64_t m = 0; m < M; ++m) pair_sums(xs + m * ng, ng, sbg, xp + m * ng);
+    // two-level scales with a zero point (Q6_K): -zero x each group's (unshifted) code sum, where the group's
+    // integer sum starts (micro), so (sum << shift) is the sum minus zero x xs, as the reference subtracts it
+    // (Phi-3 shapes, one thread: Q6_K 131 -> 146 GMAC/s at 128 rows; a subtraction per group and row before)
+    for (int64_t i = 0; xz && i < M * ng; ++i) xz[i] = -zero * (xs[i] >> xsh[i]);
 
     // M chunks whose int8 activations stay in L2 while every row tile streams past them.
     int64_t mc = (256 << 10) / KP;
@@ -430,7 +437,7 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
                         const int tcur = (tt == T) ? T : 1;
                         micro_fn f = pick_all(run_bits, scale_kind, mins != nullptr, tcur, mb);
                         f(wb, t0 + ts, xq + m0 * KP, dx + m0 * ng, xs + m0 * ng, xsh + m0 * ng,
-                          xp ? xp + m0 * ng : nullptr, tmp, 64);
+                          xp ? xp + m0 * ng : nullptr, xz ? xz + m0 * ng : nullptr, tmp, 64);
                         for (int m = 0; m < mb; ++m) {
                             const int64_t r0 = (t0 + ts) * 16;
                             int64_t nr = N - r0 < tcur * 16 ? N - r0 : tcur * 16;
@@ -454,5 +461,6 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
     free(xs);
     free(xsh);
     free(xp);
+    free(xz);
     return err;
 }
