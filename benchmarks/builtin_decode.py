@@ -4,6 +4,7 @@ or any GGUF file's (--model: Phi-3 files run their own fused step).
     .venv/bin/python benchmarks/builtin_decode.py                # 5 rounds of 128 greedy tokens
     .venv/bin/python benchmarks/builtin_decode.py --profile      # + where one decode step's time goes
     .venv/bin/python benchmarks/builtin_decode.py --model /tmp/slmkit-bench/phi3-mini-random-16l-Q4_K_M.gguf
+    .venv/bin/python benchmarks/builtin_decode.py --model FILE --prefill 512   # prefill tok/s instead
 
 One process, rounds interleaved (slmkit fused step, slmkit per-op step, llama-cpp-python), so a
 busy machine slows every engine alike; medians over rounds, and the best round of each (on a
@@ -11,8 +12,10 @@ busy machine the best rounds are the ones nothing else ran in). Decode tok/s exc
 (slmkit's timings; llama.cpp: a 1-token run's time subtracted). --profile times one step's parts
 with time.perf_counter: the layers (fused: the one kernel call; per-op: forward hooks on each
 module, which add their own overhead), the output head, the embedding and the rest, medians over
-steps (the built-in model only). Writes benchmarks/results/builtin_decode.json (--model:
-decode_<file stem>.json). Do not run beside tests or other load.
+steps (the built-in model only). --prefill N: rounds of one N-token prompt's forward pass instead
+(the same random token ids for both engines, a fresh cache each; llama.cpp's prompt in one batch).
+Writes benchmarks/results/builtin_decode.json (--model: decode_<file stem>.json; --prefill:
+prefill_<file stem>.json). Do not run beside tests or other load.
 """
 from __future__ import annotations
 
@@ -49,6 +52,27 @@ def llama_round(ref: Any, decode: int) -> float:
     full = time.perf_counter() - t
     n = r["usage"]["completion_tokens"]
     return (n - 1) / (full - first) if n > 1 and full > first else float("nan")
+
+
+def prefill_rounds(llm: Any, ref: Any, n: int, rounds: int) -> dict[str, list[float]]:
+    """tok/s of an n-token prompt's forward pass, slmkit then llama.cpp, interleaved rounds."""
+    ids = torch.randint(100, 30000, (1, n), generator=torch.Generator().manual_seed(0))
+    eng = llm.engine
+    speeds: dict[str, list[float]] = {"slmkit": [], "llama.cpp": []}
+    with torch.inference_mode():
+        eng.forward(ids[:, :8], eng.new_cache(1, 16))
+        for i in range(rounds):
+            cache = eng.new_cache(1, n + 1)
+            t = time.perf_counter()
+            eng.forward(ids, cache)
+            speeds["slmkit"].append(n / (time.perf_counter() - t))
+            if ref is not None:
+                ref.reset()
+                t = time.perf_counter()
+                ref.eval(ids[0].tolist())
+                speeds["llama.cpp"].append(n / (time.perf_counter() - t))
+            print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in speeds.items() if v), flush=True)
+    return speeds
 
 
 def profile(llm: Any, steps: int, stat: Any = median) -> dict[str, dict[str, float]]:
@@ -120,6 +144,7 @@ def main() -> None:
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--best", action="store_true", help="profile: each part's minimum (a busy machine)")
     ap.add_argument("--model", default=None, help="a GGUF file (default: the built-in model's)")
+    ap.add_argument("--prefill", type=int, default=0, help="time an N-token prompt's prefill instead of decode")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     import slmkit
@@ -134,23 +159,28 @@ def main() -> None:
     if not a.no_llama:
         import llama_cpp
 
-        ref = llama_cpp.Llama(model_path=path, n_ctx=2048, n_threads=a.threads, verbose=False)
+        n_batch = max(512, a.prefill)
+        ref = llama_cpp.Llama(model_path=path, n_ctx=max(2048, a.prefill + 16), n_batch=n_batch, n_ubatch=n_batch,
+                              n_threads=a.threads, n_threads_batch=a.threads, verbose=False)
         ref.create_completion("warm up", max_tokens=4, temperature=0)
     speeds: dict[str, list[float]] = {"slmkit (fused step)": [], "slmkit (per-op step)": [], "llama.cpp": []}
-    for i in range(a.rounds):
+    if a.prefill:
+        speeds = prefill_rounds(llm, ref, a.prefill, a.rounds)
+    for i in range(0 if a.prefill else a.rounds):
         speeds["slmkit (fused step)"].append(slmkit_round(llm, True, a.decode))
         speeds["slmkit (per-op step)"].append(slmkit_round(llm, False, a.decode))
         if ref is not None:
             speeds["llama.cpp"].append(llama_round(ref, a.decode))
         print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in speeds.items() if v), flush=True)
-    rows = [{"engine": k, "decode_tok_s": median(v), "best_tok_s": max(v), "runs": [round(x, 1) for x in v]}
+    what = "prefill_tok_s" if a.prefill else "decode_tok_s"
+    rows = [{"engine": k, what: median(v), "best_tok_s": max(v), "runs": [round(x, 1) for x in v]}
             for k, v in speeds.items() if v]
     llama = median(speeds["llama.cpp"]) if speeds["llama.cpp"] else None
     for r in rows:
-        r["vs_llama"] = r["decode_tok_s"] / llama if llama else None
+        r["vs_llama"] = r[what] / llama if llama else None
         r["best_vs_llama"] = r["best_tok_s"] / max(speeds["llama.cpp"]) if llama else None
     print()
-    print_table(rows, [("engine", "engine", ""), ("decode_tok_s", "decode tok/s", ".1f"),
+    print_table(rows, [("engine", "engine", ""), (what, what.replace("_tok_s", " tok/s"), ".1f"),
                        ("vs_llama", "x llama.cpp", ".2f"), ("best_tok_s", "best tok/s", ".1f"),
                        ("best_vs_llama", "best x llama.cpp", ".2f")])
     prof = profile(llm, 64, min if a.best else median) if a.profile else None
@@ -159,7 +189,10 @@ def main() -> None:
         for name, row in prof.items():
             print(f"  {name}: " + ", ".join(f"{k.strip()} {v:.2f}" for k, v in row.items()))
     name = "builtin_decode" if not a.model else f"decode_{Path(a.model).stem}"
-    save_results(name, model=path, decode_tokens=a.decode, rounds=a.rounds, threads=a.threads,
+    if a.prefill:
+        name = f"prefill_{Path(path).stem}"
+    save_results(name, model=path, decode_tokens=0 if a.prefill else a.decode, prefill_tokens=a.prefill,
+                 rounds=a.rounds, threads=a.threads,
                  rows=rows, profile_ms=prof, profile_stat="min" if a.best else "median")
 
 

@@ -11,6 +11,10 @@ constexpr int run_vectors(int bits) { return bits == 6 ? 3 : bits == 5 ? 5 : 1; 
 // Bytes of one row tile's codes over KP inputs (KP a multiple of run_k(bits)).
 constexpr int64_t tile_code_bytes(int bits, int64_t KP) { return KP / run_k(bits) * run_vectors(bits) * 64; }
 
+// From this many activation rows the kernels' threads quantize them, not the calling thread alone (serial,
+// they were ~1.3% of a 512-token prefill while the other thread waited).
+constexpr int PAR_PREP_ROWS = 8;
+
 // Two-level scales (the K-quants'), kernel kinds 6 / 7 = 2 / 3 paired (format.py two_level_parts): elements
 // from one (tile, group) record of sub-scales (or mins) to the next, and from one (tile, super-block) record
 // of super-scales (or super-mins) to the next. Pairing keeps a tile's metadata in two streams, not four.

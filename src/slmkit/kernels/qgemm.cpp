@@ -381,15 +381,19 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
         return -2;
     }
     const size_t xe = x_bf16 ? 2 : 4;
-    for (int64_t m = 0; m < M; ++m)
+    // a row of x quantized (quant_row), its code sums paired (pair_sums) and, for two-level scales with a
+    // zero point (Q6_K), -zero x each group's unshifted code sum: where the group's integer sum starts
+    // (micro), so (sum << shift) is the sum minus zero x xs, as the reference subtracts it (Phi-3 shapes,
+    // one thread: Q6_K 131 -> 146 GMAC/s at 128 rows; a subtraction per group and row before)
+    auto prep_row = [&](int64_t m) {
         quant_row((const char*)x + m * ldx * xe, x_bf16, K, KP, AG, G, E, xq + m * KP, dx + m * ng, xs + m * ng,
                   xsh + m * ng);
-    if (xp)
-        for (int64_t m = 0; m < M; ++m) pair_sums(xs + m * ng, ng, sbg, xp + m * ng);
-    // two-level scales with a zero point (Q6_K): -zero x each group's (unshifted) code sum, where the group's
-    // integer sum starts (micro), so (sum << shift) is the sum minus zero x xs, as the reference subtracts it
-    // (Phi-3 shapes, one thread: Q6_K 131 -> 146 GMAC/s at 128 rows; a subtraction per group and row before)
-    for (int64_t i = 0; xz && i < M * ng; ++i) xz[i] = -zero * (xs[i] >> xsh[i]);
+        if (xp) pair_sums(xs + m * ng, ng, sbg, xp + m * ng);
+        for (int64_t i = m * ng; xz && i < (m + 1) * ng; ++i) xz[i] = -zero * (xs[i] >> xsh[i]);
+    };
+    // a few rows here, more by the threads below (layout.h PAR_PREP_ROWS)
+    const bool par_prep = M >= PAR_PREP_ROWS && nthreads > 1;
+    for (int64_t m = 0; !par_prep && m < M; ++m) prep_row(m);
 
     // M chunks whose int8 activations stay in L2 while every row tile streams past them.
     int64_t mc = (256 << 10) / KP;
@@ -415,6 +419,10 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
         if (unpack && !buf) {
 #pragma omp atomic write
             err = -2;
+        }
+        if (par_prep) {
+#pragma omp for schedule(static)
+            for (int64_t m = 0; m < M; ++m) prep_row(m);
         }
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; ++b) {

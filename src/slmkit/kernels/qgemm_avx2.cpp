@@ -375,11 +375,13 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
         return -2;
     }
     const size_t xe = x_bf16 ? 2 : 4;
-    for (int64_t m = 0; m < M; ++m)
+    auto prep_row = [&](int64_t m) {  // a row of x quantized, its code sums paired
         quant_row((const char*)x + m * ldx * xe, x_bf16, K, KP, AG, G, E, xq + m * KP, dx + m * ng, xs + m * ng,
                   xsh + m * ng);
-    if (xp)
-        for (int64_t m = 0; m < M; ++m) pair_sums(xs + m * ng, ng, sbg, xp + m * ng);
+        if (xp) pair_sums(xs + m * ng, ng, sbg, xp + m * ng);
+    };
+    const bool par_prep = M >= PAR_PREP_ROWS && nthreads > 1;  // a few rows here, more by the threads below
+    for (int64_t m = 0; !par_prep && m < M; ++m) prep_row(m);
 #ifdef SLM_VNNI
     const bool unpack = false;
 #else  // prefill without VNNI: each tile unpacked once for all rows (4-, 5-, 6-bit codes)
@@ -394,6 +396,10 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
     {
         float tmp[3 * 16];
         uint8_t* ub = unpack ? (uint8_t*)aligned_alloc(64, (size_t)(16 * KP)) : nullptr;
+        if (par_prep) {
+#pragma omp for schedule(static)
+            for (int64_t m = 0; m < M; ++m) prep_row(m);
+        }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; ++t) {
             if (ub) unpack_fn(bits, qw + t * tile_bytes, KP, ub);
