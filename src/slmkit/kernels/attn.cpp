@@ -122,6 +122,39 @@ static pv_t pv_fn(int64_t cn) {
     else return cn == CN ? pv_chunks<DT, QB, CN> : pv_fn<DT, QB, CN - 1>(cn);
 }
 
+// Keys whose scores are formed together: QB x SCORE_KEYS independent FMA chains, each query chunk loaded once
+// for all of them (one key at a time left the chains' latency exposed).
+constexpr int SCORE_KEYS = 4;
+
+// a[r][t0 + u] = query r (at qf + r * qst) times key j + u, u < KN, lane by lane: each an FMA chain over the
+// chunks of D in order, as for one query and one key.
+template <int DT, int QB, int KN>
+static inline void scores(const float* qf, int64_t qst, const void* k, int64_t j, int64_t kst, int64_t nc,
+                          __mmask16 tail, __m512 (*a)[16], int64_t t0) {
+    const size_t es = DT == DT_F32 ? 4 : 2;
+    __m512 sum[KN][QB];
+#pragma GCC unroll 4
+    for (int u = 0; u < KN; ++u)
+#pragma GCC unroll 4
+        for (int r = 0; r < QB; ++r) sum[u][r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < nc; ++c) {
+        const __mmask16 mk = c == nc - 1 ? tail : 0xffff;
+        __m512 kc[KN];
+#pragma GCC unroll 4
+        for (int u = 0; u < KN; ++u) kc[u] = ld16<DT>((const char*)k + (j + u) * kst * es, c * 16, mk);
+#pragma GCC unroll 4
+        for (int r = 0; r < QB; ++r) {
+            const __m512 qc = _mm512_loadu_ps(qf + r * qst + c * 16);
+#pragma GCC unroll 4
+            for (int u = 0; u < KN; ++u) sum[u][r] = _mm512_fmadd_ps(qc, kc[u], sum[u][r]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int u = 0; u < KN; ++u)
+#pragma GCC unroll 4
+        for (int r = 0; r < QB; ++r) a[r][t0 + u] = sum[u][r];
+}
+
 // QB queries (see attn_driver.h), query r over n[r] keys: each key's K and V vectors are read once for all
 // of them. Query r's scores, softmax and weighted sums are exactly the one-query operations in the same
 // order (its FMA chains, the same hsum16 tree, keys past its n[r] never added), so its bits do not depend
@@ -153,20 +186,9 @@ static void attn_block(const void* q, int64_t qss, const void* k, const void* v,
             __m512 a[QB][16];
             for (int r = 0; r < QB; ++r)
                 for (int t = 0; t < 16; ++t) a[r][t] = _mm512_setzero_ps();
-            for (int64_t t = 0; t < m; ++t) {
-                const char* kj = (const char*)k + (j0 + t) * kst * es;
-                __m512 sum[QB];
-#pragma GCC unroll 4
-                for (int r = 0; r < QB; ++r) sum[r] = _mm512_setzero_ps();
-                for (int64_t c = 0; c < nc; ++c) {
-                    const __m512 kc = ld16<DT>(kj, c * 16, c == nc - 1 ? tail : 0xffff);
-#pragma GCC unroll 4
-                    for (int r = 0; r < QB; ++r)
-                        sum[r] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + ((r * G + g) * nc + c) * 16), kc, sum[r]);
-                }
-#pragma GCC unroll 4
-                for (int r = 0; r < QB; ++r) a[r][t] = sum[r];
-            }
+            int64_t t = 0;
+            for (; t + SCORE_KEYS <= m; t += SCORE_KEYS) scores<DT, QB, SCORE_KEYS>(qf + g * nc * 16, G * nc * 16, k, j0 + t, kst, nc, tail, a, t);
+            for (; t < m; ++t) scores<DT, QB, 1>(qf + g * nc * 16, G * nc * 16, k, j0 + t, kst, nc, tail, a, t);
             const __mmask16 mk = m == 16 ? (__mmask16)0xffff : (__mmask16)((1u << m) - 1);
             for (int r = 0; r < QB; ++r)
                 _mm512_mask_storeu_ps(s + (r * G + g) * n + j0, mk, _mm512_mul_ps(hsum16(a[r]), _mm512_set1_ps(scale)));
