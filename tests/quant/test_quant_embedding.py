@@ -36,6 +36,7 @@ def test_lookup_equals_the_dequantized_table(type_name, dtype):
     assert emb(torch.arange(37)).equal(table)
     for i in (0, 15, 16, 36):  # one id (a decode step): its own path, the same rows
         assert emb(torch.tensor([[i]])).equal(table[i].view(1, 1, -1)) and emb(torch.tensor(i)).equal(table[i])
+    assert emb(torch.zeros(2, 0, dtype=torch.long)).shape == (2, 0, 256)  # no ids: no rows
     with pytest.raises(IndexError):
         emb(torch.tensor([37]))
     with pytest.raises(IndexError):

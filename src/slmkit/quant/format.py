@@ -243,6 +243,26 @@ def dequantize_weight(qw: QuantWeight, dtype: torch.dtype = torch.float32, rows:
     return w[: r1 - r0, : qw.k].to(dtype)
 
 
+def dequantize_rows(qw: QuantWeight, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows ids (any order, repeats allowed) of the float weight, [len(ids), k]: dequantize_weight(qw)[ids]
+    bit for bit (the same elementwise steps), with only the ids' 16-row tiles unpacked and only their
+    rows turned to floats (an embedding lookup of a prompt: a few rows of many tiles)."""
+    if not ids.numel():
+        return torch.empty(0, qw.k, dtype=dtype)
+    tiles, inv = torch.unique(torch.div(ids, TILE, rounding_mode="floor"), return_inverse=True)
+    parts = [None if t is None else t.index_select(0, tiles)
+             for t in (qw.qweight, qw.scales, qw.mins, qw.super_scales, qw.super_mins)]
+    sub = QuantWeight(qw.bits, tiles.numel() * TILE, qw.k, qw.group, qw.zero, *parts)  # type: ignore[arg-type]
+    pick = inv * TILE + ids % TILE
+    u = unpack_codes(sub.qweight, qw.bits)[pick].float()
+    sc, mn = sub.effective()
+    s = _untile_groups(sc)[pick].repeat_interleave(qw.group, dim=1)
+    w = (u - qw.zero) * s if qw.zero else u * s
+    if mn is not None:
+        w = w + _untile_groups(mn)[pick].repeat_interleave(qw.group, dim=1)
+    return w[:, : qw.k].to(dtype)
+
+
 # ------------------------------------------------------------------------------ quantizers
 def _int8_codes(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
     s = (g.abs().amax(dim=-1) / 127).to(torch.float16)

@@ -17,7 +17,7 @@ from ..errors import InvalidRequestError
 from ..kernels.qgemm import get_kernel, kernel_has, qgemm_weight_args, qmatmul_kernel
 from .calibrate import Encoder, calibration_ids, importance, input_power
 from .equalize import equalize
-from .format import GROUPS, TILE, QuantWeight, dequantize_weight, qmatmul_reference, quantize
+from .format import GROUPS, TILE, QuantWeight, dequantize_rows, dequantize_weight, qmatmul_reference, quantize
 from .recipe import KM, MIXED, TWO_LEVEL, keeps_int8, km_int8_names, quantize_mixed
 
 SCHEMES = {"int8": 8, "int4": 4, "int4-mixed": 4, "int4-k": 4, "int4-km": 4}  # the mixed recipes: quant/recipe.py
@@ -111,7 +111,7 @@ class QuantLinear(nn.Module):
 class QuantEmbedding(nn.Module):
     """An embedding table kept in its quantized form (a GGUF file's token_embd, often the very
     buffers of the tied output head's QuantLinear): a lookup dequantizes only the 16-row tiles of
-    the ids asked for, exactly as dequantize_weight does, so it equals nn.Embedding over
+    the ids asked for and only their rows to floats (format.dequantize_rows), so it equals nn.Embedding over
     dequantize_weight(qw).to(dtype) bit for bit without ever holding the float table."""
 
     qweight: torch.Tensor
@@ -138,15 +138,7 @@ class QuantEmbedding(nn.Module):
         flat = ids.reshape(-1).long()
         if flat.numel() and not (0 <= int(flat.min()) and int(flat.max()) < self.num_embeddings):
             raise IndexError(f"token id out of range [0, {self.num_embeddings})")
-        tiles, inv = torch.unique(torch.div(flat, TILE, rounding_mode="floor"), return_inverse=True)
-        qw = self.weight_q
-        parts = {name: None if t is None else t.index_select(0, tiles)
-                 for name, t in (("qweight", qw.qweight), ("scales", qw.scales), ("mins", qw.mins),
-                                 ("super_scales", qw.super_scales), ("super_mins", qw.super_mins))}
-        sub = QuantWeight(qw.bits, tiles.numel() * TILE, qw.k, qw.group, qw.zero, parts["qweight"],  # type: ignore[arg-type]
-                          parts["scales"], parts["mins"], parts["super_scales"], parts["super_mins"])  # type: ignore[arg-type]
-        rows = dequantize_weight(sub, torch.float32)[inv * TILE + flat % TILE]
-        return rows.to(self.dtype).view(*ids.shape, self.embedding_dim)
+        return dequantize_rows(self.weight_q, flat, self.dtype).view(*ids.shape, self.embedding_dim)
 
     def _one(self, ids: torch.Tensor) -> torch.Tensor:
         """One id (a decode step's token): its tile as views of the buffers, no unique / index_select
