@@ -230,6 +230,26 @@ extern "C" int slm_geglu(int dt, int64_t n, const void* gate, const void* up, vo
     return 0;
 }
 
+// models/rope.py apply_rope through the kernel (the per-op path; the same rope_heads as the fused steps,
+// so the same bits as torch's ops on x's dtype): x [B, H, S, D] of any strides (last dim contiguous) ->
+// out [B, H, S, D] contiguous, its first rd dims rotated by cos, sin [S, rd], shared by the rows (csb 0)
+// or csb elements apart from one row to the next.
+extern "C" int slm_rope(int dt, int64_t B, int64_t H, int64_t S, int64_t D, int64_t rd, const void* x, int64_t xsb,
+                        int64_t xsh, int64_t xss, const void* cs, const void* sn, int64_t csb, void* out) {
+    if (dt < 0 || dt > 1 || rd % 2 || rd < 2 || rd > D || B < 0 || H < 0 || S < 0) return -1;
+    const size_t es = dt ? 2 : 4;
+    const int64_t rows = B * H * S;
+#pragma omp parallel for schedule(static) if (rows * D >= SPLIT)
+    for (int64_t i = 0; i < rows; ++i) {
+        const int64_t b = i / (H * S), h = i / S % H, s = i % S;
+        char* o = (char*)out + es * i * D;
+        memcpy(o, (const char*)x + es * (b * xsb + h * xsh + s * xss), es * D);
+        const int64_t c = b * csb + s * rd;
+        rope_heads(o, 1, D, dt, (const char*)cs + es * c, (const char*)sn + es * c, rd);
+    }
+    return 0;
+}
+
 // One layer's quantized linear: slm_qgemm's 15 weight arguments (kernels/qgemm.py qgemm_weight_args:
 // K, ldx, qweight, scales, mins, scale_kind, super_scales, super_mins, per_super, bits, tiles, KP,
 // group, zero, N) as int64, pointers included.

@@ -48,12 +48,13 @@ for _register in (torch.nn.modules.module.register_module_buffer_registration_ho
 def declare(lib: ctypes.CDLL) -> None:
     i64, ptr, c_int, c_float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.slm_rms_norm.restype = lib.slm_geglu.restype = lib.slm_gemma3_decode.restype = c_int
-    lib.slm_silu_mul.restype = lib.slm_phi3_decode.restype = c_int
+    lib.slm_silu_mul.restype = lib.slm_phi3_decode.restype = lib.slm_rope.restype = c_int
     lib.slm_rms_norm.argtypes = [c_int, i64, i64, ptr, i64, ptr, c_int, c_float, c_float, ptr, i64, ptr, i64, c_int]
     lib.slm_geglu.argtypes = [c_int, i64, ptr, ptr, ptr]
     lib.slm_silu_mul.argtypes = [c_int, i64, i64, ptr, ptr, i64, ptr]
     lib.slm_phi3_decode.argtypes = [c_int, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr,
                                     c_int, c_float, c_float, i64, ptr, ptr, ptr, c_int]
+    lib.slm_rope.argtypes = [c_int, i64, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64, ptr]
     lib.slm_argmax.restype = i64
     lib.slm_argmax.argtypes = [ptr, i64]
     lib.slm_gemma3_decode.argtypes = [c_int, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, c_int,
@@ -137,6 +138,27 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     if rc:
         raise RuntimeError(f"slm_silu_mul failed with code {rc}")
     return out.view(*gate_up.shape[:-1], n)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """models/rope.py apply_rope (x [B, H, S, D]; cos, sin [S, rd] or [1 or B, S, rd], rd <= D) through
+    the kernel: the same bits as its torch ops, a contiguous result. None where the kernel cannot."""
+    lib = _lib(x, cos, sin)
+    if lib is None or x.dim() != 4 or x.stride(-1) != 1 or cos.dtype != x.dtype or sin.dtype != x.dtype:
+        return None
+    B, H, S, D = x.shape
+    rd = cos.shape[-1]
+    rows = cos.shape[0] if cos.dim() == 3 else 1
+    if (cos.shape != sin.shape or cos.dim() not in (2, 3) or cos.shape[-2] != S or rows not in (1, B)
+            or rd % 2 or not 2 <= rd <= D):
+        return None
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty(B, H, S, D, dtype=x.dtype)
+    rc = lib.slm_rope(DTYPES[x.dtype], B, H, S, D, rd, x.data_ptr(), x.stride(0), x.stride(1), x.stride(2),
+                      cos.data_ptr(), sin.data_ptr(), S * rd if rows > 1 else 0, out.data_ptr())
+    if rc:
+        raise RuntimeError(f"slm_rope failed with code {rc}")
+    return out
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor | None:

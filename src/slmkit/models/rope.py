@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..kernels import fused
 from .base import require_float, short_repr
 
 
@@ -68,6 +69,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [B, H, S, D]; cos, sin: [S, rd] or [B or 1, S, rd] with rd <= D (partial rotary leaves x[..., rd:])
+    out = fused.rope(x, cos, sin)  # the kernel's, where it runs: the same bits as the ops below
+    if out is not None:
+        return out
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]
     rd = cos.shape[-1]
