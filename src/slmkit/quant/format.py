@@ -102,15 +102,18 @@ class QuantWeight:
     def per_super(self) -> int:
         return 1 if self.super_scales is None else self.scales.shape[1] // self.super_scales.shape[1]
 
-    def effective(self, t0: int = 0, t1: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """float32 scales and mins [t1 - t0, groups, 16] of tiles t0:t1 (super x sub in float32)."""
-        sc = self.scales[t0:t1].float()
-        mn = None if self.mins is None else self.mins[t0:t1].float()
+    def effective(self, t0: int = 0, t1: int | None = None, *,
+                  tiles: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """float32 scales and mins [tiles, groups, 16] of tiles t0:t1, or of the tiles indexed
+        (super x sub in float32)."""
+        at: slice | torch.Tensor = slice(t0, t1) if tiles is None else tiles
+        sc = self.scales[at].float()
+        mn = None if self.mins is None else self.mins[at].float()
         if self.super_scales is not None:
-            sc = sc * self.super_scales[t0:t1].repeat_interleave(self.per_super, dim=1)
+            sc = sc * self.super_scales[at].repeat_interleave(self.per_super, dim=1)
             if mn is not None:
                 assert self.super_mins is not None
-                mn = mn * self.super_mins[t0:t1].repeat_interleave(self.per_super, dim=1)
+                mn = mn * self.super_mins[at].repeat_interleave(self.per_super, dim=1)
         return sc, mn
 
     @property
@@ -195,6 +198,22 @@ def unpack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
     return t.permute(0, 2, 1, 3).reshape(tiles * TILE, -1)
 
 
+def _unpack_rows(g: torch.Tensor, bits: int) -> torch.Tensor:
+    """unpack_codes for single rows: g [R, vectors, 4], each row's 4 bytes of every 64-byte vector of its
+    tile -> [R, kp] uint8 codes (the same codes unpack_codes gives those rows)."""
+    rows = g.shape[0]
+    if bits in (5, 6):
+        runs, nv = g.shape[1] // _VECTORS[bits], _VECTORS[bits] - 1
+        w = g.reshape(rows, runs, nv + 1, 4)
+        nib = torch.stack((w[:, :, :nv] & 0x0F, w[:, :, :nv] >> 4), dim=3).reshape(rows, runs, 2 * nv, 4)
+        mask = (1 << (bits - 4)) - 1
+        top = torch.stack([(w[:, :, nv] >> ((bits - 4) * i)) & mask for i in range(2 * nv)], dim=2)
+        g = nib | (top << 4)
+    elif bits == 4:
+        g = torch.stack((g & 0x0F, g >> 4), dim=2)
+    return g.reshape(rows, -1)
+
+
 def _tile_groups(x: torch.Tensor) -> torch.Tensor:
     """[np, groups] -> [tiles, groups, 16]."""
     return x.view(-1, TILE, x.shape[1]).transpose(1, 2).contiguous()
@@ -245,17 +264,17 @@ def dequantize_weight(qw: QuantWeight, dtype: torch.dtype = torch.float32, rows:
 
 def dequantize_rows(qw: QuantWeight, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Rows ids (any order, repeats allowed) of the float weight, [len(ids), k]: dequantize_weight(qw)[ids]
-    bit for bit (the same elementwise steps), with only the ids' 16-row tiles unpacked and only their
-    rows turned to floats (an embedding lookup of a prompt: a few rows of many tiles)."""
+    bit for bit (the same elementwise steps), with only the ids' rows unpacked and turned to floats
+    (an embedding lookup of a prompt: a few rows of many tiles)."""
     if not ids.numel():
         return torch.empty(0, qw.k, dtype=dtype)
-    tiles, inv = torch.unique(torch.div(ids, TILE, rounding_mode="floor"), return_inverse=True)
-    parts = [None if t is None else t.index_select(0, tiles)
-             for t in (qw.qweight, qw.scales, qw.mins, qw.super_scales, qw.super_mins)]
-    sub = QuantWeight(qw.bits, tiles.numel() * TILE, qw.k, qw.group, qw.zero, *parts)  # type: ignore[arg-type]
-    pick = inv * TILE + ids % TILE
-    u = unpack_codes(sub.qweight, qw.bits)[pick].float()
-    sc, mn = sub.effective()
+    tile = torch.div(ids, TILE, rounding_mode="floor")
+    tiles, inv = torch.unique(tile, return_inverse=True)
+    row = ids % TILE
+    pick = inv * TILE + row
+    # every 64-byte code vector holds row r's bytes at 4r..4r+3: the rows' bytes first, then their codes
+    u = _unpack_rows(qw.qweight.reshape(qw.tiles, -1, TILE, 4)[tile, :, row], qw.bits).float()
+    sc, mn = qw.effective(tiles=tiles)
     s = _untile_groups(sc)[pick].repeat_interleave(qw.group, dim=1)
     w = (u - qw.zero) * s if qw.zero else u * s
     if mn is not None:
