@@ -6,20 +6,17 @@ import pytest
 import torch
 
 from slmkit.kernels import fused
-from slmkit.models.rope import apply_rope, rotate_half
+from slmkit.models.rope import apply_rope
+from slmkit.quant.linear import use_kernel
 
 pytestmark = pytest.mark.skipif(fused.kernel_lib() is None, reason="the compiled kernel is unavailable here")
 
 
 def torch_rope(x, cos, sin):
-    """apply_rope's torch ops."""
-    if cos.dim() == 3:
-        cos, sin = cos[:, None], sin[:, None]
-    rd = cos.shape[-1]
-    if rd == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    rot, rest = x[..., :rd], x[..., rd:]
-    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+    """apply_rope through its torch ops (the kernels switched off)."""
+    with use_kernel(False):
+        assert fused.rope(x, cos, sin) is None
+        return apply_rope(x, cos, sin)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -47,6 +44,6 @@ def test_kernel_rope_declines_what_it_cannot_take():
     assert fused.rope(x, torch.randn(4, 8), torch.randn(4, 8)) is None  # positions differ
     assert fused.rope(x, torch.randn(2, 3, 8), torch.randn(2, 3, 8)) is None  # 2 rows of cos for 1 row of x
     assert fused.rope(x.requires_grad_(), cos, sin) is None  # autograd: torch's ops
-    # torch's ops then: the same result
-    torch.testing.assert_close(apply_rope(x.detach().double(), cos.double(), sin.double()),
-                               torch_rope(x.detach().double(), cos.double(), sin.double()))
+    # torch's ops then: x * cos + rotate_half(x) * sin
+    xd, cd, sd = x.detach().double(), cos.double(), sin.double()
+    torch.testing.assert_close(apply_rope(xd, cd, sd), xd * cd + torch.cat((-xd[..., 4:], xd[..., :4]), -1) * sd)

@@ -184,33 +184,23 @@ def pack_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
     """The tiled layout -> [np, kp] uint8 codes."""
-    tiles = q.shape[0]
-    if bits in (5, 6):
-        runs, nv = q.shape[1] // _VECTORS[bits], _VECTORS[bits] - 1
-        w = q.reshape(tiles, runs, nv + 1, 64)
-        nib = torch.stack((w[:, :, :nv] & 0x0F, w[:, :, :nv] >> 4), dim=3).reshape(tiles, runs, 2 * nv, 64)
-        mask = (1 << (bits - 4)) - 1
-        top = torch.stack([(w[:, :, nv] >> ((bits - 4) * i)) & mask for i in range(2 * nv)], dim=2)
-        q = nib | (top << 4)                                              # [tiles, runs, sets, 64]
-    elif bits == 4:
-        q = torch.stack((q & 0x0F, q >> 4), dim=2)                        # [tiles, kp/8, 2, 64]
-    t = q.reshape(tiles, -1, TILE, 4)                                    # [tiles, kp/4, 16, 4]
-    return t.permute(0, 2, 1, 3).reshape(tiles * TILE, -1)
+    tiles = q.shape[0]  # every 64-byte vector holds row r's 4 bytes at 4r: rows first, then their codes
+    return unpack_rows(q.reshape(tiles, -1, TILE, 4).permute(0, 2, 1, 3).reshape(tiles * TILE, -1, 4), bits)
 
 
-def _unpack_rows(g: torch.Tensor, bits: int) -> torch.Tensor:
-    """unpack_codes for single rows: g [R, vectors, 4], each row's 4 bytes of every 64-byte vector of its
-    tile -> [R, kp] uint8 codes (the same codes unpack_codes gives those rows)."""
+def unpack_rows(g: torch.Tensor, bits: int) -> torch.Tensor:
+    """Rows' codes from their bytes: g [R, vectors, 4], each row's 4 bytes of every 64-byte vector of its
+    tile -> [R, kp] uint8 codes."""
     rows = g.shape[0]
-    if bits in (5, 6):
+    if bits in (5, 6):  # nibble vectors, then one of the top bits of all their sets
         runs, nv = g.shape[1] // _VECTORS[bits], _VECTORS[bits] - 1
         w = g.reshape(rows, runs, nv + 1, 4)
         nib = torch.stack((w[:, :, :nv] & 0x0F, w[:, :, :nv] >> 4), dim=3).reshape(rows, runs, 2 * nv, 4)
         mask = (1 << (bits - 4)) - 1
         top = torch.stack([(w[:, :, nv] >> ((bits - 4) * i)) & mask for i in range(2 * nv)], dim=2)
-        g = nib | (top << 4)
+        g = nib | (top << 4)                                              # [R, runs, sets, 4]
     elif bits == 4:
-        g = torch.stack((g & 0x0F, g >> 4), dim=2)
+        g = torch.stack((g & 0x0F, g >> 4), dim=2)                        # [R, kp / 8, 2, 4]
     return g.reshape(rows, -1)
 
 
@@ -251,15 +241,19 @@ def dequantize_weight(qw: QuantWeight, dtype: torch.dtype = torch.float32, rows:
     t0, t1 = 0, qw.tiles
     if rows is not None:
         t0, t1 = rows.start // TILE, padded(rows.stop, TILE) // TILE
-    u = unpack_codes(qw.qweight[t0:t1], qw.bits).float()
     sc, mn = qw.effective(t0, t1)
-    s = _untile_groups(sc).repeat_interleave(qw.group, dim=1)
-    w = (u - qw.zero) * s if qw.zero else u * s
-    if mn is not None:
-        w = w + _untile_groups(mn).repeat_interleave(qw.group, dim=1)
+    w = _float_rows(qw, unpack_codes(qw.qweight[t0:t1], qw.bits), _untile_groups(sc),
+                    None if mn is None else _untile_groups(mn))
     r0 = t0 * TILE
     r1 = qw.n if rows is None else rows.stop
     return w[: r1 - r0, : qw.k].to(dtype)
+
+
+def _float_rows(qw: QuantWeight, u: torch.Tensor, sc: torch.Tensor, mn: torch.Tensor | None) -> torch.Tensor:
+    """Rows' float weights from their codes u [R, kp] and float32 scales / mins [R, groups]."""
+    s = sc.repeat_interleave(qw.group, dim=1)
+    w = (u.float() - qw.zero) * s if qw.zero else u.float() * s
+    return w if mn is None else w + mn.repeat_interleave(qw.group, dim=1)
 
 
 def dequantize_rows(qw: QuantWeight, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -272,13 +266,9 @@ def dequantize_rows(qw: QuantWeight, ids: torch.Tensor, dtype: torch.dtype = tor
     tiles, inv = torch.unique(tile, return_inverse=True)
     row = ids % TILE
     pick = inv * TILE + row
-    # every 64-byte code vector holds row r's bytes at 4r..4r+3: the rows' bytes first, then their codes
-    u = _unpack_rows(qw.qweight.reshape(qw.tiles, -1, TILE, 4)[tile, :, row], qw.bits).float()
+    u = unpack_rows(qw.qweight.reshape(qw.tiles, -1, TILE, 4)[tile, :, row], qw.bits)
     sc, mn = qw.effective(tiles=tiles)
-    s = _untile_groups(sc)[pick].repeat_interleave(qw.group, dim=1)
-    w = (u - qw.zero) * s if qw.zero else u * s
-    if mn is not None:
-        w = w + _untile_groups(mn)[pick].repeat_interleave(qw.group, dim=1)
+    w = _float_rows(qw, u, _untile_groups(sc)[pick], None if mn is None else _untile_groups(mn)[pick])
     return w[:, : qw.k].to(dtype)
 
 
