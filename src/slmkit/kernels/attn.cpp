@@ -186,8 +186,8 @@ static void attn_block(const void* q, int64_t qss, const void* k, const void* v,
         for (int64_t j0 = 0; j0 < n; j0 += 16) {
             const int64_t m = n - j0 < 16 ? n - j0 : 16;
             __m512 a[QB][16];
-            for (int r = 0; r < QB; ++r)
-                for (int t = 0; t < 16; ++t) a[r][t] = _mm512_setzero_ps();
+            for (int r = 0; r < QB; ++r)  // the keys past the last: zero vectors
+                for (int64_t t = m; t < 16; ++t) a[r][t] = _mm512_setzero_ps();
             int64_t t = 0;
             const float* qg = qf + g * nc * 16;  // query r's head g at qg + r * G * nc * 16
             for (; t + SCORE_KEYS<QB> <= m; t += SCORE_KEYS<QB>)
