@@ -54,6 +54,18 @@ def llama_round(ref: Any, decode: int) -> float:
     return (n - 1) / (full - first) if n > 1 and full > first else float("nan")
 
 
+def decode_rounds(llm: Any, ref: Any, decode: int, rounds: int) -> dict[str, list[float]]:
+    """Decode tok/s: slmkit's fused step, its per-op step, then llama.cpp, interleaved rounds."""
+    speeds: dict[str, list[float]] = {"slmkit (fused step)": [], "slmkit (per-op step)": [], "llama.cpp": []}
+    for i in range(rounds):
+        speeds["slmkit (fused step)"].append(slmkit_round(llm, True, decode))
+        speeds["slmkit (per-op step)"].append(slmkit_round(llm, False, decode))
+        if ref is not None:
+            speeds["llama.cpp"].append(llama_round(ref, decode))
+        print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in speeds.items() if v), flush=True)
+    return speeds
+
+
 def prefill_rounds(llm: Any, ref: Any, n: int, rounds: int) -> dict[str, list[float]]:
     """tok/s of an n-token prompt's forward pass, slmkit then llama.cpp, interleaved rounds."""
     ids = torch.randint(100, 30000, (1, n), generator=torch.Generator().manual_seed(0))
@@ -163,15 +175,7 @@ def main() -> None:
         ref = llama_cpp.Llama(model_path=path, n_ctx=max(2048, a.prefill + 16), n_batch=n_batch, n_ubatch=n_batch,
                               n_threads=a.threads, n_threads_batch=a.threads, verbose=False)
         ref.create_completion("warm up", max_tokens=4, temperature=0)
-    speeds: dict[str, list[float]] = {"slmkit (fused step)": [], "slmkit (per-op step)": [], "llama.cpp": []}
-    if a.prefill:
-        speeds = prefill_rounds(llm, ref, a.prefill, a.rounds)
-    for i in range(0 if a.prefill else a.rounds):
-        speeds["slmkit (fused step)"].append(slmkit_round(llm, True, a.decode))
-        speeds["slmkit (per-op step)"].append(slmkit_round(llm, False, a.decode))
-        if ref is not None:
-            speeds["llama.cpp"].append(llama_round(ref, a.decode))
-        print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in speeds.items() if v), flush=True)
+    speeds = prefill_rounds(llm, ref, a.prefill, a.rounds) if a.prefill else decode_rounds(llm, ref, a.decode, a.rounds)
     what = "prefill_tok_s" if a.prefill else "decode_tok_s"
     rows = [{"engine": k, what: median(v), "best_tok_s": max(v), "runs": [round(x, 1) for x in v]}
             for k, v in speeds.items() if v]

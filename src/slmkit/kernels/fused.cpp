@@ -163,38 +163,14 @@ __attribute__((noinline)) static void silu_rows(const void* gate, const void* up
     }
 }
 
-// float32 -> bfloat16 bits as f32_to_bf16 (round to nearest even; a NaN stays a NaN) without its branch,
-// so loops over it vectorize.
-static inline uint16_t bf16_bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : r);
-}
-
-template <int DT>
-static inline float ldt(const void* p, int64_t i) {
-    return DT ? bf16_to_f32(((const uint16_t*)p)[i]) : ((const float*)p)[i];
-}
-
-template <int DT>
-static inline float rndt(float v) { return DT ? bf16_to_f32(bf16_bits(v)) : v; }
-
 // One head x [D] in place: its first rd dims as x * cos + rotate_half(x) * sin, each product and the sum
 // rounded to DT (as torch's ops on that dtype); the dtype a template argument so the loop vectorizes.
 template <int DT>
 static void rope_head(void* __restrict x, const void* __restrict cs, const void* __restrict sn, int64_t half) {
     for (int64_t i = 0; i < half; ++i) {
-        const float x1 = ldt<DT>(x, i), x2 = ldt<DT>(x, i + half);
-        const float lo = rndt<DT>(rndt<DT>(x1 * ldt<DT>(cs, i)) + rndt<DT>(-x2 * ldt<DT>(sn, i)));
-        const float hi = rndt<DT>(rndt<DT>(x2 * ldt<DT>(cs, i + half)) + rndt<DT>(x1 * ldt<DT>(sn, i + half)));
-        if (DT) {
-            ((uint16_t*)x)[i] = bf16_bits(lo);
-            ((uint16_t*)x)[i + half] = bf16_bits(hi);
-        } else {
-            ((float*)x)[i] = lo;
-            ((float*)x)[i + half] = hi;
-        }
+        const float x1 = ld(x, DT, i), x2 = ld(x, DT, i + half);
+        st(x, DT, i, rnd(DT, x1 * ld(cs, DT, i)) + rnd(DT, -x2 * ld(sn, DT, i)));
+        st(x, DT, i + half, rnd(DT, x2 * ld(cs, DT, i + half)) + rnd(DT, x1 * ld(sn, DT, i + half)));
     }
 }
 
