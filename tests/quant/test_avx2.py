@@ -80,6 +80,31 @@ def test_qgemm_gguf_scale_kinds_same_bits(both, type_name):
         assert torch.equal(got, qmatmul_reference(x, qw))
 
 
+@pytest.mark.parametrize("code_bits", [0x00, 0xFF, 0x0F])  # codes 0 (- zero = -32), 63 (+31), mixed
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_q6_k_extreme_codes_and_activations_same_bits(both, code_bits, sign):
+    """Q6_K's zero point is folded into the AVX2 kernel's int16 pair sums, which then run over 16 inputs:
+    the largest sums there are, |8 x 32 x 127| per lane, with every code at 0 or 63 and every activation
+    at the int8 limit (all equal), for decode and for the prefill's unpacked tiles, give the same bits."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+
+    from slmkit.quant.gguf_repack import repack
+    from tests.helpers.gguf_files import random_blocks
+
+    shape = (40, 768)
+    b = random_blocks("Q6_K", shape, np.random.default_rng(5)).reshape(-1, 210)
+    b[:, :192] = code_bits  # ql, qh: the codes
+    b[:, 192:208] = np.array([127, -128, 1, 64] * 4, dtype=np.int8).view(np.uint8)  # sub-scales, extremes too
+    qw = repack(torch.from_numpy(b.reshape(-1).copy()), int(Q.Q6_K), shape)
+    for m in (1, 3, 9):
+        x = torch.full((m, shape[1]), sign)
+        x[:, 1::97] *= 0.5  # a few smaller inputs: other codes than the limit in some groups
+        got = qmatmul_kernel(both[1], x, qw, torch.float32)
+        assert torch.equal(got, qmatmul_kernel(both[0], x, qw, torch.float32))
+        assert torch.equal(got, qmatmul_reference(x, qw))
+
+
 @pytest.fixture(scope="module")
 def vnni_through_evex(tmp_path_factory):
     """The AVX2 library with its AVX-VNNI unit built on AVX512-VL's vpdpbusd (the same instruction, EVEX

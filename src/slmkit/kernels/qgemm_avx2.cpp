@@ -134,7 +134,7 @@ struct QW {
 // Two-level scales at a super-block's end (qgemm.cpp super_end): out += ib x (super-scale x dx), and
 // with mins out += (sum over its groups of min x code sum) x (super-min x dx); ib is zeroed.
 template <int SK, bool MINS, int H, int MB>
-static inline void super_end(const QW& w, const uint8_t* const* mnp, const float* const* sscp,
+__attribute__((always_inline)) static inline void super_end(const QW& w, const uint8_t* const* mnp, const float* const* sscp,
                              const float* const* smnp, int64_t g0, int64_t g1, int64_t b, const float* dx,
                              const int32_t* xs, const int32_t* xp, __m256i (&ib)[H][MB], float* out, int64_t ldo) {
     constexpr int RS = record_stride(SK);
@@ -170,16 +170,18 @@ static inline void super_end(const QW& w, const uint8_t* const* mnp, const float
 }
 
 // A group's end: its integer sums scaled. Two-level scales: added to the super-block's integer sum ib
-// (FUSE: the sub-scales are in already, the zero's part is added); otherwise the float32 steps, into acc.
+// (FUSE: the sub-scales are in already, the zero's part is added unless zfold folded it into the pair
+// sums); otherwise the float32 steps, into acc.
 template <int BITS, int SK, bool MINS, int H, int MB, bool FUSE>
-static inline void group_end(const QW& w, int64_t h0, int64_t g, const uint8_t* const* scp, const float* dx,
-                             const int32_t* xs, const int32_t* xsh, const __m256i (&is)[H][MB], __m256i (&ib)[H][MB],
-                             __m256 (&acc)[H][MB]) {
+__attribute__((always_inline)) static inline void group_end(const QW& w, int64_t h0, int64_t g, const uint8_t* const* scp,
+                                                            const float* dx, const int32_t* xs, const int32_t* xsh,
+                                                            bool zfold, const __m256i (&is)[H][MB],
+                                                            __m256i (&ib)[H][MB], __m256 (&acc)[H][MB]) {
     constexpr bool SUPER = (SK & 3) >= 2;
     constexpr int RS = record_stride(SK);
     const int64_t ng = w.ng;
     if constexpr (FUSE) {
-        if (w.zero)
+        if (w.zero && !zfold)  // zfold: in the pair sums already (pair_start)
             for (int h = 0; h < H; ++h) {
                 const __m256i sc = sub8<SK>(scp[h], g * RS);
                 for (int m = 0; m < MB; ++m)
@@ -225,10 +227,12 @@ static inline void group_end(const QW& w, int64_t h0, int64_t g, const uint8_t* 
 }
 
 // H half tiles (8 rows each, h0 the first) x MB activation rows, all groups of K; U: from ub, h0's tile
-// unpacked by unpack_tile.
-template <int BITS, int SK, bool MINS, int H, int MB, bool U>
+// unpacked by unpack_tile. ZF: the zero point folded into the pair sums (pair_start; xz: the rows'
+// zero_pairs).
+template <int BITS, int SK, bool MINS, int H, int MB, bool U, bool ZF>
 static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, const int32_t* xs,
-                  const int32_t* xsh, const int32_t* xp, float* out, int64_t ldo, const uint8_t* ub) {
+                  const int32_t* xsh, const int32_t* xp, const int32_t* xz, float* out, int64_t ldo,
+                  const uint8_t* ub) {
     const int64_t ng = w.ng, G = w.G, KP = w.KP;
     constexpr int step = run_k(BITS);
     const int64_t tile_bytes = tile_code_bytes(BITS, KP);
@@ -275,9 +279,9 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
             }
         }
         __m256i(&sums)[H][MB] = FUSE ? ib : is;
-        if constexpr (U) group_codes_u<BITS, H, MB>(base, g * G / 4, (g + 1) * G / 4, xq, KP, sums, mul);
-        else group_codes<BITS, H, MB>(base, g * G / step, (g + 1) * G / step, xq, KP, sums, mul);
-        group_end<BITS, SK, MINS, H, MB, FUSE>(w, h0, g, scp, dx, xs, xsh, is, ib, acc);
+        if constexpr (U) group_codes_u<BITS, H, MB, ZF>(base, g * G / 4, (g + 1) * G / 4, xq, KP, sums, mul, xz);
+        else group_codes<BITS, H, MB, ZF>(base, g * G / step, (g + 1) * G / step, xq, KP, sums, mul, xz);
+        group_end<BITS, SK, MINS, H, MB, FUSE>(w, h0, g, scp, dx, xs, xsh, ZF, is, ib, acc);
         if (SUPER && ++gs == w.sbg) {  // a super-block's end (a counter: no division per group)
             super_end<SK, MINS, H, MB>(w, mnp, sscp, smnp, g + 1 - w.sbg, g + 1, sb++, dx, xs, xp, ib, out, ldo);
             gs = 0;
@@ -289,42 +293,53 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
 }
 
 typedef void (*micro_fn)(const QW&, int64_t, const int8_t*, const float*, const int32_t*, const int32_t*,
-                         const int32_t*, float*, int64_t, const uint8_t*);
+                         const int32_t*, const int32_t*, float*, int64_t, const uint8_t*);
 
 // A tile (2 half tiles) x 1 row (decode: one tile a thread keeps its streams few, which measured ~15%
 // faster than two) or x 2 rows, on the tile's codes; without VNNI, x 3 rows on the tile unpacked (U,
 // prefill: best of 1 x 4, 1 x 6, 2 x 2, 2 x 3 and 2 x 4 measured). The compiler keeps what does not fit
 // in 16 registers (the sub-scales of scale_pairs, read once a group) in memory.
-template <int BITS, int SK, bool MINS>
-static micro_fn pick(int MB, bool U) {
+template <int BITS, int SK, bool MINS, bool ZF>
+static micro_fn pick_zf(int MB, bool U) {
 #ifndef SLM_VNNI
     if constexpr (BITS != 8)
-        if (U) return micro<BITS, SK, MINS, 2, 3, true>;
+        if (U) return micro<BITS, SK, MINS, 2, 3, true, ZF>;
 #endif
     (void)U;
-    return MB == 1 ? micro<BITS, SK, MINS, 2, 1, false> : micro<BITS, SK, MINS, 2, 2, false>;
+    return MB == 1 ? micro<BITS, SK, MINS, 2, 1, false, ZF> : micro<BITS, SK, MINS, 2, 2, false, ZF>;
+}
+
+// zf: the driver folds the zero point in (6-bit codes, two-level scales, no VNNI: zero_folds)
+template <int BITS, int SK, bool MINS>
+static micro_fn pick(int MB, bool U, bool zf) {
+#ifndef SLM_VNNI
+    if constexpr (BITS == 6 && (SK & 3) >= 2)
+        if (zf) return pick_zf<BITS, SK, MINS, true>(MB, U);
+#endif
+    (void)zf;
+    return pick_zf<BITS, SK, MINS, false>(MB, U);
 }
 
 template <int BITS>
-static micro_fn pick_kind(int kind, int mins, int MB, bool U) {
-    if (kind >= 6) return kind == 6 ? pick<BITS, 6, true>(MB, U) : pick<BITS, 7, true>(MB, U);  // paired
+static micro_fn pick_kind(int kind, int mins, int MB, bool U, bool zf) {
+    if (kind >= 6) return kind == 6 ? pick<BITS, 6, true>(MB, U, zf) : pick<BITS, 7, true>(MB, U, zf);  // paired
     switch (kind * 2 + (mins ? 1 : 0)) {
-        case 0: return pick<BITS, 0, false>(MB, U);
-        case 1: return pick<BITS, 0, true>(MB, U);
-        case 2: return pick<BITS, 1, false>(MB, U);
-        case 3: return pick<BITS, 1, true>(MB, U);
-        case 4: return pick<BITS, 2, false>(MB, U);
-        case 5: return pick<BITS, 2, true>(MB, U);
-        case 6: return pick<BITS, 3, false>(MB, U);
-        default: return pick<BITS, 3, true>(MB, U);
+        case 0: return pick<BITS, 0, false>(MB, U, zf);
+        case 1: return pick<BITS, 0, true>(MB, U, zf);
+        case 2: return pick<BITS, 1, false>(MB, U, zf);
+        case 3: return pick<BITS, 1, true>(MB, U, zf);
+        case 4: return pick<BITS, 2, false>(MB, U, zf);
+        case 5: return pick<BITS, 2, true>(MB, U, zf);
+        case 6: return pick<BITS, 3, false>(MB, U, zf);
+        default: return pick<BITS, 3, true>(MB, U, zf);
     }
 }
 
-static micro_fn pick_fn(int bits, int kind, int mins, int MB, bool U) {
-    return bits == 4   ? pick_kind<4>(kind, mins, MB, U)
-           : bits == 5 ? pick_kind<5>(kind, mins, MB, U)
-           : bits == 6 ? pick_kind<6>(kind, mins, MB, U)
-                       : pick_kind<8>(kind, mins, MB, U);
+static micro_fn pick_fn(int bits, int kind, int mins, int MB, bool U, bool zf) {
+    return bits == 4   ? pick_kind<4>(kind, mins, MB, U, zf)
+           : bits == 5 ? pick_kind<5>(kind, mins, MB, U, zf)
+           : bits == 6 ? pick_kind<6>(kind, mins, MB, U, zf)
+                       : pick_kind<8>(kind, mins, MB, U, zf);
 }
 
 static void unpack_fn(int bits, const uint8_t* codes, int64_t KP, uint8_t* ub) {
@@ -365,13 +380,19 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
     const int E = scale_kind >= 2 ? act_shift_max(bits) : 0;
     const QW w = {qw, scales, mins, super_scales, super_mins, ng, G, KP, sbg, zero};
     const bool pairs = scale_kind >= 2 && mins && sums_fit_int16(G, E);  // mins two groups a vpmaddwd (super_end)
+#ifdef SLM_VNNI
+    const bool zfold = false;
+#else  // Q6_K's zero point in the int16 pair sums (pair_start), not a vpmulld per group
+    const bool zfold = scale_kind >= 2 && zero_folds(bits, zero);
+#endif
     int8_t* xq = (int8_t*)aligned_alloc(64, (size_t)((M * KP + 63) / 64 * 64));
     float* dx = (float*)malloc(sizeof(float) * M * ng);
     int32_t* xs = (int32_t*)malloc(sizeof(int32_t) * M * ng);
     int32_t* xsh = (int32_t*)malloc(sizeof(int32_t) * M * ng);
     int32_t* xp = pairs ? (int32_t*)malloc(sizeof(int32_t) * M * ng) : nullptr;
-    if (!xq || !dx || !xs || !xsh || (pairs && !xp)) {
-        free(xq); free(dx); free(xs); free(xsh); free(xp);
+    int32_t* xz = zfold ? (int32_t*)malloc(sizeof(int32_t) * M * (KP / 16)) : nullptr;
+    if (!xq || !dx || !xs || !xsh || (pairs && !xp) || (zfold && !xz)) {
+        free(xq); free(dx); free(xs); free(xsh); free(xp); free(xz);
         return -2;
     }
     const size_t xe = x_bf16 ? 2 : 4;
@@ -379,6 +400,7 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
         quant_row((const char*)x + m * ldx * xe, x_bf16, K, KP, AG, G, E, xq + m * KP, dx + m * ng, xs + m * ng,
                   xsh + m * ng);
         if (xp) pair_sums(xs + m * ng, ng, sbg, xp + m * ng);
+        if (xz) zero_pairs(xq + m * KP, KP, zero, xz + m * (KP / 16));
     };
     const bool par_prep = M >= PAR_PREP_ROWS && nthreads > 1;  // a few rows here, more by the threads below
     for (int64_t m = 0; !par_prep && m < M; ++m) prep_row(m);
@@ -409,15 +431,17 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
                     const int mb = (int)(m1c - m0 < MBX ? m1c - m0 : MBX);
                     const int64_t xo = m0 * KP, so = m0 * ng;
                     const int32_t* xps = xp ? xp + so : nullptr;
+                    const int32_t* xzs = xz ? xz + m0 * (KP / 16) : nullptr;
                     if (ub && mb == 3) {
-                        pick_fn(bits, scale_kind, mins != nullptr, 3, true)(w, 2 * t, xq + xo, dx + so, xs + so,
-                                                                            xsh + so, xps, tmp, 16, ub);
+                        pick_fn(bits, scale_kind, mins != nullptr, 3, true, zfold)(w, 2 * t, xq + xo, dx + so, xs + so,
+                                                                            xsh + so, xps, xzs, tmp, 16, ub);
                     } else {  // decode, VNNI, 8-bit codes, the rows left over, or no memory for ub
                         for (int m = 0; m < mb; m += 2) {
                             const int n2 = mb - m < 2 ? mb - m : 2;
-                            micro_fn f = pick_fn(bits, scale_kind, mins != nullptr, n2, false);
+                            micro_fn f = pick_fn(bits, scale_kind, mins != nullptr, n2, false, zfold);
                             f(w, 2 * t, xq + xo + m * KP, dx + so + m * ng, xs + so + m * ng, xsh + so + m * ng,
-                              xps ? xps + m * ng : nullptr, tmp + m * 16, 16, nullptr);
+                              xps ? xps + m * ng : nullptr, xzs ? xzs + m * (KP / 16) : nullptr, tmp + m * 16, 16,
+                              nullptr);
                         }
                     }
                     store_rows(tmp, mb, m0, t * 16, N, out, out_bf16, ldo);
@@ -431,6 +455,7 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
     free(xs);
     free(xsh);
     free(xp);
+    free(xz);
     return 0;
 }
 

@@ -38,17 +38,45 @@ static inline __m256i shift_to4(__m256i t, int i) {
 // the memory's rate (benchmarks/avx2.py).
 constexpr int PF_DIST = 2048;
 
+// ZF (6-bit codes with a zero point of 31 or 32, Q6_K's): the zero point folded into the int16 pair sums,
+// which then start at -zero x the activations' pair sums (zero_pairs) and sum (code - zero) x activation,
+// so the epilogue has no zero term. |code - zero| <= 32 lets them run over 16 inputs before widening
+// (|8 x 32 x 127| < 2^15), as 5-bit codes' do, where plain 6-bit ones widen every 8. Where 16 inputs' sums
+// start: 0, or row m's zero_pairs at k (a multiple of 16).
+template <bool ZF>
+static inline __m256i pair_start(const int32_t* xz, int m, int64_t KP, int64_t k) {
+    if (ZF) return _mm256_set1_epi32(xz[(m * KP + k) >> 4]);
+    return _mm256_setzero_si256();
+}
+
+static inline bool zero_folds(int bits, int zero) { return bits == 6 && (zero == 31 || zero == 32); }
+
+// A row's -zero x activation pair sums per 16 inputs, as the int16 pairs that vpmaddubsw leaves over two
+// 6-bit set pairs: inputs 0+1, 4+5, 8+9, 12+13 in the low half, 2+3, 6+7, 10+11, 14+15 in the high.
+static inline void zero_pairs(const int8_t* q, int64_t KP, int zero, int32_t* xz) {
+    for (int64_t b = 0; b < KP / 16; ++b) {
+        int lo = 0, hi = 0;
+        for (int j = 0; j < 16; j += 4) {
+            lo += q[16 * b + j] + q[16 * b + j + 1];
+            hi += q[16 * b + j + 2] + q[16 * b + j + 3];
+        }
+        xz[b] = (int32_t)((uint32_t)(uint16_t)(-zero * lo) | (uint32_t)(uint16_t)(-zero * hi) << 16);
+    }
+}
+
 // One group's codes (chunks c0..c1) of H half tiles x MB activation rows: the exact int32 dot
 // products added to acc. Without VNNI, int16 pair sums reach acc through vpmaddwd by mul (ones, or
 // the sub-scales of scale_pairs: acc then gathers scale x sum).
-template <int BITS, int H, int MB>
-static inline void group_codes(const uint8_t* const* base, int64_t c0, int64_t c1, const int8_t* xq, int64_t KP,
-                               __m256i (&acc)[H][MB], const __m256i (&mul)[H][MB]) {
+template <int BITS, int H, int MB, bool ZF>
+__attribute__((always_inline)) static inline void group_codes(const uint8_t* const* base, int64_t c0, int64_t c1,
+                                                              const int8_t* xq, int64_t KP, __m256i (&acc)[H][MB],
+                                                              const __m256i (&mul)[H][MB], const int32_t* xz) {
     constexpr int step = run_k(BITS), vpr = run_vectors(BITS);
     const __m256i low = _mm256_set1_epi8(0x0F);
     const __m256i top_mask = _mm256_set1_epi8(BITS == 6 ? 0x30 : 0x10);  // the top bits' place in a code
 #ifdef SLM_VNNI
     (void)mul;  // vpdpbusd sums in int32 directly
+    (void)xz;
 #else
     if constexpr (BITS == 4) {  // int16 pair sums of up to 4 chunks (|each| <= 2 * 15 * 127), then widened
         for (int64_t cb = c0; cb < c1; cb += 4) {
@@ -89,10 +117,14 @@ static inline void group_codes(const uint8_t* const* base, int64_t c0, int64_t c
                 const __m256i top = _mm256_loadu_si256((const __m256i*)(p + (vpr - 1) * 64));
 #ifndef SLM_VNNI
                 __m256i p16[MB];  // int16 pair sums not yet widened into acc
-                for (int m = 0; m < MB; ++m) p16[m] = _mm256_setzero_si256();
 #endif
 #pragma GCC unroll 4
                 for (int u = 0; u < vpr - 1; ++u) {
+#ifndef SLM_VNNI
+                    constexpr bool pairs16 = BITS == 5 || ZF;  // pair sums over 16 inputs, not 8
+                    if (!pairs16 || !(u & 1))
+                        for (int m = 0; m < MB; ++m) p16[m] = pair_start<ZF>(xz, m, KP, k0 + 8 * u);
+#endif
                     const __m256i x = u ? _mm256_loadu_si256((const __m256i*)(p + u * 64)) : v;
                     const __m256i a = _mm256_or_si256(_mm256_and_si256(x, low),
                                                       _mm256_and_si256(shift_to4<BITS>(top, 2 * u), top_mask));
@@ -102,13 +134,11 @@ static inline void group_codes(const uint8_t* const* base, int64_t c0, int64_t c
 #ifdef SLM_VNNI
                         acc[h][m] = dot4(acc[h][m], a, bcast4(xq + m * KP + k0 + 8 * u));
                         acc[h][m] = dot4(acc[h][m], b, bcast4(xq + m * KP + k0 + 8 * u + 4));
-#else  // int16 pair sums: |each| <= 2 * 63 * 127 (6 bits) or 2 * 31 * 127 (5 bits): 2 or 4 fit
+#else  // int16 pair sums: |each| <= 2 * 63 * 127 (6 bits) or 2 * 31 * 127 (5 bits): 2 or 4 fit (ZF: 4)
                         p16[m] = _mm256_add_epi16(p16[m], _mm256_maddubs_epi16(a, bcast4(xq + m * KP + k0 + 8 * u)));
                         p16[m] = _mm256_add_epi16(p16[m], _mm256_maddubs_epi16(b, bcast4(xq + m * KP + k0 + 8 * u + 4)));
-                        if (BITS == 6 || (u & 1)) {
+                        if (!pairs16 || (u & 1))
                             acc[h][m] = _mm256_add_epi32(acc[h][m], _mm256_madd_epi16(p16[m], mul[h][m]));
-                            p16[m] = _mm256_setzero_si256();
-                        }
 #endif
                     }
                 }
@@ -168,15 +198,16 @@ static void unpack_tile(const uint8_t* codes, int64_t KP, uint8_t* ub) {
 }
 
 // group_codes on codes unpack_tile unpacked (base[h]: a half tile's sets), sets s0..s1 of one group:
-// int16 pair sums of up to F sets (F x 2 x largest code x 127 < 2^15), then vpmaddwd by mul into acc.
-template <int BITS, int H, int MB>
-static inline void group_codes_u(const uint8_t* const* base, int64_t s0, int64_t s1, const int8_t* xq, int64_t KP,
-                                 __m256i (&acc)[H][MB], const __m256i (&mul)[H][MB]) {
-    constexpr int F = BITS == 4 ? 8 : BITS == 5 ? 4 : 2;
+// int16 pair sums of up to F sets (F x 2 x largest code x 127 < 2^15; ZF: F x 2 x 32 x 127), then vpmaddwd by mul.
+template <int BITS, int H, int MB, bool ZF>
+__attribute__((always_inline)) static inline void group_codes_u(const uint8_t* const* base, int64_t s0, int64_t s1,
+                                                                const int8_t* xq, int64_t KP, __m256i (&acc)[H][MB],
+                                                                const __m256i (&mul)[H][MB], const int32_t* xz) {
+    constexpr int F = BITS == 4 ? 8 : BITS == 5 || ZF ? 4 : 2;
     for (int64_t sb = s0; sb < s1; sb += F) {
         __m256i p[H][MB];
         for (int h = 0; h < H; ++h)
-            for (int m = 0; m < MB; ++m) p[h][m] = _mm256_setzero_si256();
+            for (int m = 0; m < MB; ++m) p[h][m] = pair_start<ZF>(xz, m, KP, 4 * sb);
 #pragma GCC unroll 8
         for (int j = 0; j < F; ++j) {
             if (sb + j >= s1) break;
