@@ -134,7 +134,8 @@ struct QW {
 // Two-level scales at a super-block's end (qgemm.cpp super_end): out += ib x (super-scale x dx), and
 // with mins out += (sum over its groups of min x code sum) x (super-min x dx); ib is zeroed.
 template <int SK, bool MINS, int H, int MB>
-__attribute__((always_inline)) static inline void super_end(const QW& w, const uint8_t* const* mnp, const float* const* sscp,
+__attribute__((always_inline)) static inline void super_end(const QW& w, const uint8_t* const* mnp, const uint8_t* const* mtp,
+                             const float* const* sscp,
                              const float* const* smnp, int64_t g0, int64_t g1, int64_t b, const float* dx,
                              const int32_t* xs, const int32_t* xp, __m256i (&ib)[H][MB], float* out, int64_t ldo) {
     constexpr int RS = record_stride(SK);
@@ -145,7 +146,8 @@ __attribute__((always_inline)) static inline void super_end(const QW& w, const u
             for (int m = 0; m < MB; ++m) mi[m] = _mm256_setzero_si256();
             if (xp) {  // two groups a vpmaddwd (xp: their code sums packed, pair_sums)
                 for (int64_t g = g0; g < g1; g += 2) {
-                    const __m256i mn = min_pairs(mnp[h] + g * RS, g + 1 < g1 ? mnp[h] + (g + 1) * RS : nullptr);
+                    const __m256i mn = mtp[h] ? _mm256_load_si256((const __m256i*)(mtp[h] + g * 64))
+                                              : min_pairs(mnp[h] + g * RS, g + 1 < g1 ? mnp[h] + (g + 1) * RS : nullptr);
                     for (int m = 0; m < MB; ++m)
                         mi[m] = _mm256_add_epi32(mi[m], _mm256_madd_epi16(mn, _mm256_set1_epi32(xp[m * ng + g])));
                 }
@@ -253,12 +255,16 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
         }
     // half tile h's codes; two-level scales: its sub-scales and mins (bytes, record g at g * RS) and
     // super-scales and super-mins (record b at b * RS)
-    const uint8_t *base[H], *scp[H] = {}, *mnp[H] = {};
+    const uint8_t *base[H], *scp[H] = {}, *mnp[H] = {}, *stp[H] = {}, *mtp[H] = {};
     const float *sscp[H] = {}, *smnp[H] = {};
     for (int h = 0; h < H; ++h) {
         const int64_t ht = h0 + h, t = ht / 2, off = (ht % 2) * 8;
         base[h] = U ? ub + (ht % 2) * KP * 8 : w.qw + t * tile_bytes + off * 4;
         if (!SUPER) continue;
+        if (U) {  // tables (tile_tables)
+            stp[h] = ub + 16 * KP + (ht % 2) * 32;
+            if (MINS && xp) mtp[h] = ub + 16 * KP + ng * 64 + (ht % 2) * 32;
+        }
         const int64_t nsb = ng / w.sbg;
         scp[h] = (const uint8_t*)w.sc + t * ng * RS + off;
         sscp[h] = w.ssc + t * nsb * RS + off;
@@ -272,7 +278,9 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
     for (int64_t g = 0; g < ng; ++g) {
         __m256i is[H][MB], mul[H][MB];
         for (int h = 0; h < H; ++h) {
-            const __m256i bytes = FUSE ? scale_bytes(scp[h] + g * RS) : ones;
+            const __m256i bytes = !FUSE ? ones
+                                  : U   ? _mm256_load_si256((const __m256i*)(stp[h] + g * 64))
+                                        : scale_bytes(scp[h] + g * RS);
             for (int m = 0; m < MB; ++m) {
                 is[h][m] = _mm256_setzero_si256();
                 mul[h][m] = FUSE ? scale_pairs<SK>(bytes, xsh[m * ng + g]) : ones;
@@ -283,7 +291,7 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
         else group_codes<BITS, H, MB, ZF>(base, g * G / step, (g + 1) * G / step, xq, KP, sums, mul, xz);
         group_end<BITS, SK, MINS, H, MB, FUSE>(w, h0, g, scp, dx, xs, xsh, ZF, is, ib, acc);
         if (SUPER && ++gs == w.sbg) {  // a super-block's end (a counter: no division per group)
-            super_end<SK, MINS, H, MB>(w, mnp, sscp, smnp, g + 1 - w.sbg, g + 1, sb++, dx, xs, xp, ib, out, ldo);
+            super_end<SK, MINS, H, MB>(w, mnp, mtp, sscp, smnp, g + 1 - w.sbg, g + 1, sb++, dx, xs, xp, ib, out, ldo);
             gs = 0;
         }
     }
@@ -340,6 +348,20 @@ static micro_fn pick_fn(int bits, int kind, int mins, int MB, bool U, bool zf) {
            : bits == 5 ? pick_kind<5>(kind, mins, MB, U, zf)
            : bits == 6 ? pick_kind<6>(kind, mins, MB, U, zf)
                        : pick_kind<8>(kind, mins, MB, U, zf);
+}
+
+// Prefill with two-level scales: after a tile's unpacked codes, what every row block would build again
+// from its scales: group g's scale_bytes of half tile hh at (2g + hh) x 32, then (mins, xp) the
+// min_pairs of groups g, g + 1 (g even in its super-block) at ng x 64 + (2g + hh) x 32.
+static void tile_tables(const uint8_t* sc, const uint8_t* mn, int64_t ng, int64_t sbg, int RS, bool pairs,
+                        uint8_t* o) {
+    for (int64_t g = 0; g < ng; ++g)
+        for (int hh = 0; hh < 2; ++hh) {
+            _mm256_store_si256((__m256i*)(o + (2 * g + hh) * 32), scale_bytes(sc + g * RS + hh * 8));
+            if (pairs && (g % sbg) % 2 == 0)
+                _mm256_store_si256((__m256i*)(o + ng * 64 + (2 * g + hh) * 32),
+                                   min_pairs(mn + g * RS + hh * 8, (g % sbg) + 1 < sbg ? mn + (g + 1) * RS + hh * 8 : nullptr));
+        }
 }
 
 static void unpack_fn(int bits, const uint8_t* codes, int64_t KP, uint8_t* ub) {
@@ -417,7 +439,7 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
 #pragma omp parallel num_threads(nthreads)
     {
         float tmp[3 * 16];
-        uint8_t* ub = unpack ? (uint8_t*)aligned_alloc(64, (size_t)(16 * KP)) : nullptr;
+        uint8_t* ub = unpack ? (uint8_t*)aligned_alloc(64, (size_t)(16 * KP + ng * 128)) : nullptr;
         if (par_prep) {
 #pragma omp for schedule(static)
             for (int64_t m = 0; m < M; ++m) prep_row(m);
@@ -425,6 +447,11 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; ++t) {
             if (ub) unpack_fn(bits, qw + t * tile_bytes, KP, ub);
+            if (ub && scale_kind >= 2) {
+                const int RS = record_stride(scale_kind);
+                tile_tables((const uint8_t*)scales + t * ng * RS, mins ? (const uint8_t*)mins + t * ng * RS : nullptr,
+                            ng, sbg, RS, xp != nullptr, ub + 16 * KP);
+            }
             for (int64_t m0c = 0; m0c < M; m0c += mc) {
                 const int64_t m1c = m0c + mc < M ? m0c + mc : M;
                 for (int64_t m0 = m0c; m0 < m1c; m0 += MBX) {
