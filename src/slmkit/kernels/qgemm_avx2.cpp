@@ -115,10 +115,8 @@ static inline __m256i scale_pairs(__m256i bytes, int sh) {
 // Two groups' 8 uint8 mins (a, b) as int16 pairs: lane r = (a_r, b_r), for vpmaddwd with a row's two
 // code sums packed the same way (layout.h pair_sums).
 static inline __m256i min_pairs(const uint8_t* a, const uint8_t* b) {
-    const __m256i ma = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,
-                                        4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
-    const __m256i lo = _mm256_shuffle_epi8(bcast8(a), ma);
-    return b ? _mm256_or_si256(lo, _mm256_slli_epi32(_mm256_shuffle_epi8(bcast8(b), ma), 16)) : lo;
+    const __m128i b8 = b ? _mm_loadl_epi64((const __m128i*)b) : _mm_setzero_si128();
+    return _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(_mm_loadl_epi64((const __m128i*)a), b8));  // a0 b0 a1 b1 ...
 }
 
 struct QW {
