@@ -9,7 +9,9 @@ read per format (int4 / int8 / GGUF blocks through qgemm, bfloat16 / float32 thr
 Phi-3-mini's linear shapes, and 8-row GMAC/s. Models: the files of benchmarks/gguf_load.py (random
 Phi-3-mini, llama.cpp's own quantizer); prefill (512 tokens) and decode (128 after 64) tok/s for
 slmkit forced to AVX2, slmkit's own pick, and llama-bench from build_llama_avx2.sh, each in its own
-process. Prints tables, writes benchmarks/results/avx2.json. Run on an otherwise idle machine.
+process; --rounds N repeats the engines in turn N times and reports each one's median (this VM's memory
+rate swings by 10-20% over minutes, which moves decode: interleaved rounds see the same swings). Prints
+tables, writes benchmarks/results/avx2.json (every round's numbers too). Run on an otherwise idle machine.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
-from common import make_random_phi3, print_table, run_child, save_results, slmkit_speed  # noqa: E402
+from common import make_random_phi3, median, print_table, run_child, save_results, slmkit_speed  # noqa: E402
 from qgemv import best_s, weights  # noqa: E402
 
 SHAPES = [(9216, 3072), (3072, 3072), (16384, 3072), (3072, 8192)]  # qkv, o, gate_up, down
@@ -87,7 +89,7 @@ def child(engine: str, path: str, prompt: int, decode: int) -> dict:
     return {**res, "kernel": "llama.cpp AVX2"}
 
 
-def model_rows(layers: int | None, types: list[str], prompt: int, decode: int) -> list[dict]:
+def model_rows(layers: int | None, types: list[str], prompt: int, decode: int, rounds: int = 1) -> list[dict]:
     from gguf_load import make_f16_gguf, quantize
 
     folder = make_random_phi3(Path(f"/tmp/slmkit-bench/phi3-mini-random{f'-{layers}l' if layers else ''}"), layers)
@@ -98,20 +100,35 @@ def model_rows(layers: int | None, types: list[str], prompt: int, decode: int) -
     rows = []
     for qtype in types:
         path = quantize(f16, qtype)
-        for engine in engines:
-            env = {**os.environ, "SLMKIT_KERNEL": "avx2"} if engine == "slmkit-avx2" else None
-            old = os.environ.copy()
-            if env:
-                os.environ.update(env)
-            try:
-                r = run_child(Path(__file__), ["--engine", engine, "--path", str(path), "--prompt", str(prompt),
-                                               "--decode", str(decode)])
-            finally:
-                os.environ.clear()
-                os.environ.update(old)
-            rows.append({"file": qtype, "engine": engine, **r})
-            print(rows[-1], flush=True)
+        runs: dict[str, list[dict]] = {engine: [] for engine in engines}
+        for i in range(rounds):
+            for engine in engines:
+                env = {**os.environ, "SLMKIT_KERNEL": "avx2"} if engine == "slmkit-avx2" else None
+                old = os.environ.copy()
+                if env:
+                    os.environ.update(env)
+                try:
+                    r = run_child(Path(__file__), ["--engine", engine, "--path", str(path), "--prompt", str(prompt),
+                                                   "--decode", str(decode)])
+                finally:
+                    os.environ.clear()
+                    os.environ.update(old)
+                runs[engine].append(r)
+                print(f"{qtype} round {i + 1}: {engine} {r}", flush=True)
+        for engine, rs in runs.items():
+            rows.append({"file": qtype, "engine": engine, **summary(rs)})
     return rows
+
+
+def summary(rs: list[dict]) -> dict:
+    """One engine's rounds: the medians of its numbers (a round's own fields where they are not numbers),
+    with every round's prefill and decode kept."""
+    out = dict(rs[-1])
+    for key in {k for r in rs for k, v in r.items() if isinstance(v, float)}:
+        out[key] = median([r[key] for r in rs if isinstance(r.get(key), float)])
+    if len(rs) > 1:
+        out["rounds"] = [{k: r.get(k) for k in ("prefill_tok_s", "decode_tok_s")} for r in rs]
+    return out
 
 
 def main() -> None:
@@ -124,6 +141,7 @@ def main() -> None:
     ap.add_argument("--types", default="Q4_0,Q4_K_M")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=1, help="each engine this many times, in turn; medians")
     a = ap.parse_args()
     torch.set_num_threads(2)
     if a.child:
@@ -136,7 +154,7 @@ def main() -> None:
     print()
     print_table(krows, [("format", "format", ""), ("kernel", "kernel", ""), ("decode_gb_s", "decode GB/s", ".1f"),
                         ("m8_gmac_s", "8 rows GMAC/s", ".1f")])
-    mrows = [] if a.quick else model_rows(a.layers, a.types.split(","), a.prompt, a.decode)
+    mrows = [] if a.quick else model_rows(a.layers, a.types.split(","), a.prompt, a.decode, a.rounds)
     if mrows:
         print()
         print_table(mrows, [("file", "GGUF", ""), ("engine", "engine", ""), ("kernel", "kernel", ""),
@@ -144,7 +162,7 @@ def main() -> None:
     if a.quick:  # a check that it runs, not a measurement
         print(f"\n--quick: nothing written ({time.perf_counter() - t:.0f} s)")
         return
-    save_results("avx2", layers=a.layers or 32, kernels=krows, models=mrows,
+    save_results("avx2", layers=a.layers or 32, rounds=a.rounds, kernels=krows, models=mrows,
                  llama_bench=str(LLAMA_BENCH) if LLAMA_BENCH.is_file() else None, seconds=time.perf_counter() - t)
 
 
