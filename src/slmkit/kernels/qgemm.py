@@ -45,7 +45,7 @@ AVX2_UNITS = [(HERE / "qgemm_avx2.cpp", []), (HERE / "qgemm_avx2.cpp", ["-mavxvn
               (HERE / "fused.cpp", [])]  # portable C++: the same source in both libraries
 # included by both builds: part of both libraries' names
 HEADERS = [HERE / "bf16.h", HERE / "layout.h", HERE / "attn_driver.h"]
-AVX2_HEADERS = [HERE / "avx2.h", HERE / "qgemm_avx2_codes.h", *HEADERS]
+AVX2_HEADERS = [HERE / "avx2.h", HERE / "qgemm_avx2_codes.h", HERE / "qgemm_avx2_scales.h", *HEADERS]
 VARIANTS = ("avx512", "avx2")  # preferred first; SLMKIT_KERNEL=avx2 / =avx512 forces one, =0 none
 
 _lock = threading.Lock()

@@ -21,6 +21,7 @@
 #include "avx2.h"
 #include "layout.h"
 #include "qgemm_avx2_codes.h"
+#include "qgemm_avx2_scales.h"
 
 #ifdef SLM_VNNI
 #define QGEMM_NAME slm_avx2_qgemm_vnni
@@ -72,51 +73,6 @@ static void quant_row(const void* x, int x_bf16, int64_t K, int64_t KP, int64_t 
             if (sh) sh[g0 / G + j] = E - e;
         }
     }
-}
-
-// Scale kinds as in qgemm.cpp: 0 float32, 1 float16, 2 uint8 / 3 int8 x float32 super-scale, +4
-// paired. A group's 8 float scales (kinds 0, 1):
-template <int SK>
-static inline __m256 load8(const void* p, int64_t i) {
-    if (SK == 1) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i)));
-    return _mm256_loadu_ps((const float*)p + i);
-}
-
-// A group's integer sub-scales of 8 rows (kind 2 uint8, 3 int8) as int32.
-template <int SK>
-static inline __m256i sub8(const void* p, int64_t i) {
-    const __m128i b = _mm_loadl_epi64((const __m128i*)((const uint8_t*)p + i));
-    return (SK & 3) == 3 ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
-}
-
-
-static inline __m256i bcast8(const uint8_t* p) {
-    int64_t a;
-    memcpy(&a, p, 8);
-    return _mm256_set1_epi64x(a);
-}
-
-// A half tile's 8 integer sub-scales of one group as int16 pairs times 2^sh: both int16 halves of
-// 32-bit lane r hold scale r << sh, so vpmaddwd of a row's int16 pair sums with it is scale x 2^sh x
-// their sum, exact (|pair sums| < 2^15, |scale| x 2^sh <= 255 x 8). scale_bytes puts byte r in the
-// high byte of both halves (scale x 256), once for all rows; scale_pairs' shift right by 8 - sh
-// (arithmetic for int8 scales), a row's, ends it.
-static inline __m256i scale_bytes(const uint8_t* p) {
-    return _mm256_shuffle_epi8(bcast8(p), _mm256_setr_epi8(-1, 0, -1, 0, -1, 1, -1, 1, -1, 2, -1, 2, -1, 3, -1, 3,
-                                                           -1, 4, -1, 4, -1, 5, -1, 5, -1, 6, -1, 6, -1, 7, -1, 7));
-}
-
-template <int SK>
-static inline __m256i scale_pairs(__m256i bytes, int sh) {
-    const __m128i right = _mm_cvtsi32_si128(8 - sh);
-    return (SK & 3) == 3 ? _mm256_sra_epi16(bytes, right) : _mm256_srl_epi16(bytes, right);
-}
-
-// Two groups' 8 uint8 mins (a, b) as int16 pairs: lane r = (a_r, b_r), for vpmaddwd with a row's two
-// code sums packed the same way (layout.h pair_sums).
-static inline __m256i min_pairs(const uint8_t* a, const uint8_t* b) {
-    const __m128i b8 = b ? _mm_loadl_epi64((const __m128i*)b) : _mm_setzero_si128();
-    return _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(_mm_loadl_epi64((const __m128i*)a), b8));  // a0 b0 a1 b1 ...
 }
 
 struct QW {
@@ -346,20 +302,6 @@ static micro_fn pick_fn(int bits, int kind, int mins, int MB, bool U, bool zf) {
            : bits == 5 ? pick_kind<5>(kind, mins, MB, U, zf)
            : bits == 6 ? pick_kind<6>(kind, mins, MB, U, zf)
                        : pick_kind<8>(kind, mins, MB, U, zf);
-}
-
-// Prefill with two-level scales: after a tile's unpacked codes, what every row block would build again
-// from its scales: group g's scale_bytes of half tile hh at (2g + hh) x 32, then (mins, xp) the
-// min_pairs of groups g, g + 1 (g even in its super-block) at ng x 64 + (2g + hh) x 32.
-static void tile_tables(const uint8_t* sc, const uint8_t* mn, int64_t ng, int64_t sbg, int RS, bool pairs,
-                        uint8_t* o) {
-    for (int64_t g = 0; g < ng; ++g)
-        for (int hh = 0; hh < 2; ++hh) {
-            _mm256_store_si256((__m256i*)(o + (2 * g + hh) * 32), scale_bytes(sc + g * RS + hh * 8));
-            if (pairs && (g % sbg) % 2 == 0)
-                _mm256_store_si256((__m256i*)(o + ng * 64 + (2 * g + hh) * 32),
-                                   min_pairs(mn + g * RS + hh * 8, (g % sbg) + 1 < sbg ? mn + (g + 1) * RS + hh * 8 : nullptr));
-        }
 }
 
 static void unpack_fn(int bits, const uint8_t* codes, int64_t KP, uint8_t* ub) {
