@@ -216,8 +216,8 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
         base[h] = U ? ub + (ht % 2) * KP * 8 : w.qw + t * tile_bytes + off * 4;
         if (!SUPER) continue;
         if (U) {  // tables (tile_tables)
-            stp[h] = ub + 16 * KP + (ht % 2) * 32;
-            if (MINS && xp) mtp[h] = ub + 16 * KP + ng * 64 + (ht % 2) * 32;
+            stp[h] = scale_table(ub, KP, ht % 2);
+            if (MINS && xp) mtp[h] = min_table(ub, KP, ng, ht % 2);
         }
         const int64_t nsb = ng / w.sbg;
         scp[h] = (const uint8_t*)w.sc + t * ng * RS + off;
@@ -379,7 +379,7 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
 #pragma omp parallel num_threads(nthreads)
     {
         float tmp[3 * 16];
-        uint8_t* ub = unpack ? (uint8_t*)aligned_alloc(64, (size_t)(16 * KP + ng * 128)) : nullptr;
+        uint8_t* ub = unpack ? (uint8_t*)aligned_alloc(64, tile_buffer_bytes(KP, ng)) : nullptr;
         if (par_prep) {
 #pragma omp for schedule(static)
             for (int64_t m = 0; m < M; ++m) prep_row(m);
@@ -390,7 +390,7 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
             if (ub && scale_kind >= 2) {
                 const int RS = record_stride(scale_kind);
                 tile_tables((const uint8_t*)scales + t * ng * RS, mins ? (const uint8_t*)mins + t * ng * RS : nullptr,
-                            ng, sbg, RS, xp != nullptr, ub + 16 * KP);
+                            ng, sbg, RS, xp != nullptr, KP, ub);
             }
             for (int64_t m0c = 0; m0c < M; m0c += mc) {
                 const int64_t m1c = m0c + mc < M ? m0c + mc : M;

@@ -53,16 +53,23 @@ static inline __m256i min_pairs(const uint8_t* a, const uint8_t* b) {
     return _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(_mm_loadl_epi64((const __m128i*)a), b8));  // a0 b0 a1 b1 ...
 }
 
-// Prefill with two-level scales: after a tile's unpacked codes, what every row block would build again
-// from its scales: group g's scale_bytes of half tile hh at (2g + hh) x 32, then (mins, xp) the
-// min_pairs of groups g, g + 1 (g even in its super-block) at ng x 64 + (2g + hh) x 32.
+// Prefill's buffer for one tile: its codes unpacked (unpack_tile, 16 x KP bytes), then with two-level
+// scales what every row block would otherwise build again from the scales (tile_tables): each group's
+// scale_bytes, then the min_pairs of its super-block's group pairs. Entry (g, half tile hh) of either
+// table at (2g + hh) x 32; the min pairs at the pair's first group (even in its super-block).
+static inline size_t tile_buffer_bytes(int64_t KP, int64_t ng) { return (size_t)(16 * KP + ng * 128); }
+static inline const uint8_t* scale_table(const uint8_t* ub, int64_t KP, int hh) { return ub + 16 * KP + hh * 32; }
+static inline const uint8_t* min_table(const uint8_t* ub, int64_t KP, int64_t ng, int hh) {
+    return scale_table(ub, KP, hh) + ng * 64;
+}
+
 static void tile_tables(const uint8_t* sc, const uint8_t* mn, int64_t ng, int64_t sbg, int RS, bool pairs,
-                        uint8_t* o) {
+                        int64_t KP, uint8_t* ub) {
     for (int64_t g = 0; g < ng; ++g)
         for (int hh = 0; hh < 2; ++hh) {
-            _mm256_store_si256((__m256i*)(o + (2 * g + hh) * 32), scale_bytes(sc + g * RS + hh * 8));
+            _mm256_store_si256((__m256i*)(scale_table(ub, KP, hh) + g * 64), scale_bytes(sc + g * RS + hh * 8));
             if (pairs && (g % sbg) % 2 == 0)
-                _mm256_store_si256((__m256i*)(o + ng * 64 + (2 * g + hh) * 32),
+                _mm256_store_si256((__m256i*)(min_table(ub, KP, ng, hh) + g * 64),
                                    min_pairs(mn + g * RS + hh * 8, (g % sbg) + 1 < sbg ? mn + (g + 1) * RS + hh * 8 : nullptr));
         }
 }
