@@ -114,8 +114,8 @@ def test_send_settings_stop_and_nothing_secret_in_the_url(browser, served, tmp_p
     assert re.fullmatch(r"stopped · \d+ tokens · [\d.]+ s · [\d.]+ tok/s", stopped.locator(".stats").inner_text())
     assert bodies[-1]["max_tokens"] == 7900
     # the server saw the disconnect: nothing runs any more. Waits up to 30 s so that the token count below
-    # says how far a missed cut ran. Open: in a few full `make test` runs (not alone) the server missed
-    # this disconnect and ran all 7900 tokens (issue 17's note, 2026-12-01)
+    # says how far a missed cut ran. (A cut that landed while a chunk was being written once left the job
+    # running all 7900 tokens, until the garbage collector closed its generator: test_disconnect.py.)
     for _ in range(300):
         if httpx.get(served + "/health", headers=AUTH).json()["running"] == 0:
             break

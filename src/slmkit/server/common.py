@@ -7,6 +7,7 @@ import hmac
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import anyio
 from fastapi import Request  # FastAPI reads the handlers' annotations from module globals
 from fastapi.responses import StreamingResponse
 
@@ -27,12 +28,25 @@ def key_ok(headers: Any, api_key: str | None) -> bool:
 
 def install_auth(app: Any, api_key: str | None) -> None:
     """401 for a request without the key (a bearer token or an api-key header), when there is one."""
+    app.add_middleware(Auth, api_key=api_key)
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next: Any) -> Any:
-        if request.url.path not in OPEN_PATHS and not key_ok(request.headers, api_key):
-            return errors.error(401, "missing or wrong API key", "authentication_error", code="invalid_api_key")
-        return await call_next(request)
+
+class Auth:
+    """The API-key check as plain ASGI middleware. Starlette's BaseHTTPMiddleware (app.middleware)
+    would run every route in a task of its own and pass a streamed answer through a memory stream:
+    one more hand-off per chunk, and one more place for a client's disconnect to get lost."""
+
+    def __init__(self, app: Any, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.api_key:
+            request = Request(scope)
+            if request.url.path not in OPEN_PATHS and not key_ok(request.headers, self.api_key):
+                refused = errors.error(401, "missing or wrong API key", "authentication_error", code="invalid_api_key")
+                await refused(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class Runner:
@@ -76,7 +90,22 @@ class Runner:
         """make(llm, load_s) -> an iterator of encoded events, run on a worker, streamed as it comes."""
         agen = self.registry.entry(name).scheduler.stream(self.using(name, keep_alive, make))
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"} if media == "text/event-stream" else None
-        return StreamingResponse(await _first_then(agen, media), media_type=media, headers=headers)
+        return ClosingStream(await _first_then(agen, media), media_type=media, headers=headers)
+
+
+class ClosingStream(StreamingResponse):
+    """A StreamingResponse that closes its chunks' generator however the response ends. Starlette
+    cancels the streaming task when the client goes; if that lands while a chunk is being sent (not
+    while the next one is awaited), the generator stays suspended at its yield, and its `finally`,
+    which cancels the job on the worker, would run only once the garbage collector found it: the
+    worker generated the whole answer for nobody meanwhile."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):  # closing must finish even in a cancelled task
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
 async def _first_then(agen: AsyncIterator[bytes], media: str) -> AsyncIterator[bytes]:
@@ -90,5 +119,7 @@ async def _first_then(agen: AsyncIterator[bytes], media: str) -> AsyncIterator[b
                 yield b
         except Exception as e:  # noqa: BLE001 -- mid-stream: an error event in the stream's framing, then close
             yield errors.in_stream(e, media)
+        finally:
+            await agen.aclose()  # type: ignore[attr-defined]  # cancels the job now (see ClosingStream)
 
     return rest()

@@ -41,6 +41,26 @@ from typing import Any, cast
 from ..errors import BackendUnavailableError
 
 REPLICA_HEADER = "x-slmkit-replica"
+
+
+class NameReplica:
+    """Plain ASGI middleware: every answer's headers name the replica that gave it (no per-request
+    task or memory stream in a streamed answer's way, as Starlette's BaseHTTPMiddleware would put)."""
+
+    def __init__(self, app: Any, replica: str):
+        self.app, self.header = app, (REPLICA_HEADER.encode(), replica.encode())
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def named(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, named)
 ATTEMPTS_HEADER = "x-slmkit-attempts"
 SESSION_HEADER = "x-session-id"  # Ray Serve's own session header (RAY_SERVE_SESSION_ID_HEADER_KEY)
 
@@ -114,11 +134,8 @@ class SlmkitReplica:
         self.registry = self.slmkit_app.state.registry
         ray_board.install(self.slmkit_app, rid, context.app_name)
 
-        @self.slmkit_app.middleware("http")  # outermost: a 401 or an error answer names its replica too
-        async def name_replica(request: Any, call_next: Any) -> Any:
-            response = await call_next(request)
-            response.headers[REPLICA_HEADER] = rid
-            return response
+        # outermost: a 401 or an error answer names its replica too
+        self.slmkit_app.add_middleware(NameReplica, replica=rid)
 
         registry = self.registry
 
