@@ -21,8 +21,16 @@ $(VENV)/.done: pyproject.toml
 	$(VPY) -m slmkit.kernels
 	touch $@
 
+# llama-cpp-python (the parity reference) builds llama.cpp for this CPU (-march=native). Its AMX
+# kernels crash with SIGILL at their first tile instruction (tilezero) on AMX Xeons, here too
+# (upstream llama.cpp PR #26954, open): on x86-64 it is built without AMX; CMAKE_ARGS= overrides.
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS ?= -DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)"
+endif
+
 $(VENV)/.test: $(VENV)/.done
-	$(VPY) -m pip install -q -e '.[test,hub,bench]'
+	CMAKE_ARGS="$${CMAKE_ARGS-$(subst ",\",$(LLAMA_CMAKE_ARGS))}" $(VPY) -m pip install -q -e '.[test,hub,bench]'
 	touch $@
 
 setup: $(VENV)/.test
