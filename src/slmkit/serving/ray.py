@@ -41,6 +41,8 @@ from typing import Any, cast
 from ..errors import BackendUnavailableError
 
 REPLICA_HEADER = "x-slmkit-replica"
+ATTEMPTS_HEADER = "x-slmkit-attempts"
+SESSION_HEADER = "x-session-id"  # Ray Serve's own session header (RAY_SERVE_SESSION_ID_HEADER_KEY)
 
 
 class NameReplica:
@@ -61,8 +63,6 @@ class NameReplica:
             await send(message)
 
         await self.app(scope, receive, named)
-ATTEMPTS_HEADER = "x-slmkit-attempts"
-SESSION_HEADER = "x-session-id"  # Ray Serve's own session header (RAY_SERVE_SESSION_ID_HEADER_KEY)
 
 
 def require_ray() -> Any:
