@@ -4,7 +4,7 @@ streamed."""
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -108,11 +108,11 @@ class ClosingStream(StreamingResponse):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
-async def _first_then(agen: AsyncIterator[bytes], media: str) -> AsyncIterator[bytes]:
+async def _first_then(agen: AsyncGenerator[bytes, None], media: str) -> AsyncGenerator[bytes, None]:
     """Surface errors raised before the first chunk as a normal error response (not mid-stream)."""
     first = await agen.__anext__()
 
-    async def rest() -> AsyncIterator[bytes]:
+    async def rest() -> AsyncGenerator[bytes, None]:
         yield first
         try:
             async for b in agen:
@@ -120,6 +120,6 @@ async def _first_then(agen: AsyncIterator[bytes], media: str) -> AsyncIterator[b
         except Exception as e:  # noqa: BLE001 -- mid-stream: an error event in the stream's framing, then close
             yield errors.in_stream(e, media)
         finally:
-            await agen.aclose()  # type: ignore[attr-defined]  # cancels the job now (see ClosingStream)
+            await agen.aclose()  # cancels the job now (see ClosingStream)
 
     return rest()

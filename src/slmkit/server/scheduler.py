@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,7 +87,7 @@ class Scheduler:
                     self.served += 1
                 _deliver(job, END)
 
-    async def stream(self, work: Callable[[threading.Event], Iterator[Any]]) -> AsyncIterator[Any]:
+    async def stream(self, work: Callable[[threading.Event], Iterator[Any]]) -> AsyncGenerator[Any, None]:
         """Queue `work` and yield its chunks; exceptions it raises are re-raised here. Leaving the
         iteration early (client gone) cancels the job."""
         with self._lock:
