@@ -412,6 +412,8 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
     const int64_t src_tile_bytes = tile_code_bytes(bits, KP);
     if (nthreads < 1) nthreads = 1;
     int err = 0;
+    std::atomic<int64_t> next_block(0);
+    std::atomic<int64_t>* shared = M >= SHARED_BLOCK_ROWS ? &next_block : nullptr;  // see BlockCursor
 #pragma omp parallel num_threads(nthreads)
     {
         float tmp[8 * 64];
@@ -424,9 +426,8 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
 #pragma omp for schedule(static)
             for (int64_t m = 0; m < M; ++m) prep_row(m);
         }
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < blocks; ++b) {
-            const int64_t t0 = b * T;
+        for (BlockCursor c(shared, blocks); c.more(); c.next()) {
+            const int64_t t0 = c.b * T;
             const int tt = (int)(tiles - t0 < T ? tiles - t0 : T);
             QW wb = w;
             if (unpack) {
