@@ -26,6 +26,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "layout.h"
 
 enum { F_F32 = 0, F_BF16 = 1, F_F16 = 2 };
 
@@ -210,12 +211,13 @@ extern "C" int slm_fgemm_packed(const void* x, int64_t M, int64_t K, int64_t ldx
     const int MBX = M <= 2 ? 2 : 4;
     const int64_t blocks = (tiles + T - 1) / T;
     if (nthreads < 1) nthreads = 1;
+    std::atomic<int64_t> next_block(0);
+    std::atomic<int64_t>* shared = M >= SHARED_BLOCK_ROWS ? &next_block : nullptr;  // see BlockCursor
 #pragma omp parallel num_threads(nthreads)
     {
         float tmp[4 * 64];
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < blocks; ++b) {
-            const int64_t t0 = b * T;
+        for (BlockCursor c(shared, blocks); c.more(); c.next()) {
+            const int64_t t0 = c.b * T;
             const int tt = (int)(tiles - t0 < T ? tiles - t0 : T);
             for (int64_t m0 = 0; m0 < M; m0 += MBX) {
                 const int mb = (int)(M - m0 < MBX ? M - m0 : MBX);
