@@ -182,6 +182,21 @@ def test_gguf_shape_error_names_the_file_tensor(phi3_folders, tmp_path):
     assert e.value.tensor == "blk.0.attn_qkv.weight"
 
 
+def test_gguf_token_not_utf8_is_a_gguf_error_at_load(phi3_folders, tmp_path):
+    """The loader reads string arrays lazily (gguf/strings.py): a token that is not UTF-8 is still refused
+    at load with the reader's error, loaded once before (its cache written) or not."""
+    from slmkit.gguf import GGUFError
+    from tests.helpers.gguf_files import copy_file, gguf_layout, patch_bytes
+
+    good = hf_to_gguf(phi3_folders("gqa"), tmp_path / "good.gguf")
+    slmkit.load(good)  # writes the load cache of the good file
+    for i, path in enumerate((copy_file(good, tmp_path / "bad.gguf"), good)):
+        patch_bytes(path, gguf_layout(path).kv["tokenizer.ggml.tokens"].array_items + 8, b"\xff")
+        with pytest.raises(GGUFError) as e:
+            slmkit.load(path)
+        assert e.value.field == "tokenizer.ggml.tokens" and "string [0] is not valid UTF-8" in str(e.value), i
+
+
 def test_gemma3_gguf_linear_rope_scaling_is_read(gemma_folder, tmp_path):
     from tests.helpers.gguf_files import write_gguf
     from tests.helpers.gguf_models import hf_to_gguf

@@ -3,6 +3,7 @@ with a GGUFError whose ``field`` names the culprit."""
 from __future__ import annotations
 
 import gc
+import pickle
 import time
 import tracemalloc
 
@@ -299,6 +300,40 @@ def test_huge_string_length_inside_array(bad):
     path, layout = bad
     patch_u64(path, layout.kv["tokenizer.ggml.tokens"].array_items, 2**40)
     expect_error(path, "tokenizer.ggml.tokens")
+
+
+def test_lazy_string_arrays_read_as_the_lists(base):
+    """open_gguf(lazy_strings=True) (the loader's): string arrays decoded on first use, equal to the lists."""
+    path, _, _ = base
+    with open_gguf(path) as eager, open_gguf(path, lazy_strings=True) as lazy:
+        tokens = lazy.metadata["tokenizer.ggml.tokens"]
+        assert isinstance(eager.metadata["tokenizer.ggml.tokens"], list) and not isinstance(tokens, list)
+        assert len(tokens) == len(TOKENS) and tokens == TOKENS and list(tokens) == TOKENS
+        assert tokens[3] == "wörld" and tokens[-2:] == TOKENS[-2:] and "hello" in tokens
+        assert pickle.loads(pickle.dumps(tokens)) == TOKENS
+        assert lazy.metadata.keys() == eager.metadata.keys()
+        assert all(lazy.metadata[k] == v for k, v in eager.metadata.items() if k != "tokenizer.ggml.scores")
+
+
+def test_lazy_string_arrays_check_lengths_while_parsing(bad):
+    path, layout = bad
+    patch_u64(path, layout.kv["tokenizer.ggml.tokens"].array_items, 2**40)
+    with pytest.raises(GGUFError) as exc:
+        open_gguf(path, lazy_strings=True)
+    assert exc.value.field == "tokenizer.ggml.tokens"
+
+
+def test_invalid_utf8_in_a_string_array(bad):
+    """Parsed eagerly: refused at open. Lazily: refused where the strings are first read, same error."""
+    path, layout = bad
+    patch_bytes(path, layout.kv["tokenizer.ggml.tokens"].array_items + 8, b"\xff")  # token 0's first byte
+    err = expect_error(path, "tokenizer.ggml.tokens", "string [0] is not valid UTF-8")
+    with open_gguf(path, lazy_strings=True) as f:
+        tokens = f.metadata["tokenizer.ggml.tokens"]
+        assert len(tokens) == len(TOKENS)
+        with pytest.raises(GGUFError) as exc:
+            tokens[1]
+    assert exc.value.field == "tokenizer.ggml.tokens" and str(exc.value) == str(err)
 
 
 def test_unknown_value_type(bad):

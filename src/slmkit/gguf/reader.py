@@ -30,6 +30,7 @@ from slmkit.gguf.quants import (
     SUPPORTED_TYPES,
     dequantize,
 )
+from slmkit.gguf.strings import StringArray
 
 __all__ = ["GGUFError", "TensorInfo", "GGUFFile", "open_gguf"]
 
@@ -93,8 +94,9 @@ class TensorInfo:
 class _Parser:
     """Bounds-checked little-endian reads over a buffer; every failure is a GGUFError."""
 
-    def __init__(self, path: Path, buf: Any, size: int, pos: int = 0):
+    def __init__(self, path: Path, buf: Any, size: int, pos: int = 0, lazy: bool = False):
         self.path = path
+        self.lazy = lazy  # string arrays as StringArray (decoded on first use), not lists
         self.buf = buf
         self.size = size
         self.pos = pos
@@ -159,6 +161,27 @@ class _Parser:
         out.extend(self.string(key, f"string [{i}]") for i in range(len(out), count))
         return out
 
+    def lazy_strings(self, key: str, count: int) -> StringArray:
+        """count strings, their lengths checked against the file here and their bytes kept: decoded on
+        first use (gguf/strings.py; a 262k-token vocabulary is most of a header). The walk over the
+        lengths is the loop's only work; where it runs past the file, a careful walk names the string."""
+        buf, size, start = self.buf, self.size, self.pos
+        unpack, pos = _U64.unpack_from, start
+        try:
+            for _ in range(count):
+                pos += 8 + unpack(buf, pos)[0]
+        except (struct.error, OverflowError):  # a length read past the buffer's end, or past any offset
+            pos = size + 1
+        if pos > size:
+            pos = start
+            for i in range(count):
+                self.pos = pos
+                if pos + 8 > size or pos + 8 + _U64.unpack_from(buf, pos)[0] > size:
+                    self.string(key, f"string [{i}]")  # raises its named error
+                pos += 8 + _U64.unpack_from(buf, pos)[0]
+        self.pos = pos
+        return StringArray(bytes(buf[start:pos]), count, key, self.path)
+
     def value(self, vtype: int, key: str) -> Any:
         if vtype == _T_STRING:
             return self.string(key, "string value")
@@ -174,7 +197,7 @@ class _Parser:
             return bool(v)
         return v
 
-    def array(self, key: str) -> list[Any] | np.ndarray:
+    def array(self, key: str) -> list[str] | StringArray | np.ndarray:
         itype = self.u32(key, "array item type")
         count = self.u64(key, "array length")
         if itype == _T_ARRAY:
@@ -187,7 +210,7 @@ class _Parser:
                     f"array length {count} (strings) cannot fit in the {self.remaining()} bytes"
                     " that remain in the file",
                 )
-            return self.strings(key, count)
+            return self.lazy_strings(key, count) if self.lazy else self.strings(key, count)
         spec = _SCALARS.get(itype)
         if spec is None:
             raise self.fail(key, f"unknown array item type {itype}")
@@ -298,8 +321,9 @@ def _align(x: int, a: int) -> int:
     return (x + a - 1) // a * a
 
 
-def _parse(path: Path, buf: Any, size: int) -> tuple[int, int, dict[str, Any], dict[str, TensorInfo], int]:
-    p = _Parser(path, buf, size)
+def _parse(path: Path, buf: Any, size: int,
+           lazy: bool = False) -> tuple[int, int, dict[str, Any], dict[str, TensorInfo], int]:
+    p = _Parser(path, buf, size, lazy=lazy)
 
     # --- fixed header
     if size < 4 or bytes(buf[0:4]) != MAGIC:
@@ -408,8 +432,11 @@ def _parse(path: Path, buf: Any, size: int) -> tuple[int, int, dict[str, Any], d
     return version, alignment, metadata, tensors, data_offset
 
 
-def open_gguf(path: str | Path) -> GGUFFile:
-    """Open and fully validate a GGUF file's header; tensor data stays memory-mapped."""
+def open_gguf(path: str | Path, *, lazy_strings: bool = False) -> GGUFFile:
+    """Open and fully validate a GGUF file's header; tensor data stays memory-mapped. lazy_strings:
+    string arrays as gguf.strings.StringArray (lengths checked now, UTF-8 decoded and checked on first
+    use), for readers that may not need them (the loader, whose tokenizer can come from its cache);
+    otherwise lists of str."""
     path = Path(path)
     try:
         if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
@@ -435,7 +462,7 @@ def open_gguf(path: str | Path) -> GGUFFile:
         except OSError as e:
             raise ModelFileError(path, f"cannot read GGUF file: {e.strerror or e}") from None
     try:
-        version, alignment, metadata, tensors, data_offset = _parse(path, mm, size)
+        version, alignment, metadata, tensors, data_offset = _parse(path, mm, size, lazy_strings)
     except BaseException:
         mm.close()
         raise

@@ -89,7 +89,7 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype = "auto", device: st
     quantize the file's float linear weights."""
     from ..quant.linear import apply_quant, quantize_model
 
-    f = open_gguf(path)
+    f = open_gguf(path, lazy_strings=True)
     arch = f.architecture
     module = gguf_module(f)
     cfg = module.gguf_config(f)

@@ -184,7 +184,7 @@ def shape_from_folder(folder: Path) -> tuple[Shape, str]:
 def shape_from_gguf(path: Path) -> tuple[Shape, str]:
     from ..gguf.reader import open_gguf
 
-    with open_gguf(path) as f:
+    with open_gguf(path, lazy_strings=True) as f:
         meta, arch = f.metadata, f.architecture
         params = sum(t.n_elements for t in f.tensors.values())
         types = sorted({t.type_name for t in f.tensors.values()})

@@ -226,7 +226,7 @@ def _describe_gguf(path: Path) -> dict[str, Any]:
     shape, quant = shape_from_gguf(path)
     from ..gguf.reader import open_gguf
 
-    with open_gguf(path) as f:
+    with open_gguf(path, lazy_strings=True) as f:
         meta, arch = f.metadata, f.architecture
     template = meta.get("tokenizer.chat_template")
     return {"architecture": arch, "parameters": shape.params, "quantization": quant, "context": shape.context,

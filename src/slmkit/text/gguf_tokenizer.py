@@ -144,7 +144,8 @@ def _array(meta: Mapping[str, Any], key: str) -> Sequence[Any] | None:
         return None
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or not hasattr(value, "__iter__"):
         raise ConfigError(key, f"expected an array, got {type(value).__name__}")
-    return value
+    to_list = getattr(value, "to_list", None)  # the GGUF reader's string arrays (gguf/strings.py): decoded here
+    return to_list() if callable(to_list) else value
 
 
 def _tokens(meta: Mapping[str, Any]) -> tuple[list[str], dict[str, int]]:
