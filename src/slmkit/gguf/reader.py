@@ -138,30 +138,7 @@ class _Parser:
         except UnicodeDecodeError as e:
             raise self.fail(field, f"{what} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
-    def strings(self, key: str, count: int) -> list[str]:
-        """count strings in a tight loop (a 262k-token vocabulary is most of a GGUF header); the first
-        one cut off or not UTF-8 is read again by string(), which raises its named error."""
-        buf, size, pos = self.buf, self.size, self.pos
-        unpack = _U64.unpack_from
-        out: list[str] = []
-        append = out.append
-        for _ in range(count):
-            if pos + 8 > size:
-                break
-            (n,) = unpack(buf, pos)
-            end = pos + 8 + n
-            if end > size:
-                break
-            try:
-                append(str(buf[pos + 8:end], "utf-8"))
-            except UnicodeDecodeError:
-                break
-            pos = end
-        self.pos = pos
-        out.extend(self.string(key, f"string [{i}]") for i in range(len(out), count))
-        return out
-
-    def lazy_strings(self, key: str, count: int) -> StringArray:
+    def strings(self, key: str, count: int) -> StringArray:
         """count strings, their lengths checked against the file here and their bytes kept: decoded on
         first use (gguf/strings.py; a 262k-token vocabulary is most of a header). The walk over the
         lengths is the loop's only work; where it runs past the file, a careful walk names the string."""
@@ -210,7 +187,8 @@ class _Parser:
                     f"array length {count} (strings) cannot fit in the {self.remaining()} bytes"
                     " that remain in the file",
                 )
-            return self.lazy_strings(key, count) if self.lazy else self.strings(key, count)
+            strings = self.strings(key, count)
+            return strings if self.lazy else strings.to_list()
         spec = _SCALARS.get(itype)
         if spec is None:
             raise self.fail(key, f"unknown array item type {itype}")

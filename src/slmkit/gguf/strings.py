@@ -1,12 +1,12 @@
 """A GGUF string array whose strings are decoded when first used.
 
 Most of a GGUF header can be one array: the 262k-token vocabulary of Gemma 3 (and, for byte-level BPE,
-its merges). Decoding it into Python strings took ~0.19 s of every load of the built-in model, whose
-tokenizer comes from slmkit's load cache once the file has been loaded once (the cache is checked
-against the header's bytes, so those strings were decoded and checked when it was written). The
-reader still checks every length against the file while parsing (a truncated or hostile array fails
-there); it keeps the array's bytes and decodes them on first use, where a string that is not UTF-8
-raises the GGUFError that parsing raised before, naming the key and the string's index.
+its merges). Decoding it into Python strings took 0.08 of the 0.10 s the built-in model's header took to
+parse, on every load, though its tokenizer comes from slmkit's load cache once the file has been loaded
+(the cache is checked against the header's bytes, so those strings were decoded and checked when it was
+written). The reader checks every length against the file while parsing (a truncated or hostile array
+fails there) and keeps the array's bytes; they are decoded on first use (or at once: open_gguf's
+default), where a string that is not UTF-8 raises a GGUFError naming the key and the string's index.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class StringArray(Sequence[str]):
         for i in range(self._count):
             (n,) = unpack(raw, pos)
             try:
-                append(str(raw[pos + 8:pos + 8 + n], "utf-8"))
+                append(raw[pos + 8:pos + 8 + n].decode())  # UTF-8, strict (the method: faster than str())
             except UnicodeDecodeError as e:
                 from .reader import GGUFError
 
