@@ -153,9 +153,10 @@ class _Parser:
             pos = start
             for i in range(count):
                 self.pos = pos
-                if pos + 8 > size or pos + 8 + _U64.unpack_from(buf, pos)[0] > size:
+                n = unpack(buf, pos)[0] if pos + 8 <= size else size
+                if pos + 8 + n > size:
                     self.string(key, f"string [{i}]")  # raises its named error
-                pos += 8 + _U64.unpack_from(buf, pos)[0]
+                pos += 8 + n
         self.pos = pos
         return StringArray(bytes(buf[start:pos]), count, key, self.path)
 

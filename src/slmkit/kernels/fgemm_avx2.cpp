@@ -90,12 +90,11 @@ extern "C" int slm_fgemm_packed(const void* x, int64_t M, int64_t K, int64_t ldx
     const int T = 2, MBX = 2;
     const int64_t blocks = (tiles + T - 1) / T;
     if (nthreads < 1) nthreads = 1;
-    std::atomic<int64_t> next_block(0);
-    std::atomic<int64_t>* shared = M >= SHARED_BLOCK_ROWS ? &next_block : nullptr;  // see BlockCursor
+    BlockQueue queue(M);  // prefill's blocks shared between threads (see SHARED_BLOCK_ROWS)
 #pragma omp parallel num_threads(nthreads)
     {
         float tmp[2 * 32];
-        for (BlockCursor c(shared, blocks); c.more(); c.next()) {
+        for (BlockCursor c(queue, blocks); c.more(); c.next()) {
             const int64_t t0 = c.b * T;
             const int tt = (int)(tiles - t0 < T ? tiles - t0 : T);
             for (int64_t m0 = 0; m0 < M; m0 += MBX) {

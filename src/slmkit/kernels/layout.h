@@ -59,14 +59,22 @@ static inline void pair_sums(const int32_t* xs, int64_t ng, int64_t sbg, int32_t
 // weights stream in order.
 constexpr int SHARED_BLOCK_ROWS = 8;
 
-// The blocks [0, n) one thread of a parallel region runs: from `shared` (a counter at 0) one at a time,
-// or without it a contiguous share as omp for schedule(static) splits them.
+// A matmul's blocks, handed out (BlockCursor) one at a time from a counter where the call has at least
+// SHARED_BLOCK_ROWS activation rows, else as contiguous shares. Made once per call, before its parallel region.
+struct BlockQueue {
+    std::atomic<int64_t> next{0};
+    const bool shared;
+    explicit BlockQueue(int64_t rows) : shared(rows >= SHARED_BLOCK_ROWS) {}
+};
+
+// The blocks [0, n) of q one thread of a parallel region runs: from q's counter one at a time, or a
+// contiguous share as omp for schedule(static) splits them.
 struct BlockCursor {
-    std::atomic<int64_t>* shared;
+    BlockQueue& q;
     int64_t b, end;
-    BlockCursor(std::atomic<int64_t>* s, int64_t n) : shared(s), b(0), end(n) {
-        if (s) {
-            b = s->fetch_add(1, std::memory_order_relaxed);
+    BlockCursor(BlockQueue& queue, int64_t n) : q(queue), b(0), end(n) {
+        if (q.shared) {
+            b = q.next.fetch_add(1, std::memory_order_relaxed);
             return;
         }
         const int64_t nth = omp_get_num_threads(), per = (n + nth - 1) / nth;
@@ -74,5 +82,5 @@ struct BlockCursor {
         end = b + per < n ? b + per : n;
     }
     bool more() const { return b < end; }
-    void next() { b = shared ? shared->fetch_add(1, std::memory_order_relaxed) : b + 1; }
+    void next() { b = q.shared ? q.next.fetch_add(1, std::memory_order_relaxed) : b + 1; }
 };

@@ -412,8 +412,7 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
     const int64_t src_tile_bytes = tile_code_bytes(bits, KP);
     if (nthreads < 1) nthreads = 1;
     int err = 0;
-    std::atomic<int64_t> next_block(0);
-    std::atomic<int64_t>* shared = M >= SHARED_BLOCK_ROWS ? &next_block : nullptr;  // see BlockCursor
+    BlockQueue queue(M);  // prefill's blocks shared between threads (see SHARED_BLOCK_ROWS)
 #pragma omp parallel num_threads(nthreads)
     {
         float tmp[8 * 64];
@@ -426,7 +425,7 @@ extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_
 #pragma omp for schedule(static)
             for (int64_t m = 0; m < M; ++m) prep_row(m);
         }
-        for (BlockCursor c(shared, blocks); c.more(); c.next()) {
+        for (BlockCursor c(queue, blocks); c.more(); c.next()) {
             const int64_t t0 = c.b * T;
             const int tt = (int)(tiles - t0 < T ? tiles - t0 : T);
             QW wb = w;

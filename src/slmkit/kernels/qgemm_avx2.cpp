@@ -376,8 +376,7 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
     mc = mc < MBX ? MBX : mc / MBX * MBX;
     const int64_t tile_bytes = tile_code_bytes(bits, KP);
     if (nthreads < 1) nthreads = 1;
-    std::atomic<int64_t> next_tile(0);
-    std::atomic<int64_t>* shared = M >= SHARED_BLOCK_ROWS ? &next_tile : nullptr;  // see BlockCursor
+    BlockQueue queue(M);  // prefill's blocks shared between threads (see SHARED_BLOCK_ROWS)
 #pragma omp parallel num_threads(nthreads)
     {
         float tmp[3 * 16];
@@ -386,7 +385,7 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
 #pragma omp for schedule(static)
             for (int64_t m = 0; m < M; ++m) prep_row(m);
         }
-        for (BlockCursor c(shared, tiles); c.more(); c.next()) {
+        for (BlockCursor c(queue, tiles); c.more(); c.next()) {
             const int64_t t = c.b;
             if (ub) unpack_fn(bits, qw + t * tile_bytes, KP, ub);
             if (ub && scale_kind >= 2) {
