@@ -26,7 +26,7 @@ static uint64_t fnv(const void* p, size_t n) {
 }
 
 typedef int (*qgemm_t)(const void*, int, int64_t, int64_t, int64_t, const uint8_t*, const void*, const void*, int,
-                       const float*, const float*, int64_t, int, int64_t, int64_t, int64_t, int, int64_t, void*, int,
+                       const void*, const void*, int64_t, int, int64_t, int64_t, int64_t, int, int64_t, void*, int,
                        int64_t, int);
 typedef int (*attn_t)(int, int64_t, int64_t, int64_t, int64_t, int64_t, const void*, int64_t, int64_t, int64_t,
                       const void*, int64_t, int64_t, int64_t, const void*, int64_t, int64_t, int64_t, int64_t,
@@ -62,8 +62,8 @@ int main(int argc, char** argv) {
     // qgemm: every bit width x scale kind x mins, decode and prefill M, 1 and 2 threads
     const int64_t N = 40, K = 500, KP = 512, G = 32, tiles = 3, ng = KP / G, sbg = 8;
     for (int bits : {4, 5, 6, 8})
-        for (int kind : {0, 1, 2, 3, 6, 7})  // 6, 7: 2, 3 with scales and mins paired (format.py)
-            for (int mins = kind >= 6; mins < 2; ++mins)
+        for (int kind : {0, 1, 2, 3, 6, 7, 10, 11, 14, 15})  // 6, 7: 2, 3 paired (format.py); + 8: float16 supers
+            for (int mins = (kind & 7) >= 6; mins < 2; ++mins)
                 for (int64_t M : {1, 2, 5}) {
                     std::vector<uint8_t> qw(tiles * KP * (bits == 8 ? 16 : bits * 2));  // 64-byte vectors: format.py
                     for (auto& c : qw) c = (uint8_t)next();
@@ -72,21 +72,28 @@ int main(int argc, char** argv) {
                     for (size_t i = 0; i < nsc; ++i) {
                         if (kind == 0) { float f = uni() * 0.02f; memcpy(&sc[4 * i], &f, 4); f = uni() * 0.05f; memcpy(&mn[4 * i], &f, 4); }
                         else if (kind == 1) { uint16_t h = half(); memcpy(&sc[2 * i], &h, 2); h = half(); memcpy(&mn[2 * i], &h, 2); }
-                        else { sc[i] = (uint8_t)(kind == 3 ? next() % 64 - 32 : next() % 64); mn[i] = (uint8_t)(next() % 64); }
+                        else { sc[i] = (uint8_t)((kind & 7) == 3 ? next() % 64 - 32 : next() % 64); mn[i] = (uint8_t)(next() % 64); }
                     }
-                    std::vector<float> ss(tiles * (ng / sbg) * 16), sm(ss.size());
-                    for (size_t i = 0; i < ss.size(); ++i) { ss[i] = uni() * 0.01f; sm[i] = uni() * 0.01f; }
+                    const size_t nss = tiles * (ng / sbg) * 16, es = kind & 8 ? 2 : 4;  // super-scales, their bytes
+                    std::vector<uint8_t> ss(nss * es), sm(nss * es);
+                    for (size_t i = 0; i < nss; ++i) {
+                        if (es == 2) { uint16_t h = half(); memcpy(&ss[2 * i], &h, 2); h = half(); memcpy(&sm[2 * i], &h, 2); }
+                        else { float f = uni() * 0.01f; memcpy(&ss[4 * i], &f, 4); f = uni() * 0.01f; memcpy(&sm[4 * i], &f, 4); }
+                    }
                     std::vector<uint8_t> rec(nsc * 2);  // paired: a (tile, group)'s 16 scales, then its 16 mins
-                    std::vector<float> srec(ss.size() * 2);
+                    std::vector<uint8_t> srec(ss.size() * 2);
                     for (size_t i = 0; i < nsc; ++i) rec[i / 16 * 32 + i % 16] = sc[i], rec[i / 16 * 32 + 16 + i % 16] = mn[i];
-                    for (size_t i = 0; i < ss.size(); ++i) srec[i / 16 * 32 + i % 16] = ss[i], srec[i / 16 * 32 + 16 + i % 16] = sm[i];
-                    const bool pr = kind >= 6;
+                    for (size_t i = 0; i < nss; ++i) {
+                        memcpy(&srec[(i / 16 * 32 + i % 16) * es], &ss[i * es], es);
+                        memcpy(&srec[(i / 16 * 32 + 16 + i % 16) * es], &sm[i * es], es);
+                    }
+                    const bool pr = (kind & 7) >= 6;
                     std::vector<float> x(M * K);
                     for (auto& f : x) f = uni() * 3;
                     std::vector<float> out(M * N);
                     const int rc = qgemm(x.data(), 0, M, K, K, qw.data(), pr ? rec.data() : sc.data(),
                                          pr ? rec.data() + 16 : mins ? mn.data() : nullptr, kind,
-                                         pr ? srec.data() : ss.data(), pr ? srec.data() + 16 : sm.data(), sbg, bits,
+                                         pr ? srec.data() : ss.data(), pr ? srec.data() + 16 * es : sm.data(), sbg, bits,
                                          tiles, KP, G, mins ? 0 : 1 << (bits - 1), N, out.data(), 0, N, M > 2 ? 2 : 1);
                     printf("qgemm-b%d-k%d-m%d-M%ld %d %016llx\n", bits, kind, mins, (long)M, rc,
                            (unsigned long long)fnv(out.data(), out.size() * 4));

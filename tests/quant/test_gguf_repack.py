@@ -25,7 +25,7 @@ LAYOUT = {
     "Q8_0": (8, 32, 128, torch.float16, False), "Q4_K": (4, 32, 0, torch.uint8, True),
     "Q5_K": (5, 32, 0, torch.uint8, True), "Q6_K": (6, 16, 32, torch.int8, False),
 }
-# K-quants keep their two levels: integer sub-scales x a float32 super-scale per 256 inputs
+# K-quants keep their two levels: integer sub-scales x the file's float16 super-scale per 256 inputs
 SUPER = {"Q4_K": 8, "Q5_K": 8, "Q6_K": 16}
 
 
@@ -43,13 +43,14 @@ def _check_exact(raw: torch.Tensor, type_name: str, shape: tuple[int, int], **kw
     assert qw.scales.dtype == dtype and (qw.mins is not None) == has_min
     assert qw.mins is None or qw.mins.dtype == dtype
     assert qw.per_super == SUPER.get(type_name, 1) and (qw.super_scales is not None) == (type_name in SUPER)
-    # every type costs what the file costs (rows padded to 16), codes at their own bits, but for the
-    # K-quants' 6-bit sub-scales (a byte here) and float16 supers (float32 here)
+    assert qw.super_scales is None or qw.super_scales.dtype == torch.float16 and qw.scale_kind & 8
+    # every type costs what the file costs (rows padded to 16), codes at their own bits, but for
+    # Q4_K's and Q5_K's 6-bit sub-scales and sub-mins (a byte each here)
     from slmkit.gguf.quants import GGML_QUANT_SIZES
     block, size = GGML_QUANT_SIZES[tid]
     file_bytes = -(-shape[0] // 16) * 16 * shape[1] // block * size
-    allow = {"Q4_K": 152 / 144, "Q5_K": 184 / 176, "Q6_K": 212 / 210}.get(type_name, 1.0)
-    assert qw.nbytes <= file_bytes * allow, (qw.nbytes, type_name)
+    ours, theirs = {"Q4_K": (148, 144), "Q5_K": (180, 176)}.get(type_name, (1, 1))  # bytes a row per block
+    assert qw.nbytes * theirs <= file_bytes * ours, (qw.nbytes, type_name)
     ref = dequantize(raw, tid, shape, torch.float32)
     ours = dequantize_weight(qw, torch.float32)
     assert ours.shape == ref.shape
@@ -165,8 +166,8 @@ def test_compiled_repack_writes_the_python_repacks_bytes(type_name, shape):
 
 @pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K"])
 def test_compiled_repack_converts_every_float16_super_scale_as_torch(type_name):
-    """The K-quants' float16 d (and dmin) become float32 in the repack: all 65536 patterns, over a
-    tensor big enough for several threads."""
+    """The K-quants' float16 d (and -dmin, by its sign bit) in the compiled repack as in torch's: all
+    65536 patterns, over a tensor big enough for several threads."""
     _kernel_or_skip()
     block, size = block_sizes(type_name)
     shape = (256, 256 * block)
@@ -220,3 +221,32 @@ def test_a_gguf_file_loads_the_same_through_either_repack(phi3_folders, tmp_path
         assert a.keys() == b.keys() and any(k.endswith(".qweight") for k in a)
         for k in a:
             assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K"])
+def test_float16_super_scales_round_trip_through_a_quantized_folder(type_name, tmp_path):
+    """A GGUF K-quant weight kept as it is (a GGUF's quantized embedding in `slm quantize`'s folder)
+    stores its float16 super-scales as they are and loads back the same weight, the same kernel kind;
+    float32 super-mins beside float16 super-scales are a named error, not a misread."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from slmkit.errors import WeightError
+    from slmkit.quant.store import META_KEY, split_quantized
+
+    shape = (40, 512)
+    qw = repack(_raw(type_name, shape, seed=3), int(qtype(type_name)), shape)
+    assert qw is not None and qw.super_scales.dtype == torch.float16
+    meta = {META_KEY: json.dumps({"m": {"bits": qw.bits, "group": qw.group, "zero": qw.zero, "n": qw.n, "k": qw.k}})}
+    tensors = {k: v.contiguous() for k, v in qw.tensors("m").items()}
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata=meta)
+    got = split_quantized(load_file(str(tmp_path / "model.safetensors")), tmp_path)["m.weight"]
+    assert got.scale_kind == qw.scale_kind and got.super_scales.dtype == torch.float16
+    assert torch.equal(dequantize_weight(got), dequantize_weight(qw))
+    if qw.super_mins is None:
+        return
+    tensors["m.super_mins"] = tensors["m.super_mins"].float()
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata=meta)
+    with pytest.raises(WeightError, match="m.super_mins"):
+        split_quantized(load_file(str(tmp_path / "model.safetensors")), tmp_path)

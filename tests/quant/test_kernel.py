@@ -196,8 +196,9 @@ def kernel_exact_on_a_constant_row(qw, m: int, sign: int) -> None:
 
 
 def _two_level(u: torch.Tensor, sub: torch.Tensor, mins: torch.Tensor | None, *, bits: int, group: int, zero: int,
-               per_super: int, dtype: torch.dtype = torch.uint8):
-    """A two-level weight from row-major codes [n, k] and integer sub-scales / sub-mins [n, groups]."""
+               per_super: int, dtype: torch.dtype = torch.uint8, super_dtype: torch.dtype = torch.float32):
+    """A two-level weight from row-major codes [n, k] and integer sub-scales / sub-mins [n, groups],
+    its super-scales in super_dtype (float16: as GGUF's K-quants keep them)."""
     from dataclasses import replace
 
     from slmkit.quant.format import _tile_groups
@@ -207,8 +208,8 @@ def _two_level(u: torch.Tensor, sub: torch.Tensor, mins: torch.Tensor | None, *,
                     zero=zero, n=n, k=k)
     supers = k // group // per_super
     np_ = -(-n // 16) * 16
-    ss = torch.linspace(1e-3, 3e-3, np_ * supers).view(np_, supers)
-    sm = None if mins is None else -torch.linspace(2e-3, 1e-3, np_ * supers).view(np_, supers)
+    ss = torch.linspace(1e-3, 3e-3, np_ * supers).view(np_, supers).to(super_dtype)
+    sm = None if mins is None else -torch.linspace(2e-3, 1e-3, np_ * supers).view(np_, supers).to(super_dtype)
     return replace(qw, super_scales=_tile_groups(ss), super_mins=None if sm is None else _tile_groups(sm))
 
 
@@ -216,7 +217,8 @@ def _two_level(u: torch.Tensor, sub: torch.Tensor, mins: torch.Tensor | None, *,
 @pytest.mark.parametrize("sign", [1, -1])
 @pytest.mark.parametrize("m", [1, 2, 9])
 @pytest.mark.parametrize("group", [32, 64])
-def test_two_level_integer_sums_do_not_overflow(bits, sign, m, group):
+@pytest.mark.parametrize("super_dtype", [torch.float32, torch.float16])
+def test_two_level_integer_sums_do_not_overflow(bits, sign, m, group, super_dtype):
     """Two-level scales sum sub_scale x group sum over a whole super-block of 256 inputs in int32:
     with every code, sub-scale (255) and sub-min at its largest and every activation at +-127 the
     sums come within 2% of 2**31 at 8 bits (4% at 5 and 6 bits, with their activation shifts), and the
@@ -225,8 +227,8 @@ def test_two_level_integer_sums_do_not_overflow(bits, sign, m, group):
     n, k = 48, 512
     sub = torch.full((n, k // group), 255)
     qw = _two_level(extreme_codes(n, k, bits), sub, sub.clone(), bits=bits, group=group, zero=0,
-                    per_super=256 // group)
-    assert qw.scale_kind == 6 and qw.activation_group == 256
+                    per_super=256 // group, super_dtype=super_dtype)
+    assert qw.scale_kind == (14 if super_dtype == torch.float16 else 6) and qw.activation_group == 256
     kernel_exact_on_a_constant_row(qw, m, sign)
 
 
@@ -260,6 +262,41 @@ def test_two_level_scales_and_mins_are_paired_whatever_the_source():
     xc = x.contiguous()
     rc = lib.slm_qgemm(xc.data_ptr(), 0, 3, *args, out.data_ptr(), 0, n, 1)
     assert rc == -1
+
+
+@pytest.mark.parametrize("mins", [True, False])
+def test_float16_super_scales_match_float32_ones_and_bad_kinds_are_refused(mins):
+    """The same two-level weight with float16 super-scales (GGUF's K-quants) and with those values
+    in float32: the kernel gives the same bits from both, and the reference agrees; the kernel refuses
+    the float16 bit on a one-level kind, and a paired float16 kind whose super-mins lie a float32
+    record's width away (so float32 supers are never read as float16)."""
+    from dataclasses import replace
+
+    from slmkit.kernels.qgemm import qgemm_weight_args
+
+    g = torch.Generator().manual_seed(9)
+    n, k = 40, 768
+    u = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    sub, mn = torch.randint(0, 64, (n, k // 32), generator=g), torch.randint(0, 64, (n, k // 32), generator=g)
+    half = _two_level(u, sub, mn if mins else None, bits=4, group=32, zero=0 if mins else 8, per_super=8,
+                      super_dtype=torch.float16)
+    full = replace(half, super_scales=half.super_scales.float(),
+                   super_mins=None if half.super_mins is None else half.super_mins.float())
+    assert half.super_scales.dtype == torch.float16 and full.super_scales.dtype == torch.float32
+    assert half.scale_kind == full.scale_kind + 8 and half.paired == full.paired == mins
+    x = torch.randn(5, k, generator=g)
+    reference_and_kernel_agree(x, half)
+    lib = get_kernel()
+    if lib is None:
+        pytest.skip("the compiled kernel is unavailable on this machine")
+    assert torch.equal(qmatmul_kernel(lib, x, half, torch.float32), qmatmul_kernel(lib, x, full, torch.float32))
+    out, xc = torch.empty(5, n), x.contiguous()
+    args = list(qgemm_weight_args(full))
+    if mins:  # paired float32 supers called float16: the super-mins' distance gives it away
+        args[5] = full.scale_kind | 8
+        assert lib.slm_qgemm(xc.data_ptr(), 0, 5, *args, out.data_ptr(), 0, n, 1) == -1
+    args[5] = 9  # the float16 bit on one-level (float16) scales
+    assert lib.slm_qgemm(xc.data_ptr(), 0, 5, *args, out.data_ptr(), 0, n, 1) == -1
 
 
 def test_two_level_super_blocks_over_256_inputs_are_refused():

@@ -24,8 +24,8 @@
 
 // qgemm.cpp / qgemm_avx2.cpp and attn.cpp / attn_avx2.cpp: the argument lists must stay the same
 extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_t ldx, const uint8_t* qw,
-                         const void* scales, const void* mins, int scale_kind, const float* super_scales,
-                         const float* super_mins, int64_t sbg, int bits, int64_t tiles, int64_t KP, int64_t G,
+                         const void* scales, const void* mins, int scale_kind, const void* super_scales,
+                         const void* super_mins, int64_t sbg, int bits, int64_t tiles, int64_t KP, int64_t G,
                          int zero, int64_t N, void* out, int out_bf16, int64_t ldo, int nthreads);
 extern "C" int slm_attn(int dtype, int64_t B, int64_t S, int64_t H, int64_t Hkv, int64_t D, const void* q,
                         int64_t qsb, int64_t qsh, int64_t qss, const void* k, int64_t ksb, int64_t ksh, int64_t kst,
@@ -261,7 +261,7 @@ extern "C" int slm_rope(int dt, int64_t B, int64_t H, int64_t S, int64_t D, int6
 static int qmm(const int64_t* a, const void* x, int dt, void* out, int nthreads, int64_t M = 1) {
     const int64_t K = a[0], N = a[14];
     return slm_qgemm(x, dt, M, K, a[1], (const uint8_t*)a[2], (const void*)a[3], (const void*)a[4], (int)a[5],
-                     (const float*)a[6], (const float*)a[7], a[8], (int)a[9], a[10], a[11], a[12], (int)a[13], N,
+                     (const void*)a[6], (const void*)a[7], a[8], (int)a[9], a[10], a[11], a[12], (int)a[13], N,
                      out, dt, N, M * K * N < SMALL_WORK ? 1 : nthreads);
 }
 

@@ -23,6 +23,28 @@ constexpr int PAR_PREP_ROWS = 8;
 // of super-scales (or super-mins) to the next. Pairing keeps a tile's metadata in two streams, not four.
 constexpr int record_stride(int scale_kind) { return scale_kind & 4 ? 32 : 16; }
 
+// Scale-kind bit 8 (two-level kinds only): super-scales and super-mins in float16, as GGUF's K-quants
+// store d and dmin (2 bytes a row per super-block instead of 4), else float32 (slmkit's own two-level
+// quantizer, whose super-scales would be subnormal in float16).
+constexpr int SUPER_F16 = 8;
+
+// The scale-kind arguments of slm_qgemm (both builds), checked: 0, or -1. kind: 0 float32, 1 float16,
+// 2 uint8 / 3 int8 x super-scale, + 4 paired with mins (record_stride), + SUPER_F16.
+static inline int check_scales(int kind, const void* scales, const void* mins, const void* ss, const void* sm,
+                               int64_t sbg, int64_t KP, int64_t G) {
+    const int k = kind & ~SUPER_F16;
+    if (kind < 0 || kind > 15 || k == 4 || k == 5 || (kind & SUPER_F16 && k < 2)) return -1;
+    const int64_t es = kind & SUPER_F16 ? 2 : 4;  // bytes of a super-scale
+    if (k >= 6 && (!mins || mins != (const uint8_t*)scales + 16 || sm != (const char*)ss + 16 * es)) return -1;
+    if (k >= 2 && (sbg <= 0 || (KP / G) % sbg || !ss || (mins && !sm))) return -1;
+    // two-level scales: <= 256 inputs a super-block, so every int32 sum is exact (qgemm.cpp super_end)
+    if (k >= 2 && G * sbg > 256) return -1;
+    return 0;
+}
+
+// Element i of super-scales (or super-mins) p of float16 or float32 (SUPER_F16), as a byte address.
+static inline const void* super_at(const void* p, int64_t i, bool f16) { return (const char*)p + i * (f16 ? 2 : 4); }
+
 // Two-level scales: how many powers of two finer than its super-block's a group's activation scale may be
 // (quant_row). The bound keeps every super-block sum exact in int32 whatever the scale kind: 256 inputs x
 // (2^bits - 1) x 127 x 255 (a uint8 sub-scale) x 2^E < 2^31: 4 bits 0.99e9 at E = 3, 5 bits 2.06e9 at 3,

@@ -82,9 +82,9 @@ static inline __m512i bcast4(const int8_t* p) {
     return _mm512_set1_epi32(a);
 }
 
-// Scale kinds: 0 float32, 1 float16, 2 uint8 x float32 super-scale, 3 int8 x float32 super-scale
-// (the K-quants' two levels: a float per super-block of <= 256 inputs times a small integer per
-// group; see super_end). A group's 16 float scales (kinds 0, 1):
+// Scale kinds: 0 float32, 1 float16, 2 uint8 x super-scale, 3 int8 x super-scale (the K-quants' two
+// levels: a float32 or float16 (layout.h SUPER_F16) per super-block of <= 256 inputs times a small
+// integer per group; see super_end). A group's 16 float scales (kinds 0, 1):
 template <int SK>
 static inline __m512 load16(const void* p, int64_t i) {
     if (SK == 1) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i)));
@@ -104,8 +104,9 @@ struct QW {
     const uint8_t* qw;
     const void* sc;
     const void* mn;
-    const float* ssc;  // super-scales / super-mins [tiles, groups / sbg, 16] for kinds 2, 3
-    const float* smn;
+    const void* ssc;  // super-scales / super-mins [tiles, groups / sbg, 16] for kinds 2, 3
+    const void* smn;
+    bool ssh;  // ... in float16 (SUPER_F16), else float32
     int64_t ng, G, KP, sbg;
     int zero;
     int64_t qt0;  // the row tile qw starts at (0, or a block's first tile in an unpacked copy)
@@ -115,6 +116,12 @@ struct QW {
 // registers would not hold them beside the int32 ones: with more than 8 (tile, row) pairs.
 template <int T, int MB>
 constexpr bool mem_acc() { return T * MB > 8; }
+
+// 16 super-scales (or super-mins) from element i, float16 or float32.
+static inline __m512 super16(const void* p, int64_t i, bool f16) {
+    if (f16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i)));
+    return _mm512_loadu_ps((const float*)p + i);
+}
 
 // A group's integer sub-scales of 16 rows (kind 2 uint8, 3 int8) as int32.
 template <int SK>
@@ -136,7 +143,7 @@ static inline void super_end(const QW& w, int64_t t0, int64_t g0, int64_t b, con
     const int64_t ng = w.ng, nsb = ng / w.sbg, g1 = g0 + w.sbg;
     for (int t = 0; t < T; ++t) {
         const int64_t ssi = ((t0 + t) * nsb + b) * RS;
-        const __m512 ss = _mm512_loadu_ps(w.ssc + ssi);
+        const __m512 ss = super16(w.ssc, ssi, w.ssh);
         __m512i mi[MB];
         if (MINS) {
             for (int m = 0; m < MB; ++m) mi[m] = _mm512_setzero_si512();
@@ -159,7 +166,7 @@ static inline void super_end(const QW& w, int64_t t0, int64_t g0, int64_t b, con
             a = _mm512_add_ps(a, _mm512_mul_ps(_mm512_cvtepi32_ps(ib[t][m]), _mm512_mul_ps(ss, d)));
             if (MINS)
                 a = _mm512_add_ps(a, _mm512_mul_ps(_mm512_cvtepi32_ps(mi[m]),
-                                                   _mm512_mul_ps(_mm512_loadu_ps(w.smn + ssi), d)));
+                                                   _mm512_mul_ps(super16(w.smn, ssi, w.ssh), d)));
             if (MEM_ACC) _mm512_storeu_ps(out + m * ldo + t * 16, a);
             else acc[t][m] = a;
             ib[t][m] = _mm512_setzero_si512();
@@ -354,19 +361,17 @@ static micro_fn pick_all(int bits, int kind, int mins, int T, int MB) {
 // x: [M, K] (row stride ldx elements) float32 or bf16.  out: [M, N] (row stride ldo) float32 or bf16.
 // Returns 0, or a negative code for bad arguments (the Python side checks them first).
 extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_t ldx, const uint8_t* qw,
-                         const void* scales, const void* mins, int scale_kind, const float* super_scales,
-                         const float* super_mins, int64_t sbg, int bits, int64_t tiles, int64_t KP, int64_t G,
+                         const void* scales, const void* mins, int scale_kind, const void* super_scales,
+                         const void* super_mins, int64_t sbg, int bits, int64_t tiles, int64_t KP, int64_t G,
                          int zero, int64_t N, void* out, int out_bf16, int64_t ldo, int nthreads) {
     if (G <= 0 || G > 256 || G % 16 || KP % G || K > KP || N > tiles * 16) return -1;
     if ((bits != 4 && bits != 5 && bits != 6 && bits != 8) || (bits == 5 && G % 32)) return -1;
-    if (scale_kind < 0 || scale_kind > 7 || scale_kind == 4 || scale_kind == 5) return -1;
-    if (scale_kind >= 6 && (!mins || mins != (const uint8_t*)scales + 16 || super_mins != super_scales + 16)) return -1;
-    if (scale_kind >= 2 && (sbg <= 0 || (KP / G) % sbg || !super_scales || (mins && !super_mins))) return -1;
-    // two-level scales: <= 256 inputs a super-block, so every int32 sum is exact (see super_end)
-    if (scale_kind >= 2 && G * sbg > 256) return -1;
+    if (check_scales(scale_kind, scales, mins, super_scales, super_mins, sbg, KP, G)) return -1;
+    const bool ssh = scale_kind & SUPER_F16;
+    scale_kind &= ~SUPER_F16;
     const int64_t ng = KP / G;
     const int64_t AG = scale_kind >= 2 ? G * sbg : G;  // inputs per activation scale
-    const QW w = {qw, scales, mins, super_scales, super_mins, ng, G, KP, sbg, zero, 0};
+    const QW w = {qw, scales, mins, super_scales, super_mins, ssh, ng, G, KP, sbg, zero, 0};
     int8_t* xq = (int8_t*)aligned_alloc(64, (size_t)((M * KP + 63) / 64 * 64));
     float* dx = (float*)malloc(sizeof(float) * M * ng);
     int32_t* xs = (int32_t*)malloc(sizeof(int32_t) * M * ng);

@@ -79,18 +79,25 @@ struct QW {
     const uint8_t* qw;
     const void* sc;
     const void* mn;
-    const float* ssc;
-    const float* smn;
+    const void* ssc;
+    const void* smn;
+    bool ssh;  // super-scales / super-mins in float16 (layout.h SUPER_F16), else float32
     int64_t ng, G, KP, sbg;
     int zero;
 };
+
+// 8 super-scales (or super-mins) from element i, float16 or float32.
+static inline __m256 super8(const void* p, int64_t i, bool f16) {
+    if (f16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i)));
+    return _mm256_loadu_ps((const float*)p + i);
+}
 
 // Two-level scales at a super-block's end (qgemm.cpp super_end): out += ib x (super-scale x dx), and
 // with mins out += (sum over its groups of min x code sum) x (super-min x dx); ib is zeroed.
 template <int SK, bool MINS, int H, int MB>
 __attribute__((always_inline)) static inline void super_end(const QW& w, const uint8_t* const* mnp, const uint8_t* const* mtp,
-                             const float* const* sscp,
-                             const float* const* smnp, int64_t g0, int64_t g1, int64_t b, const float* dx,
+                             const void* const* sscp,
+                             const void* const* smnp, int64_t g0, int64_t g1, int64_t b, const float* dx,
                              const int32_t* xs, const int32_t* xp, __m256i (&ib)[H][MB], float* out, int64_t ldo) {
     constexpr int RS = record_stride(SK);
     const int64_t ng = w.ng;
@@ -116,9 +123,9 @@ __attribute__((always_inline)) static inline void super_end(const QW& w, const u
         for (int m = 0; m < MB; ++m) {
             const __m256 d = _mm256_set1_ps(dx[m * ng + b]);
             __m256 a = _mm256_loadu_ps(out + m * ldo + h * 8);
-            a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_cvtepi32_ps(ib[h][m]), _mm256_mul_ps(_mm256_loadu_ps(sscp[h] + b * RS), d)));
+            a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_cvtepi32_ps(ib[h][m]), _mm256_mul_ps(super8(sscp[h], b * RS, w.ssh), d)));
             if (MINS)
-                a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_cvtepi32_ps(mi[m]), _mm256_mul_ps(_mm256_loadu_ps(smnp[h] + b * RS), d)));
+                a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_cvtepi32_ps(mi[m]), _mm256_mul_ps(super8(smnp[h], b * RS, w.ssh), d)));
             _mm256_storeu_ps(out + m * ldo + h * 8, a);
             ib[h][m] = _mm256_setzero_si256();
         }
@@ -210,7 +217,7 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
     // half tile h's codes; two-level scales: its sub-scales and mins (bytes, record g at g * RS) and
     // super-scales and super-mins (record b at b * RS)
     const uint8_t *base[H], *scp[H] = {}, *mnp[H] = {}, *stp[H] = {}, *mtp[H] = {};
-    const float *sscp[H] = {}, *smnp[H] = {};
+    const void *sscp[H] = {}, *smnp[H] = {};
     for (int h = 0; h < H; ++h) {
         const int64_t ht = h0 + h, t = ht / 2, off = (ht % 2) * 8;
         base[h] = U ? ub + (ht % 2) * KP * 8 : w.qw + t * tile_bytes + off * 4;
@@ -221,10 +228,10 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
         }
         const int64_t nsb = ng / w.sbg;
         scp[h] = (const uint8_t*)w.sc + t * ng * RS + off;
-        sscp[h] = w.ssc + t * nsb * RS + off;
+        sscp[h] = super_at(w.ssc, t * nsb * RS + off, w.ssh);
         if (MINS) {
             mnp[h] = (const uint8_t*)w.mn + t * ng * RS + off;
-            smnp[h] = w.smn + t * nsb * RS + off;
+            smnp[h] = super_at(w.smn, t * nsb * RS + off, w.ssh);
         }
     }
     const __m256i ones = _mm256_set1_epi16(1);
@@ -328,19 +335,18 @@ static void store_rows(const float* tmp, int mb, int64_t m0, int64_t r0, int64_t
 // one lane's fixed sequence of operations).
 extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
         const void* x, int x_bf16, int64_t M, int64_t K, int64_t ldx, const uint8_t* qw, const void* scales,
-        const void* mins, int scale_kind, const float* super_scales, const float* super_mins, int64_t sbg, int bits,
+        const void* mins, int scale_kind, const void* super_scales, const void* super_mins, int64_t sbg, int bits,
         int64_t tiles, int64_t KP, int64_t G, int zero, int64_t N, void* out, int out_bf16, int64_t ldo,
         int nthreads) {
     if (G <= 0 || G > 256 || G % 16 || KP % G || K > KP || N > tiles * 16) return -1;
     if ((bits != 4 && bits != 5 && bits != 6 && bits != 8) || (bits == 5 && G % 32)) return -1;
-    if (scale_kind < 0 || scale_kind > 7 || scale_kind == 4 || scale_kind == 5) return -1;
-    if (scale_kind >= 6 && (!mins || mins != (const uint8_t*)scales + 16 || super_mins != super_scales + 16)) return -1;
-    if (scale_kind >= 2 && (sbg <= 0 || (KP / G) % sbg || !super_scales || (mins && !super_mins))) return -1;
-    if (scale_kind >= 2 && G * sbg > 256) return -1;
+    if (check_scales(scale_kind, scales, mins, super_scales, super_mins, sbg, KP, G)) return -1;
+    const bool ssh = scale_kind & SUPER_F16;
+    scale_kind &= ~SUPER_F16;
     const int64_t ng = KP / G;
     const int64_t AG = scale_kind >= 2 ? G * sbg : G;  // inputs per activation scale
     const int E = scale_kind >= 2 ? act_shift_max(bits) : 0;
-    const QW w = {qw, scales, mins, super_scales, super_mins, ng, G, KP, sbg, zero};
+    const QW w = {qw, scales, mins, super_scales, super_mins, ssh, ng, G, KP, sbg, zero};
     const bool pairs = scale_kind >= 2 && mins && sums_fit_int16(G, E);  // mins two groups a vpmaddwd (super_end)
 #ifdef SLM_VNNI
     const bool zfold = false;
@@ -430,7 +436,7 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
 #ifndef SLM_VNNI
 // weak: absent where the compiler had no -mavxvnni (qgemm.py then links without that unit)
 extern "C" __attribute__((weak)) int slm_avx2_qgemm_vnni(const void*, int, int64_t, int64_t, int64_t, const uint8_t*, const void*,
-                                   const void*, int, const float*, const float*, int64_t, int, int64_t, int64_t,
+                                   const void*, int, const void*, const void*, int64_t, int, int64_t, int64_t,
                                    int64_t, int, int64_t, void*, int, int64_t, int);
 
 extern "C" int slm_supported(void) { return avx2_supported(); }
@@ -448,8 +454,8 @@ extern "C" int slm_avx_vnni(void) {
 }
 
 extern "C" int slm_qgemm(const void* x, int x_bf16, int64_t M, int64_t K, int64_t ldx, const uint8_t* qw,
-                         const void* scales, const void* mins, int scale_kind, const float* super_scales,
-                         const float* super_mins, int64_t sbg, int bits, int64_t tiles, int64_t KP, int64_t G,
+                         const void* scales, const void* mins, int scale_kind, const void* super_scales,
+                         const void* super_mins, int64_t sbg, int bits, int64_t tiles, int64_t KP, int64_t G,
                          int zero, int64_t N, void* out, int out_bf16, int64_t ldo, int nthreads) {
     const int vnni = slm_avx_vnni() && slm_avx2_qgemm_vnni != nullptr;  // read each call: tests switch it
     return (vnni ? slm_avx2_qgemm_vnni : slm_avx2_qgemm_plain)(x, x_bf16, M, K, ldx, qw, scales, mins, scale_kind,

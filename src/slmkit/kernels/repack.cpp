@@ -12,7 +12,8 @@
 //   4-bit codes: qweight[t][c / 8][j * 4 + c % 4] = u[c] | u[c + 4] << 4      (c % 8 < 4)
 //   6 / 5-bit codes, in runs of S = 16 / 32 codes (format.py): the low 4 bits as 4-bit codes in
 //   S / 8 vectors, then one vector with the rest of each code (set i = c % S / 4 at bit (b - 4) * i)
-//   scales / mins: [t][group][j]; two-level supers (K-quants): [t][block][j] in float32; two-level
+//   scales / mins: [t][group][j]; two-level supers (K-quants): [t][block][j] in float16 (the file's d
+//   and -dmin, bits as stored but for the sign); two-level
 //   types with mins pair them (format.py two_level_parts): a (t, group) record of 16 scales then 16
 //   mins (mins = scales + 16), a (t, block) record of 16 super-scales then 16 super-mins
 // Rows past n (padding to the tile) get code 0, scale 0 and min 0, as the Python repack pads.
@@ -30,7 +31,7 @@ struct Spec {
 };
 
 // ggml type id, elements / bytes per block, code bits as stored, group, scale bytes (2: the file's
-// float16, 1: the K-quants' small integers), mins, float32 super-scale per block
+// float16, 1: the K-quants' small integers), mins, float16 super-scale per block
 constexpr Spec SPECS[] = {
     {2, 32, 18, 4, 32, 2, 0, 0},     // Q4_0
     {3, 32, 20, 4, 32, 2, 1, 0},     // Q4_1
@@ -48,33 +49,13 @@ const Spec* find_spec(int type) {
     return nullptr;
 }
 
-// IEEE half -> float, as torch converts: exact for every finite value, a NaN comes back quiet
-// (the quiet bit set, its payload kept) as vcvtph2ps and torch's software path both give.
-float half_to_float(const uint8_t* p) {
-    uint32_t h = (uint32_t)p[0] | ((uint32_t)p[1] << 8);
-    uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu, bits;
-    if (exp == 0x1Fu) {
-        bits = sign | 0x7F800000u | (mant << 13) | (mant ? 0x00400000u : 0u);
-    } else if (exp) {
-        bits = sign | ((exp + 112u) << 23) | (mant << 13);
-    } else if (mant) {  // subnormal: normalise
-        int e = -1;
-        do {
-            mant <<= 1;
-            ++e;
-        } while (!(mant & 0x400u));
-        bits = sign | ((uint32_t)(112 - e) << 23) | ((mant & 0x3FFu) << 13);
-    } else {
-        bits = sign;
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
+// A float16's bits at p.
+inline uint16_t half_bits(const uint8_t* p) { return (uint16_t)(p[0] | p[1] << 8); }
 
-// One block's group scales (and mins) into sc / mn (per group, scale_bytes each), and its float32
-// super-scale and super-min (K-quants): ggml's d and -dmin, as the Python repack forms them.
-inline void block_scales(int type, const uint8_t* p, uint8_t* sc, uint8_t* mn, float* ssup, float* msup) {
+// One block's group scales (and mins) into sc / mn (per group, scale_bytes each), and its float16
+// super-scale and super-min (K-quants): ggml's d and -dmin (the sign bit flipped: exact), as the
+// Python repack forms them.
+inline void block_scales(int type, const uint8_t* p, uint8_t* sc, uint8_t* mn, uint16_t* ssup, uint16_t* msup) {
     switch (type) {
         case 2:
         case 6:
@@ -97,13 +78,13 @@ inline void block_scales(int type, const uint8_t* p, uint8_t* sc, uint8_t* mn, f
                 mn[i] = m[i] & 0x3F;
                 mn[4 + i] = (uint8_t)((md[i] >> 4) | ((m[i] >> 2) & 0x30));
             }
-            *ssup = half_to_float(p);
-            *msup = -half_to_float(p + 2);
+            *ssup = half_bits(p);
+            *msup = (uint16_t)(half_bits(p + 2) ^ 0x8000u);
             break;
         }
         case 14:
             memcpy(sc, p + 192, 16);  // int8 sub-scales
-            *ssup = half_to_float(p + 208);
+            *ssup = half_bits(p + 208);
             break;
     }
 }
@@ -241,7 +222,7 @@ inline void block_codes(const uint8_t* p, uint8_t* o) {
 // bounds, so the compiler unrolls and vectorizes them (a generic loop ran Q4_0 at ~0.4 GB/s).
 template <int TYPE>
 void repack_row(const uint8_t* src, int64_t k, int64_t t, int j, uint8_t* qweight, uint8_t* scales,
-                uint8_t* mins, float* ssup, float* msup) {
+                uint8_t* mins, uint16_t* ssup, uint16_t* msup) {
     constexpr Spec s = spec_of(TYPE);
     constexpr int64_t gpb = s.block / s.group;
     const int64_t blocks = k / s.block, groups = blocks * gpb;
@@ -257,8 +238,8 @@ void repack_row(const uint8_t* src, int64_t k, int64_t t, int j, uint8_t* qweigh
             if (s.has_min) memset(mins + at * s.scale_bytes, 0, s.scale_bytes);
         }
         for (int64_t b = 0; s.two_level && b < blocks; ++b) {
-            ssup[(t * blocks + b) * 16 * P + j] = 0.f;
-            if (s.has_min) msup[(t * blocks + b) * 16 * P + j] = 0.f;
+            ssup[(t * blocks + b) * 16 * P + j] = 0;
+            if (s.has_min) msup[(t * blocks + b) * 16 * P + j] = 0;
         }
         return;
     }
@@ -266,7 +247,7 @@ void repack_row(const uint8_t* src, int64_t k, int64_t t, int j, uint8_t* qweigh
         legacy_row<TYPE>(src, blocks, q, scales + (t * groups * 16 + j) * 2, mins + (t * groups * 16 + j) * 2);
     } else {
         uint8_t sc[16], mn[16];
-        float ss = 0.f, ms = 0.f;
+        uint16_t ss = 0, ms = 0;
         for (int64_t b = 0; b < blocks; ++b) {
             const uint8_t* p = src + b * s.size;
             block_scales(s.type, p, sc, mn, &ss, &ms);
@@ -288,18 +269,18 @@ void repack_row(const uint8_t* src, int64_t k, int64_t t, int j, uint8_t* qweigh
 
 // raw: n rows of k / block blocks each (the tensor's GGUF bytes); the outputs as gguf_repack.py
 // allocates them: qweight [tiles, k / (8 | 4), 64], scales and mins [tiles, k / group, 16] (float16
-// or one byte each), super_scales and super_mins [tiles, k / 256, 16] float32 (two-level types only;
+// or one byte each), super_scales and super_mins [tiles, k / 256, 16] float16 (two-level types only;
 // Q4_K and Q5_K paired: mins = scales + 16 and super_mins = super_scales + 16, every record twice as far).
 // Returns 0, or -1 for a type it does not handle, -2 for a shape that does not fit the type.
 extern "C" int slm_repack(const uint8_t* raw, int type, int64_t n, int64_t k, uint8_t* qweight, void* scales,
-                          void* mins, float* super_scales, float* super_mins, int threads) {
+                          void* mins, void* super_scales, void* super_mins, int threads) {
     const Spec* s = find_spec(type);
     if (!s) return -1;
     if (n <= 0 || k <= 0 || k % s->block) return -2;
     const int64_t tiles = (n + 15) / 16, row_bytes = k / s->block * s->size;
     uint8_t* sc = (uint8_t*)scales;
     uint8_t* mn = (uint8_t*)mins;
-    void (*row)(const uint8_t*, int64_t, int64_t, int, uint8_t*, uint8_t*, uint8_t*, float*, float*) = nullptr;
+    void (*row)(const uint8_t*, int64_t, int64_t, int, uint8_t*, uint8_t*, uint8_t*, uint16_t*, uint16_t*) = nullptr;
     switch (type) {
         case 2: row = repack_row<2>; break;
         case 3: row = repack_row<3>; break;
@@ -314,7 +295,8 @@ extern "C" int slm_repack(const uint8_t* raw, int type, int64_t n, int64_t k, ui
     for (int64_t t = 0; t < tiles; ++t) {
         for (int j = 0; j < 16; ++j) {
             int64_t r = t * 16 + j;
-            row(r < n ? raw + r * row_bytes : nullptr, k, t, j, qweight, sc, mn, super_scales, super_mins);
+            row(r < n ? raw + r * row_bytes : nullptr, k, t, j, qweight, sc, mn, (uint16_t*)super_scales,
+                (uint16_t*)super_mins);
         }
     }
     return 0;

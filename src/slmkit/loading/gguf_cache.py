@@ -39,7 +39,9 @@ import torch
 
 from ..quant.format import QuantWeight
 
-FORMAT = 5  # 5: two-level scales and mins paired; 4: the tokenizer in a file of its own; 3: Q5_*, Q6_K at 5, 6 bits
+# 6: K-quants' super-scales in float16; 5: two-level scales and mins paired; 4: the tokenizer in a file of
+# its own; 3: Q5_*, Q6_K at 5, 6 bits
+FORMAT = 6
 SAMPLES = 64          # blocks of tensor data hashed into the fingerprint
 SAMPLE_BYTES = 4096
 _PARTS = ("qweight", "scales", "mins", "super_scales", "super_mins")

@@ -14,9 +14,10 @@ One layout serves int8 and int4, our own quantizers and GGUF blocks alike:
   (`CHUNK`: K per such run of vectors). N and K are padded with zeros to the tile and group.
 - scales / mins: [tiles, groups, 16] in float16 (where exact, e.g. Q4_0, Q8_0, our quantizers) or
   float32, or two-level as the K-quants store them: small integers per group (uint8, or int8 for
-  Q6_K's scales) times a float32 super-scale (super-min) per 256 inputs, `super_scales` /
-  `super_mins` [tiles, groups // per_super, 16]; the product is formed in float32 (exact). With
-  mins the four are paired views of two buffers (`two_level_parts`).
+  Q6_K's scales) times a float super-scale (super-min) per 256 inputs, `super_scales` /
+  `super_mins` [tiles, groups // per_super, 16]: float16 for GGUF's K-quants (the file's own d and
+  -dmin, 2 bytes a row per super-block), float32 for slmkit's quantizer; the product is formed in
+  float32 (exact). With mins the four are paired views of two buffers (`two_level_parts`).
 
 The reference matmul (`qmatmul_reference`) quantizes activations to int8 exactly as the compiled
 kernel does (per group, or per super-block under two-level scales; scale = absmax / 127, round half
@@ -36,6 +37,8 @@ BITS = (4, 5, 6, 8)
 # vector; 6 bits 4 sets in 2 nibble vectors + 1 of high bits; 5 bits 8 sets in 4 + 1.
 CHUNK = {8: 4, 4: 8, 6: 16, 5: 32}
 _VECTORS = {8: 1, 4: 1, 6: 3, 5: 5}
+# Two-level super-scales: float32 (slmkit's quantizer) or float16 (GGUF's K-quants, as the file has them).
+SUPER_DTYPES = (torch.float32, torch.float16)
 
 
 def code_vectors(bits: int, kp: int) -> int:
@@ -53,17 +56,22 @@ class QuantWeight:
     qweight: torch.Tensor        # uint8 [tiles, code_vectors(bits, kp), 64]
     scales: torch.Tensor         # float16 / float32 / uint8 / int8 [tiles, kp // group, 16]
     mins: torch.Tensor | None    # same shape (float16 / float32 / uint8), or None
-    super_scales: torch.Tensor | None = None  # float32 [tiles, groups // per_super, 16] for integer scales
+    super_scales: torch.Tensor | None = None  # float32 / float16 [tiles, groups // per_super, 16], integer scales
     super_mins: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        ss, sm = self.super_scales, self.super_mins
+        if ss is not None and (ss.dtype not in SUPER_DTYPES or (sm is not None and sm.dtype != ss.dtype)):
+            raise ValueError(f"super-scales must be float32 or float16 (super-mins the same), got {ss.dtype}"
+                             + ("" if sm is None else f" and {sm.dtype}"))
         if self.super_scales is not None and self.activation_group > 256:  # the kernel's int32 bound
             raise ValueError(f"two-level scales of {self.activation_group} inputs per super-scale "
                              f"(group {self.group} x {self.per_super}): at most 256")
         # two-level scales with mins are kept paired (see two_level_parts): views of two buffers
         if self.super_scales is not None and self.mins is not None and not self.paired:
             sc, mn, ss, sm = two_level_parts(self.scales.shape[0], self.scales.shape[1],
-                                             self.super_scales.shape[1], self.scales.dtype, True)
+                                             self.super_scales.shape[1], self.scales.dtype, True,
+                                             self.super_scales.dtype)
             sc.copy_(self.scales)
             mn.copy_(self.mins)  # type: ignore[union-attr]
             ss.copy_(self.super_scales)
@@ -78,15 +86,18 @@ class QuantWeight:
             return False
         rec, sup = (sc.shape[1] * 32, 32, 1), (ss.shape[1] * 32, 32, 1)
         return (mn.dtype == torch.uint8 and sc.stride() == rec and mn.stride() == rec and ss.stride() == sup
-                and sm.stride() == sup and mn.data_ptr() == sc.data_ptr() + 16
-                and sm.data_ptr() == ss.data_ptr() + 64 and mn.shape == sc.shape and sm.shape == ss.shape)
+                and sm.stride() == sup and mn.data_ptr() == sc.data_ptr() + 16 and sm.dtype == ss.dtype
+                and sm.data_ptr() == ss.data_ptr() + 16 * ss.element_size() and mn.shape == sc.shape
+                and sm.shape == ss.shape)
 
     @property
     def scale_kind(self) -> int:
         """The kernel's code: 0 float32, 1 float16, 2 uint8 x super, 3 int8 x super; plus 4 where
-        two-level scales and mins are paired."""
+        two-level scales and mins are paired, plus 8 where the super-scales are float16."""
         kind = {torch.float32: 0, torch.float16: 1, torch.uint8: 2, torch.int8: 3}[self.scales.dtype]
-        return kind + 4 if kind >= 2 and self.paired else kind
+        if kind < 2 or self.super_scales is None:
+            return kind
+        return kind + (4 if self.paired else 0) + (8 if self.super_scales.dtype == torch.float16 else 0)
 
     @property
     def activation_group(self) -> int:
@@ -110,10 +121,10 @@ class QuantWeight:
         sc = self.scales[at].float()
         mn = None if self.mins is None else self.mins[at].float()
         if self.super_scales is not None:
-            sc = sc * self.super_scales[at].repeat_interleave(self.per_super, dim=1)
+            sc = sc * self.super_scales[at].float().repeat_interleave(self.per_super, dim=1)
             if mn is not None:
                 assert self.super_mins is not None
-                mn = mn * self.super_mins[at].repeat_interleave(self.per_super, dim=1)
+                mn = mn * self.super_mins[at].float().repeat_interleave(self.per_super, dim=1)
         return sc, mn
 
     @property
@@ -141,17 +152,21 @@ class QuantWeight:
 
 
 def two_level_parts(tiles: int, groups: int, supers: int, dtype: torch.dtype, mins: bool,
+                    super_dtype: torch.dtype = torch.float32,
                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """Empty scales [tiles, groups, 16] (uint8 / int8), mins (uint8, same shape), super_scales and
-    super_mins [tiles, supers, 16] (float32) of a two-level weight. With mins they are paired: a
-    group's 16 scales and 16 mins side by side (32 bytes), a super-block's 16 super-scales and 16
-    super-mins side by side (32 floats), as views of two buffers, so the kernel reads a tile's
-    metadata as two streams instead of four (measured: +14% decode GB/s on Q4_K, 2 threads)."""
+    super_mins [tiles, supers, 16] (super_dtype: float32, or float16 for GGUF's K-quants) of a
+    two-level weight. With mins they are paired: a group's 16 scales and 16 mins side by side (32
+    bytes), a super-block's 16 super-scales and 16 super-mins side by side, as views of two buffers,
+    so the kernel reads a tile's metadata as two streams instead of four (measured: +14% decode GB/s
+    on Q4_K, 2 threads)."""
+    if super_dtype not in SUPER_DTYPES:
+        raise ValueError(f"super-scales must be float32 or float16, got {super_dtype}")
     if not mins:
         return (torch.empty(tiles, groups, TILE, dtype=dtype), None,
-                torch.empty(tiles, supers, TILE, dtype=torch.float32), None)
+                torch.empty(tiles, supers, TILE, dtype=super_dtype), None)
     rec = torch.empty(tiles, groups, 2 * TILE, dtype=torch.uint8)
-    sup = torch.empty(tiles, supers, 2 * TILE, dtype=torch.float32)
+    sup = torch.empty(tiles, supers, 2 * TILE, dtype=super_dtype)
     sc = rec[:, :, :TILE] if dtype == torch.uint8 else rec.view(dtype)[:, :, :TILE]
     return sc, rec[:, :, TILE:], sup[:, :, :TILE], sup[:, :, TILE:]
 
@@ -447,12 +462,12 @@ def _qmatmul_two_level(x: torch.Tensor, qw: QuantWeight, chunk_bytes: int) -> to
             isum -= qw.zero * qs64
         sub = qw.scales[t0:t1].permute(1, 0, 2).reshape(ng, 1, -1).double()
         big = (isum * sub).view(nsb, ps, m, -1).sum(dim=1).float()        # [nsb, M, rows]: exact, then rounded
-        sup = qw.super_scales[t0:t1].permute(1, 0, 2).reshape(nsb, -1)    # [nsb, rows]
+        sup = qw.super_scales[t0:t1].permute(1, 0, 2).reshape(nsb, -1).float()  # [nsb, rows]
         imin = smn = None
         if qw.mins is not None and qw.super_mins is not None:
             mn = qw.mins[t0:t1].permute(1, 0, 2).reshape(ng, 1, -1).double()
             imin = (mn * qs64).view(nsb, ps, m, -1).sum(dim=1).float()
-            smn = qw.super_mins[t0:t1].permute(1, 0, 2).reshape(nsb, -1)
+            smn = qw.super_mins[t0:t1].permute(1, 0, 2).reshape(nsb, -1).float()
         acc = torch.zeros(m, sup.shape[1], dtype=torch.float32, device=x.device)
         for b in range(nsb):
             acc += big[b] * (sup[b] * d[:, b:b + 1])

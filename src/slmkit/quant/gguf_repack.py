@@ -35,10 +35,10 @@ from slmkit.quant.format import TILE, QuantWeight, _tile_groups, code_vectors, p
 
 __all__ = ["REPACKABLE", "repack"]
 
-_U8, _F16, _F32 = torch.uint8, torch.float16, torch.float32
+_U8, _F16 = torch.uint8, torch.float16
 
 # Decoded blocks: codes [nb, block] uint8, scales [nb, block // group], mins (same) or None, and
-# for two-level (K-quant) types the float32 super-scale and super-min [nb, 1] (else None).
+# for two-level (K-quant) types the float16 super-scale and super-min [nb, 1] (else None).
 _Decoded = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", "torch.Tensor | None"]
 
 
@@ -70,10 +70,12 @@ def _q8_0(b: torch.Tensor) -> _Decoded:
 
 def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q4_K / Q5_K two levels: 6-bit sub-scales and sub-mins [nb, 8] (uint8), super-scale d and
-    super-min -dmin [nb, 1] (float32). d * sc and (-dmin) * m in float32 are ggml's products
-    (negation is exact), so the kernel forms exactly ggml's scale and min."""
+    super-min -dmin [nb, 1] (float16 as the file has them; -dmin by its sign bit, so a NaN keeps its
+    bits, as repack.cpp forms it). d * sc and (-dmin) * m in float32 are ggml's products (negation
+    is exact), so the kernel forms exactly ggml's scale and min."""
     sc, mn = k_scale_min(b[:, 4:16])
-    return sc.to(_U8), mn.to(_U8), _h(b, 0).to(_F32), _h(b, 2).to(_F32).neg_()
+    neg_dmin = (_h(b, 2).view(torch.int16) ^ -0x8000).view(_F16)
+    return sc.to(_U8), mn.to(_U8), _h(b, 0), neg_dmin
 
 
 def _q4_k(b: torch.Tensor) -> _Decoded:
@@ -87,7 +89,7 @@ def _q5_k(b: torch.Tensor) -> _Decoded:
 
 
 def _q6_k(b: torch.Tensor) -> _Decoded:
-    return q6_k_codes(b), b[:, 192:208].view(torch.int8), None, _h(b, 208).to(_F32), None
+    return q6_k_codes(b), b[:, 192:208].view(torch.int8), None, _h(b, 208), None
 
 
 class _Spec(NamedTuple):
@@ -96,7 +98,7 @@ class _Spec(NamedTuple):
     zero: int
     dtype: torch.dtype               # of scales (mins: the same, or uint8 with integer scales)
     has_min: bool
-    per_super: int                   # groups per float32 super-scale (two-level types), else 0
+    per_super: int                   # groups per float16 super-scale (two-level types), else 0
     decode: Callable[[torch.Tensor], _Decoded]
 
 
@@ -149,7 +151,7 @@ def repack(raw: torch.Tensor, ggml_type: int, shape: tuple[int, int], *,
     s_sup = m_sup = None
     if spec.per_super:  # two-level: paired scales and mins (repack.cpp writes them so)
         scales, mins, s_sup, m_sup = two_level_parts(tiles, groups, groups // spec.per_super, spec.dtype,
-                                                     spec.has_min)
+                                                     spec.has_min, _F16)
     else:
         scales = torch.empty(tiles, groups, TILE, dtype=spec.dtype)
         mins = torch.empty(tiles, groups, TILE, dtype=spec.dtype) if spec.has_min else None

@@ -105,7 +105,8 @@ class QuantLinear(nn.Module):
         kind = "asym" if self.mins is not None else f"zero={self.zero}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}, "
                 f"group={self.group}, {kind}, scales={str(self.scales.dtype).removeprefix('torch.')}"
-                + ("" if self.super_scales is None else " x float32 per 256"))
+                + ("" if self.super_scales is None
+                   else f" x {str(self.super_scales.dtype).removeprefix('torch.')} per super-block"))
 
 
 class QuantEmbedding(nn.Module):

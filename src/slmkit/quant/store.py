@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import ModelFileError, WeightError
 from ..loading.files import parse_json
-from .format import BITS, CHUNK, GROUPS, TILE, QuantWeight, code_vectors, padded
+from .format import BITS, CHUNK, GROUPS, SUPER_DTYPES, TILE, QuantWeight, code_vectors, padded
 from .linear import QuantEmbedding, QuantLinear
 
 FORMAT = 1
@@ -152,8 +152,8 @@ def split_quantized(weights: dict[str, torch.Tensor], folder: Path) -> dict[str,
         want = {"qweight": ((tiles, code_vectors(bits, kp), 64), (torch.uint8,)),
                 "scales": ((tiles, ng, TILE), (torch.float16, torch.float32, torch.uint8, torch.int8)),
                 "mins": ((tiles, ng, TILE), (torch.uint8,) if two_level else (sc_dtype,)),
-                "super_scales": ((tiles, n_sup, TILE), (torch.float32,)),
-                "super_mins": ((tiles, n_sup, TILE), (torch.float32,))}
+                "super_scales": ((tiles, n_sup, TILE), SUPER_DTYPES),
+                "super_mins": ((tiles, n_sup, TILE), (sup.dtype,) if sup is not None else SUPER_DTYPES)}
         needed = {"qweight", "scales"} | ({"super_scales"} if two_level else set())
         if parts["mins"] is not None and two_level:
             needed.add("super_mins")
