@@ -117,11 +117,8 @@ struct QW {
 template <int T, int MB>
 constexpr bool mem_acc() { return T * MB > 8; }
 
-// 16 super-scales (or super-mins) from element i, float16 or float32.
-static inline __m512 super16(const void* p, int64_t i, bool f16) {
-    if (f16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i)));
-    return _mm512_loadu_ps((const float*)p + i);
-}
+// 16 super-scales (or super-mins) from element i, float16 or float32: load16's two float kinds.
+static inline __m512 super16(const void* p, int64_t i, bool f16) { return f16 ? load16<1>(p, i) : load16<0>(p, i); }
 
 // A group's integer sub-scales of 16 rows (kind 2 uint8, 3 int8) as int32.
 template <int SK>

@@ -86,11 +86,8 @@ struct QW {
     int zero;
 };
 
-// 8 super-scales (or super-mins) from element i, float16 or float32.
-static inline __m256 super8(const void* p, int64_t i, bool f16) {
-    if (f16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i)));
-    return _mm256_loadu_ps((const float*)p + i);
-}
+// 8 super-scales (or super-mins) from element i, float16 or float32: load8's two float kinds.
+static inline __m256 super8(const void* p, int64_t i, bool f16) { return f16 ? load8<1>(p, i) : load8<0>(p, i); }
 
 // Two-level scales at a super-block's end (qgemm.cpp super_end): out += ib x (super-scale x dx), and
 // with mins out += (sum over its groups of min x code sum) x (super-min x dx); ib is zeroed.

@@ -8,8 +8,8 @@
 
 #include "layout.h"
 
-// Scale kinds as in qgemm.cpp: 0 float32, 1 float16, 2 uint8 / 3 int8 x float32 super-scale, +4
-// paired. A group's 8 float scales (kinds 0, 1):
+// Scale kinds as in qgemm.cpp: 0 float32, 1 float16, 2 uint8 / 3 int8 x super-scale, +4 paired (+ layout.h
+// SUPER_F16). A group's 8 float scales (kinds 0, 1):
 template <int SK>
 static inline __m256 load8(const void* p, int64_t i) {
     if (SK == 1) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i)));

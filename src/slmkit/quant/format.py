@@ -160,8 +160,6 @@ def two_level_parts(tiles: int, groups: int, supers: int, dtype: torch.dtype, mi
     bytes), a super-block's 16 super-scales and 16 super-mins side by side, as views of two buffers,
     so the kernel reads a tile's metadata as two streams instead of four (measured: +14% decode GB/s
     on Q4_K, 2 threads)."""
-    if super_dtype not in SUPER_DTYPES:
-        raise ValueError(f"super-scales must be float32 or float16, got {super_dtype}")
     if not mins:
         return (torch.empty(tiles, groups, TILE, dtype=dtype), None,
                 torch.empty(tiles, supers, TILE, dtype=super_dtype), None)
