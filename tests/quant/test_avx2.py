@@ -62,7 +62,8 @@ def test_qgemm_same_bits_as_avx512_and_the_fallback(both, monkeypatch, n, k, gro
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K"])
 def test_qgemm_gguf_scale_kinds_same_bits(both, type_name):
     """The two-level (uint8 / int8 x float32) scales of the K-quants, and the GGUF block formats; decode,
-    a few rows, and prefill (8 rows and more: the AVX2 kernel unpacks each tile once, 3 rows at a time)."""
+    a few rows, and prefill (8 rows and more: the AVX2 kernel unpacks each tile once, 3 rows at a time,
+    4 with AVX-VNNI)."""
     import numpy as np
     from gguf import GGMLQuantizationType as Q
 
@@ -97,7 +98,7 @@ def test_q6_k_extreme_codes_and_activations_same_bits(both, code_bits, sign):
     b[:, :192] = code_bits  # ql, qh: the codes
     b[:, 192:208] = np.array([127, -128, 1, 64] * 4, dtype=np.int8).view(np.uint8)  # sub-scales, extremes too
     qw = repack(torch.from_numpy(b.reshape(-1).copy()), int(Q.Q6_K), shape)
-    for m in (1, 3, 9):
+    for m in (1, 3, 8, 9):
         x = torch.full((m, shape[1]), sign)
         x[:, 1::97] *= 0.5  # a few smaller inputs: other codes than the limit in some groups
         got = qmatmul_kernel(both[1], x, qw, torch.float32)
@@ -136,8 +137,8 @@ def vnni_through_evex(tmp_path_factory):
 
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
 def test_avx_vnni_path_same_bits(both, vnni_through_evex, type_name):
-    """The AVX-VNNI path (vpdpbusd sums, no unpacked prefill) gives the plain AVX2 path's bits and the
-    reference's, decode to prefill."""
+    """The AVX-VNNI path (vpdpbusd sums; prefill on unpacked tiles, 4 rows at a time, the rows left over
+    on the packed codes) gives the plain AVX2 path's bits and the reference's, decode to prefill."""
     import numpy as np
     from gguf import GGMLQuantizationType as Q
 
@@ -148,7 +149,7 @@ def test_avx_vnni_path_same_bits(both, vnni_through_evex, type_name):
     raw = torch.from_numpy(np.ascontiguousarray(random_blocks(type_name, shape, np.random.default_rng(4)))
                            .reshape(-1).copy())
     qw = repack(raw, int(Q[type_name]), shape)
-    for m in (1, 2, 5, 11):
+    for m in (1, 2, 5, 11, 12):
         x = torch.randn(m, shape[1], generator=torch.Generator().manual_seed(m)) * 2
         got = qmatmul_kernel(vnni_through_evex, x, qw, torch.float32)
         assert torch.equal(got, qmatmul_kernel(both[1], x, qw, torch.float32))

@@ -11,8 +11,8 @@
 // enters in the vpmaddwd that widens the pair sums: scale_pairs).
 //
 // Blocking (measured on Zen 4 forced to this path, benchmarks/avx2.py): decode walks one 16-row tile at
-// a time, its codes prefetched ahead; prefill without VNNI unpacks each tile once (one byte a code,
-// qgemm_avx2_codes.h unpack_tile) and runs it against 3 activation rows at a time.
+// a time, its codes prefetched ahead; prefill unpacks each tile once (one byte a code,
+// qgemm_avx2_codes.h unpack_tile) and runs it against 3 activation rows at a time (4 with VNNI: UMB).
 // Never executes an AVX512 instruction (compiled without -mavx512*).
 #include <omp.h>
 #include <stdlib.h>
@@ -258,20 +258,26 @@ static void micro(const QW& w, int64_t h0, const int8_t* xq, const float* dx, co
         for (int m = 0; m < MB; ++m) _mm256_storeu_ps(out + m * ldo + h * 8, acc[h][m]);
 }
 
+// Prefill's activation rows per unpacked tile: with VNNI 4 (the integer sums stay in registers where
+// vpdpbusd needs no pair sums; 4 measured ~5% faster than 3 on an AVX-VNNI Xeon), without 3.
+#ifdef SLM_VNNI
+constexpr int UMB = 4;
+#else
+constexpr int UMB = 3;
+#endif
+
 typedef void (*micro_fn)(const QW&, int64_t, const int8_t*, const float*, const int32_t*, const int32_t*,
                          const int32_t*, const int32_t*, float*, int64_t, const uint8_t*);
 
 // A tile (2 half tiles) x 1 row (decode: one tile a thread keeps its streams few, which measured ~15%
-// faster than two) or x 2 rows, on the tile's codes; without VNNI, x 3 rows on the tile unpacked (U,
-// prefill: best of 1 x 4, 1 x 6, 2 x 2, 2 x 3 and 2 x 4 measured). The compiler keeps what does not fit
-// in 16 registers (the sub-scales of scale_pairs, read once a group) in memory.
+// faster than two) or x 2 rows, on the tile's codes; prefill: x UMB rows on the tile unpacked (U; without
+// VNNI the best of 1 x 4, 1 x 6, 2 x 2, 2 x 3 and 2 x 4 measured on Zen 4). The compiler keeps what does
+// not fit in 16 registers (the sub-scales of scale_pairs, read once a group; with VNNI some of the
+// super-block sums) in memory.
 template <int BITS, int SK, bool MINS, bool ZF>
 static micro_fn pick_zf(int MB, bool U) {
-#ifndef SLM_VNNI
     if constexpr (BITS != 8)
-        if (U) return micro<BITS, SK, MINS, 2, 3, true, ZF>;
-#endif
-    (void)U;
+        if (U) return micro<BITS, SK, MINS, 2, UMB, true, ZF>;
     return MB == 1 ? micro<BITS, SK, MINS, 2, 1, false, ZF> : micro<BITS, SK, MINS, 2, 2, false, ZF>;
 }
 
@@ -369,12 +375,8 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
     };
     const bool par_prep = M >= PAR_PREP_ROWS && nthreads > 1;  // a few rows here, more by the threads below
     for (int64_t m = 0; !par_prep && m < M; ++m) prep_row(m);
-#ifdef SLM_VNNI
-    const bool unpack = false;
-#else  // prefill without VNNI: each tile unpacked once for all rows (4-, 5-, 6-bit codes)
-    const bool unpack = M >= 8 && bits != 8;
-#endif
-    const int MBX = unpack ? 3 : M == 1 ? 1 : 2;
+    const bool unpack = M >= 8 && bits != 8;  // prefill: each tile unpacked once for all rows (4-, 5-, 6-bit codes)
+    const int MBX = unpack ? UMB : M == 1 ? 1 : 2;
     int64_t mc = (256 << 10) / KP;
     mc = mc < MBX ? MBX : mc / MBX * MBX;
     const int64_t tile_bytes = tile_code_bytes(bits, KP);
@@ -382,7 +384,7 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
     BlockQueue queue(M);  // prefill's blocks shared between threads (see SHARED_BLOCK_ROWS)
 #pragma omp parallel num_threads(nthreads)
     {
-        float tmp[3 * 16];
+        float tmp[UMB * 16];
         uint8_t* ub = unpack ? (uint8_t*)aligned_alloc(64, tile_buffer_bytes(KP, ng)) : nullptr;
         if (par_prep) {
 #pragma omp for schedule(static)
@@ -403,10 +405,10 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
                     const int64_t xo = m0 * KP, so = m0 * ng;
                     const int32_t* xps = xp ? xp + so : nullptr;
                     const int32_t* xzs = xz ? xz + m0 * (KP / 16) : nullptr;
-                    if (ub && mb == 3) {
-                        pick_fn(bits, scale_kind, mins != nullptr, 3, true, zfold)(w, 2 * t, xq + xo, dx + so, xs + so,
+                    if (ub && mb == UMB) {
+                        pick_fn(bits, scale_kind, mins != nullptr, UMB, true, zfold)(w, 2 * t, xq + xo, dx + so, xs + so,
                                                                             xsh + so, xps, xzs, tmp, 16, ub);
-                    } else {  // decode, VNNI, 8-bit codes, the rows left over, or no memory for ub
+                    } else {  // decode, 8-bit codes, the rows left over, or no memory for ub
                         for (int m = 0; m < mb; m += 2) {
                             const int n2 = mb - m < 2 ? mb - m : 2;
                             micro_fn f = pick_fn(bits, scale_kind, mins != nullptr, n2, false, zfold);

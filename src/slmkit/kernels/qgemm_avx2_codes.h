@@ -203,6 +203,17 @@ template <int BITS, int H, int MB, bool ZF>
 __attribute__((always_inline)) static inline void group_codes_u(const uint8_t* const* base, int64_t s0, int64_t s1,
                                                                 const int8_t* xq, int64_t KP, __m256i (&acc)[H][MB],
                                                                 const __m256i (&mul)[H][MB], const int32_t* xz) {
+#ifdef SLM_VNNI  // vpdpbusd sums in int32 directly
+    (void)mul;
+    (void)xz;
+#pragma GCC unroll 4
+    for (int64_t s = s0; s < s1; ++s)
+        for (int h = 0; h < H; ++h) {
+            const __m256i v = _mm256_load_si256((const __m256i*)(base[h] + s * 32));
+            for (int m = 0; m < MB; ++m) acc[h][m] = dot4(acc[h][m], v, bcast4(xq + m * KP + 4 * s));
+        }
+    return;
+#endif
     constexpr int F = BITS == 4 ? 8 : BITS == 5 || ZF ? 4 : 2;
     for (int64_t sb = s0; sb < s1; sb += F) {
         __m256i p[H][MB];
