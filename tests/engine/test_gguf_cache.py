@@ -206,3 +206,14 @@ def test_the_cache_is_written_while_the_model_runs_and_before_the_process_exits(
     assert len(builds) == 1  # only the first load above built: this one read the other process's cache
     ids = ids_of(again)
     assert torch.equal(again.logits(ids), llm.logits(ids))
+
+
+@pytest.mark.parametrize("value", ["1", "on", "TRUE", " yes "])
+def test_cache_switched_on_is_the_usual_folder_not_one_named_after_the_switch(monkeypatch, tmp_path, value):
+    monkeypatch.setenv("SLMKIT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SLMKIT_GGUF_CACHE", value)
+    on = gguf_cache.cache_dir()
+    monkeypatch.delenv("SLMKIT_GGUF_CACHE")
+    assert on == gguf_cache.cache_dir() == tmp_path / "home" / "gguf"
+    monkeypatch.setenv("SLMKIT_GGUF_CACHE", str(tmp_path / "1"))  # a path is still a path
+    assert gguf_cache.cache_dir() == tmp_path / "1"

@@ -19,7 +19,8 @@ data - and a load whose fingerprint differs rebuilds and replaces it. A cache th
 speed-up. Writes are atomic (a temporary sibling renamed into place) and done on a thread of their
 own (write_soon): a first load does not wait for them, the process does before it exits.
 
-Where: ``$SLMKIT_GGUF_CACHE`` (a folder; ``0`` / ``off`` turns the cache off), else
+Where: ``$SLMKIT_GGUF_CACHE`` (a folder; ``0`` / ``off`` turns the cache off, ``1`` / ``on`` keeps it in
+its usual place), else
 ``<slmkit home>/gguf`` (``$SLMKIT_HOME``, ``$XDG_CACHE_HOME/slmkit`` or ``~/.cache/slmkit``).
 One cache file per source path and load mode, replaced when its source changes.
 """
@@ -50,9 +51,10 @@ _PARTS = ("qweight", "scales", "mins", "super_scales", "super_mins")
 def cache_dir() -> Path | None:
     """The cache folder, or None when the cache is off."""
     env = os.environ.get("SLMKIT_GGUF_CACHE")
-    if env is not None and env.strip().lower() in ("0", "off", "false", "no", ""):
+    word = None if env is None else env.strip().lower()
+    if word in ("0", "off", "false", "no", ""):
         return None
-    if env:
+    if env and word not in ("1", "on", "true", "yes"):  # a switch turned on is not a folder named "1"
         return Path(env).expanduser()
     from ..sources.store import home
 
