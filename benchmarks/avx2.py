@@ -12,6 +12,9 @@ slmkit forced to AVX2, slmkit's own pick, and llama-bench from build_llama_avx2.
 process; --rounds N repeats the engines in turn N times and reports each one's median (this VM's memory
 rate swings by 10-20% over minutes, which moves decode: interleaved rounds see the same swings). Prints
 tables, writes benchmarks/results/avx2.json (every round's numbers too). Run on an otherwise idle machine.
+On a CPU with AVX-VNNI slmkit's AVX2 path uses it (the kernel column says so) unless SLMKIT_AVX_VNNI=0:
+build llama-bench with AVX_VNNI=ON there, or run with SLMKIT_AVX_VNNI=0, so both sides match (a note
+is printed where they do not).
 """
 from __future__ import annotations
 
@@ -82,11 +85,25 @@ def child(engine: str, path: str, prompt: int, decode: int) -> dict:
         from slmkit.kernels import qgemm
 
         r = slmkit_speed(path, prompt=prompt, decode=decode)
-        return {**r, "kernel": qgemm.variant or "fallback"}
+        kernel = qgemm.variant or "fallback"
+        lib = qgemm.get_kernel()
+        if kernel == "avx2" and lib is not None and lib.slm_avx_vnni():
+            kernel += " + AVX-VNNI"
+        return {**r, "kernel": kernel}
     out = subprocess.run([str(LLAMA_BENCH), "-m", path, "-t", "2", "-p", str(prompt), "-n", str(decode), "-r", "2",
                           "-o", "json"], capture_output=True, text=True, check=True).stdout
     res = {("prefill_tok_s" if r["n_prompt"] else "decode_tok_s"): r["avg_ts"] for r in json.loads(out)}
-    return {**res, "kernel": "llama.cpp AVX2"}
+    return {**res, "kernel": "llama.cpp AVX2" + (" + AVX-VNNI" if llama_avx_vnni() else "")}
+
+
+def llama_avx_vnni() -> bool:
+    """Whether build_llama_avx2.sh built llama-bench with AVX-VNNI (AVX_VNNI=ON): the slmkit-avx2 row uses
+    it where the CPU has it (SLMKIT_AVX_VNNI=0 turns it off), so the two rows should say the same."""
+    cache = LLAMA_BENCH.parent.parent / "build" / "CMakeCache.txt"
+    try:
+        return "GGML_AVX_VNNI:BOOL=ON" in cache.read_text()
+    except OSError:
+        return False
 
 
 def model_rows(layers: int | None, types: list[str], prompt: int, decode: int, rounds: int = 1) -> list[dict]:
@@ -155,6 +172,10 @@ def main() -> None:
     print_table(krows, [("format", "format", ""), ("kernel", "kernel", ""), ("decode_gb_s", "decode GB/s", ".1f"),
                         ("m8_gmac_s", "8 rows GMAC/s", ".1f")])
     mrows = [] if a.quick else model_rows(a.layers, a.types.split(","), a.prompt, a.decode, a.rounds)
+    kinds = {r["kernel"].endswith("AVX-VNNI") for r in mrows if r["engine"] != "slmkit" and "kernel" in r}
+    if len(kinds) > 1:
+        print("note: AVX-VNNI on one AVX2 side only; build llama-bench with AVX_VNNI=ON, or run with "
+              "SLMKIT_AVX_VNNI=0", flush=True)
     if mrows:
         print()
         print_table(mrows, [("file", "GGUF", ""), ("engine", "engine", ""), ("kernel", "kernel", ""),
