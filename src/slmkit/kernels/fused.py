@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..envflags import is_off
 from .qgemm import get_kernel, kernel_has, qgemm_weight_args
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -27,7 +28,7 @@ QGEMM_WEIGHT_ARGS = 15  # fused.cpp's qmm: slm_qgemm's weight arguments (qgemm.p
 LAYER_WORDS = 7 * QGEMM_WEIGHT_ARGS + 6 + 2  # fused.cpp per layer: 7 linears, 6 norm weights, window, local rope
 PHI3_LAYER_WORDS = 4 * QGEMM_WEIGHT_ARGS + 2  # slm_phi3_decode per layer: 4 linears, 2 norm weights
 # SLMKIT_FUSED_DECODE=0: decode through the per-op path (the fused step's reference, and a switch for benchmarks)
-fused_decode_enabled = os.environ.get("SLMKIT_FUSED_DECODE", "1") not in ("0", "off", "false")
+fused_decode_enabled = not is_off(os.environ.get("SLMKIT_FUSED_DECODE"))
 
 
 # Bumped by torch's global registration hooks whenever any module registers or replaces a

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..envflags import is_off
 from ..quant.format import QuantWeight
 
 HERE = Path(__file__).parent
@@ -208,11 +209,11 @@ def load_variant(which: str) -> ctypes.CDLL:
 
 def get_kernel() -> ctypes.CDLL | None:
     """The loaded kernel library, building it on first use; None where it cannot run here.
-    SLMKIT_KERNEL: 0 / off / false forces the PyTorch fallback; avx2 or avx512 forces that
+    SLMKIT_KERNEL: 0 / off / false / no (envflags) forces the PyTorch fallback; avx2 or avx512 forces that
     variant (None if it cannot run here); anything else takes the best one the CPU runs."""
     global _lib, _tried, build_error, variant
-    env = os.environ.get("SLMKIT_KERNEL", "1").lower()
-    if env in ("0", "off", "false"):
+    env = os.environ.get("SLMKIT_KERNEL", "1").strip().lower()
+    if is_off(env):
         return None
     if _tried:
         return _lib
@@ -334,7 +335,7 @@ def fmatmul_kernel(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, bias: tor
 
 # Attention (slm_attn): the dtypes it reads and writes, and a switch for benchmarks.
 ATTN_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-decode_attention_enabled = os.environ.get("SLMKIT_DECODE_ATTN", "1") not in ("0", "off", "false")
+decode_attention_enabled = not is_off(os.environ.get("SLMKIT_DECODE_ATTN"))
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, qpos: torch.Tensor | None,

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from ..envflags import is_off, is_on
 from ..quant.format import QuantWeight
 
 # 6: K-quants' super-scales in float16; 5: two-level scales and mins paired; 4: the tokenizer in a file of
@@ -51,10 +52,9 @@ _PARTS = ("qweight", "scales", "mins", "super_scales", "super_mins")
 def cache_dir() -> Path | None:
     """The cache folder, or None when the cache is off."""
     env = os.environ.get("SLMKIT_GGUF_CACHE")
-    word = None if env is None else env.strip().lower()
-    if word in ("0", "off", "false", "no", ""):
+    if env is not None and (is_off(env) or not env.strip()):
         return None
-    if env and word not in ("1", "on", "true", "yes"):  # a switch turned on is not a folder named "1"
+    if env and not is_on(env):  # a switch turned on is not a folder named "1"
         return Path(env).expanduser()
     from ..sources.store import home
 
