@@ -352,8 +352,10 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
     const QW w = {qw, scales, mins, super_scales, super_mins, ssh, ng, G, KP, sbg, zero};
     const bool pairs = scale_kind >= 2 && mins && sums_fit_int16(G, E);  // mins two groups a vpmaddwd (super_end)
 #ifdef SLM_VNNI
+    constexpr bool vnni = true;  // the unpacked tile's tables: only the paired mins (micro: FUSE is off)
     const bool zfold = false;
 #else  // Q6_K's zero point in the int16 pair sums (pair_start), not a vpmulld per group
+    constexpr bool vnni = false;
     const bool zfold = scale_kind >= 2 && zero_folds(bits, zero);
 #endif
     int8_t* xq = (int8_t*)aligned_alloc(64, (size_t)((M * KP + 63) / 64 * 64));
@@ -393,10 +395,10 @@ extern "C" __attribute__((visibility("hidden"))) int QGEMM_NAME(
         for (BlockCursor c(queue, tiles); c.more(); c.next()) {
             const int64_t t = c.b;
             if (ub) unpack_fn(bits, qw + t * tile_bytes, KP, ub);
-            if (ub && scale_kind >= 2) {
+            if (ub && scale_kind >= 2 && (!vnni || xp)) {
                 const int RS = record_stride(scale_kind);
                 tile_tables((const uint8_t*)scales + t * ng * RS, mins ? (const uint8_t*)mins + t * ng * RS : nullptr,
-                            ng, sbg, RS, xp != nullptr, KP, ub);
+                            ng, sbg, RS, !vnni, xp != nullptr, KP, ub);
             }
             for (int64_t m0c = 0; m0c < M; m0c += mc) {
                 const int64_t m1c = m0c + mc < M ? m0c + mc : M;

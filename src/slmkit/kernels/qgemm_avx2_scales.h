@@ -63,11 +63,13 @@ static inline const uint8_t* min_table(const uint8_t* ub, int64_t KP, int64_t ng
     return scale_table(ub, KP, hh) + ng * 64;
 }
 
-static void tile_tables(const uint8_t* sc, const uint8_t* mn, int64_t ng, int64_t sbg, int RS, bool pairs,
+// scales: the scale_bytes table too (the vpmaddwd path's; with VNNI sub-scales enter at each group's end).
+static void tile_tables(const uint8_t* sc, const uint8_t* mn, int64_t ng, int64_t sbg, int RS, bool scales, bool pairs,
                         int64_t KP, uint8_t* ub) {
     for (int64_t g = 0; g < ng; ++g)
         for (int hh = 0; hh < 2; ++hh) {
-            _mm256_store_si256((__m256i*)(scale_table(ub, KP, hh) + g * 64), scale_bytes(sc + g * RS + hh * 8));
+            if (scales)
+                _mm256_store_si256((__m256i*)(scale_table(ub, KP, hh) + g * 64), scale_bytes(sc + g * RS + hh * 8));
             if (pairs && (g % sbg) % 2 == 0)
                 _mm256_store_si256((__m256i*)(min_table(ub, KP, ng, hh) + g * 64),
                                    min_pairs(mn + g * RS + hh * 8, (g % sbg) + 1 < sbg ? mn + (g + 1) * RS + hh * 8 : nullptr));
