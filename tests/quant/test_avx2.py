@@ -135,6 +135,16 @@ def vnni_through_evex(tmp_path_factory):
     return lib
 
 
+@pytest.mark.parametrize("value,on", [("0", 0), (" Off ", 0), ("FALSE", 0), ("no", 0), ("1", 1), ("", 1),
+                                      ("yes", 1), ("offline", 1)])
+def test_avx_vnni_switch_reads_the_envflags_words(vnni_through_evex, monkeypatch, value, on):
+    """SLMKIT_AVX_VNNI, read by the C library on every call, takes the off words every other switch does."""
+    from slmkit.envflags import is_off
+
+    monkeypatch.setenv("SLMKIT_AVX_VNNI", value)
+    assert vnni_through_evex.slm_avx_vnni() == on == (not is_off(value))
+
+
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
 def test_avx_vnni_path_same_bits(both, vnni_through_evex, type_name):
     """The AVX-VNNI path (vpdpbusd sums; prefill on unpacked tiles, 4 rows at a time, the rows left over

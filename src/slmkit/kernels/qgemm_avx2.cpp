@@ -16,6 +16,8 @@
 // Never executes an AVX512 instruction (compiled without -mavx512*).
 #include <omp.h>
 #include <stdlib.h>
+#include <string.h>
+#include <strings.h>
 #include <math.h>
 
 #include "avx2.h"
@@ -442,15 +444,28 @@ extern "C" __attribute__((weak)) int slm_avx2_qgemm_vnni(const void*, int, int64
 
 extern "C" int slm_supported(void) { return avx2_supported(); }
 
-// 1 where the CPU has AVX-VNNI (the 256-bit vpdpbusd) and SLMKIT_AVX_VNNI is not 0 (both paths give
-// the same bits; the switch lets a test run the other one).
+// Whether an environment value is an off word: 0, off, false or no, in any case, spaces around it
+// ignored (the words of slmkit/envflags.py, which every other SLMKIT_* switch reads).
+static bool env_off(const char* e) {
+    if (!e) return false;
+    while (*e == ' ' || *e == '\t') ++e;
+    size_t n = strlen(e);
+    while (n && (e[n - 1] == ' ' || e[n - 1] == '\t' || e[n - 1] == '\n')) --n;
+    static const char* const words[] = {"0", "off", "false", "no"};
+    for (const char* w : words)
+        if (strlen(w) == n && !strncasecmp(e, w, n)) return true;
+    return false;
+}
+
+// 1 where the CPU has AVX-VNNI (the 256-bit vpdpbusd) and SLMKIT_AVX_VNNI is not an off word (both paths
+// give the same bits; the switch lets a test run the other one).
 extern "C" int slm_avx_vnni(void) {
-    const char* e = getenv("SLMKIT_AVX_VNNI");
+    const bool off = env_off(getenv("SLMKIT_AVX_VNNI"));
 #ifdef SLM_VNNI_EVEX  // tests only: the VNNI unit runs AVX512-VL's vpdpbusd (see dot4), the test checked the CPU
-    return !(e && e[0] == '0');
+    return !off;
 #else
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avxvnni") && !(e && e[0] == '0');
+    return __builtin_cpu_supports("avxvnni") && !off;
 #endif
 }
 

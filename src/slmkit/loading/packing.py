@@ -25,14 +25,21 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
+from ..envflags import is_off
 from ..kernels.qgemm import FLOAT_DTYPES, fmatmul_kernel, get_kernel, pack_float_weight, unpack_float_weight
 from ..models import keep_float_modules, keep_mapped_modules
 from .memory import FileMappings, release_pages
 
 
+def _no_pack() -> bool:
+    """SLMKIT_NO_PACK set to anything but an off word (envflags) or nothing: float linears stay unpacked."""
+    env = os.environ.get("SLMKIT_NO_PACK", "")
+    return bool(env.strip()) and not is_off(env)
+
+
 def packing_available() -> bool:
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and os.environ.get("SLMKIT_NO_PACK", "") in ("", "0"))
+            and not _no_pack())
 
 
 class PackedLinear(nn.Module):
@@ -95,7 +102,7 @@ class PackedKernelLinear(nn.Module):
 
 
 def kernel_linears_available() -> bool:
-    return get_kernel() is not None and os.environ.get("SLMKIT_NO_PACK", "") in ("", "0")
+    return get_kernel() is not None and not _no_pack()
 
 
 def _kernel_linears(model: nn.Module) -> int:
